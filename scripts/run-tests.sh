@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Runs the suite against DATABASE_URL (use scripts/test.sh to get a server started for you).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${DATABASE_URL:?DATABASE_URL must be set; run scripts/test.sh instead}"
+cargo test --all-features "$@"
+for example in $(ls examples/*.rs 2>/dev/null | xargs -n1 basename | sed 's/\.rs$//'); do
+  echo "== example: $example"
+  timeout 300 cargo run --quiet --example "$example"
+done
+echo "== all tests and examples passed"

@@ -1,0 +1,873 @@
+//! PGMQ operations.
+//!
+//! [`PgmqQueue`] is a handle to one PGMQ queue. Administrative operations (create, drop, purge,
+//! list, metrics) call PGMQ's own SQL functions. The hot paths (send, read, set_vt, archive,
+//! delete) run prepared SQL directly on the queue tables, with exactly the effect of the PGMQ
+//! function of the same name: `read` sets `vt`, increments `read_ct` and stamps `last_read_at`;
+//! `archive` moves the row to `pgmq.a_<queue>` keeping `msg_id` and setting `archived_at`.
+//! Messages written here are read by `pgmq.read(...)` and the other way round.
+//!
+//! Every write takes any executor (`E: PgExecutor<'c>`): a pool, a connection, or the caller's own
+//! transaction, so a message can be enqueued atomically with the caller's other writes.
+
+mod name;
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{AssertSqlSafe, PgExecutor, Row, postgres::PgRow};
+
+pub use name::{DEAD_LETTER_SUFFIX, MAX_QUEUE_NAME_LEN, QueueName, QueueNameError};
+
+use crate::error::{Error, Result};
+
+/// Default limit on the encoded size of one message plus its headers: 1 MiB.
+///
+/// PostgreSQL accepts far larger `jsonb` values, but a queue full of multi-megabyte rows reads,
+/// vacuums and archives slowly; store large blobs elsewhere and enqueue a reference.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+
+/// When a message becomes visible to readers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Delay {
+    /// Visible at once.
+    #[default]
+    Now,
+    /// Visible after this long (sub-second precision is kept).
+    After(Duration),
+    /// Visible from this instant (a time in the past means at once).
+    At(DateTime<Utc>),
+}
+
+impl Delay {
+    /// A delay of whole seconds, as PGMQ's integer `delay` argument.
+    #[must_use]
+    pub fn seconds(secs: u64) -> Self {
+        Self::After(Duration::from_secs(secs))
+    }
+
+    /// `(at, secs)` as bound into SQL: `COALESCE(at, clock_timestamp() + secs)`.
+    fn bind_parts(self) -> (Option<DateTime<Utc>>, f64) {
+        match self {
+            Self::Now => (None, 0.0),
+            Self::After(d) => (None, d.as_secs_f64()),
+            Self::At(t) => (Some(t), 0.0),
+        }
+    }
+}
+
+/// A message as stored in a PGMQ queue table (the shape of `pgmq.message_record`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// PGMQ's identity column; unique within the queue, increasing in send order.
+    pub msg_id: i64,
+    /// How many times the message has been read; the current delivery's attempt number.
+    pub read_ct: i32,
+    /// When the message was sent.
+    pub enqueued_at: DateTime<Utc>,
+    /// When the message was last read, if ever.
+    pub last_read_at: Option<DateTime<Utc>>,
+    /// Visibility time: the message is invisible to readers until then.
+    pub vt: DateTime<Utc>,
+    /// The message body. PGMQ allows SQL `NULL` here.
+    pub message: Option<Value>,
+    /// Message headers, if any.
+    pub headers: Option<Value>,
+}
+
+impl Message {
+    fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            msg_id: row.try_get(0)?,
+            read_ct: row.try_get(1)?,
+            enqueued_at: row.try_get(2)?,
+            last_read_at: row.try_get(3)?,
+            vt: row.try_get(4)?,
+            message: row.try_get(5)?,
+            headers: row.try_get(6)?,
+        })
+    }
+}
+
+/// A message to send: body, optional headers, and when it becomes visible.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewMessage {
+    /// The message body.
+    pub message: Value,
+    /// Optional headers.
+    pub headers: Option<Value>,
+    /// When the message becomes visible.
+    pub delay: Delay,
+}
+
+impl NewMessage {
+    /// A message visible at once, without headers.
+    #[must_use]
+    pub fn new(message: Value) -> Self {
+        Self {
+            message,
+            headers: None,
+            delay: Delay::Now,
+        }
+    }
+
+    /// Sets the headers.
+    #[must_use]
+    pub fn headers(mut self, headers: Value) -> Self {
+        self.headers = Some(headers);
+        self
+    }
+
+    /// Sets when the message becomes visible.
+    #[must_use]
+    pub fn delay(mut self, delay: Delay) -> Self {
+        self.delay = delay;
+        self
+    }
+}
+
+/// A message already encoded to JSON text, as the sink and the batch send bind it.
+#[derive(Debug, Clone)]
+pub(crate) struct EncodedMessage {
+    pub(crate) message: String,
+    pub(crate) headers: Option<String>,
+    pub(crate) at: Option<DateTime<Utc>>,
+    pub(crate) secs: f64,
+}
+
+/// One row of `pgmq.list_queues()`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueInfo {
+    /// The queue's name as recorded in `pgmq.meta`.
+    pub queue_name: String,
+    /// Whether the queue is partitioned (pg_partman).
+    pub is_partitioned: bool,
+    /// Whether the queue table is unlogged.
+    pub is_unlogged: bool,
+    /// When the queue was created.
+    pub created_at: DateTime<Utc>,
+}
+
+/// One row of `pgmq.metrics(queue)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueMetrics {
+    /// The queue's name.
+    pub queue_name: String,
+    /// Messages in the queue table, visible or not.
+    pub queue_length: i64,
+    /// Age in seconds of the newest message, if any.
+    pub newest_msg_age_sec: Option<i32>,
+    /// Age in seconds of the oldest message, if any.
+    pub oldest_msg_age_sec: Option<i32>,
+    /// Messages ever sent to the queue (the identity sequence's last value).
+    pub total_messages: i64,
+    /// When the metrics were taken.
+    pub scrape_time: DateTime<Utc>,
+    /// Messages visible now (`vt <= now()`).
+    pub queue_visible_length: i64,
+}
+
+impl QueueMetrics {
+    fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            queue_name: row.try_get(0)?,
+            queue_length: row.try_get(1)?,
+            newest_msg_age_sec: row.try_get(2)?,
+            oldest_msg_age_sec: row.try_get(3)?,
+            total_messages: row.try_get(4)?,
+            scrape_time: row.try_get(5)?,
+            queue_visible_length: row.try_get(6)?,
+        })
+    }
+}
+
+/// SQL text built once per queue from its validated name.
+#[derive(Debug)]
+struct QueueSql {
+    send_one: Arc<str>,
+    send_many: Arc<str>,
+    read: Arc<str>,
+    set_vt_one: Arc<str>,
+    set_vt_many: Arc<str>,
+    archive: Arc<str>,
+    delete: Arc<str>,
+    next_visible: Arc<str>,
+}
+
+impl QueueSql {
+    fn new(name: &QueueName) -> Self {
+        let q = name.queue_table();
+        let a = name.archive_table();
+        const COLS: &str = "msg_id, read_ct, enqueued_at, last_read_at, vt, message, headers";
+        let vt = "COALESCE($3::timestamptz, clock_timestamp() + make_interval(secs => $4::float8))";
+        Self {
+            send_one: format!(
+                "INSERT INTO {q} (vt, message, headers) VALUES ({vt}, $1::text::jsonb, $2::text::jsonb) \
+                 RETURNING msg_id"
+            )
+            .into(),
+            // `unnest` keeps input order and the identity column is assigned in insert order, so
+            // the returned ids sorted ascending line up with the input.
+            send_many: format!(
+                "INSERT INTO {q} (vt, message, headers) \
+                 SELECT COALESCE(t.at, clock_timestamp() + make_interval(secs => t.secs)), \
+                        t.m::jsonb, t.h::jsonb \
+                 FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::float8[]) AS t(m, h, at, secs) \
+                 RETURNING msg_id"
+            )
+            .into(),
+            read: format!(
+                "WITH cte AS (SELECT msg_id FROM {q} WHERE vt <= clock_timestamp() \
+                              ORDER BY msg_id ASC LIMIT $1 FOR UPDATE SKIP LOCKED) \
+                 UPDATE {q} m SET last_read_at = clock_timestamp(), \
+                                  vt = clock_timestamp() + make_interval(secs => $2::float8), \
+                                  read_ct = read_ct + 1 \
+                 FROM cte WHERE m.msg_id = cte.msg_id \
+                 RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.vt, m.message, m.headers"
+            )
+            .into(),
+            set_vt_one: format!(
+                "UPDATE {q} SET vt = COALESCE($2::timestamptz, clock_timestamp() + make_interval(secs => $3::float8)) \
+                 WHERE msg_id = $1 RETURNING {COLS}"
+            )
+            .into(),
+            set_vt_many: format!(
+                "UPDATE {q} SET vt = COALESCE($2::timestamptz, clock_timestamp() + make_interval(secs => $3::float8)) \
+                 WHERE msg_id = ANY($1) RETURNING msg_id"
+            )
+            .into(),
+            archive: format!(
+                "WITH archived AS (DELETE FROM {q} WHERE msg_id = ANY($1) RETURNING {COLS}) \
+                 INSERT INTO {a} ({COLS}) SELECT {COLS} FROM archived RETURNING msg_id"
+            )
+            .into(),
+            delete: format!("DELETE FROM {q} WHERE msg_id = ANY($1) RETURNING msg_id").into(),
+            next_visible: format!("SELECT min(vt) FROM {q} WHERE vt > clock_timestamp()").into(),
+        }
+    }
+}
+
+/// A handle to one PGMQ queue (`pgmq.q_<name>` and `pgmq.a_<name>`).
+///
+/// Cheap to clone; the SQL for the queue is built once from its [`QueueName`].
+///
+/// # Example
+///
+/// ```no_run
+/// use apalis_pgmq_notify::{PgmqQueue, QueueName};
+/// use serde_json::json;
+/// use std::time::Duration;
+///
+/// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+/// let queue = PgmqQueue::new(QueueName::new("email")?);
+/// queue.create(&pool).await?;
+/// let id = queue.send(&pool, &json!({"to": "a@example.com"})).await?;
+/// let batch = queue.read(&pool, Duration::from_secs(30), 10).await?;
+/// assert_eq!(batch[0].msg_id, id);
+/// queue.archive(&pool, &[id]).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct PgmqQueue {
+    name: QueueName,
+    sql: Arc<QueueSql>,
+    max_payload_bytes: usize,
+}
+
+impl PgmqQueue {
+    /// A handle to the queue `name`. No SQL is run.
+    #[must_use]
+    pub fn new(name: QueueName) -> Self {
+        let sql = Arc::new(QueueSql::new(&name));
+        Self {
+            name,
+            sql,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+        }
+    }
+
+    /// Sets the largest accepted payload (message plus headers, encoded), in bytes.
+    #[must_use]
+    pub fn with_max_payload_bytes(mut self, limit: usize) -> Self {
+        self.max_payload_bytes = limit;
+        self
+    }
+
+    /// The largest accepted payload in bytes.
+    #[must_use]
+    pub fn max_payload_bytes(&self) -> usize {
+        self.max_payload_bytes
+    }
+
+    /// The queue's name.
+    #[must_use]
+    pub fn name(&self) -> &QueueName {
+        &self.name
+    }
+
+    /// A handle to this queue's dead-letter queue, `<name>_dlq`.
+    #[must_use]
+    pub fn dead_letter(&self) -> Self {
+        Self::new(self.name.dead_letter()).with_max_payload_bytes(self.max_payload_bytes)
+    }
+
+    /// Creates the queue with `pgmq.create` (idempotent).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if PGMQ is not installed or the statement fails.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::{PgmqQueue, QueueName};
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// PgmqQueue::new(QueueName::new("email")?).create(&pool).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn create<'c, E: PgExecutor<'c>>(&self, executor: E) -> Result<()> {
+        sqlx::query("SELECT pgmq.create($1)")
+            .bind(self.name.as_str())
+            .execute(executor)
+            .await?;
+        Ok(())
+    }
+
+    /// Creates the queue with an unlogged queue table (`pgmq.create_unlogged`, idempotent).
+    ///
+    /// Unlogged tables skip the write-ahead log: faster, but emptied after a crash.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if PGMQ is not installed or the statement fails.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::{PgmqQueue, QueueName};
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// PgmqQueue::new(QueueName::new("scratch")?).create_unlogged(&pool).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn create_unlogged<'c, E: PgExecutor<'c>>(&self, executor: E) -> Result<()> {
+        sqlx::query("SELECT pgmq.create_unlogged($1)")
+            .bind(self.name.as_str())
+            .execute(executor)
+            .await?;
+        Ok(())
+    }
+
+    /// Drops the queue and its archive with `pgmq.drop_queue`; `false` if it did not exist.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if the statement fails.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::{PgmqQueue, QueueName};
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// let existed = PgmqQueue::new(QueueName::new("old")?).drop_queue(&pool).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn drop_queue<'c, E: PgExecutor<'c>>(&self, executor: E) -> Result<bool> {
+        let dropped: bool = sqlx::query_scalar("SELECT pgmq.drop_queue($1)")
+            .bind(self.name.as_str())
+            .fetch_one(executor)
+            .await?;
+        Ok(dropped)
+    }
+
+    /// Deletes every message in the queue (`pgmq.purge_queue`); returns how many there were.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if the queue does not exist or the statement fails.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::{PgmqQueue, QueueName};
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// let removed = PgmqQueue::new(QueueName::new("email")?).purge(&pool).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn purge<'c, E: PgExecutor<'c>>(&self, executor: E) -> Result<i64> {
+        let n: i64 = sqlx::query_scalar("SELECT pgmq.purge_queue($1)")
+            .bind(self.name.as_str())
+            .fetch_one(executor)
+            .await?;
+        Ok(n)
+    }
+
+    /// Whether the queue exists (is recorded in `pgmq.meta`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if PGMQ is not installed or the statement fails.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::{PgmqQueue, QueueName};
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// if !PgmqQueue::new(QueueName::new("email")?).exists(&pool).await? { /* create it */ }
+    /// # Ok(()) }
+    /// ```
+    pub async fn exists<'c, E: PgExecutor<'c>>(&self, executor: E) -> Result<bool> {
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = $1)")
+                .bind(self.name.as_str())
+                .fetch_one(executor)
+                .await?;
+        Ok(exists)
+    }
+
+    /// The queue's metrics, from `pgmq.metrics(queue)`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if the queue does not exist or the statement fails.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::{PgmqQueue, QueueName};
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// let m = PgmqQueue::new(QueueName::new("email")?).metrics(&pool).await?;
+    /// println!("{} waiting, {} visible", m.queue_length, m.queue_visible_length);
+    /// # Ok(()) }
+    /// ```
+    pub async fn metrics<'c, E: PgExecutor<'c>>(&self, executor: E) -> Result<QueueMetrics> {
+        let row = sqlx::query(
+            "SELECT queue_name::text, queue_length, newest_msg_age_sec, oldest_msg_age_sec, \
+                    total_messages, scrape_time, queue_visible_length \
+             FROM pgmq.metrics($1)",
+        )
+        .bind(self.name.as_str())
+        .fetch_one(executor)
+        .await?;
+        Ok(QueueMetrics::from_row(&row)?)
+    }
+
+    /// Sends one message, visible at once, without headers; returns its `msg_id`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::PayloadTooLarge`] (nothing written) or [`Error::Database`].
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::{PgmqQueue, QueueName};
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// let queue = PgmqQueue::new(QueueName::new("email")?);
+    /// let id = queue.send(&pool, &serde_json::json!({"to": "a@example.com"})).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn send<'c, E: PgExecutor<'c>>(&self, executor: E, message: &Value) -> Result<i64> {
+        self.send_with(executor, message, None, Delay::Now).await
+    }
+
+    /// Sends one message with optional headers and a delay; returns its `msg_id`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::PayloadTooLarge`] (nothing written) or [`Error::Database`].
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::{Delay, PgmqQueue, QueueName};
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// let queue = PgmqQueue::new(QueueName::new("email")?);
+    /// let mut tx = pool.begin().await?;
+    /// queue
+    ///     .send_with(&mut *tx, &serde_json::json!({"to": "a@example.com"}),
+    ///                Some(&serde_json::json!({"trace": "abc"})), Delay::seconds(60))
+    ///     .await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn send_with<'c, E: PgExecutor<'c>>(
+        &self,
+        executor: E,
+        message: &Value,
+        headers: Option<&Value>,
+        delay: Delay,
+    ) -> Result<i64> {
+        let encoded = self.encode(message, headers, delay)?;
+        self.send_encoded_one(executor, encoded).await
+    }
+
+    /// Sends many messages in one statement; returns their `msg_id`s in input order.
+    ///
+    /// Either all are written or none (one `INSERT`). An empty slice sends nothing and runs no SQL.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::PayloadTooLarge`] if any message is too large (nothing written), or
+    /// [`Error::Database`].
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::{NewMessage, PgmqQueue, QueueName};
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// let queue = PgmqQueue::new(QueueName::new("email")?);
+    /// let batch: Vec<_> = (0..100).map(|i| NewMessage::new(serde_json::json!(i))).collect();
+    /// let ids = queue.send_batch(&pool, &batch).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn send_batch<'c, E: PgExecutor<'c>>(
+        &self,
+        executor: E,
+        messages: &[NewMessage],
+    ) -> Result<Vec<i64>> {
+        let encoded = messages
+            .iter()
+            .map(|m| self.encode(&m.message, m.headers.as_ref(), m.delay))
+            .collect::<Result<Vec<_>>>()?;
+        self.send_encoded(executor, &encoded).await
+    }
+
+    /// Encodes and size-checks one message.
+    pub(crate) fn encode(
+        &self,
+        message: &Value,
+        headers: Option<&Value>,
+        delay: Delay,
+    ) -> Result<EncodedMessage> {
+        let message = serde_json::to_string(message)?;
+        let headers = headers.map(serde_json::to_string).transpose()?;
+        self.check_size(message.len() + headers.as_ref().map_or(0, String::len))?;
+        let (at, secs) = delay.bind_parts();
+        Ok(EncodedMessage {
+            message,
+            headers,
+            at,
+            secs,
+        })
+    }
+
+    pub(crate) fn check_size(&self, size: usize) -> Result<()> {
+        if size > self.max_payload_bytes {
+            return Err(Error::PayloadTooLarge {
+                size,
+                limit: self.max_payload_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    async fn send_encoded_one<'c, E: PgExecutor<'c>>(
+        &self,
+        executor: E,
+        m: EncodedMessage,
+    ) -> Result<i64> {
+        let id: i64 = sqlx::query_scalar(AssertSqlSafe(self.sql.send_one.clone()))
+            .bind(m.message)
+            .bind(m.headers)
+            .bind(m.at)
+            .bind(m.secs)
+            .fetch_one(executor)
+            .await?;
+        Ok(id)
+    }
+
+    pub(crate) async fn send_encoded<'c, E: PgExecutor<'c>>(
+        &self,
+        executor: E,
+        messages: &[EncodedMessage],
+    ) -> Result<Vec<i64>> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut bodies = Vec::with_capacity(messages.len());
+        let mut headers = Vec::with_capacity(messages.len());
+        let mut ats = Vec::with_capacity(messages.len());
+        let mut secs = Vec::with_capacity(messages.len());
+        for m in messages {
+            bodies.push(m.message.as_str());
+            headers.push(m.headers.as_deref());
+            ats.push(m.at);
+            secs.push(m.secs);
+        }
+        let mut ids: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(self.sql.send_many.clone()))
+            .bind(bodies)
+            .bind(headers)
+            .bind(ats)
+            .bind(secs)
+            .fetch_all(executor)
+            .await?;
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// Reads up to `qty` visible messages and hides them for `vt` (like `pgmq.read`).
+    ///
+    /// Each returned message has `read_ct` incremented, `last_read_at` set and `vt` moved to
+    /// now + `vt`. Rows locked by a concurrent reader are skipped (`FOR UPDATE SKIP LOCKED`), so two
+    /// readers never receive the same message. Returned in `msg_id` order.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if the queue does not exist or the statement fails.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::{PgmqQueue, QueueName};
+    /// # use std::time::Duration;
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// let queue = PgmqQueue::new(QueueName::new("email")?);
+    /// for msg in queue.read(&pool, Duration::from_secs(30), 10).await? {
+    ///     println!("{} (attempt {})", msg.msg_id, msg.read_ct);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn read<'c, E: PgExecutor<'c>>(
+        &self,
+        executor: E,
+        vt: Duration,
+        qty: usize,
+    ) -> Result<Vec<Message>> {
+        if qty == 0 {
+            return Ok(Vec::new());
+        }
+        let qty = i64::try_from(qty).unwrap_or(i64::MAX);
+        let rows = sqlx::query(AssertSqlSafe(self.sql.read.clone()))
+            .bind(qty)
+            .bind(vt.as_secs_f64())
+            .fetch_all(executor)
+            .await?;
+        let mut messages = rows
+            .iter()
+            .map(Message::from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        messages.sort_unstable_by_key(|m| m.msg_id);
+        Ok(messages)
+    }
+
+    /// Sets the visibility time of one message; returns it, or `None` if it does not exist.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if the statement fails.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::{Delay, PgmqQueue, QueueName};
+    /// # use std::time::Duration;
+    /// # async fn run(pool: sqlx::PgPool, id: i64) -> Result<(), apalis_pgmq_notify::Error> {
+    /// let queue = PgmqQueue::new(QueueName::new("email")?);
+    /// queue.set_vt(&pool, id, Delay::After(Duration::from_secs(10))).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn set_vt<'c, E: PgExecutor<'c>>(
+        &self,
+        executor: E,
+        msg_id: i64,
+        visible: Delay,
+    ) -> Result<Option<Message>> {
+        let (at, secs) = visible.bind_parts();
+        let row = sqlx::query(AssertSqlSafe(self.sql.set_vt_one.clone()))
+            .bind(msg_id)
+            .bind(at)
+            .bind(secs)
+            .fetch_optional(executor)
+            .await?;
+        Ok(row.as_ref().map(Message::from_row).transpose()?)
+    }
+
+    /// Sets the visibility time of many messages; returns the ids that exist.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if the statement fails.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::{Delay, PgmqQueue, QueueName};
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// let queue = PgmqQueue::new(QueueName::new("email")?);
+    /// queue.set_vt_many(&pool, &[1, 2, 3], Delay::Now).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn set_vt_many<'c, E: PgExecutor<'c>>(
+        &self,
+        executor: E,
+        msg_ids: &[i64],
+        visible: Delay,
+    ) -> Result<Vec<i64>> {
+        if msg_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (at, secs) = visible.bind_parts();
+        let mut ids: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(self.sql.set_vt_many.clone()))
+            .bind(msg_ids)
+            .bind(at)
+            .bind(secs)
+            .fetch_all(executor)
+            .await?;
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// Moves messages to the archive table (like `pgmq.archive`); returns the ids archived.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if the statement fails.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::{PgmqQueue, QueueName};
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// PgmqQueue::new(QueueName::new("email")?).archive(&pool, &[1, 2]).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn archive<'c, E: PgExecutor<'c>>(
+        &self,
+        executor: E,
+        msg_ids: &[i64],
+    ) -> Result<Vec<i64>> {
+        self.ids_statement(executor, &self.sql.archive, msg_ids)
+            .await
+    }
+
+    /// Deletes messages (like `pgmq.delete`); returns the ids deleted.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if the statement fails.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::{PgmqQueue, QueueName};
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// PgmqQueue::new(QueueName::new("email")?).delete(&pool, &[3]).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn delete<'c, E: PgExecutor<'c>>(
+        &self,
+        executor: E,
+        msg_ids: &[i64],
+    ) -> Result<Vec<i64>> {
+        self.ids_statement(executor, &self.sql.delete, msg_ids)
+            .await
+    }
+
+    async fn ids_statement<'c, E: PgExecutor<'c>>(
+        &self,
+        executor: E,
+        sql: &Arc<str>,
+        msg_ids: &[i64],
+    ) -> Result<Vec<i64>> {
+        if msg_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut ids: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(sql.clone()))
+            .bind(msg_ids)
+            .fetch_all(executor)
+            .await?;
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// The earliest visibility time in the future, if any message is hidden (delayed, backing off
+    /// or leased). A waiting reader can sleep until then.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if the statement fails.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::{PgmqQueue, QueueName};
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// let next = PgmqQueue::new(QueueName::new("email")?).next_visible_at(&pool).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn next_visible_at<'c, E: PgExecutor<'c>>(
+        &self,
+        executor: E,
+    ) -> Result<Option<DateTime<Utc>>> {
+        let at: Option<DateTime<Utc>> =
+            sqlx::query_scalar(AssertSqlSafe(self.sql.next_visible.clone()))
+                .fetch_one(executor)
+                .await?;
+        Ok(at)
+    }
+}
+
+/// Every queue, from `pgmq.list_queues()`.
+///
+/// # Errors
+///
+/// [`Error::Database`] if PGMQ is not installed or the statement fails.
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+/// for q in apalis_pgmq_notify::list_queues(&pool).await? {
+///     println!("{}", q.queue_name);
+/// }
+/// # Ok(()) }
+/// ```
+pub async fn list_queues<'c, E: PgExecutor<'c>>(executor: E) -> Result<Vec<QueueInfo>> {
+    let rows = sqlx::query(
+        "SELECT queue_name::text, is_partitioned, is_unlogged, created_at \
+         FROM pgmq.list_queues() ORDER BY queue_name",
+    )
+    .fetch_all(executor)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(QueueInfo {
+                queue_name: row.try_get(0)?,
+                is_partitioned: row.try_get(1)?,
+                is_unlogged: row.try_get(2)?,
+                created_at: row.try_get(3)?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()
+        .map_err(Error::from)
+}
+
+/// Metrics of every queue, from `pgmq.metrics_all()`.
+///
+/// # Errors
+///
+/// [`Error::Database`] if PGMQ is not installed or the statement fails.
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+/// for m in apalis_pgmq_notify::metrics_all(&pool).await? {
+///     println!("{}: {}", m.queue_name, m.queue_length);
+/// }
+/// # Ok(()) }
+/// ```
+pub async fn metrics_all<'c, E: PgExecutor<'c>>(executor: E) -> Result<Vec<QueueMetrics>> {
+    let rows = sqlx::query(
+        "SELECT queue_name::text, queue_length, newest_msg_age_sec, oldest_msg_age_sec, \
+                total_messages, scrape_time, queue_visible_length \
+         FROM pgmq.metrics_all() ORDER BY queue_name",
+    )
+    .fetch_all(executor)
+    .await?;
+    rows.iter()
+        .map(QueueMetrics::from_row)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(Error::from)
+}

@@ -1,0 +1,155 @@
+//! Test support: a fresh database per test on the server named by `DATABASE_URL`.
+//!
+//! Run the suite through `scripts/test.sh`, which starts a throwaway PostgreSQL when
+//! `DATABASE_URL` is not set.
+#![allow(dead_code)]
+
+use std::{
+    str::FromStr,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use sqlx::{
+    PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+/// The server under test.
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| {
+        panic!(
+            "DATABASE_URL is not set: run the tests with `scripts/test.sh`, which starts a \
+             throwaway PostgreSQL, or point DATABASE_URL at a server where this role may CREATE DATABASE"
+        )
+    })
+}
+
+/// A database of its own for one test, dropped (with FORCE) when the value is dropped.
+pub struct TestDb {
+    pub pool: PgPool,
+    pub options: PgConnectOptions,
+    pub name: String,
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+impl TestDb {
+    /// An empty database: no PGMQ, no migrations.
+    pub async fn fresh() -> Self {
+        let admin = PgConnectOptions::from_str(&database_url()).expect("DATABASE_URL parses");
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let name = format!(
+            "apq_test_{}_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst),
+            nanos
+        );
+        let admin_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(admin.clone())
+            .await
+            .expect("connect to DATABASE_URL");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE \"{name}\" TEMPLATE template0"
+        )))
+        .execute(&admin_pool)
+        .await
+        .expect("CREATE DATABASE");
+        admin_pool.close().await;
+        let options = admin.database(&name);
+        let pool = PgPoolOptions::new()
+            .max_connections(20)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options.clone())
+            .await
+            .expect("connect to the test database");
+        Self {
+            pool,
+            options,
+            name,
+        }
+    }
+
+    /// A database where `setup` has run (PGMQ installed, migrations applied).
+    pub async fn setup() -> Self {
+        let db = Self::fresh().await;
+        apalis_pgmq_notify::setup(&db.pool).await.expect("setup");
+        db
+    }
+
+    /// A new pool on this database.
+    pub async fn pool_with(&self, max_connections: u32) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(max_connections)
+            .connect_with(self.options.clone())
+            .await
+            .expect("connect to the test database")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Async work cannot run in Drop: do it on a thread with its own runtime. The test's pool
+        // is not touched there (its connections belong to the test's runtime, which is blocked
+        // while we join); DROP DATABASE ... WITH (FORCE) ends those sessions server-side.
+        let handle = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let Ok(admin) = PgConnectOptions::from_str(&database_url()) else {
+                    return;
+                };
+                let Ok(admin_pool) = PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect_with(admin)
+                    .await
+                else {
+                    return;
+                };
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                )))
+                .execute(&admin_pool)
+                .await;
+                admin_pool.close().await;
+            });
+        });
+        let _ = handle.join();
+    }
+}
+
+/// Waits until `check` returns `Some`, polling every few milliseconds; panics after `timeout`.
+/// This waits on a condition; it is not a sleep standing in for synchronisation.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Counts rows of a query returning one bigint.
+pub async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}

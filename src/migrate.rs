@@ -25,11 +25,18 @@ struct Migration {
 }
 
 /// The project's migrations, in order. Never edit one that has shipped; add a new one.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "init",
-    sql: include_str!("../migrations/0001_init.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../migrations/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "notify",
+        sql: include_str!("../migrations/0002_notify.sql"),
+    },
+];
 
 /// What [`setup`] found and did.
 #[derive(Debug, Clone, PartialEq, Eq)]

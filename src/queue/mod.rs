@@ -193,6 +193,8 @@ struct QueueSql {
     archive: Arc<str>,
     delete: Arc<str>,
     next_visible: Arc<str>,
+    next_visible_in: Arc<str>,
+    tables_exist: Arc<str>,
 }
 
 impl QueueSql {
@@ -244,6 +246,17 @@ impl QueueSql {
             .into(),
             delete: format!("DELETE FROM {q} WHERE msg_id = ANY($1) RETURNING msg_id").into(),
             next_visible: format!("SELECT min(vt) FROM {q} WHERE vt > clock_timestamp()").into(),
+            next_visible_in: format!(
+                "SELECT EXTRACT(EPOCH FROM min(vt) - clock_timestamp())::float8 FROM {q} \
+                 WHERE vt > clock_timestamp()"
+            )
+            .into(),
+            tables_exist: format!(
+                "SELECT to_regclass('{q}') IS NOT NULL AND to_regclass('{a}') IS NOT NULL",
+                q = q.replace('\'', "''"),
+                a = a.replace('\'', "''")
+            )
+            .into(),
         }
     }
 }
@@ -805,6 +818,27 @@ impl PgmqQueue {
                 .fetch_one(executor)
                 .await?;
         Ok(at)
+    }
+}
+
+impl PgmqQueue {
+    /// Seconds until the earliest hidden message becomes visible, measured by the database clock.
+    pub(crate) async fn next_visible_in<'c, E: PgExecutor<'c>>(
+        &self,
+        executor: E,
+    ) -> Result<Option<Duration>> {
+        let secs: Option<f64> = sqlx::query_scalar(AssertSqlSafe(self.sql.next_visible_in.clone()))
+            .fetch_one(executor)
+            .await?;
+        Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))
+    }
+
+    /// Whether both the queue table and the archive table exist.
+    pub(crate) async fn tables_exist<'c, E: PgExecutor<'c>>(&self, executor: E) -> Result<bool> {
+        let exists: bool = sqlx::query_scalar(AssertSqlSafe(self.sql.tables_exist.clone()))
+            .fetch_one(executor)
+            .await?;
+        Ok(exists)
     }
 }
 

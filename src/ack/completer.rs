@@ -1,0 +1,283 @@
+//! The completer: writes job outcomes in batches, one statement per flush.
+//!
+//! Outcomes arrive on a channel from the ack layer. The completer collects them until the batch
+//! is full or the flush interval has passed since the first one, then writes every kind of
+//! outcome (archive, delete, retry, dead-letter) in a single statement of data-modifying CTEs.
+//! Each row is fenced by the `read_ct` of the delivery it belongs to. A failed flush is retried
+//! with backoff; the leases of its messages keep being renewed meanwhile, so nothing is handed
+//! to another worker while its outcome waits.
+
+use std::{sync::Arc, time::Duration};
+
+use serde_json::Value;
+use sqlx::{AssertSqlSafe, PgPool};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    backend::lease::LeaseTable, notify::WakeSignal, queue::PgmqQueue, util::error_backoff,
+};
+
+/// What to do with a message once its job is over.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Action {
+    /// Move to `pgmq.a_<queue>`.
+    Archive,
+    /// Delete.
+    Delete,
+    /// Visible again after this long (`set_vt`).
+    Retry { delay: Duration },
+    /// Move to `<queue>_dlq` with this description merged into the headers.
+    DeadLetter { info: Value },
+}
+
+impl Action {
+    fn code(&self) -> i16 {
+        match self {
+            Self::Archive => 1,
+            Self::Delete => 2,
+            Self::Retry { .. } => 3,
+            Self::DeadLetter { .. } => 4,
+        }
+    }
+}
+
+/// The outcome of one delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Completion {
+    pub(crate) msg_id: i64,
+    pub(crate) read_ct: i32,
+    pub(crate) action: Action,
+}
+
+enum Command {
+    Complete(Completion),
+    /// Answer once everything sent before this command is written.
+    Flush(oneshot::Sender<()>),
+}
+
+/// Sends outcomes to the completer task.
+#[derive(Debug, Clone)]
+pub(crate) struct CompleterHandle {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+impl CompleterHandle {
+    /// Queues an outcome. Never blocks: the channel holds at most one entry per claimed
+    /// message, and claims are bounded by what workers can run.
+    pub(crate) fn complete(&self, completion: Completion) -> bool {
+        self.tx.send(Command::Complete(completion)).is_ok()
+    }
+
+    /// Waits until every outcome queued before this call is written.
+    pub(crate) async fn flush(&self) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Flush(tx)).is_err() {
+            return false;
+        }
+        rx.await.is_ok()
+    }
+}
+
+/// Everything the completer task needs; it holds no reference to the storage itself, so the
+/// task ends once every sender is dropped and the last batch is written.
+pub(crate) struct CompleterCtx {
+    pub(crate) pool: PgPool,
+    pub(crate) queue: PgmqQueue,
+    pub(crate) dlq: PgmqQueue,
+    pub(crate) leases: Arc<LeaseTable>,
+    /// Raised when a retry is written, so idle workers wake when it becomes visible.
+    pub(crate) signal: Arc<WakeSignal>,
+    pub(crate) batch_size: usize,
+    pub(crate) flush_interval: Duration,
+}
+
+/// Starts the completer task on the current tokio runtime.
+pub(crate) fn spawn(ctx: CompleterCtx) -> CompleterHandle {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let sql = flush_sql(&ctx.queue, &ctx.dlq);
+    tokio::spawn(run(rx, ctx, sql));
+    CompleterHandle { tx }
+}
+
+/// One statement applying a batch of mixed outcomes.
+fn flush_sql(queue: &PgmqQueue, dlq: &PgmqQueue) -> Arc<str> {
+    let q = queue.name().queue_table();
+    let a = queue.name().archive_table();
+    let d = dlq.name().queue_table();
+    let source = queue.name().as_str();
+    const COLS: &str = "msg_id, read_ct, enqueued_at, last_read_at, vt, message, headers";
+    format!(
+        "WITH input AS ( \
+           SELECT * FROM unnest($1::bigint[], $2::int[], $3::smallint[], $4::float8[], $5::text[]) \
+             AS t(msg_id, read_ct, action, delay, info)), \
+         archived AS ( \
+           DELETE FROM {q} m USING input i \
+           WHERE m.msg_id = i.msg_id AND m.read_ct = i.read_ct AND i.action = 1 \
+           RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.vt, m.message, m.headers), \
+         archive_rows AS (INSERT INTO {a} ({COLS}) SELECT {COLS} FROM archived RETURNING msg_id), \
+         deleted AS ( \
+           DELETE FROM {q} m USING input i \
+           WHERE m.msg_id = i.msg_id AND m.read_ct = i.read_ct AND i.action = 2 RETURNING m.msg_id), \
+         retried AS ( \
+           UPDATE {q} m SET vt = clock_timestamp() + make_interval(secs => i.delay) FROM input i \
+           WHERE m.msg_id = i.msg_id AND m.read_ct = i.read_ct AND i.action = 3 RETURNING m.msg_id), \
+         dead AS ( \
+           DELETE FROM {q} m USING input i \
+           WHERE m.msg_id = i.msg_id AND m.read_ct = i.read_ct AND i.action = 4 \
+           RETURNING m.msg_id, m.read_ct, m.message, m.headers, i.info), \
+         dead_rows AS ( \
+           INSERT INTO {d} (vt, message, headers) \
+           SELECT clock_timestamp(), message, apalis_pgmq.dead_letter_headers(headers, \
+                    info::jsonb || jsonb_build_object('queue', '{source}', 'msg_id', msg_id, \
+                                                      'attempts', read_ct, 'at', now())) \
+           FROM dead ORDER BY msg_id RETURNING msg_id) \
+         SELECT ARRAY(SELECT msg_id FROM archived) || ARRAY(SELECT msg_id FROM deleted) \
+             || ARRAY(SELECT msg_id FROM retried) || ARRAY(SELECT msg_id FROM dead), \
+                (SELECT count(*) FROM archive_rows) + (SELECT count(*) FROM dead_rows)"
+    )
+    .into()
+}
+
+async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx, sql: Arc<str>) {
+    let mut pending: Vec<Completion> = Vec::new();
+    // (number of completions that must be written first, waiter)
+    let mut waiters: Vec<(u64, oneshot::Sender<()>)> = Vec::new();
+    let mut received: u64 = 0;
+    let mut written: u64 = 0;
+    let mut open = true;
+
+    let absorb = |cmd: Command,
+                  pending: &mut Vec<Completion>,
+                  waiters: &mut Vec<(u64, oneshot::Sender<()>)>,
+                  received: &mut u64| match cmd {
+        Command::Complete(c) => {
+            pending.push(c);
+            *received += 1;
+        }
+        Command::Flush(w) => waiters.push((*received, w)),
+    };
+
+    loop {
+        // Answer every waiter whose completions are written.
+        let mut i = 0;
+        while i < waiters.len() {
+            if waiters[i].0 <= written {
+                let (_, w) = waiters.swap_remove(i);
+                let _ = w.send(());
+            } else {
+                i += 1;
+            }
+        }
+        if pending.is_empty() {
+            for (_, w) in waiters.drain(..) {
+                let _ = w.send(());
+            }
+            if !open {
+                return;
+            }
+            match rx.recv().await {
+                Some(cmd) => absorb(cmd, &mut pending, &mut waiters, &mut received),
+                None => open = false,
+            }
+            continue;
+        }
+        // Gather more until the batch is full, a flush is requested, or the interval is over.
+        let deadline = tokio::time::Instant::now() + ctx.flush_interval;
+        while open && pending.len() < ctx.batch_size && waiters.is_empty() {
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => absorb(cmd, &mut pending, &mut waiters, &mut received),
+                    None => open = false,
+                },
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        while pending.len() < ctx.batch_size {
+            match rx.try_recv() {
+                Ok(cmd) => absorb(cmd, &mut pending, &mut waiters, &mut received),
+                Err(_) => break,
+            }
+        }
+        let n = pending.len().min(ctx.batch_size);
+        let mut failures = 0u32;
+        loop {
+            match write(&ctx, &sql, &pending[..n]).await {
+                Ok(()) => break,
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, outcomes = n, failures, "writing job outcomes failed; retrying");
+                    if is_undefined_table(&e) {
+                        // The queue or its dead-letter queue was dropped under us: recreate them.
+                        let _ = ctx.queue.create(&ctx.pool).await;
+                        let _ = ctx.dlq.create(&ctx.pool).await;
+                    }
+                    tokio::time::sleep(error_backoff(failures)).await;
+                }
+            }
+        }
+        let mut soonest_retry: Option<Duration> = None;
+        for c in pending.drain(..n) {
+            ctx.leases.remove(c.msg_id, c.read_ct);
+            if let Action::Retry { delay } = c.action {
+                soonest_retry = Some(soonest_retry.map_or(delay, |s| s.min(delay)));
+            }
+        }
+        match soonest_retry {
+            Some(d) if d <= Duration::from_millis(1) => ctx.signal.wake(),
+            Some(d) => ctx.signal.wake_at(tokio::time::Instant::now() + d),
+            None => {}
+        }
+        written += n as u64;
+    }
+}
+
+fn is_undefined_table(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code == "42P01")
+}
+
+async fn write(
+    ctx: &CompleterCtx,
+    sql: &Arc<str>,
+    batch: &[Completion],
+) -> Result<(), sqlx::Error> {
+    // The same message twice in one statement would be an error; keep the last outcome.
+    let mut batch: Vec<&Completion> = batch.iter().collect();
+    batch.reverse();
+    let mut seen = std::collections::HashSet::new();
+    batch.retain(|c| seen.insert(c.msg_id));
+    let mut ids = Vec::with_capacity(batch.len());
+    let mut cts = Vec::with_capacity(batch.len());
+    let mut actions = Vec::with_capacity(batch.len());
+    let mut delays = Vec::with_capacity(batch.len());
+    let mut infos: Vec<Option<String>> = Vec::with_capacity(batch.len());
+    for c in &batch {
+        ids.push(c.msg_id);
+        cts.push(c.read_ct);
+        actions.push(c.action.code());
+        match &c.action {
+            Action::Retry { delay } => delays.push(delay.as_secs_f64()),
+            _ => delays.push(0.0),
+        }
+        match &c.action {
+            Action::DeadLetter { info } => infos.push(Some(info.to_string())),
+            _ => infos.push(None),
+        }
+    }
+    let row: (Vec<i64>, i64) = sqlx::query_as(AssertSqlSafe(sql.clone()))
+        .bind(ids)
+        .bind(cts)
+        .bind(actions)
+        .bind(delays)
+        .bind(infos)
+        .fetch_one(&ctx.pool)
+        .await?;
+    if row.0.len() < batch.len() {
+        tracing::debug!(
+            stale = batch.len() - row.0.len(),
+            "some outcomes matched no row (message gone or delivered again after a lost lease)"
+        );
+    }
+    Ok(())
+}

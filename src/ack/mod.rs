@@ -1,0 +1,352 @@
+//! Acknowledgement: maps each job's outcome to a durable action on its message.
+//!
+//! [`AckLayer`] is the backend's middleware. It sits outside the user's middleware (retries,
+//! timeouts, concurrency limits), so it sees the final result of a delivery, and maps it:
+//!
+//! | result | action |
+//! |---|---|
+//! | `Ok` (`Done`) | archive (or delete: [`DoneAction`](crate::DoneAction)) |
+//! | `AbortError` (`Killed`) | delete (or archive, or dead-letter: [`KilledAction`](crate::KilledAction)) |
+//! | `RetryAfterError(d)` | visible again at now + `d` |
+//! | `DeferredError` | visible again now |
+//! | other error or panic, attempts left (`Failed`) | visible again at now + backoff(attempt) |
+//! | other error or panic, no attempts left | dead-letter (or archive, or delete: [`ExhaustedAction`](crate::ExhaustedAction)) |
+//!
+//! A panicking handler is caught here and counts as a failure ([`HandlerPanicked`]); the worker
+//! keeps running. The action is queued to the completer, which writes outcomes in batches.
+
+pub(crate) mod completer;
+
+use std::{
+    any::Any,
+    panic::AssertUnwindSafe,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use apalis_core::{
+    error::{AbortError, BoxDynError, DeferredError, RetryAfterError},
+    task::Task,
+};
+use futures::{FutureExt, future::BoxFuture};
+use serde_json::json;
+use tower::{Layer, Service};
+
+use crate::{
+    backend::{MessageInfo, Shared},
+    config::{Config, DoneAction, ExhaustedAction, KilledAction},
+    util::{random_unit, truncate},
+};
+use completer::{Action, Completion};
+
+/// Longest error text kept in a dead-letter record, in bytes.
+const MAX_ERROR_TEXT: usize = 4096;
+
+/// The error a delivery ends with when its handler panicked.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("job handler panicked: {message}")]
+pub struct HandlerPanicked {
+    /// The panic message, when it was a string.
+    pub message: String,
+}
+
+impl HandlerPanicked {
+    fn from_payload(payload: &(dyn Any + Send)) -> Self {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "non-string panic payload".to_owned());
+        Self { message }
+    }
+}
+
+/// The backend middleware that writes job outcomes. Built by the worker from
+/// [`PgmqStorage`](crate::PgmqStorage); you do not add it yourself.
+#[derive(Clone)]
+pub struct AckLayer {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for AckLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AckLayer")
+            .field("queue", &self.shared.queue.name())
+            .finish()
+    }
+}
+
+impl AckLayer {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+impl<S> Layer<S> for AckLayer {
+    type Service = AckService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AckService {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// The service built by [`AckLayer`].
+#[derive(Clone)]
+pub struct AckService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> std::fmt::Debug for AckService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AckService")
+            .field("queue", &self.shared.queue.name())
+            .finish()
+    }
+}
+
+impl<S, Args, Res> Service<Task<Args>> for AckService<S>
+where
+    S: Service<Task<Args>, Response = Res>,
+    S::Error: Into<BoxDynError>,
+    S::Future: Send + 'static,
+    Res: Send + 'static,
+{
+    type Response = Res;
+    type Error = BoxDynError;
+    type Future = BoxFuture<'static, Result<Res, BoxDynError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, task: Task<Args>) -> Self::Future {
+        let delivery = task
+            .data()
+            .get::<MessageInfo>()
+            .map(|m| (m.msg_id, m.read_ct));
+        let max_attempts = task
+            .max_attempts()
+            .unwrap_or(self.shared.config.max_attempts as usize);
+        let inner = &mut self.inner;
+        let call = std::panic::catch_unwind(AssertUnwindSafe(move || inner.call(task)));
+        let shared = self.shared.clone();
+        // If this future is dropped before the job ends (the worker was dropped, not shut down),
+        // stop renewing the lease so the message becomes visible again when it lapses.
+        let mut guard = delivery.map(|(msg_id, read_ct)| AbandonGuard {
+            shared: shared.clone(),
+            msg_id,
+            read_ct,
+            armed: true,
+        });
+        Box::pin(async move {
+            let result: Result<Res, BoxDynError> = match call {
+                Ok(fut) => match AssertUnwindSafe(fut).catch_unwind().await {
+                    Ok(result) => result.map_err(Into::into),
+                    Err(payload) => Err(Box::new(HandlerPanicked::from_payload(&*payload))),
+                },
+                Err(payload) => Err(Box::new(HandlerPanicked::from_payload(&*payload))),
+            };
+            if let Some(g) = guard.as_mut() {
+                g.armed = false;
+            }
+            match delivery {
+                Some((msg_id, read_ct)) => {
+                    let action = decide(
+                        &shared.config,
+                        result.as_ref().err(),
+                        read_ct,
+                        max_attempts,
+                        random_unit(),
+                    );
+                    shared.complete(Completion {
+                        msg_id,
+                        read_ct,
+                        action,
+                    });
+                }
+                None => tracing::error!(
+                    "a task without PGMQ message info reached the ack layer; its outcome is not recorded"
+                ),
+            }
+            result
+        })
+    }
+}
+
+/// Drops the lease of a delivery whose future was dropped before it finished.
+struct AbandonGuard {
+    shared: Arc<Shared>,
+    msg_id: i64,
+    read_ct: i32,
+    armed: bool,
+}
+
+impl Drop for AbandonGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared.leases.remove(self.msg_id, self.read_ct);
+        }
+    }
+}
+
+/// The error's text with its sources, as stored in dead-letter records.
+pub(crate) fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    truncate(&text, MAX_ERROR_TEXT)
+}
+
+/// Maps the result of a delivery to an action. `unit` is a random number in `[0, 1)` for jitter.
+pub(crate) fn decide(
+    config: &Config,
+    error: Option<&BoxDynError>,
+    read_ct: i32,
+    max_attempts: usize,
+    unit: f64,
+) -> Action {
+    let Some(error) = error else {
+        return match config.on_done {
+            DoneAction::Delete => Action::Delete,
+            _ => Action::Archive,
+        };
+    };
+    let dead = |reason: &str| Action::DeadLetter {
+        info: json!({ "reason": reason, "error": error_text(&**error) }),
+    };
+    if let Some(retry) = error.downcast_ref::<RetryAfterError>() {
+        return Action::Retry {
+            delay: retry.get_duration(),
+        };
+    }
+    if error.is::<DeferredError>() {
+        return Action::Retry {
+            delay: Duration::ZERO,
+        };
+    }
+    if error.is::<AbortError>() {
+        return match config.on_killed {
+            KilledAction::Archive => Action::Archive,
+            KilledAction::DeadLetter => dead("killed"),
+            _ => Action::Delete,
+        };
+    }
+    let attempt = usize::try_from(read_ct.max(1)).unwrap_or(1);
+    if attempt >= max_attempts {
+        return match config.on_exhausted {
+            ExhaustedAction::Archive => Action::Archive,
+            ExhaustedAction::Delete => Action::Delete,
+            _ => dead("failed"),
+        };
+    }
+    let attempt = u32::try_from(attempt).unwrap_or(u32::MAX);
+    Action::Retry {
+        delay: config.backoff.delay(attempt, unit),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Backoff;
+
+    fn boxed<E: std::error::Error + Send + Sync + 'static>(e: E) -> BoxDynError {
+        Box::new(e)
+    }
+
+    #[test]
+    fn outcome_mapping() {
+        let c = Config::default()
+            .max_attempts(3)
+            .backoff(Backoff::default().jitter(0.0));
+        assert_eq!(decide(&c, None, 1, 3, 0.5), Action::Archive);
+        assert_eq!(
+            decide(&c.clone().on_done(DoneAction::Delete), None, 1, 3, 0.5),
+            Action::Delete
+        );
+        let io = || boxed(std::io::Error::other("boom"));
+        assert_eq!(
+            decide(&c, Some(&io()), 1, 3, 0.5),
+            Action::Retry {
+                delay: Duration::from_secs(1)
+            }
+        );
+        assert_eq!(
+            decide(&c, Some(&io()), 2, 3, 0.5),
+            Action::Retry {
+                delay: Duration::from_secs(2)
+            }
+        );
+        match decide(&c, Some(&io()), 3, 3, 0.5) {
+            Action::DeadLetter { info } => {
+                assert_eq!(info["reason"], "failed");
+                assert_eq!(info["error"], "boom");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            decide(
+                &c.clone().on_exhausted(ExhaustedAction::Archive),
+                Some(&io()),
+                3,
+                3,
+                0.5
+            ),
+            Action::Archive
+        );
+        let abort = boxed(AbortError::new("stop"));
+        assert_eq!(decide(&c, Some(&abort), 1, 3, 0.5), Action::Delete);
+        assert!(matches!(
+            decide(
+                &c.clone().on_killed(KilledAction::DeadLetter),
+                Some(&abort),
+                1,
+                3,
+                0.5
+            ),
+            Action::DeadLetter { .. }
+        ));
+        let later = boxed(RetryAfterError::new("later", Duration::from_secs(42)));
+        assert_eq!(
+            decide(&c, Some(&later), 3, 3, 0.5),
+            Action::Retry {
+                delay: Duration::from_secs(42)
+            }
+        );
+        let deferred = boxed(DeferredError::new("now"));
+        assert_eq!(
+            decide(&c, Some(&deferred), 1, 3, 0.5),
+            Action::Retry {
+                delay: Duration::ZERO
+            }
+        );
+        let panicked = boxed(HandlerPanicked {
+            message: "oops".into(),
+        });
+        assert!(matches!(
+            decide(&c, Some(&panicked), 1, 3, 0.5),
+            Action::Retry { .. }
+        ));
+    }
+
+    #[test]
+    fn error_text_includes_sources_and_is_bounded() {
+        let e = AbortError::new(std::io::Error::other("disk full"));
+        let text = error_text(&e);
+        assert!(text.contains("disk full"), "{text}");
+        let long = std::io::Error::other("x".repeat(10_000));
+        assert!(error_text(&long).len() < 4200);
+    }
+}

@@ -1,0 +1,585 @@
+//! The apalis backend: [`PgmqStorage`].
+
+mod fetch;
+pub(crate) mod lease;
+mod sink;
+
+use std::{
+    marker::PhantomData,
+    sync::{Arc, Mutex, OnceLock, PoisonError},
+    task::{Context, Poll},
+};
+
+use apalis_codec::json::JsonCodec;
+use apalis_core::{
+    backend::{Backend, BackendConfig, WireFormatBackend, codec::Codec, finalize::Durable},
+    task::{Task, builder::TaskBuilder, metadata::MetadataStore, task_id::TaskId},
+    worker::context::WorkerContext,
+};
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value, json};
+use sqlx::PgPool;
+
+use crate::{
+    ack::{
+        AckLayer,
+        completer::{self, Action, CompleterCtx, CompleterHandle, Completion},
+    },
+    config::Config,
+    error::{Error, Result},
+    notify::{self, Hub, Subscription, WakeSignal},
+    queue::{Message, PgmqQueue, QueueName},
+};
+use fetch::Fetcher;
+use lease::LeaseTable;
+use sink::SinkState;
+use tokio::sync::oneshot;
+
+/// The key under which apalis metadata is stored in a message's `headers`.
+pub const HEADERS_KEY: &str = "apalis";
+
+/// What PGMQ knows about the message behind a task.
+///
+/// Available to handlers as `Data<MessageInfo>`:
+///
+/// ```no_run
+/// use apalis_core::task::data::Data;
+/// use apalis_pgmq_notify::MessageInfo;
+///
+/// async fn handle(job: String, msg: Data<MessageInfo>) {
+///     println!("msg {} attempt {} headers {:?}", msg.msg_id, msg.read_ct, msg.headers);
+/// }
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageInfo {
+    /// The queue the message came from.
+    pub queue: QueueName,
+    /// PGMQ's message id (also the task id).
+    pub msg_id: i64,
+    /// PGMQ's read count: this delivery's attempt number, starting at 1.
+    pub read_ct: i32,
+    /// When the message was sent.
+    pub enqueued_at: DateTime<Utc>,
+    /// The visibility time set by this delivery's read (before lease renewals).
+    pub vt: DateTime<Utc>,
+    /// The message's headers as stored, including the `apalis` key if present.
+    pub headers: Option<Value>,
+}
+
+/// SQL built once per queue for the backend's own statements.
+#[derive(Debug)]
+pub(crate) struct BackendSql {
+    pub(crate) renew: Arc<str>,
+    pub(crate) release: Arc<str>,
+}
+
+/// State shared by every clone of a storage and by its workers' ack layers.
+pub(crate) struct Shared {
+    pub(crate) pool: PgPool,
+    pub(crate) queue: PgmqQueue,
+    pub(crate) dlq: PgmqQueue,
+    pub(crate) config: Config,
+    pub(crate) sql: BackendSql,
+    pub(crate) leases: Arc<LeaseTable>,
+    /// Started on first use by a worker (needs a tokio runtime).
+    completer: OnceLock<CompleterHandle>,
+    /// The database's notification hub (shared in the process).
+    pub(crate) hub: Arc<Hub>,
+    /// Wakes this queue's workers: notifications, retries written, messages released.
+    pub(crate) signal: Arc<WakeSignal>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.leases.close();
+    }
+}
+
+impl Shared {
+    /// Starts the completer and the lease keeper if they are not running yet.
+    pub(crate) fn start_background(&self) -> Result<()> {
+        if self.completer.get().is_some() {
+            return Ok(());
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::Config(
+                "PgmqStorage workers must run inside a tokio runtime".to_owned(),
+            ));
+        }
+        self.completer.get_or_init(|| {
+            tokio::spawn(lease::keeper(
+                self.leases.clone(),
+                self.pool.clone(),
+                self.sql.renew.clone(),
+                self.config.visibility_timeout,
+            ));
+            completer::spawn(CompleterCtx {
+                pool: self.pool.clone(),
+                queue: self.queue.clone(),
+                dlq: self.dlq.clone(),
+                leases: self.leases.clone(),
+                signal: self.signal.clone(),
+                batch_size: self.config.completion_batch_size,
+                flush_interval: self.config.completion_flush_interval,
+            })
+        });
+        Ok(())
+    }
+
+    pub(crate) fn complete(&self, completion: Completion) {
+        let sent = self.completer.get().is_some_and(|c| c.complete(completion));
+        if !sent {
+            tracing::error!(queue = %self.queue.name(),
+                "the completer is not running; an outcome was dropped (the message will be redelivered)");
+        }
+    }
+
+    pub(crate) async fn flush_completions(&self) {
+        if let Some(c) = self.completer.get() {
+            c.flush().await;
+        }
+    }
+
+    /// A worker's wake-up subscription; the receiver resolves once its LISTEN is active.
+    pub(crate) fn subscribe(&self) -> (Subscription, Option<oneshot::Receiver<()>>) {
+        let channel = self
+            .config
+            .listen
+            .then(|| self.config.channels.queue_channel(self.queue.name()));
+        notify::subscribe(&self.hub, &self.signal, channel)
+    }
+}
+
+/// A PGMQ queue as an apalis backend.
+///
+/// - `Backend`: workers claim messages with `FOR UPDATE SKIP LOCKED`, never more than they can
+///   start, renew the lease of running jobs, and wait on LISTEN/NOTIFY (plus a fallback poll)
+///   when the queue is empty.
+/// - `BackendConfig` (durable), `WireFormatBackend` (the codec, JSON by default) and
+///   `futures::Sink`, so apalis' `TaskSink` (`push`, `push_bulk`, `push_stream`, `push_task`)
+///   works on it.
+/// - [`push_with`](Self::push_with) and friends enqueue inside your own transaction.
+///
+/// The task id is the message's `msg_id`; the attempt is PGMQ's `read_ct` (the first delivery is
+/// attempt 1). Cloning is cheap; clones share the pool, the lease keeper and the completer, and
+/// each clone given to a worker keeps its own fetch state.
+///
+/// # Example
+///
+/// ```no_run
+/// use apalis::prelude::*;
+/// use apalis_pgmq_notify::{PgmqStorage, QueueName};
+///
+/// async fn send_email(to: String) -> Result<(), BoxDynError> {
+///     println!("sending to {to}");
+///     Ok(())
+/// }
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = sqlx::PgPool::connect("postgres://localhost/app").await?;
+/// apalis_pgmq_notify::setup(&pool).await?;
+/// let mut storage = PgmqStorage::<String>::new(&pool, QueueName::new("email")?);
+/// storage.push("a@example.com".to_owned()).await?;
+/// let worker = WorkerBuilder::new("email-worker")
+///     .backend(storage)
+///     .concurrency(4)
+///     .build(send_email);
+/// Monitor::new().register(move |_| worker).run().await?;
+/// # Ok(()) }
+/// ```
+pub struct PgmqStorage<Args, C = JsonCodec<Value>> {
+    shared: Arc<Shared>,
+    codec: C,
+    /// Per-clone mutable state. The mutex is never contended (the worker owns the storage); it
+    /// only makes the storage `Sync`, which `WorkerBuilder::data` requires.
+    local: Mutex<Local>,
+    _args: PhantomData<fn() -> Args>,
+}
+
+#[derive(Default)]
+struct Local {
+    fetch: Fetcher,
+    sink: SinkState,
+}
+
+impl<Args, C: Clone> Clone for PgmqStorage<Args, C> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            codec: self.codec.clone(),
+            local: Mutex::new(Local::default()),
+            _args: PhantomData,
+        }
+    }
+}
+
+impl<Args, C> std::fmt::Debug for PgmqStorage<Args, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgmqStorage")
+            .field("queue", self.shared.queue.name())
+            .field("args", &std::any::type_name::<Args>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<Args> PgmqStorage<Args, JsonCodec<Value>> {
+    /// A storage for `queue` with the default [`Config`] and the JSON codec. Runs no SQL; the
+    /// queue (and its dead-letter queue) is created by the first worker, or by
+    /// [`create_queue`](Self::create_queue).
+    #[must_use]
+    pub fn new(pool: &PgPool, queue: QueueName) -> Self {
+        Self::build(pool, queue, Config::default(), JsonCodec::default())
+    }
+
+    /// A storage with a configuration, validated here.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] if a value is out of range.
+    pub fn with_config(pool: &PgPool, queue: QueueName, config: Config) -> Result<Self> {
+        config.validate()?;
+        Ok(Self::build(pool, queue, config, JsonCodec::default()))
+    }
+}
+
+impl<Args, C> PgmqStorage<Args, C> {
+    /// A storage with a custom codec whose compact form is JSON (`serde_json::Value`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] if a configuration value is out of range.
+    pub fn with_codec(pool: &PgPool, queue: QueueName, config: Config, codec: C) -> Result<Self> {
+        config.validate()?;
+        Ok(Self::build(pool, queue, config, codec))
+    }
+
+    fn build(pool: &PgPool, queue: QueueName, config: Config, codec: C) -> Self {
+        let q = PgmqQueue::new(queue).with_max_payload_bytes(config.max_payload_bytes);
+        let dlq = q.dead_letter();
+        let sql = BackendSql {
+            renew: lease::renew_sql(q.name()),
+            release: lease::release_sql(q.name()),
+        };
+        let hub = notify::hub(pool);
+        let signal = hub.signal(q.name());
+        Self {
+            shared: Arc::new(Shared {
+                pool: pool.clone(),
+                queue: q,
+                dlq,
+                config,
+                sql,
+                leases: Arc::new(LeaseTable::default()),
+                completer: OnceLock::new(),
+                hub,
+                signal,
+            }),
+            codec,
+            local: Mutex::new(Local::default()),
+            _args: PhantomData,
+        }
+    }
+
+    /// The pool.
+    #[must_use]
+    pub fn pool(&self) -> &PgPool {
+        &self.shared.pool
+    }
+
+    /// The queue, for direct PGMQ operations (metrics, purge, ...).
+    #[must_use]
+    pub fn queue(&self) -> &PgmqQueue {
+        &self.shared.queue
+    }
+
+    /// The dead-letter queue, `<queue>_dlq`.
+    #[must_use]
+    pub fn dead_letter_queue(&self) -> &PgmqQueue {
+        &self.shared.dlq
+    }
+
+    /// The configuration.
+    #[must_use]
+    pub fn get_config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Creates the queue and its dead-letter queue (idempotent).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`], e.g. when [`setup`](crate::setup) has not been run.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::{PgmqStorage, QueueName};
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// let storage = PgmqStorage::<String>::new(&pool, QueueName::new("email")?);
+    /// storage.create_queue().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn create_queue(&self) -> Result<()> {
+        self.shared.queue.create(&self.shared.pool).await?;
+        self.shared.dlq.create(&self.shared.pool).await?;
+        let c = &self.shared.config;
+        notify::ensure_notify(
+            &self.shared.pool,
+            self.shared.queue.name(),
+            &c.channels,
+            c.notify_mode,
+        )
+        .await
+    }
+
+    fn local(&mut self) -> &mut Local {
+        self.local.get_mut().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The apalis metadata kept in `headers.apalis`.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(crate) struct JobMeta {
+    pub(crate) max_attempts: Option<usize>,
+    pub(crate) priority: Option<usize>,
+    pub(crate) idempotency_key: Option<String>,
+    pub(crate) metadata: MetadataStore,
+}
+
+impl JobMeta {
+    /// Reads the `apalis` key of a message's headers. Anything missing or malformed is treated as
+    /// absent: a message from another PGMQ client is a valid job without it.
+    pub(crate) fn from_headers(headers: Option<&Value>) -> Self {
+        let Some(meta) = headers
+            .and_then(|h| h.get(HEADERS_KEY))
+            .and_then(Value::as_object)
+        else {
+            return Self::default();
+        };
+        let num = |k: &str| {
+            meta.get(k)
+                .and_then(Value::as_u64)
+                .and_then(|n| usize::try_from(n).ok())
+        };
+        let metadata = meta
+            .get("metadata")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_owned())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            max_attempts: num("max_attempts"),
+            priority: num("priority"),
+            idempotency_key: meta
+                .get("idempotency_key")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            metadata: MetadataStore::from_map(metadata),
+        }
+    }
+
+    /// The headers for a task being pushed, or `None` when there is nothing to record.
+    pub(crate) fn headers_of<A>(task: &Task<A>) -> Option<Value> {
+        let mut meta = Map::new();
+        if let Some(n) = task.max_attempts() {
+            meta.insert("max_attempts".into(), json!(n));
+        }
+        if let Some(p) = task.priority() {
+            meta.insert("priority".into(), json!(p));
+        }
+        if let Some(k) = task.idempotency_key() {
+            meta.insert("idempotency_key".into(), json!(k));
+        }
+        if !task.metadata().is_empty() {
+            let m: Map<String, Value> = task
+                .metadata()
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect();
+            meta.insert("metadata".into(), Value::Object(m));
+        }
+        if meta.is_empty() {
+            None
+        } else {
+            Some(json!({ HEADERS_KEY: meta }))
+        }
+    }
+}
+
+impl<Args, C> PgmqStorage<Args, C>
+where
+    C: Codec<Args, Compact = Value>,
+    C::Error: std::fmt::Display,
+{
+    /// Turns a claimed message into a task, or dead-letters it if it does not decode.
+    fn message_to_task(&self, m: Message, worker: &WorkerContext) -> Option<Task<Value>> {
+        let body = m.message.clone().unwrap_or(Value::Null);
+        if let Err(e) = self.codec.decode(&body) {
+            tracing::warn!(queue = %self.shared.queue.name(), msg_id = m.msg_id, error = %e,
+                "message does not decode as {}; moving it to the dead-letter queue",
+                std::any::type_name::<Args>());
+            self.shared.complete(Completion {
+                msg_id: m.msg_id,
+                read_ct: m.read_ct,
+                action: Action::DeadLetter {
+                    info: json!({
+                        "reason": "undecodable",
+                        "error": crate::util::truncate(&e.to_string(), 4096),
+                        "expected_type": std::any::type_name::<Args>(),
+                    }),
+                },
+            });
+            return None;
+        }
+        let meta = JobMeta::from_headers(m.headers.as_ref());
+        let attempt_before = usize::try_from(m.read_ct.saturating_sub(1).max(0)).unwrap_or(0);
+        let mut builder = TaskBuilder::new(body)
+            .task_id(TaskId::from_int(u64::try_from(m.msg_id).unwrap_or(0)))
+            .attempt(attempt_before)
+            .max_attempts(
+                meta.max_attempts
+                    .unwrap_or(self.shared.config.max_attempts as usize),
+            )
+            .with_metadata(meta.metadata)
+            .queue(self.shared.queue.name().as_str().into())
+            .lock_at(
+                m.last_read_at
+                    .and_then(|t| u64::try_from(t.timestamp()).ok()),
+            )
+            .lock_by(Some(worker.name().to_owned()))
+            .data(MessageInfo {
+                queue: self.shared.queue.name().clone(),
+                msg_id: m.msg_id,
+                read_ct: m.read_ct,
+                enqueued_at: m.enqueued_at,
+                vt: m.vt,
+                headers: m.headers,
+            });
+        if let Some(p) = meta.priority {
+            builder = builder.priority(p);
+        }
+        if let Some(k) = meta.idempotency_key {
+            builder = builder.idempotency_key(k);
+        }
+        Some(builder.build())
+    }
+}
+
+impl<Args, C> Backend for PgmqStorage<Args, C>
+where
+    C: Codec<Args, Compact = Value>,
+    C::Error: std::fmt::Display,
+{
+    type Task = Task<Value>;
+    type Error = Error;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut Context<'_>,
+        worker: &WorkerContext,
+    ) -> Poll<Result<(), Self::Error>> {
+        let shared = self.shared.clone();
+        self.local()
+            .fetch
+            .poll_ready(cx, &shared, worker.task_count())
+    }
+
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        worker: &WorkerContext,
+    ) -> Poll<Option<Result<Self::Task, Self::Error>>> {
+        let shared = self.shared.clone();
+        loop {
+            let polled = self
+                .local()
+                .fetch
+                .poll_next(cx, &shared, worker.task_count());
+            match polled {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Ready(Some(m)) => {
+                    if let Some(task) = self.message_to_task(m, worker) {
+                        return Poll::Ready(Some(Ok(task)));
+                    }
+                }
+            }
+        }
+    }
+
+    fn poll_close(
+        &mut self,
+        cx: &mut Context<'_>,
+        _worker: &WorkerContext,
+    ) -> Poll<Result<(), Self::Error>> {
+        let shared = self.shared.clone();
+        self.local().fetch.poll_close(cx, &shared).map(Ok)
+    }
+}
+
+impl<Args, C> BackendConfig for PgmqStorage<Args, C> {
+    type Args = Args;
+    type Id = i64;
+    type Kind = Durable;
+    type Config = Config;
+    type Layer = AckLayer;
+
+    fn config(&self) -> &Self::Config {
+        &self.shared.config
+    }
+
+    fn middleware(&mut self, _worker: &mut WorkerContext) -> Self::Layer {
+        AckLayer::new(self.shared.clone())
+    }
+}
+
+impl<Args, C: Send + 'static> WireFormatBackend for PgmqStorage<Args, C> {
+    type Codec = C;
+    type Compact = Value;
+
+    fn codec(&self) -> &Self::Codec {
+        &self.codec
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_meta_round_trips_through_headers() {
+        let mut md = MetadataStore::default();
+        md.insert("tenant", "acme").expect("insert");
+        let task = TaskBuilder::new(Value::Null)
+            .max_attempts(7)
+            .priority(3)
+            .idempotency_key("k-1")
+            .with_metadata(md)
+            .build();
+        let headers = JobMeta::headers_of(&task).expect("some headers");
+        let meta = JobMeta::from_headers(Some(&headers));
+        assert_eq!(meta.max_attempts, Some(7));
+        assert_eq!(meta.priority, Some(3));
+        assert_eq!(meta.idempotency_key.as_deref(), Some("k-1"));
+        assert_eq!(meta.metadata.get("tenant"), Some("acme"));
+        assert!(JobMeta::headers_of(&TaskBuilder::new(()).build()).is_none());
+    }
+
+    #[test]
+    fn foreign_or_malformed_headers_are_ignored() {
+        for h in [
+            json!({"trace": "x"}),
+            json!([1, 2]),
+            json!({"apalis": "nonsense"}),
+            json!({"apalis": {"max_attempts": "three", "metadata": [1]}}),
+        ] {
+            let meta = JobMeta::from_headers(Some(&h));
+            assert_eq!(meta.max_attempts, None, "{h}");
+            assert!(meta.metadata.is_empty());
+        }
+        assert_eq!(JobMeta::from_headers(None), JobMeta::default());
+    }
+}

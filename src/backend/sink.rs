@@ -1,0 +1,219 @@
+//! Enqueueing: the `futures::Sink` behind apalis' `TaskSink`, and pushes that run in the
+//! caller's own transaction.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use apalis_core::{
+    backend::codec::Codec,
+    task::{Task, builder::TaskBuilder},
+};
+use chrono::{TimeZone, Utc};
+use futures::{FutureExt, Sink, future::BoxFuture};
+use serde_json::Value;
+use sqlx::PgExecutor;
+
+use super::{JobMeta, PgmqStorage};
+use crate::{
+    error::{Error, Result},
+    queue::{Delay, EncodedMessage, PgmqQueue},
+};
+
+/// Tasks buffered by `start_send` are written by `poll_flush` in one statement; a buffer this
+/// large is flushed before accepting more.
+const MAX_BUFFERED: usize = 1000;
+
+#[derive(Default)]
+pub(crate) struct SinkState {
+    buffer: Vec<EncodedMessage>,
+    flushing: Option<BoxFuture<'static, Result<()>>>,
+}
+
+/// Encodes a task (body, apalis headers, `run_at` delay) and checks its size.
+fn encode_task(queue: &PgmqQueue, task: &Task<Value>) -> Result<EncodedMessage> {
+    let headers = JobMeta::headers_of(task);
+    let delay = match task.run_at() {
+        Some(ts) => match i64::try_from(ts)
+            .ok()
+            .and_then(|s| Utc.timestamp_opt(s, 0).single())
+        {
+            Some(at) => Delay::At(at),
+            None => {
+                return Err(Error::Config(format!(
+                    "run_at timestamp {ts} is out of range"
+                )));
+            }
+        },
+        None => Delay::Now,
+    };
+    queue.encode(&task.args, headers.as_ref(), delay)
+}
+
+impl SinkState {
+    fn poll_flush(
+        &mut self,
+        cx: &mut Context<'_>,
+        queue: &PgmqQueue,
+        pool: &sqlx::PgPool,
+    ) -> Poll<Result<()>> {
+        loop {
+            if let Some(fut) = &mut self.flushing {
+                let result = futures::ready!(fut.poll_unpin(cx));
+                self.flushing = None;
+                result?;
+            }
+            if self.buffer.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            let batch = std::mem::take(&mut self.buffer);
+            let queue = queue.clone();
+            let pool = pool.clone();
+            self.flushing = Some(Box::pin(async move {
+                queue.send_encoded(&pool, &batch).await.map(|_| ())
+            }));
+        }
+    }
+}
+
+impl<Args, C: Unpin> Sink<Task<Value>> for PgmqStorage<Args, C> {
+    type Error = Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let this = self.get_mut();
+        let shared = this.shared.clone();
+        let sink = &mut this.local().sink;
+        if sink.flushing.is_some() || sink.buffer.len() >= MAX_BUFFERED {
+            return sink.poll_flush(cx, &shared.queue, &shared.pool);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn start_send(self: Pin<&mut Self>, task: Task<Value>) -> Result<()> {
+        let this = self.get_mut();
+        let encoded = encode_task(&this.shared.queue, &task)?;
+        this.local().sink.buffer.push(encoded);
+        Ok(())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let this = self.get_mut();
+        let shared = this.shared.clone();
+        this.local()
+            .sink
+            .poll_flush(cx, &shared.queue, &shared.pool)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        self.poll_flush(cx)
+    }
+}
+
+impl<Args, C> PgmqStorage<Args, C>
+where
+    C: Codec<Args, Compact = Value>,
+    C::Error: std::error::Error + Send + Sync + 'static,
+{
+    fn encode_args(&self, args: &Args) -> Result<Value> {
+        self.codec
+            .encode(args)
+            .map_err(|e| Error::Config(format!("could not encode job arguments: {e}")))
+    }
+
+    /// Enqueues one job with `executor`: a pool, a connection, or your own transaction (the job
+    /// exists only if the transaction commits). Returns its `msg_id`, which is its task id.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::PayloadTooLarge`] or an encoding error (nothing written), [`Error::Database`].
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::{PgmqStorage, QueueName};
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// let storage = PgmqStorage::<String>::new(&pool, QueueName::new("email")?);
+    /// let mut tx = pool.begin().await?;
+    /// // ... your own writes in `tx` ...
+    /// storage.push_with(&mut *tx, &"a@example.com".to_owned()).await?;
+    /// tx.commit().await?; // the job and your writes land together
+    /// # Ok(()) }
+    /// ```
+    pub async fn push_with<'c, E: PgExecutor<'c>>(&self, executor: E, args: &Args) -> Result<i64> {
+        let body = self.encode_args(args)?;
+        self.shared
+            .queue
+            .send_with(executor, &body, None, Delay::Now)
+            .await
+    }
+
+    /// Enqueues a task built with `TaskBuilder` (delay with `run_after`/`run_at_time`, max
+    /// attempts, priority, idempotency key, metadata) with `executor`. Returns its `msg_id`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::PayloadTooLarge`] or an encoding error (nothing written), [`Error::Database`].
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_core::task::builder::TaskBuilder;
+    /// # use apalis_pgmq_notify::{PgmqStorage, QueueName};
+    /// # use std::time::Duration;
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// let storage = PgmqStorage::<String>::new(&pool, QueueName::new("email")?);
+    /// let task = TaskBuilder::new("later@example.com".to_owned())
+    ///     .run_after(Duration::from_secs(60))
+    ///     .max_attempts(3)
+    ///     .build();
+    /// storage.push_task_with(&pool, task).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn push_task_with<'c, E: PgExecutor<'c>>(
+        &self,
+        executor: E,
+        task: Task<Args>,
+    ) -> Result<i64> {
+        let task = task.try_map_args(|a| self.encode_args(&a))?;
+        let encoded = encode_task(&self.shared.queue, &task)?;
+        let ids = self
+            .shared
+            .queue
+            .send_encoded(executor, std::slice::from_ref(&encoded))
+            .await?;
+        ids.first()
+            .copied()
+            .ok_or_else(|| Error::Database(sqlx::Error::RowNotFound))
+    }
+
+    /// Enqueues many jobs in one statement with `executor`; returns their `msg_id`s in order.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::PayloadTooLarge`] or an encoding error (nothing written), [`Error::Database`].
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::{PgmqStorage, QueueName};
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// let storage = PgmqStorage::<u64>::new(&pool, QueueName::new("numbers")?);
+    /// let ids = storage.push_bulk_with(&pool, 0..1000).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn push_bulk_with<'c, E: PgExecutor<'c>>(
+        &self,
+        executor: E,
+        args: impl IntoIterator<Item = Args>,
+    ) -> Result<Vec<i64>> {
+        let encoded = args
+            .into_iter()
+            .map(|a| {
+                let task = TaskBuilder::new(self.encode_args(&a)?).build();
+                encode_task(&self.shared.queue, &task)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.shared.queue.send_encoded(executor, &encoded).await
+    }
+}

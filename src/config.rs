@@ -1,0 +1,447 @@
+//! Backend configuration.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::notify::{NotifyChannels, NotifyMode};
+use crate::queue::DEFAULT_MAX_PAYLOAD_BYTES;
+
+/// What happens to a job that completed successfully (`Done`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum DoneAction {
+    /// Move it to the archive table `pgmq.a_<queue>` (PGMQ's `archive`). The default.
+    #[default]
+    Archive,
+    /// Delete it.
+    Delete,
+}
+
+/// What happens to a job whose handler returned an `AbortError` (`Killed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum KilledAction {
+    /// Delete it. The default.
+    #[default]
+    Delete,
+    /// Move it to the archive table.
+    Archive,
+    /// Move it to the dead-letter queue with the error.
+    DeadLetter,
+}
+
+/// What happens to a job that failed and has no attempts left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ExhaustedAction {
+    /// Move it to the dead-letter queue `<queue>_dlq`, with the last error. The default.
+    #[default]
+    DeadLetter,
+    /// Move it to the archive table.
+    Archive,
+    /// Delete it.
+    Delete,
+}
+
+/// Exponential backoff with jitter and a cap, used between failed attempts.
+///
+/// The delay before attempt `n + 1` after failed attempt `n` is
+/// `min(max, base × factor^(n−1))`, then reduced by a random fraction of at most `jitter`
+/// (so retries of jobs that failed together spread out).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    base: Duration,
+    factor: f64,
+    max: Duration,
+    jitter: f64,
+}
+
+impl Default for Backoff {
+    /// 1 s, doubling, capped at 1 hour, up to 20 % jitter.
+    fn default() -> Self {
+        Self {
+            base: Duration::from_secs(1),
+            factor: 2.0,
+            max: Duration::from_secs(3600),
+            jitter: 0.2,
+        }
+    }
+}
+
+impl Backoff {
+    /// Sets the delay after the first failure.
+    #[must_use]
+    pub fn base(mut self, base: Duration) -> Self {
+        self.base = base;
+        self
+    }
+
+    /// Sets the growth factor per attempt (≥ 1).
+    #[must_use]
+    pub fn factor(mut self, factor: f64) -> Self {
+        self.factor = factor;
+        self
+    }
+
+    /// Sets the cap.
+    #[must_use]
+    pub fn max(mut self, max: Duration) -> Self {
+        self.max = max;
+        self
+    }
+
+    /// Sets the jitter fraction in `[0, 1]`: 0 gives exact delays.
+    #[must_use]
+    pub fn jitter(mut self, jitter: f64) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
+    /// The delay before the next attempt, with no jitter, after failed attempt `attempt`
+    /// (1-based): the upper bound of [`Backoff::delay`].
+    #[must_use]
+    pub fn ceiling(&self, attempt: u32) -> Duration {
+        let exp = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
+        let secs = self.base.as_secs_f64() * self.factor.powi(exp);
+        if !secs.is_finite() || secs >= self.max.as_secs_f64() {
+            self.max
+        } else {
+            Duration::from_secs_f64(secs.max(0.0))
+        }
+    }
+
+    /// The delay after failed attempt `attempt`, with jitter drawn from `unit` in `[0, 1)`.
+    #[must_use]
+    pub fn delay(&self, attempt: u32, unit: f64) -> Duration {
+        let ceiling = self.ceiling(attempt);
+        ceiling.mul_f64(1.0 - self.jitter * unit.clamp(0.0, 1.0))
+    }
+
+    fn validate(&self) -> Result<()> {
+        if !(self.factor.is_finite() && self.factor >= 1.0) {
+            return Err(Error::Config(format!(
+                "backoff factor must be a finite number ≥ 1, got {}",
+                self.factor
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.jitter) {
+            return Err(Error::Config(format!(
+                "backoff jitter must be within [0, 1], got {}",
+                self.jitter
+            )));
+        }
+        if self.base > self.max {
+            return Err(Error::Config(format!(
+                "backoff base {:?} is larger than its cap {:?}",
+                self.base, self.max
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Configuration of a [`PgmqStorage`](crate::PgmqStorage).
+///
+/// `Config::default()` then consuming setters; the storage validates it once when built
+/// ([`PgmqStorage::with_config`](crate::PgmqStorage::with_config)).
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use apalis_pgmq_notify::{Backoff, Config, DoneAction};
+///
+/// let config = Config::default()
+///     .visibility_timeout(Duration::from_secs(60))
+///     .max_attempts(5)
+///     .backoff(Backoff::default().base(Duration::from_millis(500)))
+///     .on_done(DoneAction::Delete);
+/// # let _ = config;
+/// ```
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How long a claimed message stays invisible to other readers. Renewed while the handler
+    /// runs, so it bounds how soon a crashed worker's jobs are retried, not how long a job may run.
+    pub(crate) visibility_timeout: Duration,
+    /// Most messages claimed by one read; also caps what a worker holds but has not started.
+    pub(crate) fetch_batch_size: usize,
+    /// Fallback poll interval when no notification arrives (before jitter).
+    pub(crate) poll_interval: Duration,
+    /// Fraction of `poll_interval` added or removed at random, so workers do not poll in step.
+    pub(crate) poll_jitter: f64,
+    /// Attempts (deliveries, PGMQ `read_ct`) before a failing job is given up.
+    pub(crate) max_attempts: u32,
+    /// Delay between failed attempts.
+    pub(crate) backoff: Backoff,
+    /// Done → archive or delete.
+    pub(crate) on_done: DoneAction,
+    /// Killed → delete, archive or dead-letter.
+    pub(crate) on_killed: KilledAction,
+    /// Failed with no attempts left → dead-letter, archive or delete.
+    pub(crate) on_exhausted: ExhaustedAction,
+    /// Completions written per statement at most.
+    pub(crate) completion_batch_size: usize,
+    /// How long a completion may wait for others to share its statement.
+    pub(crate) completion_flush_interval: Duration,
+    /// Largest accepted job payload (message plus headers), in bytes.
+    pub(crate) max_payload_bytes: usize,
+    /// Whether workers subscribe to LISTEN/NOTIFY wake-ups.
+    pub(crate) listen: bool,
+    /// Channel names for the queue's notifications.
+    pub(crate) channels: NotifyChannels,
+    /// How the queue's trigger announces inserts (installed by the worker when listening).
+    pub(crate) notify_mode: NotifyMode,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            visibility_timeout: Duration::from_secs(30),
+            fetch_batch_size: 100,
+            poll_interval: Duration::from_secs(30),
+            poll_jitter: 0.1,
+            max_attempts: 25,
+            backoff: Backoff::default(),
+            on_done: DoneAction::Archive,
+            on_killed: KilledAction::Delete,
+            on_exhausted: ExhaustedAction::DeadLetter,
+            completion_batch_size: 500,
+            completion_flush_interval: Duration::from_millis(5),
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            listen: true,
+            channels: NotifyChannels::default(),
+            notify_mode: NotifyMode::Batch,
+        }
+    }
+}
+
+impl Config {
+    /// Visibility timeout of claimed messages (default 30 s, at least 1 s). The lease is renewed
+    /// every third of it while a job runs.
+    #[must_use]
+    pub fn visibility_timeout(mut self, vt: Duration) -> Self {
+        self.visibility_timeout = vt;
+        self
+    }
+
+    /// Most messages claimed per read (default 100, 1 to 10 000). A worker never claims more
+    /// than it can start; see the crate docs on capacity.
+    #[must_use]
+    pub fn fetch_batch_size(mut self, n: usize) -> Self {
+        self.fetch_batch_size = n;
+        self
+    }
+
+    /// Fallback poll interval (default 30 s): how often an idle worker looks at the queue when no
+    /// notification arrives.
+    #[must_use]
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// Jitter fraction of the poll interval in `[0, 1)` (default 0.1).
+    #[must_use]
+    pub fn poll_jitter(mut self, jitter: f64) -> Self {
+        self.poll_jitter = jitter;
+        self
+    }
+
+    /// Default attempts before a failing job is given up (default 25). A job pushed with
+    /// `TaskBuilder::max_attempts` keeps its own value.
+    #[must_use]
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n;
+        self
+    }
+
+    /// Backoff between failed attempts.
+    #[must_use]
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// What to do with successful jobs (default archive).
+    #[must_use]
+    pub fn on_done(mut self, action: DoneAction) -> Self {
+        self.on_done = action;
+        self
+    }
+
+    /// What to do with killed jobs (default delete).
+    #[must_use]
+    pub fn on_killed(mut self, action: KilledAction) -> Self {
+        self.on_killed = action;
+        self
+    }
+
+    /// What to do with jobs that failed their last attempt (default dead-letter).
+    #[must_use]
+    pub fn on_exhausted(mut self, action: ExhaustedAction) -> Self {
+        self.on_exhausted = action;
+        self
+    }
+
+    /// Most completions written in one statement (default 500).
+    #[must_use]
+    pub fn completion_batch_size(mut self, n: usize) -> Self {
+        self.completion_batch_size = n;
+        self
+    }
+
+    /// Longest wait for more completions to share a statement (default 5 ms).
+    #[must_use]
+    pub fn completion_flush_interval(mut self, interval: Duration) -> Self {
+        self.completion_flush_interval = interval;
+        self
+    }
+
+    /// Largest accepted job payload in bytes (default 1 MiB).
+    #[must_use]
+    pub fn max_payload_bytes(mut self, n: usize) -> Self {
+        self.max_payload_bytes = n;
+        self
+    }
+
+    /// Whether workers wake on LISTEN/NOTIFY (default `true`). With `false` they rely on the
+    /// fallback poll interval and on known visibility times only.
+    #[must_use]
+    pub fn listen(mut self, on: bool) -> Self {
+        self.listen = on;
+        self
+    }
+
+    /// Channel names (prefix and namespace pattern) for this queue's notifications.
+    #[must_use]
+    pub fn notify_channels(mut self, channels: NotifyChannels) -> Self {
+        self.channels = channels;
+        self
+    }
+
+    /// How the queue's trigger announces inserts (default [`NotifyMode::Batch`]). Workers install
+    /// the trigger on their queue when listening is on.
+    #[must_use]
+    pub fn notify_mode(mut self, mode: NotifyMode) -> Self {
+        self.notify_mode = mode;
+        self
+    }
+
+    /// The visibility timeout.
+    #[must_use]
+    pub fn get_visibility_timeout(&self) -> Duration {
+        self.visibility_timeout
+    }
+
+    /// The default maximum attempts.
+    #[must_use]
+    pub fn get_max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    /// The backoff.
+    #[must_use]
+    pub fn get_backoff(&self) -> Backoff {
+        self.backoff
+    }
+
+    /// Checks every value; called once when a storage is built.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] naming the first value out of range.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Config(msg));
+        if self.visibility_timeout < Duration::from_secs(1) {
+            return bad(format!(
+                "visibility_timeout must be at least 1 s, got {:?}",
+                self.visibility_timeout
+            ));
+        }
+        if !(1..=10_000).contains(&self.fetch_batch_size) {
+            return bad(format!(
+                "fetch_batch_size must be within 1..=10000, got {}",
+                self.fetch_batch_size
+            ));
+        }
+        if self.poll_interval < Duration::from_millis(10) {
+            return bad(format!(
+                "poll_interval must be at least 10 ms, got {:?}",
+                self.poll_interval
+            ));
+        }
+        if !(0.0..1.0).contains(&self.poll_jitter) {
+            return bad(format!(
+                "poll_jitter must be within [0, 1), got {}",
+                self.poll_jitter
+            ));
+        }
+        if self.max_attempts == 0 {
+            return bad("max_attempts must be at least 1".to_owned());
+        }
+        if !(1..=10_000).contains(&self.completion_batch_size) {
+            return bad(format!(
+                "completion_batch_size must be within 1..=10000, got {}",
+                self.completion_batch_size
+            ));
+        }
+        if self.completion_flush_interval > Duration::from_secs(1) {
+            return bad(format!(
+                "completion_flush_interval must be at most 1 s, got {:?}",
+                self.completion_flush_interval
+            ));
+        }
+        if self.max_payload_bytes == 0 {
+            return bad("max_payload_bytes must be positive".to_owned());
+        }
+        self.backoff.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let b = Backoff::default()
+            .base(Duration::from_secs(2))
+            .factor(3.0)
+            .max(Duration::from_secs(100))
+            .jitter(0.0);
+        assert_eq!(b.delay(1, 0.5), Duration::from_secs(2));
+        assert_eq!(b.delay(2, 0.5), Duration::from_secs(6));
+        assert_eq!(b.delay(3, 0.5), Duration::from_secs(18));
+        assert_eq!(b.delay(5, 0.5), Duration::from_secs(100));
+        assert_eq!(b.delay(u32::MAX, 0.5), Duration::from_secs(100));
+        let j = b.jitter(0.5);
+        assert_eq!(j.delay(2, 0.0), Duration::from_secs(6));
+        assert_eq!(j.delay(2, 1.0), Duration::from_secs(3));
+        assert!(j.delay(2, 0.3) < Duration::from_secs(6));
+    }
+
+    #[test]
+    fn validation_names_the_bad_value() {
+        assert!(Config::default().validate().is_ok());
+        let err = Config::default()
+            .visibility_timeout(Duration::from_millis(10))
+            .validate()
+            .expect_err("too short");
+        assert!(err.to_string().contains("visibility_timeout"));
+        assert!(Config::default().fetch_batch_size(0).validate().is_err());
+        assert!(Config::default().max_attempts(0).validate().is_err());
+        assert!(Config::default().poll_jitter(1.0).validate().is_err());
+        assert!(
+            Config::default()
+                .backoff(Backoff::default().factor(0.5))
+                .validate()
+                .is_err()
+        );
+        assert!(
+            Config::default()
+                .backoff(Backoff::default().base(Duration::from_secs(7200)))
+                .validate()
+                .is_err()
+        );
+    }
+}

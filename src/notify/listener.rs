@@ -1,0 +1,148 @@
+//! The listener task: one connection per database per process, shared by every worker and
+//! event subscriber. Reconnects with backoff; after every (re)connect it wakes every queue,
+//! because notifications sent while it was disconnected are lost.
+
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Weak},
+    time::Duration,
+};
+
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Hub, events::Stats};
+use crate::util::error_backoff;
+
+pub(crate) enum Command {
+    /// LISTEN on a channel; answer once the LISTEN is active.
+    Listen(String, oneshot::Sender<()>),
+}
+
+pub(crate) async fn run(
+    hub: Weak<Hub>,
+    options: PgConnectOptions,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    stats: Arc<Stats>,
+) {
+    // A pool of one, used only to (re)open the listening connection: outside every job pool.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(10))
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .connect_lazy_with(options);
+    let mut channels: BTreeSet<String> = BTreeSet::new();
+    let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut failures = 0u32;
+    let mut connected_once = false;
+
+    let absorb = |cmd: Command,
+                  channels: &mut BTreeSet<String>,
+                  waiting: &mut Vec<oneshot::Sender<()>>| match cmd {
+        Command::Listen(channel, ack) => {
+            channels.insert(channel);
+            waiting.push(ack);
+        }
+    };
+
+    loop {
+        while let Ok(cmd) = commands.try_recv() {
+            absorb(cmd, &mut channels, &mut waiting);
+        }
+        if channels.is_empty() {
+            match commands.recv().await {
+                Some(cmd) => absorb(cmd, &mut channels, &mut waiting),
+                None => return,
+            }
+            continue;
+        }
+        let connect = async {
+            let mut l = PgListener::connect_with(&pool).await?;
+            l.listen_all(channels.iter().map(String::as_str)).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        let mut listener = match connect.await {
+            Ok(l) => l,
+            Err(e) => {
+                failures += 1;
+                let wait = error_backoff(failures);
+                if failures == 1 || failures.is_power_of_two() {
+                    tracing::warn!(error = %e, failures, retry_in = ?wait,
+                        "LISTEN connection failed; workers fall back to polling until it is back");
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    cmd = commands.recv() => match cmd {
+                        Some(cmd) => absorb(cmd, &mut channels, &mut waiting),
+                        None => return,
+                    },
+                }
+                continue;
+            }
+        };
+        if connected_once {
+            stats.reconnected();
+            tracing::info!(
+                channels = channels.len(),
+                "LISTEN connection re-established"
+            );
+        }
+        connected_once = true;
+        failures = 0;
+        for ack in waiting.drain(..) {
+            let _ = ack.send(());
+        }
+        let Some(h) = hub.upgrade() else { return };
+        h.after_connect(stats.reconnects() > 0).await;
+        drop(h);
+
+        loop {
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    None => return,
+                    Some(Command::Listen(channel, ack)) => {
+                        if channels.contains(&channel) {
+                            let _ = ack.send(());
+                            continue;
+                        }
+                        match listener.listen(&channel).await {
+                            Ok(()) => {
+                                channels.insert(channel);
+                                let _ = ack.send(());
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "LISTEN failed; reconnecting");
+                                channels.insert(channel);
+                                waiting.push(ack);
+                                break;
+                            }
+                        }
+                    }
+                },
+                received = listener.try_recv() => match received {
+                    Ok(Some(n)) => {
+                        stats.received();
+                        let Some(h) = hub.upgrade() else { return };
+                        h.dispatch(n.channel(), n.payload()).await;
+                    }
+                    Ok(None) => {
+                        // The connection dropped and sqlx re-established it with our channels.
+                        stats.reconnected();
+                        tracing::info!("LISTEN connection lost and re-established");
+                        let Some(h) = hub.upgrade() else { return };
+                        h.after_connect(true).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
+                        break;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        failures += 1;
+        tokio::time::sleep(error_backoff(failures)).await;
+    }
+}

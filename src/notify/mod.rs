@@ -1,0 +1,174 @@
+//! LISTEN/NOTIFY: the shared listener, channels, triggers, and typed events.
+//!
+//! One [`Hub`] exists per database in a process. It owns the per-queue wake signals and, once
+//! anything needs notifications, one listener task with one dedicated connection (outside every
+//! job pool) that LISTENs on the channels of every subscribed queue. After every (re)connect the
+//! hub wakes every queue's workers, because notifications sent while disconnected are lost; the
+//! workers read again before they wait. Notifications are hints: workers also keep a jittered
+//! fallback poll and wake at known visibility times.
+
+mod channel;
+mod events;
+mod listener;
+mod signal;
+mod triggers;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak},
+};
+
+use sqlx::{PgPool, postgres::PgConnectOptions};
+use tokio::sync::{mpsc, oneshot};
+
+pub use channel::{
+    DEFAULT_NAMESPACE, DEFAULT_NAMESPACE_PATTERN, MAX_CHANNEL_LEN, MAX_PREFIX_LEN, NotifyChannels,
+};
+pub use events::{EventStream, ListenerStats, QueueEvent, QueueEvents};
+pub(crate) use signal::{Subscription, Wake, WakeSignal};
+pub(crate) use triggers::ensure_notify;
+pub use triggers::{
+    DEFAULT_MESSAGE_PAYLOAD_BYTES, NotifyMode, disable_notify, enable_created_notify,
+    enable_notify, notify_migration_sql, notify_mode,
+};
+
+use crate::queue::QueueName;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Which database a pool talks to; pools with the same key share a hub and its listener.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct DbKey(String);
+
+impl DbKey {
+    fn of(options: &PgConnectOptions) -> Self {
+        let socket = options
+            .get_socket()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        Self(format!(
+            "{}|{}|{}|{}|{}",
+            options.get_host(),
+            options.get_port(),
+            socket,
+            options.get_database().unwrap_or_default(),
+            options.get_username()
+        ))
+    }
+}
+
+static HUBS: OnceLock<Mutex<HashMap<DbKey, Weak<Hub>>>> = OnceLock::new();
+
+/// Per-database state shared by every storage and event subscriber in the process.
+pub(crate) struct Hub {
+    options: PgConnectOptions,
+    /// One wake signal per queue.
+    signals: Mutex<HashMap<QueueName, Weak<WakeSignal>>>,
+    /// Event subscribers by channel.
+    subscribers: Mutex<HashMap<String, Vec<events::EventSender>>>,
+    /// Commands to the listener task, once it is started.
+    listener: Mutex<Option<mpsc::UnboundedSender<listener::Command>>>,
+    stats: Arc<events::Stats>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").finish_non_exhaustive()
+    }
+}
+
+/// The hub of the database `pool` talks to.
+pub(crate) fn hub(pool: &PgPool) -> Arc<Hub> {
+    let options = pool.connect_options();
+    let key = DbKey::of(&options);
+    let mut hubs = lock(HUBS.get_or_init(Default::default));
+    if let Some(hub) = hubs.get(&key).and_then(Weak::upgrade) {
+        return hub;
+    }
+    hubs.retain(|_, w| w.strong_count() > 0);
+    let hub = Arc::new(Hub {
+        options: (*options).clone(),
+        signals: Mutex::default(),
+        subscribers: Mutex::default(),
+        listener: Mutex::default(),
+        stats: Arc::default(),
+    });
+    hubs.insert(key, Arc::downgrade(&hub));
+    hub
+}
+
+/// Keeps the listener (and its LISTENs) alive while a worker or subscriber uses it.
+#[derive(Debug, Clone)]
+pub(crate) struct ListenGuard {
+    _hub: Arc<Hub>,
+}
+
+impl Hub {
+    /// The wake signal of `queue` (shared by every storage of this queue in the process).
+    pub(crate) fn signal(&self, queue: &QueueName) -> Arc<WakeSignal> {
+        let mut signals = lock(&self.signals);
+        if let Some(s) = signals.get(queue).and_then(Weak::upgrade) {
+            return s;
+        }
+        signals.retain(|_, w| w.strong_count() > 0);
+        let s = Arc::new(WakeSignal::default());
+        signals.insert(queue.clone(), Arc::downgrade(&s));
+        s
+    }
+
+    fn signal_if_any(&self, queue: &str) -> Option<Arc<WakeSignal>> {
+        let q = QueueName::new(queue).ok()?;
+        lock(&self.signals).get(&q).and_then(Weak::upgrade)
+    }
+
+    /// Wakes every queue's workers (after a reconnect: notifications may have been lost).
+    fn wake_all(&self) {
+        let signals: Vec<Arc<WakeSignal>> = lock(&self.signals)
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for s in signals {
+            s.wake();
+        }
+    }
+
+    /// Asks the listener to LISTEN on `channel`; the receiver resolves once it does (or never,
+    /// if the database cannot be reached: callers wait with a timeout).
+    pub(crate) fn listen(self: &Arc<Self>, channel: String) -> oneshot::Receiver<()> {
+        let (ack_tx, ack_rx) = oneshot::channel();
+        let mut slot = lock(&self.listener);
+        let tx = match slot.as_ref().filter(|tx| !tx.is_closed()) {
+            Some(tx) => tx.clone(),
+            None => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(listener::run(
+                    Arc::downgrade(self),
+                    self.options.clone(),
+                    rx,
+                    self.stats.clone(),
+                ));
+                *slot = Some(tx.clone());
+                tx
+            }
+        };
+        let _ = tx.send(listener::Command::Listen(channel, ack_tx));
+        ack_rx
+    }
+}
+
+/// A worker's subscription for `queue`: the queue's wake signal, plus (when `listen` is set) a
+/// LISTEN on its channel. The receiver resolves once the LISTEN is active.
+pub(crate) fn subscribe(
+    hub: &Arc<Hub>,
+    signal: &Arc<WakeSignal>,
+    listen_on: Option<String>,
+) -> (Subscription, Option<oneshot::Receiver<()>>) {
+    let mut sub = signal.subscribe();
+    let ack = listen_on.map(|channel| {
+        sub.guard = Some(ListenGuard { _hub: hub.clone() });
+        hub.listen(channel)
+    });
+    (sub, ack)
+}

@@ -1,0 +1,184 @@
+//! Wake signals: how workers learn that a queue may have work, now or at a known time.
+//!
+//! One [`WakeSignal`] exists per (database, queue) in a process. It is raised by the shared
+//! listener when a notification arrives or after it reconnects, by the completer when it sets a
+//! retry's visibility time, and when held messages are released. Each worker holds a
+//! [`Subscription`] and polls it while it waits.
+
+use std::{
+    sync::{
+        Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Waker},
+};
+
+use tokio::time::Instant;
+
+/// What a subscription saw since it last looked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wake {
+    /// Nothing new.
+    Nothing,
+    /// Work may be available now.
+    Now,
+    /// Work becomes available at this time.
+    At(Instant),
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct WakeSignal {
+    /// Bumped for "work may be available now".
+    now: AtomicU64,
+    /// Bumped when `due` moves earlier.
+    due_gen: AtomicU64,
+    /// The earliest time work is known to become visible (may be in the past: then stale).
+    due: Mutex<Option<Instant>>,
+    /// Waiting subscribers.
+    wakers: Mutex<Vec<Waker>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl WakeSignal {
+    /// Work may be available now: wake every waiting subscriber.
+    pub(crate) fn wake(&self) {
+        self.now.fetch_add(1, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    /// Work becomes available at `at`: subscribers sleeping past it shorten their sleep.
+    pub(crate) fn wake_at(&self, at: Instant) {
+        {
+            let mut due = lock(&self.due);
+            let now = Instant::now();
+            let earlier = match *due {
+                Some(d) if d > now => at < d,
+                _ => true,
+            };
+            if !earlier {
+                return;
+            }
+            *due = Some(at);
+        }
+        self.due_gen.fetch_add(1, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    /// The earliest known future time work becomes visible.
+    pub(crate) fn due(&self) -> Option<Instant> {
+        lock(&self.due).filter(|d| *d > Instant::now())
+    }
+
+    fn wake_all(&self) {
+        let wakers = std::mem::take(&mut *lock(&self.wakers));
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    /// A new subscription that sees only what happens from now on.
+    pub(crate) fn subscribe(self: &std::sync::Arc<Self>) -> Subscription {
+        Subscription {
+            seen_now: self.now.load(Ordering::SeqCst),
+            seen_due: self.due_gen.load(Ordering::SeqCst),
+            signal: self.clone(),
+            guard: None,
+        }
+    }
+}
+
+/// A worker's view of a [`WakeSignal`].
+pub(crate) struct Subscription {
+    signal: std::sync::Arc<WakeSignal>,
+    seen_now: u64,
+    seen_due: u64,
+    /// Keeps the listener subscribed to this queue's channel while the worker lives.
+    pub(crate) guard: Option<super::ListenGuard>,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("listening", &self.guard.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Subscription {
+    fn check(&mut self) -> Wake {
+        let now = self.signal.now.load(Ordering::SeqCst);
+        if now != self.seen_now {
+            self.seen_now = now;
+            self.seen_due = self.signal.due_gen.load(Ordering::SeqCst);
+            return Wake::Now;
+        }
+        let due_gen = self.signal.due_gen.load(Ordering::SeqCst);
+        if due_gen != self.seen_due {
+            self.seen_due = due_gen;
+            return match *lock(&self.signal.due) {
+                Some(at) if at > Instant::now() => Wake::At(at),
+                Some(_) => Wake::Now,
+                None => Wake::Nothing,
+            };
+        }
+        Wake::Nothing
+    }
+
+    /// What happened since the last poll; registers the waker when nothing did.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Wake {
+        let seen = self.check();
+        if seen != Wake::Nothing {
+            return seen;
+        }
+        {
+            let mut wakers = lock(&self.signal.wakers);
+            if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                wakers.push(cx.waker().clone());
+            }
+        }
+        // Raised between the check and the registration: report it now.
+        self.check()
+    }
+
+    /// The earliest known future time work becomes visible.
+    pub(crate) fn due(&self) -> Option<Instant> {
+        self.signal.due()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{sync::Arc, time::Duration};
+
+    fn noop_cx() -> Context<'static> {
+        Context::from_waker(Waker::noop())
+    }
+
+    #[tokio::test]
+    async fn wake_now_and_at() {
+        let signal = Arc::new(WakeSignal::default());
+        let mut a = signal.subscribe();
+        let mut cx = noop_cx();
+        assert_eq!(a.poll(&mut cx), Wake::Nothing);
+        signal.wake();
+        assert_eq!(a.poll(&mut cx), Wake::Now);
+        assert_eq!(a.poll(&mut cx), Wake::Nothing);
+        let later = Instant::now() + Duration::from_secs(60);
+        signal.wake_at(later);
+        assert_eq!(a.poll(&mut cx), Wake::At(later));
+        // A later time does not replace an earlier pending one.
+        signal.wake_at(later + Duration::from_secs(1));
+        assert_eq!(a.poll(&mut cx), Wake::Nothing);
+        assert_eq!(signal.due(), Some(later));
+        let sooner = Instant::now() + Duration::from_secs(5);
+        signal.wake_at(sooner);
+        assert_eq!(a.poll(&mut cx), Wake::At(sooner));
+        // A subscription made later does not see earlier wakes.
+        let mut b = signal.subscribe();
+        assert_eq!(b.poll(&mut cx), Wake::Nothing);
+    }
+}

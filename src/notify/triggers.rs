@@ -1,0 +1,296 @@
+//! Installing the notification triggers.
+
+use sqlx::{PgExecutor, PgPool, Row};
+
+use super::NotifyChannels;
+use crate::{
+    error::{Error, Result},
+    queue::QueueName,
+};
+
+/// Default byte budget of a per-message event: about 7 KB, under PostgreSQL's 8000-byte NOTIFY
+/// payload limit.
+pub const DEFAULT_MESSAGE_PAYLOAD_BYTES: u16 = 7000;
+
+/// How a queue's inserts are announced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum NotifyMode {
+    /// One notification per queue per statement, however many rows (a signal with the count and
+    /// the first id). The default, and all workers need.
+    #[default]
+    Batch,
+    /// One notification per message, with the message and headers inline when the whole event
+    /// fits `max_payload_bytes` (counted in bytes), else a signal-only event. Opt-in: every row
+    /// costs a NOTIFY, which serialises committing producers.
+    Message {
+        /// Byte budget of one event (256 to 7999).
+        max_payload_bytes: u16,
+    },
+}
+
+impl NotifyMode {
+    /// Per-message events with the default byte budget.
+    #[must_use]
+    pub fn message() -> Self {
+        Self::Message {
+            max_payload_bytes: DEFAULT_MESSAGE_PAYLOAD_BYTES,
+        }
+    }
+
+    fn sql_parts(self) -> (&'static str, i32) {
+        match self {
+            Self::Batch => ("batch", i32::from(DEFAULT_MESSAGE_PAYLOAD_BYTES)),
+            Self::Message { max_payload_bytes } => ("message", i32::from(max_payload_bytes)),
+        }
+    }
+
+    fn validate(self) -> Result<()> {
+        let (_, bytes) = self.sql_parts();
+        if !(256..=7999).contains(&bytes) {
+            return Err(Error::Config(format!(
+                "max_payload_bytes must be within 256..=7999 (NOTIFY payloads are limited to 8000 bytes), got {bytes}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Installs (or replaces) the notification trigger of `queue` with `executor`.
+///
+/// # Errors
+///
+/// [`Error::Config`] for an out-of-range mode; [`Error::Database`] if the queue does not exist,
+/// [`setup`](crate::setup) has not run, or the role may not create triggers on the queue table.
+///
+/// # Example
+///
+/// ```no_run
+/// # use apalis_pgmq_notify::{NotifyChannels, NotifyMode, QueueName, enable_notify};
+/// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+/// let q = QueueName::new("orders")?; // a queue created by another PGMQ client
+/// enable_notify(&pool, &q, &NotifyChannels::default(), NotifyMode::Batch).await?;
+/// # Ok(()) }
+/// ```
+pub async fn enable_notify<'c, E: PgExecutor<'c>>(
+    executor: E,
+    queue: &QueueName,
+    channels: &NotifyChannels,
+    mode: NotifyMode,
+) -> Result<()> {
+    mode.validate()?;
+    let (mode_name, bytes) = mode.sql_parts();
+    let ns = channels.namespace_channel(&channels.namespace(queue));
+    sqlx::query("SELECT apalis_pgmq.enable_notify($1, $2, $3, $4, $5)")
+        .bind(queue.as_str())
+        .bind(channels.queue_channel(queue))
+        .bind(ns)
+        .bind(mode_name)
+        .bind(bytes)
+        .execute(executor)
+        .await?;
+    Ok(())
+}
+
+/// Removes the notification trigger of `queue`; `false` if there was none.
+///
+/// # Errors
+///
+/// [`Error::Database`] if the statement fails.
+///
+/// # Example
+///
+/// ```no_run
+/// # use apalis_pgmq_notify::{QueueName, disable_notify};
+/// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+/// disable_notify(&pool, &QueueName::new("orders")?).await?;
+/// # Ok(()) }
+/// ```
+pub async fn disable_notify<'c, E: PgExecutor<'c>>(executor: E, queue: &QueueName) -> Result<bool> {
+    let existed: bool = sqlx::query_scalar("SELECT apalis_pgmq.disable_notify($1)")
+        .bind(queue.as_str())
+        .fetch_one(executor)
+        .await?;
+    Ok(existed)
+}
+
+/// The installed trigger of `queue`: its mode and its channels (queue, namespace), or `None`.
+///
+/// # Errors
+///
+/// [`Error::Database`] if the statement fails.
+///
+/// # Example
+///
+/// ```no_run
+/// # use apalis_pgmq_notify::{QueueName, notify_mode};
+/// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+/// if let Some((mode, channels)) = notify_mode(&pool, &QueueName::new("orders")?).await? {
+///     println!("{mode:?} on {channels:?}");
+/// }
+/// # Ok(()) }
+/// ```
+pub async fn notify_mode<'c, E: PgExecutor<'c>>(
+    executor: E,
+    queue: &QueueName,
+) -> Result<Option<(NotifyMode, Vec<String>)>> {
+    let row = sqlx::query("SELECT mode, args FROM apalis_pgmq.notify_trigger($1)")
+        .bind(queue.as_str())
+        .fetch_optional(executor)
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let mode: String = row.try_get(0)?;
+    let args: Vec<String> = row.try_get(1)?;
+    let mode = if mode == "message" {
+        let bytes = args
+            .get(3)
+            .and_then(|b| b.parse().ok())
+            .unwrap_or(DEFAULT_MESSAGE_PAYLOAD_BYTES);
+        NotifyMode::Message {
+            max_payload_bytes: bytes,
+        }
+    } else {
+        NotifyMode::Batch
+    };
+    let channels = args
+        .into_iter()
+        .skip(1)
+        .take(2)
+        .filter(|c| !c.is_empty())
+        .collect();
+    Ok(Some((mode, channels)))
+}
+
+/// Installs the trigger on `pgmq.meta` that announces created queues on
+/// [`NotifyChannels::created_channel`] (idempotent).
+///
+/// # Errors
+///
+/// [`Error::Database`] if the role may not create triggers on `pgmq.meta`.
+///
+/// # Example
+///
+/// ```no_run
+/// # use apalis_pgmq_notify::{NotifyChannels, enable_created_notify};
+/// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+/// enable_created_notify(&pool, &NotifyChannels::default()).await?;
+/// # Ok(()) }
+/// ```
+pub async fn enable_created_notify<'c, E: PgExecutor<'c>>(
+    executor: E,
+    channels: &NotifyChannels,
+) -> Result<()> {
+    sqlx::query("SELECT apalis_pgmq.enable_created_notify($1)")
+        .bind(channels.created_channel())
+        .execute(executor)
+        .await?;
+    Ok(())
+}
+
+/// Installs the trigger unless the same one is already there (avoids DDL on a busy table).
+pub(crate) async fn ensure_notify(
+    pool: &PgPool,
+    queue: &QueueName,
+    channels: &NotifyChannels,
+    mode: NotifyMode,
+) -> Result<()> {
+    let wanted = vec![
+        channels.queue_channel(queue),
+        channels.namespace_channel(&channels.namespace(queue)),
+    ];
+    match notify_mode(pool, queue).await? {
+        Some((m, c)) if m == mode && c == wanted => Ok(()),
+        _ => enable_notify(pool, queue, channels, mode).await,
+    }
+}
+
+/// A SQL literal: single quotes doubled. The values passed here are validated names.
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// The SQL that installs notifications, for projects that run their own migrations instead of
+/// calling [`setup`](crate::setup) at start-up: this crate's schema and functions, then a
+/// trigger for each queue (which must exist when the SQL runs), and the queue-created trigger
+/// when `created_events` is set. Every value is written as an escaped SQL literal.
+///
+/// # Errors
+///
+/// [`Error::Config`] for an out-of-range mode.
+///
+/// # Example
+///
+/// ```
+/// # use apalis_pgmq_notify::{NotifyChannels, NotifyMode, QueueName, notify_migration_sql};
+/// let sql = notify_migration_sql(&[QueueName::new("email")?], &NotifyChannels::default(),
+///                                NotifyMode::Batch, false)?;
+/// assert!(sql.contains("apalis_pgmq.enable_notify('email', 'apq.q.email'"));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn notify_migration_sql(
+    queues: &[QueueName],
+    channels: &NotifyChannels,
+    mode: NotifyMode,
+    created_events: bool,
+) -> Result<String> {
+    mode.validate()?;
+    let (mode_name, bytes) = mode.sql_parts();
+    let mut sql = String::from(
+        "-- Generated by apalis-pgmq-notify: LISTEN/NOTIFY triggers for PGMQ queues.\n\
+         -- Requires PGMQ (1.10.0 or newer) in schema pgmq.\n\n\
+         CREATE SCHEMA IF NOT EXISTS apalis_pgmq;\n\n",
+    );
+    sql.push_str(include_str!("../../migrations/0001_init.sql"));
+    sql.push('\n');
+    sql.push_str(include_str!("../../migrations/0002_notify.sql"));
+    sql.push('\n');
+    for q in queues {
+        sql.push_str(&format!(
+            "SELECT apalis_pgmq.enable_notify({}, {}, {}, {}, {});\n",
+            literal(q.as_str()),
+            literal(&channels.queue_channel(q)),
+            literal(&channels.namespace_channel(&channels.namespace(q))),
+            literal(mode_name),
+            bytes
+        ));
+    }
+    if created_events {
+        sql.push_str(&format!(
+            "SELECT apalis_pgmq.enable_created_notify({});\n",
+            literal(&channels.created_channel())
+        ));
+    }
+    Ok(sql)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals_are_escaped() {
+        assert_eq!(literal("a'b"), "'a''b'");
+        let sql = notify_migration_sql(
+            &[QueueName::new("billing_queue").expect("valid")],
+            &NotifyChannels::with_prefix("my.").expect("prefix"),
+            NotifyMode::message(),
+            true,
+        )
+        .expect("sql");
+        assert!(sql.contains(
+            "SELECT apalis_pgmq.enable_notify('billing_queue', 'my.q.billing_queue', 'my.ns.billing', 'message', 7000);"
+        ));
+        assert!(sql.contains("SELECT apalis_pgmq.enable_created_notify('my.created');"));
+        assert!(
+            notify_migration_sql(
+                &[],
+                &NotifyChannels::default(),
+                NotifyMode::Message {
+                    max_payload_bytes: 9000
+                },
+                false
+            )
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,72 @@
+//! Small helpers shared by the backend's parts.
+
+use std::{
+    collections::hash_map::RandomState,
+    hash::{BuildHasher, Hasher},
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A random number in `[0, 1)` for jitter. Not cryptographic; seeded by the standard library's
+/// per-process random hash keys, so processes started together still spread out.
+pub(crate) fn random_unit() -> f64 {
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    // 53 random bits as the mantissa of a double in [0, 1).
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// `base` moved up or down by a random fraction of at most `jitter`.
+pub(crate) fn jittered(base: Duration, jitter: f64) -> Duration {
+    let factor = 1.0 + jitter * (2.0 * random_unit() - 1.0);
+    base.mul_f64(factor.max(0.0))
+}
+
+/// Delay before retrying after `failures` consecutive infrastructure errors (database down,
+/// connection lost): 100 ms doubling to 10 s, with jitter. Keeps a worker from spinning.
+pub(crate) fn error_backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(7);
+    let base = Duration::from_millis(100) * 2u32.pow(exp);
+    jittered(base.min(Duration::from_secs(10)), 0.25)
+}
+
+/// Cuts `text` to at most `max` bytes on a character boundary, marking the cut.
+pub(crate) fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… [truncated, {} bytes in all]", &text[..end], text.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_unit_is_in_range_and_varies() {
+        let xs: Vec<f64> = (0..1000).map(|_| random_unit()).collect();
+        assert!(xs.iter().all(|x| (0.0..1.0).contains(x)));
+        let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+        assert!((0.4..0.6).contains(&mean), "mean {mean}");
+    }
+
+    #[test]
+    fn error_backoff_grows_and_caps() {
+        assert!(error_backoff(1) <= Duration::from_millis(125));
+        assert!(error_backoff(30) <= Duration::from_millis(12_500));
+        assert!(error_backoff(30) >= Duration::from_millis(7_500));
+    }
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate("abc", 10), "abc");
+        let cut = truncate("ééé", 3);
+        assert!(cut.starts_with('é') && cut.contains("truncated"));
+    }
+}

@@ -69,10 +69,10 @@ impl Capacity {
     /// `poll_next` was called with `in_flight` tasks running: there is room for one more.
     pub(crate) fn observe_next(&mut self, in_flight: usize) {
         self.armed = None;
-        if let Some(limit) = self.limit {
-            if in_flight >= limit {
-                self.limit = Some(in_flight + 1);
-            }
+        if let Some(limit) = self.limit
+            && in_flight >= limit
+        {
+            self.limit = Some(in_flight + 1);
         }
     }
 
@@ -401,14 +401,13 @@ async fn ensure_queue(shared: Arc<Shared>, listening: Option<oneshot::Receiver<(
                 "could not install the notification trigger; relying on polling and other producers' notifications");
         }
     }
-    if let Some(ack) = listening {
-        if tokio::time::timeout(Duration::from_secs(5), ack)
+    if let Some(ack) = listening
+        && tokio::time::timeout(Duration::from_secs(5), ack)
             .await
             .is_err()
-        {
-            tracing::warn!(queue = %shared.queue.name(),
-                "LISTEN not active after 5 s; starting anyway with the fallback poll");
-        }
+    {
+        tracing::warn!(queue = %shared.queue.name(),
+            "LISTEN not active after 5 s; starting anyway with the fallback poll");
     }
     Ok(())
 }

@@ -66,6 +66,7 @@ impl LeaseTable {
         self.lock().get(&msg_id).copied()
     }
 
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.lock().len()
     }

@@ -153,3 +153,28 @@ pub async fn count(pool: &PgPool, sql: &str) -> i64 {
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
+
+/// Runs a worker in the background: `(stop, join)`. Send on `stop` (or drop it) to shut the
+/// worker down gracefully; `join` resolves when it has.
+#[macro_export]
+macro_rules! spawn_worker {
+    ($worker:expr) => {{
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let join = tokio::spawn($worker.run_until(async move {
+            let _ = stopped.await;
+            Ok::<(), std::io::Error>(())
+        }));
+        (stop, join)
+    }};
+}
+
+/// `(msg_id, read_ct, seconds until vt)` of every message in a queue table.
+pub async fn rows(pool: &PgPool, queue: &str) -> Vec<(i64, i32, f64)> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT msg_id, read_ct, extract(epoch FROM vt - clock_timestamp())::float8 \
+         FROM pgmq.q_{queue} ORDER BY msg_id"
+    )))
+    .fetch_all(pool)
+    .await
+    .unwrap_or_else(|e| panic!("rows of {queue}: {e}"))
+}

@@ -304,7 +304,15 @@ impl<Args, C> PgmqStorage<Args, C> {
         &self.shared.config
     }
 
-    /// Creates the queue and its dead-letter queue (idempotent).
+    /// Counters of the process's listener for this database (shared by every storage and event
+    /// subscriber on it): notifications received, parse errors, reconnects.
+    #[must_use]
+    pub fn listener_stats(&self) -> crate::notify::ListenerStats {
+        self.shared.hub.stats()
+    }
+
+    /// Creates the queue and its dead-letter queue (idempotent), and installs its notification
+    /// trigger when listening is on.
     ///
     /// # Errors
     ///
@@ -323,6 +331,9 @@ impl<Args, C> PgmqStorage<Args, C> {
         self.shared.queue.create(&self.shared.pool).await?;
         self.shared.dlq.create(&self.shared.pool).await?;
         let c = &self.shared.config;
+        if !c.listen {
+            return Ok(());
+        }
         notify::ensure_notify(
             &self.shared.pool,
             self.shared.queue.name(),

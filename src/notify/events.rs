@@ -160,7 +160,7 @@ impl Stats {
     pub(crate) fn reconnects(&self) -> u64 {
         self.reconnects.load(Ordering::Relaxed)
     }
-    fn snapshot(&self) -> ListenerStats {
+    pub(crate) fn snapshot(&self) -> ListenerStats {
         ListenerStats {
             received: self.received.load(Ordering::Relaxed),
             parse_errors: self.parse_errors.load(Ordering::Relaxed),

@@ -106,6 +106,11 @@ pub(crate) struct ListenGuard {
 }
 
 impl Hub {
+    /// The listener's counters.
+    pub(crate) fn stats(&self) -> ListenerStats {
+        self.stats.snapshot()
+    }
+
     /// The wake signal of `queue` (shared by every storage of this queue in the process).
     pub(crate) fn signal(&self, queue: &QueueName) -> Arc<WakeSignal> {
         let mut signals = lock(&self.signals);

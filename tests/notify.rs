@@ -1,0 +1,482 @@
+//! LISTEN/NOTIFY: wake-ups with no busy polling, reconnects, triggers, typed events.
+//!
+//! Workers here have a 60 s fallback poll, so a pickup within seconds can only come from a
+//! notification (or a known visibility time).
+
+mod common;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use apalis::prelude::*;
+use apalis_pgmq_notify::{
+    Config, Delay, NewMessage, NotifyChannels, NotifyMode, PgmqQueue, PgmqStorage, QueueEvent,
+    QueueEvents, QueueName, disable_notify, enable_notify, notify_migration_sql, notify_mode,
+};
+use common::{TestDb, count, wait_for};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(30);
+/// Far below the 60 s fallback poll: meeting it proves a notification (or known vt) woke us.
+const QUICK: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Job {
+    id: u32,
+}
+
+type Log = Arc<Mutex<Vec<(u32, Instant)>>>;
+
+fn slow_poll() -> Config {
+    Config::default().poll_interval(Duration::from_secs(60))
+}
+
+fn storage(db: &TestDb, queue: &str) -> PgmqStorage<Job> {
+    PgmqStorage::with_config(&db.pool, QueueName::new(queue).expect("name"), slow_poll())
+        .expect("config")
+}
+
+async fn handled(log: &Log, id: u32) -> Option<Instant> {
+    log.lock()
+        .expect("lock")
+        .iter()
+        .find(|(i, _)| *i == id)
+        .map(|(_, t)| *t)
+}
+
+async fn record(job: Job, log: Data<Log>) -> Result<(), BoxDynError> {
+    log.lock().expect("lock").push((job.id, Instant::now()));
+    Ok(())
+}
+
+/// Starts a worker and waits until it has handled a first job, so it is idle and waiting when
+/// the test continues.
+macro_rules! idle_worker {
+    ($db:expr, $s:expr, $log:expr) => {{
+        let worker = WorkerBuilder::new("listener-test")
+            .backend($s.clone())
+            .data($log.clone())
+            .build(record);
+        let running = spawn_worker!(worker);
+        $s.push_with(&$db.pool, &Job { id: 0 })
+            .await
+            .expect("push warm-up");
+        wait_for(WAIT, "the warm-up job", || async {
+            handled(&$log, 0).await
+        })
+        .await;
+        running
+    }};
+}
+
+#[tokio::test]
+async fn an_idle_worker_is_woken_by_a_notification() {
+    let db = TestDb::setup().await;
+    let s = storage(&db, "wake_me");
+    s.create_queue().await.expect("create");
+    let log: Log = Arc::default();
+    let (stop, join) = idle_worker!(db, s, log);
+    for id in 1..=5 {
+        let pushed = Instant::now();
+        s.push_with(&db.pool, &Job { id }).await.expect("push");
+        let at = wait_for(QUICK, "pickup by notification", || async {
+            handled(&log, id).await
+        })
+        .await;
+        println!("job {id}: picked up {:?} after push", at - pushed);
+    }
+    stop.send(()).ok();
+    join.await.expect("join").expect("worker");
+    assert!(s.listener_stats().received >= 5);
+}
+
+#[tokio::test]
+async fn a_raw_sql_producer_wakes_the_worker() {
+    let db = TestDb::setup().await;
+    let s = storage(&db, "raw_sql");
+    s.create_queue().await.expect("create");
+    let log: Log = Arc::default();
+    let (stop, join) = idle_worker!(db, s, log);
+    sqlx::query("SELECT pgmq.send('raw_sql', '{\"id\": 1}'::jsonb)")
+        .execute(&db.pool)
+        .await
+        .expect("pgmq.send");
+    sqlx::query(
+        "INSERT INTO pgmq.q_raw_sql (vt, message) VALUES (clock_timestamp(), '{\"id\": 2}')",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("plain insert");
+    wait_for(QUICK, "SQL jobs", || async {
+        (handled(&log, 1).await.is_some() && handled(&log, 2).await.is_some()).then_some(())
+    })
+    .await;
+    stop.send(()).ok();
+    join.await.expect("join").expect("worker");
+}
+
+#[tokio::test]
+async fn a_delayed_job_runs_at_its_time_not_at_the_next_poll() {
+    let db = TestDb::setup().await;
+    let s = storage(&db, "delayed");
+    s.create_queue().await.expect("create");
+    let log: Log = Arc::default();
+    let (stop, join) = idle_worker!(db, s, log);
+    let body = json!({"id": 1});
+    let id = s
+        .queue()
+        .send_with(
+            &db.pool,
+            &body,
+            None,
+            Delay::After(Duration::from_millis(1500)),
+        )
+        .await
+        .expect("send delayed");
+    let vt: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT vt FROM pgmq.q_delayed WHERE msg_id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .expect("vt");
+    wait_for(QUICK, "the delayed job", || async {
+        handled(&log, 1).await
+    })
+    .await;
+    // It ran at or after its visibility time (by the database clock), long before the fallback.
+    let read_at: chrono::DateTime<chrono::Utc> = wait_for(WAIT, "the archived row", || async {
+        sqlx::query_scalar("SELECT last_read_at FROM pgmq.a_delayed WHERE msg_id = $1")
+            .bind(id)
+            .fetch_optional(&db.pool)
+            .await
+            .expect("query")
+    })
+    .await;
+    assert!(read_at >= vt, "read at {read_at}, visible at {vt}");
+    assert!(
+        (read_at - vt).num_milliseconds() < 5000,
+        "late by {}",
+        read_at - vt
+    );
+    stop.send(()).ok();
+    join.await.expect("join").expect("worker");
+}
+
+#[tokio::test]
+async fn a_killed_listener_reconnects_and_no_job_is_lost() {
+    let db = TestDb::setup().await;
+    let s = storage(&db, "reconnect");
+    s.create_queue().await.expect("create");
+    let log: Log = Arc::default();
+    let (stop, join) = idle_worker!(db, s, log);
+    for round in 1..=2u32 {
+        let before = s.listener_stats().reconnects;
+        let killed: Vec<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+             AND query ILIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .expect("find listener");
+        assert_eq!(killed.len(), 1, "exactly one LISTEN connection per process");
+        sqlx::query("SELECT pg_terminate_backend($1)")
+            .bind(killed[0])
+            .execute(&db.pool)
+            .await
+            .expect("terminate");
+        // Sent while the listener is down or reconnecting: its notification may be lost, but
+        // the catch-up read after reconnecting finds the job.
+        let id = round * 10;
+        s.push_with(&db.pool, &Job { id }).await.expect("push");
+        wait_for(QUICK, "the job pushed during the outage", || async {
+            handled(&log, id).await
+        })
+        .await;
+        wait_for(QUICK, "the reconnect to be counted", || async {
+            (s.listener_stats().reconnects > before).then_some(())
+        })
+        .await;
+        // And notifications flow again.
+        s.push_with(&db.pool, &Job { id: id + 1 })
+            .await
+            .expect("push");
+        wait_for(QUICK, "a job after the reconnect", || async {
+            handled(&log, id + 1).await
+        })
+        .await;
+    }
+    stop.send(()).ok();
+    join.await.expect("join").expect("worker");
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM pgmq.q_reconnect").await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn one_notification_per_statement_not_per_row() {
+    let db = TestDb::setup().await;
+    let s = storage(&db, "batch_notify");
+    s.create_queue().await.expect("create");
+    let mut events = QueueEvents::new(&db.pool)
+        .queue(s.queue().name())
+        .subscribe()
+        .await
+        .expect("subscribe");
+    let batch: Vec<NewMessage> = (0..1000)
+        .map(|i| NewMessage::new(json!({"id": i})))
+        .collect();
+    let ids = s
+        .queue()
+        .send_batch(&db.pool, &batch)
+        .await
+        .expect("send 1000");
+    let first = tokio::time::timeout(WAIT, events.next())
+        .await
+        .expect("an event")
+        .expect("stream open");
+    assert_eq!(
+        first,
+        QueueEvent::BatchReady {
+            queue: "batch_notify".into(),
+            first_msg_id: ids[0],
+            count: 1000,
+            visible_in: Duration::ZERO,
+        }
+    );
+    // The next event is the marker sent afterwards: nothing else came from the batch.
+    let marker = s
+        .queue()
+        .send(&db.pool, &json!({"id": -1}))
+        .await
+        .expect("marker");
+    let next = tokio::time::timeout(WAIT, events.next())
+        .await
+        .expect("an event")
+        .expect("stream open");
+    assert!(
+        matches!(next, QueueEvent::MessageReady { msg_id, .. } if msg_id == marker),
+        "{next:?}"
+    );
+    assert_eq!(events.stats().parse_errors, 0);
+    assert_eq!(
+        events.stats().received,
+        2,
+        "two statements, two notifications"
+    );
+}
+
+#[tokio::test]
+async fn per_message_events_respect_the_byte_budget() {
+    let db = TestDb::setup().await;
+    let q = PgmqQueue::new(QueueName::new("inline").expect("name"));
+    q.create(&db.pool).await.expect("create");
+    let budget: u16 = 1000;
+    enable_notify(
+        &db.pool,
+        q.name(),
+        &NotifyChannels::default(),
+        NotifyMode::Message {
+            max_payload_bytes: budget,
+        },
+    )
+    .await
+    .expect("enable");
+    assert_eq!(
+        notify_mode(&db.pool, q.name()).await.expect("status"),
+        Some((
+            NotifyMode::Message {
+                max_payload_bytes: budget
+            },
+            vec!["apq.q.inline".to_owned(), "apq.ns.default".to_owned()]
+        ))
+    );
+    let mut events = QueueEvents::new(&db.pool)
+        .queue(q.name())
+        .subscribe()
+        .await
+        .expect("subscribe");
+    // The event's JSON around the body is about 90 bytes. 'é' is 2 bytes: 400 of them are 800
+    // bytes (fits), 600 are 1200 bytes (does not) — both far under 1000 *characters*.
+    let fits = json!({"text": "é".repeat(400)});
+    let too_big = json!({"text": "é".repeat(600)});
+    let huge = json!({"text": "ü".repeat(10_000)}); // over PostgreSQL's 8000-byte NOTIFY limit
+    let a = q.send(&db.pool, &fits).await.expect("send fits");
+    let b = q.send(&db.pool, &too_big).await.expect("send too big");
+    let c = q
+        .send(&db.pool, &huge)
+        .await
+        .expect("a huge message still sends");
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(
+            tokio::time::timeout(WAIT, events.next())
+                .await
+                .expect("an event")
+                .expect("stream open"),
+        );
+    }
+    match &got[0] {
+        QueueEvent::Message {
+            msg_id, message, ..
+        } => {
+            assert_eq!(*msg_id, a);
+            assert_eq!(message, &fits, "inline and intact");
+        }
+        other => panic!("expected an inline message, got {other:?}"),
+    }
+    for (event, id) in got[1..].iter().zip([b, c]) {
+        assert!(
+            matches!(event, QueueEvent::MessageReady { msg_id, too_big: true, .. } if *msg_id == id),
+            "{event:?}"
+        );
+    }
+    assert_eq!(events.stats().parse_errors, 0);
+    // Switching back to batch mode.
+    enable_notify(
+        &db.pool,
+        q.name(),
+        &NotifyChannels::default(),
+        NotifyMode::Batch,
+    )
+    .await
+    .expect("batch");
+    assert!(matches!(
+        notify_mode(&db.pool, q.name()).await.expect("status"),
+        Some((NotifyMode::Batch, _))
+    ));
+    assert!(disable_notify(&db.pool, q.name()).await.expect("disable"));
+    assert_eq!(notify_mode(&db.pool, q.name()).await.expect("status"), None);
+    assert!(
+        !disable_notify(&db.pool, q.name())
+            .await
+            .expect("disable again")
+    );
+}
+
+#[tokio::test]
+async fn namespace_and_queue_created_events() {
+    let db = TestDb::setup().await;
+    let channels = NotifyChannels::with_prefix("t1.").expect("prefix");
+    let mut events = QueueEvents::new(&db.pool)
+        .channels(channels.clone())
+        .namespace("billing")
+        .queue_created()
+        .subscribe()
+        .await
+        .expect("subscribe");
+    let invoices = PgmqQueue::new(QueueName::new("billing_queue").expect("name"));
+    invoices.create(&db.pool).await.expect("create");
+    let created = tokio::time::timeout(WAIT, events.next())
+        .await
+        .expect("an event")
+        .expect("open");
+    assert_eq!(
+        created,
+        QueueEvent::QueueCreated {
+            queue: "billing_queue".into()
+        }
+    );
+    enable_notify(&db.pool, invoices.name(), &channels, NotifyMode::Batch)
+        .await
+        .expect("enable");
+    let other = PgmqQueue::new(QueueName::new("email").expect("name"));
+    other.create(&db.pool).await.expect("create other");
+    enable_notify(&db.pool, other.name(), &channels, NotifyMode::Batch)
+        .await
+        .expect("enable other");
+    let _ = tokio::time::timeout(WAIT, events.next()).await; // email's QueueCreated
+    other
+        .send(&db.pool, &json!(1))
+        .await
+        .expect("send to another namespace");
+    let id = invoices.send(&db.pool, &json!(2)).await.expect("send");
+    let next = tokio::time::timeout(WAIT, events.next())
+        .await
+        .expect("an event")
+        .expect("open");
+    assert!(
+        matches!(&next, QueueEvent::MessageReady { queue, msg_id, .. } if queue == "billing_queue" && *msg_id == id),
+        "only the billing namespace is delivered: {next:?}"
+    );
+}
+
+#[tokio::test]
+async fn enabling_notify_refuses_bad_input() {
+    let db = TestDb::setup().await;
+    let missing = QueueName::new("does_not_exist").expect("name");
+    let err = enable_notify(
+        &db.pool,
+        &missing,
+        &NotifyChannels::default(),
+        NotifyMode::Batch,
+    )
+    .await
+    .expect_err("no such queue");
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    let q = PgmqQueue::new(QueueName::new("exists").expect("name"));
+    q.create(&db.pool).await.expect("create");
+    let err = enable_notify(
+        &db.pool,
+        q.name(),
+        &NotifyChannels::default(),
+        NotifyMode::Message {
+            max_payload_bytes: 9000,
+        },
+    )
+    .await
+    .expect_err("over the NOTIFY limit");
+    assert!(err.to_string().contains("8000"), "{err}");
+    // The SQL function validates on its own too, for callers that bypass the crate.
+    let err = sqlx::query("SELECT apalis_pgmq.enable_notify('x''; drop table pgmq.meta; --', 'c')")
+        .execute(&db.pool)
+        .await
+        .expect_err("hostile name");
+    assert!(err.to_string().contains("invalid queue name"), "{err}");
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM pgmq.meta").await, 1);
+}
+
+#[tokio::test]
+async fn generated_migration_installs_notifications_without_setup() {
+    let db = TestDb::fresh().await;
+    // A project that installs PGMQ itself and manages its own migrations.
+    pgmq::install::install_sql_from_embedded(&db.pool)
+        .await
+        .expect("PGMQ");
+    let q = PgmqQueue::new(QueueName::new("orders_queue").expect("name"));
+    q.create(&db.pool).await.expect("create");
+    let sql = notify_migration_sql(
+        &[q.name().clone()],
+        &NotifyChannels::default(),
+        NotifyMode::Batch,
+        true,
+    )
+    .expect("sql");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+        .execute(&db.pool)
+        .await
+        .expect("apply the generated SQL");
+    // Applying it twice is harmless.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(&db.pool)
+        .await
+        .expect("apply again");
+    let mut events = QueueEvents::new(&db.pool)
+        .namespace("orders")
+        .subscribe()
+        .await
+        .expect("subscribe");
+    let id = q.send(&db.pool, &json!({"order": 1})).await.expect("send");
+    let ev = tokio::time::timeout(WAIT, events.next())
+        .await
+        .expect("an event")
+        .expect("open");
+    assert!(
+        matches!(ev, QueueEvent::MessageReady { msg_id, .. } if msg_id == id),
+        "{ev:?}"
+    );
+}

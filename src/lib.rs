@@ -5,6 +5,7 @@
 mod ack;
 mod backend;
 mod config;
+mod config_file;
 mod error;
 mod migrate;
 mod notify;
@@ -14,6 +15,7 @@ mod util;
 pub use ack::{AckLayer, AckService, HandlerPanicked};
 pub use backend::{HEADERS_KEY, MessageInfo, PgmqStorage};
 pub use config::{Backoff, Config, DoneAction, ExhaustedAction, KilledAction};
+pub use config_file::ConfigFile;
 pub use error::{Error, Result};
 pub use migrate::{MIN_PGMQ_VERSION, PgmqSource, SCHEMA, SetupReport, setup};
 pub use notify::{

@@ -180,11 +180,15 @@ impl Shared {
 /// apalis_pgmq_notify::setup(&pool).await?;
 /// let mut storage = PgmqStorage::<String>::new(&pool, QueueName::new("email")?);
 /// storage.push("a@example.com".to_owned()).await?;
-/// let worker = WorkerBuilder::new("email-worker")
-///     .backend(storage)
-///     .concurrency(4)
-///     .build(send_email);
-/// Monitor::new().register(move |_| worker).run().await?;
+/// Monitor::new()
+///     .register(move |index| {
+///         WorkerBuilder::new(format!("email-worker-{index}"))
+///             .backend(storage.clone())
+///             .concurrency(4)
+///             .build(send_email)
+///     })
+///     .run()
+///     .await?;
 /// # Ok(()) }
 /// ```
 pub struct PgmqStorage<Args, C = JsonCodec<Value>> {

@@ -38,6 +38,42 @@ impl NotifyMode {
         }
     }
 
+    /// `"batch"` or `"message"`, with an optional byte budget (message mode only).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for another name, a budget with the batch mode, or a budget outside
+    /// 256..=7999.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use apalis_pgmq_notify::NotifyMode;
+    /// assert_eq!(NotifyMode::from_name("batch", None)?, NotifyMode::Batch);
+    /// assert!(NotifyMode::from_name("message", Some(9000)).is_err());
+    /// # Ok::<(), apalis_pgmq_notify::Error>(())
+    /// ```
+    pub fn from_name(mode: &str, max_payload_bytes: Option<u16>) -> Result<Self> {
+        let parsed = match (mode, max_payload_bytes) {
+            ("batch", None) => Self::Batch,
+            ("batch", Some(_)) => {
+                return Err(Error::Config(
+                    "max_payload_bytes applies to the message mode only".to_owned(),
+                ));
+            }
+            ("message", bytes) => Self::Message {
+                max_payload_bytes: bytes.unwrap_or(DEFAULT_MESSAGE_PAYLOAD_BYTES),
+            },
+            (other, _) => {
+                return Err(Error::Config(format!(
+                    "notify mode must be \"batch\" or \"message\", got {other:?}"
+                )));
+            }
+        };
+        parsed.validate()?;
+        Ok(parsed)
+    }
+
     fn sql_parts(self) -> (&'static str, i32) {
         match self {
             Self::Batch => ("batch", i32::from(DEFAULT_MESSAGE_PAYLOAD_BYTES)),

@@ -81,6 +81,21 @@ impl TestDb {
         db
     }
 
+    /// A connection URL for this database (DATABASE_URL with the database replaced).
+    pub fn url(&self) -> String {
+        let base = database_url();
+        let (url, query) = match base.split_once('?') {
+            Some((u, q)) => (u.to_owned(), format!("?{q}")),
+            None => (base.clone(), String::new()),
+        };
+        let scheme_end = url.find("://").map_or(0, |i| i + 3);
+        let host_part = match url[scheme_end..].find('/') {
+            Some(i) => &url[..scheme_end + i],
+            None => url.as_str(),
+        };
+        format!("{host_part}/{}{query}", self.name)
+    }
+
     /// A new pool on this database.
     pub async fn pool_with(&self, max_connections: u32) -> PgPool {
         PgPoolOptions::new()

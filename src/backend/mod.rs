@@ -38,6 +38,9 @@ use tokio::sync::oneshot;
 /// The key under which apalis metadata is stored in a message's `headers`.
 pub const HEADERS_KEY: &str = "apalis";
 
+/// Metadata keys apalis-workflow puts on the tasks of a workflow's later steps.
+const WORKFLOW_METADATA_PREFIX: &str = "apalis_workflow.";
+
 /// What PGMQ knows about the message behind a task.
 ///
 /// Available to handlers as `Data<MessageInfo>`:
@@ -430,9 +433,18 @@ where
     C::Error: std::fmt::Display,
 {
     /// Turns a claimed message into a task, or dead-letters it if it does not decode.
+    ///
+    /// Messages that carry apalis-workflow step metadata are not checked here: a workflow's
+    /// later steps hold the previous step's output, not `Args`, and the workflow decodes them
+    /// itself (a step that does not decode then fails like any handler error).
     fn message_to_task(&self, m: Message, worker: &WorkerContext) -> Option<Task<Value>> {
         let body = m.message.clone().unwrap_or(Value::Null);
-        if let Err(e) = self.codec.decode(&body) {
+        let meta = JobMeta::from_headers(m.headers.as_ref());
+        let workflow_step = meta
+            .metadata
+            .keys()
+            .any(|k| k.starts_with(WORKFLOW_METADATA_PREFIX));
+        if !workflow_step && let Err(e) = self.codec.decode(&body) {
             tracing::warn!(queue = %self.shared.queue.name(), msg_id = m.msg_id, error = %e,
                 "message does not decode as {}; moving it to the dead-letter queue",
                 std::any::type_name::<Args>());
@@ -449,7 +461,6 @@ where
             });
             return None;
         }
-        let meta = JobMeta::from_headers(m.headers.as_ref());
         let attempt_before = usize::try_from(m.read_ct.saturating_sub(1).max(0)).unwrap_or(0);
         let mut builder = TaskBuilder::new(body)
             .task_id(TaskId::from_int(u64::try_from(m.msg_id).unwrap_or(0)))
@@ -537,7 +548,7 @@ where
 
 impl<Args, C> BackendConfig for PgmqStorage<Args, C> {
     type Args = Args;
-    type Id = i64;
+    type Id = u64;
     type Kind = Durable;
     type Config = Config;
     type Layer = AckLayer;

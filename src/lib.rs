@@ -1,4 +1,88 @@
-//! apalis-pgmq-notify (work in progress)
+//! A PostgreSQL job backend for [apalis](https://docs.rs/apalis) 1.0 that keeps jobs in
+//! [PGMQ](https://github.com/pgmq/pgmq) queues and wakes workers with LISTEN/NOTIFY.
+//!
+//! - **Interoperable**: a job is a PGMQ message. Push from Rust (apalis' `TaskSink`, or inside
+//!   your own transaction), from SQL (`select pgmq.send('email', '{...}')`), or from any PGMQ
+//!   client; inspect queues with `pgmq.metrics()`.
+//! - **No busy polling**: an idle worker waits for a notification, a known visibility time
+//!   (delayed job, backoff) or a long fallback poll. One LISTEN connection per process.
+//! - **Durable outcomes**: `Done` → archive, `Killed` → delete, `Failed` → visible again after
+//!   backoff, exhausted → dead-letter queue; written in batches, one statement per flush.
+//! - **Leases**: a running job's visibility timeout is renewed, so a long job is never handed
+//!   to a second worker while it runs; every write about a message is fenced by its `read_ct`.
+//!
+//! # Quick start
+//!
+//! ```no_run
+//! use apalis::prelude::*;
+//! use apalis_pgmq_notify::{PgmqStorage, QueueName, setup};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Debug, Clone, Serialize, Deserialize)]
+//! struct Email {
+//!     to: String,
+//! }
+//!
+//! async fn send_email(email: Email) -> Result<(), BoxDynError> {
+//!     println!("sending to {}", email.to);
+//!     Ok(())
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let pool = sqlx::PgPool::connect("postgres://localhost/app").await?;
+//!     setup(&pool).await?; // installs PGMQ if absent, applies this crate's migrations
+//!
+//!     let mut storage = PgmqStorage::<Email>::new(&pool, QueueName::new("email")?);
+//!     storage.create_queue().await?;
+//!     storage.push(Email { to: "a@example.com".into() }).await?;
+//!
+//!     Monitor::new()
+//!         .register(move |i| {
+//!             WorkerBuilder::new(format!("email-{i}"))
+//!                 .backend(storage.clone())
+//!                 .concurrency(8)
+//!                 .build(send_email)
+//!         })
+//!         .run()
+//!         .await?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! # Semantics
+//!
+//! - The task id is the message's `msg_id`; the attempt is PGMQ's `read_ct` (first delivery is
+//!   attempt 1). [`MessageInfo`] is available to handlers as `Data<MessageInfo>`.
+//! - apalis metadata (max attempts, priority, idempotency key, `MetadataStore`) is kept in the
+//!   message `headers` under the key [`HEADERS_KEY`] (`"apalis"`). A message with no headers (sent
+//!   by another client) is a valid job if its body decodes. Priority and the idempotency key are
+//!   carried to the handler but do not change delivery order or deduplicate (PGMQ delivers in
+//!   `msg_id` order); use separate queues for priority classes.
+//! - Outcomes, as seen by the backend's ack layer (outside your middleware): see [`AckLayer`].
+//!   A panicking handler counts as a failure. A message that does not decode goes to the
+//!   dead-letter queue `<queue>_dlq` with the decode error; it never stops the worker.
+//! - Delivery is at least once. Within a lease no message is handled by two workers at once.
+//! - Capacity: a worker claims at most what it can start. It learns its concurrency limit the
+//!   first time it fills up, releases what it claimed beyond it (`vt = now`, `read_ct` given
+//!   back), and claims at most `limit − in flight` afterwards.
+//! - Shutdown: the worker stops fetching, lets in-flight jobs finish, releases claimed but
+//!   unstarted messages and flushes pending outcomes.
+//! - Workflows: sequential `apalis_workflow::SteppedFlow` runs on this backend. `GraphFlow`
+//!   does not: it needs `WaitForCompletion` on client-generated task ids and stored results,
+//!   while PGMQ assigns ids and keeps no results.
+//!
+//! # Wake-ups and events
+//!
+//! Workers install a statement-level trigger on their queue (at most one NOTIFY per statement,
+//! however many rows) and LISTEN on `<prefix>q.<queue>` through the process's shared listener;
+//! see [`NotifyChannels`]. Queues created elsewhere get the trigger with [`enable_notify`] or the
+//! CLI's `enable-notify`. [`QueueEvents`] streams typed [`QueueEvent`]s to applications.
+//!
+//! # The queue layer
+//!
+//! [`PgmqQueue`] wraps one PGMQ queue for direct use: send, read, archive, metrics, … Every
+//! write takes any executor, so it can run in your own transaction.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -1,14 +1,35 @@
 -- apalis-pgmq-notify: notifications for PGMQ queues.
 --
 -- A statement-level trigger on pgmq.q_<queue> sends at most one NOTIFY per queue per statement,
--- however many rows the statement inserts (per-row NOTIFY serialises committing producers).
--- Payloads are small JSON objects:
+-- however many rows the statement inserts. Payloads are small JSON objects:
 --   {"e": "ready"|"batch", "q": <queue>, "id": <first msg_id>, "n": <rows>, "d": <seconds until
 --    the earliest inserted message is visible>}
--- The opt-in "message" mode sends one NOTIFY per row with the message inline when the whole
--- payload fits a byte budget, and a signal-only "ready" event (with "big": true) when it does not:
--- a payload is never truncated.
+--
+-- PostgreSQL serialises the commits of notifying transactions (the notification queue lock is
+-- held through the commit), so a NOTIFY per single-row insert halves a busy producer. The default
+-- "on_demand" mode therefore notifies only while some listener has announced that it waits (a
+-- row in apalis_pgmq.listeners): idle workers announce, busy ones do not need waking. To close the
+-- race with a worker that announces while a producer's insert is in flight, every insert takes a
+-- shared transaction-level advisory lock on the queue before looking; after announcing, a worker
+-- takes the exclusive lock once (and at once releases it) before its last read, so every insert
+-- that did not notify has committed by then and that read sees it.
+--
+-- The "batch" mode always notifies. The opt-in "message" mode sends one NOTIFY per row with the
+-- message inline when the whole payload fits a byte budget, and a signal-only "ready" event (with
+-- "big": true) when it does not: a payload is never truncated.
 -- Channel names are computed by the application and passed as trigger arguments.
+
+-- Who waits for notifications: a channel, an owner (one per listening process), until when.
+CREATE UNLOGGED TABLE IF NOT EXISTS apalis_pgmq.listeners (
+  channel text NOT NULL,
+  owner text NOT NULL,
+  until timestamptz NOT NULL,
+  PRIMARY KEY (channel, owner)
+);
+
+-- The advisory lock key of a queue: (class, hash of the queue name).
+CREATE OR REPLACE FUNCTION apalis_pgmq.queue_lock_class()
+RETURNS integer LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT 1634758001 $$;
 
 CREATE OR REPLACE FUNCTION apalis_pgmq.notify_batch()
 RETURNS trigger
@@ -20,6 +41,14 @@ DECLARE
   delay double precision;
   payload text;
 BEGIN
+  -- TG_ARGV: queue, queue channel, namespace channel, mode ('on_demand' | 'always')
+  IF TG_NARGS > 3 AND TG_ARGV[3] = 'on_demand' THEN
+    PERFORM pg_advisory_xact_lock_shared(apalis_pgmq.queue_lock_class(), hashtext(TG_ARGV[0]));
+    IF NOT EXISTS (SELECT 1 FROM apalis_pgmq.listeners
+                   WHERE channel IN (TG_ARGV[1], TG_ARGV[2]) AND until > clock_timestamp()) THEN
+      RETURN NULL;
+    END IF;
+  END IF;
   SELECT count(*), min(msg_id), extract(epoch FROM min(vt) - clock_timestamp())
     INTO n, first_id, delay
     FROM new_rows;
@@ -74,12 +103,38 @@ BEGIN
 END
 $$;
 
+-- Announces that `owner` waits for notifications on `channel` for `seconds`.
+CREATE OR REPLACE FUNCTION apalis_pgmq.want_notify(channel text, owner text, seconds double precision)
+RETURNS void
+LANGUAGE sql
+AS $$
+  INSERT INTO apalis_pgmq.listeners (channel, owner, until)
+  VALUES (channel, owner, clock_timestamp() + make_interval(secs => seconds))
+  ON CONFLICT ON CONSTRAINT listeners_pkey DO UPDATE SET until = EXCLUDED.until
+$$;
+
+CREATE OR REPLACE FUNCTION apalis_pgmq.unwant_notify(channel text, owner text)
+RETURNS void
+LANGUAGE sql
+AS $$
+  DELETE FROM apalis_pgmq.listeners l WHERE l.channel = unwant_notify.channel AND l.owner = unwant_notify.owner
+$$;
+
+-- After announcing: true once no insert into the queue that skipped notifying is still in
+-- flight (the exclusive lock is taken and released at once).
+CREATE OR REPLACE FUNCTION apalis_pgmq.inserts_settled(queue_name text)
+RETURNS boolean
+LANGUAGE sql
+AS $$
+  SELECT pg_try_advisory_xact_lock(apalis_pgmq.queue_lock_class(), hashtext(queue_name))
+$$;
+
 -- Installs (or replaces) the notification trigger of one queue.
 CREATE OR REPLACE FUNCTION apalis_pgmq.enable_notify(
   queue_name text,
   queue_channel text,
   namespace_channel text DEFAULT '',
-  mode text DEFAULT 'batch',
+  mode text DEFAULT 'on_demand',
   max_payload_bytes integer DEFAULT 7000
 )
 RETURNS void
@@ -99,24 +154,26 @@ BEGIN
      OR octet_length(coalesce(namespace_channel, '')) > 63 THEN
     RAISE EXCEPTION 'channel names must be 1 to 63 bytes' USING ERRCODE = 'invalid_parameter_value';
   END IF;
-  IF mode NOT IN ('batch', 'message') THEN
-    RAISE EXCEPTION 'mode must be batch or message, got %', mode USING ERRCODE = 'invalid_parameter_value';
+  IF mode NOT IN ('on_demand', 'batch', 'message') THEN
+    RAISE EXCEPTION 'mode must be on_demand, batch or message, got %', mode
+      USING ERRCODE = 'invalid_parameter_value';
   END IF;
   IF max_payload_bytes NOT BETWEEN 256 AND 7999 THEN
     RAISE EXCEPTION 'max_payload_bytes must be within 256..7999 (NOTIFY payloads are limited to 8000 bytes)'
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
   EXECUTE format('DROP TRIGGER IF EXISTS apalis_notify ON pgmq.%I', qtable);
-  IF mode = 'batch' THEN
-    EXECUTE format(
-      'CREATE TRIGGER apalis_notify AFTER INSERT ON pgmq.%I REFERENCING NEW TABLE AS new_rows '
-      'FOR EACH STATEMENT EXECUTE FUNCTION apalis_pgmq.notify_batch(%L, %L, %L)',
-      qtable, queue_name, queue_channel, coalesce(namespace_channel, ''));
-  ELSE
+  IF mode = 'message' THEN
     EXECUTE format(
       'CREATE TRIGGER apalis_notify AFTER INSERT ON pgmq.%I '
       'FOR EACH ROW EXECUTE FUNCTION apalis_pgmq.notify_message(%L, %L, %L, %L)',
       qtable, queue_name, queue_channel, coalesce(namespace_channel, ''), max_payload_bytes::text);
+  ELSE
+    EXECUTE format(
+      'CREATE TRIGGER apalis_notify AFTER INSERT ON pgmq.%I REFERENCING NEW TABLE AS new_rows '
+      'FOR EACH STATEMENT EXECUTE FUNCTION apalis_pgmq.notify_batch(%L, %L, %L, %L)',
+      qtable, queue_name, queue_channel, coalesce(namespace_channel, ''),
+      CASE WHEN mode = 'batch' THEN 'always' ELSE 'on_demand' END);
   END IF;
 END
 $$;
@@ -150,13 +207,18 @@ RETURNS TABLE (mode text, args text[])
 LANGUAGE sql
 STABLE
 AS $$
-  SELECT CASE WHEN (t.tgtype & 1) = 1 THEN 'message' ELSE 'batch' END,
-         (SELECT array_agg(a ORDER BY i)
-            FROM unnest(string_to_array(regexp_replace(encode(t.tgargs, 'escape'), '\\000$', ''), '\000'))
-                 WITH ORDINALITY AS x(a, i))
-    FROM pg_trigger t
-   WHERE t.tgrelid = to_regclass(format('pgmq.%I', 'q_' || queue_name))
-     AND t.tgname = 'apalis_notify'
+  SELECT CASE WHEN (x.tgtype & 1) = 1 THEN 'message'
+              WHEN x.a[4] = 'always' THEN 'batch'
+              ELSE 'on_demand' END,
+         x.a
+    FROM (SELECT t.tgtype,
+                 (SELECT array_agg(v ORDER BY i)
+                    FROM unnest(string_to_array(
+                           regexp_replace(encode(t.tgargs, 'escape'), '\\000$', ''), '\000'))
+                         WITH ORDINALITY AS u(v, i)) AS a
+            FROM pg_trigger t
+           WHERE t.tgrelid = to_regclass(format('pgmq.%I', 'q_' || queue_name))
+             AND t.tgname = 'apalis_notify') AS x
 $$;
 
 -- Queue-created events on a channel (one trigger per channel).

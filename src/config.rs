@@ -210,7 +210,7 @@ impl Default for Config {
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             listen: true,
             channels: NotifyChannels::default(),
-            notify_mode: NotifyMode::Batch,
+            notify_mode: NotifyMode::OnDemand,
         }
     }
 }
@@ -319,8 +319,8 @@ impl Config {
         self
     }
 
-    /// How the queue's trigger announces inserts (default [`NotifyMode::Batch`]). Workers install
-    /// the trigger on their queue when listening is on.
+    /// How the queue's trigger announces inserts (default [`NotifyMode::OnDemand`]). Workers
+    /// install the trigger on their queue when listening is on.
     #[must_use]
     pub fn notify_mode(mut self, mode: NotifyMode) -> Self {
         self.notify_mode = mode;

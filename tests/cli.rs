@@ -107,7 +107,7 @@ fn generate_migration_escapes_and_validates() {
     assert!(out.status.success(), "{}", text(&out));
     let sql = std::fs::read_to_string(&file).expect("written");
     assert!(sql.contains(
-        "SELECT apalis_pgmq.enable_notify('billing_queue', 'app.q.billing_queue', 'app.ns.billing', 'batch', 7000);"
+        "SELECT apalis_pgmq.enable_notify('billing_queue', 'app.q.billing_queue', 'app.ns.billing', 'on_demand', 7000);"
     ));
     assert!(sql.contains("'email', 'app.q.email', 'app.ns.default'"));
     assert!(sql.contains("SELECT apalis_pgmq.enable_created_notify('app.created');"));

@@ -69,6 +69,11 @@ macro_rules! idle_worker {
             handled(&$log, 0).await
         })
         .await;
+        // Idle now: it has announced that it waits, so on-demand triggers notify.
+        wait_for(WAIT, "the worker to announce itself", || async {
+            (count(&$db.pool, "SELECT count(*) FROM apalis_pgmq.listeners").await > 0).then_some(())
+        })
+        .await;
         running
     }};
 }
@@ -91,7 +96,11 @@ async fn an_idle_worker_is_woken_by_a_notification() {
     }
     stop.send(()).ok();
     join.await.expect("join").expect("worker");
-    assert!(s.listener_stats().received >= 5);
+    // Every push notified (a pickup can beat its own notification, so wait for the count).
+    wait_for(QUICK, "five notifications", || async {
+        (s.listener_stats().received >= 5).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -479,4 +488,162 @@ async fn generated_migration_installs_notifications_without_setup() {
         matches!(ev, QueueEvent::MessageReady { msg_id, .. } if msg_id == id),
         "{ev:?}"
     );
+}
+
+/// Receives the next notification on `raw`, failing the test after `WAIT`.
+async fn next_notification(raw: &mut sqlx::postgres::PgListener) -> (String, String) {
+    let n = tokio::time::timeout(WAIT, raw.recv())
+        .await
+        .expect("a notification")
+        .expect("listener open");
+    (n.channel().to_owned(), n.payload().to_owned())
+}
+
+#[tokio::test]
+async fn on_demand_triggers_notify_only_while_someone_waits() {
+    let db = TestDb::setup().await;
+    let q = PgmqQueue::new(QueueName::new("demand").expect("name"));
+    q.create(&db.pool).await.expect("create");
+    enable_notify(
+        &db.pool,
+        q.name(),
+        &NotifyChannels::default(),
+        NotifyMode::OnDemand,
+    )
+    .await
+    .expect("enable");
+    // A plain LISTEN that does not announce itself, plus a marker channel to order events
+    // without sleeping.
+    let mut raw = sqlx::postgres::PgListener::connect_with(&db.pool)
+        .await
+        .expect("listener");
+    raw.listen_all(["apq.q.demand", "marker"])
+        .await
+        .expect("listen");
+    q.send(&db.pool, &json!(1)).await.expect("send");
+    sqlx::query("NOTIFY marker")
+        .execute(&db.pool)
+        .await
+        .expect("marker");
+    assert_eq!(
+        next_notification(&mut raw).await.0,
+        "marker",
+        "nobody waits: no NOTIFY"
+    );
+    sqlx::query("SELECT apalis_pgmq.want_notify('apq.q.demand', 'test', 60)")
+        .execute(&db.pool)
+        .await
+        .expect("announce");
+    let id = q.send(&db.pool, &json!(2)).await.expect("send");
+    let (channel, payload) = next_notification(&mut raw).await;
+    assert_eq!(channel, "apq.q.demand");
+    assert!(payload.contains(&format!("\"id\" : {id}")), "{payload}");
+    // An expired announcement counts as nobody.
+    sqlx::query("UPDATE apalis_pgmq.listeners SET until = clock_timestamp() - interval '1 second'")
+        .execute(&db.pool)
+        .await
+        .expect("expire");
+    q.send(&db.pool, &json!(3)).await.expect("send");
+    sqlx::query("NOTIFY marker")
+        .execute(&db.pool)
+        .await
+        .expect("marker");
+    assert_eq!(next_notification(&mut raw).await.0, "marker");
+}
+
+#[tokio::test]
+async fn an_insert_in_flight_during_the_announcement_is_not_missed() {
+    let db = TestDb::setup().await;
+    let s = storage(&db, "in_flight");
+    s.create_queue().await.expect("create");
+    // A producer transaction inserts while nobody waits (so it will not notify) and stays open.
+    let mut tx = db.pool.begin().await.expect("begin");
+    s.push_with(&mut *tx, &Job { id: 1 })
+        .await
+        .expect("push in tx");
+    let settled: bool = sqlx::query_scalar("SELECT apalis_pgmq.inserts_settled('in_flight')")
+        .fetch_one(&db.pool)
+        .await
+        .expect("check");
+    assert!(!settled, "an insert that skipped notifying is in flight");
+    // The worker starts, finds nothing committed, announces itself and keeps checking.
+    let log: Log = Arc::default();
+    let worker = WorkerBuilder::new("in-flight")
+        .backend(s.clone())
+        .data(log.clone())
+        .build(record);
+    let (stop, join) = spawn_worker!(worker);
+    wait_for(WAIT, "the worker to announce itself", || async {
+        (count(&db.pool, "SELECT count(*) FROM apalis_pgmq.listeners").await > 0).then_some(())
+    })
+    .await;
+    tx.commit().await.expect("commit");
+    // No notification was sent for this job, and the fallback poll is a minute away: only the
+    // settle check explains a quick pickup.
+    wait_for(
+        QUICK,
+        "the job committed after the announcement",
+        || async { handled(&log, 1).await },
+    )
+    .await;
+    stop.send(()).ok();
+    join.await.expect("join").expect("worker");
+}
+
+#[tokio::test]
+async fn a_backlog_withdraws_the_announcement_until_it_is_drained() {
+    let db = TestDb::setup().await;
+    let queue = "backlog";
+    let s: PgmqStorage<Job> = PgmqStorage::with_config(
+        &db.pool,
+        QueueName::new(queue).expect("name"),
+        slow_poll().fetch_batch_size(10),
+    )
+    .expect("config");
+    s.create_queue().await.expect("create");
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let worker = WorkerBuilder::new("backlog")
+        .backend(s.clone())
+        .data(gate.clone())
+        .concurrency(10)
+        .build(
+            |_job: Job, gate: Data<Arc<tokio::sync::Semaphore>>| async move {
+                gate.acquire()
+                    .await
+                    .map_err(|e| Box::new(e) as BoxDynError)?
+                    .forget();
+                Ok::<(), BoxDynError>(())
+            },
+        );
+    let (stop, join) = spawn_worker!(worker);
+    let announced = || async {
+        count(
+            &db.pool,
+            "SELECT count(*) FROM apalis_pgmq.listeners WHERE until > now()",
+        )
+        .await
+    };
+    wait_for(WAIT, "the idle worker to announce itself", || async {
+        (announced().await == 1).then_some(())
+    })
+    .await;
+    s.push_bulk_with(&db.pool, (0..50).map(|id| Job { id }))
+        .await
+        .expect("push 50");
+    // A full read of 10 means a backlog: producers need not notify any more.
+    wait_for(WAIT, "the announcement to be withdrawn", || async {
+        (announced().await == 0).then_some(())
+    })
+    .await;
+    gate.add_permits(50);
+    wait_for(WAIT, "the backlog to drain", || async {
+        (count(&db.pool, "SELECT count(*) FROM pgmq.q_backlog").await == 0).then_some(())
+    })
+    .await;
+    wait_for(WAIT, "the idle worker to announce itself again", || async {
+        (announced().await == 1).then_some(())
+    })
+    .await;
+    stop.send(()).ok();
+    join.await.expect("join").expect("worker");
 }

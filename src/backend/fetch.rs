@@ -101,6 +101,10 @@ enum State {
     Ensuring(BoxFuture<'static, Result<()>>),
     Idle,
     Fetching(BoxFuture<'static, Result<Fetched>>),
+    /// Announcing that a worker waits, so on-demand triggers notify; then read once more.
+    Announcing(BoxFuture<'static, Result<()>>),
+    /// Checking that no insert which skipped notifying is still in flight.
+    Settling(BoxFuture<'static, Result<bool>>),
     Waiting(Pin<Box<Sleep>>),
     Backoff(Pin<Box<Sleep>>),
     Closing(BoxFuture<'static, ()>),
@@ -121,6 +125,10 @@ pub(crate) struct Fetcher {
     ensured: bool,
     /// Consecutive infrastructure errors, for backoff.
     failures: u32,
+    /// How many messages the last read asked for.
+    last_claim: usize,
+    /// After announcing: inserts that skipped notifying may still be in flight.
+    settle: Option<Settle>,
     /// Keeps the buffered messages' release on drop from needing the storage.
     shared: Option<Arc<Shared>>,
     /// Wake-ups for this queue: notifications, retries written, releases.
@@ -146,6 +154,8 @@ impl Default for Fetcher {
             capacity: Capacity::default(),
             ensured: false,
             failures: 0,
+            last_claim: 0,
+            settle: None,
             shared: None,
             wake: None,
         }
@@ -228,13 +238,29 @@ impl Fetcher {
                         let qty = self
                             .capacity
                             .claim(in_flight, shared.config.fetch_batch_size);
+                        self.last_claim = qty;
                         self.state = State::Fetching(Box::pin(fetch(shared.clone(), qty)));
+                    } else if shared.announces()
+                        && !shared.signal.announced_for(shared.config.poll_interval)
+                    {
+                        self.state = State::Announcing(Box::pin(announce(shared.clone())));
+                    } else if let Some(settle) = self.settle.filter(|s| s.due <= Instant::now()) {
+                        let _ = settle;
+                        let shared2 = shared.clone();
+                        self.state = State::Settling(Box::pin(async move {
+                            crate::notify::inserts_settled(&shared2.pool, shared2.queue.name())
+                                .await
+                        }));
                     } else {
                         let fallback =
                             jittered(shared.config.poll_interval, shared.config.poll_jitter);
                         let mut wait = self.next_visible_in.map_or(fallback, |d| d.min(fallback));
+                        let now = Instant::now();
                         if let Some(due) = self.wake.as_ref().and_then(Subscription::due) {
-                            wait = wait.min(due.saturating_duration_since(Instant::now()));
+                            wait = wait.min(due.saturating_duration_since(now));
+                        }
+                        if let Some(settle) = self.settle {
+                            wait = wait.min(settle.due.saturating_duration_since(now));
                         }
                         self.state = State::Waiting(Box::pin(tokio::time::sleep(wait)));
                     }
@@ -243,12 +269,71 @@ impl Fetcher {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Ok(fetched)) => {
                         self.failures = 0;
-                        self.fetch_now = !fetched.messages.is_empty();
+                        let got = fetched.messages.len();
+                        if got >= HOT_BATCH.min(shared.config.fetch_batch_size)
+                            && got == self.last_claim
+                            && shared.signal.take_announced()
+                        {
+                            // A backlog: workers are busy, notifications would only slow the
+                            // producers. Withdraw, and let this process's idle workers help.
+                            let shared2 = shared.clone();
+                            tokio::spawn(async move { withdraw(&shared2).await });
+                            shared.signal.wake();
+                        }
+                        self.fetch_now = got > 0;
                         self.next_visible_in = fetched.next_visible_in;
                         self.buffer.extend(fetched.messages);
                         self.state = State::Idle;
                     }
                     Poll::Ready(Err(e)) => self.fail(shared, "reading the queue", &e),
+                },
+                State::Announcing(fut) => match fut.poll_unpin(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(result) => {
+                        match result {
+                            Ok(()) => {
+                                // Inserts in flight before the announcement did not notify:
+                                // check until they have all ended, then read once more.
+                                self.settle = Some(Settle {
+                                    due: Instant::now(),
+                                    delay: SETTLE_FIRST,
+                                });
+                            }
+                            Err(e) => {
+                                tracing::warn!(queue = %shared.queue.name(), error = %e,
+                                    "could not announce a waiting worker; relying on polling");
+                                // Do not retry at once: wait as if announced.
+                                shared.signal.set_announced(
+                                    Instant::now() + shared.config.poll_interval * 2,
+                                );
+                            }
+                        }
+                        // With an announcement, the settle check comes first and then the
+                        // read that sees everything committed before it; without, read now.
+                        self.fetch_now = self.settle.is_none();
+                        self.state = State::Idle;
+                    }
+                },
+                State::Settling(fut) => match fut.poll_unpin(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(true)) => {
+                        self.settle = None;
+                        self.fetch_now = true;
+                        self.state = State::Idle;
+                    }
+                    Poll::Ready(Ok(false)) => {
+                        if let Some(s) = &mut self.settle {
+                            s.delay = (s.delay * 2).min(SETTLE_MAX);
+                            s.due = Instant::now() + s.delay;
+                        }
+                        self.state = State::Idle;
+                    }
+                    Poll::Ready(Err(e)) => {
+                        tracing::warn!(queue = %shared.queue.name(), error = %e,
+                            "could not check for in-flight inserts; relying on polling");
+                        self.settle = None;
+                        self.state = State::Idle;
+                    }
                 },
                 State::Waiting(sleep) => {
                     let wake = self.wake.as_mut().map_or(Wake::Nothing, |w| w.poll(cx));
@@ -263,6 +348,11 @@ impl Fetcher {
                         Wake::Nothing => {
                             if sleep.as_mut().poll(cx).is_pending() {
                                 return Poll::Pending;
+                            }
+                            if self.settle.is_some_and(|s| s.due <= Instant::now()) {
+                                // The settle timer, not the fallback: check, do not read.
+                                self.state = State::Idle;
+                                continue;
                             }
                         }
                     }
@@ -362,6 +452,39 @@ impl Drop for Fetcher {
                 self.take_buffer(&shared);
             }
         }
+    }
+}
+
+/// When to check again for inserts that skipped notifying.
+#[derive(Debug, Clone, Copy)]
+struct Settle {
+    due: Instant,
+    delay: Duration,
+}
+
+const SETTLE_FIRST: Duration = Duration::from_millis(5);
+const SETTLE_MAX: Duration = Duration::from_secs(1);
+
+/// A full read of at least this many messages means a backlog.
+const HOT_BATCH: usize = 10;
+
+/// Announces that a worker of this process waits on the queue (on-demand triggers notify from
+/// now on). Inserts already in flight did not notify: the fetcher then checks until they have
+/// all ended (see `migrations/0002_notify.sql`) and reads once more, so none slips through.
+async fn announce(shared: Arc<Shared>) -> Result<()> {
+    let ttl = shared.config.poll_interval * 2 + Duration::from_secs(5);
+    let channel = shared.config.channels.queue_channel(shared.queue.name());
+    let announced_at = Instant::now();
+    crate::notify::want(&shared.pool, &channel, &shared.hub.owner, ttl.as_secs_f64()).await?;
+    shared.signal.set_announced(announced_at + ttl);
+    Ok(())
+}
+
+/// Withdraws this process's announcement (producers stop notifying).
+async fn withdraw(shared: &Shared) {
+    let channel = shared.config.channels.queue_channel(shared.queue.name());
+    if let Err(e) = crate::notify::unwant(&shared.pool, &channel, &shared.hub.owner).await {
+        tracing::debug!(error = %e, "could not withdraw the announcement; it expires by itself");
     }
 }
 

@@ -143,6 +143,11 @@ impl Shared {
         }
     }
 
+    /// Whether idle workers announce themselves (listening, with an on-demand trigger).
+    pub(crate) fn announces(&self) -> bool {
+        self.config.listen && self.config.notify_mode == notify::NotifyMode::OnDemand
+    }
+
     /// A worker's wake-up subscription; the receiver resolves once its LISTEN is active.
     pub(crate) fn subscribe(&self) -> (Subscription, Option<oneshot::Receiver<()>>) {
         let channel = self

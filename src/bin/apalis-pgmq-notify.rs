@@ -35,7 +35,9 @@ options:
   --namespace-pattern RE        regex with a (?P<namespace>...) group
                                 (default (?P<namespace>\\w+)_queue)
   --default-namespace NS        namespace of queues the pattern misses (default: default)
-  --mode batch|message          one NOTIFY per statement (default), or per message with payload
+  --mode on_demand|batch|message
+                                one NOTIFY per statement while a worker waits (default),
+                                always, or one per message with the payload
   --max-payload-bytes N         byte budget of a per-message event (default 7000)
   --created-events              generate-migration: also announce created queues
   --output FILE                 generate-migration: write the SQL to FILE
@@ -123,7 +125,11 @@ impl Args {
             })?),
             None => None,
         };
-        let default_mode = if bytes.is_some() { "message" } else { "batch" };
+        let default_mode = if bytes.is_some() {
+            "message"
+        } else {
+            "on_demand"
+        };
         NotifyMode::from_name(self.mode.as_deref().unwrap_or(default_mode), bytes)
             .map_err(|e| Failure::Usage(e.to_string()))
     }

@@ -16,7 +16,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 use tokio::{sync::mpsc, time::Instant};
 
-use super::{Hub, NotifyChannels, hub, lock, triggers::enable_created_notify};
+use super::{Hub, NotifyChannels, hub, lock, triggers::enable_created_notify, unwant, want};
 use crate::{
     error::{Error, Result},
     queue::QueueName,
@@ -251,6 +251,9 @@ impl Hub {
 
     /// After the listening connection is (re)established.
     pub(crate) async fn after_connect(&self, reconnected: bool) {
+        if reconnected {
+            self.forget_announcements();
+        }
         self.wake_all();
         if reconnected {
             let mut all: Vec<EventSender> = lock(&self.subscribers)
@@ -423,11 +426,71 @@ impl QueueEvents {
                 _ => return Err(Error::Stopped("the listener could not LISTEN within 10 s")),
             }
         }
+        // Announce the subscription so on-demand triggers notify, and keep it fresh.
+        let owner = format!(
+            "{}.ev{}",
+            hub.owner,
+            SUBSCRIPTIONS.fetch_add(1, Ordering::Relaxed)
+        );
+        for c in &channel_names {
+            want(&self.pool, c, &owner, REGISTRATION_TTL.as_secs_f64()).await?;
+        }
+        let refresher = {
+            let (pool, owner, channels) = (self.pool.clone(), owner.clone(), channel_names.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(REGISTRATION_TTL / 3).await;
+                    for c in &channels {
+                        if let Err(e) = want(&pool, c, &owner, REGISTRATION_TTL.as_secs_f64()).await
+                        {
+                            tracing::debug!(error = %e, "could not refresh an event subscription");
+                        }
+                    }
+                }
+            })
+        };
         Ok(EventStream {
             stats: hub.stats.clone(),
             _hub: hub,
             rx,
+            _registration: Some(Registration {
+                pool: self.pool.clone(),
+                owner,
+                channels: channel_names,
+                refresher,
+            }),
         })
+    }
+}
+
+/// How long an event subscription's announcement lasts without a refresh.
+const REGISTRATION_TTL: Duration = Duration::from_secs(90);
+
+static SUBSCRIPTIONS: AtomicU64 = AtomicU64::new(0);
+
+/// An event subscription's rows in `apalis_pgmq.listeners`.
+struct Registration {
+    pool: PgPool,
+    owner: String,
+    channels: Vec<String>,
+    refresher: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.refresher.abort();
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let (pool, owner, channels) = (
+                self.pool.clone(),
+                std::mem::take(&mut self.owner),
+                std::mem::take(&mut self.channels),
+            );
+            tokio::spawn(async move {
+                for c in &channels {
+                    let _ = unwant(&pool, c, &owner).await;
+                }
+            });
+        }
     }
 }
 
@@ -436,6 +499,7 @@ pub struct EventStream {
     rx: mpsc::Receiver<QueueEvent>,
     stats: Arc<Stats>,
     _hub: Arc<Hub>,
+    _registration: Option<Registration>,
 }
 
 impl std::fmt::Debug for EventStream {

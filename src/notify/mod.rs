@@ -71,6 +71,8 @@ pub(crate) struct Hub {
     /// Commands to the listener task, once it is started.
     listener: Mutex<Option<mpsc::UnboundedSender<listener::Command>>>,
     stats: Arc<events::Stats>,
+    /// Identifies this process's rows in `apalis_pgmq.listeners`.
+    pub(crate) owner: String,
 }
 
 impl std::fmt::Debug for Hub {
@@ -94,6 +96,11 @@ pub(crate) fn hub(pool: &PgPool) -> Arc<Hub> {
         subscribers: Mutex::default(),
         listener: Mutex::default(),
         stats: Arc::default(),
+        owner: format!(
+            "{}.{:016x}",
+            std::process::id(),
+            (crate::util::random_unit() * 2f64.powi(53)) as u64
+        ),
     });
     hubs.insert(key, Arc::downgrade(&hub));
     hub
@@ -139,6 +146,18 @@ impl Hub {
         }
     }
 
+    /// Forgets every announcement: after a server restart the unlogged listeners table may be
+    /// empty, so idle workers must announce again.
+    fn forget_announcements(&self) {
+        let signals: Vec<Arc<WakeSignal>> = lock(&self.signals)
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for s in signals {
+            s.take_announced();
+        }
+    }
+
     /// Asks the listener to LISTEN on `channel`; the receiver resolves once it does (or never,
     /// if the database cannot be reached: callers wait with a timeout).
     pub(crate) fn listen(self: &Arc<Self>, channel: String) -> oneshot::Receiver<()> {
@@ -161,6 +180,41 @@ impl Hub {
         let _ = tx.send(listener::Command::Listen(channel, ack_tx));
         ack_rx
     }
+}
+
+/// Announces that `owner` waits on `channel` for `secs` seconds (on-demand triggers notify).
+pub(crate) async fn want(
+    pool: &PgPool,
+    channel: &str,
+    owner: &str,
+    secs: f64,
+) -> crate::Result<()> {
+    sqlx::query("SELECT apalis_pgmq.want_notify($1, $2, $3)")
+        .bind(channel)
+        .bind(owner)
+        .bind(secs)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Withdraws an announcement.
+pub(crate) async fn unwant(pool: &PgPool, channel: &str, owner: &str) -> crate::Result<()> {
+    sqlx::query("SELECT apalis_pgmq.unwant_notify($1, $2)")
+        .bind(channel)
+        .bind(owner)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Whether every insert into `queue` that skipped notifying has finished (see the migration).
+pub(crate) async fn inserts_settled(pool: &PgPool, queue: &QueueName) -> crate::Result<bool> {
+    let settled: bool = sqlx::query_scalar("SELECT apalis_pgmq.inserts_settled($1)")
+        .bind(queue.as_str())
+        .fetch_one(pool)
+        .await?;
+    Ok(settled)
 }
 
 /// A worker's subscription for `queue`: the queue's wake signal, plus (when `listen` is set) a

@@ -36,6 +36,9 @@ pub(crate) struct WakeSignal {
     due: Mutex<Option<Instant>>,
     /// Waiting subscribers.
     wakers: Mutex<Vec<Waker>>,
+    /// Until when this process has announced (in `apalis_pgmq.listeners`) that a worker of this
+    /// queue waits, so on-demand triggers notify.
+    announced_until: Mutex<Option<Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -70,6 +73,22 @@ impl WakeSignal {
     /// The earliest known future time work becomes visible.
     pub(crate) fn due(&self) -> Option<Instant> {
         lock(&self.due).filter(|d| *d > Instant::now())
+    }
+
+    /// Whether the announcement stays valid for at least `margin`.
+    pub(crate) fn announced_for(&self, margin: std::time::Duration) -> bool {
+        lock(&self.announced_until).is_some_and(|u| u > Instant::now() + margin)
+    }
+
+    pub(crate) fn set_announced(&self, until: Instant) {
+        *lock(&self.announced_until) = Some(until);
+    }
+
+    /// Forgets the announcement; `true` if one was in force.
+    pub(crate) fn take_announced(&self) -> bool {
+        lock(&self.announced_until)
+            .take()
+            .is_some_and(|u| u > Instant::now())
     }
 
     fn wake_all(&self) {

@@ -16,9 +16,14 @@ pub const DEFAULT_MESSAGE_PAYLOAD_BYTES: u16 = 7000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum NotifyMode {
-    /// One notification per queue per statement, however many rows (a signal with the count and
-    /// the first id). The default, and all workers need.
+    /// One notification per queue per statement, however many rows, sent only while a listener
+    /// has announced that it waits (idle workers and event subscribers of this crate do). The
+    /// default: busy producers pay nothing while every worker is busy, because PostgreSQL
+    /// serialises the commits of notifying transactions.
     #[default]
+    OnDemand,
+    /// One notification per queue per statement, always (for listeners that do not announce
+    /// themselves, e.g. your own `LISTEN`).
     Batch,
     /// One notification per message, with the message and headers inline when the whole event
     /// fits `max_payload_bytes` (counted in bytes), else a signal-only event. Opt-in: every row
@@ -55,8 +60,9 @@ impl NotifyMode {
     /// ```
     pub fn from_name(mode: &str, max_payload_bytes: Option<u16>) -> Result<Self> {
         let parsed = match (mode, max_payload_bytes) {
+            ("on_demand", None) => Self::OnDemand,
             ("batch", None) => Self::Batch,
-            ("batch", Some(_)) => {
+            ("batch" | "on_demand", Some(_)) => {
                 return Err(Error::Config(
                     "max_payload_bytes applies to the message mode only".to_owned(),
                 ));
@@ -66,7 +72,7 @@ impl NotifyMode {
             },
             (other, _) => {
                 return Err(Error::Config(format!(
-                    "notify mode must be \"batch\" or \"message\", got {other:?}"
+                    "notify mode must be \"on_demand\", \"batch\" or \"message\", got {other:?}"
                 )));
             }
         };
@@ -76,6 +82,7 @@ impl NotifyMode {
 
     fn sql_parts(self) -> (&'static str, i32) {
         match self {
+            Self::OnDemand => ("on_demand", i32::from(DEFAULT_MESSAGE_PAYLOAD_BYTES)),
             Self::Batch => ("batch", i32::from(DEFAULT_MESSAGE_PAYLOAD_BYTES)),
             Self::Message { max_payload_bytes } => ("message", i32::from(max_payload_bytes)),
         }
@@ -177,16 +184,15 @@ pub async fn notify_mode<'c, E: PgExecutor<'c>>(
     let Some(row) = row else { return Ok(None) };
     let mode: String = row.try_get(0)?;
     let args: Vec<String> = row.try_get(1)?;
-    let mode = if mode == "message" {
-        let bytes = args
-            .get(3)
-            .and_then(|b| b.parse().ok())
-            .unwrap_or(DEFAULT_MESSAGE_PAYLOAD_BYTES);
-        NotifyMode::Message {
-            max_payload_bytes: bytes,
-        }
-    } else {
-        NotifyMode::Batch
+    let mode = match mode.as_str() {
+        "message" => NotifyMode::Message {
+            max_payload_bytes: args
+                .get(3)
+                .and_then(|b| b.parse().ok())
+                .unwrap_or(DEFAULT_MESSAGE_PAYLOAD_BYTES),
+        },
+        "batch" => NotifyMode::Batch,
+        _ => NotifyMode::OnDemand,
     };
     let channels = args
         .into_iter()

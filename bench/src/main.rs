@@ -1,0 +1,611 @@
+//! Side-by-side benchmark: apalis-pgmq-notify, apalis-postgres 1.0 (plain and with its
+//! LISTEN/NOTIFY pubsub), apalis-pgmq 0.1.0-rc.5 (plain and with PGMQ's notify_insert, run by
+//! the `pgmq-peer` binary), and the raw SQL ceiling, on one PostgreSQL in one run.
+//!
+//! ```text
+//! scripts/bench.sh [--quick] [--systems a,b,...] [--workloads a,b,...]
+//! ```
+//!
+//! Every measurement prints a `BENCH {json}` line; a table follows at the end.
+
+#[path = "shared.rs"]
+mod shared;
+
+use std::{
+    collections::BTreeMap,
+    process::Stdio,
+    str::FromStr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use apalis::prelude::*;
+use apalis_pgmq_notify::{
+    Config as OurConfig, NotifyChannels, NotifyMode, PgmqQueue, PgmqStorage, QueueName,
+    disable_notify, enable_notify,
+};
+use apalis_postgres::{Config as PgConfig, PostgresStorage};
+use serde_json::json;
+use shared::{
+    BenchJob, Counters, Params, Record, gap, latency_values, max_push_rate, now_micros,
+    offered_load, stop_workers, wait_done,
+};
+use sqlx::{
+    PgPool,
+    postgres::{PgConnectOptions, PgListener, PgPoolOptions},
+};
+
+const OURS: &str = "apalis-pgmq-notify";
+const PG_PLAIN: &str = "apalis-postgres";
+const PG_NOTIFY: &str = "apalis-postgres+notify";
+const PGMQ_PLAIN: &str = "apalis-pgmq";
+const PGMQ_NOTIFY: &str = "apalis-pgmq+notify";
+const RAW: &str = "raw-sql";
+
+const ALL_SYSTEMS: &[&str] = &[OURS, PG_PLAIN, PG_NOTIFY, PGMQ_PLAIN, PGMQ_NOTIFY, RAW];
+const ALL_WORKLOADS: &[&str] = &[
+    "burn_down",
+    "enqueue",
+    "pickup",
+    "idle_cost",
+    "sustained",
+    "notify_cost",
+];
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+struct Bench {
+    admin: PgConnectOptions,
+    params: Params,
+    peer_bin: Option<String>,
+    records: Vec<Record>,
+}
+
+fn db_name(system: &str, workload: &str) -> String {
+    let clean = |s: &str| s.replace(['-', '+'], "_");
+    format!("apqb_{}_{}", clean(system), clean(workload))
+}
+
+impl Bench {
+    async fn admin_pool(&self) -> Res<PgPool> {
+        Ok(PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(self.admin.clone())
+            .await?)
+    }
+
+    /// A fresh database with pg_stat_statements (when the server preloads it).
+    async fn fresh_db(&self, system: &str, workload: &str) -> Res<(PgConnectOptions, PgPool)> {
+        let name = db_name(system, workload);
+        let admin = self.admin_pool().await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+        )))
+        .execute(&admin)
+        .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE \"{name}\" TEMPLATE template0"
+        )))
+        .execute(&admin)
+        .await?;
+        admin.close().await;
+        let opts = self.admin.clone().database(&name);
+        let pool = PgPoolOptions::new()
+            .max_connections(20)
+            .connect_with(opts.clone())
+            .await?;
+        let _ = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(&pool)
+            .await;
+        Ok((opts, pool))
+    }
+
+    async fn drop_db(&self, system: &str, workload: &str) {
+        if let Ok(admin) = self.admin_pool().await {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                db_name(system, workload)
+            )))
+            .execute(&admin)
+            .await;
+        }
+    }
+
+    fn emit(&mut self, r: Record) {
+        r.emit();
+        self.records.push(r);
+    }
+}
+
+/// Statements executed in the current database, from pg_stat_statements; falls back to
+/// committed transactions when the extension is not available.
+pub async fn statement_count(pool: &PgPool) -> (f64, &'static str) {
+    let statements: Result<i64, _> = sqlx::query_scalar(
+        "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements \
+         WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND query NOT ILIKE '%pg_stat%'",
+    )
+    .fetch_one(pool)
+    .await;
+    if let Ok(n) = statements {
+        return (n as f64, "statements (pg_stat_statements)");
+    }
+    let tx: i64 = sqlx::query_scalar(
+        "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database \
+         WHERE datname = current_database()",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap_or(0);
+    (tx as f64, "transactions (pg_stat_database)")
+}
+
+fn job(t: u64) -> BenchJob {
+    BenchJob { t }
+}
+
+// ---------------------------------------------------------------- this crate
+
+async fn ours(pool: &PgPool, p: &Params) -> Res<PgmqStorage<BenchJob>> {
+    apalis_pgmq_notify::setup(pool).await?;
+    let s = PgmqStorage::with_config(
+        pool,
+        QueueName::new("bench")?,
+        OurConfig::default().fetch_batch_size(p.batch_size),
+    )?;
+    s.create_queue().await?;
+    Ok(s)
+}
+
+// ---------------------------------------------------------------- apalis-postgres
+
+async fn apalis_pg(pool: &PgPool, p: &Params, poll: Duration) -> Res<PostgresStorage<BenchJob>> {
+    PostgresStorage::setup(pool).await?;
+    Ok(PostgresStorage::<BenchJob>::new(pool).with_config(
+        PgConfig::default()
+            .queue("bench")
+            .batch_size(p.batch_size)
+            .heartbeat_interval(poll),
+    ))
+}
+
+async fn run_ours(bench: &mut Bench, workload: &str) -> Res<()> {
+    let (_opts, pool) = bench.fresh_db(OURS, workload).await?;
+    let p = bench.params.clone();
+    let s = ours(&pool, &p).await?;
+    if workload == "notify_cost" {
+        let q = s.queue().clone();
+        let channels = NotifyChannels::default();
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.listen(&channels.queue_channel(q.name())).await?;
+        let drain = tokio::spawn(async move { while listener.recv().await.is_ok() {} });
+        let push = {
+            let pool = pool.clone();
+            let q = q.clone();
+            move || {
+                let pool = pool.clone();
+                let q = q.clone();
+                async move { q.send(&pool, &json!({"t": 0})).await.map(|_| ()) }
+            }
+        };
+        disable_notify(&pool, q.name()).await?;
+        let off = max_push_rate(p.notify_secs, p.notify_producers, push.clone()).await;
+        enable_notify(&pool, q.name(), &channels, NotifyMode::Batch).await?;
+        let on = max_push_rate(p.notify_secs, p.notify_producers, push).await;
+        drain.abort();
+        bench.emit(notify_record(OURS, on, off, p.notify_producers));
+    } else {
+        let mut records = Vec::new();
+        apalis_workload!(
+            p,
+            |r: Record| records.push(r),
+            OURS,
+            workload,
+            &pool,
+            s.clone(),
+            s.clone(),
+            false
+        )?;
+        records.into_iter().for_each(|r| bench.emit(r));
+    }
+    pool.close().await;
+    bench.drop_db(OURS, workload).await;
+    Ok(())
+}
+
+fn notify_record(system: &str, on: f64, off: f64, producers: usize) -> Record {
+    Record::new(system, "notify_cost")
+        .value("on_per_sec", on)
+        .value("off_per_sec", off)
+        .value("ratio", on / off)
+        .note(format!(
+            "{producers} producers, single-row sends, a listener attached"
+        ))
+}
+
+async fn run_apalis_pg(bench: &mut Bench, system: &str, workload: &str) -> Res<()> {
+    let (_opts, pool) = bench.fresh_db(system, workload).await?;
+    let p = bench.params.clone();
+    let poll = if system == PG_PLAIN {
+        Duration::from_millis(p.poll_ms)
+    } else {
+        Duration::from_secs(30)
+    };
+    let s = apalis_pg(&pool, &p, poll).await?;
+    if workload == "notify_cost" {
+        if system != PG_PLAIN {
+            pool.close().await;
+            bench.drop_db(system, workload).await;
+            return Ok(()); // the trigger is the same in both modes: measured once
+        }
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.listen("apalis::job::insert").await?;
+        let drain = tokio::spawn(async move { while listener.recv().await.is_ok() {} });
+        let push = {
+            let s = s.clone();
+            move || {
+                let mut s = s.clone();
+                async move { s.push(job(0)).await }
+            }
+        };
+        sqlx::query("DROP TRIGGER IF EXISTS notify_workers ON apalis.jobs")
+            .execute(&pool)
+            .await?;
+        let off = max_push_rate(p.notify_secs, p.notify_producers, push.clone()).await;
+        sqlx::query(
+            "CREATE TRIGGER notify_workers AFTER INSERT ON apalis.jobs \
+             FOR EACH ROW EXECUTE FUNCTION apalis.notify_new_jobs()",
+        )
+        .execute(&pool)
+        .await?;
+        let on = max_push_rate(p.notify_secs, p.notify_producers, push).await;
+        drain.abort();
+        bench.emit(
+            notify_record("apalis-postgres", on, off, p.notify_producers).note(format!(
+                "{} producers, per-row NOTIFY trigger (same in both modes), a listener attached",
+                p.notify_producers
+            )),
+        );
+    } else {
+        let mut records = Vec::new();
+        let emit = |r: Record| records.push(r);
+        if system == PG_PLAIN {
+            apalis_workload!(p, emit, system, workload, &pool, s.clone(), s.clone(), true)?;
+        } else {
+            apalis_workload!(
+                p,
+                emit,
+                system,
+                workload,
+                &pool,
+                s.clone().with_pubsub(),
+                s.clone(),
+                false
+            )?;
+        }
+        records.into_iter().for_each(|r| bench.emit(r));
+    }
+    pool.close().await;
+    bench.drop_db(system, workload).await;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- raw SQL ceiling
+
+async fn run_raw(bench: &mut Bench, workload: &str) -> Res<()> {
+    if !matches!(workload, "burn_down" | "enqueue" | "notify_cost") {
+        return Ok(());
+    }
+    let (_opts, pool) = bench.fresh_db(RAW, workload).await?;
+    let p = bench.params.clone();
+    apalis_pgmq_notify::setup(&pool).await?;
+    let q = PgmqQueue::new(QueueName::new("raw")?);
+    q.create(&pool).await?;
+    const SEND_MANY: &str = "INSERT INTO pgmq.q_raw (vt, message) \
+        SELECT clock_timestamp(), m FROM unnest($1::jsonb[]) AS t(m)";
+    const SEND_ONE: &str = "INSERT INTO pgmq.q_raw (vt, message) VALUES (clock_timestamp(), $1)";
+    let body = json!({"t": 0});
+    match workload {
+        "burn_down" => {
+            let mut left = p.burn_jobs;
+            while left > 0 {
+                let n = left.min(1000);
+                let batch: Vec<serde_json::Value> = (0..n).map(|_| body.clone()).collect();
+                sqlx::query(SEND_MANY).bind(batch).execute(&pool).await?;
+                left -= n;
+            }
+            // Claim a batch with SKIP LOCKED and archive it, in one statement, until empty.
+            const CLAIM_ARCHIVE: &str = "WITH c AS (SELECT msg_id FROM pgmq.q_raw \
+                  WHERE vt <= clock_timestamp() ORDER BY msg_id LIMIT $1 FOR UPDATE SKIP LOCKED), \
+                d AS (DELETE FROM pgmq.q_raw q USING c WHERE q.msg_id = c.msg_id RETURNING q.*) \
+                INSERT INTO pgmq.a_raw (msg_id, read_ct, enqueued_at, last_read_at, vt, message, headers) \
+                SELECT msg_id, read_ct + 1, enqueued_at, clock_timestamp(), vt, message, headers FROM d";
+            let consumers = p.workers * 2;
+            let start = Instant::now();
+            let mut handles = Vec::new();
+            for _ in 0..consumers {
+                let pool = pool.clone();
+                let batch = p.batch_size as i64;
+                handles.push(tokio::spawn(async move {
+                    let mut n = 0u64;
+                    loop {
+                        match sqlx::query(CLAIM_ARCHIVE).bind(batch).execute(&pool).await {
+                            Ok(r) if r.rows_affected() == 0 => break n,
+                            Ok(r) => n += r.rows_affected(),
+                            Err(e) => {
+                                eprintln!("raw consumer: {e}");
+                                break n;
+                            }
+                        }
+                    }
+                }));
+            }
+            let mut done = 0;
+            for h in handles {
+                done += h.await.unwrap_or(0);
+            }
+            let secs = start.elapsed().as_secs_f64();
+            bench.emit(
+                Record::new(RAW, "burn_down")
+                    .value("jobs", done as f64)
+                    .value("secs", secs)
+                    .value("jobs_per_sec", done as f64 / secs)
+                    .note(format!(
+                        "{consumers} connections claiming {} with SKIP LOCKED + archive per statement, no handler",
+                        p.batch_size
+                    )),
+            );
+        }
+        "enqueue" => {
+            let start = Instant::now();
+            for _ in 0..p.enqueue_single {
+                sqlx::query(SEND_ONE).bind(&body).execute(&pool).await?;
+            }
+            let single = p.enqueue_single as f64 / start.elapsed().as_secs_f64();
+            let start = Instant::now();
+            for _ in 0..p.enqueue_bulk_batches {
+                let batch: Vec<serde_json::Value> =
+                    (0..p.bulk_size).map(|_| body.clone()).collect();
+                sqlx::query(SEND_MANY).bind(batch).execute(&pool).await?;
+            }
+            let bulk =
+                (p.enqueue_bulk_batches * p.bulk_size) as f64 / start.elapsed().as_secs_f64();
+            bench.emit(
+                Record::new(RAW, "enqueue")
+                    .value("single_per_sec", single)
+                    .value("bulk_per_sec", bulk)
+                    .note("one INSERT per job / one INSERT ... unnest per batch"),
+            );
+        }
+        _ => {
+            let push = {
+                let pool = pool.clone();
+                let body = body.clone();
+                move || {
+                    let pool = pool.clone();
+                    let body = body.clone();
+                    async move {
+                        sqlx::query(SEND_ONE)
+                            .bind(body)
+                            .execute(&pool)
+                            .await
+                            .map(|_| ())
+                    }
+                }
+            };
+            let off = max_push_rate(p.notify_secs, p.notify_producers, push).await;
+            bench.emit(
+                Record::new(RAW, "notify_cost")
+                    .value("off_per_sec", off)
+                    .note("single-row INSERT, no trigger"),
+            );
+        }
+    }
+    pool.close().await;
+    bench.drop_db(RAW, workload).await;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- apalis-pgmq (subprocess)
+
+async fn run_peer(bench: &mut Bench, system: &str, workload: &str) -> Res<()> {
+    let Some(bin) = bench.peer_bin.clone() else {
+        eprintln!("{system}: skipped (no --peer-bin; build bench/pgmq-peer)");
+        return Ok(());
+    };
+    let (opts, pool) = bench.fresh_db(system, workload).await?;
+    // apalis-pgmq expects PGMQ to be installed already: install it the same way for everyone.
+    apalis_pgmq_notify::setup(&pool).await?;
+    pool.close().await;
+    let url = format!(
+        "postgres://{}@{}:{}/{}",
+        opts.get_username(),
+        opts.get_host(),
+        opts.get_port(),
+        opts.get_database().unwrap_or_default()
+    );
+    let out = tokio::process::Command::new(&bin)
+        .args([
+            "--system",
+            system,
+            "--workload",
+            workload,
+            "--database-url",
+            &url,
+            "--params",
+            &serde_json::to_string(&bench.params)?,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()
+        .await?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some(json) = line.strip_prefix("BENCH ")
+            && let Ok(r) = serde_json::from_str::<Record>(json)
+        {
+            bench.emit(r);
+        }
+    }
+    if !out.status.success() {
+        eprintln!("{system} {workload}: peer exited with {}", out.status);
+    }
+    bench.drop_db(system, workload).await;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- report
+
+fn table(records: &[Record]) {
+    let metrics: &[(&str, &str, &str)] = &[
+        ("burn_down", "jobs_per_sec", "burn-down, jobs/s"),
+        ("enqueue", "single_per_sec", "enqueue single, jobs/s"),
+        ("enqueue", "bulk_per_sec", "enqueue bulk, jobs/s"),
+        ("pickup", "p50_ms", "idle pickup p50, ms"),
+        ("pickup", "p95_ms", "idle pickup p95, ms"),
+        ("pickup", "p99_ms", "idle pickup p99, ms"),
+        ("pickup", "max_ms", "idle pickup max, ms"),
+        ("idle_cost", "per_sec", "idle cost, queries/s/worker"),
+        (
+            "sustained",
+            "achieved_per_sec",
+            "sustained: achieved jobs/s",
+        ),
+        ("sustained", "p50_ms", "sustained pickup p50, ms"),
+        ("sustained", "p99_ms", "sustained pickup p99, ms"),
+        ("notify_cost", "on_per_sec", "producer with NOTIFY, jobs/s"),
+        ("notify_cost", "off_per_sec", "producer without, jobs/s"),
+        ("notify_cost", "ratio", "NOTIFY on / off"),
+    ];
+    let systems: Vec<&str> = ALL_SYSTEMS
+        .iter()
+        .copied()
+        .filter(|s| records.iter().any(|r| r.system == *s))
+        .collect();
+    print!("\n| metric |");
+    for s in &systems {
+        print!(" {s} |");
+    }
+    println!();
+    print!("|---|");
+    for _ in &systems {
+        print!("---:|");
+    }
+    println!();
+    for (workload, key, label) in metrics {
+        let row: Vec<String> = systems
+            .iter()
+            .map(|s| {
+                records
+                    .iter()
+                    .find(|r| r.system == *s && r.workload == *workload)
+                    .and_then(|r| r.values.get(*key))
+                    .map_or("–".to_owned(), |v| fmt_num(*v))
+            })
+            .collect();
+        if row.iter().all(|c| c == "–") {
+            continue;
+        }
+        println!("| {label} | {} |", row.join(" | "));
+    }
+    println!();
+    // Ratios to the best peer and to the ceiling.
+    let get = |s: &str, w: &str, k: &str| {
+        records
+            .iter()
+            .find(|r| r.system == s && r.workload == w)
+            .and_then(|r| r.values.get(k).copied())
+    };
+    if let Some(ours) = get(OURS, "burn_down", "jobs_per_sec") {
+        let best_peer = [PG_PLAIN, PG_NOTIFY, PGMQ_PLAIN, PGMQ_NOTIFY]
+            .iter()
+            .filter_map(|s| get(s, "burn_down", "jobs_per_sec").map(|v| (*s, v)))
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        if let Some((peer, v)) = best_peer {
+            println!("burn-down: {:.2}x the best peer ({peer})", ours / v);
+        }
+        if let Some(raw) = get(RAW, "burn_down", "jobs_per_sec") {
+            println!(
+                "burn-down: {:.0}% of the raw SQL ceiling",
+                100.0 * ours / raw
+            );
+        }
+    }
+}
+
+fn fmt_num(v: f64) -> String {
+    if v.is_nan() {
+        "–".to_owned()
+    } else if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+#[tokio::main]
+async fn main() -> Res<()> {
+    let mut args = std::env::args().skip(1);
+    let mut params = Params::default();
+    let mut systems: Vec<String> = ALL_SYSTEMS.iter().map(|s| (*s).to_owned()).collect();
+    let mut workloads: Vec<String> = ALL_WORKLOADS.iter().map(|s| (*s).to_owned()).collect();
+    let mut peer_bin = std::env::var("APQ_PEER_BIN").ok();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => params = Params::quick(),
+            "--systems" => {
+                systems = args
+                    .next()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(str::to_owned)
+                    .collect()
+            }
+            "--workloads" => {
+                workloads = args
+                    .next()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(str::to_owned)
+                    .collect()
+            }
+            "--peer-bin" => peer_bin = args.next(),
+            other => return Err(format!("unknown argument {other}").into()),
+        }
+    }
+    let url = std::env::var("DATABASE_URL").map_err(|_| "DATABASE_URL is not set")?;
+    let admin = PgConnectOptions::from_str(&url)?;
+    let mut bench = Bench {
+        admin,
+        params,
+        peer_bin,
+        records: Vec::new(),
+    };
+    shared::anchor();
+    eprintln!("params: {}", serde_json::to_string(&bench.params)?);
+    for workload in &workloads {
+        for system in &systems {
+            eprintln!("== {system} / {workload}");
+            let result = match system.as_str() {
+                OURS => run_ours(&mut bench, workload).await,
+                PG_PLAIN | PG_NOTIFY => run_apalis_pg(&mut bench, system, workload).await,
+                PGMQ_PLAIN | PGMQ_NOTIFY => run_peer(&mut bench, system, workload).await,
+                RAW => run_raw(&mut bench, workload).await,
+                other => Err(format!("unknown system {other}").into()),
+            };
+            if let Err(e) = result {
+                eprintln!("{system} / {workload} failed: {e}");
+                bench.emit(Record::new(system, workload).note(format!("failed: {e}")));
+            }
+        }
+    }
+    let by_system: BTreeMap<&str, usize> =
+        bench.records.iter().fold(BTreeMap::new(), |mut m, r| {
+            *m.entry(r.system.as_str()).or_default() += 1;
+            m
+        });
+    eprintln!("records per system: {by_system:?}");
+    table(&bench.records);
+    Ok(())
+}

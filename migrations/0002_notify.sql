@@ -7,23 +7,28 @@
 --
 -- PostgreSQL serialises the commits of notifying transactions (the notification queue lock is
 -- held through the commit), so a NOTIFY per single-row insert halves a busy producer. The default
--- "on_demand" mode therefore notifies only while some listener has announced that it waits (a
--- row in apalis_pgmq.listeners): idle workers announce, busy ones do not need waking. To close the
--- race with a worker that announces while a producer's insert is in flight, every insert takes a
--- shared transaction-level advisory lock on the queue before looking; after announcing, a worker
--- takes the exclusive lock once (and at once releases it) before its last read, so every insert
--- that did not notify has committed by then and that read sees it.
+-- "on_demand" mode therefore notifies only when a listener has asked to be woken: an idle worker
+-- arms a row in apalis_pgmq.listeners ("wake me once"); the first insert that finds it armed
+-- disarms it and notifies, and later inserts skip until the worker, idle again, re-arms it. Busy
+-- workers cost producers nothing. Event subscribers keep a persistent row (every insert notifies).
+-- To close the race with a worker that arms while an insert that skipped notifying is in
+-- flight, every insert takes a shared transaction-level advisory lock on the queue before
+-- looking; after arming, a worker takes the exclusive lock once (and at once releases it) before
+-- its last read, so every insert that did not notify has committed by then and that read sees it.
 --
 -- The "batch" mode always notifies. The opt-in "message" mode sends one NOTIFY per row with the
 -- message inline when the whole payload fits a byte budget, and a signal-only "ready" event (with
 -- "big": true) when it does not: a payload is never truncated.
 -- Channel names are computed by the application and passed as trigger arguments.
 
--- Who waits for notifications: a channel, an owner (one per listening process), until when.
+-- Who waits for notifications: a channel, an owner (one per listening process), until when,
+-- whether the next insert should notify (armed), and whether every insert should (persistent).
 CREATE UNLOGGED TABLE IF NOT EXISTS apalis_pgmq.listeners (
   channel text NOT NULL,
   owner text NOT NULL,
   until timestamptz NOT NULL,
+  armed boolean NOT NULL DEFAULT true,
+  persistent boolean NOT NULL DEFAULT false,
   PRIMARY KEY (channel, owner)
 );
 
@@ -40,12 +45,19 @@ DECLARE
   first_id bigint;
   delay double precision;
   payload text;
+  wanted boolean;
 BEGIN
   -- TG_ARGV: queue, queue channel, namespace channel, mode ('on_demand' | 'always')
   IF TG_NARGS > 3 AND TG_ARGV[3] = 'on_demand' THEN
     PERFORM pg_advisory_xact_lock_shared(apalis_pgmq.queue_lock_class(), hashtext(TG_ARGV[0]));
-    IF NOT EXISTS (SELECT 1 FROM apalis_pgmq.listeners
-                   WHERE channel IN (TG_ARGV[1], TG_ARGV[2]) AND until > clock_timestamp()) THEN
+    wanted := EXISTS (SELECT 1 FROM apalis_pgmq.listeners
+                      WHERE channel IN (TG_ARGV[1], TG_ARGV[2]) AND persistent
+                        AND until > clock_timestamp());
+    -- Wake-me-once rows: the first insert to find one armed disarms it and notifies.
+    UPDATE apalis_pgmq.listeners SET armed = false
+     WHERE channel IN (TG_ARGV[1], TG_ARGV[2]) AND armed AND NOT persistent
+       AND until > clock_timestamp();
+    IF NOT (wanted OR FOUND) THEN
       RETURN NULL;
     END IF;
   END IF;
@@ -103,14 +115,17 @@ BEGIN
 END
 $$;
 
--- Announces that `owner` waits for notifications on `channel` for `seconds`.
-CREATE OR REPLACE FUNCTION apalis_pgmq.want_notify(channel text, owner text, seconds double precision)
+-- Arms `owner`'s wake-up on `channel` for `seconds`: the next insert notifies (every insert, when
+-- `persistent`).
+CREATE OR REPLACE FUNCTION apalis_pgmq.want_notify(
+  channel text, owner text, seconds double precision, persistent boolean DEFAULT false)
 RETURNS void
 LANGUAGE sql
 AS $$
-  INSERT INTO apalis_pgmq.listeners (channel, owner, until)
-  VALUES (channel, owner, clock_timestamp() + make_interval(secs => seconds))
-  ON CONFLICT ON CONSTRAINT listeners_pkey DO UPDATE SET until = EXCLUDED.until
+  INSERT INTO apalis_pgmq.listeners (channel, owner, until, armed, persistent)
+  VALUES (channel, owner, clock_timestamp() + make_interval(secs => seconds), true, persistent)
+  ON CONFLICT ON CONSTRAINT listeners_pkey
+  DO UPDATE SET until = EXCLUDED.until, armed = true, persistent = EXCLUDED.persistent
 $$;
 
 CREATE OR REPLACE FUNCTION apalis_pgmq.unwant_notify(channel text, owner text)

@@ -53,6 +53,20 @@ async fn record(job: Job, log: Data<Log>) -> Result<(), BoxDynError> {
     Ok(())
 }
 
+/// Waits until an idle worker has armed its wake-up (on-demand triggers will notify).
+async fn armed(db: &TestDb) {
+    wait_for(WAIT, "an idle worker to arm its wake-up", || async {
+        (count(
+            &db.pool,
+            "SELECT count(*) FROM apalis_pgmq.listeners WHERE armed",
+        )
+        .await
+            > 0)
+        .then_some(())
+    })
+    .await;
+}
+
 /// Starts a worker and waits until it has handled a first job, so it is idle and waiting when
 /// the test continues.
 macro_rules! idle_worker {
@@ -86,6 +100,7 @@ async fn an_idle_worker_is_woken_by_a_notification() {
     let log: Log = Arc::default();
     let (stop, join) = idle_worker!(db, s, log);
     for id in 1..=5 {
+        armed(&db).await;
         let pushed = Instant::now();
         s.push_with(&db.pool, &Job { id }).await.expect("push");
         let at = wait_for(QUICK, "pickup by notification", || async {
@@ -591,9 +606,9 @@ async fn an_insert_in_flight_during_the_announcement_is_not_missed() {
 }
 
 #[tokio::test]
-async fn a_backlog_withdraws_the_announcement_until_it_is_drained() {
+async fn a_busy_worker_costs_producers_one_notification() {
     let db = TestDb::setup().await;
-    let queue = "backlog";
+    let queue = "busy";
     let s: PgmqStorage<Job> = PgmqStorage::with_config(
         &db.pool,
         QueueName::new(queue).expect("name"),
@@ -602,7 +617,7 @@ async fn a_backlog_withdraws_the_announcement_until_it_is_drained() {
     .expect("config");
     s.create_queue().await.expect("create");
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let worker = WorkerBuilder::new("backlog")
+    let worker = WorkerBuilder::new("busy")
         .backend(s.clone())
         .data(gate.clone())
         .concurrency(10)
@@ -616,34 +631,55 @@ async fn a_backlog_withdraws_the_announcement_until_it_is_drained() {
             },
         );
     let (stop, join) = spawn_worker!(worker);
-    let announced = || async {
+    armed(&db).await;
+    // Fill the worker: ten jobs running, no free slot.
+    s.push_bulk_with(&db.pool, (0..10).map(|id| Job { id }))
+        .await
+        .expect("push 10");
+    wait_for(WAIT, "ten running jobs", || async {
+        let claimed = count(
+            &db.pool,
+            "SELECT count(*) FROM pgmq.q_busy WHERE vt > clock_timestamp()",
+        )
+        .await;
+        (claimed == 10).then_some(())
+    })
+    .await;
+    let before = s.listener_stats().received;
+    // Twenty producer statements while it is full: at most one of them notifies (the one that
+    // finds the wake-up armed, if the worker re-armed before it filled up).
+    for id in 10..30 {
+        s.push_with(&db.pool, &Job { id }).await.expect("push");
+    }
+    sqlx::query("SELECT pg_notify('apq.q.busy', '{\"e\":\"marker\",\"q\":\"busy\"}')")
+        .execute(&db.pool)
+        .await
+        .expect("marker");
+    wait_for(QUICK, "the marker", || async {
+        (s.listener_stats().received > before).then_some(())
+    })
+    .await;
+    let during = s.listener_stats().received - before - 1;
+    assert!(
+        during <= 1,
+        "{during} notifications for twenty inserts into a busy queue"
+    );
+    assert_eq!(
         count(
             &db.pool,
-            "SELECT count(*) FROM apalis_pgmq.listeners WHERE until > now()",
+            "SELECT count(*) FROM apalis_pgmq.listeners WHERE armed"
         )
-        .await
-    };
-    wait_for(WAIT, "the idle worker to announce itself", || async {
-        (announced().await == 1).then_some(())
+        .await,
+        0,
+        "nothing armed while the worker is busy"
+    );
+    gate.add_permits(30);
+    wait_for(WAIT, "the jobs to drain", || async {
+        (count(&db.pool, "SELECT count(*) FROM pgmq.q_busy").await == 0).then_some(())
     })
     .await;
-    s.push_bulk_with(&db.pool, (0..50).map(|id| Job { id }))
-        .await
-        .expect("push 50");
-    // A full read of 10 means a backlog: producers need not notify any more.
-    wait_for(WAIT, "the announcement to be withdrawn", || async {
-        (announced().await == 0).then_some(())
-    })
-    .await;
-    gate.add_permits(50);
-    wait_for(WAIT, "the backlog to drain", || async {
-        (count(&db.pool, "SELECT count(*) FROM pgmq.q_backlog").await == 0).then_some(())
-    })
-    .await;
-    wait_for(WAIT, "the idle worker to announce itself again", || async {
-        (announced().await == 1).then_some(())
-    })
-    .await;
+    // Idle again: armed for the next insert.
+    armed(&db).await;
     stop.send(()).ok();
     join.await.expect("join").expect("worker");
 }

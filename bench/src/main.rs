@@ -176,24 +176,74 @@ async fn run_ours(bench: &mut Bench, workload: &str) -> Res<()> {
     if workload == "notify_cost" {
         let q = s.queue().clone();
         let channels = NotifyChannels::default();
+        let push = {
+            let s = s.clone();
+            move || {
+                let mut s = s.clone();
+                async move { s.push(job(0)).await }
+            }
+        };
+        // 1. As users run it: producers at full speed while a worker pool consumes. Without a
+        //    trigger the workers poll every 50 ms; with the on-demand trigger they wait for it.
+        let polling: PgmqStorage<BenchJob> = PgmqStorage::with_config(
+            &pool,
+            q.name().clone(),
+            OurConfig::default()
+                .fetch_batch_size(p.batch_size)
+                .listen(false)
+                .poll_interval(Duration::from_millis(50)),
+        )?;
+        // Alternate off and on three times and keep the medians: the machine is noisy.
+        let (mut offs, mut ons, mut notes) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..3 {
+            disable_notify(&pool, q.name()).await?;
+            let counters = Arc::new(Counters::default());
+            let (stop, joins) =
+                spawn_bench_workers!(polling.clone(), p.workers, p.concurrency, counters);
+            offs.push(max_push_rate(p.notify_secs, p.notify_producers, push.clone()).await);
+            stop_workers(stop, joins).await;
+            q.purge(&pool).await?;
+            enable_notify(&pool, q.name(), &channels, NotifyMode::OnDemand).await?;
+            let counters = Arc::new(Counters::default());
+            let (stop, joins) = spawn_bench_workers!(s.clone(), p.workers, p.concurrency, counters);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let before = s.listener_stats().received;
+            let start = Instant::now();
+            ons.push(max_push_rate(p.notify_secs, p.notify_producers, push.clone()).await);
+            notes.push(
+                (s.listener_stats().received - before) as f64 / start.elapsed().as_secs_f64(),
+            );
+            stop_workers(stop, joins).await;
+            q.purge(&pool).await?;
+        }
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (off, on, notifies) = (median(offs), median(ons), median(notes));
+        // 2. The always-notify mode, measured like the peers: a listener attached, no workers.
         let mut listener = PgListener::connect_with(&pool).await?;
         listener.listen(&channels.queue_channel(q.name())).await?;
         let drain = tokio::spawn(async move { while listener.recv().await.is_ok() {} });
-        let push = {
-            let pool = pool.clone();
-            let q = q.clone();
-            move || {
-                let pool = pool.clone();
-                let q = q.clone();
-                async move { q.send(&pool, &json!({"t": 0})).await.map(|_| ()) }
-            }
-        };
         disable_notify(&pool, q.name()).await?;
-        let off = max_push_rate(p.notify_secs, p.notify_producers, push.clone()).await;
+        let quiet = max_push_rate(p.notify_secs, p.notify_producers, push.clone()).await;
         enable_notify(&pool, q.name(), &channels, NotifyMode::Batch).await?;
-        let on = max_push_rate(p.notify_secs, p.notify_producers, push).await;
+        let always = max_push_rate(p.notify_secs, p.notify_producers, push).await;
         drain.abort();
-        bench.emit(notify_record(OURS, on, off, p.notify_producers));
+        bench.emit(
+            notify_record(OURS, on, off, p.notify_producers)
+                .value("notifications_per_sec", notifies)
+                .value("always_on_per_sec", always)
+                .value("always_off_per_sec", quiet)
+                .value("always_ratio", always / quiet)
+                .note(format!(
+                    "{} producers pushing single jobs while {} workers consume (on-demand \
+                     trigger vs none); always-notify mode with a bare listener: {:.2}",
+                    p.notify_producers,
+                    p.workers,
+                    always / quiet
+                )),
+        );
     } else {
         let mut records = Vec::new();
         apalis_workload!(
@@ -314,47 +364,91 @@ async fn run_raw(bench: &mut Bench, workload: &str) -> Res<()> {
                 sqlx::query(SEND_MANY).bind(batch).execute(&pool).await?;
                 left -= n;
             }
-            // Claim a batch with SKIP LOCKED and archive it, in one statement, until empty.
-            const CLAIM_ARCHIVE: &str = "WITH c AS (SELECT msg_id FROM pgmq.q_raw \
+            // PGMQ-shaped: claim a batch the way pgmq.read does (FOR UPDATE SKIP LOCKED, set
+            // vt, read_ct + 1), then archive it the way pgmq.archive does; no job framework.
+            const CLAIM: &str = "WITH c AS (SELECT msg_id FROM pgmq.q_raw \
+                  WHERE vt <= clock_timestamp() ORDER BY msg_id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+                UPDATE pgmq.q_raw m SET vt = clock_timestamp() + interval '30 seconds', \
+                  read_ct = read_ct + 1, last_read_at = clock_timestamp() \
+                FROM c WHERE m.msg_id = c.msg_id RETURNING m.msg_id";
+            const ARCHIVE: &str = "WITH d AS (DELETE FROM pgmq.q_raw WHERE msg_id = ANY($1) \
+                  RETURNING msg_id, read_ct, enqueued_at, last_read_at, vt, message, headers) \
+                INSERT INTO pgmq.a_raw (msg_id, read_ct, enqueued_at, last_read_at, vt, message, headers) \
+                SELECT * FROM d";
+            // The pop-style variant: one statement deleting and archiving (no lease at all).
+            const POP_ARCHIVE: &str = "WITH c AS (SELECT msg_id FROM pgmq.q_raw \
                   WHERE vt <= clock_timestamp() ORDER BY msg_id LIMIT $1 FOR UPDATE SKIP LOCKED), \
                 d AS (DELETE FROM pgmq.q_raw q USING c WHERE q.msg_id = c.msg_id RETURNING q.*) \
                 INSERT INTO pgmq.a_raw (msg_id, read_ct, enqueued_at, last_read_at, vt, message, headers) \
                 SELECT msg_id, read_ct + 1, enqueued_at, clock_timestamp(), vt, message, headers FROM d";
             let consumers = p.workers * 2;
-            let start = Instant::now();
-            let mut handles = Vec::new();
-            for _ in 0..consumers {
-                let pool = pool.clone();
-                let batch = p.batch_size as i64;
-                handles.push(tokio::spawn(async move {
-                    let mut n = 0u64;
-                    loop {
-                        match sqlx::query(CLAIM_ARCHIVE).bind(batch).execute(&pool).await {
-                            Ok(r) if r.rows_affected() == 0 => break n,
-                            Ok(r) => n += r.rows_affected(),
-                            Err(e) => {
-                                eprintln!("raw consumer: {e}");
-                                break n;
+            for (variant, pop) in [("burn_down", false), ("burn_down_pop", true)] {
+                if pop {
+                    let mut left = p.burn_jobs;
+                    while left > 0 {
+                        let n = left.min(1000);
+                        let batch: Vec<serde_json::Value> = (0..n).map(|_| body.clone()).collect();
+                        sqlx::query(SEND_MANY).bind(batch).execute(&pool).await?;
+                        left -= n;
+                    }
+                }
+                let start = Instant::now();
+                let mut handles = Vec::new();
+                for _ in 0..consumers {
+                    let pool = pool.clone();
+                    let batch = p.batch_size as i64;
+                    handles.push(tokio::spawn(async move {
+                        let mut n = 0u64;
+                        loop {
+                            let step = if pop {
+                                sqlx::query(POP_ARCHIVE)
+                                    .bind(batch)
+                                    .execute(&pool)
+                                    .await
+                                    .map(|r| r.rows_affected())
+                            } else {
+                                match sqlx::query_scalar::<_, i64>(CLAIM)
+                                    .bind(batch)
+                                    .fetch_all(&pool)
+                                    .await
+                                {
+                                    Ok(ids) if ids.is_empty() => Ok(0),
+                                    Ok(ids) => sqlx::query(ARCHIVE)
+                                        .bind(ids)
+                                        .execute(&pool)
+                                        .await
+                                        .map(|r| r.rows_affected()),
+                                    Err(e) => Err(e),
+                                }
+                            };
+                            match step {
+                                Ok(0) => break n,
+                                Ok(k) => n += k,
+                                Err(e) => {
+                                    eprintln!("raw consumer: {e}");
+                                    break n;
+                                }
                             }
                         }
-                    }
-                }));
+                    }));
+                }
+                let mut done = 0;
+                for h in handles {
+                    done += h.await.unwrap_or(0);
+                }
+                let secs = start.elapsed().as_secs_f64();
+                bench.emit(
+                    Record::new(RAW, variant)
+                        .value("jobs", done as f64)
+                        .value("secs", secs)
+                        .value("jobs_per_sec", done as f64 / secs)
+                        .note(if pop {
+                            format!("{consumers} connections: one DELETE ... archive statement per {} (pop, no lease)", p.batch_size)
+                        } else {
+                            format!("{consumers} connections: claim {} like pgmq.read, then archive like pgmq.archive", p.batch_size)
+                        }),
+                );
             }
-            let mut done = 0;
-            for h in handles {
-                done += h.await.unwrap_or(0);
-            }
-            let secs = start.elapsed().as_secs_f64();
-            bench.emit(
-                Record::new(RAW, "burn_down")
-                    .value("jobs", done as f64)
-                    .value("secs", secs)
-                    .value("jobs_per_sec", done as f64 / secs)
-                    .note(format!(
-                        "{consumers} connections claiming {} with SKIP LOCKED + archive per statement, no handler",
-                        p.batch_size
-                    )),
-            );
         }
         "enqueue" => {
             let start = Instant::now();
@@ -458,6 +552,11 @@ async fn run_peer(bench: &mut Bench, system: &str, workload: &str) -> Res<()> {
 fn table(records: &[Record]) {
     let metrics: &[(&str, &str, &str)] = &[
         ("burn_down", "jobs_per_sec", "burn-down, jobs/s"),
+        (
+            "burn_down_pop",
+            "jobs_per_sec",
+            "burn-down, pop without lease, jobs/s",
+        ),
         ("enqueue", "single_per_sec", "enqueue single, jobs/s"),
         ("enqueue", "bulk_per_sec", "enqueue bulk, jobs/s"),
         ("pickup", "p50_ms", "idle pickup p50, ms"),
@@ -475,6 +574,7 @@ fn table(records: &[Record]) {
         ("notify_cost", "on_per_sec", "producer with NOTIFY, jobs/s"),
         ("notify_cost", "off_per_sec", "producer without, jobs/s"),
         ("notify_cost", "ratio", "NOTIFY on / off"),
+        ("notify_cost", "always_ratio", "always-notify on / off"),
     ];
     let systems: Vec<&str> = ALL_SYSTEMS
         .iter()
@@ -571,6 +671,14 @@ async fn main() -> Res<()> {
                     .collect()
             }
             "--peer-bin" => peer_bin = args.next(),
+            "--set" => {
+                // --set key=value overrides one parameter, e.g. --set burn_jobs=100000
+                let kv = args.next().unwrap_or_default();
+                let (k, v) = kv.split_once('=').ok_or("--set needs key=value")?;
+                let mut json = serde_json::to_value(&params)?;
+                json[k] = serde_json::from_str(v)?;
+                params = serde_json::from_value(json)?;
+            }
             other => return Err(format!("unknown argument {other}").into()),
         }
     }

@@ -164,7 +164,7 @@ pub struct Params {
 impl Default for Params {
     fn default() -> Self {
         Self {
-            burn_jobs: 20_000,
+            burn_jobs: 100_000,
             enqueue_single: 2_000,
             enqueue_bulk_batches: 20,
             bulk_size: 1_000,

@@ -125,8 +125,6 @@ pub(crate) struct Fetcher {
     ensured: bool,
     /// Consecutive infrastructure errors, for backoff.
     failures: u32,
-    /// How many messages the last read asked for.
-    last_claim: usize,
     /// After announcing: inserts that skipped notifying may still be in flight.
     settle: Option<Settle>,
     /// Keeps the buffered messages' release on drop from needing the storage.
@@ -154,7 +152,6 @@ impl Default for Fetcher {
             capacity: Capacity::default(),
             ensured: false,
             failures: 0,
-            last_claim: 0,
             settle: None,
             shared: None,
             wake: None,
@@ -238,7 +235,6 @@ impl Fetcher {
                         let qty = self
                             .capacity
                             .claim(in_flight, shared.config.fetch_batch_size);
-                        self.last_claim = qty;
                         self.state = State::Fetching(Box::pin(fetch(shared.clone(), qty)));
                     } else if shared.announces()
                         && !shared.signal.announced_for(shared.config.poll_interval)
@@ -270,16 +266,6 @@ impl Fetcher {
                     Poll::Ready(Ok(fetched)) => {
                         self.failures = 0;
                         let got = fetched.messages.len();
-                        if got >= HOT_BATCH.min(shared.config.fetch_batch_size)
-                            && got == self.last_claim
-                            && shared.signal.take_announced()
-                        {
-                            // A backlog: workers are busy, notifications would only slow the
-                            // producers. Withdraw, and let this process's idle workers help.
-                            let shared2 = shared.clone();
-                            tokio::spawn(async move { withdraw(&shared2).await });
-                            shared.signal.wake();
-                        }
                         self.fetch_now = got > 0;
                         self.next_visible_in = fetched.next_visible_in;
                         self.buffer.extend(fetched.messages);
@@ -465,27 +451,24 @@ struct Settle {
 const SETTLE_FIRST: Duration = Duration::from_millis(5);
 const SETTLE_MAX: Duration = Duration::from_secs(1);
 
-/// A full read of at least this many messages means a backlog.
-const HOT_BATCH: usize = 10;
-
-/// Announces that a worker of this process waits on the queue (on-demand triggers notify from
-/// now on). Inserts already in flight did not notify: the fetcher then checks until they have
-/// all ended (see `migrations/0002_notify.sql`) and reads once more, so none slips through.
+/// Arms this process's wake-up on the queue: the next insert notifies (once; an idle worker arms
+/// again after each wake-up). Inserts already in flight did not notify: the fetcher then checks
+/// until they have all ended (see `migrations/0002_notify.sql`) and reads once more, so none
+/// slips through.
 async fn announce(shared: Arc<Shared>) -> Result<()> {
     let ttl = shared.config.poll_interval * 2 + Duration::from_secs(5);
     let channel = shared.config.channels.queue_channel(shared.queue.name());
     let announced_at = Instant::now();
-    crate::notify::want(&shared.pool, &channel, &shared.hub.owner, ttl.as_secs_f64()).await?;
+    crate::notify::want(
+        &shared.pool,
+        &channel,
+        &shared.hub.owner,
+        ttl.as_secs_f64(),
+        false,
+    )
+    .await?;
     shared.signal.set_announced(announced_at + ttl);
     Ok(())
-}
-
-/// Withdraws this process's announcement (producers stop notifying).
-async fn withdraw(shared: &Shared) {
-    let channel = shared.config.channels.queue_channel(shared.queue.name());
-    if let Err(e) = crate::notify::unwant(&shared.pool, &channel, &shared.hub.owner).await {
-        tracing::debug!(error = %e, "could not withdraw the announcement; it expires by itself");
-    }
 }
 
 /// Makes held messages visible now. On failure they become visible when their lease lapses.

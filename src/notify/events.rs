@@ -205,6 +205,8 @@ impl Hub {
             }
         };
         if let Some(signal) = self.signal_if_any(&parsed.q) {
+            // The insert behind this notification disarmed our wake-up row: re-arm when idle.
+            signal.take_announced();
             let delay = parsed.delay();
             if delay > Duration::from_millis(1) {
                 signal.wake_at(Instant::now() + delay);
@@ -433,7 +435,7 @@ impl QueueEvents {
             SUBSCRIPTIONS.fetch_add(1, Ordering::Relaxed)
         );
         for c in &channel_names {
-            want(&self.pool, c, &owner, REGISTRATION_TTL.as_secs_f64()).await?;
+            want(&self.pool, c, &owner, REGISTRATION_TTL.as_secs_f64(), true).await?;
         }
         let refresher = {
             let (pool, owner, channels) = (self.pool.clone(), owner.clone(), channel_names.clone());
@@ -441,7 +443,8 @@ impl QueueEvents {
                 loop {
                     tokio::time::sleep(REGISTRATION_TTL / 3).await;
                     for c in &channels {
-                        if let Err(e) = want(&pool, c, &owner, REGISTRATION_TTL.as_secs_f64()).await
+                        if let Err(e) =
+                            want(&pool, c, &owner, REGISTRATION_TTL.as_secs_f64(), true).await
                         {
                             tracing::debug!(error = %e, "could not refresh an event subscription");
                         }

@@ -182,17 +182,20 @@ impl Hub {
     }
 }
 
-/// Announces that `owner` waits on `channel` for `secs` seconds (on-demand triggers notify).
+/// Arms `owner`'s wake-up on `channel` for `secs` seconds: the next insert notifies (every
+/// insert, when `persistent`).
 pub(crate) async fn want(
     pool: &PgPool,
     channel: &str,
     owner: &str,
     secs: f64,
+    persistent: bool,
 ) -> crate::Result<()> {
-    sqlx::query("SELECT apalis_pgmq.want_notify($1, $2, $3)")
+    sqlx::query("SELECT apalis_pgmq.want_notify($1, $2, $3, $4)")
         .bind(channel)
         .bind(owner)
         .bind(secs)
+        .bind(persistent)
         .execute(pool)
         .await?;
     Ok(())

@@ -683,3 +683,38 @@ async fn a_busy_worker_costs_producers_one_notification() {
     stop.send(()).ok();
     join.await.expect("join").expect("worker");
 }
+
+#[tokio::test]
+async fn steady_producers_never_leave_workers_asleep() {
+    // Two workers of one process share a wake-up row; a steady producer keeps disarming it.
+    // Every job must be picked up promptly (the fallback poll is a minute away).
+    let db = TestDb::setup().await;
+    let s = storage(&db, "steady");
+    s.create_queue().await.expect("create");
+    let log: Log = Arc::default();
+    let mut running = Vec::new();
+    for w in 0..2 {
+        let worker = WorkerBuilder::new(format!("steady-{w}"))
+            .backend(s.clone())
+            .data(log.clone())
+            .concurrency(8)
+            .build(record);
+        running.push(spawn_worker!(worker));
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(2));
+    let total = 1500u32;
+    for id in 0..total {
+        tick.tick().await;
+        s.push_with(&db.pool, &Job { id }).await.expect("push");
+    }
+    let last_push = Instant::now();
+    wait_for(QUICK, "every job to be handled", || async {
+        (log.lock().expect("lock").len() == total as usize).then_some(())
+    })
+    .await;
+    println!("all handled {:?} after the last push", last_push.elapsed());
+    for (stop, join) in running {
+        stop.send(()).ok();
+        join.await.expect("join").expect("worker");
+    }
+}

@@ -458,16 +458,22 @@ const SETTLE_MAX: Duration = Duration::from_secs(1);
 async fn announce(shared: Arc<Shared>) -> Result<()> {
     let ttl = shared.config.poll_interval * 2 + Duration::from_secs(5);
     let channel = shared.config.channels.queue_channel(shared.queue.name());
-    let announced_at = Instant::now();
-    crate::notify::want(
+    // Mark armed before the write: a notification dispatched after this point (from an insert
+    // that disarmed the row) clears the mark. Marking after the write could erase that clear and
+    // leave every worker asleep on a disarmed row.
+    shared.signal.set_announced(Instant::now() + ttl);
+    if let Err(e) = crate::notify::want(
         &shared.pool,
         &channel,
         &shared.hub.owner,
         ttl.as_secs_f64(),
         false,
     )
-    .await?;
-    shared.signal.set_announced(announced_at + ttl);
+    .await
+    {
+        shared.signal.take_announced();
+        return Err(e);
+    }
     Ok(())
 }
 

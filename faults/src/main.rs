@@ -1,0 +1,1074 @@
+//! The fault suite: real worker processes and a real PostgreSQL, killed, restarted and fed
+//! garbage; every scenario counts jobs sent, completed, dead-lettered, run twice and lost.
+//!
+//! ```text
+//! apalis-pgmq-notify-faults run [--quick]   # needs DATABASE_URL; scripts/faults.sh starts one
+//! apalis-pgmq-notify-faults worker ...      # a worker process (spawned by `run`)
+//! ```
+//!
+//! Restarting PostgreSQL needs the server started by `scripts/with-pg.sh` (it exports
+//! APALIS_PG_BINDIR, APALIS_PG_DATADIR and APALIS_PG_USER); without them that scenario is skipped.
+//! Exit status is non-zero if any job is lost, run twice without a crash to explain it, or
+//! handled by two workers at once.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{BufRead, Write},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    str::FromStr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use apalis::prelude::*;
+use apalis_pgmq_notify::{Backoff, Config, MessageInfo, PgmqQueue, PgmqStorage, QueueName, setup};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sqlx::{
+    PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct FaultJob {
+    id: u64,
+    ms: u64,
+    #[serde(default)]
+    panic: bool,
+    #[serde(default)]
+    note: Option<String>,
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+// ------------------------------------------------------------------ worker processes
+
+/// Appends `S|E <job> <msg_id> <pid> <micros>` lines, one write per line (survives SIGKILL).
+struct ExecLog {
+    file: Mutex<std::fs::File>,
+}
+
+impl ExecLog {
+    fn line(&self, kind: char, job: u64, msg: i64) {
+        if let Ok(mut f) = self.file.lock() {
+            let _ = writeln!(
+                f,
+                "{kind} {job} {msg} {} {}",
+                std::process::id(),
+                now_micros()
+            );
+        }
+    }
+}
+
+async fn handle(
+    job: FaultJob,
+    msg: Data<MessageInfo>,
+    log: Data<Arc<ExecLog>>,
+) -> Result<(), BoxDynError> {
+    log.line('S', job.id, msg.msg_id);
+    if job.panic {
+        panic!("fault job {} panics on purpose", job.id);
+    }
+    tokio::time::sleep(Duration::from_millis(job.ms)).await;
+    log.line('E', job.id, msg.msg_id);
+    Ok(())
+}
+
+fn arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
+
+fn worker_main(args: &[String]) -> Res<()> {
+    let url = arg(args, "--url").ok_or("--url")?.to_owned();
+    let queue = QueueName::new(arg(args, "--queue").ok_or("--queue")?)?;
+    let name = arg(args, "--name").unwrap_or("fault-worker").to_owned();
+    let concurrency: usize = arg(args, "--concurrency").unwrap_or("10").parse()?;
+    let vt_ms: u64 = arg(args, "--vt-ms").unwrap_or("10000").parse()?;
+    let attempts: u32 = arg(args, "--max-attempts").unwrap_or("5").parse()?;
+    let log_path = PathBuf::from(arg(args, "--log").ok_or("--log")?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let opts = PgConnectOptions::from_str(&url)?.application_name(&name);
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(opts);
+        let config = Config::default()
+            .visibility_timeout(Duration::from_millis(vt_ms))
+            .max_attempts(attempts)
+            .backoff(
+                Backoff::default()
+                    .base(Duration::from_millis(100))
+                    .jitter(0.0),
+            );
+        let storage = PgmqStorage::<FaultJob>::with_config(&pool, queue, config)?;
+        let log = Arc::new(ExecLog {
+            file: Mutex::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log_path)?,
+            ),
+        });
+        // Stop gracefully when the orchestrator closes our stdin.
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while std::io::stdin()
+                .lock()
+                .read_line(&mut sink)
+                .map(|n| n > 0)
+                .unwrap_or(false)
+            {}
+            let _ = tx.send(());
+        });
+        let worker = WorkerBuilder::new(name.clone())
+            .backend(storage)
+            .data(log)
+            .concurrency(concurrency)
+            .build(handle);
+        worker
+            .run_until(async move {
+                let _ = rx.await;
+                Ok::<(), std::io::Error>(())
+            })
+            .await?;
+        Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+    })
+}
+
+// ------------------------------------------------------------------ orchestration
+
+struct PgControl {
+    bindir: String,
+    datadir: String,
+    user: String,
+}
+
+impl PgControl {
+    fn from_env() -> Option<Self> {
+        Some(Self {
+            bindir: std::env::var("APALIS_PG_BINDIR").ok()?,
+            datadir: std::env::var("APALIS_PG_DATADIR").ok()?,
+            user: std::env::var("APALIS_PG_USER").ok()?,
+        })
+    }
+
+    /// `pg_ctl restart -m <mode>`, reusing the options the server was started with.
+    fn restart(&self, mode: &str) -> Res<()> {
+        let pg_ctl = format!("{}/pg_ctl", self.bindir);
+        let args = ["-D", &self.datadir, "-m", mode, "-w", "-t", "60", "restart"];
+        let is_root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        let status = if is_root {
+            Command::new("runuser")
+                .args(["-u", &self.user, "--", &pg_ctl])
+                .args(args)
+                .stdout(Stdio::null())
+                .status()?
+        } else {
+            Command::new(&pg_ctl)
+                .args(args)
+                .stdout(Stdio::null())
+                .status()?
+        };
+        if !status.success() {
+            return Err(format!("pg_ctl restart -m {mode} failed: {status}").into());
+        }
+        Ok(())
+    }
+}
+
+struct Ctx {
+    admin: PgConnectOptions,
+    exe: PathBuf,
+    dir: PathBuf,
+    pg: Option<PgControl>,
+    quick: bool,
+}
+
+struct Db {
+    url: String,
+    pool: PgPool,
+    queue: PgmqQueue,
+}
+
+impl Ctx {
+    async fn fresh(&self, scenario: &str) -> Res<Db> {
+        let name = format!("faults_{scenario}");
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(self.admin.clone())
+            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+        )))
+        .execute(&admin)
+        .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&admin)
+            .await?;
+        admin.close().await;
+        let opts = self.admin.clone().database(&name);
+        let url = format!(
+            "postgres://{}@{}:{}/{}",
+            opts.get_username(),
+            opts.get_host(),
+            opts.get_port(),
+            name
+        );
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(opts)
+            .await?;
+        setup(&pool).await?;
+        let queue = PgmqQueue::new(QueueName::new("faults")?);
+        PgmqStorage::<FaultJob>::new(&pool, queue.name().clone())
+            .create_queue()
+            .await?;
+        Ok(Db { url, pool, queue })
+    }
+
+    fn spawn_worker(
+        &self,
+        db: &Db,
+        scenario: &str,
+        name: &str,
+        concurrency: usize,
+        vt_ms: u64,
+        attempts: u32,
+    ) -> Res<Child> {
+        let log = self.dir.join(format!("{scenario}-{name}.log"));
+        let err = std::fs::File::create(self.dir.join(format!("{scenario}-{name}.stderr")))?;
+        Ok(Command::new(&self.exe)
+            .args([
+                "worker",
+                "--url",
+                &db.url,
+                "--queue",
+                db.queue.name().as_str(),
+                "--name",
+                &format!("fault-{scenario}-{name}"),
+                "--concurrency",
+                &concurrency.to_string(),
+                "--vt-ms",
+                &vt_ms.to_string(),
+                "--max-attempts",
+                &attempts.to_string(),
+                "--log",
+                log.to_str().ok_or("log path")?,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(err))
+            .spawn()?)
+    }
+}
+
+/// Closes stdin (graceful stop) and waits; kills after 30 s.
+fn stop_worker(mut child: Child) -> bool {
+    drop(child.stdin.take());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status.success(),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+        }
+    }
+}
+
+/// CPU seconds (user + system) a process has used, from /proc.
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+#[derive(Debug, Clone)]
+struct Exec {
+    kind: char,
+    job: u64,
+    msg: i64,
+    pid: u32,
+    at: u64,
+}
+
+fn read_logs(dir: &Path, scenario: &str) -> Vec<Exec> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !(name.starts_with(&format!("{scenario}-")) && name.ends_with(".log")) {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
+        for line in text.lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            if f.len() != 5 {
+                continue;
+            }
+            if let (Some(kind), Ok(job), Ok(msg), Ok(pid), Ok(at)) = (
+                f[0].chars().next(),
+                f[1].parse(),
+                f[2].parse(),
+                f[3].parse(),
+                f[4].parse(),
+            ) {
+                out.push(Exec {
+                    kind,
+                    job,
+                    msg,
+                    pid,
+                    at,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// One execution of a message: (pid, start, end if it finished).
+type Run = (u32, u64, Option<u64>);
+
+fn runs_by_msg(execs: &[Exec]) -> BTreeMap<i64, Vec<Run>> {
+    let mut by: BTreeMap<i64, Vec<Run>> = BTreeMap::new();
+    for e in execs.iter().filter(|e| e.kind == 'S') {
+        by.entry(e.msg).or_default().push((e.pid, e.at, None));
+    }
+    for e in execs.iter().filter(|e| e.kind == 'E') {
+        if let Some(runs) = by.get_mut(&e.msg)
+            && let Some(r) = runs
+                .iter_mut()
+                .filter(|r| r.0 == e.pid && r.1 <= e.at && r.2.is_none())
+                .max_by_key(|r| r.1)
+        {
+            r.2 = Some(e.at);
+        }
+    }
+    by
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+struct Row {
+    scenario: String,
+    jobs_in: usize,
+    completed: usize,
+    dead_lettered: usize,
+    duplicates: usize,
+    explained: usize,
+    overlaps: usize,
+    lost: usize,
+    recovery: String,
+    notes: String,
+    ok: bool,
+}
+
+struct Outcome {
+    completed: BTreeSet<u64>,
+    dead: BTreeMap<u64, Value>,
+    remaining: i64,
+}
+
+async fn outcome(db: &Db) -> Res<Outcome> {
+    let completed: Vec<i64> = sqlx::query_scalar(
+        "SELECT DISTINCT (message->>'id')::bigint FROM pgmq.a_faults WHERE message ? 'id' \
+         AND jsonb_typeof(message->'id') = 'number'",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    let dead: Vec<(Value, Value)> = sqlx::query_as(
+        "SELECT coalesce(message, 'null'::jsonb), headers->'apalis_dead_letter' FROM pgmq.q_faults_dlq",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    let remaining: i64 = sqlx::query_scalar("SELECT count(*) FROM pgmq.q_faults")
+        .fetch_one(&db.pool)
+        .await?;
+    Ok(Outcome {
+        completed: completed
+            .into_iter()
+            .filter_map(|i| u64::try_from(i).ok())
+            .collect(),
+        dead: dead
+            .into_iter()
+            .filter_map(|(m, info)| m.get("id").and_then(Value::as_u64).map(|id| (id, info)))
+            .collect(),
+        remaining,
+    })
+}
+
+/// Polls (tolerating a database that is down) until every sent job is completed or dead.
+async fn wait_drained(db: &Db, sent: &BTreeSet<u64>, expect_dead: usize, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(o) = outcome(db).await
+            && o.remaining == 0
+            && sent
+                .iter()
+                .all(|id| o.completed.contains(id) || o.dead.contains_key(id))
+            && o.dead.len() >= expect_dead
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Counts duplicates and overlaps; `killed` lists (pid, kill time) of crashed workers whose
+/// interrupted or unacknowledged runs explain a second delivery.
+fn analyse(execs: &[Exec], killed: &[(u32, u64)], row: &mut Row) {
+    for runs in runs_by_msg(execs).values() {
+        if runs.len() < 2 {
+            continue;
+        }
+        row.duplicates += 1;
+        let mut sorted = runs.clone();
+        sorted.sort_by_key(|r| r.1);
+        let explained = sorted[..sorted.len() - 1].iter().all(|r| {
+            killed.iter().any(|(pid, at)| {
+                // Interrupted by the kill, or finished just before it with the outcome not yet
+                // written (outcomes are flushed every few ms).
+                r.0 == *pid && r.2.is_none_or(|end| end + 1_000_000 >= *at)
+            })
+        });
+        if explained {
+            row.explained += 1;
+        }
+        for w in sorted.windows(2) {
+            let first_end = w[0].2.or_else(|| {
+                killed
+                    .iter()
+                    .find(|(pid, _)| *pid == w[0].0)
+                    .map(|(_, at)| *at)
+            });
+            if first_end.is_none_or(|end| end > w[1].1) {
+                row.overlaps += 1;
+            }
+        }
+    }
+}
+
+fn finish(mut row: Row, sent: &BTreeSet<u64>, o: &Outcome, expect_dead: &BTreeSet<u64>) -> Row {
+    row.jobs_in = sent.len() + expect_dead.len();
+    row.completed = sent.iter().filter(|id| o.completed.contains(id)).count();
+    row.dead_lettered = o.dead.len();
+    let dead_ok = expect_dead.iter().all(|id| o.dead.contains_key(id));
+    row.lost = sent
+        .iter()
+        .filter(|id| !o.completed.contains(id) && !o.dead.contains_key(id))
+        .count()
+        + expect_dead
+            .iter()
+            .filter(|id| !o.dead.contains_key(id))
+            .count();
+    row.ok = row.lost == 0
+        && row.overlaps == 0
+        && row.duplicates == row.explained
+        && dead_ok
+        && o.remaining == 0
+        && row.ok;
+    row
+}
+
+fn jobs(range: std::ops::Range<u64>, ms: impl Fn(u64) -> u64) -> Vec<FaultJob> {
+    range
+        .map(|id| FaultJob {
+            id,
+            ms: ms(id),
+            panic: false,
+            note: None,
+        })
+        .collect()
+}
+
+// ------------------------------------------------------------------ scenarios
+
+/// 1. A worker process SIGKILLed mid-batch.
+async fn sigkill(ctx: &Ctx) -> Res<Row> {
+    let db = ctx.fresh("sigkill").await?;
+    let n = if ctx.quick { 600 } else { 2000 };
+    let s = PgmqStorage::<FaultJob>::new(&db.pool, db.queue.name().clone());
+    s.push_bulk_with(&db.pool, jobs(0..n, |_| 50)).await?;
+    let sent: BTreeSet<u64> = (0..n).collect();
+    let vt_ms = 3000;
+    let victim = ctx.spawn_worker(&db, "sigkill", "victim", 10, vt_ms, 5)?;
+    let survivor = ctx.spawn_worker(&db, "sigkill", "survivor", 10, vt_ms, 5)?;
+    // Kill once a fifth of the work is done.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while outcome(&db).await?.completed.len() < (n / 5) as usize && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let victim_pid = victim.id();
+    let mut victim = victim;
+    victim.kill()?;
+    let killed_at = now_micros();
+    victim.wait()?;
+    let t_kill = Instant::now();
+    wait_drained(&db, &sent, 0, Duration::from_secs(90)).await;
+    let drained = t_kill.elapsed();
+    let survived = stop_worker(survivor);
+    let execs = read_logs(&ctx.dir, "sigkill");
+    let mut row = Row {
+        scenario: "1. worker SIGKILLed mid-batch".into(),
+        ok: survived,
+        ..Row::default()
+    };
+    analyse(&execs, &[(victim_pid, killed_at)], &mut row);
+    // Recovery: when the last of the victim's unfinished jobs was completed elsewhere.
+    let runs = runs_by_msg(&execs);
+    let interrupted: Vec<i64> = runs
+        .iter()
+        .filter(|(_, r)| r.iter().any(|x| x.0 == victim_pid && x.2.is_none()))
+        .map(|(m, _)| *m)
+        .collect();
+    let redone_at = interrupted
+        .iter()
+        .filter_map(|m| runs.get(m)?.iter().filter_map(|r| r.2).max())
+        .max()
+        .unwrap_or(killed_at);
+    row.recovery = format!(
+        "held jobs redone {:.1} s after the kill (lease {:.0} s); queue drained in {:.1} s",
+        redone_at.saturating_sub(killed_at) as f64 / 1e6,
+        vt_ms as f64 / 1000.0,
+        drained.as_secs_f64()
+    );
+    row.notes = format!("{} jobs were interrupted by the kill", interrupted.len());
+    let o = outcome(&db).await?;
+    Ok(finish(row, &sent, &o, &BTreeSet::new()))
+}
+
+/// Pushes single jobs at `rate`/s for `secs`, retrying each until it is accepted.
+async fn produce(
+    pool: PgPool,
+    queue: QueueName,
+    first: u64,
+    rate: u64,
+    secs: u64,
+) -> BTreeSet<u64> {
+    let s = PgmqStorage::<FaultJob>::new(&pool, queue);
+    let mut sent = BTreeSet::new();
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
+    for id in first..first + rate * secs {
+        tick.tick().await;
+        let job = FaultJob {
+            id,
+            ms: 10,
+            panic: false,
+            note: None,
+        };
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match s.push_with(&pool, &job).await {
+                Ok(_) => break,
+                Err(_) => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        sent.insert(id);
+    }
+    sent
+}
+
+/// 2. PostgreSQL restarted while producers and workers run.
+async fn pg_restart(ctx: &Ctx, mode: &str) -> Res<Row> {
+    let scenario = format!("restart_{mode}");
+    let label = format!("2. PostgreSQL restarted (-m {mode}) under load");
+    let Some(pg) = &ctx.pg else {
+        return Ok(Row {
+            scenario: label,
+            notes: "skipped: the server was not started by scripts/with-pg.sh".into(),
+            ok: true,
+            recovery: "–".into(),
+            ..Row::default()
+        });
+    };
+    let db = ctx.fresh(&scenario).await?;
+    let w1 = ctx.spawn_worker(&db, &scenario, "w1", 10, 10_000, 5)?;
+    let w2 = ctx.spawn_worker(&db, &scenario, "w2", 10, 10_000, 5)?;
+    let secs = if ctx.quick { 6 } else { 10 };
+    let producer = tokio::spawn(produce(
+        db.pool.clone(),
+        db.queue.name().clone(),
+        0,
+        100,
+        secs,
+    ));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pids = [w1.id(), w2.id()];
+    let cpu_before: f64 = pids.iter().map(|p| cpu_secs(*p)).sum();
+    let t_down = Instant::now();
+    pg.restart(mode)?;
+    let outage = t_down.elapsed();
+    let cpu_during: f64 = pids.iter().map(|p| cpu_secs(*p)).sum::<f64>() - cpu_before;
+    let up_at = now_micros();
+    let sent = producer.await?;
+    let mut w1 = w1;
+    let mut w2 = w2;
+    let alive = w1.try_wait()?.is_none() && w2.try_wait()?.is_none();
+    wait_drained(&db, &sent, 0, Duration::from_secs(90)).await;
+    let stopped = stop_worker(w1) & stop_worker(w2);
+    let execs = read_logs(&ctx.dir, &scenario);
+    let first_after = execs
+        .iter()
+        .filter(|e| e.kind == 'E' && e.at > up_at)
+        .map(|e| e.at)
+        .min()
+        .unwrap_or(up_at);
+    let mut row = Row {
+        scenario: label,
+        ok: alive && stopped,
+        ..Row::default()
+    };
+    analyse(&execs, &[], &mut row);
+    row.recovery = format!(
+        "server down {:.1} s; first job done {:.2} s after it was back",
+        outage.as_secs_f64(),
+        first_after.saturating_sub(up_at) as f64 / 1e6
+    );
+    row.notes = format!(
+        "both worker processes alive; their CPU during the outage: {:.0} ms in {:.1} s",
+        cpu_during * 1000.0,
+        outage.as_secs_f64()
+    );
+    if !alive {
+        row.notes = "a worker process exited during the restart".into();
+    }
+    let o = outcome(&db).await?;
+    Ok(finish(row, &sent, &o, &BTreeSet::new()))
+}
+
+/// 3. `pg_terminate_backend` on the listener and on every pool connection, three times.
+async fn terminate(ctx: &Ctx) -> Res<Row> {
+    let db = ctx.fresh("terminate").await?;
+    let w1 = ctx.spawn_worker(&db, "terminate", "w1", 10, 10_000, 5)?;
+    let w2 = ctx.spawn_worker(&db, "terminate", "w2", 10, 10_000, 5)?;
+    let secs = if ctx.quick { 5 } else { 8 };
+    let producer = tokio::spawn(produce(
+        db.pool.clone(),
+        db.queue.name().clone(),
+        0,
+        100,
+        secs,
+    ));
+    let mut killed_total = 0i64;
+    let mut kill_times = Vec::new();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(secs * 1000 / 4)).await;
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name LIKE 'fault-terminate-%'",
+        )
+        .fetch_one(&db.pool)
+        .await?;
+        killed_total += n;
+        kill_times.push(now_micros());
+    }
+    let sent = producer.await?;
+    wait_drained(&db, &sent, 0, Duration::from_secs(90)).await;
+    let mut w1 = w1;
+    let mut w2 = w2;
+    let alive = w1.try_wait()?.is_none() && w2.try_wait()?.is_none();
+    let stopped = stop_worker(w1) & stop_worker(w2);
+    let execs = read_logs(&ctx.dir, "terminate");
+    let worst = kill_times
+        .iter()
+        .map(|k| {
+            execs
+                .iter()
+                .filter(|e| e.kind == 'E' && e.at > *k)
+                .map(|e| e.at - k)
+                .min()
+                .unwrap_or(0)
+        })
+        .max()
+        .unwrap_or(0);
+    let mut row = Row {
+        scenario: "3. pg_terminate_backend on listener + pool connections (x3)".into(),
+        ok: alive && stopped,
+        ..Row::default()
+    };
+    analyse(&execs, &[], &mut row);
+    row.recovery = format!(
+        "next job done at most {:.2} s after a termination",
+        worst as f64 / 1e6
+    );
+    row.notes = format!("{killed_total} backends terminated; worker processes alive: {alive}");
+    let o = outcome(&db).await?;
+    Ok(finish(row, &sent, &o, &BTreeSet::new()))
+}
+
+/// 4. Poison messages sent with raw SQL between valid jobs.
+async fn poison(ctx: &Ctx) -> Res<Row> {
+    let db = ctx.fresh("poison").await?;
+    let w = ctx.spawn_worker(&db, "poison", "w1", 10, 10_000, 5)?;
+    let mut sent = BTreeSet::new();
+    let big = "x".repeat(2 * 1024 * 1024);
+    let deep = format!("{}1{}", "[".repeat(2000), "]".repeat(2000));
+    let poisons: Vec<(String, String)> = vec![
+        (
+            "wrong type".into(),
+            json!({"id": "seven", "ms": 1}).to_string(),
+        ),
+        ("wrong shape".into(), json!([1, 2, 3]).to_string()),
+        ("missing field".into(), json!({"ms": 5}).to_string()),
+        (
+            "very large (2 MiB)".into(),
+            json!({"id": big, "ms": 1}).to_string(),
+        ),
+        ("deeply nested".into(), deep),
+        (
+            "odd Unicode".into(),
+            json!({"id": "\u{202e}💥\u{200b}e\u{301}", "ms": 1}).to_string(),
+        ),
+        ("negative id".into(), json!({"id": -1, "ms": 1}).to_string()),
+        ("JSON null".into(), "null".into()),
+    ];
+    let mut expect_dead = Vec::new();
+    let mut next = 0u64;
+    for (i, (what, body)) in poisons.iter().enumerate() {
+        for _ in 0..5 {
+            let job = json!({"id": next, "ms": 5, "note": format!("valid, with odd text: ℌ𝔢𝔩𝔩𝔬 \u{202e}ǝʇɐʌ {i}")});
+            sqlx::query("SELECT pgmq.send('faults', $1::jsonb)")
+                .bind(job.to_string())
+                .execute(&db.pool)
+                .await?;
+            sent.insert(next);
+            next += 1;
+        }
+        sqlx::query("SELECT pgmq.send('faults', $1::jsonb)")
+            .bind(body)
+            .execute(&db.pool)
+            .await
+            .map_err(|e| format!("sending poison {what}: {e}"))?;
+        expect_dead.push(what.clone());
+    }
+    // And a message with SQL NULL as its body.
+    sqlx::query("INSERT INTO pgmq.q_faults (vt, message) VALUES (clock_timestamp(), NULL)")
+        .execute(&db.pool)
+        .await?;
+    expect_dead.push("SQL NULL".into());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = outcome(&db).await?;
+        let dlq: i64 = sqlx::query_scalar("SELECT count(*) FROM pgmq.q_faults_dlq")
+            .fetch_one(&db.pool)
+            .await?;
+        if (o.remaining == 0 && dlq as usize >= expect_dead.len()) || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut w = w;
+    let alive = w.try_wait()?.is_none();
+    let stopped = stop_worker(w);
+    let reasons: Vec<(String, String)> = sqlx::query_as(
+        "SELECT headers->'apalis_dead_letter'->>'reason', headers->'apalis_dead_letter'->>'error' \
+         FROM pgmq.q_faults_dlq ORDER BY msg_id",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    let readable = reasons
+        .iter()
+        .all(|(r, e)| r == "undecodable" && !e.trim().is_empty() && e.len() < 5000);
+    let o = outcome(&db).await?;
+    let mut row = Row {
+        scenario: "4. poison messages via raw SQL".into(),
+        ok: alive && stopped && readable && reasons.len() == expect_dead.len(),
+        ..Row::default()
+    };
+    analyse(&read_logs(&ctx.dir, "poison"), &[], &mut row);
+    row.jobs_in = sent.len() + expect_dead.len();
+    row.completed = sent.iter().filter(|id| o.completed.contains(id)).count();
+    row.dead_lettered = reasons.len();
+    row.lost = sent.len() - row.completed + expect_dead.len().saturating_sub(reasons.len());
+    row.ok = row.ok && row.lost == 0 && o.remaining == 0 && row.duplicates == 0;
+    row.recovery = "–".into();
+    let sample: Vec<String> = reasons
+        .iter()
+        .take(3)
+        .map(|(_, e)| e.chars().take(60).collect())
+        .collect();
+    row.notes = format!(
+        "{} kinds ({}); all dead-lettered as undecodable with the decoder's message, e.g. {:?}",
+        expect_dead.len(),
+        expect_dead.join(", "),
+        sample
+    );
+    Ok(row)
+}
+
+/// 5. Hostile queue names: a clear error, no SQL, nothing created.
+async fn hostile(ctx: &Ctx) -> Res<Row> {
+    let db = ctx.fresh("hostile").await?;
+    let tables = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_class WHERE relnamespace = 'pgmq'::regnamespace",
+        )
+        .fetch_one(&db.pool)
+        .await
+    };
+    let before = tables().await?;
+    let names = [
+        String::new(),
+        "q'; DROP TABLE pgmq.meta; --".into(),
+        "a;b".into(),
+        "\"x\"".into(),
+        "a b".into(),
+        "Queue".into(),
+        "naïve".into(),
+        "队列".into(),
+        "1st".into(),
+        "x".repeat(44),
+        "x".repeat(64),
+        "ok\0nul".into(),
+    ];
+    let mut refused = 0;
+    for n in &names {
+        match QueueName::new(n) {
+            Err(e) if e.to_string().starts_with("invalid queue name") => refused += 1,
+            _ => {}
+        }
+    }
+    // The SQL entry points validate on their own too.
+    let sql_refused = sqlx::query("SELECT apalis_pgmq.enable_notify($1, 'c')")
+        .bind("x'; drop table pgmq.meta; --")
+        .execute(&db.pool)
+        .await
+        .is_err();
+    let after = tables().await?;
+    let meta: i64 = sqlx::query_scalar("SELECT count(*) FROM pgmq.meta")
+        .fetch_one(&db.pool)
+        .await?;
+    Ok(Row {
+        scenario: "5. hostile queue names".into(),
+        jobs_in: 0,
+        recovery: "–".into(),
+        notes: format!(
+            "{refused}/{} names refused before any SQL; SQL function refused its own: {sql_refused}; \
+             tables before/after {before}/{after}; queues in pgmq.meta: {meta} (the suite's own)",
+            names.len()
+        ),
+        ok: refused == names.len() && sql_refused && before == after && meta == 2,
+        ..Row::default()
+    })
+}
+
+/// 6. A handler that panics.
+async fn panics(ctx: &Ctx) -> Res<Row> {
+    let db = ctx.fresh("panics").await?;
+    let s = PgmqStorage::<FaultJob>::new(&db.pool, db.queue.name().clone());
+    let mut all = jobs(0..50, |_| 5);
+    for j in all.iter_mut().filter(|j| j.id % 10 == 3) {
+        j.panic = true;
+    }
+    let expect_dead: BTreeSet<u64> = all.iter().filter(|j| j.panic).map(|j| j.id).collect();
+    let sent: BTreeSet<u64> = all.iter().filter(|j| !j.panic).map(|j| j.id).collect();
+    s.push_bulk_with(&db.pool, all).await?;
+    let w = ctx.spawn_worker(&db, "panics", "w1", 10, 10_000, 3)?;
+    wait_drained(&db, &sent, expect_dead.len(), Duration::from_secs(60)).await;
+    let mut w = w;
+    let alive = w.try_wait()?.is_none();
+    let stopped = stop_worker(w);
+    let o = outcome(&db).await?;
+    let panicked = o.dead.values().all(|info| {
+        info["reason"] == "failed"
+            && info["attempts"] == 3
+            && info["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("panics on purpose")
+    });
+    let execs = read_logs(&ctx.dir, "panics");
+    let mut row = Row {
+        scenario: "6. handler panics".into(),
+        ok: alive && stopped && panicked,
+        ..Row::default()
+    };
+    // A panicking job runs once per attempt by design: not a duplicate delivery.
+    let retried: Vec<Exec> = execs
+        .iter()
+        .filter(|e| !expect_dead.contains(&e.job))
+        .cloned()
+        .collect();
+    analyse(&retried, &[], &mut row);
+    row.recovery = "–".into();
+    row.notes = format!(
+        "{} panicking jobs: 3 attempts each, then dead-lettered with the panic message; the worker process kept running",
+        expect_dead.len()
+    );
+    Ok(finish(row, &sent, &o, &expect_dead))
+}
+
+/// 7. Four worker processes × concurrency 50, jobs lasting around the visibility timeout.
+async fn overlap(ctx: &Ctx) -> Res<Row> {
+    let db = ctx.fresh("overlap").await?;
+    let s = PgmqStorage::<FaultJob>::new(&db.pool, db.queue.name().clone());
+    let n = if ctx.quick { 300 } else { 600 };
+    let vt_ms = 2000;
+    // Durations spread over 1..3 s: a third finish within the lease, a third run past it.
+    s.push_bulk_with(&db.pool, jobs(0..n, |id| 1000 + (id * 7919) % 2000))
+        .await?;
+    let sent: BTreeSet<u64> = (0..n).collect();
+    let workers: Vec<Child> = (0..4)
+        .map(|i| ctx.spawn_worker(&db, "overlap", &format!("w{i}"), 50, vt_ms, 5))
+        .collect::<Res<_>>()?;
+    wait_drained(&db, &sent, 0, Duration::from_secs(120)).await;
+    let stopped = workers.into_iter().fold(true, |ok, w| stop_worker(w) & ok);
+    let execs = read_logs(&ctx.dir, "overlap");
+    let over_vt = runs_by_msg(&execs)
+        .values()
+        .flatten()
+        .filter(|r| r.2.is_some_and(|e| e - r.1 > vt_ms * 1000))
+        .count();
+    let mut row = Row {
+        scenario: "7. 4 processes x concurrency 50, durations around the lease".into(),
+        ok: stopped,
+        ..Row::default()
+    };
+    analyse(&execs, &[], &mut row);
+    row.recovery = "–".into();
+    row.notes = format!(
+        "lease {:.0} s; {over_vt} jobs ran longer than it, none was handed to a second worker",
+        vt_ms as f64 / 1000.0
+    );
+    let o = outcome(&db).await?;
+    Ok(finish(row, &sent, &o, &BTreeSet::new()))
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "\n| scenario | jobs in | completed | dead-lettered | run twice (explained by a crash) | two workers at once | lost | recovery | notes |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} | {} ({}) | {} | {} | {} | {}{} |",
+            r.scenario,
+            r.jobs_in,
+            r.completed,
+            r.dead_lettered,
+            r.duplicates,
+            r.explained,
+            r.overlaps,
+            r.lost,
+            r.recovery,
+            r.notes,
+            if r.ok { "" } else { " **FAILED**" }
+        );
+    }
+}
+
+async fn run(quick: bool) -> Res<bool> {
+    let url = std::env::var("DATABASE_URL").map_err(|_| "DATABASE_URL is not set")?;
+    let dir = std::env::temp_dir().join(format!("apalis-faults-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let ctx = Ctx {
+        admin: PgConnectOptions::from_str(&url)?,
+        exe: std::env::current_exe()?,
+        dir: dir.clone(),
+        pg: PgControl::from_env(),
+        quick,
+    };
+    let mut rows = Vec::new();
+    type Scenario<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Res<Row>> + 'a>>;
+    let scenarios: Vec<(&str, Scenario<'_>)> = vec![
+        ("sigkill", Box::pin(sigkill(&ctx))),
+        ("restart fast", Box::pin(pg_restart(&ctx, "fast"))),
+        ("restart immediate", Box::pin(pg_restart(&ctx, "immediate"))),
+        ("terminate", Box::pin(terminate(&ctx))),
+        ("poison", Box::pin(poison(&ctx))),
+        ("hostile", Box::pin(hostile(&ctx))),
+        ("panics", Box::pin(panics(&ctx))),
+        ("overlap", Box::pin(overlap(&ctx))),
+    ];
+    for (name, fut) in scenarios {
+        eprintln!("== fault scenario: {name}");
+        let started = Instant::now();
+        let row = match fut.await {
+            Ok(r) => r,
+            Err(e) => Row {
+                scenario: name.into(),
+                notes: format!("scenario error: {e}"),
+                ok: false,
+                ..Row::default()
+            },
+        };
+        eprintln!(
+            "   {} in {:.1} s",
+            if row.ok { "ok" } else { "FAILED" },
+            started.elapsed().as_secs_f64()
+        );
+        if let Ok(line) = serde_json::to_string(&row) {
+            println!("FAULT {line}");
+        }
+        rows.push(row);
+    }
+    print_table(&rows);
+    let ok = rows.iter().all(|r| r.ok);
+    if ok {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        eprintln!("worker logs kept in {}", dir.display());
+    }
+    Ok(ok)
+}
+
+fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("worker") => worker_main(&args[1..]).map(|()| true),
+        Some("run") => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(Into::into)
+            .and_then(|rt| rt.block_on(run(args.iter().any(|a| a == "--quick")))),
+        _ => Err("usage: apalis-pgmq-notify-faults run [--quick] | worker ...".into()),
+    };
+    match result {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The fault suite (see FAULTS.md): worker processes killed, PostgreSQL restarted, connections
+# terminated, poison messages, hostile names, panics, leases under load. Starts a throwaway
+# PostgreSQL unless DATABASE_URL is set (then the restart scenarios are skipped).
+#
+#   scripts/faults.sh [--quick]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build -q -p apalis-pgmq-notify-faults
+exec scripts/with-pg.sh target/debug/apalis-pgmq-notify-faults run "$@"

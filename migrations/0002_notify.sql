@@ -50,14 +50,19 @@ BEGIN
   -- TG_ARGV: queue, queue channel, namespace channel, mode ('on_demand' | 'always')
   IF TG_NARGS > 3 AND TG_ARGV[3] = 'on_demand' THEN
     PERFORM pg_advisory_xact_lock_shared(apalis_pgmq.queue_lock_class(), hashtext(TG_ARGV[0]));
-    wanted := EXISTS (SELECT 1 FROM apalis_pgmq.listeners
-                      WHERE channel IN (TG_ARGV[1], TG_ARGV[2]) AND persistent
-                        AND until > clock_timestamp());
-    -- Wake-me-once rows: the first insert to find one armed disarms it and notifies.
-    UPDATE apalis_pgmq.listeners SET armed = false
-     WHERE channel IN (TG_ARGV[1], TG_ARGV[2]) AND armed AND NOT persistent
-       AND until > clock_timestamp();
-    IF NOT (wanted OR FOUND) THEN
+    -- One query (after the lock, so its snapshot sees every arming that committed before the
+    -- lock was granted): disarm wake-me-once rows, and say whether anyone wants this insert.
+    WITH disarmed AS (
+      UPDATE apalis_pgmq.listeners SET armed = false
+       WHERE channel IN (TG_ARGV[1], TG_ARGV[2]) AND armed AND NOT persistent
+         AND until > clock_timestamp()
+      RETURNING 1)
+    SELECT EXISTS (SELECT 1 FROM disarmed)
+        OR EXISTS (SELECT 1 FROM apalis_pgmq.listeners
+                   WHERE channel IN (TG_ARGV[1], TG_ARGV[2]) AND persistent
+                     AND until > clock_timestamp())
+      INTO wanted;
+    IF NOT wanted THEN
       RETURN NULL;
     END IF;
   END IF;

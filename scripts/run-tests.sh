@@ -4,9 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${DATABASE_URL:?DATABASE_URL must be set; run scripts/test.sh instead}"
 cargo test --all-features "$@"
-echo "== fault suite (quick)"
+echo "== fault suite"
 cargo build -q -p apalis-pgmq-notify-faults
-target/debug/apalis-pgmq-notify-faults run --quick
+target/debug/apalis-pgmq-notify-faults run
 for example in $(ls examples/*.rs 2>/dev/null | xargs -n1 basename | sed 's/\.rs$//'); do
   echo "== example: $example"
   timeout 300 cargo run --quiet --example "$example"

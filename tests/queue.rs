@@ -567,3 +567,29 @@ async fn null_message_from_sql_reads_as_none() {
     assert_eq!(got[0].message, None);
     assert_eq!(got[0].headers, None);
 }
+
+#[tokio::test]
+async fn deeply_nested_messages_do_not_break_a_read() {
+    let db = TestDb::setup().await;
+    let q = queue("deep");
+    q.create(&db.pool).await.expect("create");
+    let deep = format!("{}1{}", "[".repeat(2000), "]".repeat(2000));
+    sqlx::query("SELECT pgmq.send('deep', $1::jsonb)")
+        .bind(&deep)
+        .execute(&db.pool)
+        .await
+        .expect("send deep");
+    q.send(&db.pool, &json!({"ok": true}))
+        .await
+        .expect("send ok");
+    let got = q
+        .read(&db.pool, Duration::from_secs(30), 10)
+        .await
+        .expect("one unreadable row does not fail the read");
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].message, None);
+    let err = got[0].decode_error.as_deref().unwrap_or("");
+    assert!(err.contains("recursion limit"), "{err}");
+    assert_eq!(got[1].message, Some(json!({"ok": true})));
+    assert_eq!(got[1].decode_error, None);
+}

@@ -443,6 +443,12 @@ where
     /// later steps hold the previous step's output, not `Args`, and the workflow decodes them
     /// itself (a step that does not decode then fails like any handler error).
     fn message_to_task(&self, m: Message, worker: &WorkerContext) -> Option<Task<Value>> {
+        if let Some(error) = &m.decode_error {
+            tracing::warn!(queue = %self.shared.queue.name(), msg_id = m.msg_id, %error,
+                "message cannot be read; moving it to the dead-letter queue");
+            self.dead_letter_undecodable(&m, error);
+            return None;
+        }
         let body = m.message.clone().unwrap_or(Value::Null);
         let meta = JobMeta::from_headers(m.headers.as_ref());
         let workflow_step = meta
@@ -453,17 +459,7 @@ where
             tracing::warn!(queue = %self.shared.queue.name(), msg_id = m.msg_id, error = %e,
                 "message does not decode as {}; moving it to the dead-letter queue",
                 std::any::type_name::<Args>());
-            self.shared.complete(Completion {
-                msg_id: m.msg_id,
-                read_ct: m.read_ct,
-                action: Action::DeadLetter {
-                    info: json!({
-                        "reason": "undecodable",
-                        "error": crate::util::truncate(&e.to_string(), 4096),
-                        "expected_type": std::any::type_name::<Args>(),
-                    }),
-                },
-            });
+            self.dead_letter_undecodable(&m, &e.to_string());
             return None;
         }
         let attempt_before = usize::try_from(m.read_ct.saturating_sub(1).max(0)).unwrap_or(0);
@@ -496,6 +492,23 @@ where
             builder = builder.idempotency_key(k);
         }
         Some(builder.build())
+    }
+}
+
+impl<Args, C> PgmqStorage<Args, C> {
+    /// Sends a message that cannot become a task to the dead-letter queue, with the reason.
+    fn dead_letter_undecodable(&self, m: &Message, error: &str) {
+        self.shared.complete(Completion {
+            msg_id: m.msg_id,
+            read_ct: m.read_ct,
+            action: Action::DeadLetter {
+                info: json!({
+                    "reason": "undecodable",
+                    "error": crate::util::truncate(error, 4096),
+                    "expected_type": std::any::type_name::<Args>(),
+                }),
+            },
+        });
     }
 }
 

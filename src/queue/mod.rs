@@ -59,6 +59,7 @@ impl Delay {
 
 /// A message as stored in a PGMQ queue table (the shape of `pgmq.message_record`).
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Message {
     /// PGMQ's identity column; unique within the queue, increasing in send order.
     pub msg_id: i64,
@@ -74,18 +75,46 @@ pub struct Message {
     pub message: Option<Value>,
     /// Message headers, if any.
     pub headers: Option<Value>,
+    /// Set when the stored body or headers is valid `jsonb` but cannot be read as JSON here
+    /// (for example nested deeper than 128 levels); `message` and `headers` are then `None`.
+    /// One such row never fails the read of the others.
+    pub decode_error: Option<String>,
 }
+
+/// Columns returned by reads: bodies as text, parsed per row (see [`Message::decode_error`]).
+const READ_COLS: &str =
+    "msg_id, read_ct, enqueued_at, last_read_at, vt, message::text, headers::text";
 
 impl Message {
     fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
+        let body: Option<String> = row.try_get(5)?;
+        let headers: Option<String> = row.try_get(6)?;
+        let mut decode_error = None;
+        let mut parse = |what: &str, text: Option<String>| {
+            text.and_then(|t| match serde_json::from_str::<Value>(&t) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    decode_error.get_or_insert_with(|| format!("{what} cannot be read: {e}"));
+                    None
+                }
+            })
+        };
+        let message = parse("message", body);
+        let headers = parse("headers", headers);
+        let (message, headers) = if decode_error.is_some() {
+            (None, None)
+        } else {
+            (message, headers)
+        };
         Ok(Self {
             msg_id: row.try_get(0)?,
             read_ct: row.try_get(1)?,
             enqueued_at: row.try_get(2)?,
             last_read_at: row.try_get(3)?,
             vt: row.try_get(4)?,
-            message: row.try_get(5)?,
-            headers: row.try_get(6)?,
+            message,
+            headers,
+            decode_error,
         })
     }
 }
@@ -226,12 +255,13 @@ impl QueueSql {
                                   vt = clock_timestamp() + make_interval(secs => $2::float8), \
                                   read_ct = read_ct + 1 \
                  FROM cte WHERE m.msg_id = cte.msg_id \
-                 RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.vt, m.message, m.headers"
+                 RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.vt, \
+                           m.message::text, m.headers::text"
             )
             .into(),
             set_vt_one: format!(
                 "UPDATE {q} SET vt = COALESCE($2::timestamptz, clock_timestamp() + make_interval(secs => $3::float8)) \
-                 WHERE msg_id = $1 RETURNING {COLS}"
+                 WHERE msg_id = $1 RETURNING {READ_COLS}"
             )
             .into(),
             set_vt_many: format!(

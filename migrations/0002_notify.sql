@@ -9,12 +9,16 @@
 -- held through the commit), so a NOTIFY per single-row insert halves a busy producer. The default
 -- "on_demand" mode therefore notifies only when a listener has asked to be woken: an idle worker
 -- arms a row in apalis_pgmq.listeners ("wake me once"); the first insert that finds it armed
--- disarms it and notifies, and later inserts skip until the worker, idle again, re-arms it. Busy
--- workers cost producers nothing. Event subscribers keep a persistent row (every insert notifies).
--- To close the race with a worker that arms while an insert that skipped notifying is in
--- flight, every insert takes a shared transaction-level advisory lock on the queue before
--- looking; after arming, a worker takes the exclusive lock once (and at once releases it) before
--- its last read, so every insert that did not notify has committed by then and that read sees it.
+-- disarms it and sends {"e": "wake", "q": <queue>}; later inserts skip until the worker, idle
+-- again, re-arms it. Event subscribers keep a persistent row (every insert notifies).
+--
+-- Inserts must not pay for this while nobody listens. Each session caches "nobody listens to
+-- this queue" together with the value of the apalis_pgmq.listeners_version sequence, and the
+-- trigger's WHEN clause compares the two without running any query or function body. Arming
+-- bumps the sequence after the arming has committed. A worker that armed then waits until no
+-- other transaction holds RowExclusiveLock on the queue table (every inserting transaction does,
+-- until it ends): an insert that skipped notifying on the old version has then committed, and
+-- the worker's next read sees it; an insert after that sees the new version and looks.
 --
 -- The "batch" mode always notifies. The opt-in "message" mode sends one NOTIFY per row with the
 -- message inline when the whole payload fits a byte budget, and a signal-only "ready" event (with
@@ -32,9 +36,12 @@ CREATE UNLOGGED TABLE IF NOT EXISTS apalis_pgmq.listeners (
   PRIMARY KEY (channel, owner)
 );
 
--- The advisory lock key of a queue: (class, hash of the queue name).
-CREATE OR REPLACE FUNCTION apalis_pgmq.queue_lock_class()
-RETURNS integer LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT 1634758001 $$;
+-- Bumped (after the change commits) whenever a wake-up is armed or a subscription changes, so
+-- inserts can cache "nobody is interested" per session and skip the table while it holds.
+CREATE SEQUENCE IF NOT EXISTS apalis_pgmq.listeners_version;
+
+CREATE OR REPLACE FUNCTION apalis_pgmq.listeners_changed()
+RETURNS bigint LANGUAGE sql AS $$ SELECT nextval('apalis_pgmq.listeners_version') $$;
 
 CREATE OR REPLACE FUNCTION apalis_pgmq.notify_batch()
 RETURNS trigger
@@ -45,27 +52,8 @@ DECLARE
   first_id bigint;
   delay double precision;
   payload text;
-  wanted boolean;
 BEGIN
-  -- TG_ARGV: queue, queue channel, namespace channel, mode ('on_demand' | 'always')
-  IF TG_NARGS > 3 AND TG_ARGV[3] = 'on_demand' THEN
-    PERFORM pg_advisory_xact_lock_shared(apalis_pgmq.queue_lock_class(), hashtext(TG_ARGV[0]));
-    -- One query (after the lock, so its snapshot sees every arming that committed before the
-    -- lock was granted): disarm wake-me-once rows, and say whether anyone wants this insert.
-    WITH disarmed AS (
-      UPDATE apalis_pgmq.listeners SET armed = false
-       WHERE channel IN (TG_ARGV[1], TG_ARGV[2]) AND armed AND NOT persistent
-         AND until > clock_timestamp()
-      RETURNING 1)
-    SELECT EXISTS (SELECT 1 FROM disarmed)
-        OR EXISTS (SELECT 1 FROM apalis_pgmq.listeners
-                   WHERE channel IN (TG_ARGV[1], TG_ARGV[2]) AND persistent
-                     AND until > clock_timestamp())
-      INTO wanted;
-    IF NOT wanted THEN
-      RETURN NULL;
-    END IF;
-  END IF;
+  -- TG_ARGV: queue, queue channel, namespace channel
   SELECT count(*), min(msg_id), extract(epoch FROM min(vt) - clock_timestamp())
     INTO n, first_id, delay
     FROM new_rows;
@@ -80,6 +68,43 @@ BEGIN
       'd', round(greatest(coalesce(delay, 0), 0)::numeric, 3))::text;
   PERFORM pg_notify(TG_ARGV[1], payload);
   IF TG_NARGS > 2 AND TG_ARGV[2] <> '' THEN
+    PERFORM pg_notify(TG_ARGV[2], payload);
+  END IF;
+  RETURN NULL;
+END
+$$;
+
+-- Runs only when the WHEN clause finds no valid "nobody listens" cache (see the header).
+CREATE OR REPLACE FUNCTION apalis_pgmq.notify_on_demand()
+RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+DECLARE
+  wanted boolean;
+  persistent_seen boolean;
+  version text := coalesce(pg_sequence_last_value('apalis_pgmq.listeners_version'::regclass), 0)::text;
+  payload text;
+BEGIN
+  -- TG_ARGV: queue, queue channel, namespace channel. One query: disarm wake-me-once rows, and
+  -- see whether anyone wants this insert.
+  WITH disarmed AS (
+    UPDATE apalis_pgmq.listeners SET armed = false
+     WHERE channel IN (TG_ARGV[1], TG_ARGV[2]) AND armed AND NOT persistent
+       AND until > clock_timestamp()
+    RETURNING 1)
+  SELECT EXISTS (SELECT 1 FROM disarmed),
+         EXISTS (SELECT 1 FROM apalis_pgmq.listeners
+                 WHERE channel IN (TG_ARGV[1], TG_ARGV[2]) AND persistent
+                   AND until > clock_timestamp())
+    INTO wanted, persistent_seen;
+  IF NOT (wanted OR persistent_seen) THEN
+    -- Remember, for this session, until the listeners version moves.
+    PERFORM set_config('apalis_pgmq.nc_' || TG_ARGV[0], version || '|n', false);
+    RETURN NULL;
+  END IF;
+  payload := json_build_object('e', 'wake', 'q', TG_ARGV[0])::text;
+  PERFORM pg_notify(TG_ARGV[1], payload);
+  IF TG_ARGV[2] <> '' THEN
     PERFORM pg_notify(TG_ARGV[2], payload);
   END IF;
   RETURN NULL;
@@ -121,7 +146,9 @@ END
 $$;
 
 -- Arms `owner`'s wake-up on `channel` for `seconds`: the next insert notifies (every insert, when
--- `persistent`).
+-- `persistent`). Inserts cache "nobody listens" per session until the listeners version moves:
+-- this bumps it, and callers should call apalis_pgmq.listeners_changed() again once their
+-- transaction has committed (this crate's workers do, in their settle check).
 CREATE OR REPLACE FUNCTION apalis_pgmq.want_notify(
   channel text, owner text, seconds double precision, persistent boolean DEFAULT false)
 RETURNS void
@@ -130,7 +157,9 @@ AS $$
   INSERT INTO apalis_pgmq.listeners (channel, owner, until, armed, persistent)
   VALUES (channel, owner, clock_timestamp() + make_interval(secs => seconds), true, persistent)
   ON CONFLICT ON CONSTRAINT listeners_pkey
-  DO UPDATE SET until = EXCLUDED.until, armed = true, persistent = EXCLUDED.persistent
+  DO UPDATE SET until = EXCLUDED.until, armed = true, persistent = EXCLUDED.persistent;
+  SELECT nextval('apalis_pgmq.listeners_version');
+  SELECT NULL::void;
 $$;
 
 CREATE OR REPLACE FUNCTION apalis_pgmq.unwant_notify(channel text, owner text)
@@ -140,13 +169,26 @@ AS $$
   DELETE FROM apalis_pgmq.listeners l WHERE l.channel = unwant_notify.channel AND l.owner = unwant_notify.owner
 $$;
 
--- After announcing: true once no insert into the queue that skipped notifying is still in
--- flight (the exclusive lock is taken and released at once).
+-- After arming (committed): bumps the listeners version, so inserts from now on look at the
+-- listeners table, then says whether every transaction that had inserted into the queue before
+-- has ended (none but this one holds RowExclusiveLock on the queue table).
 CREATE OR REPLACE FUNCTION apalis_pgmq.inserts_settled(queue_name text)
 RETURNS boolean
-LANGUAGE sql
+LANGUAGE plpgsql
 AS $$
-  SELECT pg_try_advisory_xact_lock(apalis_pgmq.queue_lock_class(), hashtext(queue_name))
+DECLARE
+  qtable regclass := to_regclass(format('pgmq.%I', 'q_' || queue_name));
+BEGIN
+  PERFORM nextval('apalis_pgmq.listeners_version');
+  IF qtable IS NULL THEN
+    RETURN true;
+  END IF;
+  RETURN NOT EXISTS (
+    SELECT 1 FROM pg_locks l
+     WHERE l.locktype = 'relation' AND l.relation = qtable
+       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+       AND l.mode = 'RowExclusiveLock' AND l.granted AND l.pid <> pg_backend_pid());
+END
 $$;
 
 -- Installs (or replaces) the notification trigger of one queue.
@@ -188,12 +230,21 @@ BEGIN
       'CREATE TRIGGER apalis_notify AFTER INSERT ON pgmq.%I '
       'FOR EACH ROW EXECUTE FUNCTION apalis_pgmq.notify_message(%L, %L, %L, %L)',
       qtable, queue_name, queue_channel, coalesce(namespace_channel, ''), max_payload_bytes::text);
-  ELSE
+  ELSIF mode = 'batch' THEN
     EXECUTE format(
       'CREATE TRIGGER apalis_notify AFTER INSERT ON pgmq.%I REFERENCING NEW TABLE AS new_rows '
-      'FOR EACH STATEMENT EXECUTE FUNCTION apalis_pgmq.notify_batch(%L, %L, %L, %L)',
-      qtable, queue_name, queue_channel, coalesce(namespace_channel, ''),
-      CASE WHEN mode = 'batch' THEN 'always' ELSE 'on_demand' END);
+      'FOR EACH STATEMENT EXECUTE FUNCTION apalis_pgmq.notify_batch(%L, %L, %L)',
+      qtable, queue_name, queue_channel, coalesce(namespace_channel, ''));
+  ELSE
+    -- The WHEN clause is evaluated without calling the function: while this session's cache
+    -- says nobody listens at the current listeners version, the insert costs nothing more.
+    EXECUTE format(
+      'CREATE TRIGGER apalis_notify AFTER INSERT ON pgmq.%I FOR EACH STATEMENT '
+      'WHEN (coalesce(current_setting(%L, true), '''') IS DISTINCT FROM '
+      '      (coalesce(pg_sequence_last_value(''apalis_pgmq.listeners_version''::regclass), 0)::text || ''|n'')) '
+      'EXECUTE FUNCTION apalis_pgmq.notify_on_demand(%L, %L, %L)',
+      qtable, 'apalis_pgmq.nc_' || queue_name, queue_name, queue_channel,
+      coalesce(namespace_channel, ''));
   END IF;
 END
 $$;
@@ -227,11 +278,12 @@ RETURNS TABLE (mode text, args text[])
 LANGUAGE sql
 STABLE
 AS $$
-  SELECT CASE WHEN (x.tgtype & 1) = 1 THEN 'message'
-              WHEN x.a[4] = 'always' THEN 'batch'
+  SELECT CASE x.tgfoid
+              WHEN 'apalis_pgmq.notify_message()'::regprocedure THEN 'message'
+              WHEN 'apalis_pgmq.notify_batch()'::regprocedure THEN 'batch'
               ELSE 'on_demand' END,
          x.a
-    FROM (SELECT t.tgtype,
+    FROM (SELECT t.tgfoid,
                  (SELECT array_agg(v ORDER BY i)
                     FROM unnest(string_to_array(
                            regexp_replace(encode(t.tgargs, 'escape'), '\\000$', ''), '\000'))

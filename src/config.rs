@@ -191,6 +191,8 @@ pub struct Config {
     pub(crate) channels: NotifyChannels,
     /// How the queue's trigger announces inserts (installed by the worker when listening).
     pub(crate) notify_mode: NotifyMode,
+    /// After a busy period, how long an idle worker keeps re-reading before it arms a wake-up.
+    pub(crate) linger: Duration,
 }
 
 impl Default for Config {
@@ -211,6 +213,7 @@ impl Default for Config {
             listen: true,
             channels: NotifyChannels::default(),
             notify_mode: NotifyMode::OnDemand,
+            linger: Duration::from_millis(10),
         }
     }
 }
@@ -327,6 +330,22 @@ impl Config {
         self
     }
 
+    /// After a busy period, how long an idle worker keeps re-reading every 2 ms before it arms a
+    /// wake-up (default 10 ms; on-demand notifications only). Under a steady stream of jobs the
+    /// worker then rarely arms, so producers rarely pay for a NOTIFY; `Duration::ZERO` arms at
+    /// once.
+    #[must_use]
+    pub fn linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
+    }
+
+    /// Re-reads while lingering.
+    pub(crate) fn linger_polls(&self) -> u32 {
+        let step = crate::backend::LINGER_STEP.as_micros().max(1);
+        u32::try_from(self.linger.as_micros() / step).unwrap_or(u32::MAX)
+    }
+
     /// The visibility timeout.
     #[must_use]
     pub fn get_visibility_timeout(&self) -> Duration {
@@ -393,6 +412,9 @@ impl Config {
         }
         if self.max_payload_bytes == 0 {
             return bad("max_payload_bytes must be positive".to_owned());
+        }
+        if self.linger > Duration::from_secs(1) {
+            return bad(format!("linger must be at most 1 s, got {:?}", self.linger));
         }
         self.backoff.validate()
     }

@@ -67,6 +67,7 @@ struct Raw {
     completion_flush_interval_ms: Option<u64>,
     max_payload_bytes: Option<usize>,
     listen: Option<bool>,
+    linger_ms: Option<u64>,
     notify: Option<RawNotify>,
 }
 
@@ -193,6 +194,9 @@ impl ConfigFile {
         }
         if let Some(v) = raw.listen {
             c = c.listen(v);
+        }
+        if let Some(v) = raw.linger_ms {
+            c = c.linger(Duration::from_millis(v));
         }
         if let Some(n) = raw.notify {
             let mut channels = match &n.prefix {

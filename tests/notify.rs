@@ -246,6 +246,15 @@ async fn one_notification_per_statement_not_per_row() {
     let db = TestDb::setup().await;
     let s = storage(&db, "batch_notify");
     s.create_queue().await.expect("create");
+    // Batch mode: every statement notifies, with the row count and the first id.
+    enable_notify(
+        &db.pool,
+        s.queue().name(),
+        &NotifyChannels::default(),
+        NotifyMode::Batch,
+    )
+    .await
+    .expect("batch mode");
     let mut events = QueueEvents::new(&db.pool)
         .queue(s.queue().name())
         .subscribe()
@@ -292,6 +301,38 @@ async fn one_notification_per_statement_not_per_row() {
         2,
         "two statements, two notifications"
     );
+
+    // On-demand mode (the default): the subscriber is registered, so each statement sends one
+    // detail-free wake-up.
+    enable_notify(
+        &db.pool,
+        s.queue().name(),
+        &NotifyChannels::default(),
+        NotifyMode::OnDemand,
+    )
+    .await
+    .expect("on-demand mode");
+    s.queue()
+        .send_batch(&db.pool, &batch)
+        .await
+        .expect("send 1000");
+    s.queue()
+        .send(&db.pool, &json!({"id": -2}))
+        .await
+        .expect("marker");
+    for _ in 0..2 {
+        let ev = tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("an event")
+            .expect("stream open");
+        assert_eq!(
+            ev,
+            QueueEvent::Activity {
+                queue: "batch_notify".into()
+            }
+        );
+    }
+    assert_eq!(events.stats().received, 4, "one notification per statement");
 }
 
 #[tokio::test]
@@ -549,10 +590,14 @@ async fn on_demand_triggers_notify_only_while_someone_waits() {
         .execute(&db.pool)
         .await
         .expect("announce");
-    let id = q.send(&db.pool, &json!(2)).await.expect("send");
+    sqlx::query("SELECT apalis_pgmq.listeners_changed()")
+        .execute(&db.pool)
+        .await
+        .expect("bump");
+    q.send(&db.pool, &json!(2)).await.expect("send");
     let (channel, payload) = next_notification(&mut raw).await;
     assert_eq!(channel, "apq.q.demand");
-    assert!(payload.contains(&format!("\"id\" : {id}")), "{payload}");
+    assert!(payload.contains("\"wake\""), "{payload}");
     // An expired announcement counts as nobody.
     sqlx::query("UPDATE apalis_pgmq.listeners SET until = clock_timestamp() - interval '1 second'")
         .execute(&db.pool)

@@ -184,14 +184,15 @@ async fn run_ours(bench: &mut Bench, workload: &str) -> Res<()> {
             }
         };
         // 1. As users run it: producers at full speed while a worker pool consumes. Without a
-        //    trigger the workers poll every 50 ms; with the on-demand trigger they wait for it.
+        //    trigger the workers poll every 10 ms (about the pickup latency notifications give,
+        //    so both runs consume alike); with the on-demand trigger they wait for it.
         let polling: PgmqStorage<BenchJob> = PgmqStorage::with_config(
             &pool,
             q.name().clone(),
             OurConfig::default()
                 .fetch_batch_size(p.batch_size)
                 .listen(false)
-                .poll_interval(Duration::from_millis(50)),
+                .poll_interval(Duration::from_millis(10)),
         )?;
         // Alternate off and on three times and keep the medians: the machine is noisy.
         let (mut offs, mut ons, mut notes) = (Vec::new(), Vec::new(), Vec::new());

@@ -127,6 +127,8 @@ pub(crate) struct Fetcher {
     failures: u32,
     /// After announcing: inserts that skipped notifying may still be in flight.
     settle: Option<Settle>,
+    /// Short re-reads left before arming a wake-up, after a busy period.
+    linger_left: u32,
     /// Keeps the buffered messages' release on drop from needing the storage.
     shared: Option<Arc<Shared>>,
     /// Wake-ups for this queue: notifications, retries written, releases.
@@ -153,6 +155,7 @@ impl Default for Fetcher {
             ensured: false,
             failures: 0,
             settle: None,
+            linger_left: 0,
             shared: None,
             wake: None,
         }
@@ -237,6 +240,14 @@ impl Fetcher {
                             .claim(in_flight, shared.config.fetch_batch_size);
                         self.state = State::Fetching(Box::pin(fetch(shared.clone(), qty)));
                     } else if shared.announces()
+                        && self.linger_left > 0
+                        && !shared.signal.announced_for(shared.config.poll_interval)
+                    {
+                        // Just busy: more work is likely within milliseconds. Re-read shortly
+                        // instead of arming, so a steady stream costs producers no NOTIFY.
+                        self.linger_left -= 1;
+                        self.state = State::Waiting(Box::pin(tokio::time::sleep(LINGER_STEP)));
+                    } else if shared.announces()
                         && !shared.signal.announced_for(shared.config.poll_interval)
                     {
                         self.state = State::Announcing(Box::pin(announce(shared.clone())));
@@ -266,6 +277,9 @@ impl Fetcher {
                     Poll::Ready(Ok(fetched)) => {
                         self.failures = 0;
                         let got = fetched.messages.len();
+                        if got > 0 {
+                            self.linger_left = shared.config.linger_polls();
+                        }
                         self.fetch_now = got > 0;
                         self.next_visible_in = fetched.next_visible_in;
                         self.buffer.extend(fetched.messages);
@@ -449,6 +463,9 @@ struct Settle {
 }
 
 const SETTLE_FIRST: Duration = Duration::from_millis(5);
+
+/// Interval between re-reads while lingering after a busy period.
+pub(crate) const LINGER_STEP: Duration = Duration::from_millis(2);
 const SETTLE_MAX: Duration = Duration::from_secs(1);
 
 /// Arms this process's wake-up on the queue: the next insert notifies (once; an idle worker arms

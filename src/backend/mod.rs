@@ -1,6 +1,7 @@
 //! The apalis backend: [`PgmqStorage`].
 
 mod fetch;
+pub(crate) use fetch::LINGER_STEP;
 pub(crate) mod lease;
 mod sink;
 

@@ -16,7 +16,10 @@ use serde_json::Value;
 use sqlx::PgPool;
 use tokio::{sync::mpsc, time::Instant};
 
-use super::{Hub, NotifyChannels, hub, lock, triggers::enable_created_notify, unwant, want};
+use super::{
+    Hub, NotifyChannels, hub, listeners_changed, lock, triggers::enable_created_notify, unwant,
+    want,
+};
 use crate::{
     error::{Error, Result},
     queue::QueueName,
@@ -66,6 +69,12 @@ pub enum QueueEvent {
         /// How long until the earliest of them is visible.
         visible_in: Duration,
     },
+    /// Messages were sent to the queue (from an on-demand trigger, which carries no details;
+    /// enable [`NotifyMode::Batch`](crate::NotifyMode) or `Message` for ids and counts).
+    Activity {
+        /// The queue.
+        queue: String,
+    },
     /// The listener reconnected: events sent while it was disconnected are lost. Read the
     /// queues you care about to catch up.
     Reconnected,
@@ -79,7 +88,8 @@ impl QueueEvent {
             Self::QueueCreated { queue }
             | Self::MessageReady { queue, .. }
             | Self::Message { queue, .. }
-            | Self::BatchReady { queue, .. } => Some(queue),
+            | Self::BatchReady { queue, .. }
+            | Self::Activity { queue } => Some(queue),
             Self::Reconnected => None,
         }
     }
@@ -113,6 +123,7 @@ impl Payload {
         let visible_in = self.delay();
         Some(match self.e.as_str() {
             "created" => QueueEvent::QueueCreated { queue: self.q },
+            "wake" => QueueEvent::Activity { queue: self.q },
             "ready" => QueueEvent::MessageReady {
                 queue: self.q,
                 msg_id: self.id?,
@@ -437,6 +448,7 @@ impl QueueEvents {
         for c in &channel_names {
             want(&self.pool, c, &owner, REGISTRATION_TTL.as_secs_f64(), true).await?;
         }
+        listeners_changed(&self.pool).await?;
         let refresher = {
             let (pool, owner, channels) = (self.pool.clone(), owner.clone(), channel_names.clone());
             tokio::spawn(async move {

@@ -208,6 +208,14 @@ pub(crate) async fn unwant(pool: &PgPool, channel: &str, owner: &str) -> crate::
         .bind(owner)
         .execute(pool)
         .await?;
+    listeners_changed(pool).await
+}
+
+/// Tells inserts that cached "nobody listens" to look again (after a change has committed).
+pub(crate) async fn listeners_changed(pool: &PgPool) -> crate::Result<()> {
+    sqlx::query("SELECT apalis_pgmq.listeners_changed()")
+        .execute(pool)
+        .await?;
     Ok(())
 }
 

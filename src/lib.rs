@@ -76,8 +76,11 @@
 //!
 //! Workers install a statement-level trigger on their queue (at most one NOTIFY per statement,
 //! however many rows) and LISTEN on `<prefix>q.<queue>` through the process's shared listener;
-//! see [`NotifyChannels`]. Queues created elsewhere get the trigger with [`enable_notify`] or the
-//! CLI's `enable-notify`. [`QueueEvents`] streams typed [`QueueEvent`]s to applications.
+//! see [`NotifyChannels`]. By default ([`NotifyMode::OnDemand`]) an insert notifies only when an
+//! idle worker has armed a wake-up, and runs no query at all while nobody listens: PostgreSQL
+//! serialises notifying commits, so busy producers should not pay for wake-ups nobody waits for.
+//! Queues created elsewhere get the trigger with [`enable_notify`] or the CLI's `enable-notify`.
+//! [`QueueEvents`] streams typed [`QueueEvent`]s to applications.
 //!
 //! # The queue layer
 //!

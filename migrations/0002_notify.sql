@@ -43,6 +43,33 @@ CREATE SEQUENCE IF NOT EXISTS apalis_pgmq.listeners_version;
 CREATE OR REPLACE FUNCTION apalis_pgmq.listeners_changed()
 RETURNS bigint LANGUAGE sql AS $$ SELECT nextval('apalis_pgmq.listeners_version') $$;
 
+-- Sends `payload` on the queue channel, and on the namespace channel when there is one.
+CREATE OR REPLACE FUNCTION apalis_pgmq.notify_channels(queue_channel text, namespace_channel text, payload text)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+  PERFORM pg_notify(queue_channel, payload);
+  IF coalesce(namespace_channel, '') <> '' THEN
+    PERFORM pg_notify(namespace_channel, payload);
+  END IF;
+END
+$$;
+
+-- Raises unless `queue_name` is a name this crate accepts (the Rust QueueName rules; a
+-- dead-letter queue's name may be 4 bytes longer).
+CREATE OR REPLACE FUNCTION apalis_pgmq.check_queue_name(queue_name text)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+  IF queue_name IS NULL OR queue_name !~ '^[a-z_][a-z0-9_]{0,46}$' THEN
+    RAISE EXCEPTION 'invalid queue name %', quote_literal(coalesce(queue_name, 'NULL'))
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION apalis_pgmq.notify_batch()
 RETURNS trigger
 LANGUAGE plpgsql
@@ -66,10 +93,7 @@ BEGIN
       'id', first_id,
       'n', n,
       'd', round(greatest(coalesce(delay, 0), 0)::numeric, 3))::text;
-  PERFORM pg_notify(TG_ARGV[1], payload);
-  IF TG_NARGS > 2 AND TG_ARGV[2] <> '' THEN
-    PERFORM pg_notify(TG_ARGV[2], payload);
-  END IF;
+  PERFORM apalis_pgmq.notify_channels(TG_ARGV[1], TG_ARGV[2], payload);
   RETURN NULL;
 END
 $$;
@@ -103,10 +127,7 @@ BEGIN
     RETURN NULL;
   END IF;
   payload := json_build_object('e', 'wake', 'q', TG_ARGV[0])::text;
-  PERFORM pg_notify(TG_ARGV[1], payload);
-  IF TG_ARGV[2] <> '' THEN
-    PERFORM pg_notify(TG_ARGV[2], payload);
-  END IF;
+  PERFORM apalis_pgmq.notify_channels(TG_ARGV[1], TG_ARGV[2], payload);
   RETURN NULL;
 END
 $$;
@@ -127,10 +148,7 @@ BEGIN
     payload := json_build_object(
         'e', 'ready', 'q', TG_ARGV[0], 'id', NEW.msg_id, 'n', 1, 'd', delay, 'big', true)::text;
   END IF;
-  PERFORM pg_notify(TG_ARGV[1], payload);
-  IF TG_ARGV[2] <> '' THEN
-    PERFORM pg_notify(TG_ARGV[2], payload);
-  END IF;
+  PERFORM apalis_pgmq.notify_channels(TG_ARGV[1], TG_ARGV[2], payload);
   RETURN NULL;
 END
 $$;
@@ -205,10 +223,7 @@ AS $$
 DECLARE
   qtable text := 'q_' || queue_name;
 BEGIN
-  IF queue_name IS NULL OR queue_name !~ '^[a-z_][a-z0-9_]{0,46}$' THEN
-    RAISE EXCEPTION 'invalid queue name %', quote_literal(coalesce(queue_name, 'NULL'))
-      USING ERRCODE = 'invalid_parameter_value';
-  END IF;
+  PERFORM apalis_pgmq.check_queue_name(queue_name);
   IF to_regclass(format('pgmq.%I', qtable)) IS NULL THEN
     RAISE EXCEPTION 'queue % does not exist', queue_name USING ERRCODE = 'undefined_table';
   END IF;
@@ -257,10 +272,7 @@ DECLARE
   qtable text := 'q_' || queue_name;
   existed boolean;
 BEGIN
-  IF queue_name IS NULL OR queue_name !~ '^[a-z_][a-z0-9_]{0,46}$' THEN
-    RAISE EXCEPTION 'invalid queue name %', quote_literal(coalesce(queue_name, 'NULL'))
-      USING ERRCODE = 'invalid_parameter_value';
-  END IF;
+  PERFORM apalis_pgmq.check_queue_name(queue_name);
   IF to_regclass(format('pgmq.%I', qtable)) IS NULL THEN
     RETURN false;
   END IF;

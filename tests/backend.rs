@@ -17,7 +17,7 @@ use apalis_pgmq_notify::{
     Backoff, Config, DoneAction, Error, ExhaustedAction, KilledAction, MessageInfo, PgmqStorage,
     QueueName,
 };
-use common::{TestDb, count, rows, wait_for};
+use common::{TestDb, count, drained, rows, stop_worker, wait_for};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
@@ -85,12 +85,8 @@ async fn done_is_archived_or_deleted() {
             .backend(s.clone())
             .build(|_job: Job| async { Ok::<(), BoxDynError>(()) });
         let (stop, join) = spawn_worker!(worker);
-        wait_for(WAIT, "queue drained", || async {
-            (queued(&db, queue).await == 0).then_some(())
-        })
-        .await;
-        stop.send(()).ok();
-        join.await.expect("join").expect("worker");
+        drained(&db.pool, queue).await;
+        stop_worker(stop, join).await;
         let expected = if action == DoneAction::Archive { 5 } else { 0 };
         assert_eq!(archived(&db, queue).await, expected, "{action:?}");
     }
@@ -114,12 +110,8 @@ async fn killed_is_deleted_by_default_and_configurable() {
                 Err::<(), BoxDynError>(Box::new(AbortError::new("not worth retrying")))
             });
         let (stop, join) = spawn_worker!(worker);
-        wait_for(WAIT, "queue drained", || async {
-            (queued(&db, queue).await == 0).then_some(())
-        })
-        .await;
-        stop.send(()).ok();
-        join.await.expect("join").expect("worker");
+        drained(&db.pool, queue).await;
+        stop_worker(stop, join).await;
         assert_eq!(archived(&db, queue).await, want_archived, "{action:?}");
         let dead = dead_letters(&db, queue).await;
         assert_eq!(dead.len(), want_dead, "{action:?}");
@@ -184,8 +176,7 @@ async fn failures_back_off_then_dead_letter() {
         (queued(&db, queue).await == 0).then_some(())
     })
     .await;
-    stop.send(()).ok();
-    join.await.expect("join").expect("worker");
+    stop_worker(stop, join).await;
     let dead = dead_letters(&db, queue).await;
     assert_eq!(dead.len(), 1);
     let (message, headers) = &dead[0];
@@ -229,12 +220,8 @@ async fn exhausted_can_archive_or_delete() {
             .backend(s.clone())
             .build(|_job: Job| async { Err::<(), BoxDynError>("nope".into()) });
         let (stop, join) = spawn_worker!(worker);
-        wait_for(WAIT, "queue drained", || async {
-            (queued(&db, queue).await == 0).then_some(())
-        })
-        .await;
-        stop.send(()).ok();
-        join.await.expect("join").expect("worker");
+        drained(&db.pool, queue).await;
+        stop_worker(stop, join).await;
         assert_eq!(archived(&db, queue).await, want_archived, "{action:?}");
         assert!(dead_letters(&db, queue).await.is_empty(), "{action:?}");
     }
@@ -286,8 +273,7 @@ async fn retry_after_and_deferred_set_the_visibility_time() {
         .await
         .expect("archived row");
     assert_eq!(archived_id, deferred);
-    stop.send(()).ok();
-    join.await.expect("join").expect("worker");
+    stop_worker(stop, join).await;
 }
 
 #[tokio::test]
@@ -331,12 +317,8 @@ async fn undecodable_messages_are_dead_lettered_and_work_continues() {
             Ok::<(), BoxDynError>(())
         });
     let (stop, join) = spawn_worker!(worker);
-    wait_for(WAIT, "queue drained", || async {
-        (queued(&db, queue).await == 0).then_some(())
-    })
-    .await;
-    stop.send(()).ok();
-    join.await.expect("join").expect("worker");
+    drained(&db.pool, queue).await;
+    stop_worker(stop, join).await;
     assert_eq!(*seen.lock().expect("lock"), vec![42]);
     let dead = dead_letters(&db, queue).await;
     assert_eq!(dead.len(), 6);
@@ -395,8 +377,7 @@ async fn a_panicking_handler_is_a_failure_and_the_worker_survives() {
         (ok.load(Ordering::SeqCst) == 1).then_some(())
     })
     .await;
-    stop.send(()).ok();
-    join.await.expect("join").expect("worker");
+    stop_worker(stop, join).await;
     let dead = dead_letters(&db, queue).await;
     let info = &dead[0].1["apalis_dead_letter"];
     assert_eq!(info["reason"], "failed");
@@ -447,8 +428,7 @@ async fn attempts_are_read_ct_starting_at_one() {
         (archived(&db, queue).await == 1).then_some(())
     })
     .await;
-    stop.send(()).ok();
-    join.await.expect("join").expect("worker");
+    stop_worker(stop, join).await;
     assert_eq!(*seen.lock().expect("lock"), vec![(1, 1), (2, 2), (3, 3)]);
     let read_ct: i32 = sqlx::query_scalar("SELECT read_ct FROM pgmq.a_attempts")
         .fetch_one(&db.pool)
@@ -512,8 +492,7 @@ async fn a_job_longer_than_the_visibility_timeout_keeps_its_lease() {
         (archived(&db, queue).await == 1).then_some(())
     })
     .await;
-    stop.send(()).ok();
-    join.await.expect("join").expect("worker");
+    stop_worker(stop, join).await;
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     let archived_id: i64 = sqlx::query_scalar("SELECT msg_id FROM pgmq.a_long_job")
         .fetch_one(&db.pool)
@@ -553,8 +532,7 @@ async fn a_pool_of_workers_handles_each_job_exactly_once() {
     })
     .await;
     for (stop, join) in running {
-        stop.send(()).ok();
-        join.await.expect("join").expect("worker");
+        stop_worker(stop, join).await;
     }
     let counts = counts.lock().expect("lock").clone();
     assert_eq!(counts.len(), JOBS as usize, "every job ran");
@@ -611,8 +589,7 @@ async fn a_full_worker_does_not_hoard_messages() {
         (archived(&db, queue).await == 20).then_some(())
     })
     .await;
-    stop.send(()).ok();
-    join.await.expect("join").expect("worker");
+    stop_worker(stop, join).await;
     let max_read: i32 = sqlx::query_scalar("SELECT max(read_ct) FROM pgmq.a_no_hoard")
         .fetch_one(&db.pool)
         .await
@@ -681,8 +658,7 @@ async fn handlers_can_push_jobs() {
         (archived(&db, queue).await == 5).then_some(())
     })
     .await;
-    stop.send(()).ok();
-    join.await.expect("join").expect("worker");
+    stop_worker(stop, join).await;
     assert_eq!(*seen.lock().expect("lock"), vec![1, 2, 3, 4, 5]);
 }
 
@@ -736,8 +712,7 @@ async fn enqueue_in_the_callers_transaction() {
         (archived(&db, queue).await == 1).then_some(())
     })
     .await;
-    stop.send(()).ok();
-    join.await.expect("join").expect("worker");
+    stop_worker(stop, join).await;
     assert_eq!(*seen.lock().expect("lock"), vec![(10, id)]);
 }
 
@@ -774,8 +749,7 @@ async fn a_job_sent_with_sql_is_processed() {
         (archived(&db, queue).await == 3).then_some(())
     })
     .await;
-    stop.send(()).ok();
-    join.await.expect("join").expect("worker");
+    stop_worker(stop, join).await;
     let seen = seen.lock().expect("lock");
     assert_eq!(seen.len(), 3);
     assert_eq!(seen[0], (5, Some(json!({"x-trace": "abc"}))));
@@ -834,8 +808,7 @@ async fn task_builder_options_round_trip() {
         (archived(&db, queue).await == 1).then_some(())
     })
     .await;
-    stop.send(()).ok();
-    join.await.expect("join").expect("worker");
+    stop_worker(stop, join).await;
     let seen = seen.lock().expect("lock").clone();
     assert_eq!(seen.len(), 1);
     let (id, max_attempts, priority, key, tenant, task_id) = seen[0].clone();
@@ -891,8 +864,7 @@ async fn tower_retry_layer_composes() {
         (archived(&db, queue).await == 1).then_some(())
     })
     .await;
-    stop.send(()).ok();
-    join.await.expect("join").expect("worker");
+    stop_worker(stop, join).await;
     assert_eq!(calls.load(Ordering::SeqCst), 3, "retried in process");
     let read_ct: i32 = sqlx::query_scalar("SELECT read_ct FROM pgmq.a_tower_retry")
         .fetch_one(&db.pool)

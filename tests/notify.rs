@@ -15,7 +15,7 @@ use apalis_pgmq_notify::{
     Config, Delay, NewMessage, NotifyChannels, NotifyMode, PgmqQueue, PgmqStorage, QueueEvent,
     QueueEvents, QueueName, disable_notify, enable_notify, notify_migration_sql, notify_mode,
 };
-use common::{TestDb, count, wait_for};
+use common::{TestDb, count, stop_worker, wait_for};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -109,8 +109,7 @@ async fn an_idle_worker_is_woken_by_a_notification() {
         .await;
         println!("job {id}: picked up {:?} after push", at - pushed);
     }
-    stop.send(()).ok();
-    join.await.expect("join").expect("worker");
+    stop_worker(stop, join).await;
     // Every push notified (a pickup can beat its own notification, so wait for the count).
     wait_for(QUICK, "five notifications", || async {
         (s.listener_stats().received >= 5).then_some(())
@@ -139,8 +138,7 @@ async fn a_raw_sql_producer_wakes_the_worker() {
         (handled(&log, 1).await.is_some() && handled(&log, 2).await.is_some()).then_some(())
     })
     .await;
-    stop.send(()).ok();
-    join.await.expect("join").expect("worker");
+    stop_worker(stop, join).await;
 }
 
 #[tokio::test]
@@ -186,8 +184,7 @@ async fn a_delayed_job_runs_at_its_time_not_at_the_next_poll() {
         "late by {}",
         read_at - vt
     );
-    stop.send(()).ok();
-    join.await.expect("join").expect("worker");
+    stop_worker(stop, join).await;
 }
 
 #[tokio::test]
@@ -233,8 +230,7 @@ async fn a_killed_listener_reconnects_and_no_job_is_lost() {
         })
         .await;
     }
-    stop.send(()).ok();
-    join.await.expect("join").expect("worker");
+    stop_worker(stop, join).await;
     assert_eq!(
         count(&db.pool, "SELECT count(*) FROM pgmq.q_reconnect").await,
         0
@@ -646,8 +642,7 @@ async fn an_insert_in_flight_during_the_announcement_is_not_missed() {
         || async { handled(&log, 1).await },
     )
     .await;
-    stop.send(()).ok();
-    join.await.expect("join").expect("worker");
+    stop_worker(stop, join).await;
 }
 
 #[tokio::test]
@@ -725,8 +720,7 @@ async fn a_busy_worker_costs_producers_one_notification() {
     .await;
     // Idle again: armed for the next insert.
     armed(&db).await;
-    stop.send(()).ok();
-    join.await.expect("join").expect("worker");
+    stop_worker(stop, join).await;
 }
 
 #[tokio::test]
@@ -759,7 +753,6 @@ async fn steady_producers_never_leave_workers_asleep() {
     .await;
     println!("all handled {:?} after the last push", last_push.elapsed());
     for (stop, join) in running {
-        stop.send(()).ok();
-        join.await.expect("join").expect("worker");
+        stop_worker(stop, join).await;
     }
 }

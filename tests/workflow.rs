@@ -10,7 +10,7 @@ use std::{
 use apalis::prelude::*;
 use apalis_pgmq_notify::{Config, PgmqStorage, QueueName};
 use apalis_workflow::SteppedFlow;
-use common::{TestDb, count, wait_for};
+use common::{TestDb, count, stop_worker, wait_for};
 
 #[tokio::test]
 async fn a_sequential_workflow_runs_step_by_step() {
@@ -51,8 +51,7 @@ async fn a_sequential_workflow_runs_step_by_step() {
         },
     )
     .await;
-    stop.send(()).ok();
-    join.await.expect("join").expect("worker");
+    stop_worker(stop, join).await;
     assert_eq!(*sums.lock().expect("lock"), vec![1 + 3]);
     // Each step was its own durable job: three archived messages.
     assert_eq!(

@@ -135,27 +135,25 @@ impl Hub {
         lock(&self.signals).get(&q).and_then(Weak::upgrade)
     }
 
-    /// Wakes every queue's workers (after a reconnect: notifications may have been lost).
-    fn wake_all(&self) {
-        let signals: Vec<Arc<WakeSignal>> = lock(&self.signals)
+    /// The live signals of every queue.
+    fn live_signals(&self) -> Vec<Arc<WakeSignal>> {
+        lock(&self.signals)
             .values()
             .filter_map(Weak::upgrade)
-            .collect();
-        for s in signals {
-            s.wake();
-        }
+            .collect()
+    }
+
+    /// Wakes every queue's workers (after a reconnect: notifications may have been lost).
+    fn wake_all(&self) {
+        self.live_signals().iter().for_each(|s| s.wake());
     }
 
     /// Forgets every announcement: after a server restart the unlogged listeners table may be
     /// empty, so idle workers must announce again.
     fn forget_announcements(&self) {
-        let signals: Vec<Arc<WakeSignal>> = lock(&self.signals)
-            .values()
-            .filter_map(Weak::upgrade)
-            .collect();
-        for s in signals {
+        self.live_signals().iter().for_each(|s| {
             s.take_announced();
-        }
+        });
     }
 
     /// Asks the listener to LISTEN on `channel`; the receiver resolves once it does (or never,

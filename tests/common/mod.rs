@@ -183,6 +183,24 @@ macro_rules! spawn_worker {
     }};
 }
 
+/// Stops a worker started with [`spawn_worker!`] and checks it ended cleanly.
+pub async fn stop_worker<E: std::fmt::Debug>(
+    stop: tokio::sync::oneshot::Sender<()>,
+    join: tokio::task::JoinHandle<Result<(), E>>,
+) {
+    let _ = stop.send(());
+    join.await.expect("join").expect("worker");
+}
+
+/// Waits until the queue table `pgmq.q_<queue>` is empty.
+pub async fn drained(pool: &PgPool, queue: &str) {
+    let sql = format!("SELECT count(*) FROM pgmq.q_{queue}");
+    wait_for(Duration::from_secs(60), "the queue to drain", || async {
+        (count(pool, &sql).await == 0).then_some(())
+    })
+    .await;
+}
+
 /// `(msg_id, read_ct, seconds until vt)` of every message in a queue table.
 pub async fn rows(pool: &PgPool, queue: &str) -> Vec<(i64, i32, f64)> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(

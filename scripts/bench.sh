@@ -10,7 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p apalis-pgmq-notify-bench
 (cd bench/pgmq-peer && cargo build --release -q)
-export APQ_PEER_BIN="$PWD/bench/pgmq-peer/target/release/apalis-pgmq-peer-bench"
+peer_target="${CARGO_TARGET_DIR:-$PWD/bench/pgmq-peer/target}"
+case "$peer_target" in /*) ;; *) peer_target="$PWD/bench/pgmq-peer/$peer_target" ;; esac
+export APQ_PEER_BIN="$peer_target/release/apalis-pgmq-peer-bench"
 export APALIS_PG_DURABLE="${APALIS_PG_DURABLE:-1}"
 export APALIS_PG_OPTS="-c shared_preload_libraries=pg_stat_statements ${APALIS_PG_OPTS:-}"
-exec scripts/with-pg.sh target/release/apalis-pgmq-notify-bench "$@"
+exec scripts/with-pg.sh cargo run --release -q -p apalis-pgmq-notify-bench -- "$@"

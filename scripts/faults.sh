@@ -7,4 +7,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build -q -p apalis-pgmq-notify-faults
-exec scripts/with-pg.sh target/debug/apalis-pgmq-notify-faults run "$@"
+exec scripts/with-pg.sh cargo run -q -p apalis-pgmq-notify-faults -- run "$@"

@@ -5,8 +5,7 @@ cd "$(dirname "$0")/.."
 : "${DATABASE_URL:?DATABASE_URL must be set; run scripts/test.sh instead}"
 cargo test --all-features "$@"
 echo "== fault suite"
-cargo build -q -p apalis-pgmq-notify-faults
-target/debug/apalis-pgmq-notify-faults run
+cargo run -q -p apalis-pgmq-notify-faults -- run
 for example in $(ls examples/*.rs 2>/dev/null | xargs -n1 basename | sed 's/\.rs$//'); do
   echo "== example: $example"
   timeout 300 cargo run --quiet --example "$example"

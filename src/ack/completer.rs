@@ -169,9 +169,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx, sql: A
             }
         }
         if pending.is_empty() {
-            for (_, w) in waiters.drain(..) {
-                let _ = w.send(());
-            }
+            // Every waiter was answered above: nothing is pending, so all is written.
             if !open {
                 return;
             }
@@ -251,19 +249,18 @@ async fn write(
     let mut cts = Vec::with_capacity(batch.len());
     let mut actions = Vec::with_capacity(batch.len());
     let mut delays = Vec::with_capacity(batch.len());
-    let mut infos: Vec<Option<String>> = Vec::with_capacity(batch.len());
+    let mut infos = Vec::with_capacity(batch.len());
     for c in &batch {
         ids.push(c.msg_id);
         cts.push(c.read_ct);
         actions.push(c.action.code());
-        match &c.action {
-            Action::Retry { delay } => delays.push(delay.as_secs_f64()),
-            _ => delays.push(0.0),
-        }
-        match &c.action {
-            Action::DeadLetter { info } => infos.push(Some(info.to_string())),
-            _ => infos.push(None),
-        }
+        let (delay, info) = match &c.action {
+            Action::Retry { delay } => (delay.as_secs_f64(), None),
+            Action::DeadLetter { info } => (0.0, Some(info.to_string())),
+            Action::Archive | Action::Delete => (0.0, None),
+        };
+        delays.push(delay);
+        infos.push(info);
     }
     let row: (Vec<i64>, i64) = sqlx::query_as(AssertSqlSafe(sql.clone()))
         .bind(ids)

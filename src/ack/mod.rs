@@ -41,7 +41,7 @@ use crate::{
 use completer::{Action, Completion};
 
 /// Longest error text kept in a dead-letter record, in bytes.
-const MAX_ERROR_TEXT: usize = 4096;
+pub(crate) const MAX_ERROR_TEXT: usize = 4096;
 
 /// The error a delivery ends with when its handler panicked.
 #[derive(Debug, Clone, thiserror::Error)]

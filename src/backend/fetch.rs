@@ -2,13 +2,16 @@
 //! and decides when to look again.
 //!
 //! States: `Start` → `Ensuring` (the queue and its dead-letter queue exist) → `Idle` ⇄
-//! `Fetching` / `Waiting`, with `Backoff` after an infrastructure error and `Closing` → `Closed`
-//! on shutdown. Errors never reach the worker (that would stop it): they are logged and retried
-//! with backoff, so a worker survives a database restart.
+//! `Fetching` / `Announcing` / `Settling` / `Probing` / `Waiting`, with `Backoff` after an
+//! infrastructure error and `Closing` → `Closed` on shutdown. Errors never reach the worker
+//! (that would stop it): they are logged and retried with backoff, so a worker survives a
+//! database restart.
 //!
-//! Wake-ups: after a non-empty read the fetcher reads again before waiting; after an empty read
-//! it waits until the earliest known future visibility time (a delayed job, a backoff), a
-//! notification, or the jittered fallback poll interval, whichever is first.
+//! Wake-ups: after a non-empty read the fetcher reads again before waiting. After an empty read
+//! it may linger (re-read shortly) and, with on-demand notifications, arm its wake-up; just
+//! before it actually waits (`Probing`) it looks up the earliest future visibility time (a
+//! delayed job, a backoff), and waits until then, a notification, or the jittered fallback poll
+//! interval, whichever is first.
 //!
 //! Capacity: a worker should never claim messages it cannot start. The fetcher cannot see the
 //! worker's concurrency limit, but it can see its effect: if `poll_ready` returned `Ready` and
@@ -90,17 +93,13 @@ impl Capacity {
     }
 }
 
-struct Fetched {
-    messages: Vec<Message>,
-    /// After an empty read: how long until the earliest hidden message becomes visible.
-    next_visible_in: Option<Duration>,
-}
-
 enum State {
     Start,
     Ensuring(BoxFuture<'static, Result<()>>),
     Idle,
-    Fetching(BoxFuture<'static, Result<Fetched>>),
+    Fetching(BoxFuture<'static, Result<Vec<Message>>>),
+    /// After an empty read, before waiting: when does the earliest hidden message become visible?
+    Probing(BoxFuture<'static, Result<Option<Duration>>>),
     /// Announcing that a worker waits, so on-demand triggers notify; then read once more.
     Announcing(BoxFuture<'static, Result<()>>),
     /// Checking that no insert which skipped notifying is still in flight.
@@ -118,8 +117,9 @@ pub(crate) struct Fetcher {
     buffer: VecDeque<Message>,
     /// Read again before waiting (after a non-empty read, a wake-up, or a (re)start).
     fetch_now: bool,
-    /// After an empty read, how long until a hidden message becomes visible.
-    next_visible_in: Option<Duration>,
+    /// After an empty read, how long until a hidden message becomes visible; the outer `None`
+    /// until looked up (only before actually waiting, not on every read).
+    next_visible_in: Option<Option<Duration>>,
     capacity: Capacity,
     /// Whether the queue is known to exist.
     ensured: bool,
@@ -240,28 +240,33 @@ impl Fetcher {
                             .claim(in_flight, shared.config.fetch_batch_size);
                         self.state = State::Fetching(Box::pin(fetch(shared.clone(), qty)));
                     } else if shared.announces()
-                        && self.linger_left > 0
                         && !shared.signal.announced_for(shared.config.poll_interval)
                     {
-                        // Just busy: more work is likely within milliseconds. Re-read shortly
-                        // instead of arming, so a steady stream costs producers no NOTIFY.
-                        self.linger_left -= 1;
-                        self.state = State::Waiting(Box::pin(tokio::time::sleep(LINGER_STEP)));
-                    } else if shared.announces()
-                        && !shared.signal.announced_for(shared.config.poll_interval)
-                    {
-                        self.state = State::Announcing(Box::pin(announce(shared.clone())));
-                    } else if let Some(settle) = self.settle.filter(|s| s.due <= Instant::now()) {
-                        let _ = settle;
-                        let shared2 = shared.clone();
+                        if self.linger_left > 0 {
+                            // Just busy: more work is likely within milliseconds. Re-read shortly
+                            // instead of arming, so a steady stream costs producers no NOTIFY.
+                            self.linger_left -= 1;
+                            self.state = State::Waiting(Box::pin(tokio::time::sleep(LINGER_STEP)));
+                        } else {
+                            self.state = State::Announcing(Box::pin(announce(shared.clone())));
+                        }
+                    } else if self.settle.is_some_and(|s| s.due <= Instant::now()) {
+                        let shared = shared.clone();
                         self.state = State::Settling(Box::pin(async move {
-                            crate::notify::inserts_settled(&shared2.pool, shared2.queue.name())
-                                .await
+                            crate::notify::inserts_settled(&shared.pool, shared.queue.name()).await
+                        }));
+                    } else if self.next_visible_in.is_none() {
+                        let shared = shared.clone();
+                        self.state = State::Probing(Box::pin(async move {
+                            shared.queue.next_visible_in(&shared.pool).await
                         }));
                     } else {
                         let fallback =
                             jittered(shared.config.poll_interval, shared.config.poll_jitter);
-                        let mut wait = self.next_visible_in.map_or(fallback, |d| d.min(fallback));
+                        let mut wait = self
+                            .next_visible_in
+                            .flatten()
+                            .map_or(fallback, |d| d.min(fallback));
                         let now = Instant::now();
                         if let Some(due) = self.wake.as_ref().and_then(Subscription::due) {
                             wait = wait.min(due.saturating_duration_since(now));
@@ -274,15 +279,23 @@ impl Fetcher {
                 }
                 State::Fetching(fut) => match fut.poll_unpin(cx) {
                     Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok(fetched)) => {
+                    Poll::Ready(Ok(messages)) => {
                         self.failures = 0;
-                        let got = fetched.messages.len();
-                        if got > 0 {
+                        let got = !messages.is_empty();
+                        if got {
                             self.linger_left = shared.config.linger_polls();
                         }
-                        self.fetch_now = got > 0;
-                        self.next_visible_in = fetched.next_visible_in;
-                        self.buffer.extend(fetched.messages);
+                        self.fetch_now = got;
+                        self.next_visible_in = None;
+                        self.buffer.extend(messages);
+                        self.state = State::Idle;
+                    }
+                    Poll::Ready(Err(e)) => self.fail(shared, "reading the queue", &e),
+                },
+                State::Probing(fut) => match fut.poll_unpin(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(next)) => {
+                        self.next_visible_in = Some(next);
                         self.state = State::Idle;
                     }
                     Poll::Ready(Err(e)) => self.fail(shared, "reading the queue", &e),
@@ -397,8 +410,8 @@ impl Fetcher {
                         let mut held = held;
                         if let Some(fut) = in_progress {
                             // A read may already have claimed rows: see it through, then release them.
-                            if let Ok(fetched) = fut.await {
-                                for m in &fetched.messages {
+                            if let Ok(messages) = fut.await {
+                                for m in &messages {
                                     if shared.leases.remove(m.msg_id, m.read_ct) {
                                         held.push((m.msg_id, m.read_ct));
                                     }
@@ -463,10 +476,10 @@ struct Settle {
 }
 
 const SETTLE_FIRST: Duration = Duration::from_millis(5);
+const SETTLE_MAX: Duration = Duration::from_secs(1);
 
 /// Interval between re-reads while lingering after a busy period.
 pub(crate) const LINGER_STEP: Duration = Duration::from_millis(2);
-const SETTLE_MAX: Duration = Duration::from_secs(1);
 
 /// Arms this process's wake-up on the queue: the next insert notifies (once; an idle worker arms
 /// again after each wake-up). Inserts already in flight did not notify: the fetcher then checks
@@ -488,7 +501,7 @@ async fn announce(shared: Arc<Shared>) -> Result<()> {
     )
     .await
     {
-        shared.signal.take_announced();
+        shared.signal.clear_announced();
         return Err(e);
     }
     Ok(())
@@ -541,30 +554,22 @@ async fn ensure_queue(shared: Arc<Shared>, listening: Option<oneshot::Receiver<(
     Ok(())
 }
 
-async fn fetch(shared: Arc<Shared>, qty: usize) -> Result<Fetched> {
+async fn fetch(shared: Arc<Shared>, qty: usize) -> Result<Vec<Message>> {
     let started = Instant::now();
     let vt = shared.config.visibility_timeout;
     let messages = shared.queue.read(&shared.pool, vt, qty).await?;
-    if messages.is_empty() {
-        let next_visible_in = shared.queue.next_visible_in(&shared.pool).await?;
-        return Ok(Fetched {
-            messages,
-            next_visible_in,
-        });
+    if !messages.is_empty() {
+        shared.leases.insert_many(messages.iter().map(|m| {
+            (
+                m.msg_id,
+                Lease {
+                    read_ct: m.read_ct,
+                    expires: started + vt,
+                },
+            )
+        }));
     }
-    shared.leases.insert_many(messages.iter().map(|m| {
-        (
-            m.msg_id,
-            Lease {
-                read_ct: m.read_ct,
-                expires: started + vt,
-            },
-        )
-    }));
-    Ok(Fetched {
-        messages,
-        next_visible_in: None,
-    })
+    Ok(messages)
 }
 
 #[cfg(test)]

@@ -443,14 +443,14 @@ where
     /// Messages that carry apalis-workflow step metadata are not checked here: a workflow's
     /// later steps hold the previous step's output, not `Args`, and the workflow decodes them
     /// itself (a step that does not decode then fails like any handler error).
-    fn message_to_task(&self, m: Message, worker: &WorkerContext) -> Option<Task<Value>> {
+    fn message_to_task(&self, mut m: Message, worker: &WorkerContext) -> Option<Task<Value>> {
         if let Some(error) = &m.decode_error {
             tracing::warn!(queue = %self.shared.queue.name(), msg_id = m.msg_id, %error,
                 "message cannot be read; moving it to the dead-letter queue");
             self.dead_letter_undecodable(&m, error);
             return None;
         }
-        let body = m.message.clone().unwrap_or(Value::Null);
+        let body = m.message.take().unwrap_or(Value::Null);
         let meta = JobMeta::from_headers(m.headers.as_ref());
         let workflow_step = meta
             .metadata
@@ -505,7 +505,7 @@ impl<Args, C> PgmqStorage<Args, C> {
             action: Action::DeadLetter {
                 info: json!({
                     "reason": "undecodable",
-                    "error": crate::util::truncate(error, 4096),
+                    "error": crate::util::truncate(error, crate::ack::MAX_ERROR_TEXT),
                     "expected_type": std::any::type_name::<Args>(),
                 }),
             },

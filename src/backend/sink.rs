@@ -6,10 +6,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use apalis_core::{
-    backend::codec::Codec,
-    task::{Task, builder::TaskBuilder},
-};
+use apalis_core::{backend::codec::Codec, task::Task};
 use chrono::{TimeZone, Utc};
 use futures::{FutureExt, Sink, future::BoxFuture};
 use serde_json::Value;
@@ -207,12 +204,10 @@ where
         executor: E,
         args: impl IntoIterator<Item = Args>,
     ) -> Result<Vec<i64>> {
+        let queue = &self.shared.queue;
         let encoded = args
             .into_iter()
-            .map(|a| {
-                let task = TaskBuilder::new(self.encode_args(&a)?).build();
-                encode_task(&self.shared.queue, &task)
-            })
+            .map(|a| queue.encode(&self.encode_args(&a)?, None, Delay::Now))
             .collect::<Result<Vec<_>>>()?;
         self.shared.queue.send_encoded(executor, &encoded).await
     }

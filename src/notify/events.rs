@@ -217,7 +217,7 @@ impl Hub {
         };
         if let Some(signal) = self.signal_if_any(&parsed.q) {
             // The insert behind this notification disarmed our wake-up row: re-arm when idle.
-            signal.take_announced();
+            signal.clear_announced();
             let delay = parsed.delay();
             if delay > Duration::from_millis(1) {
                 signal.wake_at(Instant::now() + delay);

@@ -151,9 +151,7 @@ impl Hub {
     /// Forgets every announcement: after a server restart the unlogged listeners table may be
     /// empty, so idle workers must announce again.
     fn forget_announcements(&self) {
-        self.live_signals().iter().for_each(|s| {
-            s.take_announced();
-        });
+        self.live_signals().iter().for_each(|s| s.clear_announced());
     }
 
     /// Asks the listener to LISTEN on `channel`; the receiver resolves once it does (or never,

@@ -84,11 +84,9 @@ impl WakeSignal {
         *lock(&self.announced_until) = Some(until);
     }
 
-    /// Forgets the announcement; `true` if one was in force.
-    pub(crate) fn take_announced(&self) -> bool {
-        lock(&self.announced_until)
-            .take()
-            .is_some_and(|u| u > Instant::now())
+    /// Forgets the announcement, so an idle worker announces again.
+    pub(crate) fn clear_announced(&self) {
+        *lock(&self.announced_until) = None;
     }
 
     fn wake_all(&self) {

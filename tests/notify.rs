@@ -467,6 +467,80 @@ async fn namespace_and_queue_created_events() {
 }
 
 #[tokio::test]
+async fn subscribers_on_several_channels_get_one_reconnected_event_each() {
+    let db = TestDb::setup().await;
+    let channels = NotifyChannels::with_prefix("t3.").expect("prefix");
+    for bad in ["", "Audit", "a-b", &"n".repeat(44)] {
+        let err = QueueEvents::new(&db.pool)
+            .channels(channels.clone())
+            .namespace(bad)
+            .subscribe()
+            .await
+            .expect_err("an invalid namespace");
+        assert!(
+            matches!(err, apalis_pgmq_notify::Error::Config(_)),
+            "{bad:?}: {err}"
+        );
+    }
+    let q = PgmqQueue::new(QueueName::new("audit_queue").expect("name"));
+    q.create(&db.pool).await.expect("create");
+    enable_notify(&db.pool, q.name(), &channels, NotifyMode::Batch)
+        .await
+        .expect("enable");
+    // Two subscribers on the same three channels: each is in every channel's list.
+    let mut subscribers = Vec::new();
+    for _ in 0..2 {
+        subscribers.push(
+            QueueEvents::new(&db.pool)
+                .channels(channels.clone())
+                .queue(q.name())
+                .namespace("audit")
+                .queue_created()
+                .subscribe()
+                .await
+                .expect("subscribe"),
+        );
+    }
+    let listener: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+         AND query ILIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("find listener");
+    assert_eq!(
+        listener.len(),
+        1,
+        "one LISTEN connection for every subscriber"
+    );
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(listener[0])
+        .execute(&db.pool)
+        .await
+        .expect("terminate");
+    for events in &mut subscribers {
+        let first = tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("an event")
+            .expect("open");
+        assert_eq!(first, QueueEvent::Reconnected);
+    }
+    // Listening again (the event comes after the LISTENs are back): the next event is this
+    // message, not a second Reconnected for another of the subscriber's channels.
+    let id = q.send(&db.pool, &json!(1)).await.expect("send");
+    for events in &mut subscribers {
+        let next = tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("an event")
+            .expect("open");
+        assert!(
+            matches!(&next, QueueEvent::MessageReady { msg_id, .. } if *msg_id == id),
+            "{next:?}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn enabling_notify_refuses_bad_input() {
     let db = TestDb::setup().await;
     let missing = QueueName::new("does_not_exist").expect("name");

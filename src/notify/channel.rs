@@ -60,7 +60,8 @@ impl Default for NotifyChannels {
     }
 }
 
-fn check_part(what: &str, value: &str, max: usize) -> Result<()> {
+/// Checks one part of a channel name: 1 to `max` bytes of `[a-z0-9_.]`.
+pub(super) fn check_part(what: &str, value: &str, max: usize) -> Result<()> {
     if value.is_empty() || value.len() > max {
         return Err(Error::Config(format!(
             "{what} {value:?} must be 1 to {max} bytes"

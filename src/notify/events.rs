@@ -17,8 +17,8 @@ use sqlx::PgPool;
 use tokio::{sync::mpsc, time::Instant};
 
 use super::{
-    Hub, NotifyChannels, hub, listeners_changed, lock, triggers::enable_created_notify, unwant,
-    want,
+    Hub, NotifyChannels, channel::check_part, hub, listeners_changed, lock,
+    triggers::enable_created_notify, unwant, want,
 };
 use crate::{
     error::{Error, Result},
@@ -168,9 +168,6 @@ impl Stats {
     pub(crate) fn reconnected(&self) {
         self.reconnects.fetch_add(1, Ordering::Relaxed);
     }
-    pub(crate) fn reconnects(&self) -> u64 {
-        self.reconnects.load(Ordering::Relaxed)
-    }
     pub(crate) fn snapshot(&self) -> ListenerStats {
         ListenerStats {
             received: self.received.load(Ordering::Relaxed),
@@ -269,12 +266,13 @@ impl Hub {
         }
         self.wake_all();
         if reconnected {
-            let mut all: Vec<EventSender> = lock(&self.subscribers)
-                .values()
-                .flatten()
-                .cloned()
-                .collect();
-            all.dedup_by(|a, b| a.tx.same_channel(&b.tx));
+            // Once per subscriber, however many channels it listens on.
+            let mut all: Vec<EventSender> = Vec::new();
+            for s in lock(&self.subscribers).values().flatten() {
+                if !all.iter().any(|a| a.tx.same_channel(&s.tx)) {
+                    all.push(s.clone());
+                }
+            }
             self.deliver(&all, QueueEvent::Reconnected).await;
         }
     }
@@ -402,14 +400,7 @@ impl QueueEvents {
             channel_names.push(match topic {
                 Topic::Queue(q) => self.channels.queue_channel(q),
                 Topic::Namespace(ns) => {
-                    if ns.is_empty()
-                        || ns.len() > crate::queue::MAX_QUEUE_NAME_LEN
-                        || !ns.chars().all(|c| {
-                            c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.'
-                        })
-                    {
-                        return Err(Error::Config(format!("invalid namespace {ns:?}")));
-                    }
+                    check_part("namespace", ns, crate::queue::MAX_QUEUE_NAME_LEN)?;
                     self.channels.namespace_channel(ns)
                 }
                 Topic::QueueCreated => {

@@ -82,7 +82,8 @@ pub(crate) async fn run(
                 continue;
             }
         };
-        if connected_once {
+        let reconnected = connected_once;
+        if reconnected {
             stats.reconnected();
             tracing::info!(
                 channels = channels.len(),
@@ -95,7 +96,7 @@ pub(crate) async fn run(
             let _ = ack.send(());
         }
         let Some(h) = hub.upgrade() else { return };
-        h.after_connect(stats.reconnects() > 0).await;
+        h.after_connect(reconnected).await;
         drop(h);
 
         loop {

@@ -197,14 +197,15 @@ pub(crate) async fn want(
     Ok(())
 }
 
-/// Withdraws an announcement.
+/// Withdraws an announcement. Inserts cache only "nobody listens", which a withdrawal cannot
+/// make wrong, so the listeners version is left alone.
 pub(crate) async fn unwant(pool: &PgPool, channel: &str, owner: &str) -> crate::Result<()> {
     sqlx::query("SELECT apalis_pgmq.unwant_notify($1, $2)")
         .bind(channel)
         .bind(owner)
         .execute(pool)
         .await?;
-    listeners_changed(pool).await
+    Ok(())
 }
 
 /// Tells inserts that cached "nobody listens" to look again (after a change has committed).

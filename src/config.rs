@@ -193,6 +193,8 @@ pub struct Config {
     pub(crate) notify_mode: NotifyMode,
     /// After a busy period, how long an idle worker keeps re-reading before it arms a wake-up.
     pub(crate) linger: Duration,
+    /// How soon a LISTEN connection that silently stopped delivering is replaced.
+    pub(crate) listener_health_check: Duration,
 }
 
 impl Default for Config {
@@ -214,6 +216,7 @@ impl Default for Config {
             channels: NotifyChannels::default(),
             notify_mode: NotifyMode::OnDemand,
             linger: Duration::from_millis(10),
+            listener_health_check: Duration::from_millis(crate::notify::DEFAULT_HEALTH_CHECK_MS),
         }
     }
 }
@@ -340,9 +343,20 @@ impl Config {
         self
     }
 
+    /// How soon a LISTEN connection that silently stopped delivering (half-open TCP) is
+    /// detected and replaced (default 10 s, 1 s to 1 h). The listener pings its connection (a
+    /// protocol round trip, not a statement) after half of this without traffic, and gives up
+    /// on it after the other half. One listener serves a process: it uses the shortest value of
+    /// its storages.
+    #[must_use]
+    pub fn listener_health_check(mut self, interval: Duration) -> Self {
+        self.listener_health_check = interval;
+        self
+    }
+
     /// Re-reads while lingering.
     pub(crate) fn linger_polls(&self) -> u32 {
-        let step = crate::backend::LINGER_STEP.as_micros().max(1);
+        let step = crate::notify::wakeup::LINGER_STEP.as_micros().max(1);
         u32::try_from(self.linger.as_micros() / step).unwrap_or(u32::MAX)
     }
 
@@ -412,6 +426,14 @@ impl Config {
         }
         if self.max_payload_bytes == 0 {
             return bad("max_payload_bytes must be positive".to_owned());
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600))
+            .contains(&self.listener_health_check)
+        {
+            return bad(format!(
+                "listener_health_check must be within 1 s..=1 h, got {:?}",
+                self.listener_health_check
+            ));
         }
         if self.linger > Duration::from_secs(1) {
             return bad(format!("linger must be at most 1 s, got {:?}", self.linger));

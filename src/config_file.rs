@@ -213,8 +213,7 @@ impl ConfigFile {
                         .unwrap_or(crate::notify::DEFAULT_NAMESPACE),
                 )?;
             }
-            let mode =
-                NotifyMode::from_name(n.mode.as_deref().unwrap_or("batch"), n.max_payload_bytes)?;
+            let mode = NotifyMode::from_name(n.mode.as_deref(), n.max_payload_bytes)?;
             c = c.notify_channels(channels).notify_mode(mode);
         }
         c.validate()?;
@@ -240,6 +239,28 @@ mod tests {
         assert_eq!(f.queue.as_str(), "billing_queue");
         assert_eq!(f.config.get_visibility_timeout(), Duration::from_secs(60));
         assert_eq!(f.config.get_max_attempts(), 3);
+        assert_eq!(
+            f.config.notify_mode,
+            NotifyMode::Message {
+                max_payload_bytes: 4000
+            }
+        );
+    }
+
+    #[test]
+    fn a_notify_section_without_a_mode_keeps_the_default_mode() {
+        let f = ConfigFile::from_json(r#"{"queue": "q", "notify": {"prefix": "app."}}"#)
+            .expect("valid");
+        assert_eq!(f.config.notify_mode, NotifyMode::OnDemand);
+        assert_eq!(f.config.notify_mode, Config::default().notify_mode);
+        let f = ConfigFile::from_json(r#"{"queue": "q", "notify": {"max_payload_bytes": 3000}}"#)
+            .expect("valid");
+        assert_eq!(
+            f.config.notify_mode,
+            NotifyMode::Message {
+                max_payload_bytes: 3000
+            }
+        );
     }
 
     #[test]

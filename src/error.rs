@@ -61,6 +61,21 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
 
+    /// The database role lacks a right the operation needs; nothing was done.
+    #[error(
+        "role {role:?} lacks {right}, which {needed_for}; grant it (e.g. `{grant}`) or run as a role that has it"
+    )]
+    MissingPrivilege {
+        /// The role the connection uses.
+        role: String,
+        /// The missing right, e.g. `UPDATE on pgmq.q_email`.
+        right: String,
+        /// What the right is needed for.
+        needed_for: &'static str,
+        /// A statement that grants it.
+        grant: String,
+    },
+
     /// A background task the backend depends on is gone (the runtime is shutting down).
     #[error("background task stopped: {0}")]
     Stopped(&'static str),

@@ -36,6 +36,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "notify",
         sql: include_str!("../migrations/0002_notify.sql"),
     },
+    Migration {
+        version: 3,
+        name: "wakeups",
+        sql: include_str!("../migrations/0003_wakeups.sql"),
+    },
 ];
 
 /// What [`setup`] found and did.

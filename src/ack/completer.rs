@@ -14,7 +14,13 @@ use sqlx::{AssertSqlSafe, PgPool};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    backend::lease::LeaseTable, notify::WakeSignal, queue::PgmqQueue, util::error_backoff,
+    backend::lease::LeaseTable,
+    notify::{
+        WakeSignal,
+        wakeup::{self, WakeTarget},
+    },
+    queue::PgmqQueue,
+    util::error_backoff,
 };
 
 /// What to do with a message once its job is over.
@@ -87,6 +93,9 @@ pub(crate) struct CompleterCtx {
     pub(crate) leases: Arc<LeaseTable>,
     /// Raised when a retry is written, so idle workers wake when it becomes visible.
     pub(crate) signal: Arc<WakeSignal>,
+    /// Where to wake idle workers of other processes when a retry is written (`None`: workers
+    /// do not listen).
+    pub(crate) wake_target: Option<WakeTarget>,
     pub(crate) batch_size: usize,
     pub(crate) flush_interval: Duration,
 }
@@ -224,6 +233,12 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx, sql: A
             Some(d) if d <= Duration::from_millis(1) => ctx.signal.wake(),
             Some(d) => ctx.signal.wake_at(tokio::time::Instant::now() + d),
             None => {}
+        }
+        if let (Some(d), Some(target)) = (soonest_retry, &ctx.wake_target)
+            && let Err(e) = wakeup::wake_others(&ctx.pool, target, d).await
+        {
+            tracing::debug!(error = %e,
+                "could not wake other processes' workers for a retry; they find it at their next poll");
         }
         written += n as u64;
     }

@@ -1,17 +1,15 @@
 //! The producer side of a worker: claims messages, holds them until the worker starts them,
 //! and decides when to look again.
 //!
-//! States: `Start` → `Ensuring` (the queue and its dead-letter queue exist) → `Idle` ⇄
-//! `Fetching` / `Announcing` / `Settling` / `Probing` / `Waiting`, with `Backoff` after an
-//! infrastructure error and `Closing` → `Closed` on shutdown. Errors never reach the worker
-//! (that would stop it): they are logged and retried with backoff, so a worker survives a
-//! database restart.
-//!
-//! Wake-ups: after a non-empty read the fetcher reads again before waiting. After an empty read
-//! it may linger (re-read shortly) and, with on-demand notifications, arm its wake-up; just
-//! before it actually waits (`Probing`) it looks up the earliest future visibility time (a
-//! delayed job, a backoff), and waits until then, a notification, or the jittered fallback poll
-//! interval, whichever is first.
+//! States: `Start` → `Ensuring` (the queue and its dead-letter queue exist, the role has the
+//! rights a worker needs) → `Ready` ⇄ `Reading` / `Arming` / `Settling` / `Probing` /
+//! `Sleeping`, with `Backoff` after an infrastructure error and `Closing` → `Closed` on
+//! shutdown. Which step comes next is decided by the wake-up protocol's
+//! [`Plan`](crate::notify::wakeup::Plan) (see `src/notify/wakeup.rs` for the invariant and why
+//! it holds); this file only runs the steps. Infrastructure errors never reach the worker (that
+//! would stop it): they are logged and retried with backoff, so a worker survives a database
+//! restart. A missing right is the exception: the worker fails at start with an error naming
+//! it, rather than run jobs whose outcomes it cannot write.
 //!
 //! Capacity: a worker should never claim messages it cannot start. The fetcher cannot see the
 //! worker's concurrency limit, but it can see its effect: if `poll_ready` returned `Ready` and
@@ -32,7 +30,7 @@ use std::{
 use futures::{FutureExt, future::BoxFuture};
 use tokio::{
     sync::oneshot,
-    time::{Instant, Sleep},
+    time::{Instant, Sleep, sleep_until},
 };
 
 use super::{
@@ -41,9 +39,12 @@ use super::{
 };
 use crate::{
     error::Result,
-    notify::{Subscription, Wake},
+    notify::{
+        Subscription, Wake,
+        wakeup::{self, Plan, Step},
+    },
     queue::Message,
-    util::{error_backoff, jittered},
+    util::error_backoff,
 };
 
 /// Learns how many tasks the worker can run at once from when it stops asking for more.
@@ -96,15 +97,13 @@ impl Capacity {
 enum State {
     Start,
     Ensuring(BoxFuture<'static, Result<()>>),
-    Idle,
-    Fetching(BoxFuture<'static, Result<Vec<Message>>>),
-    /// After an empty read, before waiting: when does the earliest hidden message become visible?
-    Probing(BoxFuture<'static, Result<Option<Duration>>>),
-    /// Announcing that a worker waits, so on-demand triggers notify; then read once more.
-    Announcing(BoxFuture<'static, Result<()>>),
-    /// Checking that no insert which skipped notifying is still in flight.
+    /// Between steps: ask the plan what to do.
+    Ready,
+    Reading(BoxFuture<'static, Result<Vec<Message>>>),
+    Arming(BoxFuture<'static, Result<()>>),
     Settling(BoxFuture<'static, Result<bool>>),
-    Waiting(Pin<Box<Sleep>>),
+    Probing(BoxFuture<'static, Result<Option<Duration>>>),
+    Sleeping(Pin<Box<Sleep>>),
     Backoff(Pin<Box<Sleep>>),
     Closing(BoxFuture<'static, ()>),
     Closed,
@@ -115,20 +114,14 @@ pub(crate) struct Fetcher {
     state: State,
     /// Claimed messages the worker has not started yet, in `msg_id` order.
     buffer: VecDeque<Message>,
-    /// Read again before waiting (after a non-empty read, a wake-up, or a (re)start).
-    fetch_now: bool,
-    /// After an empty read, how long until a hidden message becomes visible; the outer `None`
-    /// until looked up (only before actually waiting, not on every read).
-    next_visible_in: Option<Option<Duration>>,
+    /// When to read, arm, check and sleep; `None` until the worker first polls (it needs the
+    /// configuration).
+    plan: Option<Plan>,
     capacity: Capacity,
     /// Whether the queue is known to exist.
     ensured: bool,
     /// Consecutive infrastructure errors, for backoff.
     failures: u32,
-    /// After announcing: inserts that skipped notifying may still be in flight.
-    settle: Option<Settle>,
-    /// Short re-reads left before arming a wake-up, after a busy period.
-    linger_left: u32,
     /// Keeps the buffered messages' release on drop from needing the storage.
     shared: Option<Arc<Shared>>,
     /// Wake-ups for this queue: notifications, retries written, releases.
@@ -149,13 +142,10 @@ impl Default for Fetcher {
         Self {
             state: State::Start,
             buffer: VecDeque::new(),
-            fetch_now: true,
-            next_visible_in: None,
+            plan: None,
             capacity: Capacity::default(),
             ensured: false,
             failures: 0,
-            settle: None,
-            linger_left: 0,
             shared: None,
             wake: None,
         }
@@ -197,8 +187,16 @@ impl Fetcher {
         cx: &mut Context<'_>,
         shared: &Arc<Shared>,
         in_flight: usize,
-    ) -> Poll<Option<Message>> {
+    ) -> Poll<Option<Result<Message>>> {
         self.capacity.observe_next(in_flight);
+        let config = &shared.config;
+        let plan = self.plan.get_or_insert_with(|| {
+            Plan::new(
+                config.poll_interval,
+                config.poll_jitter,
+                config.linger_polls(),
+            )
+        });
         loop {
             if let Some(m) = self.buffer.pop_front() {
                 // Skip anything whose lease we no longer hold (lost while buffered).
@@ -207,14 +205,21 @@ impl Fetcher {
                     .get(m.msg_id)
                     .is_some_and(|l| l.read_ct == m.read_ct)
                 {
-                    return Poll::Ready(Some(m));
+                    return Poll::Ready(Some(Ok(m)));
                 }
                 continue;
             }
+            let now = Instant::now();
             match &mut self.state {
                 State::Start => {
                     let ack = if self.wake.is_none() {
                         let (sub, ack) = shared.subscribe();
+                        shared.signal.worker_started();
+                        shared.signal.disarm_with(crate::notify::Disarmer {
+                            pool: shared.pool.clone(),
+                            channel: shared.config.channels.queue_channel(shared.queue.name()),
+                            owner: shared.hub.owner.clone(),
+                        });
                         self.wake = Some(sub);
                         ack
                     } else {
@@ -227,158 +232,115 @@ impl Fetcher {
                     Poll::Ready(Ok(())) => {
                         self.ensured = true;
                         self.failures = 0;
-                        self.fetch_now = true;
-                        self.state = State::Idle;
+                        plan.on_recovered();
+                        self.state = State::Ready;
                     }
-                    Poll::Ready(Err(e)) => self.fail(shared, "preparing the queue", &e),
+                    Poll::Ready(Err(e)) if is_fatal(&e) => {
+                        tracing::error!(queue = %shared.queue.name(), error = %e,
+                            "worker cannot run on this queue; stopping it");
+                        self.state = State::Closed;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    Poll::Ready(Err(e)) => {
+                        self.state = fail(&mut self.failures, shared, "preparing the queue", &e);
+                    }
                 },
-                State::Idle => {
-                    if self.fetch_now {
-                        self.fetch_now = false;
-                        let qty = self
-                            .capacity
-                            .claim(in_flight, shared.config.fetch_batch_size);
-                        self.state = State::Fetching(Box::pin(fetch(shared.clone(), qty)));
-                    } else if shared.announces()
-                        && !shared.signal.announced_for(shared.config.poll_interval)
-                    {
-                        if self.linger_left > 0 {
-                            // Just busy: more work is likely within milliseconds. Re-read shortly
-                            // instead of arming, so a steady stream costs producers no NOTIFY.
-                            self.linger_left -= 1;
-                            self.state = State::Waiting(Box::pin(tokio::time::sleep(LINGER_STEP)));
-                        } else {
-                            self.state = State::Announcing(Box::pin(announce(shared.clone())));
-                        }
-                    } else if self.settle.is_some_and(|s| s.due <= Instant::now()) {
-                        let shared = shared.clone();
-                        self.state = State::Settling(Box::pin(async move {
-                            crate::notify::inserts_settled(&shared.pool, shared.queue.name()).await
-                        }));
-                    } else if self.next_visible_in.is_none() {
-                        let shared = shared.clone();
-                        self.state = State::Probing(Box::pin(async move {
-                            shared.queue.next_visible_in(&shared.pool).await
-                        }));
-                    } else {
-                        let fallback =
-                            jittered(shared.config.poll_interval, shared.config.poll_jitter);
-                        let mut wait = self
-                            .next_visible_in
-                            .flatten()
-                            .map_or(fallback, |d| d.min(fallback));
-                        let now = Instant::now();
-                        if let Some(due) = self.wake.as_ref().and_then(Subscription::due) {
-                            wait = wait.min(due.saturating_duration_since(now));
-                        }
-                        if let Some(settle) = self.settle {
-                            wait = wait.min(settle.due.saturating_duration_since(now));
-                        }
-                        self.state = State::Waiting(Box::pin(tokio::time::sleep(wait)));
+                State::Ready => {
+                    match self.wake.as_mut().map_or(Wake::Nothing, |w| w.poll(cx)) {
+                        Wake::Now => plan.on_wake_now(),
+                        Wake::At(at) => plan.on_wake_at(at),
+                        Wake::Nothing => {}
                     }
+                    let margin = config.poll_interval.mul_f64(wakeup::REARM_WHEN_LEFT_POLLS);
+                    let wants_arm = shared.announces() && !shared.signal.armed_for(margin);
+                    self.state = match plan.next(now, wants_arm) {
+                        Step::Read => {
+                            let qty = self.capacity.claim(in_flight, config.fetch_batch_size);
+                            State::Reading(Box::pin(fetch(shared.clone(), qty)))
+                        }
+                        Step::Arm => State::Arming(Box::pin(arm(shared.clone()))),
+                        Step::CheckSettled => {
+                            let shared = shared.clone();
+                            State::Settling(Box::pin(async move {
+                                wakeup::inserts_settled(&shared.pool, shared.queue.name().as_str())
+                                    .await
+                            }))
+                        }
+                        Step::Probe => {
+                            let shared = shared.clone();
+                            State::Probing(Box::pin(async move {
+                                shared.queue.next_visible_in(&shared.pool).await
+                            }))
+                        }
+                        Step::Sleep(until) => State::Sleeping(Box::pin(sleep_until(until))),
+                    };
                 }
-                State::Fetching(fut) => match fut.poll_unpin(cx) {
+                State::Reading(fut) => match fut.poll_unpin(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Ok(messages)) => {
                         self.failures = 0;
-                        let got = !messages.is_empty();
-                        if got {
-                            self.linger_left = shared.config.linger_polls();
-                        }
-                        self.fetch_now = got;
-                        self.next_visible_in = None;
+                        plan.on_read(now, !messages.is_empty());
                         self.buffer.extend(messages);
-                        self.state = State::Idle;
+                        self.state = State::Ready;
                     }
-                    Poll::Ready(Err(e)) => self.fail(shared, "reading the queue", &e),
-                },
-                State::Probing(fut) => match fut.poll_unpin(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok(next)) => {
-                        self.next_visible_in = Some(next);
-                        self.state = State::Idle;
+                    Poll::Ready(Err(e)) => {
+                        self.state = fail(&mut self.failures, shared, "reading the queue", &e);
                     }
-                    Poll::Ready(Err(e)) => self.fail(shared, "reading the queue", &e),
                 },
-                State::Announcing(fut) => match fut.poll_unpin(cx) {
+                State::Arming(fut) => match fut.poll_unpin(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(result) => {
-                        match result {
-                            Ok(()) => {
-                                // Inserts in flight before the announcement did not notify:
-                                // check until they have all ended, then read once more.
-                                self.settle = Some(Settle {
-                                    due: Instant::now(),
-                                    delay: SETTLE_FIRST,
-                                });
-                            }
-                            Err(e) => {
-                                tracing::warn!(queue = %shared.queue.name(), error = %e,
-                                    "could not announce a waiting worker; relying on polling");
-                                // Do not retry at once: wait as if announced.
-                                shared.signal.set_announced(
-                                    Instant::now() + shared.config.poll_interval * 2,
-                                );
-                            }
+                        if let Err(e) = &result {
+                            tracing::warn!(queue = %shared.queue.name(), error = %e,
+                                "could not arm the wake-up; relying on polling until the next try");
                         }
-                        // With an announcement, the settle check comes first and then the
-                        // read that sees everything committed before it; without, read now.
-                        self.fetch_now = self.settle.is_none();
-                        self.state = State::Idle;
+                        plan.on_armed(now, result.is_ok());
+                        self.state = State::Ready;
                     }
                 },
                 State::Settling(fut) => match fut.poll_unpin(cx) {
                     Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok(true)) => {
-                        self.settle = None;
-                        self.fetch_now = true;
-                        self.state = State::Idle;
-                    }
-                    Poll::Ready(Ok(false)) => {
-                        if let Some(s) = &mut self.settle {
-                            s.delay = (s.delay * 2).min(SETTLE_MAX);
-                            s.due = Instant::now() + s.delay;
-                        }
-                        self.state = State::Idle;
+                    Poll::Ready(Ok(settled)) => {
+                        plan.on_settled(now, settled);
+                        self.state = State::Ready;
                     }
                     Poll::Ready(Err(e)) => {
                         tracing::warn!(queue = %shared.queue.name(), error = %e,
                             "could not check for in-flight inserts; relying on polling");
-                        self.settle = None;
-                        self.state = State::Idle;
+                        plan.on_settle_failed();
+                        self.state = State::Ready;
                     }
                 },
-                State::Waiting(sleep) => {
-                    let wake = self.wake.as_mut().map_or(Wake::Nothing, |w| w.poll(cx));
-                    match wake {
-                        Wake::Now => {}
-                        Wake::At(at) => {
-                            if at < sleep.deadline() {
-                                sleep.as_mut().reset(at);
-                            }
-                            continue;
-                        }
+                State::Probing(fut) => match fut.poll_unpin(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(next)) => {
+                        plan.on_probed(now, next);
+                        self.state = State::Ready;
+                    }
+                    Poll::Ready(Err(e)) => {
+                        self.state = fail(&mut self.failures, shared, "reading the queue", &e);
+                    }
+                },
+                State::Sleeping(sleep) => {
+                    let woken = self.wake.as_mut().map_or(Wake::Nothing, |w| w.poll(cx));
+                    match woken {
+                        Wake::Now => plan.on_wake_now(),
+                        Wake::At(at) => plan.on_wake_at(at),
                         Wake::Nothing => {
                             if sleep.as_mut().poll(cx).is_pending() {
                                 return Poll::Pending;
                             }
-                            if self.settle.is_some_and(|s| s.due <= Instant::now()) {
-                                // The settle timer, not the fallback: check, do not read.
-                                self.state = State::Idle;
-                                continue;
-                            }
                         }
                     }
-                    self.fetch_now = true;
-                    self.state = State::Idle;
+                    self.state = State::Ready;
                 }
                 State::Backoff(sleep) => {
                     if sleep.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
                     }
-                    self.fetch_now = true;
+                    plan.on_recovered();
                     self.state = if self.ensured {
-                        State::Idle
+                        State::Ready
                     } else {
                         State::Start
                     };
@@ -401,10 +363,11 @@ impl Fetcher {
                 }
                 _ => {
                     let in_progress = match std::mem::replace(&mut self.state, State::Closed) {
-                        State::Fetching(fut) => Some(fut),
+                        State::Reading(fut) => Some(fut),
                         _ => None,
                     };
                     let held = self.take_buffer(shared);
+                    let last = self.wake.take().is_some() && shared.signal.worker_stopped();
                     let shared = shared.clone();
                     self.state = State::Closing(Box::pin(async move {
                         let mut held = held;
@@ -420,20 +383,13 @@ impl Fetcher {
                         }
                         release(&shared, held).await;
                         shared.flush_completions().await;
+                        if last {
+                            remove_arming(&shared).await;
+                        }
                     }));
                 }
             }
         }
-    }
-
-    fn fail(&mut self, shared: &Shared, what: &str, e: &crate::Error) {
-        self.failures += 1;
-        let wait = error_backoff(self.failures);
-        if self.failures == 1 || self.failures.is_power_of_two() {
-            tracing::error!(queue = %shared.queue.name(), error = %e, failures = self.failures,
-                retry_in = ?wait, "worker backend: {what} failed");
-        }
-        self.state = State::Backoff(Box::pin(tokio::time::sleep(wait)));
     }
 
     /// Removes held messages from the lease table and returns their fencing tokens.
@@ -459,6 +415,9 @@ impl Drop for Fetcher {
     fn drop(&mut self) {
         // A worker dropped without closing: stop renewing what it held and hand it back.
         if let Some(shared) = self.shared.take() {
+            if self.wake.take().is_some() {
+                shared.signal.worker_stopped();
+            }
             if !self.buffer.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
                 self.release_buffer(&shared);
             } else {
@@ -468,43 +427,53 @@ impl Drop for Fetcher {
     }
 }
 
-/// When to check again for inserts that skipped notifying.
-#[derive(Debug, Clone, Copy)]
-struct Settle {
-    due: Instant,
-    delay: Duration,
+/// Logs an infrastructure error (the first, then at powers of two) and backs off.
+fn fail(failures: &mut u32, shared: &Shared, what: &str, e: &crate::Error) -> State {
+    *failures += 1;
+    let wait = error_backoff(*failures);
+    if *failures == 1 || failures.is_power_of_two() {
+        tracing::error!(queue = %shared.queue.name(), error = %e, failures = *failures,
+            retry_in = ?wait, "worker backend: {what} failed");
+    }
+    State::Backoff(Box::pin(tokio::time::sleep(wait)))
 }
 
-const SETTLE_FIRST: Duration = Duration::from_millis(5);
-const SETTLE_MAX: Duration = Duration::from_secs(1);
-
-/// Interval between re-reads while lingering after a busy period.
-pub(crate) const LINGER_STEP: Duration = Duration::from_millis(2);
-
-/// Arms this process's wake-up on the queue: the next insert notifies (once; an idle worker arms
-/// again after each wake-up). Inserts already in flight did not notify: the fetcher then checks
-/// until they have all ended (see `migrations/0002_notify.sql`) and reads once more, so none
-/// slips through.
-async fn announce(shared: Arc<Shared>) -> Result<()> {
-    let ttl = shared.config.poll_interval * 2 + Duration::from_secs(5);
-    let channel = shared.config.channels.queue_channel(shared.queue.name());
-    // Mark armed before the write: a notification dispatched after this point (from an insert
-    // that disarmed the row) clears the mark. Marking after the write could erase that clear and
-    // leave every worker asleep on a disarmed row.
-    shared.signal.set_announced(Instant::now() + ttl);
-    if let Err(e) = crate::notify::want(
-        &shared.pool,
-        &channel,
-        &shared.hub.owner,
-        ttl.as_secs_f64(),
-        false,
-    )
-    .await
-    {
-        shared.signal.clear_announced();
-        return Err(e);
+/// Errors that retrying cannot fix: the worker stops with them.
+fn is_fatal(e: &crate::Error) -> bool {
+    match e {
+        crate::Error::MissingPrivilege { .. } | crate::Error::Config(_) => true,
+        crate::Error::Database(d) => d
+            .as_database_error()
+            .and_then(|d| d.code())
+            .is_some_and(|c| c == "42501"),
+        _ => false,
     }
-    Ok(())
+}
+
+/// Arms this process's wake-up on the queue (see `wakeup.rs`). The arming is recorded before
+/// the write: a notification that answers it can arrive before the write returns.
+async fn arm(shared: Arc<Shared>) -> Result<()> {
+    let ttl = shared.config.poll_interval * wakeup::ARM_TTL_POLLS + Duration::from_secs(5);
+    let channel = shared.config.channels.queue_channel(shared.queue.name());
+    let generation = shared.signal.begin_arm(Instant::now() + ttl);
+    let armed = wakeup::arm(&shared.pool, &channel, &shared.hub.owner, ttl, generation).await;
+    if armed.is_err() {
+        shared.signal.arm_failed(generation);
+    }
+    armed
+}
+
+/// The last worker of the queue in this process stopped: remove its arming row.
+async fn remove_arming(shared: &Shared) {
+    shared.signal.forget_arming();
+    if !shared.announces() {
+        return;
+    }
+    let channel = shared.config.channels.queue_channel(shared.queue.name());
+    if let Err(e) = crate::notify::unwant(&shared.pool, &channel, &shared.hub.owner).await {
+        tracing::debug!(queue = %shared.queue.name(), error = %e,
+            "could not remove the wake-up row; it expires by itself");
+    }
 }
 
 /// Makes held messages visible now. On failure they become visible when their lease lapses.
@@ -512,10 +481,15 @@ async fn release(shared: &Shared, held: Vec<(i64, i32)>) {
     if held.is_empty() {
         return;
     }
+    let count = held.len();
     match run_fenced(&shared.pool, &shared.sql.release, &held, 0.0).await {
-        // Other workers of this process may be idle: they can take them now.
-        Ok(_) => shared.signal.wake(),
-        Err(e) => tracing::warn!(queue = %shared.queue.name(), error = %e, count = held.len(),
+        Ok(_) => {
+            tracing::debug!(queue = %shared.queue.name(), count, "released claimed messages");
+            // Idle workers of this process and of others can take them now.
+            shared.signal.wake();
+            shared.wake_others(Duration::ZERO).await;
+        }
+        Err(e) => tracing::warn!(queue = %shared.queue.name(), error = %e, count,
             "could not release held messages; they become visible when their lease lapses"),
     }
 }
@@ -528,6 +502,13 @@ async fn ensure_queue(shared: Arc<Shared>, listening: Option<oneshot::Receiver<(
         if !q.tables_exist(&shared.pool).await? {
             q.create(&shared.pool).await?;
         }
+    }
+    if let Some(missing) = shared
+        .queue
+        .missing_worker_right(&shared.pool, &shared.dlq, shared.announces())
+        .await?
+    {
+        return Err(missing);
     }
     if shared.config.listen {
         let c = &shared.config;

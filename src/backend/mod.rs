@@ -1,7 +1,6 @@
 //! The apalis backend: [`PgmqStorage`].
 
 mod fetch;
-pub(crate) use fetch::LINGER_STEP;
 pub(crate) mod lease;
 mod sink;
 
@@ -123,6 +122,7 @@ impl Shared {
                 dlq: self.dlq.clone(),
                 leases: self.leases.clone(),
                 signal: self.signal.clone(),
+                wake_target: self.wake_target(),
                 batch_size: self.config.completion_batch_size,
                 flush_interval: self.config.completion_flush_interval,
             })
@@ -147,6 +147,31 @@ impl Shared {
     /// Whether idle workers announce themselves (listening, with an on-demand trigger).
     pub(crate) fn announces(&self) -> bool {
         self.config.listen && self.config.notify_mode == notify::NotifyMode::OnDemand
+    }
+
+    /// Where wake-ups for this queue go, when workers listen.
+    pub(crate) fn wake_target(&self) -> Option<notify::wakeup::WakeTarget> {
+        let c = &self.config;
+        c.listen.then(|| notify::wakeup::WakeTarget {
+            queue: self.queue.name().as_str().to_owned(),
+            queue_channel: c.channels.queue_channel(self.queue.name()),
+            namespace_channel: c
+                .channels
+                .namespace_channel(&c.channels.namespace(self.queue.name())),
+            owner: self.hub.owner.clone(),
+        })
+    }
+
+    /// Wakes idle workers of other processes: messages become visible in `delay` through an
+    /// update (a release), which no insert trigger sees.
+    pub(crate) async fn wake_others(&self, delay: std::time::Duration) {
+        let Some(target) = self.wake_target() else {
+            return;
+        };
+        if let Err(e) = notify::wakeup::wake_others(&self.pool, &target, delay).await {
+            tracing::debug!(queue = %self.queue.name(), error = %e,
+                "could not wake other processes' workers; they find the messages at their next poll");
+        }
     }
 
     /// A worker's wake-up subscription; the receiver resolves once its LISTEN is active.
@@ -274,6 +299,9 @@ impl<Args, C> PgmqStorage<Args, C> {
             release: lease::release_sql(q.name()),
         };
         let hub = notify::hub(pool);
+        if config.listen {
+            hub.health_check_at_least_every(config.listener_health_check);
+        }
         let signal = hub.signal(q.name());
         Self {
             shared: Arc::new(Shared {
@@ -546,7 +574,8 @@ where
             match polled {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Ready(Some(m)) => {
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Ok(m))) => {
                     if let Some(task) = self.message_to_task(m, worker) {
                         return Poll::Ready(Some(Ok(task)));
                     }

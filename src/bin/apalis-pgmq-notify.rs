@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! apalis-pgmq-notify migrate
-//! apalis-pgmq-notify enable-notify <queue>... [channel options] [--mode batch|message]
+//! apalis-pgmq-notify enable-notify <queue>... [channel options] [--mode on_demand|batch|message]
 //! apalis-pgmq-notify disable-notify <queue>...
 //! apalis-pgmq-notify generate-migration [<queue>...] [channel options] [--created-events] [--output FILE]
 //! apalis-pgmq-notify validate <config.json>
@@ -125,12 +125,7 @@ impl Args {
             })?),
             None => None,
         };
-        let default_mode = if bytes.is_some() {
-            "message"
-        } else {
-            "on_demand"
-        };
-        NotifyMode::from_name(self.mode.as_deref().unwrap_or(default_mode), bytes)
+        NotifyMode::from_name(self.mode.as_deref(), bytes)
             .map_err(|e| Failure::Usage(e.to_string()))
     }
 

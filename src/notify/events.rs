@@ -17,8 +17,8 @@ use sqlx::PgPool;
 use tokio::{sync::mpsc, time::Instant};
 
 use super::{
-    Hub, NotifyChannels, channel::check_part, hub, listeners_changed, lock,
-    triggers::enable_created_notify, unwant, want,
+    Hub, NotifyChannels, channel::check_part, hub, lock, triggers::enable_created_notify, unwant,
+    want,
 };
 use crate::{
     error::{Error, Result},
@@ -213,8 +213,8 @@ impl Hub {
             }
         };
         if let Some(signal) = self.signal_if_any(&parsed.q) {
-            // The insert behind this notification disarmed our wake-up row: re-arm when idle.
-            signal.clear_announced();
+            // Our arming is answered: a worker disarms the row and, idle again, re-arms.
+            signal.answered();
             let delay = parsed.delay();
             if delay > Duration::from_millis(1) {
                 signal.wake_at(Instant::now() + delay);
@@ -261,9 +261,7 @@ impl Hub {
 
     /// After the listening connection is (re)established.
     pub(crate) async fn after_connect(&self, reconnected: bool) {
-        if reconnected {
-            self.forget_announcements();
-        }
+        self.forget_armings();
         self.wake_all();
         if reconnected {
             // Once per subscriber, however many channels it listens on.
@@ -439,7 +437,6 @@ impl QueueEvents {
         for c in &channel_names {
             want(&self.pool, c, &owner, REGISTRATION_TTL.as_secs_f64(), true).await?;
         }
-        listeners_changed(&self.pool).await?;
         let refresher = {
             let (pool, owner, channels) = (self.pool.clone(), owner.clone(), channel_names.clone());
             tokio::spawn(async move {

@@ -1,6 +1,13 @@
 //! The listener task: one connection per database per process, shared by every worker and
 //! event subscriber. Reconnects with backoff; after every (re)connect it wakes every queue,
 //! because notifications sent while it was disconnected are lost.
+//!
+//! A connection can also stop delivering without failing (a half-open TCP connection: the peer
+//! or a middlebox vanished without a reset). Whenever nothing has arrived for half the health
+//! interval, the listener sends a protocol-level ping (a `Sync` round trip, not a statement);
+//! no answer within the other half means the connection is dead: it is abandoned, a new one is
+//! opened, and every worker reads again. So a silent connection is replaced within the health
+//! interval ([`Config::listener_health_check`](crate::Config::listener_health_check)).
 
 use std::{
     collections::BTreeSet,
@@ -8,7 +15,10 @@ use std::{
     time::Duration,
 };
 
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use sqlx::{
+    Acquire, Connection,
+    postgres::{PgConnectOptions, PgListener, PgPoolOptions},
+};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Hub, events::Stats};
@@ -25,14 +35,6 @@ pub(crate) async fn run(
     mut commands: mpsc::UnboundedReceiver<Command>,
     stats: Arc<Stats>,
 ) {
-    // A pool of one, used only to (re)open the listening connection: outside every job pool.
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .min_connections(0)
-        .acquire_timeout(Duration::from_secs(10))
-        .idle_timeout(None)
-        .max_lifetime(None)
-        .connect_lazy_with(options);
     let mut channels: BTreeSet<String> = BTreeSet::new();
     let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
     let mut failures = 0u32;
@@ -58,6 +60,16 @@ pub(crate) async fn run(
             }
             continue;
         }
+        // A pool of one per connection, used only to open the listening connection: outside
+        // every job pool. A new one each time: dropping a listener whose connection went silent
+        // leaves sqlx's UNLISTEN hanging on that connection, which must not block the next.
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_secs(10))
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_lazy_with(options.clone());
         let connect = async {
             let mut l = PgListener::connect_with(&pool).await?;
             l.listen_all(channels.iter().map(String::as_str)).await?;
@@ -97,10 +109,31 @@ pub(crate) async fn run(
         }
         let Some(h) = hub.upgrade() else { return };
         h.after_connect(reconnected).await;
+        let health = h.health_interval();
         drop(h);
+        let mut last_heard = tokio::time::Instant::now();
 
         loop {
             tokio::select! {
+                () = tokio::time::sleep_until(last_heard + health / 2) => {
+                    let ping = async {
+                        let conn = (&mut listener).acquire().await?;
+                        conn.ping().await
+                    };
+                    match tokio::time::timeout(health / 2, ping).await {
+                        Ok(Ok(())) => last_heard = tokio::time::Instant::now(),
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e,
+                                "LISTEN connection failed its health check; reconnecting");
+                            break;
+                        }
+                        Err(_) => {
+                            tracing::warn!(timeout = ?(health / 2),
+                                "LISTEN connection did not answer its health check (silently dead, e.g. half-open TCP); reconnecting");
+                            break;
+                        }
+                    }
+                }
                 cmd = commands.recv() => match cmd {
                     None => return,
                     Some(Command::Listen(channel, ack)) => {
@@ -124,6 +157,7 @@ pub(crate) async fn run(
                 },
                 received = listener.try_recv() => match received {
                     Ok(Some(n)) => {
+                        last_heard = tokio::time::Instant::now();
                         stats.received();
                         let Some(h) = hub.upgrade() else { return };
                         h.dispatch(n.channel(), n.payload()).await;

@@ -12,10 +12,14 @@ mod events;
 mod listener;
 mod signal;
 mod triggers;
+pub(crate) mod wakeup;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak},
+    sync::{
+        Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use sqlx::{PgPool, postgres::PgConnectOptions};
@@ -25,7 +29,7 @@ pub use channel::{
     DEFAULT_NAMESPACE, DEFAULT_NAMESPACE_PATTERN, MAX_CHANNEL_LEN, MAX_PREFIX_LEN, NotifyChannels,
 };
 pub use events::{EventStream, ListenerStats, QueueEvent, QueueEvents};
-pub(crate) use signal::{Subscription, Wake, WakeSignal};
+pub(crate) use signal::{Disarmer, Subscription, Wake, WakeSignal};
 pub(crate) use triggers::ensure_notify;
 pub use triggers::{
     DEFAULT_MESSAGE_PAYLOAD_BYTES, NotifyMode, disable_notify, enable_created_notify,
@@ -71,6 +75,9 @@ pub(crate) struct Hub {
     /// Commands to the listener task, once it is started.
     listener: Mutex<Option<mpsc::UnboundedSender<listener::Command>>>,
     stats: Arc<events::Stats>,
+    /// How often the listener proves its connection still delivers (milliseconds; the shortest
+    /// any storage asked for).
+    health_interval_ms: AtomicU64,
     /// Identifies this process's rows in `apalis_pgmq.listeners`.
     pub(crate) owner: String,
 }
@@ -96,6 +103,7 @@ pub(crate) fn hub(pool: &PgPool) -> Arc<Hub> {
         subscribers: Mutex::default(),
         listener: Mutex::default(),
         stats: Arc::default(),
+        health_interval_ms: AtomicU64::new(u64::MAX),
         owner: format!(
             "{}.{:016x}",
             std::process::id(),
@@ -112,7 +120,26 @@ pub(crate) struct ListenGuard {
     _hub: Arc<Hub>,
 }
 
+/// The default [`Config::listener_health_check`](crate::Config::listener_health_check).
+pub(crate) const DEFAULT_HEALTH_CHECK_MS: u64 = 10_000;
+
 impl Hub {
+    /// Asks the listener to prove its connection at least every `interval`.
+    pub(crate) fn health_check_at_least_every(&self, interval: std::time::Duration) {
+        let ms = u64::try_from(interval.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(100);
+        self.health_interval_ms.fetch_min(ms, Ordering::Relaxed);
+    }
+
+    /// How often the listener proves its connection.
+    pub(crate) fn health_interval(&self) -> std::time::Duration {
+        match self.health_interval_ms.load(Ordering::Relaxed) {
+            u64::MAX => std::time::Duration::from_millis(DEFAULT_HEALTH_CHECK_MS),
+            ms => std::time::Duration::from_millis(ms),
+        }
+    }
+
     /// The listener's counters.
     pub(crate) fn stats(&self) -> ListenerStats {
         self.stats.snapshot()
@@ -148,10 +175,10 @@ impl Hub {
         self.live_signals().iter().for_each(|s| s.wake());
     }
 
-    /// Forgets every announcement: after a server restart the unlogged listeners table may be
-    /// empty, so idle workers must announce again.
-    fn forget_announcements(&self) {
-        self.live_signals().iter().for_each(|s| s.clear_announced());
+    /// Forgets every arming: notifications may have been lost and, after a server restart, the
+    /// unlogged listeners table may be empty, so idle workers arm again.
+    fn forget_armings(&self) {
+        self.live_signals().iter().for_each(|s| s.forget_arming());
     }
 
     /// Asks the listener to LISTEN on `channel`; the receiver resolves once it does (or never,
@@ -178,8 +205,8 @@ impl Hub {
     }
 }
 
-/// Arms `owner`'s wake-up on `channel` for `secs` seconds: the next insert notifies (every
-/// insert, when `persistent`).
+/// Registers `owner` on `channel` for `secs` seconds: inserts notify while it is armed (every
+/// insert, when `persistent`: event subscribers).
 pub(crate) async fn want(
     pool: &PgPool,
     channel: &str,
@@ -197,8 +224,8 @@ pub(crate) async fn want(
     Ok(())
 }
 
-/// Withdraws an announcement. Inserts cache only "nobody listens", which a withdrawal cannot
-/// make wrong, so the listeners version is left alone.
+/// Removes `owner`'s row on `channel` (an event subscription ending, the last worker of a queue
+/// in this process stopping).
 pub(crate) async fn unwant(pool: &PgPool, channel: &str, owner: &str) -> crate::Result<()> {
     sqlx::query("SELECT apalis_pgmq.unwant_notify($1, $2)")
         .bind(channel)
@@ -206,23 +233,6 @@ pub(crate) async fn unwant(pool: &PgPool, channel: &str, owner: &str) -> crate::
         .execute(pool)
         .await?;
     Ok(())
-}
-
-/// Tells inserts that cached "nobody listens" to look again (after a change has committed).
-pub(crate) async fn listeners_changed(pool: &PgPool) -> crate::Result<()> {
-    sqlx::query("SELECT apalis_pgmq.listeners_changed()")
-        .execute(pool)
-        .await?;
-    Ok(())
-}
-
-/// Whether every insert into `queue` that skipped notifying has finished (see the migration).
-pub(crate) async fn inserts_settled(pool: &PgPool, queue: &QueueName) -> crate::Result<bool> {
-    let settled: bool = sqlx::query_scalar("SELECT apalis_pgmq.inserts_settled($1)")
-        .bind(queue.as_str())
-        .fetch_one(pool)
-        .await?;
-    Ok(settled)
 }
 
 /// A worker's subscription for `queue`: the queue's wake signal, plus (when `listen` is set) a

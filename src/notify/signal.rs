@@ -2,13 +2,14 @@
 //!
 //! One [`WakeSignal`] exists per (database, queue) in a process. It is raised by the shared
 //! listener when a notification arrives or after it reconnects, by the completer when it sets a
-//! retry's visibility time, and when held messages are released. Each worker holds a
+//! retry's visibility time, and when held messages are released. It also holds this process's
+//! arming of the queue's wake-up (the protocol is in `wakeup.rs`). Each worker holds a
 //! [`Subscription`] and polls it while it waits.
 
 use std::{
     sync::{
         Mutex, MutexGuard, PoisonError,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Waker},
 };
@@ -36,9 +37,31 @@ pub(crate) struct WakeSignal {
     due: Mutex<Option<Instant>>,
     /// Waiting subscribers.
     wakers: Mutex<Vec<Waker>>,
-    /// Until when this process has announced (in `apalis_pgmq.listeners`) that a worker of this
-    /// queue waits, so on-demand triggers notify.
-    announced_until: Mutex<Option<Instant>>,
+    /// This process's arming in `apalis_pgmq.listeners` (see `wakeup.rs`), if any: on-demand
+    /// triggers notify while it is armed.
+    armed: Mutex<Option<Arming>>,
+    /// Generations of armings, so a late disarm cannot clear a newer arming.
+    generation: AtomicU64,
+    /// Where this process's arming row is, to disarm it when a notification answers it: set by
+    /// the first worker of the queue in the process.
+    disarm_with: Mutex<Option<Disarmer>>,
+    /// Workers of this queue in the process (their fetchers), to remove the arming with the last.
+    workers: AtomicUsize,
+}
+
+/// What disarming this process's row needs.
+#[derive(Debug, Clone)]
+pub(crate) struct Disarmer {
+    pub(crate) pool: sqlx::PgPool,
+    pub(crate) channel: String,
+    pub(crate) owner: String,
+}
+
+/// One arming of this process's wake-up row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Arming {
+    until: Instant,
+    generation: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -71,22 +94,76 @@ impl WakeSignal {
     }
 
     /// The earliest known future time work becomes visible.
+    #[cfg(test)]
     pub(crate) fn due(&self) -> Option<Instant> {
         lock(&self.due).filter(|d| *d > Instant::now())
     }
 
-    /// Whether the announcement stays valid for at least `margin`.
-    pub(crate) fn announced_for(&self, margin: std::time::Duration) -> bool {
-        lock(&self.announced_until).is_some_and(|u| u > Instant::now() + margin)
+    /// Whether the arming stays valid for at least `margin`.
+    pub(crate) fn armed_for(&self, margin: std::time::Duration) -> bool {
+        lock(&self.armed).is_some_and(|a| a.until > Instant::now() + margin)
     }
 
-    pub(crate) fn set_announced(&self, until: Instant) {
-        *lock(&self.announced_until) = Some(until);
+    /// Records an arming (before it is written: a notification answering it may arrive before
+    /// the write returns) and returns its generation.
+    pub(crate) fn begin_arm(&self, until: Instant) -> u64 {
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        *lock(&self.armed) = Some(Arming { until, generation });
+        generation
     }
 
-    /// Forgets the announcement, so an idle worker announces again.
-    pub(crate) fn clear_announced(&self) {
-        *lock(&self.announced_until) = None;
+    /// The arming of `generation` could not be written.
+    pub(crate) fn arm_failed(&self, generation: u64) {
+        let mut armed = lock(&self.armed);
+        if armed.is_some_and(|a| a.generation == generation) {
+            *armed = None;
+        }
+    }
+
+    /// Sets where the arming row is (once per queue and process).
+    pub(crate) fn disarm_with(&self, disarmer: Disarmer) {
+        lock(&self.disarm_with).get_or_insert(disarmer);
+    }
+
+    /// A wake-up notification arrived: the arming is answered. Its row is disarmed at once in
+    /// the background (so a busy queue stops costing producers notifications even while every
+    /// worker is full), and an idle worker arms again with a new generation. A late disarm
+    /// matches only the generation it answered.
+    pub(crate) fn answered(&self) {
+        let Some(a) = lock(&self.armed).take() else {
+            return;
+        };
+        let Some(d) = lock(&self.disarm_with).clone() else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        tokio::spawn(async move {
+            if let Err(e) = super::wakeup::disarm(&d.pool, &d.channel, &d.owner, a.generation).await
+            {
+                tracing::debug!(channel = %d.channel, error = %e,
+                    "could not disarm an answered wake-up; producers notify until it expires");
+            }
+        });
+    }
+
+    /// Forgets the arming (after a reconnect the row may be gone or stale), so an idle worker
+    /// arms again with a new generation.
+    pub(crate) fn forget_arming(&self) {
+        *lock(&self.armed) = None;
+    }
+
+    /// A worker of this queue starts.
+    pub(crate) fn worker_started(&self) {
+        self.workers.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A worker of this queue stops; `true` if it was the last in the process.
+    pub(crate) fn worker_stopped(&self) -> bool {
+        self.workers
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok_and(|before| before == 1)
     }
 
     fn wake_all(&self) {
@@ -158,11 +235,6 @@ impl Subscription {
         }
         // Raised between the check and the registration: report it now.
         self.check()
-    }
-
-    /// The earliest known future time work becomes visible.
-    pub(crate) fn due(&self) -> Option<Instant> {
-        self.signal.due()
     }
 }
 

@@ -43,22 +43,29 @@ impl NotifyMode {
         }
     }
 
-    /// `"batch"` or `"message"`, with an optional byte budget (message mode only).
+    /// `"on_demand"`, `"batch"` or `"message"`, with an optional byte budget (message mode
+    /// only), as written in a configuration file or on a command line. Without a name: the
+    /// message mode when a budget is given, else the default (on-demand).
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] for another name, a budget with the batch mode, or a budget outside
+    /// [`Error::Config`] for another name, a budget with another mode, or a budget outside
     /// 256..=7999.
     ///
     /// # Example
     ///
     /// ```
     /// use apalis_pgmq_notify::NotifyMode;
-    /// assert_eq!(NotifyMode::from_name("batch", None)?, NotifyMode::Batch);
-    /// assert!(NotifyMode::from_name("message", Some(9000)).is_err());
+    /// assert_eq!(NotifyMode::from_name(Some("batch"), None)?, NotifyMode::Batch);
+    /// assert_eq!(NotifyMode::from_name(None, None)?, NotifyMode::OnDemand);
+    /// assert!(NotifyMode::from_name(Some("message"), Some(9000)).is_err());
     /// # Ok::<(), apalis_pgmq_notify::Error>(())
     /// ```
-    pub fn from_name(mode: &str, max_payload_bytes: Option<u16>) -> Result<Self> {
+    pub fn from_name(mode: Option<&str>, max_payload_bytes: Option<u16>) -> Result<Self> {
+        let mode = mode.unwrap_or(match max_payload_bytes {
+            Some(_) => "message",
+            None => "on_demand",
+        });
         let parsed = match (mode, max_payload_bytes) {
             ("on_demand", None) => Self::OnDemand,
             ("batch", None) => Self::Batch,
@@ -285,6 +292,8 @@ pub fn notify_migration_sql(
     sql.push_str(include_str!("../../migrations/0001_init.sql"));
     sql.push('\n');
     sql.push_str(include_str!("../../migrations/0002_notify.sql"));
+    sql.push('\n');
+    sql.push_str(include_str!("../../migrations/0003_wakeups.sql"));
     sql.push('\n');
     for q in queues {
         sql.push_str(&format!(

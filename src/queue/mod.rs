@@ -870,6 +870,96 @@ impl PgmqQueue {
             .await?;
         Ok(exists)
     }
+
+    /// The first right a worker of this queue needs and lacks (`None`: it has them all).
+    /// `dlq` is the queue's dead-letter queue; `listeners`: whether the worker arms wake-ups.
+    pub(crate) async fn missing_worker_right(
+        &self,
+        pool: &sqlx::PgPool,
+        dlq: &PgmqQueue,
+        listeners: bool,
+    ) -> Result<Option<Error>> {
+        let q = self.name.queue_table();
+        let a = self.name.archive_table();
+        let d = dlq.name.queue_table();
+        let mut checks: Vec<(String, &'static str, &'static str, String)> = vec![
+            (
+                "pgmq".into(),
+                "USAGE",
+                "reaching the queue tables",
+                "SCHEMA".into(),
+            ),
+            (q.clone(), "SELECT", "claiming jobs", "TABLE".into()),
+            (
+                q.clone(),
+                "UPDATE",
+                "leasing and retrying jobs",
+                "TABLE".into(),
+            ),
+            (
+                q.clone(),
+                "DELETE",
+                "archiving, deleting and dead-lettering jobs",
+                "TABLE".into(),
+            ),
+            (q, "INSERT", "pushing jobs", "TABLE".into()),
+            (a, "INSERT", "archiving finished jobs", "TABLE".into()),
+            (d.clone(), "INSERT", "dead-lettering jobs", "TABLE".into()),
+            (d, "SELECT", "dead-lettering jobs", "TABLE".into()),
+        ];
+        if listeners {
+            checks.push((
+                "apalis_pgmq".into(),
+                "USAGE",
+                "arming wake-ups",
+                "SCHEMA".into(),
+            ));
+            for right in ["SELECT", "INSERT", "UPDATE", "DELETE"] {
+                checks.push((
+                    "apalis_pgmq.listeners".into(),
+                    right,
+                    "arming wake-ups (apalis_pgmq.listeners)",
+                    "TABLE".into(),
+                ));
+            }
+        }
+        let objects: Vec<&str> = checks.iter().map(|c| c.0.as_str()).collect();
+        let rights: Vec<&str> = checks.iter().map(|c| c.1).collect();
+        let kinds: Vec<&str> = checks.iter().map(|c| c.3.as_str()).collect();
+        // One statement: the first check that fails, in order, and the role.
+        let missing: Option<(i64, String)> = sqlx::query_as(
+            "SELECT t.i, current_user::text \
+             FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS t(o, r, k, i) \
+             WHERE NOT CASE WHEN t.k = 'SCHEMA' THEN has_schema_privilege(t.o, t.r) \
+                            ELSE has_table_privilege(t.o, t.r) END \
+             ORDER BY t.i LIMIT 1",
+        )
+        .bind(objects)
+        .bind(rights)
+        .bind(kinds)
+        .fetch_optional(pool)
+        .await?;
+        let Some((i, role)) = missing else {
+            return Ok(None);
+        };
+        let Some((object, right, needed_for, kind)) = usize::try_from(i - 1)
+            .ok()
+            .and_then(|i| checks.into_iter().nth(i))
+        else {
+            return Ok(None);
+        };
+        let on = if kind == "SCHEMA" {
+            format!("SCHEMA {object}")
+        } else {
+            object
+        };
+        Ok(Some(Error::MissingPrivilege {
+            grant: format!("GRANT {right} ON {on} TO {role}"),
+            right: format!("{right} on {on}"),
+            role,
+            needed_for,
+        }))
+    }
 }
 
 /// Every queue, from `pgmq.list_queues()`.

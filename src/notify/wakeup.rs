@@ -1,0 +1,525 @@
+//! The wake-up protocol: when an idle worker reads, arms, checks and sleeps.
+//!
+//! This module owns the protocol. The SQL side is `migrations/0003_wakeups.sql`; the fetcher
+//! (`src/backend/fetch.rs`) only runs the [`Step`]s that [`Plan`] chooses and reports back.
+//!
+//! # The invariant
+//!
+//! **A job committed while a worker is idle is read by that worker within the notification
+//! latency when a notification was sent, and in every case no later than the fallback deadline,
+//! which is fixed when the worker goes idle (`now + poll_interval ± jitter`) and which nothing
+//! postpones.** Producers pay for this with at most one read-only look at a tiny table and one
+//! `pg_notify` per statement: they never write a shared row, never take a lock another session
+//! can hold, and so never wait on each other or deadlock because of this crate.
+//!
+//! # The parts
+//!
+//! - *Arming.* An idle worker process writes its own row of `apalis_pgmq.listeners`
+//!   (`channel`, `owner` = this process, `armed`, `until`, `gen`), for a time-to-live of about
+//!   four poll intervals, and re-arms before it runs out. Workers of one process share the row.
+//! - *The trigger* (statement level, `AFTER INSERT`) reads whether any armed, unexpired row waits
+//!   on the queue's channel and, if so, sends one `{"e":"wake"}` NOTIFY. It writes nothing.
+//! - *Disarming.* The process that receives the NOTIFY disarms its own row (only the generation
+//!   it answered), so a busy queue stops costing producers notifications.
+//! - *Settling.* After arming, the worker checks that no other transaction holds
+//!   `RowExclusiveLock` on the queue table (every inserting transaction does until it ends); once
+//!   none does, it reads once more. It checks at most [`SETTLE_DELAYS`]`.len() + 1` times, then
+//!   leaves the rest to the fallback deadline.
+//! - *Fallback.* The deadline above, plus the earliest known future visibility time (probed once
+//!   per idle period: delayed jobs, backoffs, leases that may lapse) and times announced by other
+//!   workers' retries.
+//!
+//! # Interleavings
+//!
+//! A producer P inserts job J in a transaction that commits at `c`; worker W arms at `a` (the
+//! arming commits) and is idle.
+//!
+//! 1. **P's statement runs after `a`.** Its trigger sees the armed row (READ COMMITTED takes a
+//!    new snapshot per statement) and notifies. PostgreSQL delivers the NOTIFY after P commits,
+//!    so W's read after it sees J. Latency: the notification's.
+//! 2. **P commits before `a`.** W reads after arming and settling (the first settle check
+//!    or, failing that, the read at the deadline); the read's snapshot is taken after `c`.
+//! 3. **P's statement ran before `a` but P commits after `a` (in flight at arming).** The
+//!    trigger saw no armed row and did not notify. P holds `RowExclusiveLock` on the queue table
+//!    until `c`, so W's settle checks fail until then; the first check after `c` succeeds and W
+//!    reads J. If P stays open past the last settle check (a long transaction, or REPEATABLE READ
+//!    where the trigger's snapshot predates `a`), W reads J at its fallback deadline. The
+//!    deadline was fixed when W went idle and a failing settle check never moves it.
+//! 4. **P aborts.** There is no job; a notification, if any was queued, is discarded with P.
+//!    Nothing waits on P.
+//! 5. **A notification is lost** (the LISTEN connection dropped, or stopped delivering and was
+//!    replaced by the health check). Nothing was disarmed by the trigger, so later inserts still
+//!    notify. On every (re)connect the hub wakes every worker (read before waiting) and forgets
+//!    its armings, so W re-arms with a new generation and settles again.
+//! 6. **The listener is reconnecting.** W keeps its deadline; notifications sent meanwhile are
+//!    lost, which case 5 covers once the listener is back; until then the deadline bounds pickup.
+//! 7. **A long-lived writer** holds `RowExclusiveLock` on the queue table for minutes. It
+//!    delays nobody: producers do not look at locks, W's settle checks stop after the schedule
+//!    (a few statements per arming, so an idle worker stays far below 0.2 statements/s), and
+//!    jobs committed by other producers meanwhile notify as in case 1.
+//! 8. **A stale disarm.** W was woken for generation `g` and its disarm runs late, after W
+//!    re-armed with `g + 1`: the disarm matches only `gen = g`, so the new arming stays.
+//! 9. **Work made visible by an update** (a release at shutdown or over capacity, a retry, a
+//!    lease given back) fires no insert trigger: the worker that wrote it wakes its own process
+//!    directly and other processes through `apalis_pgmq.wake_others`, which notifies only when
+//!    some other process waits. Leases that lapse (a crashed worker) are known visibility
+//!    times: the probe finds them.
+//!
+//! Two producers inserting into queues x and y in opposite orders take no lock of ours, so no
+//! lock cycle through this crate exists; each trigger's look is a plain snapshot read.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::time::Instant;
+
+use crate::{error::Result, util::jittered};
+
+/// Interval between re-reads while lingering after a busy period.
+pub(crate) const LINGER_STEP: Duration = Duration::from_millis(2);
+
+/// Delays between the settle checks after an arming (the first check runs at once). About 4 s in
+/// all: inserts in flight at arming that commit within it are read at once; later ones at the
+/// fallback deadline.
+pub(crate) const SETTLE_DELAYS: [Duration; 5] = [
+    Duration::from_millis(5),
+    Duration::from_millis(25),
+    Duration::from_millis(125),
+    Duration::from_millis(625),
+    Duration::from_millis(3125),
+];
+
+/// How long an arming lasts, in poll intervals: long enough that an idle worker re-arms only
+/// every few polls, short enough that a crashed process's row stops costing producers
+/// notifications soon (rows expired for a minute are swept by the next arming).
+pub(crate) const ARM_TTL_POLLS: u32 = 4;
+
+/// Re-arm once fewer than this many poll intervals of the arming are left.
+pub(crate) const REARM_WHEN_LEFT_POLLS: f64 = 1.5;
+
+/// What the fetcher should do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Read (claim) from the queue now.
+    Read,
+    /// Arm this process's wake-up, then report with [`Plan::on_armed`].
+    Arm,
+    /// Check that inserts in flight at arming have ended, then [`Plan::on_settled`].
+    CheckSettled,
+    /// Look up the earliest future visibility time, then [`Plan::on_probed`].
+    Probe,
+    /// Wait until this time, a wake-up ([`Plan::on_wake_now`], [`Plan::on_wake_at`]), whichever
+    /// comes first; then ask again.
+    Sleep(Instant),
+}
+
+/// The settle checks left after an arming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Settle {
+    due: Instant,
+    checks_done: usize,
+}
+
+/// An idle worker's schedule. Pure: it decides from what it is told and the time it is given,
+/// so tests drive every transition without a database.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    poll: Duration,
+    jitter: f64,
+    linger_polls: u32,
+    /// Read before anything else: after a non-empty read, a wake-up, a start or an error.
+    read_now: bool,
+    /// The fallback deadline, fixed when the worker went idle (the first empty read after work).
+    deadline: Option<Instant>,
+    settle: Option<Settle>,
+    /// Earliest future visibility time: `None` until probed in this idle period.
+    next_visible: Option<Option<Instant>>,
+    /// A time another worker said work becomes visible (a retry's backoff).
+    due: Option<Instant>,
+    /// Short re-reads left before arming, after a busy period.
+    linger_left: u32,
+    /// The next lingering re-read.
+    linger_at: Option<Instant>,
+    /// After a failed arming, not before this time.
+    arm_retry_at: Option<Instant>,
+}
+
+impl Plan {
+    pub(crate) fn new(poll: Duration, jitter: f64, linger_polls: u32) -> Self {
+        Self {
+            poll,
+            jitter,
+            linger_polls,
+            read_now: true,
+            deadline: None,
+            settle: None,
+            next_visible: None,
+            due: None,
+            linger_left: 0,
+            linger_at: None,
+            arm_retry_at: None,
+        }
+    }
+
+    /// The next step at `now`. `wants_arm`: this process listens on demand and its arming is
+    /// missing or runs out within [`REARM_WHEN_LEFT_POLLS`] poll intervals.
+    pub(crate) fn next(&mut self, now: Instant, wants_arm: bool) -> Step {
+        if self.read_now {
+            self.read_now = false;
+            return Step::Read;
+        }
+        let deadline = match self.deadline {
+            Some(d) => d,
+            None => {
+                let d = now + jittered(self.poll, self.jitter);
+                self.deadline = Some(d);
+                d
+            }
+        };
+        if now >= deadline {
+            return Step::Read;
+        }
+        if self.due.is_some_and(|d| d <= now) {
+            self.due = None;
+            return Step::Read;
+        }
+        if let Some(at) = self.linger_at {
+            if now >= at {
+                self.linger_at = None;
+                return Step::Read;
+            }
+            return Step::Sleep(at);
+        }
+        if self.linger_left > 0 {
+            self.linger_left -= 1;
+            let at = now + LINGER_STEP;
+            self.linger_at = Some(at);
+            return Step::Sleep(at);
+        }
+        if wants_arm && self.arm_retry_at.is_none_or(|t| now >= t) {
+            return Step::Arm;
+        }
+        if self.settle.is_some_and(|s| s.due <= now) {
+            return Step::CheckSettled;
+        }
+        match self.next_visible {
+            None => return Step::Probe,
+            Some(Some(t)) if t <= now => {
+                self.next_visible = None;
+                return Step::Read;
+            }
+            Some(_) => {}
+        }
+        let mut until = deadline;
+        for t in [
+            self.settle.map(|s| s.due),
+            self.next_visible.flatten(),
+            self.due,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            until = until.min(t);
+        }
+        Step::Sleep(until)
+    }
+
+    /// A read returned messages (`got`) or none.
+    pub(crate) fn on_read(&mut self, now: Instant, got: bool) {
+        if got {
+            // Busy: read again at once; the next idle period gets its own deadline.
+            self.read_now = true;
+            self.deadline = None;
+            self.next_visible = None;
+            self.linger_left = self.linger_polls;
+            self.linger_at = None;
+            return;
+        }
+        if self.deadline.is_none_or(|d| d <= now) {
+            self.deadline = Some(now + jittered(self.poll, self.jitter));
+        }
+        if matches!(self.next_visible, Some(Some(t)) if t <= now) {
+            self.next_visible = None;
+        }
+    }
+
+    /// The arming was written (`ok`), or failed (try again after a poll interval).
+    pub(crate) fn on_armed(&mut self, now: Instant, ok: bool) {
+        if ok {
+            self.arm_retry_at = None;
+            self.settle = Some(Settle {
+                due: now,
+                checks_done: 0,
+            });
+        } else {
+            self.arm_retry_at = Some(now + self.poll);
+        }
+    }
+
+    /// The settle check answered: `settled` means no insert from before the arming is in flight.
+    pub(crate) fn on_settled(&mut self, now: Instant, settled: bool) {
+        let Some(s) = self.settle.as_mut() else {
+            return;
+        };
+        if settled {
+            self.settle = None;
+            self.read_now = true;
+            return;
+        }
+        match SETTLE_DELAYS.get(s.checks_done) {
+            Some(delay) => {
+                s.checks_done += 1;
+                s.due = now + *delay;
+            }
+            // A long-lived writer: the fallback deadline takes over.
+            None => self.settle = None,
+        }
+    }
+
+    /// The settle check could not run: leave it to the deadline.
+    pub(crate) fn on_settle_failed(&mut self) {
+        self.settle = None;
+    }
+
+    /// The earliest hidden message becomes visible in `next` (none: `None`).
+    pub(crate) fn on_probed(&mut self, now: Instant, next: Option<Duration>) {
+        self.next_visible = Some(next.map(|d| now + d));
+    }
+
+    /// A notification, a reconnect or a release: work may be there now, or later (a delayed
+    /// job's insert notifies too), so the next idle step probes again.
+    pub(crate) fn on_wake_now(&mut self) {
+        self.read_now = true;
+        self.next_visible = None;
+    }
+
+    /// Work becomes visible at `at`.
+    pub(crate) fn on_wake_at(&mut self, at: Instant) {
+        self.due = Some(self.due.map_or(at, |d| d.min(at)));
+    }
+
+    /// An infrastructure error was backed off: start over with a read.
+    pub(crate) fn on_recovered(&mut self) {
+        self.read_now = true;
+    }
+
+    /// The fallback deadline of the current idle period, if idle.
+    #[cfg(test)]
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+}
+
+/// Arms `owner`'s wake-up on `channel` as generation `gen` for `ttl`.
+pub(crate) async fn arm(
+    pool: &PgPool,
+    channel: &str,
+    owner: &str,
+    ttl: Duration,
+    generation: u64,
+) -> Result<()> {
+    sqlx::query("SELECT apalis_pgmq.arm($1, $2, $3, $4)")
+        .bind(channel)
+        .bind(owner)
+        .bind(ttl.as_secs_f64())
+        .bind(i64::try_from(generation).unwrap_or(i64::MAX))
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Clears generation `gen` of `owner`'s arming on `channel` (a newer one stays).
+pub(crate) async fn disarm(
+    pool: &PgPool,
+    channel: &str,
+    owner: &str,
+    generation: u64,
+) -> Result<()> {
+    sqlx::query("SELECT apalis_pgmq.disarm($1, $2, $3)")
+        .bind(channel)
+        .bind(owner)
+        .bind(i64::try_from(generation).unwrap_or(i64::MAX))
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Whether no transaction other than ours holds `RowExclusiveLock` on the queue table.
+pub(crate) async fn inserts_settled(pool: &PgPool, queue: &str) -> Result<bool> {
+    let settled: bool = sqlx::query_scalar("SELECT apalis_pgmq.inserts_settled($1)")
+        .bind(queue)
+        .fetch_one(pool)
+        .await?;
+    Ok(settled)
+}
+
+/// Where a queue's wake-ups go, for [`wake_others`].
+#[derive(Debug, Clone)]
+pub(crate) struct WakeTarget {
+    pub(crate) queue: String,
+    pub(crate) queue_channel: String,
+    pub(crate) namespace_channel: String,
+    /// This process's owner prefix in `apalis_pgmq.listeners`.
+    pub(crate) owner: String,
+}
+
+/// Tells idle workers of other processes that messages become visible in `delay` (after an
+/// update no insert trigger sees). Sends nothing when no other process waits.
+pub(crate) async fn wake_others(pool: &PgPool, target: &WakeTarget, delay: Duration) -> Result<()> {
+    sqlx::query("SELECT apalis_pgmq.wake_others($1, $2, $3, $4, $5)")
+        .bind(&target.queue)
+        .bind(&target.queue_channel)
+        .bind(&target.namespace_channel)
+        .bind(delay.as_secs_f64())
+        .bind(&target.owner)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLL: Duration = Duration::from_secs(30);
+
+    fn idle_plan(now: Instant) -> Plan {
+        let mut p = Plan::new(POLL, 0.0, 0);
+        assert_eq!(p.next(now, false), Step::Read, "a start reads first");
+        p.on_read(now, false);
+        p
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reads_again_after_work_then_probes_and_sleeps_to_the_deadline() {
+        let now = Instant::now();
+        let mut p = Plan::new(POLL, 0.0, 0);
+        assert_eq!(p.next(now, false), Step::Read);
+        p.on_read(now, true);
+        assert_eq!(p.next(now, false), Step::Read, "non-empty read: read again");
+        p.on_read(now, false);
+        assert_eq!(p.deadline(), Some(now + POLL));
+        assert_eq!(p.next(now, false), Step::Probe);
+        p.on_probed(now, None);
+        assert_eq!(p.next(now, false), Step::Sleep(now + POLL));
+        // Nothing moves the deadline: an empty read after a wake-up keeps it.
+        let later = now + Duration::from_secs(10);
+        p.on_wake_now();
+        assert_eq!(p.next(later, false), Step::Read);
+        p.on_read(later, false);
+        assert_eq!(p.next(later, false), Step::Sleep(now + POLL));
+        // At the deadline: read, and the next idle period gets a new deadline.
+        let at = now + POLL;
+        assert_eq!(p.next(at, false), Step::Read);
+        p.on_read(at, false);
+        assert_eq!(p.deadline(), Some(at + POLL));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_known_visibility_time_or_announced_retry_shortens_the_sleep() {
+        let now = Instant::now();
+        let mut p = idle_plan(now);
+        assert_eq!(p.next(now, false), Step::Probe);
+        p.on_probed(now, Some(Duration::from_secs(3)));
+        let t = now + Duration::from_secs(3);
+        assert_eq!(p.next(now, false), Step::Sleep(t));
+        assert_eq!(p.next(t, false), Step::Read, "the delayed job is due");
+        p.on_read(t, false);
+        assert_eq!(
+            p.next(t, false),
+            Step::Probe,
+            "probe again after passing it"
+        );
+        p.on_probed(t, None);
+        p.on_wake_at(t + Duration::from_secs(1));
+        assert_eq!(p.next(t, false), Step::Sleep(t + Duration::from_secs(1)));
+        assert_eq!(p.next(t + Duration::from_secs(1), false), Step::Read);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn settle_checks_are_bounded_and_never_postpone_the_deadline() {
+        let now = Instant::now();
+        let mut p = idle_plan(now);
+        assert_eq!(p.next(now, true), Step::Arm);
+        p.on_armed(now, true);
+        let mut t = now;
+        let mut checks = 0;
+        loop {
+            match p.next(t, false) {
+                Step::CheckSettled => {
+                    checks += 1;
+                    p.on_settled(t, false);
+                }
+                Step::Probe => p.on_probed(t, None),
+                Step::Sleep(until) => {
+                    if until == now + POLL {
+                        break;
+                    }
+                    assert!(until > t);
+                    t = until;
+                }
+                other => panic!("unexpected {other:?} at {:?}", t - now),
+            }
+        }
+        assert_eq!(
+            checks,
+            SETTLE_DELAYS.len() + 1,
+            "a long-lived writer costs a few checks"
+        );
+        assert!(t - now < Duration::from_secs(5));
+        assert_eq!(
+            p.next(now + POLL, false),
+            Step::Read,
+            "the deadline still holds"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_settled_check_reads_once() {
+        let now = Instant::now();
+        let mut p = idle_plan(now);
+        assert_eq!(p.next(now, true), Step::Arm);
+        p.on_armed(now, true);
+        assert_eq!(p.next(now, false), Step::CheckSettled);
+        p.on_settled(now, false);
+        let t = now + SETTLE_DELAYS[0];
+        assert_eq!(p.next(now, false), Step::Probe);
+        p.on_probed(now, None);
+        assert_eq!(p.next(now, false), Step::Sleep(t));
+        assert_eq!(p.next(t, false), Step::CheckSettled);
+        p.on_settled(t, true);
+        assert_eq!(p.next(t, false), Step::Read);
+        p.on_read(t, false);
+        assert_eq!(p.next(t, false), Step::Sleep(now + POLL));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lingers_after_work_before_arming_and_backs_off_a_failed_arming() {
+        let now = Instant::now();
+        let mut p = Plan::new(POLL, 0.0, 2);
+        assert_eq!(p.next(now, true), Step::Read);
+        p.on_read(now, true);
+        assert_eq!(p.next(now, true), Step::Read);
+        p.on_read(now, false);
+        let mut t = now;
+        for _ in 0..2 {
+            let Step::Sleep(at) = p.next(t, true) else {
+                panic!("linger")
+            };
+            assert_eq!(at, t + LINGER_STEP);
+            t = at;
+            assert_eq!(p.next(t, true), Step::Read);
+            p.on_read(t, false);
+        }
+        assert_eq!(p.next(t, true), Step::Arm, "lingering over: arm");
+        p.on_armed(t, false);
+        assert_eq!(p.next(t, true), Step::Probe, "no arming retry at once");
+        p.on_probed(t, None);
+        assert!(matches!(p.next(t, true), Step::Sleep(_)));
+        assert_eq!(
+            p.next(t + POLL, true),
+            Step::Read,
+            "the deadline came first"
+        );
+    }
+}

@@ -63,7 +63,7 @@ pub enum Error {
 
     /// The database role lacks a right the operation needs; nothing was done.
     #[error(
-        "role {role:?} lacks {right}, which {needed_for}; grant it (e.g. `{grant}`) or run as a role that has it"
+        "role {role:?} lacks {right}, needed for {needed_for}; grant it (e.g. `{grant}`) or run as a role that has it"
     )]
     MissingPrivilege {
         /// The role the connection uses.

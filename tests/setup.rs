@@ -26,7 +26,7 @@ async fn installs_pgmq_then_is_idempotent() {
             "SELECT count(*) FROM apalis_pgmq.schema_migrations"
         )
         .await,
-        2
+        3
     );
     let sqlx_table: bool =
         sqlx::query_scalar("SELECT to_regclass('public._sqlx_migrations') IS NOT NULL")

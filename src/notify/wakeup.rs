@@ -407,6 +407,12 @@ mod tests {
         p.on_wake_now();
         assert_eq!(p.next(later, false), Step::Read);
         p.on_read(later, false);
+        assert_eq!(
+            p.next(later, false),
+            Step::Probe,
+            "a wake-up may be for a delayed job"
+        );
+        p.on_probed(later, None);
         assert_eq!(p.next(later, false), Step::Sleep(now + POLL));
         // At the deadline: read, and the next idle period gets a new deadline.
         let at = now + POLL;

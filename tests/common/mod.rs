@@ -4,6 +4,8 @@
 //! `DATABASE_URL` is not set.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::{
     str::FromStr,
     sync::atomic::{AtomicUsize, Ordering},

@@ -1,0 +1,115 @@
+//! A small TCP proxy for fault tests: forwards to PostgreSQL, and can make the connections that
+//! have issued `LISTEN` go silent (a half-open connection: no reset, no data, both ends open).
+#![allow(dead_code)]
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    task::JoinSet,
+};
+
+#[derive(Default)]
+struct Conn {
+    /// The client sent a LISTEN on this connection.
+    listens: AtomicBool,
+    /// Nothing is forwarded any more, in either direction; the sockets stay open.
+    silent: AtomicBool,
+}
+
+#[derive(Default)]
+struct State {
+    conns: Mutex<Vec<Arc<Conn>>>,
+    accepted: AtomicUsize,
+}
+
+/// A running proxy; stopped (every connection closed) when dropped.
+pub struct Proxy {
+    pub port: u16,
+    state: Arc<State>,
+    tasks: Arc<Mutex<JoinSet<()>>>,
+}
+
+impl Proxy {
+    /// Listens on a free port of 127.0.0.1 and forwards every connection to `target`.
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let state = Arc::new(State::default());
+        let tasks = Arc::new(Mutex::new(JoinSet::new()));
+        let (st, ts) = (state.clone(), tasks.clone());
+        tasks.lock().expect("lock").spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(target).await else {
+                    continue;
+                };
+                st.accepted.fetch_add(1, Ordering::SeqCst);
+                let conn = Arc::new(Conn::default());
+                st.conns.lock().expect("lock").push(conn.clone());
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                let mut tasks = ts.lock().expect("lock");
+                tasks.spawn(pipe(cr, sw, conn.clone(), true));
+                tasks.spawn(pipe(sr, cw, conn, false));
+            }
+        });
+        Self { port, state, tasks }
+    }
+
+    /// Makes every connection that has issued `LISTEN` so far go silent. Returns how many.
+    pub fn silence_listeners(&self) -> usize {
+        let conns = self.state.conns.lock().expect("lock");
+        let mut n = 0;
+        for c in conns.iter() {
+            if c.listens.load(Ordering::SeqCst) && !c.silent.swap(true, Ordering::SeqCst) {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.state.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.tasks.lock() {
+            t.abort_all();
+        }
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    conn: Arc<Conn>,
+    client_to_server: bool,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if client_to_server && buf[..n].windows(8).any(|w| w == b"LISTEN \"") {
+            conn.listens.store(true, Ordering::SeqCst);
+        }
+        if conn.silent.load(Ordering::SeqCst) {
+            // Half-open: hold both sockets, forward nothing, until the proxy is dropped.
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}

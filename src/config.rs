@@ -130,6 +130,13 @@ impl Backoff {
                 self.jitter
             )));
         }
+        if !(self.base.as_secs_f64().is_finite()) || self.max > Duration::from_secs(365 * 24 * 3600)
+        {
+            return Err(Error::Config(format!(
+                "backoff cap must be at most 365 days, got {:?}",
+                self.max
+            )));
+        }
         if self.base > self.max {
             return Err(Error::Config(format!(
                 "backoff base {:?} is larger than its cap {:?}",
@@ -195,6 +202,9 @@ pub struct Config {
     pub(crate) linger: Duration,
     /// How soon a LISTEN connection that silently stopped delivering is replaced.
     pub(crate) listener_health_check: Duration,
+    /// How long a job that returned `DeferredError` waits before it is visible again, so a
+    /// handler that always defers cannot loop hot.
+    pub(crate) defer_delay: Duration,
 }
 
 impl Default for Config {
@@ -217,6 +227,7 @@ impl Default for Config {
             notify_mode: NotifyMode::OnDemand,
             linger: Duration::from_millis(10),
             listener_health_check: Duration::from_millis(crate::notify::DEFAULT_HEALTH_CHECK_MS),
+            defer_delay: Duration::from_secs(1),
         }
     }
 }
@@ -354,6 +365,15 @@ impl Config {
         self
     }
 
+    /// How long a job whose handler returned `DeferredError` waits before it is visible again
+    /// (default 1 s, at most 1 h). A deferral uses up an attempt like any other run, so a
+    /// handler that always defers ends in the dead-letter queue after `max_attempts` runs.
+    #[must_use]
+    pub fn defer_delay(mut self, delay: Duration) -> Self {
+        self.defer_delay = delay;
+        self
+    }
+
     /// Re-reads while lingering.
     pub(crate) fn linger_polls(&self) -> u32 {
         let step = crate::notify::wakeup::LINGER_STEP.as_micros().max(1);
@@ -385,10 +405,32 @@ impl Config {
     /// [`Error::Config`] naming the first value out of range.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Config(msg));
-        if self.visibility_timeout < Duration::from_secs(1) {
+        // Upper bounds keep every value within what PostgreSQL stores and what a worker can
+        // wait for (tokio timers, `make_interval`): an out-of-range value fails here, once,
+        // rather than every read later.
+        const DAY: Duration = Duration::from_secs(24 * 3600);
+        if !(Duration::from_secs(1)..=DAY * 7).contains(&self.visibility_timeout) {
             return bad(format!(
-                "visibility_timeout must be at least 1 s, got {:?}",
+                "visibility_timeout must be within 1 s..=7 days, got {:?}",
                 self.visibility_timeout
+            ));
+        }
+        if self.poll_interval > DAY {
+            return bad(format!(
+                "poll_interval must be at most 1 day, got {:?}",
+                self.poll_interval
+            ));
+        }
+        if self.defer_delay > Duration::from_secs(3600) {
+            return bad(format!(
+                "defer_delay must be at most 1 h, got {:?}",
+                self.defer_delay
+            ));
+        }
+        if self.max_payload_bytes > 256 * 1024 * 1024 {
+            return bad(format!(
+                "max_payload_bytes must be at most 256 MiB (jsonb's limit is 255 MiB), got {}",
+                self.max_payload_bytes
             ));
         }
         if !(1..=10_000).contains(&self.fetch_batch_size) {
@@ -475,6 +517,31 @@ mod tests {
         assert!(Config::default().fetch_batch_size(0).validate().is_err());
         assert!(Config::default().max_attempts(0).validate().is_err());
         assert!(Config::default().poll_jitter(1.0).validate().is_err());
+        assert!(
+            Config::default()
+                .visibility_timeout(Duration::from_secs(10_000_000_000_000))
+                .validate()
+                .is_err(),
+            "a visibility timeout PostgreSQL cannot store is refused at load"
+        );
+        assert!(
+            Config::default()
+                .poll_interval(Duration::from_secs(1 << 40))
+                .validate()
+                .is_err()
+        );
+        assert!(
+            Config::default()
+                .defer_delay(Duration::from_secs(7200))
+                .validate()
+                .is_err()
+        );
+        assert!(
+            Config::default()
+                .backoff(Backoff::default().max(Duration::from_secs(1 << 40)))
+                .validate()
+                .is_err()
+        );
         assert!(
             Config::default()
                 .backoff(Backoff::default().factor(0.5))

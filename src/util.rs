@@ -44,6 +44,16 @@ pub(crate) fn truncate(text: &str, max: usize) -> String {
     format!("{}… [truncated, {} bytes in all]", &text[..end], text.len())
 }
 
+/// Text safe to store in `jsonb` and bounded: NUL characters (which `jsonb` rejects) are
+/// written as the visible escape `\\u0000`, and the result is cut to at most about `max` bytes.
+pub(crate) fn clean_text(text: &str, max: usize) -> String {
+    if text.contains('\0') {
+        truncate(&text.replace('\0', "\\u0000"), max)
+    } else {
+        truncate(text, max)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,6 +71,13 @@ mod tests {
         assert!(error_backoff(1) <= Duration::from_millis(125));
         assert!(error_backoff(30) <= Duration::from_millis(12_500));
         assert!(error_backoff(30) >= Duration::from_millis(7_500));
+    }
+
+    #[test]
+    fn clean_text_escapes_nul_and_bounds_length() {
+        assert_eq!(clean_text("a\0b", 100), "a\\u0000b");
+        assert!(!clean_text(&"\0".repeat(10_000), 100).contains('\0'));
+        assert!(clean_text(&"x".repeat(10_000), 100).len() < 200);
     }
 
     #[test]

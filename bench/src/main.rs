@@ -258,6 +258,45 @@ async fn run_ours(bench: &mut Bench, workload: &str) -> Res<()> {
             false
         )?;
         records.into_iter().for_each(|r| bench.emit(r));
+        if workload == "idle_cost" {
+            // Over several fallback polls (default 30 s), without and then with another
+            // session's transaction open on the queue table (it inserted and stays open, so
+            // every settle check after an arming fails).
+            let window = Duration::from_secs(p.idle_secs * 7);
+            let mut values = Vec::new();
+            for open in [false, true] {
+                let mut tx = if open {
+                    let mut tx = pool.begin().await?;
+                    s.push_with(&mut *tx, &job(0)).await?;
+                    Some(tx)
+                } else {
+                    None
+                };
+                let counters = Arc::new(Counters::default());
+                let (stop, joins) =
+                    spawn_bench_workers!(s.clone(), 1usize, p.concurrency, counters);
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let (q0, _) = statement_count(&pool).await;
+                let start = Instant::now();
+                tokio::time::sleep(window).await;
+                let (q1, _) = statement_count(&pool).await;
+                values.push((q1 - q0) / start.elapsed().as_secs_f64());
+                stop_workers(stop, joins).await;
+                if let Some(tx) = tx.take() {
+                    tx.rollback().await?;
+                }
+            }
+            bench.emit(
+                Record::new(OURS, "idle_long")
+                    .value("per_sec", values[0])
+                    .value("open_tx_per_sec", values[1])
+                    .note(format!(
+                        "one idle worker, default config, {} s window after a 2 s warm-up; \
+                         then the same while another session's insert stays uncommitted",
+                        window.as_secs()
+                    )),
+            );
+        }
     }
     pool.close().await;
     bench.drop_db(OURS, workload).await;
@@ -565,6 +604,16 @@ fn table(records: &[Record]) {
         ("pickup", "p99_ms", "idle pickup p99, ms"),
         ("pickup", "max_ms", "idle pickup max, ms"),
         ("idle_cost", "per_sec", "idle cost, queries/s/worker"),
+        (
+            "idle_long",
+            "per_sec",
+            "idle cost over several polls, statements/s",
+        ),
+        (
+            "idle_long",
+            "open_tx_per_sec",
+            "the same, a writer's transaction open, statements/s",
+        ),
         (
             "sustained",
             "achieved_per_sec",

@@ -37,6 +37,15 @@ pub(crate) enum Action {
 }
 
 impl Action {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Archive => "archive",
+            Self::Delete => "delete",
+            Self::Retry { .. } => "retry",
+            Self::DeadLetter { .. } => "dead_letter",
+        }
+    }
+
     fn code(&self) -> i16 {
         match self {
             Self::Archive => 1,
@@ -46,6 +55,10 @@ impl Action {
         }
     }
 }
+
+/// The longest delay a retry is given: PostgreSQL cannot store times far beyond it (a
+/// `RetryAfterError` of 10^13 s would fail with "timestamp out of range").
+pub(crate) const MAX_DELAY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// The outcome of one delivery.
 #[derive(Debug, Clone, PartialEq)]
@@ -206,26 +219,12 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx, sql: A
             }
         }
         let n = pending.len().min(ctx.batch_size);
-        let mut failures = 0u32;
-        loop {
-            match write(&ctx, &sql, &pending[..n]).await {
-                Ok(()) => break,
-                Err(e) => {
-                    failures += 1;
-                    tracing::warn!(error = %e, outcomes = n, failures, "writing job outcomes failed; retrying");
-                    if is_undefined_table(&e) {
-                        // The queue or its dead-letter queue was dropped under us: recreate them.
-                        let _ = ctx.queue.create(&ctx.pool).await;
-                        let _ = ctx.dlq.create(&ctx.pool).await;
-                    }
-                    tokio::time::sleep(error_backoff(failures)).await;
-                }
-            }
-        }
+        write_batch(&ctx, &sql, &pending[..n]).await;
         let mut soonest_retry: Option<Duration> = None;
         for c in pending.drain(..n) {
             ctx.leases.remove(c.msg_id, c.read_ct);
             if let Action::Retry { delay } = c.action {
+                let delay = delay.min(MAX_DELAY);
                 soonest_retry = Some(soonest_retry.map_or(delay, |s| s.min(delay)));
             }
         }
@@ -242,6 +241,86 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx, sql: A
         }
         written += n as u64;
     }
+}
+
+/// Writes a batch of outcomes. A transient failure (connection lost, server restarting) is
+/// retried with backoff; a failure caused by the data of one outcome (a value PostgreSQL will
+/// not store) is isolated: the outcomes are written one by one and the offending one is
+/// replaced by a dead letter that says why, so one bad outcome never blocks the others.
+async fn write_batch(ctx: &CompleterCtx, sql: &Arc<str>, batch: &[Completion]) {
+    let mut failures = 0u32;
+    loop {
+        match write(ctx, sql, batch).await {
+            Ok(()) => return,
+            Err(e) if is_data_error(&e) && batch.len() > 1 => {
+                tracing::warn!(error = %e, outcomes = batch.len(),
+                    "an outcome in a batch cannot be written; writing them one by one");
+                for c in batch {
+                    write_one(ctx, sql, c).await;
+                }
+                return;
+            }
+            Err(e) if is_data_error(&e) => {
+                write_one(ctx, sql, &batch[0]).await;
+                return;
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, outcomes = batch.len(), failures,
+                    "writing job outcomes failed; retrying");
+                if is_undefined_table(&e) {
+                    // The queue or its dead-letter queue was dropped under us: recreate them.
+                    let _ = ctx.queue.create(&ctx.pool).await;
+                    let _ = ctx.dlq.create(&ctx.pool).await;
+                }
+                tokio::time::sleep(error_backoff(failures)).await;
+            }
+        }
+    }
+}
+
+/// Writes one outcome; if its data cannot be stored, dead-letters the message with the reason
+/// instead; if even that fails, logs it and leaves the message to be delivered again when its
+/// lease lapses.
+async fn write_one(ctx: &CompleterCtx, sql: &Arc<str>, c: &Completion) {
+    let mut failures = 0u32;
+    let mut current = c.clone();
+    loop {
+        match write(ctx, sql, std::slice::from_ref(&current)).await {
+            Ok(()) => return,
+            Err(e) if is_data_error(&e) => {
+                if matches!(&current.action, Action::DeadLetter { info } if info.get("reason") == Some(&Value::from("outcome_unwritable")))
+                {
+                    tracing::error!(msg_id = c.msg_id, error = %e,
+                        "a job's outcome cannot be written, nor a dead letter for it; it will be delivered again when its lease lapses");
+                    return;
+                }
+                tracing::error!(msg_id = c.msg_id, read_ct = c.read_ct, error = %e,
+                    "a job's outcome cannot be written; dead-lettering the message with the reason");
+                current.action = Action::DeadLetter {
+                    info: serde_json::json!({
+                        "reason": "outcome_unwritable",
+                        "error": crate::util::clean_text(&e.to_string(), crate::ack::MAX_ERROR_TEXT),
+                        "intended": c.action.name(),
+                    }),
+                };
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(msg_id = c.msg_id, error = %e, failures,
+                    "writing a job outcome failed; retrying");
+                tokio::time::sleep(error_backoff(failures)).await;
+            }
+        }
+    }
+}
+
+/// Errors caused by the values of a statement (SQLSTATE classes 22 "data exception" and 54
+/// "program limit exceeded"): retrying the same values cannot succeed.
+fn is_data_error(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code.starts_with("22") || code.starts_with("54"))
 }
 
 fn is_undefined_table(e: &sqlx::Error) -> bool {
@@ -270,7 +349,7 @@ async fn write(
         cts.push(c.read_ct);
         actions.push(c.action.code());
         let (delay, info) = match &c.action {
-            Action::Retry { delay } => (delay.as_secs_f64(), None),
+            Action::Retry { delay } => ((*delay).min(MAX_DELAY).as_secs_f64(), None),
             Action::DeadLetter { info } => (0.0, Some(info.to_string())),
             Action::Archive | Action::Delete => (0.0, None),
         };

@@ -7,10 +7,10 @@
 //! |---|---|
 //! | `Ok` (`Done`) | archive (or delete: [`DoneAction`](crate::DoneAction)) |
 //! | `AbortError` (`Killed`) | delete (or archive, or dead-letter: [`KilledAction`](crate::KilledAction)) |
-//! | `RetryAfterError(d)` | visible again at now + `d` |
-//! | `DeferredError` | visible again now |
+//! | `RetryAfterError(d)`, attempts left | visible again at now + `d` (at most 100 years) |
+//! | `DeferredError`, attempts left | visible again after [`Config::defer_delay`](crate::Config::defer_delay) (default 1 s) |
 //! | other error or panic, attempts left (`Failed`) | visible again at now + backoff(attempt) |
-//! | other error or panic, no attempts left | dead-letter (or archive, or delete: [`ExhaustedAction`](crate::ExhaustedAction)) |
+//! | any error or panic but `AbortError`, no attempts left | dead-letter (or archive, or delete: [`ExhaustedAction`](crate::ExhaustedAction)) |
 //!
 //! A panicking handler is caught here and counts as a failure ([`HandlerPanicked`]); the worker
 //! keeps running. The action is queued to the completer, which writes outcomes in batches.
@@ -22,7 +22,6 @@ use std::{
     panic::AssertUnwindSafe,
     sync::Arc,
     task::{Context, Poll},
-    time::Duration,
 };
 
 use apalis_core::{
@@ -36,7 +35,7 @@ use tower::{Layer, Service};
 use crate::{
     backend::{MessageInfo, Shared},
     config::{Config, DoneAction, ExhaustedAction, KilledAction},
-    util::{random_unit, truncate},
+    util::{clean_text, random_unit},
 };
 use completer::{Action, Completion};
 
@@ -206,7 +205,16 @@ pub(crate) fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
         }
         source = s.source();
     }
-    truncate(&text, MAX_ERROR_TEXT)
+    clean_text(&text, MAX_ERROR_TEXT)
+}
+
+/// What a job that used up its attempts becomes.
+fn exhausted_action(config: &Config, dead_letter: Action) -> Action {
+    match config.on_exhausted {
+        ExhaustedAction::Archive => Action::Archive,
+        ExhaustedAction::Delete => Action::Delete,
+        _ => dead_letter,
+    }
 }
 
 /// Maps the result of a delivery to an action. `unit` is a random number in `[0, 1)` for jitter.
@@ -226,16 +234,6 @@ pub(crate) fn decide(
     let dead = |reason: &str| Action::DeadLetter {
         info: json!({ "reason": reason, "error": error_text(&**error) }),
     };
-    if let Some(retry) = error.downcast_ref::<RetryAfterError>() {
-        return Action::Retry {
-            delay: retry.get_duration(),
-        };
-    }
-    if error.is::<DeferredError>() {
-        return Action::Retry {
-            delay: Duration::ZERO,
-        };
-    }
     if error.is::<AbortError>() {
         return match config.on_killed {
             KilledAction::Archive => Action::Archive,
@@ -243,13 +241,28 @@ pub(crate) fn decide(
             _ => Action::Delete,
         };
     }
+    // Every delivery is a run, whatever ended it: a retry-after or a deferral uses up an
+    // attempt too, so no job runs more than `max_attempts` times.
     let attempt = usize::try_from(read_ct.max(1)).unwrap_or(1);
-    if attempt >= max_attempts {
-        return match config.on_exhausted {
-            ExhaustedAction::Archive => Action::Archive,
-            ExhaustedAction::Delete => Action::Delete,
-            _ => dead("failed"),
+    let exhausted = attempt >= max_attempts;
+    if let Some(retry) = error.downcast_ref::<RetryAfterError>() {
+        if exhausted {
+            return exhausted_action(config, dead("retry_after_exhausted"));
+        }
+        return Action::Retry {
+            delay: retry.get_duration().min(completer::MAX_DELAY),
         };
+    }
+    if error.is::<DeferredError>() {
+        if exhausted {
+            return exhausted_action(config, dead("deferred_exhausted"));
+        }
+        return Action::Retry {
+            delay: config.defer_delay,
+        };
+    }
+    if exhausted {
+        return exhausted_action(config, dead("failed"));
     }
     let attempt = u32::try_from(attempt).unwrap_or(u32::MAX);
     Action::Retry {
@@ -261,6 +274,7 @@ pub(crate) fn decide(
 mod tests {
     use super::*;
     use crate::config::Backoff;
+    use std::time::Duration;
 
     fn boxed<E: std::error::Error + Send + Sync + 'static>(e: E) -> BoxDynError {
         Box::new(e)
@@ -320,18 +334,45 @@ mod tests {
         ));
         let later = boxed(RetryAfterError::new("later", Duration::from_secs(42)));
         assert_eq!(
-            decide(&c, Some(&later), 3, 3, 0.5),
+            decide(&c, Some(&later), 2, 3, 0.5),
             Action::Retry {
                 delay: Duration::from_secs(42)
             }
+        );
+        match decide(&c, Some(&later), 3, 3, 0.5) {
+            Action::DeadLetter { info } => assert_eq!(info["reason"], "retry_after_exhausted"),
+            other => panic!("a retry-after uses up attempts too: {other:?}"),
+        }
+        let huge = boxed(RetryAfterError::new(
+            "never",
+            Duration::from_secs(10_000_000_000_000),
+        ));
+        assert_eq!(
+            decide(&c, Some(&huge), 1, 3, 0.5),
+            Action::Retry {
+                delay: completer::MAX_DELAY
+            },
+            "clamped to what PostgreSQL stores"
         );
         let deferred = boxed(DeferredError::new("now"));
         assert_eq!(
             decide(&c, Some(&deferred), 1, 3, 0.5),
             Action::Retry {
-                delay: Duration::ZERO
-            }
+                delay: Duration::from_secs(1)
+            },
+            "a deferral waits the defer delay"
         );
+        match decide(&c, Some(&deferred), 3, 3, 0.5) {
+            Action::DeadLetter { info } => assert_eq!(info["reason"], "deferred_exhausted"),
+            other => panic!("a deferral uses up attempts too: {other:?}"),
+        }
+        let nul = boxed(std::io::Error::other("bad\0text"));
+        match decide(&c, Some(&nul), 3, 3, 0.5) {
+            Action::DeadLetter { info } => {
+                assert_eq!(info["error"], "bad\\u0000text", "NUL escaped for jsonb")
+            }
+            other => panic!("{other:?}"),
+        }
         let panicked = boxed(HandlerPanicked {
             message: "oops".into(),
         });

@@ -533,7 +533,7 @@ impl<Args, C> PgmqStorage<Args, C> {
             action: Action::DeadLetter {
                 info: json!({
                     "reason": "undecodable",
-                    "error": crate::util::truncate(error, crate::ack::MAX_ERROR_TEXT),
+                    "error": crate::util::clean_text(error, crate::ack::MAX_ERROR_TEXT),
                     "expected_type": std::any::type_name::<Args>(),
                 }),
             },

@@ -89,9 +89,18 @@ impl<Args, C: Unpin> Sink<Task<Value>> for PgmqStorage<Args, C> {
 
     fn start_send(self: Pin<&mut Self>, task: Task<Value>) -> Result<()> {
         let this = self.get_mut();
-        let encoded = encode_task(&this.shared.queue, &task)?;
-        this.local().sink.buffer.push(encoded);
-        Ok(())
+        match encode_task(&this.shared.queue, &task) {
+            Ok(encoded) => {
+                this.local().sink.buffer.push(encoded);
+                Ok(())
+            }
+            Err(e) => {
+                // The push this task belongs to fails as a whole: what it buffered before this
+                // task must not be written by a later, unrelated flush.
+                this.local().sink.buffer.clear();
+                Err(e)
+            }
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {

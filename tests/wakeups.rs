@@ -438,3 +438,93 @@ async fn a_retry_written_in_one_process_wakes_an_idle_worker_in_another() {
     .await;
     stop_worker(stop_b, join_b).await;
 }
+
+#[tokio::test]
+async fn a_release_in_one_process_wakes_an_idle_worker_in_another() {
+    let db = TestDb::setup().await;
+    let queue = "rel";
+    // Process A: concurrency 1, so of the two jobs it claims it starts one and releases the
+    // other (a release gives the read back: read_ct goes down).
+    let a = storage_on(&db.pool, queue, slow_poll().fetch_batch_size(10));
+    a.create_queue().await.expect("create");
+    // Hold the release in the database until process B waits, so B cannot see the job before.
+    sqlx::raw_sql(
+        "CREATE FUNCTION hold_release() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.read_ct < OLD.read_ct THEN PERFORM pg_advisory_xact_lock_shared(4242); END IF; \
+         RETURN NEW; END $$; \
+         CREATE TRIGGER hold_release BEFORE UPDATE ON pgmq.q_rel \
+         FOR EACH ROW EXECUTE FUNCTION hold_release();",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("hold trigger");
+    let mut holder = db.pool.acquire().await.expect("holder");
+    sqlx::query("SELECT pg_advisory_lock(4242)")
+        .execute(&mut *holder)
+        .await
+        .expect("hold");
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let worker_a = WorkerBuilder::new("rel-a")
+        .backend(a.clone())
+        .data(gate.clone())
+        .concurrency(1)
+        .build(
+            |_job: Job, gate: Data<Arc<tokio::sync::Semaphore>>| async move {
+                gate.acquire()
+                    .await
+                    .map_err(|e| Box::new(e) as BoxDynError)?
+                    .forget();
+                Ok::<(), BoxDynError>(())
+            },
+        );
+    let (stop_a, join_a) = spawn_worker!(worker_a);
+    armed_on(&db.pool, queue).await;
+    a.push_bulk_with(&db.pool, [Job { id: 1 }, Job { id: 2 }])
+        .await
+        .expect("push two");
+    wait_for(WAIT, "process A's release to wait on the hold", || async {
+        (count(
+            &db.pool,
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 AND NOT granted",
+        )
+        .await
+            > 0)
+            .then_some(())
+    })
+    .await;
+    // Process B (another listener and owner) arms while the release is held.
+    let proxy = proxy_to_server(&db).await;
+    let pool_b = pool_through(&db, &proxy).await;
+    let b = storage_on(&pool_b, queue, slow_poll());
+    let log: Log = Arc::default();
+    let (stop_b, join_b) = worker!("rel-b", b, log);
+    wait_for(WAIT, "process B to arm", || async {
+        (count(
+            &db.pool,
+            "SELECT count(DISTINCT owner) FROM apalis_pgmq.listeners WHERE channel = 'apq.q.rel'",
+        )
+        .await
+            >= 2)
+            .then_some(())
+    })
+    .await;
+    let received = b.listener_stats().received;
+    assert!(
+        log.lock().expect("lock").is_empty(),
+        "B has seen nothing yet"
+    );
+    sqlx::query("SELECT pg_advisory_unlock(4242)")
+        .execute(&mut *holder)
+        .await
+        .expect("let the release through");
+    // Only an update made job 2 visible; B hears of it and runs it (its fallback is 60 s and
+    // the lease it saw ran 30 s).
+    wait_handled(&log, 2, QUICK).await;
+    wait_for(QUICK, "process B's notification", || async {
+        (b.listener_stats().received > received).then_some(())
+    })
+    .await;
+    gate.add_permits(1);
+    stop_worker(stop_a, join_a).await;
+    stop_worker(stop_b, join_b).await;
+}

@@ -99,7 +99,7 @@ mod notify;
 mod queue;
 mod util;
 
-pub use ack::{AckLayer, AckService, HandlerPanicked};
+pub use ack::{AckLayer, AckService, HandlerPanicked, LeaseLost};
 pub use backend::{HEADERS_KEY, MessageInfo, PgmqStorage};
 pub use config::{Backoff, Config, DoneAction, ExhaustedAction, KilledAction};
 pub use config_file::ConfigFile;

@@ -214,3 +214,130 @@ async fn a_failed_push_leaves_nothing_behind() {
     .expect("ids");
     assert_eq!(ids, vec![3, 5]);
 }
+
+/// Records when a handler's future is dropped (stopped) without finishing.
+struct StopGuard {
+    id: u32,
+    stopped: Arc<std::sync::Mutex<Vec<(u32, std::time::Instant)>>>,
+}
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.stopped.lock() {
+            s.push((self.id, std::time::Instant::now()));
+        }
+    }
+}
+
+type Times = Arc<std::sync::Mutex<Vec<(u32, std::time::Instant)>>>;
+
+/// What process A's handler records (one `Data` type: two `Data<Times>` would be one).
+#[derive(Clone)]
+struct Probe {
+    started: Times,
+    stopped: Times,
+}
+
+#[tokio::test]
+async fn a_frozen_worker_stops_its_jobs_before_another_worker_runs_them() {
+    let db = TestDb::setup().await;
+    let queue = "frozen";
+    let proxy = {
+        let host = db.options.get_host().to_owned();
+        let addr = tokio::net::lookup_host((host.as_str(), db.options.get_port()))
+            .await
+            .expect("resolve")
+            .next()
+            .expect("address");
+        common::proxy::Proxy::start(addr).await
+    };
+    let pool_a = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(5)
+        .connect_with(db.options.clone().host("127.0.0.1").port(proxy.port))
+        .await
+        .expect("connect through the proxy");
+    let config = Config::default()
+        .visibility_timeout(Duration::from_secs(3))
+        .poll_interval(Duration::from_secs(60));
+    let a: PgmqStorage<Job> = PgmqStorage::with_config(
+        &pool_a,
+        QueueName::new(queue).expect("name"),
+        config.clone(),
+    )
+    .expect("config");
+    a.create_queue().await.expect("create");
+    let started: Times = Arc::default();
+    let stopped: Times = Arc::default();
+    let worker_a = WorkerBuilder::new("frozen-a")
+        .backend(a.clone())
+        .data(Probe {
+            started: started.clone(),
+            stopped: stopped.clone(),
+        })
+        .concurrency(10)
+        .build(|job: Job, probe: Data<Probe>| async move {
+            probe
+                .started
+                .lock()
+                .expect("lock")
+                .push((job.id, std::time::Instant::now()));
+            let _guard = StopGuard {
+                id: job.id,
+                stopped: probe.stopped.clone(),
+            };
+            // Runs far longer than the lease; only a stop ends it.
+            std::future::pending::<()>().await;
+            Ok::<(), BoxDynError>(())
+        });
+    let (stop_a, join_a) = spawn_worker!(worker_a);
+    a.push_bulk_with(&db.pool, (0..5).map(|i| job(i, "long")))
+        .await
+        .expect("push");
+    wait_for(WAIT, "process A to run all five", || async {
+        let n = started.lock().expect("lock").len();
+        (n == 5).then_some(())
+    })
+    .await;
+    // Everything between A and the database freezes (no reset, nothing delivered).
+    proxy.freeze();
+    // Process B, on a direct connection, takes the jobs once A's leases lapse.
+    let b: PgmqStorage<Job> =
+        PgmqStorage::with_config(&db.pool, QueueName::new(queue).expect("name"), config)
+            .expect("config");
+    let b_started: Times = Arc::default();
+    let worker_b = WorkerBuilder::new("frozen-b")
+        .backend(b.clone())
+        .data(b_started.clone())
+        .concurrency(10)
+        .build(|job: Job, started: Data<Times>| async move {
+            started
+                .lock()
+                .expect("lock")
+                .push((job.id, std::time::Instant::now()));
+            Ok::<(), BoxDynError>(())
+        });
+    let (stop_b, join_b) = spawn_worker!(worker_b);
+    wait_for(WAIT, "process B to run all five", || async {
+        (b_started.lock().expect("lock").len() >= 5).then_some(())
+    })
+    .await;
+    let stops = stopped.lock().expect("lock").clone();
+    for (id, b_at) in b_started.lock().expect("lock").iter() {
+        let a_stop = stops
+            .iter()
+            .find(|(i, _)| i == id)
+            .map(|(_, t)| *t)
+            .unwrap_or_else(|| panic!("job {id}: A never stopped it while B ran it"));
+        assert!(
+            a_stop < *b_at,
+            "job {id}: A stopped it {:?} after B started it",
+            a_stop - *b_at
+        );
+    }
+    drop(proxy);
+    tokio::time::timeout(Duration::from_secs(40), stop_worker(stop_a, join_a))
+        .await
+        .expect("the frozen worker's shutdown ends");
+    stop_worker(stop_b, join_b).await;
+    drained(&db.pool, queue).await;
+}

@@ -61,6 +61,18 @@ impl HandlerPanicked {
     }
 }
 
+/// The error a delivery ends with when this process lost its lease while the handler ran
+/// (renewals failed until shortly before the lease could lapse). The handler's future was
+/// dropped at that point and no outcome was written: the message is delivered again.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "the lease on message {msg_id} was lost (it could not be renewed); the job was stopped and will be delivered again"
+)]
+pub struct LeaseLost {
+    /// The message whose lease was lost.
+    pub msg_id: i64,
+}
+
 /// The backend middleware that writes job outcomes. Built by the worker from
 /// [`PgmqStorage`](crate::PgmqStorage); you do not add it yourself.
 #[derive(Clone)]
@@ -134,6 +146,7 @@ where
         let inner = &mut self.inner;
         let call = std::panic::catch_unwind(AssertUnwindSafe(move || inner.call(task)));
         let shared = self.shared.clone();
+        let lost = delivery.and_then(|(msg_id, read_ct)| shared.leases.watch(msg_id, read_ct));
         // If this future is dropped before the job ends (the worker was dropped, not shut down),
         // stop renewing the lease so the message becomes visible again when it lapses.
         let mut guard = delivery.map(|(msg_id, read_ct)| AbandonGuard {
@@ -143,12 +156,36 @@ where
             armed: true,
         });
         Box::pin(async move {
-            let result: Result<Res, BoxDynError> = match call {
-                Ok(fut) => match AssertUnwindSafe(fut).catch_unwind().await {
-                    Ok(result) => result.map_err(Into::into),
-                    Err(payload) => Err(Box::new(HandlerPanicked::from_payload(&*payload))),
-                },
-                Err(payload) => Err(Box::new(HandlerPanicked::from_payload(&*payload))),
+            let run = async move {
+                match call {
+                    Ok(fut) => match AssertUnwindSafe(fut).catch_unwind().await {
+                        Ok(result) => result.map_err(Into::into),
+                        Err(payload) => {
+                            Err(Box::new(HandlerPanicked::from_payload(&*payload)) as BoxDynError)
+                        }
+                    },
+                    Err(payload) => {
+                        Err(Box::new(HandlerPanicked::from_payload(&*payload)) as BoxDynError)
+                    }
+                }
+            };
+            let result: Result<Res, BoxDynError> = match (&lost, delivery) {
+                (Some(flag), Some((msg_id, read_ct))) => {
+                    tokio::select! {
+                        r = run => r,
+                        () = flag.lost() => {
+                            // The lease is gone: stop the job (its future is dropped here) and
+                            // write nothing; the message is delivered again.
+                            tracing::error!(queue = %shared.queue.name(), msg_id, attempt = read_ct,
+                                "lease lost while the job ran; the job was stopped");
+                            if let Some(g) = guard.as_mut() {
+                                g.armed = false;
+                            }
+                            return Err(Box::new(LeaseLost { msg_id }) as BoxDynError);
+                        }
+                    }
+                }
+                _ => run.await,
             };
             if let Some(g) = guard.as_mut() {
                 g.armed = false;

@@ -370,21 +370,30 @@ impl Fetcher {
                     let last = self.wake.take().is_some() && shared.signal.worker_stopped();
                     let shared = shared.clone();
                     self.state = State::Closing(Box::pin(async move {
-                        let mut held = held;
-                        if let Some(fut) = in_progress {
-                            // A read may already have claimed rows: see it through, then release them.
-                            if let Ok(messages) = fut.await {
-                                for m in &messages {
-                                    if shared.leases.remove(m.msg_id, m.read_ct) {
-                                        held.push((m.msg_id, m.read_ct));
+                        let queue = shared.queue.name().clone();
+                        let work = async move {
+                            let mut held = held;
+                            if let Some(fut) = in_progress {
+                                // A read may already have claimed rows: see it through, then release them.
+                                if let Ok(messages) = fut.await {
+                                    for m in &messages {
+                                        if shared.leases.remove(m.msg_id, m.read_ct) {
+                                            held.push((m.msg_id, m.read_ct));
+                                        }
                                     }
                                 }
                             }
-                        }
-                        release(&shared, held).await;
-                        shared.flush_completions().await;
-                        if last {
-                            remove_arming(&shared).await;
+                            release(&shared, held).await;
+                            shared.flush_completions().await;
+                            if last {
+                                remove_arming(&shared).await;
+                            }
+                        };
+                        // Whatever the database does, shutdown ends: what could not be written
+                        // is delivered again when its lease lapses.
+                        if tokio::time::timeout(CLOSE_TIMEOUT, work).await.is_err() {
+                            tracing::error!(%queue, timeout = ?CLOSE_TIMEOUT,
+                                "shutdown could not release held messages or write outcomes in time; they will be delivered again when their leases lapse");
                         }
                     }));
                 }
@@ -426,6 +435,10 @@ impl Drop for Fetcher {
         }
     }
 }
+
+/// The longest a worker's shutdown waits for the database (releasing held messages, writing
+/// pending outcomes).
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Logs an infrastructure error (the first, then at powers of two) and backs off.
 fn fail(failures: &mut u32, shared: &Shared, what: &str, e: &crate::Error) -> State {
@@ -546,6 +559,7 @@ async fn fetch(shared: Arc<Shared>, qty: usize) -> Result<Vec<Message>> {
                 Lease {
                     read_ct: m.read_ct,
                     expires: started + vt,
+                    lost: None,
                 },
             )
         }));

@@ -6,6 +6,12 @@
 //! longer than the timeout is never delivered to another worker while it runs. Renewal and
 //! completion are fenced by `read_ct`: if the message was delivered again after a lost lease, the
 //! stale holder's writes match no row.
+//!
+//! A lease this process can no longer prove is *lost*: when renewals have failed (or hung) until
+//! a local deadline a margin before the lease may lapse (`expires − margin`, margin a tenth of
+//! the visibility timeout, at least 100 ms), the keeper logs it at error, drops it from the table
+//! and raises its [`LostFlag`]; the ack layer then drops the handler's future, so the job stops
+//! before another worker can claim it, and writes no outcome.
 
 use std::{
     collections::HashMap,
@@ -22,12 +28,48 @@ use tokio::{sync::Notify, time::Instant};
 use crate::queue::QueueName;
 
 /// One claimed message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Lease {
     /// The `read_ct` of our delivery: the fencing token for every write about this message.
     pub(crate) read_ct: i32,
     /// When our claim lapses at the latest (a local, conservative estimate of `vt`).
     pub(crate) expires: Instant,
+    /// Raised if the lease is lost while its handler runs (set when the handler starts).
+    pub(crate) lost: Option<Arc<LostFlag>>,
+}
+
+/// Raised when a running job's lease can no longer be proven.
+#[derive(Debug, Default)]
+pub(crate) struct LostFlag {
+    lost: AtomicBool,
+    notify: Notify,
+}
+
+impl PartialEq for LostFlag {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+impl Eq for LostFlag {}
+
+impl LostFlag {
+    fn raise(&self) {
+        self.lost.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    /// Resolves once the lease is lost.
+    pub(crate) async fn lost(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.lost.load(Ordering::SeqCst) {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// The messages this process holds for one queue.
@@ -63,7 +105,33 @@ impl LeaseTable {
     }
 
     pub(crate) fn get(&self, msg_id: i64) -> Option<Lease> {
-        self.lock().get(&msg_id).copied()
+        self.lock().get(&msg_id).cloned()
+    }
+
+    /// A flag raised if this delivery's lease is lost (`None` if it is not held any more).
+    pub(crate) fn watch(&self, msg_id: i64, read_ct: i32) -> Option<Arc<LostFlag>> {
+        let mut leases = self.lock();
+        let lease = leases.get_mut(&msg_id).filter(|l| l.read_ct == read_ct)?;
+        Some(lease.lost.get_or_insert_with(Arc::default).clone())
+    }
+
+    /// Drops every lease whose local deadline (`expires − margin`) has passed by `now`, raising
+    /// their flags. Returns how many.
+    fn declare_lost(&self, now: Instant, margin: Duration) -> usize {
+        let mut leases = self.lock();
+        let lost: Vec<i64> = leases
+            .iter()
+            .filter(|(_, l)| l.expires <= now + margin)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &lost {
+            if let Some(l) = leases.remove(id)
+                && let Some(flag) = l.lost
+            {
+                flag.raise();
+            }
+        }
+        lost.len()
     }
 
     #[cfg(test)]
@@ -153,12 +221,18 @@ pub(crate) async fn run_fenced(
     Ok(done)
 }
 
+/// How long before a lease may lapse this process gives up on it when it cannot renew it.
+pub(crate) fn lost_margin(vt: Duration) -> Duration {
+    (vt / 10).max(Duration::from_millis(100))
+}
+
 /// Renews leases until the table is closed. Runs no query while the table is empty.
 pub(crate) async fn keeper(table: Arc<LeaseTable>, pool: PgPool, sql: Arc<str>, vt: Duration) {
     // Renew once a third of the timeout has passed: two more renewals fit before it lapses.
     let renew_when_left = vt.mul_f64(2.0 / 3.0);
     // Leases due soon after the first are renewed in the same statement.
     let slack = vt / 6;
+    let margin = lost_margin(vt);
     let mut failures = 0u32;
     loop {
         let notified = table.changed.notified();
@@ -166,6 +240,11 @@ pub(crate) async fn keeper(table: Arc<LeaseTable>, pool: PgPool, sql: Arc<str>, 
         notified.as_mut().enable();
         if table.is_closed() {
             return;
+        }
+        let lost = table.declare_lost(Instant::now(), margin);
+        if lost > 0 {
+            tracing::error!(lost, timeout = ?vt,
+                "could not renew leases before they may lapse; stopping their jobs (another worker may take them)");
         }
         let due = table.next_expiry().map(|e| e - renew_when_left);
         match due {
@@ -191,8 +270,17 @@ pub(crate) async fn keeper(table: Arc<LeaseTable>, pool: PgPool, sql: Arc<str>, 
         if batch.is_empty() {
             continue;
         }
-        match run_fenced(&pool, &sql, &batch, vt.as_secs_f64()).await {
-            Ok(renewed) => {
+        // A renewal that hangs (a frozen connection) must not keep us past the deadline.
+        let give_up_at = table
+            .next_expiry()
+            .map_or(started + vt, |e| e - margin)
+            .max(started + Duration::from_millis(10));
+        let renewal = tokio::select! {
+            r = run_fenced(&pool, &sql, &batch, vt.as_secs_f64()) => Some(r),
+            () = tokio::time::sleep_until(give_up_at) => None,
+        };
+        match renewal {
+            Some(Ok(renewed)) => {
                 failures = 0;
                 if renewed.len() < batch.len() {
                     tracing::debug!(
@@ -202,10 +290,15 @@ pub(crate) async fn keeper(table: Arc<LeaseTable>, pool: PgPool, sql: Arc<str>, 
                 }
                 table.renewed(&batch, &renewed, started + vt);
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 failures += 1;
                 tracing::warn!(error = %e, leases = batch.len(), "lease renewal failed; retrying");
-                tokio::time::sleep(crate::util::error_backoff(failures).min(vt / 10)).await;
+                let retry_at = Instant::now() + crate::util::error_backoff(failures).min(vt / 10);
+                tokio::time::sleep_until(retry_at.min(give_up_at)).await;
+            }
+            None => {
+                failures += 1;
+                tracing::warn!(leases = batch.len(), "lease renewal did not answer in time");
             }
         }
     }
@@ -225,6 +318,7 @@ mod tests {
                 Lease {
                     read_ct: 1,
                     expires: now,
+                    lost: None,
                 },
             ),
             (
@@ -232,6 +326,7 @@ mod tests {
                 Lease {
                     read_ct: 3,
                     expires: now,
+                    lost: None,
                 },
             ),
         ]);
@@ -243,5 +338,29 @@ mod tests {
         assert_eq!(t.len(), 1);
         t.renewed(&[(2, 3)], &[], now);
         assert_eq!(t.len(), 0, "a lease that matched no row is dropped");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_past_its_deadline_is_declared_lost_and_its_flag_raised() {
+        let t = LeaseTable::default();
+        let now = Instant::now();
+        let vt = Duration::from_secs(10);
+        t.insert_many([(
+            7,
+            Lease {
+                read_ct: 1,
+                expires: now + vt,
+                lost: None,
+            },
+        )]);
+        assert!(t.watch(7, 2).is_none(), "another delivery's flag");
+        let flag = t.watch(7, 1).expect("held");
+        let margin = lost_margin(vt);
+        assert_eq!(t.declare_lost(now + vt - margin * 2, margin), 0);
+        assert_eq!(t.declare_lost(now + vt - margin, margin), 1);
+        assert_eq!(t.len(), 0);
+        tokio::time::timeout(Duration::from_secs(1), flag.lost())
+            .await
+            .expect("the flag is raised");
     }
 }

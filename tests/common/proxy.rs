@@ -28,6 +28,8 @@ struct Conn {
 struct State {
     conns: Mutex<Vec<Arc<Conn>>>,
     accepted: AtomicUsize,
+    /// Every connection, existing and new, is silent.
+    frozen: AtomicBool,
 }
 
 /// A running proxy; stopped (every connection closed) when dropped.
@@ -52,6 +54,9 @@ impl Proxy {
                 };
                 st.accepted.fetch_add(1, Ordering::SeqCst);
                 let conn = Arc::new(Conn::default());
+                if st.frozen.load(Ordering::SeqCst) {
+                    conn.silent.store(true, Ordering::SeqCst);
+                }
                 st.conns.lock().expect("lock").push(conn.clone());
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
@@ -73,6 +78,14 @@ impl Proxy {
             }
         }
         n
+    }
+
+    /// Freezes all traffic: every connection, open or opened later, goes silent (no reset).
+    pub fn freeze(&self) {
+        self.state.frozen.store(true, Ordering::SeqCst);
+        for c in self.state.conns.lock().expect("lock").iter() {
+            c.silent.store(true, Ordering::SeqCst);
+        }
     }
 
     /// Connections accepted so far.

@@ -41,6 +41,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "wakeups",
         sql: include_str!("../migrations/0003_wakeups.sql"),
     },
+    Migration {
+        version: 4,
+        name: "retry_headers",
+        sql: include_str!("../migrations/0004_retry_headers.sql"),
+    },
 ];
 
 /// What [`setup`] found and did.

@@ -341,3 +341,65 @@ async fn a_frozen_worker_stops_its_jobs_before_another_worker_runs_them() {
     stop_worker(stop_b, join_b).await;
     drained(&db.pool, queue).await;
 }
+
+#[tokio::test]
+async fn attempt_never_goes_backwards_and_tower_retries_count_against_max_attempts() {
+    let db = TestDb::setup().await;
+    // (queue, tower retries, backend max_attempts, expected attempts seen)
+    let cases: [(&str, usize, u32, Vec<usize>); 2] = [
+        ("tower_more", 3, 2, vec![1, 2, 3, 4]),
+        ("tower_less", 1, 5, vec![1, 2, 3, 4, 5]),
+    ];
+    for (queue, retries, max_attempts, expected) in cases {
+        let s: PgmqStorage<Job> = PgmqStorage::with_config(
+            &db.pool,
+            QueueName::new(queue).expect("name"),
+            Config::default().max_attempts(max_attempts).backoff(
+                Backoff::default()
+                    .base(Duration::from_millis(20))
+                    .jitter(0.0),
+            ),
+        )
+        .expect("config");
+        s.create_queue().await.expect("create");
+        s.push_with(&db.pool, &job(1, "x")).await.expect("push");
+        let seen: Arc<std::sync::Mutex<Vec<usize>>> = Arc::default();
+        let worker = WorkerBuilder::new(queue)
+            .backend(s.clone())
+            .data(seen.clone())
+            .retry(RetryPolicy::retries(retries))
+            .build(
+                |_j: Job, attempt: Attempt, seen: Data<Arc<std::sync::Mutex<Vec<usize>>>>| async move {
+                    seen.lock().expect("lock").push(attempt.current());
+                    Err::<(), BoxDynError>("always fails".into())
+                },
+            );
+        let (stop, join) = spawn_worker!(worker);
+        let dlq = format!("SELECT count(*) FROM pgmq.q_{queue}_dlq");
+        wait_for(WAIT, "the dead letter", || async {
+            (count(&db.pool, &dlq).await == 1).then_some(())
+        })
+        .await;
+        stop_worker(stop, join).await;
+        let seen = seen.lock().expect("lock").clone();
+        assert_eq!(seen, expected, "{queue}: attempts seen by the handler");
+        let info: Value = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT headers->'apalis_dead_letter' FROM pgmq.q_{queue}_dlq"
+        )))
+        .fetch_one(&db.pool)
+        .await
+        .expect("info");
+        assert_eq!(info["attempts"], expected.len(), "{queue}: {info}");
+        if max_attempts > 2 {
+            // The failed deliveries left the last error in the headers.
+            let last: Value = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT headers->'apalis' FROM pgmq.q_{queue}_dlq"
+            )))
+            .fetch_one(&db.pool)
+            .await
+            .expect("headers");
+            assert_eq!(last["last_error"], "always fails", "{last}");
+            assert!(last["failed_at"].is_string(), "{last}");
+        }
+    }
+}

@@ -66,6 +66,11 @@ pub(crate) struct Completion {
     pub(crate) msg_id: i64,
     pub(crate) read_ct: i32,
     pub(crate) action: Action,
+    /// Runs so far, counting in-process retries (at least `read_ct`): recorded with a retry,
+    /// reported with a dead letter.
+    pub(crate) attempts: i32,
+    /// The error's text (sanitised), recorded with a retry.
+    pub(crate) error: Option<String>,
 }
 
 enum Command {
@@ -130,8 +135,9 @@ fn flush_sql(queue: &PgmqQueue, dlq: &PgmqQueue) -> Arc<str> {
     const COLS: &str = "msg_id, read_ct, enqueued_at, last_read_at, vt, message, headers";
     format!(
         "WITH input AS ( \
-           SELECT * FROM unnest($1::bigint[], $2::int[], $3::smallint[], $4::float8[], $5::text[]) \
-             AS t(msg_id, read_ct, action, delay, info)), \
+           SELECT * FROM unnest($1::bigint[], $2::int[], $3::smallint[], $4::float8[], $5::text[], \
+                                $6::int[], $7::text[]) \
+             AS t(msg_id, read_ct, action, delay, info, attempts, err)), \
          archived AS ( \
            DELETE FROM {q} m USING input i \
            WHERE m.msg_id = i.msg_id AND m.read_ct = i.read_ct AND i.action = 1 \
@@ -141,12 +147,14 @@ fn flush_sql(queue: &PgmqQueue, dlq: &PgmqQueue) -> Arc<str> {
            DELETE FROM {q} m USING input i \
            WHERE m.msg_id = i.msg_id AND m.read_ct = i.read_ct AND i.action = 2 RETURNING m.msg_id), \
          retried AS ( \
-           UPDATE {q} m SET vt = clock_timestamp() + make_interval(secs => i.delay) FROM input i \
+           UPDATE {q} m SET vt = clock_timestamp() + make_interval(secs => i.delay), \
+                            headers = apalis_pgmq.retry_headers(m.headers, i.attempts, i.err) \
+           FROM input i \
            WHERE m.msg_id = i.msg_id AND m.read_ct = i.read_ct AND i.action = 3 RETURNING m.msg_id), \
          dead AS ( \
            DELETE FROM {q} m USING input i \
            WHERE m.msg_id = i.msg_id AND m.read_ct = i.read_ct AND i.action = 4 \
-           RETURNING m.msg_id, m.read_ct, m.message, m.headers, i.info), \
+           RETURNING m.msg_id, greatest(m.read_ct, i.attempts) AS read_ct, m.message, m.headers, i.info), \
          dead_rows AS ( \
            INSERT INTO {d} (vt, message, headers) \
            SELECT clock_timestamp(), message, apalis_pgmq.dead_letter_headers(headers, \
@@ -344,7 +352,11 @@ async fn write(
     let mut actions = Vec::with_capacity(batch.len());
     let mut delays = Vec::with_capacity(batch.len());
     let mut infos = Vec::with_capacity(batch.len());
+    let mut attempts = Vec::with_capacity(batch.len());
+    let mut errors = Vec::with_capacity(batch.len());
     for c in &batch {
+        attempts.push(c.attempts.max(c.read_ct));
+        errors.push(c.error.clone());
         ids.push(c.msg_id);
         cts.push(c.read_ct);
         actions.push(c.action.code());
@@ -362,6 +374,8 @@ async fn write(
         .bind(actions)
         .bind(delays)
         .bind(infos)
+        .bind(attempts)
+        .bind(errors)
         .fetch_one(&ctx.pool)
         .await?;
     if row.0.len() < batch.len() {

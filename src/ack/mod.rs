@@ -143,6 +143,9 @@ where
         let max_attempts = task
             .max_attempts()
             .unwrap_or(self.shared.config.max_attempts as usize);
+        // Shared with the task's clones: after the call it holds the runs reached, including
+        // in-process (tower) retries.
+        let attempt_counter = task.raw_attempt().clone();
         let inner = &mut self.inner;
         let call = std::panic::catch_unwind(AssertUnwindSafe(move || inner.call(task)));
         let shared = self.shared.clone();
@@ -192,17 +195,26 @@ where
             }
             match delivery {
                 Some((msg_id, read_ct)) => {
+                    let runs = i32::try_from(attempt_counter.current())
+                        .unwrap_or(i32::MAX)
+                        .max(read_ct);
                     let action = decide(
                         &shared.config,
                         result.as_ref().err(),
-                        read_ct,
+                        runs,
                         max_attempts,
                         random_unit(),
                     );
+                    let error = match (&action, result.as_ref().err()) {
+                        (Action::Retry { .. }, Some(e)) => Some(error_text(&**e)),
+                        _ => None,
+                    };
                     shared.complete(Completion {
                         msg_id,
                         read_ct,
                         action,
+                        attempts: runs,
+                        error,
                     });
                 }
                 None => tracing::error!(
@@ -254,11 +266,13 @@ fn exhausted_action(config: &Config, dead_letter: Action) -> Action {
     }
 }
 
-/// Maps the result of a delivery to an action. `unit` is a random number in `[0, 1)` for jitter.
+/// Maps the result of a delivery to an action. `runs` is how many times the job has run so far
+/// (PGMQ's `read_ct`, or more when in-process retries ran it again); `unit` is a random number
+/// in `[0, 1)` for jitter.
 pub(crate) fn decide(
     config: &Config,
     error: Option<&BoxDynError>,
-    read_ct: i32,
+    runs: i32,
     max_attempts: usize,
     unit: f64,
 ) -> Action {
@@ -280,7 +294,7 @@ pub(crate) fn decide(
     }
     // Every delivery is a run, whatever ended it: a retry-after or a deferral uses up an
     // attempt too, so no job runs more than `max_attempts` times.
-    let attempt = usize::try_from(read_ct.max(1)).unwrap_or(1);
+    let attempt = usize::try_from(runs.max(1)).unwrap_or(1);
     let exhausted = attempt >= max_attempts;
     if let Some(retry) = error.downcast_ref::<RetryAfterError>() {
         if exhausted {

@@ -393,6 +393,8 @@ impl<Args, C> PgmqStorage<Args, C> {
 #[derive(Debug, Default, Clone, PartialEq)]
 pub(crate) struct JobMeta {
     pub(crate) max_attempts: Option<usize>,
+    /// Runs recorded by the last failed delivery (counting in-process retries).
+    pub(crate) attempts: Option<usize>,
     pub(crate) priority: Option<usize>,
     pub(crate) idempotency_key: Option<String>,
     pub(crate) metadata: MetadataStore,
@@ -424,6 +426,7 @@ impl JobMeta {
             .unwrap_or_default();
         Self {
             max_attempts: num("max_attempts"),
+            attempts: num("attempts"),
             priority: num("priority"),
             idempotency_key: meta
                 .get("idempotency_key")
@@ -491,7 +494,11 @@ where
             self.dead_letter_undecodable(&m, &e.to_string());
             return None;
         }
-        let attempt_before = usize::try_from(m.read_ct.saturating_sub(1).max(0)).unwrap_or(0);
+        // Attempt never goes backwards: continue from the runs the last failed delivery reached
+        // (in-process retries included), or from PGMQ's read count.
+        let attempt_before = usize::try_from(m.read_ct.saturating_sub(1).max(0))
+            .unwrap_or(0)
+            .max(meta.attempts.unwrap_or(0));
         let mut builder = TaskBuilder::new(body)
             .task_id(TaskId::from_int(u64::try_from(m.msg_id).unwrap_or(0)))
             .attempt(attempt_before)
@@ -530,6 +537,8 @@ impl<Args, C> PgmqStorage<Args, C> {
         self.shared.complete(Completion {
             msg_id: m.msg_id,
             read_ct: m.read_ct,
+            attempts: m.read_ct,
+            error: None,
             action: Action::DeadLetter {
                 info: json!({
                     "reason": "undecodable",

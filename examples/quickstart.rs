@@ -103,23 +103,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         all_done: Arc::new(Notify::new()),
     };
     let all_done = progress.all_done.clone();
+    // Two workers sharing the queue; `register_n` passes each its index (0, 1) and the number
+    // of times it was restarted.
     let monitor = Monitor::new()
-        .register({
+        .register_n(2, {
             let storage = storage.clone();
             let progress = progress.clone();
-            move |index| {
+            move |index, _restarts| {
                 WorkerBuilder::new(format!("email-worker-{index}"))
-                    .backend(storage.clone())
-                    .data(progress.clone())
-                    .concurrency(4)
-                    .build(send_email)
-            }
-        })
-        .register({
-            let storage = storage.clone();
-            let progress = progress.clone();
-            move |_| {
-                WorkerBuilder::new("email-worker-b")
                     .backend(storage.clone())
                     .data(progress.clone())
                     .concurrency(4)

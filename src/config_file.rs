@@ -279,6 +279,14 @@ mod tests {
                 r#"{"queue": "q", "visibility_timeout_secs": -1}"#,
                 "visibility_timeout_secs",
             ),
+            (
+                r#"{"queue": "q", "visibility_timeout_secs": 1e13}"#,
+                "visibility_timeout must be within",
+            ),
+            (
+                r#"{"queue": "q", "poll_interval_ms": 100000000000}"#,
+                "poll_interval must be at most",
+            ),
             ("not json", "expected"),
         ] {
             let err = ConfigFile::from_json(text).expect_err(text).to_string();

@@ -14,8 +14,37 @@ pub enum Error {
     InvalidQueueName(#[from] QueueNameError),
 
     /// The database returned an error or could not be reached.
-    #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    #[error("database error: {}", strip_line(&.0.to_string()))]
+    Database(sqlx::Error),
+
+    /// The database has not been prepared: PGMQ or this crate's SQL is missing.
+    #[error(
+        "the database is not set up for apalis-pgmq-notify ({what}): call apalis_pgmq_notify::setup(&pool) \
+         at start-up or run `apalis-pgmq-notify migrate` once"
+    )]
+    NotSetUp {
+        /// What is missing, as PostgreSQL reported it.
+        what: String,
+    },
+
+    /// The queue does not exist (its table is missing).
+    #[error(
+        "queue {queue:?} does not exist: create it with PgmqStorage::create_queue() (or \
+         pgmq.create('{queue}')); a worker creates its own queue when it starts. If PGMQ itself \
+         is missing, call apalis_pgmq_notify::setup(&pool) first"
+    )]
+    QueueMissing {
+        /// The queue's name.
+        queue: String,
+    },
+
+    /// No connection to the database could be made; `cause` is the connect error itself (not
+    /// the pool's "timed out").
+    #[error("cannot reach the database: {cause}")]
+    Unreachable {
+        /// Why connecting failed (refused, authentication, too many connections, ...).
+        cause: String,
+    },
 
     /// PGMQ is installed but older than the version whose SQL this crate relies on.
     #[error(
@@ -81,5 +110,87 @@ pub enum Error {
     Stopped(&'static str),
 }
 
+/// PostgreSQL's internal "at line N" (of a PL/pgSQL function) says nothing to the reader.
+fn strip_line(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(" at line ") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + " at line ".len()..];
+        let digits = after.chars().take_while(char::is_ascii_digit).count();
+        if digits == 0 {
+            out.push_str(" at line ");
+        }
+        rest = &after[digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
+impl From<sqlx::Error> for Error {
+    /// Classifies what a user can act on: a database that was never set up, a queue that does
+    /// not exist; everything else stays [`Error::Database`].
+    fn from(e: sqlx::Error) -> Self {
+        if let Some(db) = e.as_database_error() {
+            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            let message = strip_line(db.message());
+            let ours = message.contains("pgmq") || message.contains("apalis_pgmq");
+            match code.as_str() {
+                // invalid_schema_name, undefined_function
+                "3F000" | "42883" if ours => return Self::NotSetUp { what: message },
+                // undefined_table: relation "pgmq.q_<queue>" does not exist
+                "42P01" => {
+                    if let Some(queue) = missing_queue(&message) {
+                        return Self::QueueMissing { queue };
+                    }
+                    if ours {
+                        return Self::NotSetUp { what: message };
+                    }
+                }
+                _ => {}
+            }
+        }
+        Self::Database(e)
+    }
+}
+
+/// The queue named by `relation "pgmq.q_<queue>" does not exist` (or `a_`), if that is it.
+fn missing_queue(message: &str) -> Option<String> {
+    let start = message.find("\"pgmq.")? + "\"pgmq.".len();
+    let rest = &message[start..];
+    let table = &rest[..rest.find('"')?];
+    let queue = table
+        .strip_prefix("q_")
+        .or_else(|| table.strip_prefix("a_"))?;
+    Some(queue.trim_end_matches("_dlq").to_owned()).filter(|q| !q.is_empty())
+}
+
 /// Shorthand for results in this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_line_numbers_are_stripped() {
+        assert_eq!(
+            strip_line("schema \"pgmq\" does not exist at line 3099"),
+            "schema \"pgmq\" does not exist"
+        );
+        assert_eq!(strip_line("nothing at line x"), "nothing at line x");
+    }
+
+    #[test]
+    fn missing_queue_tables_name_the_queue() {
+        assert_eq!(
+            missing_queue("relation \"pgmq.q_email\" does not exist").as_deref(),
+            Some("email")
+        );
+        assert_eq!(
+            missing_queue("relation \"pgmq.a_email_dlq\" does not exist").as_deref(),
+            Some("email")
+        );
+        assert_eq!(missing_queue("relation \"users\" does not exist"), None);
+    }
+}

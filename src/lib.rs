@@ -38,8 +38,9 @@
 //!     storage.push(Email { to: "a@example.com".into() }).await?;
 //!
 //!     Monitor::new()
-//!         .register(move |i| {
-//!             WorkerBuilder::new(format!("email-{i}"))
+//!         // Two workers (`index` 0 and 1); a worker that stops is restarted.
+//!         .register_n(2, move |index, _restarts| {
+//!             WorkerBuilder::new(format!("email-{index}"))
 //!                 .backend(storage.clone())
 //!                 .concurrency(8)
 //!                 .build(send_email)
@@ -100,7 +101,7 @@ mod queue;
 mod util;
 
 pub use ack::{AckLayer, AckService, HandlerPanicked, LeaseLost};
-pub use backend::{HEADERS_KEY, MessageInfo, PgmqStorage};
+pub use backend::{HEADERS_KEY, MessageInfo, PgmqStorage, drop_queue_and_dead_letters};
 pub use config::{Backoff, Config, DoneAction, ExhaustedAction, KilledAction};
 pub use config_file::ConfigFile;
 pub use error::{Error, Result};

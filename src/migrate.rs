@@ -46,6 +46,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "retry_headers",
         sql: include_str!("../migrations/0004_retry_headers.sql"),
     },
+    Migration {
+        version: 5,
+        name: "queue_name_rule",
+        sql: include_str!("../migrations/0005_queue_name_rule.sql"),
+    },
 ];
 
 /// What [`setup`] found and did.

@@ -54,6 +54,28 @@ pub(crate) fn clean_text(text: &str, max: usize) -> String {
     }
 }
 
+/// Replaces a pool's "timed out waiting for a connection" by the reason connecting fails (one
+/// direct attempt, at most 5 s): connection refused, authentication, too many clients.
+pub(crate) async fn explain_pool_error(pool: &sqlx::PgPool, e: crate::Error) -> crate::Error {
+    if !matches!(e, crate::Error::Database(sqlx::Error::PoolTimedOut)) {
+        return e;
+    }
+    use sqlx::{ConnectOptions, Connection};
+    let attempt = async { pool.connect_options().connect().await };
+    match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            e
+        }
+        Ok(Err(cause)) => crate::Error::Unreachable {
+            cause: cause.to_string(),
+        },
+        Err(_) => crate::Error::Unreachable {
+            cause: "no answer from the server within 5 s".to_owned(),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -165,3 +165,35 @@ fn validate_checks_config_files() {
     assert_eq!(out.status.code(), Some(2));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[tokio::test]
+async fn drop_queue_takes_the_dead_letter_queue_with_it() {
+    let db = TestDb::setup().await;
+    let url = db.url();
+    let s = apalis_pgmq_notify::PgmqStorage::<String>::new(
+        &db.pool,
+        QueueName::new("gone").expect("name"),
+    );
+    s.create_queue().await.expect("create");
+    let tables =
+        "SELECT count(*) FROM pg_tables WHERE schemaname = 'pgmq' AND tablename LIKE '%gone%'";
+    assert_eq!(
+        common::count(&db.pool, tables).await,
+        4,
+        "queue, archive, dlq, dlq archive"
+    );
+    let out = cli(&["drop-queue", "gone"], Some(&url));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("dropped with its dead-letter queue"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(common::count(&db.pool, tables).await, 0);
+    let out = cli(&["drop-queue", "gone"], Some(&url));
+    assert!(text(&out).contains("did not exist"), "{}", text(&out));
+    // The library call does the same.
+    s.create_queue().await.expect("create again");
+    assert!(s.drop_queue().await.expect("drop"));
+    assert_eq!(common::count(&db.pool, tables).await, 0);
+}

@@ -403,3 +403,52 @@ async fn attempt_never_goes_backwards_and_tower_retries_count_against_max_attemp
         }
     }
 }
+
+#[tokio::test]
+async fn errors_say_what_to_do() {
+    // No setup(): the push says so, and a worker stops at start saying so.
+    let bare = TestDb::fresh().await;
+    let s: PgmqStorage<Job> = PgmqStorage::new(&bare.pool, QueueName::new("email").expect("name"));
+    let err = s.create_queue().await.expect_err("no PGMQ");
+    let text = err.to_string();
+    assert!(
+        matches!(err, apalis_pgmq_notify::Error::NotSetUp { .. }) && text.contains("setup(&pool)"),
+        "{text}"
+    );
+    assert!(!text.contains("at line"), "{text}");
+    let worker = WorkerBuilder::new("not-set-up")
+        .backend(s.clone())
+        .build(poison_or_good);
+    let err = tokio::time::timeout(WAIT, worker.run())
+        .await
+        .expect("the worker stops")
+        .expect_err("fails at start");
+    assert!(err.to_string().contains("setup(&pool)"), "{err}");
+    // A queue never created: named, with what to call.
+    let db = TestDb::setup().await;
+    let s: PgmqStorage<Job> = PgmqStorage::new(&db.pool, QueueName::new("never").expect("name"));
+    let err = s
+        .push_with(&db.pool, &job(1, "x"))
+        .await
+        .expect_err("no queue");
+    let text = err.to_string();
+    assert!(
+        matches!(&err, apalis_pgmq_notify::Error::QueueMissing { queue } if queue == "never")
+            && text.contains("create_queue()"),
+        "{text}"
+    );
+    // A closed port: the cause, not "pool timed out".
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(500))
+        .connect_lazy_with(db.options.clone().host("127.0.0.1").port(port));
+    let mut s: PgmqStorage<Job> = PgmqStorage::new(&pool, QueueName::new("email").expect("name"));
+    let err = s.push(job(1, "x")).await.expect_err("nothing listens");
+    let text = err.to_string();
+    assert!(
+        text.contains("cannot reach the database") && text.to_lowercase().contains("refused"),
+        "{text}"
+    );
+}

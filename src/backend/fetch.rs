@@ -243,6 +243,14 @@ impl Fetcher {
                     }
                     Poll::Ready(Err(e)) => {
                         self.state = fail(&mut self.failures, shared, "preparing the queue", &e);
+                        if matches!(e, crate::Error::Database(sqlx::Error::PoolTimedOut)) {
+                            let pool = shared.pool.clone();
+                            let queue = shared.queue.name().clone();
+                            tokio::spawn(async move {
+                                let e = crate::util::explain_pool_error(&pool, e).await;
+                                tracing::error!(%queue, error = %e, "worker cannot reach the database");
+                            });
+                        }
                     }
                 },
                 State::Ready => {
@@ -454,7 +462,9 @@ fn fail(failures: &mut u32, shared: &Shared, what: &str, e: &crate::Error) -> St
 /// Errors that retrying cannot fix: the worker stops with them.
 fn is_fatal(e: &crate::Error) -> bool {
     match e {
-        crate::Error::MissingPrivilege { .. } | crate::Error::Config(_) => true,
+        crate::Error::MissingPrivilege { .. }
+        | crate::Error::Config(_)
+        | crate::Error::NotSetUp { .. } => true,
         crate::Error::Database(d) => d
             .as_database_error()
             .and_then(|d| d.code())
@@ -551,7 +561,10 @@ async fn ensure_queue(shared: Arc<Shared>, listening: Option<oneshot::Receiver<(
 async fn fetch(shared: Arc<Shared>, qty: usize) -> Result<Vec<Message>> {
     let started = Instant::now();
     let vt = shared.config.visibility_timeout;
-    let messages = shared.queue.read(&shared.pool, vt, qty).await?;
+    let messages = match shared.queue.read(&shared.pool, vt, qty).await {
+        Ok(m) => m,
+        Err(e) => return Err(crate::util::explain_pool_error(&shared.pool, e).await),
+    };
     if !messages.is_empty() {
         shared.leases.insert_many(messages.iter().map(|m| {
             (

@@ -215,7 +215,7 @@ impl Shared {
 /// let mut storage = PgmqStorage::<String>::new(&pool, QueueName::new("email")?);
 /// storage.push("a@example.com".to_owned()).await?;
 /// Monitor::new()
-///     .register(move |index| {
+///     .register_n(2, move |index, _restarts| {
 ///         WorkerBuilder::new(format!("email-worker-{index}"))
 ///             .backend(storage.clone())
 ///             .concurrency(4)
@@ -384,9 +384,53 @@ impl<Args, C> PgmqStorage<Args, C> {
         .await
     }
 
+    /// Drops the queue **and its dead-letter queue** (`<queue>_dlq`), with their archives, in
+    /// one transaction. Returns whether the queue existed. (PGMQ's own `pgmq.drop_queue` drops
+    /// only the queue it is given and leaves `<queue>_dlq` behind.)
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if a statement fails; nothing is dropped then.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::{PgmqStorage, QueueName};
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// let storage = PgmqStorage::<String>::new(&pool, QueueName::new("old")?);
+    /// storage.drop_queue().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn drop_queue(&self) -> Result<bool> {
+        drop_queue_and_dead_letters(&self.shared.pool, self.shared.queue.name()).await
+    }
+
     fn local(&mut self) -> &mut Local {
         self.local.get_mut().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// Drops `queue` and `<queue>_dlq` in one transaction; whether `queue` existed.
+///
+/// # Errors
+///
+/// [`Error::Database`] if a statement fails; nothing is dropped then.
+///
+/// # Example
+///
+/// ```no_run
+/// # use apalis_pgmq_notify::{QueueName, drop_queue_and_dead_letters};
+/// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+/// drop_queue_and_dead_letters(&pool, &QueueName::new("old")?).await?;
+/// # Ok(()) }
+/// ```
+pub async fn drop_queue_and_dead_letters(pool: &PgPool, queue: &QueueName) -> Result<bool> {
+    let q = PgmqQueue::new(queue.clone());
+    let mut tx = pool.begin().await?;
+    let existed = q.drop_queue(&mut *tx).await?;
+    q.dead_letter().drop_queue(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(existed)
 }
 
 /// The apalis metadata kept in `headers.apalis`.

@@ -4,10 +4,10 @@
 use std::{
     pin::Pin,
     task::{Context, Poll},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use apalis_core::{backend::codec::Codec, task::Task};
-use chrono::{TimeZone, Utc};
 use futures::{FutureExt, Sink, future::BoxFuture};
 use serde_json::Value;
 use sqlx::PgExecutor;
@@ -31,21 +31,25 @@ pub(crate) struct SinkState {
 /// Encodes a task (body, apalis headers, `run_at` delay) and checks its size.
 fn encode_task(queue: &PgmqQueue, task: &Task<Value>) -> Result<EncodedMessage> {
     let headers = JobMeta::headers_of(task);
-    let delay = match task.run_at() {
-        Some(ts) => match i64::try_from(ts)
-            .ok()
-            .and_then(|s| Utc.timestamp_opt(s, 0).single())
-        {
-            Some(at) => Delay::At(at),
-            None => {
-                return Err(Error::Config(format!(
-                    "run_at timestamp {ts} is out of range"
-                )));
-            }
-        },
-        None => Delay::Now,
-    };
+    let delay = task
+        .run_at()
+        .map_or(Delay::Now, |at| delay_until(at, SystemTime::now()));
     queue.encode(&task.args, headers.as_ref(), delay)
+}
+
+/// apalis gives `run_at` as whole seconds of the producer's clock (`run_after(d)` is
+/// `floor(now + d)`). The wait is measured against that same clock at push time and sent as a
+/// delay, which the server adds to its own time: a producer's clock skew changes nothing. The
+/// precision is apalis': the job becomes visible up to 1 s before `now + d`.
+fn delay_until(run_at: u64, now: SystemTime) -> Delay {
+    let now = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let wait = run_at as f64 - now;
+    if wait <= 0.0 {
+        return Delay::Now;
+    }
+    Delay::After(Duration::from_secs_f64(wait).min(crate::ack::completer::MAX_DELAY))
 }
 
 impl SinkState {
@@ -68,7 +72,10 @@ impl SinkState {
             let queue = queue.clone();
             let pool = pool.clone();
             self.flushing = Some(Box::pin(async move {
-                queue.send_encoded(&pool, &batch).await.map(|_| ())
+                match queue.send_encoded(&pool, &batch).await {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(crate::util::explain_pool_error(&pool, e).await),
+                }
             }));
         }
     }
@@ -219,5 +226,31 @@ where
             .map(|a| queue.encode(&self.encode_args(&a)?, None, Delay::Now))
             .collect::<Result<Vec<_>>>()?;
         self.shared.queue.send_encoded(executor, &encoded).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_at_becomes_a_delay_measured_on_the_producers_clock() {
+        let now = UNIX_EPOCH + Duration::from_secs_f64(10_000.25);
+        assert_eq!(
+            delay_until(10_060, now),
+            Delay::After(Duration::from_secs_f64(59.75))
+        );
+        assert_eq!(delay_until(10_000, now), Delay::Now, "in the past: at once");
+        // A producer whose clock is an hour behind the server still waits 60 s.
+        let behind = now - Duration::from_secs(3600);
+        assert_eq!(
+            delay_until(10_060 - 3600, behind),
+            Delay::After(Duration::from_secs_f64(59.75))
+        );
+        assert_eq!(
+            delay_until(u64::MAX, now),
+            Delay::After(crate::ack::completer::MAX_DELAY),
+            "clamped"
+        );
     }
 }

@@ -6,6 +6,7 @@
 //! apalis-pgmq-notify disable-notify <queue>...
 //! apalis-pgmq-notify generate-migration [<queue>...] [channel options] [--created-events] [--output FILE]
 //! apalis-pgmq-notify validate <config.json>
+//! apalis-pgmq-notify drop-queue <queue>...
 //! ```
 //!
 //! Exit status: 0 on success, 1 when the operation fails, 2 for bad usage or input.
@@ -13,8 +14,8 @@
 use std::process::ExitCode;
 
 use apalis_pgmq_notify::{
-    ConfigFile, NotifyChannels, NotifyMode, QueueName, disable_notify, enable_notify,
-    notify_migration_sql, notify_mode, setup,
+    ConfigFile, NotifyChannels, NotifyMode, QueueName, disable_notify, drop_queue_and_dead_letters,
+    enable_notify, notify_migration_sql, notify_mode, setup,
 };
 
 const USAGE: &str = "\
@@ -28,6 +29,7 @@ commands:
                                 print (or --output) the SQL that installs notifications,
                                 for projects that run their own migrations
   validate <config.json>        check a storage configuration file
+  drop-queue <queue>...         drop queues with their dead-letter queues and archives
 
 options:
   --database-url URL            database (default: $DATABASE_URL)
@@ -238,6 +240,27 @@ async fn run(args: Args) -> Result<(), Failure> {
                 ConfigFile::from_json(&text).map_err(|e| Failure::Usage(format!("{path}: {e}")))?;
             println!("{path}: valid (queue {})", file.queue);
             println!("{:#?}", file.config);
+            Ok(())
+        }
+        "drop-queue" => {
+            let queues = args.queues()?;
+            if queues.is_empty() {
+                return Err(Failure::Usage(
+                    "drop-queue needs at least one queue".to_owned(),
+                ));
+            }
+            let pool = args.pool().await?;
+            for q in &queues {
+                let existed = drop_queue_and_dead_letters(&pool, q).await?;
+                println!(
+                    "{q}: {}",
+                    if existed {
+                        "dropped with its dead-letter queue"
+                    } else {
+                        "did not exist"
+                    }
+                );
+            }
             Ok(())
         }
         other => Err(Failure::Usage(format!("unknown command {other:?}"))),

@@ -95,13 +95,16 @@ mod backend;
 mod config;
 mod config_file;
 mod error;
+mod lease;
 mod migrate;
 mod notify;
 mod queue;
+mod sql;
+mod sql_check;
 mod util;
 
 pub use ack::{AckLayer, AckService, HandlerPanicked, LeaseLost};
-pub use backend::{HEADERS_KEY, MessageInfo, PgmqStorage, drop_queue_and_dead_letters};
+pub use backend::{HEADERS_KEY, PgmqStorage, drop_queue_and_dead_letters};
 pub use config::{Backoff, Config, DoneAction, ExhaustedAction, KilledAction};
 pub use config_file::ConfigFile;
 pub use error::{Error, Result};
@@ -113,6 +116,8 @@ pub use notify::{
     notify_mode,
 };
 pub use queue::{
-    DEAD_LETTER_SUFFIX, DEFAULT_MAX_PAYLOAD_BYTES, Delay, MAX_QUEUE_NAME_LEN, Message, NewMessage,
-    PgmqQueue, QueueInfo, QueueMetrics, QueueName, QueueNameError, list_queues, metrics_all,
+    DEAD_LETTER_SUFFIX, DEFAULT_MAX_PAYLOAD_BYTES, Delay, MAX_QUEUE_NAME_LEN, Message, MessageInfo,
+    NewMessage, PgmqQueue, QueueInfo, QueueMetrics, QueueName, QueueNameError, list_queues,
+    metrics_all,
 };
+pub use sql_check::prepare_every_statement;

@@ -115,13 +115,13 @@ impl fmt::Display for PgmqSource {
 /// ```
 pub async fn setup(pool: &PgPool) -> Result<SetupReport> {
     let mut lock_conn = pool.connect_options().connect().await?;
-    sqlx::query("SELECT pg_advisory_lock($1)")
+    sqlx::query(crate::sql::ADVISORY_LOCK)
         .bind(SETUP_LOCK_KEY)
         .execute(&mut lock_conn)
         .await?;
     let result = setup_locked(pool, &mut lock_conn).await;
     // Closing the session releases the advisory lock even if the unlock below is not reached.
-    let unlock = sqlx::query("SELECT pg_advisory_unlock($1)")
+    let unlock = sqlx::query(crate::sql::ADVISORY_UNLOCK)
         .bind(SETUP_LOCK_KEY)
         .execute(&mut lock_conn)
         .await;
@@ -132,7 +132,7 @@ pub async fn setup(pool: &PgPool) -> Result<SetupReport> {
 }
 
 async fn setup_locked(pool: &PgPool, conn: &mut PgConnection) -> Result<SetupReport> {
-    let present: bool = sqlx::query_scalar("SELECT to_regclass('pgmq.meta') IS NOT NULL")
+    let present: bool = sqlx::query_scalar(crate::sql::PGMQ_PRESENT)
         .fetch_one(&mut *conn)
         .await?;
     let (version, source) = if present {
@@ -156,20 +156,18 @@ async fn setup_locked(pool: &PgPool, conn: &mut PgConnection) -> Result<SetupRep
 
 /// Finds the installed PGMQ version and checks it is new enough.
 async fn detect_pgmq(conn: &mut PgConnection) -> Result<(String, PgmqSource)> {
-    let ext: Option<String> =
-        sqlx::query_scalar("SELECT extversion FROM pg_extension WHERE extname = 'pgmq'")
-            .fetch_optional(&mut *conn)
-            .await?;
+    let ext: Option<String> = sqlx::query_scalar(crate::sql::PGMQ_EXTENSION_VERSION)
+        .fetch_optional(&mut *conn)
+        .await?;
     if let Some(v) = ext {
         check_version(&v)?;
         return Ok((v, PgmqSource::Extension));
     }
-    let has_table: bool =
-        sqlx::query_scalar("SELECT to_regclass('pgmq.__pgmq_migrations') IS NOT NULL")
-            .fetch_one(&mut *conn)
-            .await?;
+    let has_table: bool = sqlx::query_scalar(crate::sql::PGMQ_MIGRATIONS_PRESENT)
+        .fetch_one(&mut *conn)
+        .await?;
     if has_table {
-        let rows = sqlx::query("SELECT version FROM pgmq.__pgmq_migrations")
+        let rows = sqlx::query(crate::sql::PGMQ_MIGRATIONS)
             .fetch_all(&mut *conn)
             .await?;
         let newest = rows
@@ -183,13 +181,9 @@ async fn detect_pgmq(conn: &mut PgConnection) -> Result<(String, PgmqSource)> {
         }
     }
     // An older SQL-only install records no version: check for the newest column we rely on.
-    let capable: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_type t ON a.attrelid = t.typrelid \
-         WHERE t.typname = 'message_record' AND t.typnamespace = to_regnamespace('pgmq') \
-           AND a.attname = 'last_read_at' AND NOT a.attisdropped)",
-    )
-    .fetch_one(&mut *conn)
-    .await?;
+    let capable: bool = sqlx::query_scalar(crate::sql::PGMQ_HAS_HEADERS_AND_LAST_READ)
+        .fetch_one(&mut *conn)
+        .await?;
     if capable {
         Ok(("unrecorded".to_owned(), PgmqSource::SqlInstall))
     } else {
@@ -246,7 +240,7 @@ async fn apply_migrations(conn: &mut PgConnection) -> Result<Vec<i32>> {
     )
     .execute(&mut *conn)
     .await?;
-    let rows = sqlx::query("SELECT version, checksum FROM apalis_pgmq.schema_migrations")
+    let rows = sqlx::query(crate::sql::APPLIED_MIGRATIONS)
         .fetch_all(&mut *conn)
         .await?;
     let mut done = Vec::with_capacity(rows.len());
@@ -275,14 +269,12 @@ async fn apply_migrations(conn: &mut PgConnection) -> Result<Vec<i32>> {
                 name: m.name,
                 reason: e.to_string(),
             })?;
-        sqlx::query(
-            "INSERT INTO apalis_pgmq.schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-        )
-        .bind(m.version)
-        .bind(m.name)
-        .bind(sum)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(crate::sql::RECORD_MIGRATION)
+            .bind(m.version)
+            .bind(m.name)
+            .bind(sum)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         tracing::info!(version = m.version, name = m.name, "applied migration");
         applied.push(m.version);

@@ -593,3 +593,17 @@ async fn deeply_nested_messages_do_not_break_a_read() {
     assert_eq!(got[1].message, Some(json!({"ok": true})));
     assert_eq!(got[1].decode_error, None);
 }
+
+#[tokio::test]
+async fn every_statement_the_crate_issues_prepares() {
+    let db = TestDb::setup().await;
+    let q = QueueName::new("prepared").expect("name");
+    apalis_pgmq_notify::PgmqStorage::<String>::new(&db.pool, q.clone())
+        .create_queue()
+        .await
+        .expect("create");
+    let n = apalis_pgmq_notify::prepare_every_statement(&db.pool, &q)
+        .await
+        .expect("every statement prepares");
+    assert!(n >= 50, "{n} statements");
+}

@@ -10,16 +10,16 @@
 use std::{sync::Arc, time::Duration};
 
 use serde_json::Value;
-use sqlx::{AssertSqlSafe, PgPool};
+use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    backend::lease::LeaseTable,
+    lease::LeaseTable,
     notify::{
         WakeSignal,
         wakeup::{self, WakeTarget},
     },
-    queue::PgmqQueue,
+    queue::{Outcomes, PgmqQueue},
     util::error_backoff,
 };
 
@@ -121,54 +121,11 @@ pub(crate) struct CompleterCtx {
 /// Starts the completer task on the current tokio runtime.
 pub(crate) fn spawn(ctx: CompleterCtx) -> CompleterHandle {
     let (tx, rx) = mpsc::unbounded_channel();
-    let sql = flush_sql(&ctx.queue, &ctx.dlq);
-    tokio::spawn(run(rx, ctx, sql));
+    tokio::spawn(run(rx, ctx));
     CompleterHandle { tx }
 }
 
-/// One statement applying a batch of mixed outcomes.
-fn flush_sql(queue: &PgmqQueue, dlq: &PgmqQueue) -> Arc<str> {
-    let q = queue.name().queue_table();
-    let a = queue.name().archive_table();
-    let d = dlq.name().queue_table();
-    let source = queue.name().as_str();
-    const COLS: &str = "msg_id, read_ct, enqueued_at, last_read_at, vt, message, headers";
-    format!(
-        "WITH input AS ( \
-           SELECT * FROM unnest($1::bigint[], $2::int[], $3::smallint[], $4::float8[], $5::text[], \
-                                $6::int[], $7::text[]) \
-             AS t(msg_id, read_ct, action, delay, info, attempts, err)), \
-         archived AS ( \
-           DELETE FROM {q} m USING input i \
-           WHERE m.msg_id = i.msg_id AND m.read_ct = i.read_ct AND i.action = 1 \
-           RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.vt, m.message, m.headers), \
-         archive_rows AS (INSERT INTO {a} ({COLS}) SELECT {COLS} FROM archived RETURNING msg_id), \
-         deleted AS ( \
-           DELETE FROM {q} m USING input i \
-           WHERE m.msg_id = i.msg_id AND m.read_ct = i.read_ct AND i.action = 2 RETURNING m.msg_id), \
-         retried AS ( \
-           UPDATE {q} m SET vt = clock_timestamp() + make_interval(secs => i.delay), \
-                            headers = apalis_pgmq.retry_headers(m.headers, i.attempts, i.err) \
-           FROM input i \
-           WHERE m.msg_id = i.msg_id AND m.read_ct = i.read_ct AND i.action = 3 RETURNING m.msg_id), \
-         dead AS ( \
-           DELETE FROM {q} m USING input i \
-           WHERE m.msg_id = i.msg_id AND m.read_ct = i.read_ct AND i.action = 4 \
-           RETURNING m.msg_id, greatest(m.read_ct, i.attempts) AS read_ct, m.message, m.headers, i.info), \
-         dead_rows AS ( \
-           INSERT INTO {d} (vt, message, headers) \
-           SELECT clock_timestamp(), message, apalis_pgmq.dead_letter_headers(headers, \
-                    info::jsonb || jsonb_build_object('queue', '{source}', 'msg_id', msg_id, \
-                                                      'attempts', read_ct, 'at', now())) \
-           FROM dead ORDER BY msg_id RETURNING msg_id) \
-         SELECT ARRAY(SELECT msg_id FROM archived) || ARRAY(SELECT msg_id FROM deleted) \
-             || ARRAY(SELECT msg_id FROM retried) || ARRAY(SELECT msg_id FROM dead), \
-                (SELECT count(*) FROM archive_rows) + (SELECT count(*) FROM dead_rows)"
-    )
-    .into()
-}
-
-async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx, sql: Arc<str>) {
+async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx) {
     let mut pending: Vec<Completion> = Vec::new();
     // (number of completions that must be written first, waiter)
     let mut waiters: Vec<(u64, oneshot::Sender<()>)> = Vec::new();
@@ -227,7 +184,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx, sql: A
             }
         }
         let n = pending.len().min(ctx.batch_size);
-        write_batch(&ctx, &sql, &pending[..n]).await;
+        write_batch(&ctx, &pending[..n]).await;
         let mut soonest_retry: Option<Duration> = None;
         for c in pending.drain(..n) {
             ctx.leases.remove(c.msg_id, c.read_ct);
@@ -255,21 +212,21 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx, sql: A
 /// retried with backoff; a failure caused by the data of one outcome (a value PostgreSQL will
 /// not store) is isolated: the outcomes are written one by one and the offending one is
 /// replaced by a dead letter that says why, so one bad outcome never blocks the others.
-async fn write_batch(ctx: &CompleterCtx, sql: &Arc<str>, batch: &[Completion]) {
+async fn write_batch(ctx: &CompleterCtx, batch: &[Completion]) {
     let mut failures = 0u32;
     loop {
-        match write(ctx, sql, batch).await {
+        match write(ctx, batch).await {
             Ok(()) => return,
             Err(e) if is_data_error(&e) && batch.len() > 1 => {
                 tracing::warn!(error = %e, outcomes = batch.len(),
                     "an outcome in a batch cannot be written; writing them one by one");
                 for c in batch {
-                    write_one(ctx, sql, c).await;
+                    write_one(ctx, c).await;
                 }
                 return;
             }
             Err(e) if is_data_error(&e) => {
-                write_one(ctx, sql, &batch[0]).await;
+                write_one(ctx, &batch[0]).await;
                 return;
             }
             Err(e) => {
@@ -290,11 +247,11 @@ async fn write_batch(ctx: &CompleterCtx, sql: &Arc<str>, batch: &[Completion]) {
 /// Writes one outcome; if its data cannot be stored, dead-letters the message with the reason
 /// instead; if even that fails, logs it and leaves the message to be delivered again when its
 /// lease lapses.
-async fn write_one(ctx: &CompleterCtx, sql: &Arc<str>, c: &Completion) {
+async fn write_one(ctx: &CompleterCtx, c: &Completion) {
     let mut failures = 0u32;
     let mut current = c.clone();
     loop {
-        match write(ctx, sql, std::slice::from_ref(&current)).await {
+        match write(ctx, std::slice::from_ref(&current)).await {
             Ok(()) => return,
             Err(e) if is_data_error(&e) => {
                 if matches!(&current.action, Action::DeadLetter { info } if info.get("reason") == Some(&Value::from("outcome_unwritable")))
@@ -337,50 +294,31 @@ fn is_undefined_table(e: &sqlx::Error) -> bool {
         .is_some_and(|code| code == "42P01")
 }
 
-async fn write(
-    ctx: &CompleterCtx,
-    sql: &Arc<str>,
-    batch: &[Completion],
-) -> Result<(), sqlx::Error> {
+async fn write(ctx: &CompleterCtx, batch: &[Completion]) -> Result<(), sqlx::Error> {
     // The same message twice in one statement would be an error; keep the last outcome.
     let mut batch: Vec<&Completion> = batch.iter().collect();
     batch.reverse();
     let mut seen = std::collections::HashSet::new();
     batch.retain(|c| seen.insert(c.msg_id));
-    let mut ids = Vec::with_capacity(batch.len());
-    let mut cts = Vec::with_capacity(batch.len());
-    let mut actions = Vec::with_capacity(batch.len());
-    let mut delays = Vec::with_capacity(batch.len());
-    let mut infos = Vec::with_capacity(batch.len());
-    let mut attempts = Vec::with_capacity(batch.len());
-    let mut errors = Vec::with_capacity(batch.len());
+    let mut o = Outcomes::default();
     for c in &batch {
-        attempts.push(c.attempts.max(c.read_ct));
-        errors.push(c.error.clone());
-        ids.push(c.msg_id);
-        cts.push(c.read_ct);
-        actions.push(c.action.code());
+        o.msg_ids.push(c.msg_id);
+        o.read_cts.push(c.read_ct);
+        o.actions.push(c.action.code());
+        o.attempts.push(c.attempts.max(c.read_ct));
+        o.errors.push(c.error.clone());
         let (delay, info) = match &c.action {
             Action::Retry { delay } => ((*delay).min(MAX_DELAY).as_secs_f64(), None),
             Action::DeadLetter { info } => (0.0, Some(info.to_string())),
             Action::Archive | Action::Delete => (0.0, None),
         };
-        delays.push(delay);
-        infos.push(info);
+        o.delays.push(delay);
+        o.infos.push(info);
     }
-    let row: (Vec<i64>, i64) = sqlx::query_as(AssertSqlSafe(sql.clone()))
-        .bind(ids)
-        .bind(cts)
-        .bind(actions)
-        .bind(delays)
-        .bind(infos)
-        .bind(attempts)
-        .bind(errors)
-        .fetch_one(&ctx.pool)
-        .await?;
-    if row.0.len() < batch.len() {
+    let (matched, _) = ctx.queue.complete(&ctx.pool, o).await?;
+    if matched.len() < batch.len() {
         tracing::debug!(
-            stale = batch.len() - row.0.len(),
+            stale = batch.len() - matched.len(),
             "some outcomes matched no row (message gone or delivered again after a lost lease)"
         );
     }

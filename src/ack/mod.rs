@@ -33,11 +33,43 @@ use serde_json::json;
 use tower::{Layer, Service};
 
 use crate::{
-    backend::{MessageInfo, Shared},
     config::{Config, DoneAction, ExhaustedAction, KilledAction},
+    lease::LeaseTable,
+    queue::{MessageInfo, QueueName},
     util::{clean_text, random_unit},
 };
-use completer::{Action, Completion};
+use completer::{Action, CompleterHandle, Completion};
+
+/// What the ack layer needs of a storage: its configuration, its leases and its completer.
+/// Shared by every clone of the storage and every worker's ack layer.
+pub(crate) struct AckContext {
+    /// The queue, for logs.
+    pub(crate) queue: QueueName,
+    /// Outcome mapping, default max attempts, backoff.
+    pub(crate) config: Config,
+    /// The deliveries this process holds; a running job watches its lease here.
+    pub(crate) leases: Arc<LeaseTable>,
+    /// Started by the first worker (it needs a tokio runtime).
+    pub(crate) completer: std::sync::OnceLock<CompleterHandle>,
+}
+
+impl AckContext {
+    /// Queues an outcome for the completer.
+    pub(crate) fn complete(&self, completion: Completion) {
+        let sent = self.completer.get().is_some_and(|c| c.complete(completion));
+        if !sent {
+            tracing::error!(queue = %self.queue,
+                "the completer is not running; an outcome was dropped (the message will be redelivered)");
+        }
+    }
+
+    /// Waits until every outcome queued so far is written.
+    pub(crate) async fn flush(&self) {
+        if let Some(c) = self.completer.get() {
+            c.flush().await;
+        }
+    }
+}
 
 /// Longest error text kept in a dead-letter record, in bytes.
 pub(crate) const MAX_ERROR_TEXT: usize = 4096;
@@ -77,19 +109,19 @@ pub struct LeaseLost {
 /// [`PgmqStorage`](crate::PgmqStorage); you do not add it yourself.
 #[derive(Clone)]
 pub struct AckLayer {
-    shared: Arc<Shared>,
+    shared: Arc<AckContext>,
 }
 
 impl std::fmt::Debug for AckLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AckLayer")
-            .field("queue", &self.shared.queue.name())
+            .field("queue", &self.shared.queue)
             .finish()
     }
 }
 
 impl AckLayer {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(shared: Arc<AckContext>) -> Self {
         Self { shared }
     }
 }
@@ -109,13 +141,13 @@ impl<S> Layer<S> for AckLayer {
 #[derive(Clone)]
 pub struct AckService<S> {
     inner: S,
-    shared: Arc<Shared>,
+    shared: Arc<AckContext>,
 }
 
 impl<S> std::fmt::Debug for AckService<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AckService")
-            .field("queue", &self.shared.queue.name())
+            .field("queue", &self.shared.queue)
             .finish()
     }
 }
@@ -179,7 +211,7 @@ where
                         () = flag.lost() => {
                             // The lease is gone: stop the job (its future is dropped here) and
                             // write nothing; the message is delivered again.
-                            tracing::error!(queue = %shared.queue.name(), msg_id, attempt = read_ct,
+                            tracing::error!(queue = %shared.queue, msg_id, attempt = read_ct,
                                 "lease lost while the job ran; the job was stopped");
                             if let Some(g) = guard.as_mut() {
                                 g.armed = false;
@@ -228,7 +260,7 @@ where
 
 /// Drops the lease of a delivery whose future was dropped before it finished.
 struct AbandonGuard {
-    shared: Arc<Shared>,
+    shared: Arc<AckContext>,
     msg_id: i64,
     read_ct: i32,
     armed: bool,

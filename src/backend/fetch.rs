@@ -33,10 +33,7 @@ use tokio::{
     time::{Instant, Sleep, sleep_until},
 };
 
-use super::{
-    Shared,
-    lease::{Lease, run_fenced},
-};
+use super::{Shared, lease::Lease};
 use crate::{
     error::Result,
     notify::{
@@ -505,7 +502,7 @@ async fn release(shared: &Shared, held: Vec<(i64, i32)>) {
         return;
     }
     let count = held.len();
-    match run_fenced(&shared.pool, &shared.sql.release, &held, 0.0).await {
+    match shared.queue.release_leases(&shared.pool, &held).await {
         Ok(_) => {
             tracing::debug!(queue = %shared.queue.name(), count, "released claimed messages");
             // Idle workers of this process and of others can take them now.

@@ -1,7 +1,6 @@
 //! The apalis backend: [`PgmqStorage`].
 
 mod fetch;
-pub(crate) mod lease;
 mod sink;
 
 use std::{
@@ -16,22 +15,21 @@ use apalis_core::{
     task::{Task, builder::TaskBuilder, metadata::MetadataStore, task_id::TaskId},
     worker::context::WorkerContext,
 };
-use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 use sqlx::PgPool;
 
+use crate::lease::{self as lease, LeaseTable};
 use crate::{
     ack::{
-        AckLayer,
-        completer::{self, Action, CompleterCtx, CompleterHandle, Completion},
+        AckContext, AckLayer,
+        completer::{self, Action, CompleterCtx, Completion},
     },
     config::Config,
     error::{Error, Result},
     notify::{self, Hub, Subscription, WakeSignal},
-    queue::{Message, PgmqQueue, QueueName},
+    queue::{Message, MessageInfo, PgmqQueue, QueueName},
 };
 use fetch::Fetcher;
-use lease::LeaseTable;
 use sink::SinkState;
 use tokio::sync::oneshot;
 
@@ -41,51 +39,15 @@ pub const HEADERS_KEY: &str = "apalis";
 /// Metadata keys apalis-workflow puts on the tasks of a workflow's later steps.
 const WORKFLOW_METADATA_PREFIX: &str = "apalis_workflow.";
 
-/// What PGMQ knows about the message behind a task.
-///
-/// Available to handlers as `Data<MessageInfo>`:
-///
-/// ```no_run
-/// use apalis_core::task::data::Data;
-/// use apalis_pgmq_notify::MessageInfo;
-///
-/// async fn handle(job: String, msg: Data<MessageInfo>) {
-///     println!("msg {} attempt {} headers {:?}", msg.msg_id, msg.read_ct, msg.headers);
-/// }
-/// ```
-#[derive(Debug, Clone, PartialEq)]
-pub struct MessageInfo {
-    /// The queue the message came from.
-    pub queue: QueueName,
-    /// PGMQ's message id (also the task id).
-    pub msg_id: i64,
-    /// PGMQ's read count: this delivery's attempt number, starting at 1.
-    pub read_ct: i32,
-    /// When the message was sent.
-    pub enqueued_at: DateTime<Utc>,
-    /// The visibility time set by this delivery's read (before lease renewals).
-    pub vt: DateTime<Utc>,
-    /// The message's headers as stored, including the `apalis` key if present.
-    pub headers: Option<Value>,
-}
-
-/// SQL built once per queue for the backend's own statements.
-#[derive(Debug)]
-pub(crate) struct BackendSql {
-    pub(crate) renew: Arc<str>,
-    pub(crate) release: Arc<str>,
-}
-
 /// State shared by every clone of a storage and by its workers' ack layers.
 pub(crate) struct Shared {
     pub(crate) pool: PgPool,
     pub(crate) queue: PgmqQueue,
     pub(crate) dlq: PgmqQueue,
     pub(crate) config: Config,
-    pub(crate) sql: BackendSql,
     pub(crate) leases: Arc<LeaseTable>,
-    /// Started on first use by a worker (needs a tokio runtime).
-    completer: OnceLock<CompleterHandle>,
+    /// What the ack layer needs (configuration, leases, the completer started on first use).
+    pub(crate) ack: Arc<AckContext>,
     /// The database's notification hub (shared in the process).
     pub(crate) hub: Arc<Hub>,
     /// Wakes this queue's workers: notifications, retries written, messages released.
@@ -101,7 +63,7 @@ impl Drop for Shared {
 impl Shared {
     /// Starts the completer and the lease keeper if they are not running yet.
     pub(crate) fn start_background(&self) -> Result<()> {
-        if self.completer.get().is_some() {
+        if self.ack.completer.get().is_some() {
             return Ok(());
         }
         if tokio::runtime::Handle::try_current().is_err() {
@@ -109,11 +71,11 @@ impl Shared {
                 "PgmqStorage workers must run inside a tokio runtime".to_owned(),
             ));
         }
-        self.completer.get_or_init(|| {
+        self.ack.completer.get_or_init(|| {
             tokio::spawn(lease::keeper(
                 self.leases.clone(),
                 self.pool.clone(),
-                self.sql.renew.clone(),
+                self.queue.clone(),
                 self.config.visibility_timeout,
             ));
             completer::spawn(CompleterCtx {
@@ -131,17 +93,11 @@ impl Shared {
     }
 
     pub(crate) fn complete(&self, completion: Completion) {
-        let sent = self.completer.get().is_some_and(|c| c.complete(completion));
-        if !sent {
-            tracing::error!(queue = %self.queue.name(),
-                "the completer is not running; an outcome was dropped (the message will be redelivered)");
-        }
+        self.ack.complete(completion);
     }
 
     pub(crate) async fn flush_completions(&self) {
-        if let Some(c) = self.completer.get() {
-            c.flush().await;
-        }
+        self.ack.flush().await;
     }
 
     /// Whether idle workers announce themselves (listening, with an on-demand trigger).
@@ -294,10 +250,13 @@ impl<Args, C> PgmqStorage<Args, C> {
     fn build(pool: &PgPool, queue: QueueName, config: Config, codec: C) -> Self {
         let q = PgmqQueue::new(queue).with_max_payload_bytes(config.max_payload_bytes);
         let dlq = q.dead_letter();
-        let sql = BackendSql {
-            renew: lease::renew_sql(q.name()),
-            release: lease::release_sql(q.name()),
-        };
+        let leases = Arc::new(LeaseTable::default());
+        let ack = Arc::new(AckContext {
+            queue: q.name().clone(),
+            config: config.clone(),
+            leases: leases.clone(),
+            completer: OnceLock::new(),
+        });
         let hub = notify::hub(pool);
         if config.listen {
             hub.health_check_at_least_every(config.listener_health_check);
@@ -309,9 +268,8 @@ impl<Args, C> PgmqStorage<Args, C> {
                 queue: q,
                 dlq,
                 config,
-                sql,
-                leases: Arc::new(LeaseTable::default()),
-                completer: OnceLock::new(),
+                leases: leases.clone(),
+                ack,
                 hub,
                 signal,
             }),
@@ -659,7 +617,7 @@ impl<Args, C> BackendConfig for PgmqStorage<Args, C> {
     }
 
     fn middleware(&mut self, _worker: &mut WorkerContext) -> Self::Layer {
-        AckLayer::new(self.shared.clone())
+        AckLayer::new(self.shared.ack.clone())
     }
 }
 

@@ -214,7 +214,7 @@ pub(crate) async fn want(
     secs: f64,
     persistent: bool,
 ) -> crate::Result<()> {
-    sqlx::query("SELECT apalis_pgmq.want_notify($1, $2, $3, $4)")
+    sqlx::query(crate::sql::WANT_NOTIFY)
         .bind(channel)
         .bind(owner)
         .bind(secs)
@@ -227,7 +227,7 @@ pub(crate) async fn want(
 /// Removes `owner`'s row on `channel` (an event subscription ending, the last worker of a queue
 /// in this process stopping).
 pub(crate) async fn unwant(pool: &PgPool, channel: &str, owner: &str) -> crate::Result<()> {
-    sqlx::query("SELECT apalis_pgmq.unwant_notify($1, $2)")
+    sqlx::query(crate::sql::UNWANT_NOTIFY)
         .bind(channel)
         .bind(owner)
         .execute(pool)

@@ -131,7 +131,7 @@ pub async fn enable_notify<'c, E: PgExecutor<'c>>(
     mode.validate()?;
     let (mode_name, bytes) = mode.sql_parts();
     let ns = channels.namespace_channel(&channels.namespace(queue));
-    sqlx::query("SELECT apalis_pgmq.enable_notify($1, $2, $3, $4, $5)")
+    sqlx::query(crate::sql::ENABLE_NOTIFY)
         .bind(queue.as_str())
         .bind(channels.queue_channel(queue))
         .bind(ns)
@@ -157,7 +157,7 @@ pub async fn enable_notify<'c, E: PgExecutor<'c>>(
 /// # Ok(()) }
 /// ```
 pub async fn disable_notify<'c, E: PgExecutor<'c>>(executor: E, queue: &QueueName) -> Result<bool> {
-    let existed: bool = sqlx::query_scalar("SELECT apalis_pgmq.disable_notify($1)")
+    let existed: bool = sqlx::query_scalar(crate::sql::DISABLE_NOTIFY)
         .bind(queue.as_str())
         .fetch_one(executor)
         .await?;
@@ -184,7 +184,7 @@ pub async fn notify_mode<'c, E: PgExecutor<'c>>(
     executor: E,
     queue: &QueueName,
 ) -> Result<Option<(NotifyMode, Vec<String>)>> {
-    let row = sqlx::query("SELECT mode, args FROM apalis_pgmq.notify_trigger($1)")
+    let row = sqlx::query(crate::sql::NOTIFY_TRIGGER)
         .bind(queue.as_str())
         .fetch_optional(executor)
         .await?;
@@ -229,7 +229,7 @@ pub async fn enable_created_notify<'c, E: PgExecutor<'c>>(
     executor: E,
     channels: &NotifyChannels,
 ) -> Result<()> {
-    sqlx::query("SELECT apalis_pgmq.enable_created_notify($1)")
+    sqlx::query(crate::sql::ENABLE_CREATED_NOTIFY)
         .bind(channels.created_channel())
         .execute(executor)
         .await?;

@@ -318,7 +318,7 @@ pub(crate) async fn arm(
     ttl: Duration,
     generation: u64,
 ) -> Result<()> {
-    sqlx::query("SELECT apalis_pgmq.arm($1, $2, $3, $4)")
+    sqlx::query(crate::sql::ARM)
         .bind(channel)
         .bind(owner)
         .bind(ttl.as_secs_f64())
@@ -335,7 +335,7 @@ pub(crate) async fn disarm(
     owner: &str,
     generation: u64,
 ) -> Result<()> {
-    sqlx::query("SELECT apalis_pgmq.disarm($1, $2, $3)")
+    sqlx::query(crate::sql::DISARM)
         .bind(channel)
         .bind(owner)
         .bind(i64::try_from(generation).unwrap_or(i64::MAX))
@@ -346,7 +346,7 @@ pub(crate) async fn disarm(
 
 /// Whether no transaction other than ours holds `RowExclusiveLock` on the queue table.
 pub(crate) async fn inserts_settled(pool: &PgPool, queue: &str) -> Result<bool> {
-    let settled: bool = sqlx::query_scalar("SELECT apalis_pgmq.inserts_settled($1)")
+    let settled: bool = sqlx::query_scalar(crate::sql::INSERTS_SETTLED)
         .bind(queue)
         .fetch_one(pool)
         .await?;
@@ -366,7 +366,7 @@ pub(crate) struct WakeTarget {
 /// Tells idle workers of other processes that messages become visible in `delay` (after an
 /// update no insert trigger sees). Sends nothing when no other process waits.
 pub(crate) async fn wake_others(pool: &PgPool, target: &WakeTarget, delay: Duration) -> Result<()> {
-    sqlx::query("SELECT apalis_pgmq.wake_others($1, $2, $3, $4, $5)")
+    sqlx::query(crate::sql::WAKE_OTHERS)
         .bind(&target.queue)
         .bind(&target.queue_channel)
         .bind(&target.namespace_channel)

@@ -211,6 +211,44 @@ impl QueueMetrics {
     }
 }
 
+/// What PGMQ knows about the message behind a task.
+///
+/// Available to handlers as `Data<MessageInfo>`:
+///
+/// ```no_run
+/// use apalis_core::task::data::Data;
+/// use apalis_pgmq_notify::MessageInfo;
+///
+/// async fn handle(job: String, msg: Data<MessageInfo>) {
+///     println!("msg {} attempt {} headers {:?}", msg.msg_id, msg.read_ct, msg.headers);
+/// }
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageInfo {
+    /// The queue the message came from.
+    pub queue: QueueName,
+    /// PGMQ's message id (also the task id).
+    pub msg_id: i64,
+    /// PGMQ's read count: this delivery's attempt number, starting at 1.
+    pub read_ct: i32,
+    /// When the message was sent.
+    pub enqueued_at: DateTime<Utc>,
+    /// The visibility time set by this delivery's read (before lease renewals).
+    pub vt: DateTime<Utc>,
+    /// The message's headers as stored, including the `apalis` key if present.
+    pub headers: Option<Value>,
+}
+
+/// The columns an archived message keeps, in the order of `pgmq.a_<queue>`: written once, used
+/// by every statement that moves rows to an archive.
+pub(crate) const ARCHIVE_COLS: &str =
+    "msg_id, read_ct, enqueued_at, last_read_at, vt, message, headers";
+
+/// The fence of every write about a claimed message: the row must still carry the `read_ct`
+/// of our delivery (`m` the queue table, `t` the batch), so a stale holder's writes match no row
+/// once the message was delivered again.
+const FENCE: &str = "m.msg_id = t.msg_id AND m.read_ct = t.read_ct";
+
 /// SQL text built once per queue from its validated name.
 #[derive(Debug)]
 struct QueueSql {
@@ -224,13 +262,26 @@ struct QueueSql {
     next_visible: Arc<str>,
     next_visible_in: Arc<str>,
     tables_exist: Arc<str>,
+    /// Lease renewal of a batch of `(msg_id, read_ct)`, fenced.
+    renew: Arc<str>,
+    /// Release of claimed-but-unstarted messages: visible now, the read given back, fenced.
+    release: Arc<str>,
+    /// One statement applying a batch of mixed job outcomes, fenced.
+    complete: Arc<str>,
 }
 
 impl QueueSql {
     fn new(name: &QueueName) -> Self {
         let q = name.queue_table();
         let a = name.archive_table();
-        const COLS: &str = "msg_id, read_ct, enqueued_at, last_read_at, vt, message, headers";
+        const COLS: &str = ARCHIVE_COLS;
+        let d = name.dead_letter().queue_table();
+        let source = name.as_str();
+        let m_cols = COLS
+            .split(", ")
+            .map(|c| format!("m.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let vt = "COALESCE($3::timestamptz, clock_timestamp() + make_interval(secs => $4::float8))";
         Self {
             send_one: format!(
@@ -285,6 +336,48 @@ impl QueueSql {
                 "SELECT to_regclass('{q}') IS NOT NULL AND to_regclass('{a}') IS NOT NULL",
                 q = q.replace('\'', "''"),
                 a = a.replace('\'', "''")
+            )
+            .into(),
+            renew: format!(
+                "UPDATE {q} m SET vt = clock_timestamp() + make_interval(secs => $3::float8) \
+                 FROM unnest($1::bigint[], $2::int[]) AS t(msg_id, read_ct) \
+                 WHERE {FENCE} RETURNING m.msg_id"
+            )
+            .into(),
+            release: format!(
+                "UPDATE {q} m SET vt = clock_timestamp(), read_ct = m.read_ct - 1 \
+                 FROM unnest($1::bigint[], $2::int[]) AS t(msg_id, read_ct) \
+                 WHERE {FENCE} RETURNING m.msg_id"
+            )
+            .into(),
+            // Actions: 1 archive, 2 delete, 3 retry (visible after `delay`, the runs and error
+            // recorded in the headers), 4 dead-letter (with `info` merged into the headers).
+            complete: format!(
+                "WITH t AS ( \
+                   SELECT * FROM unnest($1::bigint[], $2::int[], $3::smallint[], $4::float8[], \
+                                        $5::text[], $6::int[], $7::text[]) \
+                     AS u(msg_id, read_ct, action, delay, info, attempts, err)), \
+                 archived AS ( \
+                   DELETE FROM {q} m USING t WHERE {FENCE} AND t.action = 1 RETURNING {m_cols}), \
+                 archive_rows AS (INSERT INTO {a} ({COLS}) SELECT {COLS} FROM archived RETURNING msg_id), \
+                 deleted AS ( \
+                   DELETE FROM {q} m USING t WHERE {FENCE} AND t.action = 2 RETURNING m.msg_id), \
+                 retried AS ( \
+                   UPDATE {q} m SET vt = clock_timestamp() + make_interval(secs => t.delay), \
+                                    headers = apalis_pgmq.retry_headers(m.headers, t.attempts, t.err) \
+                   FROM t WHERE {FENCE} AND t.action = 3 RETURNING m.msg_id), \
+                 dead AS ( \
+                   DELETE FROM {q} m USING t WHERE {FENCE} AND t.action = 4 \
+                   RETURNING m.msg_id, greatest(m.read_ct, t.attempts) AS runs, m.message, m.headers, t.info), \
+                 dead_rows AS ( \
+                   INSERT INTO {d} (vt, message, headers) \
+                   SELECT clock_timestamp(), message, apalis_pgmq.dead_letter_headers(headers, \
+                            info::jsonb || jsonb_build_object('queue', '{source}', 'msg_id', msg_id, \
+                                                              'attempts', runs, 'at', now())) \
+                   FROM dead ORDER BY msg_id RETURNING msg_id) \
+                 SELECT ARRAY(SELECT msg_id FROM archived) || ARRAY(SELECT msg_id FROM deleted) \
+                     || ARRAY(SELECT msg_id FROM retried) || ARRAY(SELECT msg_id FROM dead), \
+                        (SELECT count(*) FROM archive_rows) + (SELECT count(*) FROM dead_rows)"
             )
             .into(),
         }
@@ -370,7 +463,7 @@ impl PgmqQueue {
     /// # Ok(()) }
     /// ```
     pub async fn create<'c, E: PgExecutor<'c>>(&self, executor: E) -> Result<()> {
-        sqlx::query("SELECT pgmq.create($1)")
+        sqlx::query(crate::sql::CREATE_QUEUE)
             .bind(self.name.as_str())
             .execute(executor)
             .await?;
@@ -394,7 +487,7 @@ impl PgmqQueue {
     /// # Ok(()) }
     /// ```
     pub async fn create_unlogged<'c, E: PgExecutor<'c>>(&self, executor: E) -> Result<()> {
-        sqlx::query("SELECT pgmq.create_unlogged($1)")
+        sqlx::query(crate::sql::CREATE_UNLOGGED_QUEUE)
             .bind(self.name.as_str())
             .execute(executor)
             .await?;
@@ -416,7 +509,7 @@ impl PgmqQueue {
     /// # Ok(()) }
     /// ```
     pub async fn drop_queue<'c, E: PgExecutor<'c>>(&self, executor: E) -> Result<bool> {
-        let dropped: bool = sqlx::query_scalar("SELECT pgmq.drop_queue($1)")
+        let dropped: bool = sqlx::query_scalar(crate::sql::DROP_QUEUE)
             .bind(self.name.as_str())
             .fetch_one(executor)
             .await?;
@@ -438,7 +531,7 @@ impl PgmqQueue {
     /// # Ok(()) }
     /// ```
     pub async fn purge<'c, E: PgExecutor<'c>>(&self, executor: E) -> Result<i64> {
-        let n: i64 = sqlx::query_scalar("SELECT pgmq.purge_queue($1)")
+        let n: i64 = sqlx::query_scalar(crate::sql::PURGE_QUEUE)
             .bind(self.name.as_str())
             .fetch_one(executor)
             .await?;
@@ -460,11 +553,10 @@ impl PgmqQueue {
     /// # Ok(()) }
     /// ```
     pub async fn exists<'c, E: PgExecutor<'c>>(&self, executor: E) -> Result<bool> {
-        let exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = $1)")
-                .bind(self.name.as_str())
-                .fetch_one(executor)
-                .await?;
+        let exists: bool = sqlx::query_scalar(crate::sql::QUEUE_EXISTS)
+            .bind(self.name.as_str())
+            .fetch_one(executor)
+            .await?;
         Ok(exists)
     }
 
@@ -484,14 +576,10 @@ impl PgmqQueue {
     /// # Ok(()) }
     /// ```
     pub async fn metrics<'c, E: PgExecutor<'c>>(&self, executor: E) -> Result<QueueMetrics> {
-        let row = sqlx::query(
-            "SELECT queue_name::text, queue_length, newest_msg_age_sec, oldest_msg_age_sec, \
-                    total_messages, scrape_time, queue_visible_length \
-             FROM pgmq.metrics($1)",
-        )
-        .bind(self.name.as_str())
-        .fetch_one(executor)
-        .await?;
+        let row = sqlx::query(crate::sql::QUEUE_METRICS)
+            .bind(self.name.as_str())
+            .fetch_one(executor)
+            .await?;
         Ok(QueueMetrics::from_row(&row)?)
     }
 
@@ -864,6 +952,67 @@ impl PgmqQueue {
     }
 
     /// Whether both the queue table and the archive table exist.
+    /// Renews the lease of a batch of `(msg_id, read_ct)` to `now + secs`; the ids renewed,
+    /// sorted (a message completed or delivered again meanwhile is not).
+    pub(crate) async fn renew_leases(
+        &self,
+        pool: &sqlx::PgPool,
+        batch: &[(i64, i32)],
+        secs: f64,
+    ) -> Result<Vec<i64>, sqlx::Error> {
+        run_fenced(pool, &self.sql.renew, batch, secs).await
+    }
+
+    /// Makes claimed-but-unstarted messages visible now and gives back the read they cost, so
+    /// a release is not an attempt; the ids released, sorted.
+    pub(crate) async fn release_leases(
+        &self,
+        pool: &sqlx::PgPool,
+        batch: &[(i64, i32)],
+    ) -> Result<Vec<i64>, sqlx::Error> {
+        run_fenced(pool, &self.sql.release, batch, 0.0).await
+    }
+
+    /// Applies a batch of job outcomes in one statement (see [`Outcomes`]); returns the ids
+    /// that matched (a stale delivery's outcome matches nothing) and the rows written to the
+    /// archive and the dead-letter queue.
+    pub(crate) async fn complete(
+        &self,
+        pool: &sqlx::PgPool,
+        outcomes: Outcomes,
+    ) -> Result<(Vec<i64>, i64), sqlx::Error> {
+        sqlx::query_as(AssertSqlSafe(self.sql.complete.clone()))
+            .bind(outcomes.msg_ids)
+            .bind(outcomes.read_cts)
+            .bind(outcomes.actions)
+            .bind(outcomes.delays)
+            .bind(outcomes.infos)
+            .bind(outcomes.attempts)
+            .bind(outcomes.errors)
+            .fetch_one(pool)
+            .await
+    }
+
+    /// Every statement built for this queue, by name, for checks that prepare them all.
+    pub(crate) fn statements(&self) -> Vec<(&'static str, Arc<str>)> {
+        let s = &self.sql;
+        vec![
+            ("send_one", s.send_one.clone()),
+            ("send_many", s.send_many.clone()),
+            ("read", s.read.clone()),
+            ("set_vt_one", s.set_vt_one.clone()),
+            ("set_vt_many", s.set_vt_many.clone()),
+            ("archive", s.archive.clone()),
+            ("delete", s.delete.clone()),
+            ("next_visible", s.next_visible.clone()),
+            ("next_visible_in", s.next_visible_in.clone()),
+            ("tables_exist", s.tables_exist.clone()),
+            ("renew", s.renew.clone()),
+            ("release", s.release.clone()),
+            ("complete", s.complete.clone()),
+        ]
+    }
+
     pub(crate) async fn tables_exist<'c, E: PgExecutor<'c>>(&self, executor: E) -> Result<bool> {
         let exists: bool = sqlx::query_scalar(AssertSqlSafe(self.sql.tables_exist.clone()))
             .fetch_one(executor)
@@ -927,18 +1076,12 @@ impl PgmqQueue {
         let rights: Vec<&str> = checks.iter().map(|c| c.1).collect();
         let kinds: Vec<&str> = checks.iter().map(|c| c.3.as_str()).collect();
         // One statement: the first check that fails, in order, and the role.
-        let missing: Option<(i64, String)> = sqlx::query_as(
-            "SELECT t.i, current_user::text \
-             FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS t(o, r, k, i) \
-             WHERE NOT CASE WHEN t.k = 'SCHEMA' THEN has_schema_privilege(t.o, t.r) \
-                            ELSE has_table_privilege(t.o, t.r) END \
-             ORDER BY t.i LIMIT 1",
-        )
-        .bind(objects)
-        .bind(rights)
-        .bind(kinds)
-        .fetch_optional(pool)
-        .await?;
+        let missing: Option<(i64, String)> = sqlx::query_as(crate::sql::MISSING_WORKER_RIGHT)
+            .bind(objects)
+            .bind(rights)
+            .bind(kinds)
+            .fetch_optional(pool)
+            .await?;
         let Some((i, role)) = missing else {
             return Ok(None);
         };
@@ -962,6 +1105,42 @@ impl PgmqQueue {
     }
 }
 
+/// A batch of job outcomes as columns, for [`PgmqQueue::complete`].
+#[derive(Debug, Default)]
+pub(crate) struct Outcomes {
+    pub(crate) msg_ids: Vec<i64>,
+    pub(crate) read_cts: Vec<i32>,
+    /// 1 archive, 2 delete, 3 retry, 4 dead-letter.
+    pub(crate) actions: Vec<i16>,
+    /// Seconds until a retry is visible.
+    pub(crate) delays: Vec<f64>,
+    /// A dead letter's description (JSON text).
+    pub(crate) infos: Vec<Option<String>>,
+    /// Runs so far (in-process retries included).
+    pub(crate) attempts: Vec<i32>,
+    /// A retry's error text.
+    pub(crate) errors: Vec<Option<String>>,
+}
+
+/// Runs a `(msg_id, read_ct)` batch statement; returns the ids it matched, sorted.
+async fn run_fenced(
+    pool: &sqlx::PgPool,
+    sql: &Arc<str>,
+    batch: &[(i64, i32)],
+    secs: f64,
+) -> Result<Vec<i64>, sqlx::Error> {
+    let ids: Vec<i64> = batch.iter().map(|(id, _)| *id).collect();
+    let cts: Vec<i32> = batch.iter().map(|(_, ct)| *ct).collect();
+    let mut done: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(sql.clone()))
+        .bind(ids)
+        .bind(cts)
+        .bind(secs)
+        .fetch_all(pool)
+        .await?;
+    done.sort_unstable();
+    Ok(done)
+}
+
 /// Every queue, from `pgmq.list_queues()`.
 ///
 /// # Errors
@@ -978,12 +1157,9 @@ impl PgmqQueue {
 /// # Ok(()) }
 /// ```
 pub async fn list_queues<'c, E: PgExecutor<'c>>(executor: E) -> Result<Vec<QueueInfo>> {
-    let rows = sqlx::query(
-        "SELECT queue_name::text, is_partitioned, is_unlogged, created_at \
-         FROM pgmq.list_queues() ORDER BY queue_name",
-    )
-    .fetch_all(executor)
-    .await?;
+    let rows = sqlx::query(crate::sql::LIST_QUEUES)
+        .fetch_all(executor)
+        .await?;
     rows.iter()
         .map(|row| {
             Ok(QueueInfo {
@@ -1013,13 +1189,9 @@ pub async fn list_queues<'c, E: PgExecutor<'c>>(executor: E) -> Result<Vec<Queue
 /// # Ok(()) }
 /// ```
 pub async fn metrics_all<'c, E: PgExecutor<'c>>(executor: E) -> Result<Vec<QueueMetrics>> {
-    let rows = sqlx::query(
-        "SELECT queue_name::text, queue_length, newest_msg_age_sec, oldest_msg_age_sec, \
-                total_messages, scrape_time, queue_visible_length \
-         FROM pgmq.metrics_all() ORDER BY queue_name",
-    )
-    .fetch_all(executor)
-    .await?;
+    let rows = sqlx::query(crate::sql::ALL_QUEUE_METRICS)
+        .fetch_all(executor)
+        .await?;
     rows.iter()
         .map(QueueMetrics::from_row)
         .collect::<Result<Vec<_>, _>>()

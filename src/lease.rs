@@ -22,10 +22,10 @@ use std::{
     time::Duration,
 };
 
-use sqlx::{AssertSqlSafe, PgPool};
+use sqlx::PgPool;
 use tokio::{sync::Notify, time::Instant};
 
-use crate::queue::QueueName;
+use crate::queue::PgmqQueue;
 
 /// One claimed message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,55 +179,13 @@ impl LeaseTable {
     }
 }
 
-/// `UPDATE ... SET vt = now + vt` for a batch of `(msg_id, read_ct)`, fenced by `read_ct`.
-pub(crate) fn renew_sql(queue: &QueueName) -> Arc<str> {
-    let q = queue.queue_table();
-    format!(
-        "UPDATE {q} m SET vt = clock_timestamp() + make_interval(secs => $3::float8) \
-         FROM unnest($1::bigint[], $2::int[]) AS t(msg_id, read_ct) \
-         WHERE m.msg_id = t.msg_id AND m.read_ct = t.read_ct RETURNING m.msg_id"
-    )
-    .into()
-}
-
-/// Makes claimed-but-unstarted messages visible at once and gives back the read they cost
-/// (`read_ct - 1`), so a release does not count as an attempt.
-pub(crate) fn release_sql(queue: &QueueName) -> Arc<str> {
-    let q = queue.queue_table();
-    format!(
-        "UPDATE {q} m SET vt = clock_timestamp(), read_ct = m.read_ct - 1 \
-         FROM unnest($1::bigint[], $2::int[]) AS t(msg_id, read_ct) \
-         WHERE m.msg_id = t.msg_id AND m.read_ct = t.read_ct RETURNING m.msg_id"
-    )
-    .into()
-}
-
-/// Runs a `(msg_id, read_ct)` batch statement; returns the ids it matched, sorted.
-pub(crate) async fn run_fenced(
-    pool: &PgPool,
-    sql: &Arc<str>,
-    batch: &[(i64, i32)],
-    secs: f64,
-) -> Result<Vec<i64>, sqlx::Error> {
-    let ids: Vec<i64> = batch.iter().map(|(id, _)| *id).collect();
-    let cts: Vec<i32> = batch.iter().map(|(_, ct)| *ct).collect();
-    let mut done: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(sql.clone()))
-        .bind(ids)
-        .bind(cts)
-        .bind(secs)
-        .fetch_all(pool)
-        .await?;
-    done.sort_unstable();
-    Ok(done)
-}
-
 /// How long before a lease may lapse this process gives up on it when it cannot renew it.
 pub(crate) fn lost_margin(vt: Duration) -> Duration {
     (vt / 10).max(Duration::from_millis(100))
 }
 
 /// Renews leases until the table is closed. Runs no query while the table is empty.
-pub(crate) async fn keeper(table: Arc<LeaseTable>, pool: PgPool, sql: Arc<str>, vt: Duration) {
+pub(crate) async fn keeper(table: Arc<LeaseTable>, pool: PgPool, queue: PgmqQueue, vt: Duration) {
     // Renew once a third of the timeout has passed: two more renewals fit before it lapses.
     let renew_when_left = vt.mul_f64(2.0 / 3.0);
     // Leases due soon after the first are renewed in the same statement.
@@ -276,7 +234,7 @@ pub(crate) async fn keeper(table: Arc<LeaseTable>, pool: PgPool, sql: Arc<str>, 
             .map_or(started + vt, |e| e - margin)
             .max(started + Duration::from_millis(10));
         let renewal = tokio::select! {
-            r = run_fenced(&pool, &sql, &batch, vt.as_secs_f64()) => Some(r),
+            r = queue.renew_leases(&pool, &batch, vt.as_secs_f64()) => Some(r),
             () = tokio::time::sleep_until(give_up_at) => None,
         };
         match renewal {

@@ -1,0 +1,139 @@
+//! Every fixed statement this crate issues, each written once. Statements on a queue's own
+//! tables are built per queue in `src/queue/` ([`PgmqQueue::statements`]
+//! (crate::PgmqQueue)); [`prepare_every_statement`](crate::prepare_every_statement) prepares both
+//! kinds against a database, so a typo or a missing function fails a test, not a worker.
+
+/// Used in `src/migrate.rs`.
+pub(crate) const ADVISORY_LOCK: &str = "SELECT pg_advisory_lock($1)";
+
+/// Used in `src/migrate.rs`.
+pub(crate) const ADVISORY_UNLOCK: &str = "SELECT pg_advisory_unlock($1)";
+
+/// Used in `src/migrate.rs`.
+pub(crate) const PGMQ_PRESENT: &str = "SELECT to_regclass('pgmq.meta') IS NOT NULL";
+
+/// Used in `src/migrate.rs`.
+pub(crate) const PGMQ_EXTENSION_VERSION: &str =
+    "SELECT extversion FROM pg_extension WHERE extname = 'pgmq'";
+
+/// Used in `src/migrate.rs`.
+pub(crate) const PGMQ_MIGRATIONS_PRESENT: &str =
+    "SELECT to_regclass('pgmq.__pgmq_migrations') IS NOT NULL";
+
+/// Used in `src/migrate.rs`.
+pub(crate) const PGMQ_MIGRATIONS: &str = "SELECT version FROM pgmq.__pgmq_migrations";
+
+/// Used in `src/migrate.rs`.
+pub(crate) const PGMQ_HAS_HEADERS_AND_LAST_READ: &str = "SELECT EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_type t ON a.attrelid = t.typrelid \
+         WHERE t.typname = 'message_record' AND t.typnamespace = to_regnamespace('pgmq') \
+           AND a.attname = 'last_read_at' AND NOT a.attisdropped)";
+
+/// Used in `src/migrate.rs`.
+pub(crate) const APPLIED_MIGRATIONS: &str =
+    "SELECT version, checksum FROM apalis_pgmq.schema_migrations";
+
+/// Used in `src/migrate.rs`.
+pub(crate) const RECORD_MIGRATION: &str =
+    "INSERT INTO apalis_pgmq.schema_migrations (version, name, checksum) VALUES ($1, $2, $3)";
+
+/// Used in `src/notify/mod.rs`.
+pub(crate) const WANT_NOTIFY: &str = "SELECT apalis_pgmq.want_notify($1, $2, $3, $4)";
+
+/// Used in `src/notify/mod.rs`.
+pub(crate) const UNWANT_NOTIFY: &str = "SELECT apalis_pgmq.unwant_notify($1, $2)";
+
+/// Used in `src/notify/triggers.rs`.
+pub(crate) const ENABLE_NOTIFY: &str = "SELECT apalis_pgmq.enable_notify($1, $2, $3, $4, $5)";
+
+/// Used in `src/notify/triggers.rs`.
+pub(crate) const DISABLE_NOTIFY: &str = "SELECT apalis_pgmq.disable_notify($1)";
+
+/// Used in `src/notify/triggers.rs`.
+pub(crate) const NOTIFY_TRIGGER: &str = "SELECT mode, args FROM apalis_pgmq.notify_trigger($1)";
+
+/// Used in `src/notify/triggers.rs`.
+pub(crate) const ENABLE_CREATED_NOTIFY: &str = "SELECT apalis_pgmq.enable_created_notify($1)";
+
+/// Used in `src/notify/wakeup.rs`.
+pub(crate) const ARM: &str = "SELECT apalis_pgmq.arm($1, $2, $3, $4)";
+
+/// Used in `src/notify/wakeup.rs`.
+pub(crate) const DISARM: &str = "SELECT apalis_pgmq.disarm($1, $2, $3)";
+
+/// Used in `src/notify/wakeup.rs`.
+pub(crate) const INSERTS_SETTLED: &str = "SELECT apalis_pgmq.inserts_settled($1)";
+
+/// Used in `src/notify/wakeup.rs`.
+pub(crate) const WAKE_OTHERS: &str = "SELECT apalis_pgmq.wake_others($1, $2, $3, $4, $5)";
+
+/// Used in `src/queue/mod.rs`.
+pub(crate) const CREATE_QUEUE: &str = "SELECT pgmq.create($1)";
+
+/// Used in `src/queue/mod.rs`.
+pub(crate) const CREATE_UNLOGGED_QUEUE: &str = "SELECT pgmq.create_unlogged($1)";
+
+/// Used in `src/queue/mod.rs`.
+pub(crate) const DROP_QUEUE: &str = "SELECT pgmq.drop_queue($1)";
+
+/// Used in `src/queue/mod.rs`.
+pub(crate) const PURGE_QUEUE: &str = "SELECT pgmq.purge_queue($1)";
+
+/// Used in `src/queue/mod.rs`.
+pub(crate) const QUEUE_EXISTS: &str =
+    "SELECT EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = $1)";
+
+/// Used in `src/queue/mod.rs`.
+pub(crate) const QUEUE_METRICS: &str = "SELECT queue_name::text, queue_length, newest_msg_age_sec, oldest_msg_age_sec, \
+                    total_messages, scrape_time, queue_visible_length \
+             FROM pgmq.metrics($1)";
+
+/// Used in `src/queue/mod.rs`.
+pub(crate) const MISSING_WORKER_RIGHT: &str = "SELECT t.i, current_user::text \
+             FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS t(o, r, k, i) \
+             WHERE NOT CASE WHEN t.k = 'SCHEMA' THEN has_schema_privilege(t.o, t.r) \
+                            ELSE has_table_privilege(t.o, t.r) END \
+             ORDER BY t.i LIMIT 1";
+
+/// Used in `src/queue/mod.rs`.
+pub(crate) const LIST_QUEUES: &str = "SELECT queue_name::text, is_partitioned, is_unlogged, created_at \
+         FROM pgmq.list_queues() ORDER BY queue_name";
+
+/// Used in `src/queue/mod.rs`.
+pub(crate) const ALL_QUEUE_METRICS: &str = "SELECT queue_name::text, queue_length, newest_msg_age_sec, oldest_msg_age_sec, \
+                total_messages, scrape_time, queue_visible_length \
+         FROM pgmq.metrics_all() ORDER BY queue_name";
+
+/// The fixed statements, by name.
+pub(crate) const ALL: &[(&str, &str)] = &[
+    ("advisory_lock", ADVISORY_LOCK),
+    ("advisory_unlock", ADVISORY_UNLOCK),
+    ("pgmq_present", PGMQ_PRESENT),
+    ("pgmq_extension_version", PGMQ_EXTENSION_VERSION),
+    ("pgmq_migrations_present", PGMQ_MIGRATIONS_PRESENT),
+    ("pgmq_migrations", PGMQ_MIGRATIONS),
+    (
+        "pgmq_has_headers_and_last_read",
+        PGMQ_HAS_HEADERS_AND_LAST_READ,
+    ),
+    ("applied_migrations", APPLIED_MIGRATIONS),
+    ("record_migration", RECORD_MIGRATION),
+    ("want_notify", WANT_NOTIFY),
+    ("unwant_notify", UNWANT_NOTIFY),
+    ("enable_notify", ENABLE_NOTIFY),
+    ("disable_notify", DISABLE_NOTIFY),
+    ("notify_trigger", NOTIFY_TRIGGER),
+    ("enable_created_notify", ENABLE_CREATED_NOTIFY),
+    ("arm", ARM),
+    ("disarm", DISARM),
+    ("inserts_settled", INSERTS_SETTLED),
+    ("wake_others", WAKE_OTHERS),
+    ("create_queue", CREATE_QUEUE),
+    ("create_unlogged_queue", CREATE_UNLOGGED_QUEUE),
+    ("drop_queue", DROP_QUEUE),
+    ("purge_queue", PURGE_QUEUE),
+    ("queue_exists", QUEUE_EXISTS),
+    ("queue_metrics", QUEUE_METRICS),
+    ("missing_worker_right", MISSING_WORKER_RIGHT),
+    ("list_queues", LIST_QUEUES),
+    ("all_queue_metrics", ALL_QUEUE_METRICS),
+];

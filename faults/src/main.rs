@@ -2,7 +2,7 @@
 //! garbage; every scenario counts jobs sent, completed, dead-lettered, run twice and lost.
 //!
 //! ```text
-//! apalis-pgmq-notify-faults run [--quick]   # needs DATABASE_URL; scripts/faults.sh starts one
+//! apalis-pgmq-notify-faults run [--quick] [--only "name,name"]   # needs DATABASE_URL
 //! apalis-pgmq-notify-faults worker ...      # a worker process (spawned by `run`)
 //! ```
 //!
@@ -43,6 +43,9 @@ struct FaultJob {
     panic: bool,
     #[serde(default)]
     note: Option<String>,
+    /// A poison outcome: "nul_error", "nul_panic" or "far_retry".
+    #[serde(default)]
+    outcome: Option<String>,
 }
 
 fn now_micros() -> u64 {
@@ -72,18 +75,50 @@ impl ExecLog {
     }
 }
 
+/// Logs `X` (stopped) if a run's future is dropped before it ends.
+struct Stopped {
+    log: Arc<ExecLog>,
+    job: u64,
+    msg: i64,
+    done: bool,
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if !self.done {
+            self.log.line('X', self.job, self.msg);
+        }
+    }
+}
+
 async fn handle(
     job: FaultJob,
     msg: Data<MessageInfo>,
     log: Data<Arc<ExecLog>>,
 ) -> Result<(), BoxDynError> {
     log.line('S', job.id, msg.msg_id);
+    let mut stopped = Stopped {
+        log: (*log).clone(),
+        job: job.id,
+        msg: msg.msg_id,
+        done: false,
+    };
     if job.panic {
+        stopped.done = true;
         panic!("fault job {} panics on purpose", job.id);
     }
     tokio::time::sleep(Duration::from_millis(job.ms)).await;
+    stopped.done = true;
     log.line('E', job.id, msg.msg_id);
-    Ok(())
+    match job.outcome.as_deref() {
+        Some("nul_error") => Err("an error text with a \0 NUL byte".into()),
+        Some("nul_panic") => panic!("a panic message with a \0 NUL byte"),
+        Some("far_retry") => Err(Box::new(RetryAfterError::new(
+            "retry in 300 000 years",
+            Duration::from_secs(10_000_000_000_000),
+        ))),
+        _ => Ok(()),
+    }
 }
 
 fn arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
@@ -382,7 +417,7 @@ fn runs_by_msg(execs: &[Exec]) -> BTreeMap<i64, Vec<Run>> {
     for e in execs.iter().filter(|e| e.kind == 'S') {
         by.entry(e.msg).or_default().push((e.pid, e.at, None));
     }
-    for e in execs.iter().filter(|e| e.kind == 'E') {
+    for e in execs.iter().filter(|e| e.kind == 'E' || e.kind == 'X') {
         if let Some(runs) = by.get_mut(&e.msg)
             && let Some(r) = runs
                 .iter_mut()
@@ -529,6 +564,7 @@ fn jobs(range: std::ops::Range<u64>, ms: impl Fn(u64) -> u64) -> Vec<FaultJob> {
             ms: ms(id),
             panic: false,
             note: None,
+            outcome: None,
         })
         .collect()
 }
@@ -607,6 +643,7 @@ async fn produce(
             ms: 10,
             panic: false,
             note: None,
+            outcome: None,
         };
         let mut backoff = Duration::from_millis(50);
         loop {
@@ -1009,6 +1046,7 @@ async fn push_paced(
                 ms: 1,
                 panic: false,
                 note: None,
+                outcome: None,
             },
         )
         .await?;
@@ -1125,6 +1163,7 @@ async fn open_producer(ctx: &Ctx) -> Res<Row> {
             ms: 1,
             panic: false,
             note: None,
+            outcome: None,
         },
     )
     .await?;
@@ -1144,6 +1183,7 @@ async fn open_producer(ctx: &Ctx) -> Res<Row> {
                 ms: 1,
                 panic: false,
                 note: None,
+                outcome: None,
             },
         )
         .await?;
@@ -1201,6 +1241,7 @@ async fn opposite_orders(ctx: &Ctx) -> Res<Row> {
             ms: 1,
             panic: false,
             note: None,
+            outcome: None,
         };
         let mut t1 = db.pool.begin().await?;
         let mut t2 = db.pool.begin().await?;
@@ -1259,6 +1300,144 @@ async fn opposite_orders(ctx: &Ctx) -> Res<Row> {
     Ok(finish(row, &sent_a, &o, &BTreeSet::new()))
 }
 
+/// 11. Outcomes PostgreSQL would refuse, among good jobs (NUL in an error or a panic message,
+/// a retry-after beyond what a timestamp holds).
+async fn poison_outcomes(ctx: &Ctx) -> Res<Row> {
+    let db = ctx.fresh("poison_outcomes").await?;
+    let s = PgmqStorage::<FaultJob>::new(&db.pool, db.queue.name().clone());
+    let mut all = jobs(0..300, |_| 2);
+    for (id, kind) in [(50, "nul_error"), (150, "nul_panic"), (250, "far_retry")] {
+        all[id].outcome = Some(kind.to_owned());
+    }
+    let sent: BTreeSet<u64> = (0..300).filter(|id| ![50, 150, 250].contains(id)).collect();
+    let expect_dead: BTreeSet<u64> = [50, 150].into_iter().collect();
+    s.push_bulk_with(&db.pool, all).await?;
+    let w = ctx.spawn_worker(&db, "poison_outcomes", "w1", 10, 10_000, 3)?;
+    // The far retry stays queued (about 100 years out): wait for the rest, not for an empty queue.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut o = outcome(&db).await?;
+    while Instant::now() < deadline {
+        o = outcome(&db).await?;
+        if sent.iter().all(|id| o.completed.contains(id)) && o.dead.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let t = Instant::now();
+    let stopped = stop_worker(w);
+    let shutdown = t.elapsed();
+    let far: Option<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM vt - clock_timestamp())::float8 / (365.0 * 86400) \
+         FROM pgmq.q_faults WHERE message->>'id' = '250'",
+    )
+    .fetch_optional(&db.pool)
+    .await?;
+    sqlx::query("DELETE FROM pgmq.q_faults WHERE message->>'id' = '250'")
+        .execute(&db.pool)
+        .await?;
+    let nul_kept = o
+        .dead
+        .values()
+        .all(|i| i["error"].as_str().is_some_and(|e| e.contains("\\u0000")));
+    let execs = read_logs(&ctx.dir, "poison_outcomes");
+    let mut row = Row {
+        scenario: "11. outcomes PostgreSQL would refuse, among 297 good jobs".into(),
+        ok: stopped && nul_kept && far.is_some_and(|y| (99.0..=101.0).contains(&y)),
+        ..Row::default()
+    };
+    let good: Vec<Exec> = execs
+        .iter()
+        .filter(|e| sent.contains(&e.job))
+        .cloned()
+        .collect();
+    analyse(&good, &[], &mut row);
+    row.recovery = format!("graceful shutdown in {:.1} s", shutdown.as_secs_f64());
+    row.notes = format!(
+        "NUL error and NUL panic: 3 attempts, then dead-lettered with the NUL escaped ({nul_kept}); \
+         retry-after of 10^13 s: queued {:.1} years out (clamped)",
+        far.unwrap_or(f64::NAN)
+    );
+    let o = outcome(&db).await?;
+    Ok(finish(row, &sent, &o, &expect_dead))
+}
+
+/// 12. A worker process whose traffic freezes (every connection silent, new ones too) while it
+/// runs long jobs: it must stop them before their lease lapses and another worker runs them.
+async fn frozen(ctx: &Ctx) -> Res<Row> {
+    let db = ctx.fresh("frozen").await?;
+    let target = tokio::net::lookup_host((ctx.admin.get_host(), ctx.admin.get_port()))
+        .await?
+        .next()
+        .ok_or("no server address")?;
+    let proxy = proxy::Proxy::start(target).await;
+    let proxied = Db {
+        url: db.url.replace(
+            &format!("{}:{}", ctx.admin.get_host(), ctx.admin.get_port()),
+            &format!("127.0.0.1:{}", proxy.port),
+        ),
+        pool: db.pool.clone(),
+        queue: db.queue.clone(),
+    };
+    let vt_ms = 3000;
+    let s = PgmqStorage::<FaultJob>::new(&db.pool, db.queue.name().clone());
+    let a = ctx.spawn_worker(&proxied, "frozen", "a", 10, vt_ms, 5)?;
+    s.push_bulk_with(&db.pool, jobs(0..10, |_| 20_000)).await?;
+    // Wait until A runs all ten, then freeze it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline
+        && read_logs(&ctx.dir, "frozen")
+            .iter()
+            .filter(|e| e.kind == 'S')
+            .count()
+            < 10
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.freeze();
+    let frozen_at = now_micros();
+    let b = ctx.spawn_worker(&db, "frozen", "b", 10, vt_ms, 5)?;
+    let sent: BTreeSet<u64> = (0..10).collect();
+    wait_drained(&db, &sent, 0, Duration::from_secs(60)).await;
+    let stopped_b = stop_worker(b);
+    drop(proxy);
+    let t = Instant::now();
+    let stopped_a = stop_worker(a);
+    let a_shutdown = t.elapsed();
+    let execs = read_logs(&ctx.dir, "frozen");
+    let stops: Vec<u64> = execs
+        .iter()
+        .filter(|e| e.kind == 'X')
+        .map(|e| e.at)
+        .collect();
+    let mut row = Row {
+        scenario: "12. a worker whose connections all freeze while it runs 20 s jobs (lease 3 s)"
+            .into(),
+        ok: stopped_b && stopped_a,
+        ..Row::default()
+    };
+    analyse(&execs, &[], &mut row);
+    // Every second run is explained: the first was stopped (X) when its lease was lost.
+    row.explained = row.duplicates.min(stops.len());
+    row.recovery = format!(
+        "A stopped its {} jobs {:.1}–{:.1} s after the freeze; B ran them after that",
+        stops.len(),
+        stops
+            .iter()
+            .min()
+            .map_or(f64::NAN, |s| s.saturating_sub(frozen_at) as f64 / 1e6),
+        stops
+            .iter()
+            .max()
+            .map_or(f64::NAN, |s| s.saturating_sub(frozen_at) as f64 / 1e6),
+    );
+    row.notes = format!(
+        "the frozen worker's shutdown took {:.1} s (bounded)",
+        a_shutdown.as_secs_f64()
+    );
+    let o = outcome(&db).await?;
+    Ok(finish(row, &sent, &o, &BTreeSet::new()))
+}
+
 fn print_table(rows: &[Row]) {
     println!(
         "\n| scenario | jobs in | completed | dead-lettered | run twice (explained by a crash) | two workers at once | lost | recovery | notes |"
@@ -1282,7 +1461,7 @@ fn print_table(rows: &[Row]) {
     }
 }
 
-async fn run(quick: bool) -> Res<bool> {
+async fn run(quick: bool, only: Option<Vec<String>>) -> Res<bool> {
     let url = std::env::var("DATABASE_URL").map_err(|_| "DATABASE_URL is not set")?;
     let dir = std::env::temp_dir().join(format!("apalis-faults-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -1307,8 +1486,13 @@ async fn run(quick: bool) -> Res<bool> {
         ("silent listener", Box::pin(silent_listener(&ctx))),
         ("open producer", Box::pin(open_producer(&ctx))),
         ("opposite orders", Box::pin(opposite_orders(&ctx))),
+        ("poison outcomes", Box::pin(poison_outcomes(&ctx))),
+        ("frozen worker", Box::pin(frozen(&ctx))),
     ];
     for (name, fut) in scenarios {
+        if only.as_ref().is_some_and(|o| !o.iter().any(|n| n == name)) {
+            continue;
+        }
         eprintln!("== fault scenario: {name}");
         let started = Instant::now();
         let row = match fut.await {
@@ -1348,7 +1532,11 @@ fn main() -> std::process::ExitCode {
             .enable_all()
             .build()
             .map_err(Into::into)
-            .and_then(|rt| rt.block_on(run(args.iter().any(|a| a == "--quick")))),
+            .and_then(|rt| {
+                let only = arg(&args, "--only")
+                    .map(|o| o.split(',').map(str::to_owned).collect::<Vec<_>>());
+                rt.block_on(run(args.iter().any(|a| a == "--quick"), only))
+            }),
         _ => Err("usage: apalis-pgmq-notify-faults run [--quick] | worker ...".into()),
     };
     match result {

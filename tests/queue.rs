@@ -607,3 +607,26 @@ async fn every_statement_the_crate_issues_prepares() {
         .expect("every statement prepares");
     assert!(n >= 50, "{n} statements");
 }
+
+#[tokio::test]
+async fn sql_and_rust_accept_the_same_queue_names() {
+    let db = TestDb::setup().await;
+    for name in [
+        "a".to_owned(),
+        "_x".to_owned(),
+        "a".repeat(43),
+        "a".repeat(44),
+        "a".repeat(47),
+        "9lives".to_owned(),
+        "Upper".to_owned(),
+        String::new(),
+    ] {
+        let rust = QueueName::new(&name).is_ok();
+        let sql = sqlx::query("SELECT apalis_pgmq.check_queue_name($1)")
+            .bind(&name)
+            .execute(&db.pool)
+            .await
+            .is_ok();
+        assert_eq!(rust, sql, "{name:?}: Rust says {rust}, SQL says {sql}");
+    }
+}

@@ -1300,8 +1300,8 @@ async fn opposite_orders(ctx: &Ctx) -> Res<Row> {
     Ok(finish(row, &sent_a, &o, &BTreeSet::new()))
 }
 
-/// 11. Outcomes PostgreSQL would refuse, among good jobs (NUL in an error or a panic message,
-/// a retry-after beyond what a timestamp holds).
+/// Scenario 11: outcomes PostgreSQL would refuse, among good jobs (NUL in an error or a panic
+/// message, a retry-after beyond what a timestamp holds).
 async fn poison_outcomes(ctx: &Ctx) -> Res<Row> {
     let db = ctx.fresh("poison_outcomes").await?;
     let s = PgmqStorage::<FaultJob>::new(&db.pool, db.queue.name().clone());
@@ -1361,8 +1361,9 @@ async fn poison_outcomes(ctx: &Ctx) -> Res<Row> {
     Ok(finish(row, &sent, &o, &expect_dead))
 }
 
-/// 12. A worker process whose traffic freezes (every connection silent, new ones too) while it
-/// runs long jobs: it must stop them before their lease lapses and another worker runs them.
+/// Scenario 12: a worker process whose traffic freezes (every connection silent, new ones too)
+/// while it runs long jobs: it must stop them before their lease lapses and another worker runs
+/// them.
 async fn frozen(ctx: &Ctx) -> Res<Row> {
     let db = ctx.fresh("frozen").await?;
     let target = tokio::net::lookup_host((ctx.admin.get_host(), ctx.admin.get_port()))

@@ -205,6 +205,8 @@ pub struct Config {
     /// How long a job that returned `DeferredError` waits before it is visible again, so a
     /// handler that always defers cannot loop hot.
     pub(crate) defer_delay: Duration,
+    /// How often a process refreshes its workers' rows in the worker registry.
+    pub(crate) heartbeat_interval: Duration,
 }
 
 impl Default for Config {
@@ -228,6 +230,9 @@ impl Default for Config {
             linger: Duration::from_millis(10),
             listener_health_check: Duration::from_millis(crate::notify::DEFAULT_HEALTH_CHECK_MS),
             defer_delay: Duration::from_secs(1),
+            heartbeat_interval: Duration::from_millis(
+                crate::notify::registry::DEFAULT_HEARTBEAT_MS,
+            ),
         }
     }
 }
@@ -374,6 +379,16 @@ impl Config {
         self
     }
 
+    /// How often a process refreshes the rows of its workers in the worker registry
+    /// (`apalis_pgmq.workers`; default 30 s, 1 s to 1 h): one statement per interval for all
+    /// of a process's workers. A worker whose process died stops being listed after three
+    /// intervals. One heartbeat serves a process: it uses the shortest value of its storages.
+    #[must_use]
+    pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
+        self.heartbeat_interval = interval;
+        self
+    }
+
     /// Re-reads while lingering.
     pub(crate) fn linger_polls(&self) -> u32 {
         let step = crate::notify::wakeup::LINGER_STEP.as_micros().max(1);
@@ -419,6 +434,13 @@ impl Config {
             return bad(format!(
                 "poll_interval must be at most 1 day, got {:?}",
                 self.poll_interval
+            ));
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.heartbeat_interval)
+        {
+            return bad(format!(
+                "heartbeat_interval must be within 1 s..=1 h, got {:?}",
+                self.heartbeat_interval
             ));
         }
         if self.defer_delay > Duration::from_secs(3600) {

@@ -38,6 +38,10 @@ pub enum Error {
         queue: String,
     },
 
+    /// The job or task asked for does not exist (in the state the operation needs).
+    #[error("not found: {0}")]
+    NotFound(String),
+
     /// No connection to the database could be made; `cause` is the connect error itself (not
     /// the pool's "timed out").
     #[error("cannot reach the database: {cause}")]

@@ -116,8 +116,8 @@ pub use notify::{
     notify_mode,
 };
 pub use queue::{
-    DEAD_LETTER_SUFFIX, DEFAULT_MAX_PAYLOAD_BYTES, Delay, MAX_QUEUE_NAME_LEN, Message, MessageInfo,
-    NewMessage, PgmqQueue, QueueInfo, QueueMetrics, QueueName, QueueNameError, list_queues,
-    metrics_all,
+    DEAD_LETTER_SUFFIX, DEFAULT_MAX_PAYLOAD_BYTES, Delay, JobRecord, JobState, MAX_QUEUE_NAME_LEN,
+    Message, MessageInfo, NewMessage, PgmqQueue, QueueCounts, QueueInfo, QueueMetrics, QueueName,
+    QueueNameError, list_queues, metrics_all,
 };
 pub use sql_check::prepare_every_statement;

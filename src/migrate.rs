@@ -51,6 +51,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "queue_name_rule",
         sql: include_str!("../migrations/0005_queue_name_rule.sql"),
     },
+    Migration {
+        version: 6,
+        name: "registry",
+        sql: include_str!("../migrations/0006_registry.sql"),
+    },
 ];
 
 /// What [`setup`] found and did.

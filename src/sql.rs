@@ -103,8 +103,30 @@ pub(crate) const ALL_QUEUE_METRICS: &str = "SELECT queue_name::text, queue_lengt
                 total_messages, scrape_time, queue_visible_length \
          FROM pgmq.metrics_all() ORDER BY queue_name";
 
+/// Used in `src/queue/mod.rs`.
+pub(crate) const INDEX_DEAD_LETTERS: &str = "SELECT apalis_pgmq.index_dead_letters($1)";
+
+/// Used in `src/notify/registry.rs`.
+pub(crate) const HEARTBEAT: &str =
+    "SELECT apalis_pgmq.heartbeat($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+
+/// Used in `src/notify/registry.rs`.
+pub(crate) const UNREGISTER_WORKER: &str = "DELETE FROM apalis_pgmq.workers WHERE id = $1";
+
+/// Used in `src/backend/expose.rs`.
+pub(crate) const LIST_WORKERS: &str = "SELECT name, queue, service, \
+        extract(epoch FROM started_at)::bigint, extract(epoch FROM last_heartbeat)::bigint, \
+        host, pid, concurrency, in_flight \
+     FROM apalis_pgmq.workers \
+     WHERE expires_at > clock_timestamp() AND ($1::text IS NULL OR queue = $1) \
+     ORDER BY queue, name";
+
 /// The fixed statements, by name.
 pub(crate) const ALL: &[(&str, &str)] = &[
+    ("index_dead_letters", INDEX_DEAD_LETTERS),
+    ("heartbeat", HEARTBEAT),
+    ("unregister_worker", UNREGISTER_WORKER),
+    ("list_workers", LIST_WORKERS),
     ("advisory_lock", ADVISORY_LOCK),
     ("advisory_unlock", ADVISORY_UNLOCK),
     ("pgmq_present", PGMQ_PRESENT),

@@ -37,8 +37,9 @@ pub async fn prepare_every_statement(pool: &PgPool, queue: &QueueName) -> Result
         .collect();
     for (handle, dead_letters) in [(q.clone(), false), (q.dead_letter(), true)] {
         for (name, sql) in handle.statements() {
-            // Outcomes are written on a queue, never on a dead-letter queue (which has none).
-            if dead_letters && name == "complete" {
+            // A dead-letter queue has no dead-letter queue of its own: outcomes and dead-letter
+            // lookups are for queues only.
+            if dead_letters && matches!(name, "complete" | "list_dead" | "find_dead" | "counts") {
                 continue;
             }
             all.push((format!("{}.{name}", handle.name()), sql.to_string()));

@@ -22,11 +22,12 @@
 use std::{
     collections::VecDeque,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     task::{Context, Poll},
     time::Duration,
 };
 
+use apalis_core::worker::context::WorkerContext;
 use futures::{FutureExt, future::BoxFuture};
 use tokio::{
     sync::oneshot,
@@ -38,6 +39,7 @@ use crate::{
     error::Result,
     notify::{
         Subscription, Wake,
+        registry::Registration,
         wakeup::{self, Plan, Step},
     },
     queue::Message,
@@ -93,7 +95,7 @@ impl Capacity {
 
 enum State {
     Start,
-    Ensuring(BoxFuture<'static, Result<()>>),
+    Ensuring(BoxFuture<'static, Result<Registration>>),
     /// Between steps: ask the plan what to do.
     Ready,
     Reading(BoxFuture<'static, Result<Vec<Message>>>),
@@ -123,6 +125,8 @@ pub(crate) struct Fetcher {
     shared: Option<Arc<Shared>>,
     /// Wake-ups for this queue: notifications, retries written, releases.
     wake: Option<Subscription>,
+    /// This worker's row in the worker registry.
+    registration: Option<Registration>,
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -145,6 +149,7 @@ impl Default for Fetcher {
             failures: 0,
             shared: None,
             wake: None,
+            registration: None,
         }
     }
 }
@@ -162,6 +167,7 @@ impl Fetcher {
         if self.shared.is_none() {
             self.shared = Some(shared.clone());
         }
+        self.report(in_flight);
         if self.capacity.observe_ready(in_flight) && !self.buffer.is_empty() {
             tracing::debug!(
                 queue = %shared.queue.name(),
@@ -183,9 +189,11 @@ impl Fetcher {
         &mut self,
         cx: &mut Context<'_>,
         shared: &Arc<Shared>,
-        in_flight: usize,
+        worker: &WorkerContext,
     ) -> Poll<Option<Result<Message>>> {
+        let in_flight = worker.task_count();
         self.capacity.observe_next(in_flight);
+        self.report(in_flight);
         let config = &shared.config;
         let plan = self.plan.get_or_insert_with(|| {
             Plan::new(
@@ -222,11 +230,21 @@ impl Fetcher {
                     } else {
                         None
                     };
-                    self.state = State::Ensuring(Box::pin(ensure_queue(shared.clone(), ack)));
+                    self.state = State::Ensuring(Box::pin(ensure_queue(
+                        shared.clone(),
+                        ack,
+                        worker.name().to_owned(),
+                        worker.get_service().to_owned(),
+                    )));
                 }
                 State::Ensuring(fut) => match fut.poll_unpin(cx) {
                     Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok(())) => {
+                    Poll::Ready(Ok(registration)) => {
+                        registration
+                            .stats
+                            .in_flight
+                            .store(in_flight, Ordering::Relaxed);
+                        self.registration = Some(registration);
                         self.ensured = true;
                         self.failures = 0;
                         plan.on_recovered();
@@ -373,6 +391,7 @@ impl Fetcher {
                     };
                     let held = self.take_buffer(shared);
                     let last = self.wake.take().is_some() && shared.signal.worker_stopped();
+                    let registration = self.registration.take();
                     let shared = shared.clone();
                     self.state = State::Closing(Box::pin(async move {
                         let queue = shared.queue.name().clone();
@@ -393,6 +412,9 @@ impl Fetcher {
                             if last {
                                 remove_arming(&shared).await;
                             }
+                            if let Some(r) = registration {
+                                r.unregister().await;
+                            }
                         };
                         // Whatever the database does, shutdown ends: what could not be written
                         // is delivered again when its lease lapses.
@@ -403,6 +425,16 @@ impl Fetcher {
                     }));
                 }
             }
+        }
+    }
+
+    /// Tells the worker registry how many jobs run and the concurrency learned so far.
+    fn report(&self, in_flight: usize) {
+        if let Some(r) = &self.registration {
+            r.stats.in_flight.store(in_flight, Ordering::Relaxed);
+            r.stats
+                .concurrency
+                .store(self.capacity.limit.unwrap_or(0), Ordering::Relaxed);
         }
     }
 
@@ -517,11 +549,21 @@ async fn release(shared: &Shared, held: Vec<(i64, i32)>) {
 /// Creates the queue and its dead-letter queue if either is missing, installs the queue's
 /// notification trigger when listening, and waits (briefly) for the LISTEN to be active so no
 /// notification sent after the first read is missed.
-async fn ensure_queue(shared: Arc<Shared>, listening: Option<oneshot::Receiver<()>>) -> Result<()> {
+async fn ensure_queue(
+    shared: Arc<Shared>,
+    listening: Option<oneshot::Receiver<()>>,
+    worker: String,
+    service: String,
+) -> Result<Registration> {
     for q in [&shared.queue, &shared.dlq] {
         if !q.tables_exist(&shared.pool).await? {
             q.create(&shared.pool).await?;
         }
+    }
+    // Best effort: creating an index needs the table's owner, which a worker need not be.
+    if let Err(e) = shared.queue.index_dead_letters(&shared.pool).await {
+        tracing::debug!(queue = %shared.queue.name(), error = %e,
+            "could not index the dead letters by job id; finding a dead job by id scans them");
     }
     if let Some(missing) = shared
         .queue
@@ -552,7 +594,15 @@ async fn ensure_queue(shared: Arc<Shared>, listening: Option<oneshot::Receiver<(
         tracing::warn!(queue = %shared.queue.name(),
             "LISTEN not active after 5 s; starting anyway with the fallback poll");
     }
-    Ok(())
+    Ok(shared
+        .hub
+        .register_worker(
+            &shared.pool,
+            &worker,
+            shared.queue.name().as_str(),
+            &service,
+        )
+        .await)
 }
 
 async fn fetch(shared: Arc<Shared>, qty: usize) -> Result<Vec<Message>> {

@@ -1,5 +1,6 @@
 //! The apalis backend: [`PgmqStorage`].
 
+mod expose;
 mod fetch;
 mod sink;
 
@@ -261,6 +262,8 @@ impl<Args, C> PgmqStorage<Args, C> {
         if config.listen {
             hub.health_check_at_least_every(config.listener_health_check);
         }
+        hub.registry
+            .heartbeat_at_least_every(config.heartbeat_interval);
         let signal = hub.signal(q.name());
         Self {
             shared: Arc::new(Shared {
@@ -329,6 +332,10 @@ impl<Args, C> PgmqStorage<Args, C> {
     pub async fn create_queue(&self) -> Result<()> {
         self.shared.queue.create(&self.shared.pool).await?;
         self.shared.dlq.create(&self.shared.pool).await?;
+        self.shared
+            .queue
+            .index_dead_letters(&self.shared.pool)
+            .await?;
         let c = &self.shared.config;
         if !c.listen {
             return Ok(());
@@ -578,10 +585,7 @@ where
     ) -> Poll<Option<Result<Self::Task, Self::Error>>> {
         let shared = self.shared.clone();
         loop {
-            let polled = self
-                .local()
-                .fetch
-                .poll_next(cx, &shared, worker.task_count());
+            let polled = self.local().fetch.poll_next(cx, &shared, worker);
             match polled {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => return Poll::Ready(None),

@@ -10,6 +10,7 @@
 mod channel;
 mod events;
 mod listener;
+pub(crate) mod registry;
 mod signal;
 mod triggers;
 pub(crate) mod wakeup;
@@ -78,6 +79,8 @@ pub(crate) struct Hub {
     /// How often the listener proves its connection still delivers (milliseconds; the shortest
     /// any storage asked for).
     health_interval_ms: AtomicU64,
+    /// This process's workers on this database, and their heartbeat.
+    pub(crate) registry: registry::Registry,
     /// Identifies this process's rows in `apalis_pgmq.listeners`.
     pub(crate) owner: String,
 }
@@ -104,6 +107,7 @@ pub(crate) fn hub(pool: &PgPool) -> Arc<Hub> {
         listener: Mutex::default(),
         stats: Arc::default(),
         health_interval_ms: AtomicU64::new(u64::MAX),
+        registry: registry::Registry::new(),
         owner: format!(
             "{}.{:016x}",
             std::process::id(),

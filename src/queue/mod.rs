@@ -10,6 +10,7 @@
 //! Every write takes any executor (`E: PgExecutor<'c>`): a pool, a connection, or the caller's own
 //! transaction, so a message can be enqueued atomically with the caller's other writes.
 
+mod inspect;
 mod name;
 
 use std::{sync::Arc, time::Duration};
@@ -18,6 +19,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{AssertSqlSafe, PgExecutor, Row, postgres::PgRow};
 
+pub use inspect::{JobRecord, JobState, QueueCounts};
 pub use name::{DEAD_LETTER_SUFFIX, MAX_QUEUE_NAME_LEN, QueueName, QueueNameError};
 
 use crate::error::{Error, Result};
@@ -268,6 +270,8 @@ struct QueueSql {
     release: Arc<str>,
     /// One statement applying a batch of mixed job outcomes, fenced.
     complete: Arc<str>,
+    /// Listing, finding and counting jobs in every state.
+    inspect: inspect::InspectSql,
 }
 
 impl QueueSql {
@@ -380,6 +384,7 @@ impl QueueSql {
                         (SELECT count(*) FROM archive_rows) + (SELECT count(*) FROM dead_rows)"
             )
             .into(),
+            inspect: inspect::InspectSql::new(name),
         }
     }
 }
@@ -466,6 +471,16 @@ impl PgmqQueue {
         sqlx::query(crate::sql::CREATE_QUEUE)
             .bind(self.name.as_str())
             .execute(executor)
+            .await?;
+        Ok(())
+    }
+
+    /// Indexes the dead letters of this queue by job id (idempotent; the dead-letter queue must
+    /// exist), so a dead job is found by id without a scan.
+    pub(crate) async fn index_dead_letters(&self, pool: &sqlx::PgPool) -> Result<()> {
+        sqlx::query(crate::sql::INDEX_DEAD_LETTERS)
+            .bind(self.name.as_str())
+            .execute(pool)
             .await?;
         Ok(())
     }
@@ -1010,6 +1025,16 @@ impl PgmqQueue {
             ("renew", s.renew.clone()),
             ("release", s.release.clone()),
             ("complete", s.complete.clone()),
+            ("list_queue", s.inspect.list_queue.clone()),
+            ("list_archive", s.inspect.list_archive.clone()),
+            ("list_dead", s.inspect.list_dead.clone()),
+            ("find_queue", s.inspect.find_queue.clone()),
+            ("find_archive", s.inspect.find_archive.clone()),
+            ("find_dead", s.inspect.find_dead.clone()),
+            ("counts", s.inspect.counts.clone()),
+            ("activity", s.inspect.activity.clone()),
+            ("update_waiting", s.inspect.update_waiting.clone()),
+            ("prune_archive", s.inspect.prune_archive.clone()),
         ]
     }
 

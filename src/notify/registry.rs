@@ -1,0 +1,264 @@
+//! The worker registry: every running worker has a row in `apalis_pgmq.workers`.
+//!
+//! A worker's row is written when it starts and deleted when it stops cleanly. One heartbeat
+//! task per process (per database) refreshes the rows of all its workers in one statement on an
+//! interval (default 30 s, [`Config::heartbeat_interval`](crate::Config::heartbeat_interval)),
+//! and issues nothing while the process runs no worker. A row whose process died is no longer
+//! listed once it expires (three intervals) and is swept a minute later by any heartbeat.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+use super::{Hub, lock};
+
+/// The default heartbeat interval.
+pub(crate) const DEFAULT_HEARTBEAT_MS: u64 = 30_000;
+
+/// What a worker reports about itself between heartbeats.
+#[derive(Debug, Default)]
+pub(crate) struct WorkerStats {
+    /// Jobs running now.
+    pub(crate) in_flight: AtomicUsize,
+    /// The concurrency limit learned when it first filled up; 0 while unknown.
+    pub(crate) concurrency: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct Entry {
+    name: String,
+    queue: String,
+    service: String,
+    started: DateTime<Utc>,
+    stats: Arc<WorkerStats>,
+}
+
+/// The workers of this process on one database.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    workers: Mutex<HashMap<String, Entry>>,
+    /// The pool the heartbeat uses (the first registered worker's).
+    pool: Mutex<Option<PgPool>>,
+    /// Whether the heartbeat task runs.
+    beating: std::sync::atomic::AtomicBool,
+    /// The shortest interval any storage asked for, in milliseconds (`u64::MAX`: default).
+    interval_ms: AtomicU64,
+    next_id: AtomicU64,
+    /// Held across a heartbeat and across an unregistration, so a heartbeat in flight cannot
+    /// write back the row of a worker that just stopped.
+    beat_lock: tokio::sync::Mutex<()>,
+}
+
+impl Registry {
+    pub(crate) fn new() -> Self {
+        Self {
+            interval_ms: AtomicU64::new(u64::MAX),
+            ..Self::default()
+        }
+    }
+
+    pub(crate) fn heartbeat_at_least_every(&self, interval: Duration) {
+        let ms = u64::try_from(interval.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(100);
+        self.interval_ms.fetch_min(ms, Ordering::Relaxed);
+    }
+
+    fn interval(&self) -> Duration {
+        match self.interval_ms.load(Ordering::Relaxed) {
+            u64::MAX => Duration::from_millis(DEFAULT_HEARTBEAT_MS),
+            ms => Duration::from_millis(ms),
+        }
+    }
+}
+
+/// A registered worker; its row is deleted by [`Registration::unregister`] (clean stop) or,
+/// failing that, when this is dropped.
+#[derive(Debug)]
+pub(crate) struct Registration {
+    hub: Arc<Hub>,
+    pool: PgPool,
+    id: String,
+    pub(crate) stats: Arc<WorkerStats>,
+    done: bool,
+}
+
+fn host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// Writes the rows of `entries` (one statement) with a lifetime of three `interval`s.
+async fn beat(
+    pool: &PgPool,
+    owner: &str,
+    interval: Duration,
+    entries: &[(String, &Entry)],
+) -> crate::Result<()> {
+    let ids: Vec<&str> = entries.iter().map(|(id, _)| id.as_str()).collect();
+    let names: Vec<&str> = entries.iter().map(|(_, e)| e.name.as_str()).collect();
+    let queues: Vec<&str> = entries.iter().map(|(_, e)| e.queue.as_str()).collect();
+    let services: Vec<&str> = entries.iter().map(|(_, e)| e.service.as_str()).collect();
+    let concurrency: Vec<Option<i32>> = entries
+        .iter()
+        .map(|(_, e)| {
+            Some(e.stats.concurrency.load(Ordering::Relaxed))
+                .filter(|c| *c > 0)
+                .map(|c| i32::try_from(c).unwrap_or(i32::MAX))
+        })
+        .collect();
+    let in_flight: Vec<i32> = entries
+        .iter()
+        .map(|(_, e)| i32::try_from(e.stats.in_flight.load(Ordering::Relaxed)).unwrap_or(i32::MAX))
+        .collect();
+    let started: Vec<DateTime<Utc>> = entries.iter().map(|(_, e)| e.started).collect();
+    sqlx::query(crate::sql::HEARTBEAT)
+        .bind(ids)
+        .bind(names)
+        .bind(queues)
+        .bind(owner)
+        .bind(host())
+        .bind(i32::try_from(std::process::id()).unwrap_or(i32::MAX))
+        .bind(services)
+        .bind(concurrency)
+        .bind(in_flight)
+        .bind(started)
+        .bind((interval * 3).as_secs_f64())
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+impl Hub {
+    /// Registers a worker of `queue` named `name`: writes its row now, and starts this
+    /// process's heartbeat if it is not running.
+    pub(crate) async fn register_worker(
+        self: &Arc<Self>,
+        pool: &PgPool,
+        name: &str,
+        queue: &str,
+        service: &str,
+    ) -> Registration {
+        let r = &self.registry;
+        let id = format!(
+            "{name}@{}#{}",
+            self.owner,
+            r.next_id.fetch_add(1, Ordering::Relaxed)
+        );
+        let stats = Arc::new(WorkerStats::default());
+        let entry = Entry {
+            name: name.to_owned(),
+            queue: queue.to_owned(),
+            service: service.to_owned(),
+            started: Utc::now(),
+            stats: stats.clone(),
+        };
+        if let Err(e) = beat(pool, &self.owner, r.interval(), &[(id.clone(), &entry)]).await {
+            tracing::warn!(worker = name, %queue, error = %e,
+                "could not register the worker; it runs, but is not listed until the next heartbeat");
+        }
+        lock(&r.workers).insert(id.clone(), entry);
+        lock(&r.pool).get_or_insert_with(|| pool.clone());
+        if !r.beating.swap(true, Ordering::SeqCst) {
+            tokio::spawn(heartbeat(Arc::downgrade(self)));
+        }
+        Registration {
+            hub: self.clone(),
+            pool: pool.clone(),
+            id,
+            stats,
+            done: false,
+        }
+    }
+}
+
+impl Registration {
+    /// Removes the worker's row (clean stop).
+    pub(crate) async fn unregister(mut self) {
+        self.done = true;
+        let _beat = self.hub.registry.beat_lock.lock().await;
+        lock(&self.hub.registry.workers).remove(&self.id);
+        if let Err(e) = sqlx::query(crate::sql::UNREGISTER_WORKER)
+            .bind(&self.id)
+            .execute(&self.pool)
+            .await
+        {
+            tracing::debug!(error = %e, "could not remove the worker's row; it expires by itself");
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        lock(&self.hub.registry.workers).remove(&self.id);
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let (pool, id) = (self.pool.clone(), std::mem::take(&mut self.id));
+            tokio::spawn(async move {
+                let _ = sqlx::query(crate::sql::UNREGISTER_WORKER)
+                    .bind(id)
+                    .execute(&pool)
+                    .await;
+            });
+        }
+    }
+}
+
+/// One statement per interval for all of this process's workers; none while it has none.
+async fn heartbeat(hub: Weak<Hub>) {
+    loop {
+        let interval = match hub.upgrade() {
+            Some(h) => h.registry.interval(),
+            None => return,
+        };
+        tokio::time::sleep(interval).await;
+        let Some(h) = hub.upgrade() else { return };
+        let _beat = h.registry.beat_lock.lock().await;
+        let pool = lock(&h.registry.pool).clone();
+        let result = {
+            let workers = lock(&h.registry.workers);
+            if workers.is_empty() {
+                None
+            } else {
+                // Copy what the statement needs, so no lock is held across it.
+                let owned: Vec<(String, Entry)> = workers
+                    .iter()
+                    .map(|(id, e)| {
+                        (
+                            id.clone(),
+                            Entry {
+                                name: e.name.clone(),
+                                queue: e.queue.clone(),
+                                service: e.service.clone(),
+                                started: e.started,
+                                stats: e.stats.clone(),
+                            },
+                        )
+                    })
+                    .collect();
+                Some(owned)
+            }
+        };
+        let (Some(entries), Some(pool)) = (result, pool) else {
+            continue;
+        };
+        let refs: Vec<(String, &Entry)> = entries.iter().map(|(id, e)| (id.clone(), e)).collect();
+        if let Err(e) = beat(&pool, &h.owner, interval, &refs).await {
+            tracing::warn!(error = %e, workers = refs.len(), "worker heartbeat failed");
+        }
+    }
+}

@@ -1,0 +1,494 @@
+//! Reading a queue's jobs in every state, for dashboards and operators (apalis' `expose`
+//! traits, the CLI).
+//!
+//! A job lives in one of three tables, and its state follows from the row:
+//!
+//! | where | condition | state |
+//! |---|---|---|
+//! | `pgmq.q_<queue>` | `vt <= now` | pending (visible: never read, or due again) |
+//! | `pgmq.q_<queue>` | `vt > now`, never read | scheduled (delayed) |
+//! | `pgmq.q_<queue>` | `vt > now`, read, last failure before the last read | running (leased) |
+//! | `pgmq.q_<queue>` | `vt > now`, read, failed after the last read | retrying (waiting for its backoff) |
+//! | `pgmq.a_<queue>` | – | done (archived) |
+//! | `pgmq.q_<queue>_dlq` | reason `killed` | killed |
+//! | `pgmq.q_<queue>_dlq` | another reason | dead |
+//!
+//! A failed delivery records `failed_epoch` in `headers.apalis` (migrations 0004 and 0006), so
+//! retrying and running are told apart without parsing text. Pages are read newest first from
+//! each table (the archive through its primary key, at most `offset + limit` rows), so a page
+//! never scans an archive of millions of rows.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{AssertSqlSafe, PgPool, Row, postgres::PgRow};
+
+use super::{Message, PgmqQueue, QueueName};
+
+/// The state of a job, as this crate reads it from PGMQ's tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum JobState {
+    /// Visible now: never read, or due again.
+    Pending,
+    /// Not visible yet and never read: a delayed job.
+    Scheduled,
+    /// Leased by a worker.
+    Running,
+    /// Failed, waiting for its backoff before the next attempt.
+    Retrying,
+    /// Finished and archived.
+    Done,
+    /// Ended by an `AbortError` and dead-lettered (the default deletes killed jobs).
+    Killed,
+    /// In the dead-letter queue: attempts used up, or undecodable.
+    Dead,
+}
+
+impl JobState {
+    /// The name used in SQL and on the command line.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Scheduled => "scheduled",
+            Self::Running => "running",
+            Self::Retrying => "retrying",
+            Self::Done => "done",
+            Self::Killed => "killed",
+            Self::Dead => "dead",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => Self::Pending,
+            "scheduled" => Self::Scheduled,
+            "running" => Self::Running,
+            "retrying" => Self::Retrying,
+            "done" => Self::Done,
+            "killed" => Self::Killed,
+            "dead" => Self::Dead,
+            _ => return None,
+        })
+    }
+
+    /// The table a job in this state lives in.
+    fn table(self) -> Table {
+        match self {
+            Self::Pending | Self::Scheduled | Self::Running | Self::Retrying => Table::Queue,
+            Self::Done => Table::Archive,
+            Self::Killed | Self::Dead => Table::DeadLetters,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Table {
+    Queue,
+    Archive,
+    DeadLetters,
+}
+
+/// One job as read by an inspection query.
+#[derive(Debug, Clone)]
+pub struct JobRecord {
+    /// The job's id: its `msg_id` in the queue (kept in the archive and in the dead letter).
+    pub id: i64,
+    /// Its state.
+    pub state: JobState,
+    /// The row itself (for a dead letter: the dead-letter queue's row, whose `msg_id` differs).
+    pub message: Message,
+    /// When it was archived (done jobs).
+    pub archived_at: Option<DateTime<Utc>>,
+    /// When its state last changed, as far as the row tells: archived, dead-lettered, last
+    /// read, or sent.
+    pub changed_at: DateTime<Utc>,
+}
+
+impl JobRecord {
+    /// `headers.apalis.<key>` as text, if present.
+    #[must_use]
+    pub fn apalis_header(&self, key: &str) -> Option<String> {
+        header_text(self.message.headers.as_ref(), &["apalis", key])
+    }
+
+    /// `headers.apalis_dead_letter.<key>` as text, if present.
+    #[must_use]
+    pub fn dead_letter(&self, key: &str) -> Option<String> {
+        header_text(self.message.headers.as_ref(), &["apalis_dead_letter", key])
+    }
+}
+
+fn header_text(headers: Option<&Value>, path: &[&str]) -> Option<String> {
+    let mut v = headers?;
+    for p in path {
+        v = v.get(p)?;
+    }
+    match v {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+/// Counts of one queue's jobs by state, and its recent throughput.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct QueueCounts {
+    /// Visible now.
+    pub pending: i64,
+    /// Delayed, never read.
+    pub scheduled: i64,
+    /// Leased by a worker.
+    pub running: i64,
+    /// Waiting for a backoff.
+    pub retrying: i64,
+    /// Archived (an estimate from the planner's statistics above 100 000 rows).
+    pub done: i64,
+    /// In the dead-letter queue.
+    pub dead: i64,
+    /// Age of the oldest visible job, in seconds.
+    pub oldest_pending_secs: Option<f64>,
+    /// Jobs archived in the last 5 minutes.
+    pub done_last_5_min: i64,
+    /// Jobs archived in the last hour.
+    pub done_last_hour: i64,
+}
+
+/// SQL of one queue's inspection queries.
+#[derive(Debug)]
+pub(super) struct InspectSql {
+    pub(super) list_queue: Arc<str>,
+    pub(super) list_archive: Arc<str>,
+    pub(super) list_dead: Arc<str>,
+    pub(super) find_queue: Arc<str>,
+    pub(super) find_archive: Arc<str>,
+    pub(super) find_dead: Arc<str>,
+    pub(super) counts: Arc<str>,
+    pub(super) activity: Arc<str>,
+    pub(super) update_waiting: Arc<str>,
+    pub(super) prune_archive: Arc<str>,
+}
+
+/// The state of a row of the queue table.
+const QUEUE_STATE: &str = "CASE WHEN m.vt <= clock_timestamp() THEN 'pending' \
+     WHEN m.read_ct = 0 THEN 'scheduled' \
+     WHEN jsonb_typeof(m.headers->'apalis'->'failed_epoch') = 'number' \
+          AND (m.headers->'apalis'->>'failed_epoch')::float8 \
+              >= extract(epoch FROM coalesce(m.last_read_at, m.enqueued_at)) THEN 'retrying' \
+     ELSE 'running' END";
+
+/// The state of a row of the dead-letter queue.
+const DEAD_STATE: &str =
+    "CASE WHEN m.headers->'apalis_dead_letter'->>'reason' = 'killed' THEN 'killed' ELSE 'dead' END";
+
+/// The job id of a dead letter: the original `msg_id` when recorded (a JSON number).
+const DEAD_JOB_ID: &str = "CASE WHEN jsonb_typeof(m.headers->'apalis_dead_letter'->'msg_id') = 'number' \
+     THEN (m.headers->'apalis_dead_letter'->>'msg_id')::bigint ELSE m.msg_id END";
+
+impl InspectSql {
+    pub(super) fn new(name: &QueueName) -> Self {
+        let q = name.queue_table();
+        let a = name.archive_table();
+        let d = name.dead_letter().queue_table();
+        let cols = "m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.vt, m.message::text, \
+                    m.headers::text";
+        Self {
+            // $1: state filter (NULL: any), $2: rows.
+            list_queue: format!(
+                "SELECT {cols}, s.state, NULL::timestamptz, m.msg_id, \
+                        coalesce(m.last_read_at, m.enqueued_at) AS changed \
+                 FROM {q} m CROSS JOIN LATERAL (SELECT {QUEUE_STATE} AS state) s \
+                 WHERE $1::text IS NULL OR s.state = $1 \
+                 ORDER BY m.msg_id DESC LIMIT $2"
+            )
+            .into(),
+            list_archive: format!(
+                "SELECT {cols}, 'done', m.archived_at, m.msg_id, m.archived_at \
+                 FROM {a} m ORDER BY m.msg_id DESC LIMIT $1"
+            )
+            .into(),
+            list_dead: format!(
+                "SELECT {cols}, s.state, NULL::timestamptz, {DEAD_JOB_ID}, m.enqueued_at \
+                 FROM {d} m CROSS JOIN LATERAL (SELECT {DEAD_STATE} AS state) s \
+                 WHERE $1::text IS NULL OR s.state = $1 \
+                 ORDER BY m.msg_id DESC LIMIT $2"
+            )
+            .into(),
+            find_queue: format!(
+                "SELECT {cols}, {QUEUE_STATE}, NULL::timestamptz, m.msg_id, \
+                        coalesce(m.last_read_at, m.enqueued_at) \
+                 FROM {q} m WHERE m.msg_id = $1"
+            )
+            .into(),
+            find_archive: format!(
+                "SELECT {cols}, 'done', m.archived_at, m.msg_id, m.archived_at \
+                 FROM {a} m WHERE m.msg_id = $1"
+            )
+            .into(),
+            // Uses the expression index of apalis_pgmq.index_dead_letters.
+            find_dead: format!(
+                "SELECT {cols}, {DEAD_STATE}, NULL::timestamptz, {DEAD_JOB_ID}, m.enqueued_at \
+                 FROM {d} m \
+                 WHERE ((m.headers->'apalis_dead_letter'->>'msg_id')::bigint) = $1 \
+                 ORDER BY m.msg_id DESC LIMIT 1"
+            )
+            .into(),
+            counts: format!(
+                "SELECT count(*) FILTER (WHERE s.state = 'pending'), \
+                        count(*) FILTER (WHERE s.state = 'scheduled'), \
+                        count(*) FILTER (WHERE s.state = 'running'), \
+                        count(*) FILTER (WHERE s.state = 'retrying'), \
+                        (SELECT CASE WHEN c.reltuples < 100000 THEN (SELECT count(*) FROM {a}) \
+                                     ELSE c.reltuples::bigint END \
+                           FROM pg_class c WHERE c.oid = '{a_lit}'::regclass), \
+                        (SELECT count(*) FROM {d}), \
+                        extract(epoch FROM clock_timestamp() \
+                                - min(m.enqueued_at) FILTER (WHERE s.state = 'pending'))::float8, \
+                        (SELECT count(*) FROM {a} WHERE archived_at > clock_timestamp() - interval '5 minutes'), \
+                        (SELECT count(*) FROM {a} WHERE archived_at > clock_timestamp() - interval '1 hour') \
+                 FROM {q} m CROSS JOIN LATERAL (SELECT {QUEUE_STATE} AS state) s",
+                a_lit = a.replace('\'', "''")
+            )
+            .into(),
+            // Only a waiting job: visible, or delayed and never read (not leased).
+            update_waiting: format!(
+                "UPDATE {q} m SET message = $2::text::jsonb \
+                 WHERE m.msg_id = $1 AND (m.vt <= clock_timestamp() OR m.read_ct = 0) \
+                 RETURNING m.msg_id"
+            )
+            .into(),
+            // One batch of the oldest archived rows older than $1 seconds by the server's clock
+            // (NULL: any), oldest first.
+            prune_archive: format!(
+                "WITH old AS (SELECT msg_id FROM {a} \
+                              WHERE $1::float8 IS NULL \
+                                 OR archived_at < clock_timestamp() - make_interval(secs => $1) \
+                              ORDER BY msg_id LIMIT $2), \
+                      gone AS (DELETE FROM {a} m USING old WHERE m.msg_id = old.msg_id RETURNING 1) \
+                 SELECT count(*) FROM gone"
+            )
+            .into(),
+            // Jobs archived on each of the last 7 days (today last), at most 1 000 000 a day.
+            activity: format!(
+                "SELECT d.i, (SELECT count(*) FROM (SELECT 1 FROM {a} \
+                              WHERE archived_at >= date_trunc('day', now()) - make_interval(days => d.i) \
+                                AND archived_at < date_trunc('day', now()) - make_interval(days => d.i - 1) \
+                              LIMIT 1000000) x) \
+                 FROM generate_series(6, 0, -1) AS d(i)"
+            )
+            .into(),
+        }
+    }
+}
+
+fn record(row: &PgRow) -> Result<JobRecord, sqlx::Error> {
+    let message = Message::from_row(row)?;
+    let state: String = row.try_get(7)?;
+    let archived_at: Option<DateTime<Utc>> = row.try_get(8)?;
+    let id: i64 = row.try_get(9)?;
+    let changed_at: DateTime<Utc> = row.try_get(10)?;
+    Ok(JobRecord {
+        id,
+        state: JobState::parse(&state).unwrap_or(JobState::Pending),
+        message,
+        archived_at,
+        changed_at,
+    })
+}
+
+impl PgmqQueue {
+    /// One page of the queue's jobs, optionally in one state only: `offset` rows skipped, at
+    /// most `limit` returned. Without a state, live jobs (queue table) come first, then dead
+    /// letters, then done jobs; each newest first.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`](crate::Error::Database) if a statement fails.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::{JobState, PgmqQueue, QueueName};
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// let q = PgmqQueue::new(QueueName::new("email")?);
+    /// for job in q.jobs(&pool, Some(JobState::Dead), 0, 20).await? {
+    ///     println!("{} {:?} {:?}", job.id, job.state, job.dead_letter("error"));
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn jobs(
+        &self,
+        pool: &PgPool,
+        state: Option<JobState>,
+        offset: u32,
+        limit: u32,
+    ) -> crate::Result<Vec<JobRecord>> {
+        let want = i64::from(offset) + i64::from(limit);
+        let s = &self.sql.inspect;
+        let tables: Vec<Table> = match state {
+            Some(st) => vec![st.table()],
+            None => vec![Table::Queue, Table::DeadLetters, Table::Archive],
+        };
+        let filter = state.map(JobState::as_str);
+        let mut all = Vec::new();
+        for t in tables {
+            let rows = match t {
+                Table::Queue => {
+                    sqlx::query(AssertSqlSafe(s.list_queue.clone()))
+                        .bind(filter)
+                        .bind(want)
+                        .fetch_all(pool)
+                        .await?
+                }
+                Table::Archive => {
+                    sqlx::query(AssertSqlSafe(s.list_archive.clone()))
+                        .bind(want)
+                        .fetch_all(pool)
+                        .await?
+                }
+                Table::DeadLetters => {
+                    sqlx::query(AssertSqlSafe(s.list_dead.clone()))
+                        .bind(filter)
+                        .bind(want)
+                        .fetch_all(pool)
+                        .await?
+                }
+            };
+            for row in &rows {
+                all.push(record(row)?);
+            }
+        }
+        Ok(all
+            .into_iter()
+            .skip(offset as usize)
+            .take(limit as usize)
+            .collect())
+    }
+
+    /// The job with this id, wherever it is (queue, archive, dead letters), or `None`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`](crate::Error::Database) if a statement fails.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::{PgmqQueue, QueueName};
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// let q = PgmqQueue::new(QueueName::new("email")?);
+    /// if let Some(job) = q.job(&pool, 42).await? {
+    ///     println!("job 42 is {:?}", job.state);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn job(&self, pool: &PgPool, id: i64) -> crate::Result<Option<JobRecord>> {
+        let s = &self.sql.inspect;
+        for sql in [&s.find_queue, &s.find_archive, &s.find_dead] {
+            if let Some(row) = sqlx::query(AssertSqlSafe(sql.clone()))
+                .bind(id)
+                .fetch_optional(pool)
+                .await?
+            {
+                return Ok(Some(record(&row)?));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Counts of the queue's jobs by state, and its recent throughput.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`](crate::Error::Database) if a statement fails (e.g. the queue or its
+    /// dead-letter queue does not exist).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::{PgmqQueue, QueueName};
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// let c = PgmqQueue::new(QueueName::new("email")?).counts(&pool).await?;
+    /// println!("{} pending, {} dead", c.pending, c.dead);
+    /// # Ok(()) }
+    /// ```
+    pub async fn counts(&self, pool: &PgPool) -> crate::Result<QueueCounts> {
+        let row = sqlx::query(AssertSqlSafe(self.sql.inspect.counts.clone()))
+            .fetch_one(pool)
+            .await?;
+        Ok(QueueCounts {
+            pending: row.try_get(0)?,
+            scheduled: row.try_get(1)?,
+            running: row.try_get(2)?,
+            retrying: row.try_get(3)?,
+            done: row.try_get::<Option<i64>, _>(4)?.unwrap_or(0),
+            dead: row.try_get(5)?,
+            oldest_pending_secs: row.try_get(6)?,
+            done_last_5_min: row.try_get(7)?,
+            done_last_hour: row.try_get(8)?,
+        })
+    }
+
+    /// Replaces the body of a waiting job (pending or scheduled, never a leased one); `false`
+    /// if no such job.
+    pub(crate) async fn update_waiting(
+        &self,
+        pool: &PgPool,
+        id: i64,
+        body: &Value,
+    ) -> crate::Result<bool> {
+        let text = serde_json::to_string(body)?;
+        if text.len() > self.max_payload_bytes {
+            return Err(crate::Error::PayloadTooLarge {
+                size: text.len(),
+                limit: self.max_payload_bytes,
+            });
+        }
+        let row: Option<i64> =
+            sqlx::query_scalar(AssertSqlSafe(self.sql.inspect.update_waiting.clone()))
+                .bind(id)
+                .bind(text)
+                .fetch_optional(pool)
+                .await?;
+        Ok(row.is_some())
+    }
+
+    /// Deletes archived jobs older than `older_than` (all, with `None`) in batches of 10 000,
+    /// each its own short statement; returns how many.
+    pub(crate) async fn prune_archive(
+        &self,
+        pool: &PgPool,
+        older_than: Option<std::time::Duration>,
+    ) -> crate::Result<usize> {
+        // Seconds, capped at what an interval holds comfortably (about 3 000 years).
+        let before = older_than.map(|d| d.as_secs_f64().min(1e11));
+        let mut total = 0usize;
+        loop {
+            let n: i64 = sqlx::query_scalar(AssertSqlSafe(self.sql.inspect.prune_archive.clone()))
+                .bind(before)
+                .bind(10_000i64)
+                .fetch_one(pool)
+                .await?;
+            total += usize::try_from(n).unwrap_or(0);
+            if n < 10_000 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Jobs archived on each of the last 7 days, oldest first (today last).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`](crate::Error::Database) if the statement fails.
+    pub async fn daily_done(&self, pool: &PgPool) -> crate::Result<Vec<i64>> {
+        let rows: Vec<(i32, i64)> =
+            sqlx::query_as(AssertSqlSafe(self.sql.inspect.activity.clone()))
+                .fetch_all(pool)
+                .await?;
+        Ok(rows.into_iter().map(|(_, n)| n).collect())
+    }
+}

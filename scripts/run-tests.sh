@@ -7,7 +7,11 @@ cargo test --all-features "$@"
 echo "== fault suite"
 cargo run -q -p apalis-pgmq-notify-faults -- run
 for example in $(ls examples/*.rs 2>/dev/null | xargs -n1 basename | sed 's/\.rs$//'); do
+  # The board serves until stopped: the browser check below runs it.
+  [ "$example" = board ] && continue
   echo "== example: $example"
   timeout 300 cargo run --quiet --example "$example"
 done
+echo "== board in a browser"
+timeout 600 scripts/board-check.sh
 echo "== all tests and examples passed"

@@ -244,12 +244,19 @@ async fn queues_and_metrics_count_every_state() {
             .value
             .clone()
     };
-    assert_eq!(get("PENDING_JOBS"), "3");
+    assert_eq!(
+        get("PENDING_JOBS"),
+        "4",
+        "3 visible and 1 scheduled (the board has no scheduled count)"
+    );
     assert_eq!(get("SCHEDULED_JOBS"), "1");
     assert_eq!(get("RUNNING_JOBS"), "1");
     assert_eq!(get("RETRYING_JOBS"), "1");
     assert_eq!(get("DONE_JOBS"), "1");
-    assert_eq!(get("DEAD_JOBS"), "3");
+    assert_eq!(get("DEAD_JOBS"), "2", "dead: 8 and the undecodable one");
+    assert_eq!(get("FAILED_JOBS"), "3", "retrying and dead");
+    assert_eq!(get("KILLED_JOBS"), "1");
+    assert_eq!(get("TOTAL_JOBS"), "10");
     assert_eq!(get("DONE_LAST_HOUR"), "1");
     assert!(
         get("OLDEST_PENDING_AGE_SECS")
@@ -270,7 +277,8 @@ async fn queues_and_metrics_count_every_state() {
     assert!(
         global
             .iter()
-            .any(|st| st.title == "QUEUES" && st.value == "1")
+            .any(|st| st.title == "TOTAL_JOBS" && st.value == "10"),
+        "{global:?}"
     );
 }
 

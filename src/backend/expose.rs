@@ -13,7 +13,12 @@
 //! | killed (dead-lettered) | `Killed` | `killed` (+ `dead_reason`, `dead_error`, `dead_at`) |
 //! | dead | `Failed` | `dead` (+ `dead_reason`, `dead_error`, `dead_at`) |
 //!
-//! A filter on `Failed` lists retrying jobs, then dead ones. Pages are read with bounded index
+//! A filter on `Failed` lists retrying jobs, then dead ones. `Metrics::global` and the queues'
+//! statistics use the titles apalis-board knows (`TOTAL_JOBS`, `PENDING_JOBS` (scheduled
+//! included), `RUNNING_JOBS`, `DONE_JOBS`, `FAILED_JOBS` (retrying and dead), `KILLED_JOBS`);
+//! `Metrics::fetch_by_queue` adds `SCHEDULED_JOBS`, `RETRYING_JOBS`, `DEAD_JOBS`,
+//! `OLDEST_PENDING_AGE_SECS`, `DONE_LAST_5_MIN`, `DONE_LAST_HOUR` and
+//! `THROUGHPUT_PER_SEC_5_MIN`. Pages are read with bounded index
 //! scans (see `src/queue/inspect.rs`).
 
 use std::time::Duration;
@@ -156,15 +161,34 @@ fn stat(title: &str, stat_type: StatType, value: String, priority: u64) -> Stati
     }
 }
 
+/// The counts under the titles apalis-board 1.0 knows (it labels others "Total Jobs" and
+/// decides from `FAILED_JOBS` and `KILLED_JOBS` whether to load those tabs).
+fn board_stats(c: &QueueCounts) -> Vec<Statistic> {
+    let n = |v: i64| v.to_string();
+    let total = c.pending + c.scheduled + c.running + c.retrying + c.done + c.dead + c.killed;
+    vec![
+        stat("TOTAL_JOBS", StatType::Number, n(total), 1),
+        stat(
+            "PENDING_JOBS",
+            StatType::Number,
+            n(c.pending + c.scheduled),
+            1,
+        ),
+        stat("RUNNING_JOBS", StatType::Number, n(c.running), 1),
+        stat("DONE_JOBS", StatType::Number, n(c.done), 1),
+        stat("FAILED_JOBS", StatType::Number, n(c.retrying + c.dead), 1),
+        stat("KILLED_JOBS", StatType::Number, n(c.killed), 1),
+    ]
+}
+
+/// All counts: the board's, then this crate's finer ones.
 fn stats_of(c: &QueueCounts) -> Vec<Statistic> {
     let n = |v: i64| v.to_string();
-    vec![
-        stat("PENDING_JOBS", StatType::Number, n(c.pending), 1),
-        stat("RUNNING_JOBS", StatType::Number, n(c.running), 1),
-        stat("RETRYING_JOBS", StatType::Number, n(c.retrying), 1),
-        stat("DEAD_JOBS", StatType::Number, n(c.dead), 1),
+    let mut stats = board_stats(c);
+    stats.extend([
         stat("SCHEDULED_JOBS", StatType::Number, n(c.scheduled), 2),
-        stat("DONE_JOBS", StatType::Number, n(c.done), 2),
+        stat("RETRYING_JOBS", StatType::Number, n(c.retrying), 2),
+        stat("DEAD_JOBS", StatType::Number, n(c.dead), 2),
         stat(
             "OLDEST_PENDING_AGE_SECS",
             StatType::Decimal,
@@ -179,7 +203,8 @@ fn stats_of(c: &QueueCounts) -> Vec<Statistic> {
             format!("{:.2}", c.done_last_5_min as f64 / 300.0),
             3,
         ),
-    ]
+    ]);
+    stats
 }
 
 fn sum(all: &[QueueCounts]) -> QueueCounts {
@@ -191,6 +216,7 @@ fn sum(all: &[QueueCounts]) -> QueueCounts {
         t.retrying += c.retrying;
         t.done += c.done;
         t.dead += c.dead;
+        t.killed += c.killed;
         t.done_last_5_min += c.done_last_5_min;
         t.done_last_hour += c.done_last_hour;
         t.oldest_pending_secs = match (t.oldest_pending_secs, c.oldest_pending_secs) {
@@ -288,7 +314,7 @@ where
                     .collect();
                 out.push(QueueInfo {
                     name: name.as_str().to_owned(),
-                    stats: stats_of(&counts),
+                    stats: board_stats(&counts),
                     workers,
                     activity,
                 });
@@ -370,15 +396,9 @@ where
             for name in app_queues(&pool).await? {
                 all.push(counts_or_empty(&pool, &PgmqQueue::new(name)).await);
             }
-            let mut stats = stats_of(&sum(&all));
-            stats.push(stat("QUEUES", StatType::Number, all.len().to_string(), 3));
-            stats.push(stat(
-                "WORKERS",
-                StatType::Number,
-                workers(&pool, None).await?.len().to_string(),
-                3,
-            ));
-            Ok(stats)
+            // The board shows every overall statistic as a card and knows only its own titles;
+            // the finer counts are per queue (`fetch_by_queue`, `PgmqQueue::counts`).
+            Ok(board_stats(&sum(&all)))
         }
     }
 

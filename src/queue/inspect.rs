@@ -147,8 +147,10 @@ pub struct QueueCounts {
     pub retrying: i64,
     /// Archived (an estimate from the planner's statistics above 100 000 rows).
     pub done: i64,
-    /// In the dead-letter queue.
+    /// In the dead-letter queue, killed ones excluded.
     pub dead: i64,
+    /// In the dead-letter queue because their handler aborted (`KilledAction::DeadLetter`).
+    pub killed: i64,
     /// Age of the oldest visible job, in seconds.
     pub oldest_pending_secs: Option<f64>,
     /// Jobs archived in the last 5 minutes.
@@ -244,7 +246,8 @@ impl InspectSql {
                         (SELECT CASE WHEN c.reltuples < 100000 THEN (SELECT count(*) FROM {a}) \
                                      ELSE c.reltuples::bigint END \
                            FROM pg_class c WHERE c.oid = '{a_lit}'::regclass), \
-                        (SELECT count(*) FROM {d}), \
+                        (SELECT count(*) FROM {d} m WHERE {DEAD_STATE} = 'dead'), \
+                        (SELECT count(*) FROM {d} m WHERE {DEAD_STATE} = 'killed'), \
                         extract(epoch FROM clock_timestamp() \
                                 - min(m.enqueued_at) FILTER (WHERE s.state = 'pending'))::float8, \
                         (SELECT count(*) FROM {a} WHERE archived_at > clock_timestamp() - interval '5 minutes'), \
@@ -426,9 +429,10 @@ impl PgmqQueue {
             retrying: row.try_get(3)?,
             done: row.try_get::<Option<i64>, _>(4)?.unwrap_or(0),
             dead: row.try_get(5)?,
-            oldest_pending_secs: row.try_get(6)?,
-            done_last_5_min: row.try_get(7)?,
-            done_last_hour: row.try_get(8)?,
+            killed: row.try_get(6)?,
+            oldest_pending_secs: row.try_get(7)?,
+            done_last_5_min: row.try_get(8)?,
+            done_last_hour: row.try_get(9)?,
         })
     }
 

@@ -205,8 +205,12 @@ pub struct Config {
     /// How long a job that returned `DeferredError` waits before it is visible again, so a
     /// handler that always defers cannot loop hot.
     pub(crate) defer_delay: Duration,
-    /// How often a process refreshes its workers' rows in the worker registry.
+    /// How often a process refreshes its workers' rows in the worker registry (and prunes).
     pub(crate) heartbeat_interval: Duration,
+    /// How long done (archived) jobs are kept; `None`: forever.
+    pub(crate) archive_retention: Option<Duration>,
+    /// How long dead letters are kept; `None`: forever.
+    pub(crate) dead_letter_retention: Option<Duration>,
 }
 
 impl Default for Config {
@@ -233,6 +237,8 @@ impl Default for Config {
             heartbeat_interval: Duration::from_millis(
                 crate::notify::registry::DEFAULT_HEARTBEAT_MS,
             ),
+            archive_retention: Some(Duration::from_secs(7 * 24 * 3600)),
+            dead_letter_retention: Some(Duration::from_secs(30 * 24 * 3600)),
         }
     }
 }
@@ -386,6 +392,23 @@ impl Config {
     #[must_use]
     pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
         self.heartbeat_interval = interval;
+        self
+    }
+
+    /// How long done (archived) jobs are kept (default 7 days; `None` keeps everything). A
+    /// worker process prunes older ones after its heartbeats, in batches of 10 000, one process
+    /// per queue at a time; `apalis-pgmq-notify prune` and [`prune`](crate::prune) do it on
+    /// demand.
+    #[must_use]
+    pub fn archive_retention(mut self, keep: Option<Duration>) -> Self {
+        self.archive_retention = keep;
+        self
+    }
+
+    /// How long dead letters are kept (default 30 days; `None` keeps everything).
+    #[must_use]
+    pub fn dead_letter_retention(mut self, keep: Option<Duration>) -> Self {
+        self.dead_letter_retention = keep;
         self
     }
 

@@ -98,6 +98,7 @@ mod error;
 mod lease;
 mod migrate;
 mod notify;
+mod ops;
 mod queue;
 mod sql;
 mod sql_check;
@@ -108,13 +109,16 @@ pub use backend::{HEADERS_KEY, PgmqStorage, drop_queue_and_dead_letters};
 pub use config::{Backoff, Config, DoneAction, ExhaustedAction, KilledAction};
 pub use config_file::ConfigFile;
 pub use error::{Error, Result};
-pub use migrate::{MIN_PGMQ_VERSION, PgmqSource, SCHEMA, SetupReport, setup};
+pub use migrate::{
+    MIN_PGMQ_VERSION, PendingMigration, PgmqSource, SCHEMA, SetupReport, pending_migrations, setup,
+};
 pub use notify::{
     DEFAULT_MESSAGE_PAYLOAD_BYTES, DEFAULT_NAMESPACE, DEFAULT_NAMESPACE_PATTERN, EventStream,
     ListenerStats, MAX_CHANNEL_LEN, MAX_PREFIX_LEN, NotifyChannels, NotifyMode, QueueEvent,
     QueueEvents, disable_notify, enable_created_notify, enable_notify, notify_migration_sql,
     notify_mode,
 };
+pub use ops::{Pruned, QueueOverview, pause, paused_queues, prune, queues_overview, resume};
 pub use queue::{
     DEAD_LETTER_SUFFIX, DEFAULT_MAX_PAYLOAD_BYTES, Delay, JobRecord, JobState, MAX_QUEUE_NAME_LEN,
     Message, MessageInfo, NewMessage, PgmqQueue, QueueCounts, QueueInfo, QueueMetrics, QueueName,

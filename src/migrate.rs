@@ -56,6 +56,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "registry",
         sql: include_str!("../migrations/0006_registry.sql"),
     },
+    Migration {
+        version: 7,
+        name: "operations",
+        sql: include_str!("../migrations/0007_operations.sql"),
+    },
 ];
 
 /// What [`setup`] found and did.
@@ -222,6 +227,57 @@ impl Version {
         })?;
         Some(Self(major, minor, patch))
     }
+}
+
+/// A migration of this crate that a database has not applied yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PendingMigration {
+    /// Its number.
+    pub version: i32,
+    /// Its name.
+    pub name: &'static str,
+    /// Its SQL, as [`setup`] would run it.
+    pub sql: &'static str,
+}
+
+/// The migrations [`setup`] would apply to this database, in order (all of them when this
+/// crate's schema is absent). Reads only; whether PGMQ itself is installed is not checked.
+///
+/// # Errors
+///
+/// [`Error::Database`] if the database cannot be read.
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+/// let pending = apalis_pgmq_notify::pending_migrations(&pool).await?;
+/// if !pending.is_empty() {
+///     eprintln!("run apalis_pgmq_notify::setup (or `apalis-pgmq-notify migrate`) first");
+/// }
+/// # Ok(()) }
+/// ```
+pub async fn pending_migrations(pool: &PgPool) -> Result<Vec<PendingMigration>> {
+    let exists: bool = sqlx::query_scalar(crate::sql::MIGRATIONS_TABLE_PRESENT)
+        .fetch_one(pool)
+        .await?;
+    let done: Vec<i32> = if exists {
+        sqlx::query_scalar(crate::sql::APPLIED_VERSIONS)
+            .fetch_all(pool)
+            .await?
+    } else {
+        Vec::new()
+    };
+    Ok(MIGRATIONS
+        .iter()
+        .filter(|m| !done.contains(&m.version))
+        .map(|m| PendingMigration {
+            version: m.version,
+            name: m.name,
+            sql: m.sql,
+        })
+        .collect())
 }
 
 /// FNV-1a, to notice a shipped migration being edited.

@@ -121,8 +121,35 @@ pub(crate) const LIST_WORKERS: &str = "SELECT name, queue, service, \
      WHERE expires_at > clock_timestamp() AND ($1::text IS NULL OR queue = $1) \
      ORDER BY queue, name";
 
+/// Used in `src/queue/inspect.rs`: one process at a time prunes a queue (a transaction lock).
+pub(crate) const TRY_PRUNE_LOCK: &str =
+    "SELECT pg_try_advisory_xact_lock(hashtext('apalis_pgmq.prune'), hashtext($1))";
+
+/// Used in `src/ops.rs`.
+pub(crate) const PAUSE: &str = "SELECT apalis_pgmq.pause($1)";
+
+/// Used in `src/ops.rs`.
+pub(crate) const RESUME: &str = "SELECT apalis_pgmq.resume($1, $2, $3)";
+
+/// Used in `src/ops.rs`.
+pub(crate) const PAUSED_QUEUES: &str = "SELECT queue FROM apalis_pgmq.paused ORDER BY queue";
+
+/// Used in `src/migrate.rs`.
+pub(crate) const MIGRATIONS_TABLE_PRESENT: &str =
+    "SELECT to_regclass('apalis_pgmq.schema_migrations') IS NOT NULL";
+
+/// Used in `src/migrate.rs`.
+pub(crate) const APPLIED_VERSIONS: &str =
+    "SELECT version FROM apalis_pgmq.schema_migrations ORDER BY version";
+
 /// The fixed statements, by name.
 pub(crate) const ALL: &[(&str, &str)] = &[
+    ("migrations_table_present", MIGRATIONS_TABLE_PRESENT),
+    ("applied_versions", APPLIED_VERSIONS),
+    ("try_prune_lock", TRY_PRUNE_LOCK),
+    ("pause", PAUSE),
+    ("resume", RESUME),
+    ("paused_queues", PAUSED_QUEUES),
     ("index_dead_letters", INDEX_DEAD_LETTERS),
     ("heartbeat", HEARTBEAT),
     ("unregister_worker", UNREGISTER_WORKER),

@@ -39,7 +39,18 @@ pub async fn prepare_every_statement(pool: &PgPool, queue: &QueueName) -> Result
         for (name, sql) in handle.statements() {
             // A dead-letter queue has no dead-letter queue of its own: outcomes and dead-letter
             // lookups are for queues only.
-            if dead_letters && matches!(name, "complete" | "list_dead" | "find_dead" | "counts") {
+            if dead_letters
+                && matches!(
+                    name,
+                    "complete"
+                        | "list_dead"
+                        | "find_dead"
+                        | "counts"
+                        | "prune_dead"
+                        | "replay"
+                        | "delete_dead"
+                )
+            {
                 continue;
             }
             all.push((format!("{}.{name}", handle.name()), sql.to_string()));

@@ -5,7 +5,7 @@ mod common;
 use std::process::{Command, Output};
 
 use apalis_pgmq_notify::{NotifyMode, PgmqQueue, QueueName, notify_mode};
-use common::TestDb;
+use common::{TestDb, count};
 
 fn cli(args: &[&str], database_url: Option<&str>) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_apalis-pgmq-notify"));
@@ -196,4 +196,299 @@ async fn drop_queue_takes_the_dead_letter_queue_with_it() {
     s.create_queue().await.expect("create again");
     assert!(s.drop_queue().await.expect("drop"));
     assert_eq!(common::count(&db.pool, tables).await, 0);
+}
+
+/// JSON with the values that change from run to run (times, ids) replaced, for golden checks.
+fn normalized(text: &str) -> serde_json::Value {
+    fn walk(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m.iter_mut() {
+                    if k.ends_with("_at") || k == "at" || k == "oldest_pending_secs" {
+                        if !x.is_null() {
+                            *x = serde_json::json!("<time>");
+                        }
+                    } else {
+                        walk(x);
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let mut v: serde_json::Value =
+        serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    walk(&mut v);
+    v
+}
+
+/// A queue with a visible job, a scheduled one and two dead letters.
+async fn operated(db: &TestDb, name: &str) -> PgmqQueue {
+    let s = apalis_pgmq_notify::PgmqStorage::<serde_json::Value>::new(
+        &db.pool,
+        QueueName::new(name).expect("name"),
+    );
+    s.create_queue().await.expect("create");
+    let q = s.queue().clone();
+    q.send_with(
+        &db.pool,
+        &serde_json::json!({"n": 1}),
+        None,
+        apalis_pgmq_notify::Delay::Now,
+    )
+    .await
+    .expect("send");
+    q.send_with(
+        &db.pool,
+        &serde_json::json!({"n": 2}),
+        None,
+        apalis_pgmq_notify::Delay::After(std::time::Duration::from_secs(3600)),
+    )
+    .await
+    .expect("send later");
+    for (id, reason) in [(101, "failed"), (102, "undecodable")] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO pgmq.q_{name}_dlq (vt, message, headers) VALUES (clock_timestamp(), \
+             jsonb_build_object('n', {id}), jsonb_build_object('apalis_dead_letter', \
+             jsonb_build_object('reason', '{reason}', 'error', 'boom {id}', 'attempts', 3, \
+             'msg_id', {id}, 'queue', '{name}', 'at', now())))"
+        )))
+        .execute(&db.pool)
+        .await
+        .expect("dead letter");
+    }
+    q
+}
+
+#[tokio::test]
+async fn read_commands_print_tables_and_golden_json() {
+    let db = TestDb::setup().await;
+    let url = db.url();
+    operated(&db, "ops").await;
+    let out = cli(&["queues", "--json"], Some(&url));
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        normalized(&String::from_utf8_lossy(&out.stdout)),
+        serde_json::json!([{
+            "queue": "ops", "depth": 2, "visible": 1, "scheduled": 1, "in_flight": 0,
+            "oldest_pending_secs": "<time>", "archived": 0, "dead_letters": 2,
+            "notify": "on_demand", "paused": false
+        }])
+    );
+    let out = cli(&["queues"], Some(&url));
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        table.starts_with("QUEUE  DEPTH  VISIBLE  SCHEDULED"),
+        "{table}"
+    );
+    assert!(
+        !table.contains("QueueOverview {"),
+        "no Rust Debug text: {table}"
+    );
+    let out = cli(&["dlq", "list", "ops", "--json"], Some(&url));
+    assert!(out.status.success(), "{}", text(&out));
+    let list = normalized(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(list.as_array().map(Vec::len), Some(2));
+    assert_eq!(list[0]["id"], 102, "newest first");
+    assert_eq!(list[0]["state"], "dead");
+    assert_eq!(
+        list[0]["dead_letter"],
+        serde_json::json!({"reason": "undecodable", "error": "boom 102", "at": "<time>"})
+    );
+    let out = cli(
+        &["dlq", "list", "ops", "--page-size", "1", "--page", "2"],
+        Some(&url),
+    );
+    let page = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(page.contains("101") && !page.contains("102"), "{page}");
+    let out = cli(&["dlq", "show", "ops", "101"], Some(&url));
+    assert!(text(&out).contains("boom 101"), "{}", text(&out));
+    let out = cli(&["job", "show", "ops", "1", "--json"], Some(&url));
+    let job = normalized(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(job["state"], "pending");
+    assert_eq!(job["message"], serde_json::json!({"n": 1}));
+    let out = cli(&["job", "show", "ops", "999"], Some(&url));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let out = cli(&["workers", "--json"], Some(&url));
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        normalized(&String::from_utf8_lossy(&out.stdout)),
+        serde_json::json!([])
+    );
+}
+
+#[tokio::test]
+async fn dlq_replay_is_all_or_nothing_and_job_commands_act() {
+    let db = TestDb::setup().await;
+    let url = db.url();
+    let q = operated(&db, "replay").await;
+    // A replay that fails half-way (the second insert is refused) moves nothing.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_second() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.message->>'n' = '102' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER refuse_second BEFORE INSERT ON pgmq.q_replay \
+         FOR EACH ROW EXECUTE FUNCTION refuse_second();",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("trigger");
+    let out = cli(&["dlq", "replay", "replay", "--all"], Some(&url));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM pgmq.q_replay_dlq").await,
+        2
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM pgmq.q_replay").await,
+        2
+    );
+    sqlx::raw_sql("DROP TRIGGER refuse_second ON pgmq.q_replay")
+        .execute(&db.pool)
+        .await
+        .expect("drop trigger");
+    // Replay one with a fresh budget: its attempts and dead-letter record are gone.
+    let out = cli(
+        &["dlq", "replay", "replay", "101", "--reset-attempts"],
+        Some(&url),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let headers: serde_json::Value = sqlx::query_scalar(
+        "SELECT coalesce(headers, '{}'::jsonb) FROM pgmq.q_replay WHERE message->>'n' = '101'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("replayed");
+    assert!(headers.get("apalis_dead_letter").is_none(), "{headers}");
+    assert!(headers["apalis"].get("attempts").is_none(), "{headers}");
+    // Without --reset-attempts the count continues (one more run).
+    let out = cli(&["dlq", "replay", "replay", "102"], Some(&url));
+    assert!(out.status.success(), "{}", text(&out));
+    let attempts: serde_json::Value = sqlx::query_scalar(
+        "SELECT headers->'apalis'->'attempts' FROM pgmq.q_replay WHERE message->>'n' = '102'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("replayed");
+    assert_eq!(attempts, 3);
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM pgmq.q_replay_dlq").await,
+        0
+    );
+    // Unknown ids: nothing moved, exit 1.
+    let out = cli(&["dlq", "replay", "replay", "4242"], Some(&url));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    // job retry makes a scheduled job visible now; job delete removes it.
+    let scheduled: i64 =
+        sqlx::query_scalar("SELECT msg_id FROM pgmq.q_replay WHERE message->>'n' = '2'")
+            .fetch_one(&db.pool)
+            .await
+            .expect("scheduled");
+    let out = cli(
+        &["job", "retry", "replay", &scheduled.to_string()],
+        Some(&url),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let visible = count(
+        &db.pool,
+        &format!("SELECT count(*) FROM pgmq.q_replay WHERE msg_id = {scheduled} AND vt <= clock_timestamp()"),
+    )
+    .await;
+    assert_eq!(visible, 1);
+    let out = cli(
+        &["job", "delete", "replay", &scheduled.to_string()],
+        Some(&url),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let out = cli(
+        &["job", "delete", "replay", &scheduled.to_string()],
+        Some(&url),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    // dlq purge.
+    q.send_with(
+        &db.pool,
+        &serde_json::json!({"n": 5}),
+        None,
+        apalis_pgmq_notify::Delay::Now,
+    )
+    .await
+    .expect("send");
+    sqlx::query("INSERT INTO pgmq.q_replay_dlq (vt, message) VALUES (clock_timestamp(), '{}')")
+        .execute(&db.pool)
+        .await
+        .expect("dead");
+    let out = cli(
+        &["dlq", "purge", "replay", "--older-than", "1h"],
+        Some(&url),
+    );
+    assert!(
+        text(&out).contains("0 dead letters deleted"),
+        "{}",
+        text(&out)
+    );
+    let out = cli(&["dlq", "purge", "replay"], Some(&url));
+    assert!(
+        text(&out).contains("1 dead letters deleted"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[tokio::test]
+async fn migrate_check_and_dry_run() {
+    let db = TestDb::fresh().await;
+    let url = db.url();
+    let out = cli(&["migrate", "--check"], Some(&url));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("pending migrations: 1 (init)"),
+        "{}",
+        text(&out)
+    );
+    let out = cli(&["migrate", "--dry-run"], Some(&url));
+    assert!(out.status.success());
+    assert!(
+        text(&out).contains("-- migration 7 (operations)"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'apalis_pgmq'"
+        )
+        .await,
+        0,
+        "a dry run changes nothing"
+    );
+    assert!(cli(&["migrate"], Some(&url)).status.success());
+    let out = cli(&["migrate", "--check"], Some(&url));
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn a_refused_connection_is_reported_as_such_within_the_timeout() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let started = std::time::Instant::now();
+    let out = cli(
+        &["queues"],
+        Some(&format!("postgres://nobody@127.0.0.1:{port}/nothing")),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let t = text(&out).to_lowercase();
+    assert!(
+        t.contains("refused") && !t.contains("pool timed out"),
+        "{t}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    let out = cli(&["--help"], None);
+    assert!(out.status.success());
+    assert!(text(&out).contains("dlq"), "{}", text(&out));
+    let out = cli(&["--version"], None);
+    assert!(text(&out).contains(env!("CARGO_PKG_VERSION")));
+    let out = cli(&["dlq", "replay", "q"], Some("postgres://x@127.0.0.1:1/x"));
+    assert_eq!(out.status.code(), Some(2), "usage error: {}", text(&out));
 }

@@ -594,21 +594,20 @@ async fn ensure_queue(
         tracing::warn!(queue = %shared.queue.name(),
             "LISTEN not active after 5 s; starting anyway with the fallback poll");
     }
+    let retention = crate::notify::registry::Retention {
+        archive: shared.config.archive_retention,
+        dead_letters: shared.config.dead_letter_retention,
+    };
     Ok(shared
         .hub
-        .register_worker(
-            &shared.pool,
-            &worker,
-            shared.queue.name().as_str(),
-            &service,
-        )
+        .register_worker(&shared.pool, &worker, &shared.queue, &service, retention)
         .await)
 }
 
 async fn fetch(shared: Arc<Shared>, qty: usize) -> Result<Vec<Message>> {
     let started = Instant::now();
     let vt = shared.config.visibility_timeout;
-    let messages = match shared.queue.read(&shared.pool, vt, qty).await {
+    let messages = match shared.queue.claim(&shared.pool, vt, qty).await {
         Ok(m) => m,
         Err(e) => return Err(crate::util::explain_pool_error(&shared.pool, e).await),
     };

@@ -1,49 +1,224 @@
-//! `apalis-pgmq-notify`: a thin command-line wrapper over the library.
+//! `apalis-pgmq-notify`: operate PGMQ queues used by apalis workers. A thin layer over the
+//! library: every command calls a public function applications can call too.
 //!
 //! ```text
-//! apalis-pgmq-notify migrate
-//! apalis-pgmq-notify enable-notify <queue>... [channel options] [--mode on_demand|batch|message]
-//! apalis-pgmq-notify disable-notify <queue>...
-//! apalis-pgmq-notify generate-migration [<queue>...] [channel options] [--created-events] [--output FILE]
-//! apalis-pgmq-notify validate <config.json>
-//! apalis-pgmq-notify drop-queue <queue>...
+//! apalis-pgmq-notify migrate [--check] [--dry-run]
+//! apalis-pgmq-notify queues [--json]
+//! apalis-pgmq-notify dlq list <queue> [--page N] [--page-size N] [--json]
+//! apalis-pgmq-notify dlq show <queue> <id> [--json]
+//! apalis-pgmq-notify dlq replay <queue> (<id>... | --all) [--reset-attempts]
+//! apalis-pgmq-notify dlq purge <queue> [--older-than 7d]
+//! apalis-pgmq-notify job show|retry|delete <queue> <id>
+//! apalis-pgmq-notify pause <queue> / resume <queue>
+//! apalis-pgmq-notify workers [--queue Q] [--json]
+//! apalis-pgmq-notify prune [<queue>...] [--archive-retention 7d] [--dead-letter-retention 30d]
+//! apalis-pgmq-notify enable-notify|disable-notify|drop-queue <queue>...
+//! apalis-pgmq-notify generate-migration [<queue>...] / validate <config.json>
 //! ```
 //!
 //! Exit status: 0 on success, 1 when the operation fails, 2 for bad usage or input.
 
-use std::process::ExitCode;
+use std::{process::ExitCode, str::FromStr, time::Duration};
 
+use apalis_core::backend::{ListWorkers, RunningWorker};
 use apalis_pgmq_notify::{
-    ConfigFile, NotifyChannels, NotifyMode, QueueName, disable_notify, drop_queue_and_dead_letters,
-    enable_notify, notify_migration_sql, notify_mode, setup,
+    ConfigFile, JobRecord, NotifyChannels, NotifyMode, PgmqQueue, PgmqStorage, QueueName,
+    disable_notify, drop_queue_and_dead_letters, enable_notify, notify_migration_sql, notify_mode,
+    pause, pending_migrations, prune, queues_overview, resume, setup,
 };
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+use sqlx::{ConnectOptions, Connection, postgres::PgConnectOptions};
 
-const USAGE: &str = "\
-usage: apalis-pgmq-notify <command> [options]
+/// Operate PGMQ queues used by apalis-pgmq-notify workers.
+#[derive(Parser)]
+#[command(name = "apalis-pgmq-notify", version, about, long_about = None)]
+struct Cli {
+    /// The database (default: $DATABASE_URL). `sslmode=require`/`verify-full` work (rustls).
+    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Give up connecting after this long, reporting why (e.g. "5s").
+    #[arg(long, global = true, default_value = "5s", value_parser = duration)]
+    connect_timeout: Duration,
+    #[command(subcommand)]
+    command: Command,
+}
 
-commands:
-  migrate                       install or check PGMQ, apply this crate's migrations
-  enable-notify <queue>...      install LISTEN/NOTIFY triggers on existing PGMQ queues
-  disable-notify <queue>...     remove them
-  generate-migration [<queue>...]
-                                print (or --output) the SQL that installs notifications,
-                                for projects that run their own migrations
-  validate <config.json>        check a storage configuration file
-  drop-queue <queue>...         drop queues with their dead-letter queues and archives
+#[derive(Subcommand)]
+enum Command {
+    /// Install or check PGMQ and apply this crate's migrations.
+    Migrate {
+        /// Only check: exit 1 if migrations are pending.
+        #[arg(long)]
+        check: bool,
+        /// Print the SQL of the pending migrations instead of running it.
+        #[arg(long, conflicts_with = "check")]
+        dry_run: bool,
+    },
+    /// Every queue: depth, visible, scheduled, in flight, oldest pending, archive, dead letters,
+    /// notify mode, paused.
+    Queues {
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Dead letters of a queue.
+    #[command(subcommand)]
+    Dlq(Dlq),
+    /// One job, by id, wherever it is.
+    #[command(subcommand)]
+    Job(Job),
+    /// Stop a queue's workers from claiming jobs (survives restarts).
+    Pause { queue: String },
+    /// Let a paused queue's workers claim jobs again (and wake them).
+    Resume {
+        queue: String,
+        #[command(flatten)]
+        channels: Channels,
+    },
+    /// Running workers, from the worker registry.
+    Workers {
+        /// Only this queue's.
+        #[arg(long)]
+        queue: Option<String>,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Delete archived jobs and dead letters past their retention (default: every queue).
+    Prune {
+        queues: Vec<String>,
+        /// Keep archived (done) jobs this long.
+        #[arg(long, default_value = "7d", value_parser = duration)]
+        archive_retention: Duration,
+        /// Keep dead letters this long.
+        #[arg(long, default_value = "30d", value_parser = duration)]
+        dead_letter_retention: Duration,
+    },
+    /// Install LISTEN/NOTIFY triggers on existing PGMQ queues.
+    EnableNotify {
+        #[arg(required = true)]
+        queues: Vec<String>,
+        #[command(flatten)]
+        channels: Channels,
+        #[command(flatten)]
+        mode: Mode,
+    },
+    /// Remove the triggers.
+    DisableNotify {
+        #[arg(required = true)]
+        queues: Vec<String>,
+    },
+    /// Print (or --output) the SQL that installs notifications, for your own migrations.
+    GenerateMigration {
+        queues: Vec<String>,
+        #[command(flatten)]
+        channels: Channels,
+        #[command(flatten)]
+        mode: Mode,
+        /// Also announce created queues.
+        #[arg(long)]
+        created_events: bool,
+        /// Write the SQL to this file.
+        #[arg(long)]
+        output: Option<String>,
+    },
+    /// Check a storage configuration file.
+    Validate { file: String },
+    /// Drop queues with their dead-letter queues and archives.
+    DropQueue {
+        #[arg(required = true)]
+        queues: Vec<String>,
+    },
+}
 
-options:
-  --database-url URL            database (default: $DATABASE_URL)
-  --prefix P                    channel prefix (default apq.)
-  --namespace-pattern RE        regex with a (?P<namespace>...) group
-                                (default (?P<namespace>\\w+)_queue)
-  --default-namespace NS        namespace of queues the pattern misses (default: default)
-  --mode on_demand|batch|message
-                                one NOTIFY per statement while a worker waits (default),
-                                always, or one per message with the payload
-  --max-payload-bytes N         byte budget of a per-message event (default 7000)
-  --created-events              generate-migration: also announce created queues
-  --output FILE                 generate-migration: write the SQL to FILE
-";
+#[derive(Subcommand)]
+enum Dlq {
+    /// List dead letters, newest first: reason, error, attempts, when.
+    List {
+        queue: String,
+        #[arg(long, default_value_t = 1)]
+        page: u32,
+        #[arg(long, default_value_t = 20)]
+        page_size: u32,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// One dead letter, by job id.
+    Show {
+        queue: String,
+        id: i64,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Move dead letters back into the queue, in one transaction.
+    Replay {
+        queue: String,
+        /// Job ids to replay.
+        ids: Vec<i64>,
+        /// Replay every dead letter of the queue.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// Give them a full attempt budget again (default: one more run).
+        #[arg(long)]
+        reset_attempts: bool,
+    },
+    /// Delete dead letters.
+    Purge {
+        queue: String,
+        /// Only those dead for longer than this (e.g. "7d").
+        #[arg(long, value_parser = duration)]
+        older_than: Option<Duration>,
+    },
+}
+
+#[derive(Subcommand)]
+enum Job {
+    /// Show a job: state, attempts, error, body.
+    Show {
+        queue: String,
+        id: i64,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Run a job again now: a waiting or retrying one is made visible; a dead one replayed.
+    Retry { queue: String, id: i64 },
+    /// Delete a job from the queue or the dead letters.
+    Delete { queue: String, id: i64 },
+}
+
+#[derive(Args)]
+struct Output {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct Channels {
+    /// Channel prefix (default apq.).
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Regex with a (?P<namespace>...) group (default (?P<namespace>\w+)_queue).
+    #[arg(long)]
+    namespace_pattern: Option<String>,
+    /// Namespace of queues the pattern misses (default: default).
+    #[arg(long)]
+    default_namespace: Option<String>,
+}
+
+#[derive(Args)]
+struct Mode {
+    /// on_demand (default), batch (always) or message (one per message with the payload).
+    #[arg(long)]
+    mode: Option<String>,
+    /// Byte budget of a per-message event (message mode; default 7000).
+    #[arg(long)]
+    max_payload_bytes: Option<u16>,
+}
+
+/// "7d", "30m", "10s", "1h 30m".
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (use e.g. 30s, 10m, 7d)"))
+}
 
 /// A usage or input error (exit 2) or a failed operation (exit 1).
 enum Failure {
@@ -57,110 +232,205 @@ impl<E: std::fmt::Display> From<E> for Failure {
     }
 }
 
-#[derive(Default)]
-struct Args {
-    command: String,
-    positional: Vec<String>,
-    database_url: Option<String>,
-    prefix: Option<String>,
-    namespace_pattern: Option<String>,
-    default_namespace: Option<String>,
-    mode: Option<String>,
-    max_payload_bytes: Option<String>,
-    created_events: bool,
-    output: Option<String>,
+fn queue(name: &str) -> Result<QueueName, Failure> {
+    QueueName::new(name).map_err(|e| Failure::Usage(e.to_string()))
 }
 
-fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, Failure> {
-    let mut args = Args::default();
-    let usage = |m: String| Failure::Usage(m);
-    while let Some(arg) = argv.next() {
-        let mut value = |name: &str| {
-            argv.next()
-                .ok_or_else(|| usage(format!("{name} needs a value")))
-        };
-        match arg.as_str() {
-            "-h" | "--help" => args.command = "help".to_owned(),
-            "--database-url" => args.database_url = Some(value("--database-url")?),
-            "--prefix" => args.prefix = Some(value("--prefix")?),
-            "--namespace-pattern" => args.namespace_pattern = Some(value("--namespace-pattern")?),
-            "--default-namespace" => args.default_namespace = Some(value("--default-namespace")?),
-            "--mode" => args.mode = Some(value("--mode")?),
-            "--max-payload-bytes" => args.max_payload_bytes = Some(value("--max-payload-bytes")?),
-            "--created-events" => args.created_events = true,
-            "--output" => args.output = Some(value("--output")?),
-            flag if flag.starts_with("--") => return Err(usage(format!("unknown option {flag}"))),
-            _ if args.command.is_empty() => args.command = arg,
-            _ => args.positional.push(arg),
-        }
+fn channels(c: &Channels) -> Result<NotifyChannels, Failure> {
+    let mut ch = match &c.prefix {
+        Some(p) => NotifyChannels::with_prefix(p).map_err(|e| Failure::Usage(e.to_string()))?,
+        None => NotifyChannels::default(),
+    };
+    if c.namespace_pattern.is_some() || c.default_namespace.is_some() {
+        ch = ch
+            .namespace_pattern(
+                c.namespace_pattern
+                    .as_deref()
+                    .unwrap_or(apalis_pgmq_notify::DEFAULT_NAMESPACE_PATTERN),
+                c.default_namespace
+                    .as_deref()
+                    .unwrap_or(apalis_pgmq_notify::DEFAULT_NAMESPACE),
+            )
+            .map_err(|e| Failure::Usage(e.to_string()))?;
     }
-    Ok(args)
+    Ok(ch)
 }
 
-impl Args {
-    fn channels(&self) -> Result<NotifyChannels, Failure> {
-        let mut c = match &self.prefix {
-            Some(p) => NotifyChannels::with_prefix(p).map_err(|e| Failure::Usage(e.to_string()))?,
-            None => NotifyChannels::default(),
-        };
-        if self.namespace_pattern.is_some() || self.default_namespace.is_some() {
-            c = c
-                .namespace_pattern(
-                    self.namespace_pattern
-                        .as_deref()
-                        .unwrap_or(apalis_pgmq_notify::DEFAULT_NAMESPACE_PATTERN),
-                    self.default_namespace
-                        .as_deref()
-                        .unwrap_or(apalis_pgmq_notify::DEFAULT_NAMESPACE),
-                )
-                .map_err(|e| Failure::Usage(e.to_string()))?;
+fn mode(m: &Mode) -> Result<NotifyMode, Failure> {
+    NotifyMode::from_name(m.mode.as_deref(), m.max_payload_bytes)
+        .map_err(|e| Failure::Usage(e.to_string()))
+}
+
+/// Connects once directly (so a refused connection or a failed login is reported as such,
+/// within the timeout), then opens a small pool.
+async fn pool(cli: &Cli) -> Result<sqlx::PgPool, Failure> {
+    let url = cli
+        .database_url
+        .as_deref()
+        .ok_or_else(|| Failure::Usage("set DATABASE_URL or pass --database-url".to_owned()))?;
+    let options = PgConnectOptions::from_str(url)
+        .map_err(|e| Failure::Usage(format!("database URL: {e}")))?;
+    match tokio::time::timeout(cli.connect_timeout, options.connect()).await {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
         }
-        Ok(c)
+        Ok(Err(e)) => {
+            return Err(Failure::Failed(format!(
+                "cannot connect to the database: {e}"
+            )));
+        }
+        Err(_) => {
+            return Err(Failure::Failed(format!(
+                "cannot connect to the database: no answer within {:?}",
+                cli.connect_timeout
+            )));
+        }
     }
+    Ok(sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(cli.connect_timeout)
+        .connect_lazy_with(options))
+}
 
-    fn mode(&self) -> Result<NotifyMode, Failure> {
-        let bytes = match &self.max_payload_bytes {
-            Some(b) => Some(b.parse::<u16>().map_err(|_| {
-                Failure::Usage(format!(
-                    "--max-payload-bytes {b:?} is not a number up to 7999"
-                ))
-            })?),
-            None => None,
-        };
-        NotifyMode::from_name(self.mode.as_deref(), bytes)
-            .map_err(|e| Failure::Usage(e.to_string()))
+/// Rows as aligned columns under a header.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            width[i] = width[i].max(c.chars().count());
+        }
     }
-
-    /// Queue names, validated before anything connects to the database.
-    fn queues(&self) -> Result<Vec<QueueName>, Failure> {
-        self.positional
+    let line = |cells: Vec<&str>| {
+        cells
             .iter()
-            .map(|q| QueueName::new(q).map_err(|e| Failure::Usage(e.to_string())))
-            .collect()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = width[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    let mut out = line(header.to_vec());
+    out.push('\n');
+    for r in rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+        out.push('\n');
     }
+    if rows.is_empty() {
+        out.push_str("(none)\n");
+    }
+    out
+}
 
-    async fn pool(&self) -> Result<sqlx::PgPool, Failure> {
-        let url = match &self.database_url {
-            Some(u) => u.clone(),
-            None => std::env::var("DATABASE_URL").map_err(|_| {
-                Failure::Usage("set DATABASE_URL or pass --database-url".to_owned())
-            })?,
-        };
-        Ok(sqlx::postgres::PgPoolOptions::new()
-            .max_connections(2)
-            .connect(&url)
-            .await?)
+fn age(secs: Option<f64>) -> String {
+    match secs {
+        None => "-".to_owned(),
+        Some(s) => humantime::format_duration(Duration::from_secs(s.max(0.0) as u64)).to_string(),
     }
 }
 
-async fn run(args: Args) -> Result<(), Failure> {
-    match args.command.as_str() {
-        "" | "help" => {
-            print!("{USAGE}");
-            Ok(())
+fn print_json(v: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
+}
+
+/// A job as JSON: what an operator needs, with stable keys.
+fn job_json(j: &JobRecord) -> Value {
+    json!({
+        "id": j.id,
+        "state": j.state.as_str(),
+        "read_ct": j.message.read_ct,
+        "attempts": j.apalis_header("attempts").or_else(|| j.dead_letter("attempts")),
+        "enqueued_at": j.message.enqueued_at,
+        "visible_at": j.message.vt,
+        "archived_at": j.archived_at,
+        "last_error": j.apalis_header("last_error"),
+        "dead_letter": {
+            "reason": j.dead_letter("reason"),
+            "error": j.dead_letter("error"),
+            "at": j.dead_letter("at"),
+        },
+        "message": j.message.message,
+        "headers": j.message.headers,
+    })
+}
+
+fn short(text: Option<String>, max: usize) -> String {
+    let t = text.unwrap_or_default().replace('\n', " ");
+    if t.chars().count() <= max {
+        t
+    } else {
+        format!("{}…", t.chars().take(max).collect::<String>())
+    }
+}
+
+fn show_job(j: &JobRecord) {
+    let body = j.message.message.as_ref().map_or_else(
+        || "null".to_owned(),
+        |m| serde_json::to_string_pretty(m).unwrap_or_default(),
+    );
+    let mut lines = vec![
+        ("id", j.id.to_string()),
+        ("state", j.state.as_str().to_owned()),
+        ("read count", j.message.read_ct.to_string()),
+        (
+            "attempts",
+            j.apalis_header("attempts")
+                .or_else(|| j.dead_letter("attempts"))
+                .unwrap_or_else(|| j.message.read_ct.to_string()),
+        ),
+        ("enqueued", j.message.enqueued_at.to_rfc3339()),
+        ("visible at", j.message.vt.to_rfc3339()),
+    ];
+    if let Some(a) = j.archived_at {
+        lines.push(("archived", a.to_rfc3339()));
+    }
+    for (label, v) in [
+        ("last error", j.apalis_header("last_error")),
+        ("dead because", j.dead_letter("reason")),
+        ("dead error", j.dead_letter("error")),
+        ("dead at", j.dead_letter("at")),
+    ] {
+        if let Some(v) = v {
+            lines.push((label, v));
         }
-        "migrate" => {
-            let pool = args.pool().await?;
+    }
+    for (label, v) in lines {
+        println!("{label:<13} {v}");
+    }
+    println!("message\n{body}");
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    match &cli.command {
+        Command::Migrate { check, dry_run } => {
+            let pool = pool(&cli).await?;
+            if *check || *dry_run {
+                let pending = pending_migrations(&pool).await?;
+                if *dry_run {
+                    for m in &pending {
+                        println!("-- migration {} ({})\n{}", m.version, m.name, m.sql);
+                    }
+                    if pending.is_empty() {
+                        println!("-- up to date: nothing to apply");
+                    }
+                    return Ok(());
+                }
+                if pending.is_empty() {
+                    println!("up to date");
+                    return Ok(());
+                }
+                let list: Vec<String> = pending
+                    .iter()
+                    .map(|m| format!("{} ({})", m.version, m.name))
+                    .collect();
+                return Err(Failure::Failed(format!(
+                    "pending migrations: {}; run `apalis-pgmq-notify migrate`",
+                    list.join(", ")
+                )));
+            }
             let r = setup(&pool).await?;
             println!(
                 "PGMQ {} ({}); migrations applied now: {}",
@@ -169,36 +439,182 @@ async fn run(args: Args) -> Result<(), Failure> {
                 if r.applied_migrations.is_empty() {
                     "none (up to date)".to_owned()
                 } else {
-                    format!("{:?}", r.applied_migrations)
+                    r.applied_migrations
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 }
             );
             Ok(())
         }
-        "enable-notify" => {
-            let queues = args.queues()?;
-            if queues.is_empty() {
-                return Err(Failure::Usage(
-                    "enable-notify needs at least one queue".to_owned(),
-                ));
+        Command::Queues { out } => {
+            let pool = pool(&cli).await?;
+            let all = queues_overview(&pool).await?;
+            if out.json {
+                print_json(&serde_json::to_value(&all)?);
+                return Ok(());
             }
-            let channels = args.channels()?;
-            let mode = args.mode()?;
-            let pool = args.pool().await?;
-            for q in &queues {
-                enable_notify(&pool, q, &channels, mode).await?;
-                let installed = notify_mode(&pool, q).await?;
-                println!("{q}: {installed:?}");
+            let rows: Vec<Vec<String>> = all
+                .iter()
+                .map(|q| {
+                    vec![
+                        q.queue.clone(),
+                        q.depth.to_string(),
+                        q.visible.to_string(),
+                        q.scheduled.to_string(),
+                        q.in_flight.to_string(),
+                        age(q.oldest_pending_secs),
+                        q.archived.to_string(),
+                        q.dead_letters.to_string(),
+                        q.notify.clone().unwrap_or_else(|| "-".to_owned()),
+                        if q.paused { "yes" } else { "no" }.to_owned(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &[
+                        "QUEUE",
+                        "DEPTH",
+                        "VISIBLE",
+                        "SCHEDULED",
+                        "IN FLIGHT",
+                        "OLDEST PENDING",
+                        "ARCHIVED",
+                        "DEAD",
+                        "NOTIFY",
+                        "PAUSED"
+                    ],
+                    &rows
+                )
+            );
+            Ok(())
+        }
+        Command::Dlq(cmd) => dlq(&cli, cmd).await,
+        Command::Job(cmd) => job(&cli, cmd).await,
+        Command::Pause { queue: name } => {
+            let q = queue(name)?;
+            let pool = pool(&cli).await?;
+            let changed = pause(&pool, &q).await?;
+            println!("{q}: {}", if changed { "paused" } else { "already paused" });
+            Ok(())
+        }
+        Command::Resume {
+            queue: name,
+            channels: c,
+        } => {
+            let q = queue(name)?;
+            let ch = channels(c)?;
+            let pool = pool(&cli).await?;
+            let changed = resume(&pool, &q, &ch).await?;
+            println!(
+                "{q}: {}",
+                if changed { "resumed" } else { "was not paused" }
+            );
+            Ok(())
+        }
+        Command::Workers { queue: name, out } => {
+            let pool = pool(&cli).await?;
+            // Any storage reads the registry; one for the queue asked about lists only its own.
+            let q = match name {
+                Some(n) => queue(n)?,
+                None => QueueName::new("any").map_err(|e| Failure::Failed(e.to_string()))?,
+            };
+            let s = PgmqStorage::<Value>::new(&pool, q);
+            let workers: Vec<RunningWorker> = if name.is_some() {
+                s.list_workers().await?
+            } else {
+                s.list_all_workers().await?
+            };
+            if out.json {
+                print_json(&serde_json::to_value(&workers)?);
+                return Ok(());
+            }
+            let now = chrono::Utc::now().timestamp();
+            let ago = |t: u64| {
+                let secs = now.saturating_sub(i64::try_from(t).unwrap_or(now)).max(0);
+                format!(
+                    "{} ago",
+                    humantime::format_duration(Duration::from_secs(secs.unsigned_abs()))
+                )
+            };
+            let rows: Vec<Vec<String>> = workers
+                .iter()
+                .map(|w| {
+                    vec![
+                        w.id.clone(),
+                        w.queue.clone(),
+                        w.backend
+                            .trim_start_matches("apalis-pgmq-notify on ")
+                            .to_owned(),
+                        ago(w.started_at),
+                        ago(w.last_heartbeat),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &["WORKER", "QUEUE", "WHERE", "STARTED", "LAST HEARTBEAT"],
+                    &rows
+                )
+            );
+            Ok(())
+        }
+        Command::Prune {
+            queues: names,
+            archive_retention,
+            dead_letter_retention,
+        } => {
+            let pool = pool(&cli).await?;
+            let targets: Vec<QueueName> = if names.is_empty() {
+                queues_overview(&pool)
+                    .await?
+                    .into_iter()
+                    .filter_map(|q| QueueName::new(&q.queue).ok())
+                    .collect()
+            } else {
+                names.iter().map(|n| queue(n)).collect::<Result<_, _>>()?
+            };
+            for q in targets {
+                let n = prune(
+                    &pool,
+                    &q,
+                    Some(*archive_retention),
+                    Some(*dead_letter_retention),
+                )
+                .await?;
+                println!(
+                    "{q}: {} archived and {} dead jobs deleted",
+                    n.archived, n.dead_letters
+                );
             }
             Ok(())
         }
-        "disable-notify" => {
-            let queues = args.queues()?;
-            if queues.is_empty() {
-                return Err(Failure::Usage(
-                    "disable-notify needs at least one queue".to_owned(),
-                ));
+        Command::EnableNotify {
+            queues: names,
+            channels: c,
+            mode: m,
+        } => {
+            let queues: Vec<QueueName> =
+                names.iter().map(|n| queue(n)).collect::<Result<_, _>>()?;
+            let (ch, mode) = (channels(c)?, mode(m)?);
+            let pool = pool(&cli).await?;
+            for q in &queues {
+                enable_notify(&pool, q, &ch, mode).await?;
+                match notify_mode(&pool, q).await? {
+                    Some((mode, chans)) => println!("{q}: {mode:?} on {}", chans.join(", ")),
+                    None => println!("{q}: no trigger"),
+                }
             }
-            let pool = args.pool().await?;
+            Ok(())
+        }
+        Command::DisableNotify { queues: names } => {
+            let queues: Vec<QueueName> =
+                names.iter().map(|n| queue(n)).collect::<Result<_, _>>()?;
+            let pool = pool(&cli).await?;
             for q in &queues {
                 let existed = disable_notify(&pool, q).await?;
                 println!(
@@ -212,16 +628,18 @@ async fn run(args: Args) -> Result<(), Failure> {
             }
             Ok(())
         }
-        "generate-migration" => {
-            let queues = args.queues()?;
-            let sql = notify_migration_sql(
-                &queues,
-                &args.channels()?,
-                args.mode()?,
-                args.created_events,
-            )
-            .map_err(|e| Failure::Usage(e.to_string()))?;
-            match &args.output {
+        Command::GenerateMigration {
+            queues: names,
+            channels: c,
+            mode: m,
+            created_events,
+            output,
+        } => {
+            let queues: Vec<QueueName> =
+                names.iter().map(|n| queue(n)).collect::<Result<_, _>>()?;
+            let sql = notify_migration_sql(&queues, &channels(c)?, mode(m)?, *created_events)
+                .map_err(|e| Failure::Usage(e.to_string()))?;
+            match output {
                 Some(path) => {
                     std::fs::write(path, &sql)?;
                     eprintln!("wrote {path} ({} bytes)", sql.len());
@@ -230,26 +648,19 @@ async fn run(args: Args) -> Result<(), Failure> {
             }
             Ok(())
         }
-        "validate" => {
-            let [path] = args.positional.as_slice() else {
-                return Err(Failure::Usage("validate needs exactly one file".to_owned()));
-            };
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| Failure::Usage(format!("{path}: {e}")))?;
-            let file =
-                ConfigFile::from_json(&text).map_err(|e| Failure::Usage(format!("{path}: {e}")))?;
-            println!("{path}: valid (queue {})", file.queue);
-            println!("{:#?}", file.config);
+        Command::Validate { file } => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| Failure::Usage(format!("{file}: {e}")))?;
+            let f =
+                ConfigFile::from_json(&text).map_err(|e| Failure::Usage(format!("{file}: {e}")))?;
+            println!("{file}: valid (queue {})", f.queue);
+            println!("{:#?}", f.config);
             Ok(())
         }
-        "drop-queue" => {
-            let queues = args.queues()?;
-            if queues.is_empty() {
-                return Err(Failure::Usage(
-                    "drop-queue needs at least one queue".to_owned(),
-                ));
-            }
-            let pool = args.pool().await?;
+        Command::DropQueue { queues: names } => {
+            let queues: Vec<QueueName> =
+                names.iter().map(|n| queue(n)).collect::<Result<_, _>>()?;
+            let pool = pool(&cli).await?;
             for q in &queues {
                 let existed = drop_queue_and_dead_letters(&pool, q).await?;
                 println!(
@@ -263,18 +674,176 @@ async fn run(args: Args) -> Result<(), Failure> {
             }
             Ok(())
         }
-        other => Err(Failure::Usage(format!("unknown command {other:?}"))),
+    }
+}
+
+async fn dlq(cli: &Cli, cmd: &Dlq) -> Result<(), Failure> {
+    match cmd {
+        Dlq::List {
+            queue: name,
+            page,
+            page_size,
+            out,
+        } => {
+            let q = PgmqQueue::new(queue(name)?);
+            if *page == 0 || *page_size == 0 {
+                return Err(Failure::Usage(
+                    "--page and --page-size start at 1".to_owned(),
+                ));
+            }
+            let pool = pool(cli).await?;
+            let dead = q
+                .dead_letters(&pool, (page - 1) * page_size, *page_size)
+                .await?;
+            if out.json {
+                print_json(&Value::Array(dead.iter().map(job_json).collect()));
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = dead
+                .iter()
+                .map(|j| {
+                    vec![
+                        j.id.to_string(),
+                        j.dead_letter("reason").unwrap_or_default(),
+                        j.dead_letter("attempts").unwrap_or_default(),
+                        j.message
+                            .enqueued_at
+                            .format("%Y-%m-%d %H:%M:%S")
+                            .to_string(),
+                        short(j.dead_letter("error"), 60),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &["JOB", "REASON", "ATTEMPTS", "DEAD SINCE (UTC)", "ERROR"],
+                    &rows
+                )
+            );
+            Ok(())
+        }
+        Dlq::Show {
+            queue: name,
+            id,
+            out,
+        } => {
+            let q = PgmqQueue::new(queue(name)?);
+            let pool = pool(cli).await?;
+            let found = q
+                .job(&pool, *id)
+                .await?
+                .filter(|j| j.dead_letter("reason").is_some());
+            let Some(j) = found else {
+                return Err(Failure::Failed(format!(
+                    "no dead letter for job {id} in {name}"
+                )));
+            };
+            if out.json {
+                print_json(&job_json(&j));
+            } else {
+                show_job(&j);
+            }
+            Ok(())
+        }
+        Dlq::Replay {
+            queue: name,
+            ids,
+            all,
+            reset_attempts,
+        } => {
+            let q = PgmqQueue::new(queue(name)?);
+            if ids.is_empty() && !all {
+                return Err(Failure::Usage(
+                    "name the job ids to replay, or pass --all".to_owned(),
+                ));
+            }
+            let pool = pool(cli).await?;
+            let which = if *all { None } else { Some(ids.as_slice()) };
+            let back = q.replay_dead_letters(&pool, which, *reset_attempts).await?;
+            println!(
+                "{name}: {} dead letters back in the queue{}",
+                back.len(),
+                if *reset_attempts {
+                    " with a full attempt budget"
+                } else {
+                    ""
+                }
+            );
+            if !*all && back.len() < ids.len() {
+                return Err(Failure::Failed(format!(
+                    "{} of the {} ids were not dead letters of {name}",
+                    ids.len() - back.len(),
+                    ids.len()
+                )));
+            }
+            Ok(())
+        }
+        Dlq::Purge {
+            queue: name,
+            older_than,
+        } => {
+            let q = PgmqQueue::new(queue(name)?);
+            let pool = pool(cli).await?;
+            let n = q.purge_dead_letters(&pool, *older_than).await?;
+            println!("{name}: {n} dead letters deleted");
+            Ok(())
+        }
+    }
+}
+
+async fn job(cli: &Cli, cmd: &Job) -> Result<(), Failure> {
+    match cmd {
+        Job::Show {
+            queue: name,
+            id,
+            out,
+        } => {
+            let q = PgmqQueue::new(queue(name)?);
+            let pool = pool(cli).await?;
+            let Some(j) = q.job(&pool, *id).await? else {
+                return Err(Failure::Failed(format!("no job {id} in {name}")));
+            };
+            if out.json {
+                print_json(&job_json(&j));
+            } else {
+                show_job(&j);
+            }
+            Ok(())
+        }
+        Job::Retry { queue: name, id } => {
+            let q = PgmqQueue::new(queue(name)?);
+            let pool = pool(cli).await?;
+            if q.retry_now(&pool, *id).await? {
+                println!("{name}: job {id} is visible now");
+                return Ok(());
+            }
+            let back = q.replay_dead_letters(&pool, Some(&[*id]), false).await?;
+            match back.first() {
+                Some(new_id) => {
+                    println!("{name}: dead job {id} replayed as job {new_id}");
+                    Ok(())
+                }
+                None => Err(Failure::Failed(format!(
+                    "no job {id} waiting or dead in {name} (done jobs are not retried)"
+                ))),
+            }
+        }
+        Job::Delete { queue: name, id } => {
+            let q = PgmqQueue::new(queue(name)?);
+            let pool = pool(cli).await?;
+            if q.delete_job(&pool, *id).await? {
+                println!("{name}: job {id} deleted");
+                Ok(())
+            } else {
+                Err(Failure::Failed(format!("no job {id} in {name}")))
+            }
+        }
     }
 }
 
 fn main() -> ExitCode {
-    let args = match parse(std::env::args().skip(1)) {
-        Ok(a) => a,
-        Err(Failure::Usage(m) | Failure::Failed(m)) => {
-            eprintln!("error: {m}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
+    let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -285,7 +854,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(args)) {
+    match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(m)) => {
             eprintln!("error: {m}");

@@ -5,6 +5,11 @@
 //! interval (default 30 s, [`Config::heartbeat_interval`](crate::Config::heartbeat_interval)),
 //! and issues nothing while the process runs no worker. A row whose process died is no longer
 //! listed once it expires (three intervals) and is swept a minute later by any heartbeat.
+//!
+//! The same task applies retention: after its first heartbeat and then every 10 minutes it
+//! prunes, for every queue its workers serve, archived jobs and dead letters past their retention, in batches of 10 000,
+//! each in a short transaction holding that queue's pruning lock (`pg_try_advisory_xact_lock`),
+//! so one process at a time prunes a queue and the others skip it.
 
 use std::{
     collections::HashMap,
@@ -32,6 +37,20 @@ pub(crate) struct WorkerStats {
     pub(crate) concurrency: AtomicUsize,
 }
 
+/// How long a queue keeps done jobs and dead letters (`None`: forever).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Retention {
+    pub(crate) archive: Option<Duration>,
+    pub(crate) dead_letters: Option<Duration>,
+}
+
+/// Most pruning batches per queue and table in one pruning round.
+const PRUNE_BATCHES_PER_ROUND: usize = 10;
+
+/// How often a process prunes (after a heartbeat, at most this often): rarely enough that an
+/// idle process stays far below 0.1 statements/s for it.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
 #[derive(Debug)]
 struct Entry {
     name: String,
@@ -52,6 +71,8 @@ pub(crate) struct Registry {
     /// The shortest interval any storage asked for, in milliseconds (`u64::MAX`: default).
     interval_ms: AtomicU64,
     next_id: AtomicU64,
+    /// Retention of each queue this process's workers serve (the shortest asked for).
+    retention: Mutex<HashMap<String, (crate::queue::PgmqQueue, Retention)>>,
     /// Held across a heartbeat and across an unregistration, so a heartbeat in flight cannot
     /// write back the row of a worker that just stopped.
     beat_lock: tokio::sync::Mutex<()>,
@@ -148,10 +169,24 @@ impl Hub {
         self: &Arc<Self>,
         pool: &PgPool,
         name: &str,
-        queue: &str,
+        queue: &crate::queue::PgmqQueue,
         service: &str,
+        retention: Retention,
     ) -> Registration {
         let r = &self.registry;
+        {
+            let mut all = lock(&r.retention);
+            let e = all
+                .entry(queue.name().as_str().to_owned())
+                .or_insert_with(|| (queue.clone(), retention));
+            let shorter = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            e.1.archive = shorter(e.1.archive, retention.archive);
+            e.1.dead_letters = shorter(e.1.dead_letters, retention.dead_letters);
+        }
+        let queue = queue.name().as_str();
         let id = format!(
             "{name}@{}#{}",
             self.owner,
@@ -220,6 +255,8 @@ impl Drop for Registration {
 
 /// One statement per interval for all of this process's workers; none while it has none.
 async fn heartbeat(hub: Weak<Hub>) {
+    // The first round comes after the first heartbeat: a process that starts prunes at once.
+    let mut next_prune = tokio::time::Instant::now();
     loop {
         let interval = match hub.upgrade() {
             Some(h) => h.registry.interval(),
@@ -260,5 +297,52 @@ async fn heartbeat(hub: Weak<Hub>) {
         if let Err(e) = beat(&pool, &h.owner, interval, &refs).await {
             tracing::warn!(error = %e, workers = refs.len(), "worker heartbeat failed");
         }
+        drop(_beat);
+        if tokio::time::Instant::now() < next_prune {
+            continue;
+        }
+        next_prune = tokio::time::Instant::now() + PRUNE_EVERY;
+        let queues: Vec<_> = lock(&h.registry.retention).values().cloned().collect();
+        drop(h);
+        for (queue, retention) in queues {
+            for (dead_letters, keep) in [(false, retention.archive), (true, retention.dead_letters)]
+            {
+                let Some(keep) = keep else { continue };
+                prune_elected(&pool, &queue, dead_letters, keep).await;
+            }
+        }
+    }
+}
+
+/// Up to a few batches of pruning, while this process holds the queue's pruning lock.
+async fn prune_elected(
+    pool: &PgPool,
+    queue: &crate::queue::PgmqQueue,
+    dead_letters: bool,
+    keep: Duration,
+) {
+    let what = if dead_letters {
+        "dead letters"
+    } else {
+        "archived jobs"
+    };
+    let mut total = 0i64;
+    for _ in 0..PRUNE_BATCHES_PER_ROUND {
+        match queue.prune_batch_elected(pool, dead_letters, keep).await {
+            Ok(Some(n)) => {
+                total += n;
+                if n < crate::queue::PRUNE_BATCH {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(queue = %queue.name(), error = %e, "pruning {what} failed");
+                break;
+            }
+        }
+    }
+    if total > 0 {
+        tracing::debug!(queue = %queue.name(), deleted = total, "pruned {what} past retention");
     }
 }

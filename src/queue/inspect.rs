@@ -159,6 +159,9 @@ pub struct QueueCounts {
     pub done_last_hour: i64,
 }
 
+/// Rows deleted per pruning statement: small enough for short statements and locks.
+pub(crate) const PRUNE_BATCH: i64 = 10_000;
+
 /// SQL of one queue's inspection queries.
 #[derive(Debug)]
 pub(super) struct InspectSql {
@@ -172,6 +175,11 @@ pub(super) struct InspectSql {
     pub(super) activity: Arc<str>,
     pub(super) update_waiting: Arc<str>,
     pub(super) prune_archive: Arc<str>,
+    pub(super) prune_dead: Arc<str>,
+    pub(super) replay: Arc<str>,
+    pub(super) retry_now: Arc<str>,
+    pub(super) delete_queued: Arc<str>,
+    pub(super) delete_dead: Arc<str>,
 }
 
 /// The state of a row of the queue table.
@@ -272,6 +280,41 @@ impl InspectSql {
                               ORDER BY msg_id LIMIT $2), \
                       gone AS (DELETE FROM {a} m USING old WHERE m.msg_id = old.msg_id RETURNING 1) \
                  SELECT count(*) FROM gone"
+            )
+            .into(),
+            // One batch of the oldest dead letters older than $1 seconds (NULL: any).
+            prune_dead: format!(
+                "WITH old AS (SELECT msg_id FROM {d} \
+                              WHERE $1::float8 IS NULL \
+                                 OR enqueued_at < clock_timestamp() - make_interval(secs => $1) \
+                              ORDER BY msg_id LIMIT $2), \
+                      gone AS (DELETE FROM {d} m USING old WHERE m.msg_id = old.msg_id RETURNING 1) \
+                 SELECT count(*) FROM gone"
+            )
+            .into(),
+            // Dead letters back to the queue in one statement (all or nothing): $1 job ids (NULL:
+            // every one), $2 reset the attempts. Returns the new message ids.
+            replay: format!(
+                "WITH dead AS (DELETE FROM {d} m \
+                               WHERE $1::bigint[] IS NULL OR {DEAD_JOB_ID} = ANY($1) \
+                               RETURNING m.msg_id, m.message, m.headers), \
+                      back AS (INSERT INTO {q} (vt, message, headers) \
+                               SELECT clock_timestamp(), message, \
+                                      apalis_pgmq.replay_headers(headers, $2::boolean) \
+                               FROM dead ORDER BY msg_id RETURNING msg_id) \
+                 SELECT msg_id FROM back ORDER BY msg_id"
+            )
+            .into(),
+            // A job in the queue table visible now (a retry without waiting for the backoff).
+            retry_now: format!(
+                "UPDATE {q} SET vt = clock_timestamp() WHERE msg_id = $1 RETURNING msg_id"
+            )
+            .into(),
+            delete_queued: format!("DELETE FROM {q} WHERE msg_id = $1 RETURNING msg_id").into(),
+            delete_dead: format!(
+                "DELETE FROM {d} m WHERE ((m.headers->'apalis_dead_letter'->>'msg_id')::bigint) = $1 \
+                    OR (m.headers->'apalis_dead_letter' IS NULL AND m.msg_id = $1) \
+                 RETURNING m.msg_id"
             )
             .into(),
             // Jobs archived on each of the last 7 days (today last), at most 1 000 000 a day.
@@ -467,20 +510,167 @@ impl PgmqQueue {
         pool: &PgPool,
         older_than: Option<std::time::Duration>,
     ) -> crate::Result<usize> {
+        self.prune_in_batches(pool, &self.sql.inspect.prune_archive, older_than)
+            .await
+    }
+
+    async fn prune_in_batches(
+        &self,
+        pool: &PgPool,
+        sql: &Arc<str>,
+        older_than: Option<std::time::Duration>,
+    ) -> crate::Result<usize> {
         // Seconds, capped at what an interval holds comfortably (about 3 000 years).
         let before = older_than.map(|d| d.as_secs_f64().min(1e11));
         let mut total = 0usize;
         loop {
-            let n: i64 = sqlx::query_scalar(AssertSqlSafe(self.sql.inspect.prune_archive.clone()))
+            let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql.clone()))
                 .bind(before)
-                .bind(10_000i64)
+                .bind(PRUNE_BATCH)
                 .fetch_one(pool)
                 .await?;
             total += usize::try_from(n).unwrap_or(0);
-            if n < 10_000 {
+            if n < PRUNE_BATCH {
                 return Ok(total);
             }
         }
+    }
+
+    /// One batch of pruning (the archive or the dead letters) while holding this queue's
+    /// pruning lock, so one process at a time prunes a queue; `None` if another holds it.
+    pub(crate) async fn prune_batch_elected(
+        &self,
+        pool: &PgPool,
+        dead_letters: bool,
+        older_than: std::time::Duration,
+    ) -> crate::Result<Option<i64>> {
+        let mut tx = pool.begin().await?;
+        let elected: bool = sqlx::query_scalar(crate::sql::TRY_PRUNE_LOCK)
+            .bind(self.name.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+        if !elected {
+            return Ok(None);
+        }
+        let sql = if dead_letters {
+            &self.sql.inspect.prune_dead
+        } else {
+            &self.sql.inspect.prune_archive
+        };
+        let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql.clone()))
+            .bind(older_than.as_secs_f64().min(1e11))
+            .bind(PRUNE_BATCH)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(n))
+    }
+
+    /// Moves dead letters back into the queue (`ids`: their job ids; `None`: every one) in one
+    /// statement, so an interruption moves all or nothing. With `reset_attempts` they get a full
+    /// attempt budget again; without, their attempts continue from where they died (one more
+    /// run). Returns the new message ids (a replayed job gets a new id).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`](crate::Error::Database) if the statement fails (nothing moved).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::{PgmqQueue, QueueName};
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// let q = PgmqQueue::new(QueueName::new("email")?);
+    /// let back = q.replay_dead_letters(&pool, None, true).await?;
+    /// println!("{} jobs back in the queue", back.len());
+    /// # Ok(()) }
+    /// ```
+    pub async fn replay_dead_letters(
+        &self,
+        pool: &PgPool,
+        ids: Option<&[i64]>,
+        reset_attempts: bool,
+    ) -> crate::Result<Vec<i64>> {
+        let ids: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(self.sql.inspect.replay.clone()))
+            .bind(ids)
+            .bind(reset_attempts)
+            .fetch_all(pool)
+            .await?;
+        Ok(ids)
+    }
+
+    /// Deletes dead letters older than `older_than` (all, with `None`) in batches of 10 000;
+    /// returns how many.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`](crate::Error::Database) if a statement fails.
+    pub async fn purge_dead_letters(
+        &self,
+        pool: &PgPool,
+        older_than: Option<std::time::Duration>,
+    ) -> crate::Result<usize> {
+        self.prune_in_batches(pool, &self.sql.inspect.prune_dead, older_than)
+            .await
+    }
+
+    /// Makes a waiting, retrying or leased job visible now; `false` if it is not in the queue.
+    /// (A dead job is replayed with [`replay_dead_letters`](Self::replay_dead_letters).)
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`](crate::Error::Database) if the statement fails.
+    pub async fn retry_now(&self, pool: &PgPool, id: i64) -> crate::Result<bool> {
+        let row: Option<i64> =
+            sqlx::query_scalar(AssertSqlSafe(self.sql.inspect.retry_now.clone()))
+                .bind(id)
+                .fetch_optional(pool)
+                .await?;
+        Ok(row.is_some())
+    }
+
+    /// Deletes a job from the queue or from the dead letters; `false` if neither has it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`](crate::Error::Database) if a statement fails.
+    pub async fn delete_job(&self, pool: &PgPool, id: i64) -> crate::Result<bool> {
+        for sql in [
+            &self.sql.inspect.delete_queued,
+            &self.sql.inspect.delete_dead,
+        ] {
+            let row: Option<i64> = sqlx::query_scalar(AssertSqlSafe(sql.clone()))
+                .bind(id)
+                .fetch_optional(pool)
+                .await?;
+            if row.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// One page of the dead-letter queue (killed and dead jobs), newest first.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`](crate::Error::Database) if the statement fails.
+    pub async fn dead_letters(
+        &self,
+        pool: &PgPool,
+        offset: u32,
+        limit: u32,
+    ) -> crate::Result<Vec<JobRecord>> {
+        let want = i64::from(offset) + i64::from(limit);
+        let rows = sqlx::query(AssertSqlSafe(self.sql.inspect.list_dead.clone()))
+            .bind(None::<&str>)
+            .bind(want)
+            .fetch_all(pool)
+            .await?;
+        rows.iter()
+            .skip(offset as usize)
+            .map(|r| record(r).map_err(Into::into))
+            .collect()
     }
 
     /// Jobs archived on each of the last 7 days, oldest first (today last).

@@ -19,6 +19,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{AssertSqlSafe, PgExecutor, Row, postgres::PgRow};
 
+pub(crate) use inspect::PRUNE_BATCH;
 pub use inspect::{JobRecord, JobState, QueueCounts};
 pub use name::{DEAD_LETTER_SUFFIX, MAX_QUEUE_NAME_LEN, QueueName, QueueNameError};
 
@@ -257,6 +258,8 @@ struct QueueSql {
     send_one: Arc<str>,
     send_many: Arc<str>,
     read: Arc<str>,
+    /// A worker's read: as `read`, but nothing while the queue is paused.
+    claim: Arc<str>,
     set_vt_one: Arc<str>,
     set_vt_many: Arc<str>,
     archive: Arc<str>,
@@ -301,6 +304,19 @@ impl QueueSql {
                         t.m::jsonb, t.h::jsonb \
                  FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::float8[]) AS t(m, h, at, secs) \
                  RETURNING msg_id"
+            )
+            .into(),
+            claim: format!(
+                "WITH cte AS (SELECT msg_id FROM {q} WHERE vt <= clock_timestamp() \
+                                AND NOT EXISTS (SELECT 1 FROM apalis_pgmq.paused p \
+                                                WHERE p.queue = '{source}') \
+                              ORDER BY msg_id ASC LIMIT $1 FOR UPDATE SKIP LOCKED) \
+                 UPDATE {q} m SET last_read_at = clock_timestamp(), \
+                                  vt = clock_timestamp() + make_interval(secs => $2::float8), \
+                                  read_ct = read_ct + 1 \
+                 FROM cte WHERE m.msg_id = cte.msg_id \
+                 RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.vt, \
+                           m.message::text, m.headers::text"
             )
             .into(),
             read: format!(
@@ -780,11 +796,32 @@ impl PgmqQueue {
         vt: Duration,
         qty: usize,
     ) -> Result<Vec<Message>> {
+        self.read_with(executor, &self.sql.read, vt, qty).await
+    }
+
+    /// A worker's claim: like [`read`](Self::read), but nothing while the queue is paused
+    /// ([`pause`](crate::pause)).
+    pub(crate) async fn claim(
+        &self,
+        pool: &sqlx::PgPool,
+        vt: Duration,
+        qty: usize,
+    ) -> Result<Vec<Message>> {
+        self.read_with(pool, &self.sql.claim, vt, qty).await
+    }
+
+    async fn read_with<'c, E: PgExecutor<'c>>(
+        &self,
+        executor: E,
+        sql: &Arc<str>,
+        vt: Duration,
+        qty: usize,
+    ) -> Result<Vec<Message>> {
         if qty == 0 {
             return Ok(Vec::new());
         }
         let qty = i64::try_from(qty).unwrap_or(i64::MAX);
-        let rows = sqlx::query(AssertSqlSafe(self.sql.read.clone()))
+        let rows = sqlx::query(AssertSqlSafe(sql.clone()))
             .bind(qty)
             .bind(vt.as_secs_f64())
             .fetch_all(executor)
@@ -1015,6 +1052,7 @@ impl PgmqQueue {
             ("send_one", s.send_one.clone()),
             ("send_many", s.send_many.clone()),
             ("read", s.read.clone()),
+            ("claim", s.claim.clone()),
             ("set_vt_one", s.set_vt_one.clone()),
             ("set_vt_many", s.set_vt_many.clone()),
             ("archive", s.archive.clone()),
@@ -1035,6 +1073,11 @@ impl PgmqQueue {
             ("activity", s.inspect.activity.clone()),
             ("update_waiting", s.inspect.update_waiting.clone()),
             ("prune_archive", s.inspect.prune_archive.clone()),
+            ("prune_dead", s.inspect.prune_dead.clone()),
+            ("replay", s.inspect.replay.clone()),
+            ("retry_now", s.inspect.retry_now.clone()),
+            ("delete_queued", s.inspect.delete_queued.clone()),
+            ("delete_dead", s.inspect.delete_dead.clone()),
         ]
     }
 
@@ -1080,6 +1123,18 @@ impl PgmqQueue {
             (a, "INSERT", "archiving finished jobs", "TABLE".into()),
             (d.clone(), "INSERT", "dead-lettering jobs", "TABLE".into()),
             (d, "SELECT", "dead-lettering jobs", "TABLE".into()),
+            (
+                "apalis_pgmq".into(),
+                "USAGE",
+                "claiming jobs (pause check)",
+                "SCHEMA".into(),
+            ),
+            (
+                "apalis_pgmq.paused".into(),
+                "SELECT",
+                "claiming jobs (pause check)",
+                "TABLE".into(),
+            ),
         ];
         if listeners {
             checks.push((

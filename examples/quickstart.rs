@@ -55,6 +55,14 @@ async fn send_email(
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // What the backend does, as log lines: RUST_LOG=debug shows every outcome, retry and
+    // wake-up; the default shows warnings (dead letters, lost leases) and errors.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
     let url =
         std::env::var("DATABASE_URL").map_err(|_| "set DATABASE_URL or run scripts/demo.sh")?;
     let pool = sqlx::PgPool::connect(&url).await?;

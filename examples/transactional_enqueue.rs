@@ -38,6 +38,14 @@ async fn place_user(
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // What the backend does, as log lines: RUST_LOG=debug shows every outcome, retry and
+    // wake-up; the default shows warnings (dead letters, lost leases) and errors.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
     let pool = sqlx::PgPool::connect(&std::env::var("DATABASE_URL")?).await?;
     setup(&pool).await?;
     sqlx::raw_sql(

@@ -240,6 +240,7 @@ pub(crate) async fn keeper(table: Arc<LeaseTable>, pool: PgPool, queue: PgmqQueu
         match renewal {
             Some(Ok(renewed)) => {
                 failures = 0;
+                crate::obs::renewed(queue.name().as_str(), renewed.len());
                 if renewed.len() < batch.len() {
                     tracing::debug!(
                         lost = batch.len() - renewed.len(),
@@ -250,12 +251,14 @@ pub(crate) async fn keeper(table: Arc<LeaseTable>, pool: PgPool, queue: PgmqQueu
             }
             Some(Err(e)) => {
                 failures += 1;
+                crate::obs::renewal_failed(queue.name().as_str());
                 tracing::warn!(error = %e, leases = batch.len(), "lease renewal failed; retrying");
                 let retry_at = Instant::now() + crate::util::error_backoff(failures).min(vt / 10);
                 tokio::time::sleep_until(retry_at.min(give_up_at)).await;
             }
             None => {
                 failures += 1;
+                crate::obs::renewal_failed(queue.name().as_str());
                 tracing::warn!(leases = batch.len(), "lease renewal did not answer in time");
             }
         }

@@ -98,6 +98,7 @@ mod error;
 mod lease;
 mod migrate;
 mod notify;
+mod obs;
 mod ops;
 mod queue;
 mod sql;

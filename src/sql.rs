@@ -125,6 +125,10 @@ pub(crate) const LIST_WORKERS: &str = "SELECT name, queue, service, \
 pub(crate) const TRY_PRUNE_LOCK: &str =
     "SELECT pg_try_advisory_xact_lock(hashtext('apalis_pgmq.prune'), hashtext($1))";
 
+/// Used in `src/queue/inspect.rs`: one process at a time samples a queue's gauges.
+pub(crate) const TRY_SAMPLE_LOCK: &str =
+    "SELECT pg_try_advisory_xact_lock(hashtext('apalis_pgmq.sample'), hashtext($1))";
+
 /// Used in `src/ops.rs`.
 pub(crate) const PAUSE: &str = "SELECT apalis_pgmq.pause($1)";
 
@@ -147,6 +151,7 @@ pub(crate) const ALL: &[(&str, &str)] = &[
     ("migrations_table_present", MIGRATIONS_TABLE_PRESENT),
     ("applied_versions", APPLIED_VERSIONS),
     ("try_prune_lock", TRY_PRUNE_LOCK),
+    ("try_sample_lock", TRY_SAMPLE_LOCK),
     ("pause", PAUSE),
     ("resume", RESUME),
     ("paused_queues", PAUSED_QUEUES),

@@ -168,10 +168,28 @@ where
     }
 
     fn call(&mut self, task: Task<Args>) -> Self::Future {
-        let delivery = task
+        let info = task.data().get::<MessageInfo>().cloned();
+        let delivery = info.as_ref().map(|m| (m.msg_id, m.read_ct));
+        let worker = task
             .data()
-            .get::<MessageInfo>()
-            .map(|m| (m.msg_id, m.read_ct));
+            .get::<apalis_core::worker::context::WorkerContext>()
+            .map(|w| w.name().to_owned())
+            .unwrap_or_default();
+        let queue_name = self.shared.queue.as_str().to_owned();
+        let span = tracing::info_span!(
+            "job",
+            queue = %queue_name,
+            msg_id = delivery.map(|d| d.0),
+            attempt = delivery.map(|d| d.1),
+            worker = %worker,
+        );
+        if let Some(m) = &info {
+            let waited = (chrono::Utc::now() - m.visible_since)
+                .num_microseconds()
+                .unwrap_or(0);
+            crate::obs::pickup_latency(&queue_name, waited.max(0) as f64 / 1e6);
+        }
+        let started = std::time::Instant::now();
         let max_attempts = task
             .max_attempts()
             .unwrap_or(self.shared.config.max_attempts as usize);
@@ -190,71 +208,109 @@ where
             read_ct,
             armed: true,
         });
-        Box::pin(async move {
-            let run = async move {
-                match call {
-                    Ok(fut) => match AssertUnwindSafe(fut).catch_unwind().await {
-                        Ok(result) => result.map_err(Into::into),
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let run = async move {
+                    match call {
+                        Ok(fut) => match AssertUnwindSafe(fut).catch_unwind().await {
+                            Ok(result) => result.map_err(Into::into),
+                            Err(payload) => {
+                                Err(Box::new(HandlerPanicked::from_payload(&*payload))
+                                    as BoxDynError)
+                            }
+                        },
                         Err(payload) => {
                             Err(Box::new(HandlerPanicked::from_payload(&*payload)) as BoxDynError)
                         }
-                    },
-                    Err(payload) => {
-                        Err(Box::new(HandlerPanicked::from_payload(&*payload)) as BoxDynError)
                     }
-                }
-            };
-            let result: Result<Res, BoxDynError> = match (&lost, delivery) {
-                (Some(flag), Some((msg_id, read_ct))) => {
-                    tokio::select! {
-                        r = run => r,
-                        () = flag.lost() => {
-                            // The lease is gone: stop the job (its future is dropped here) and
-                            // write nothing; the message is delivered again.
-                            tracing::error!(queue = %shared.queue, msg_id, attempt = read_ct,
-                                "lease lost while the job ran; the job was stopped");
-                            if let Some(g) = guard.as_mut() {
-                                g.armed = false;
+                };
+                let result: Result<Res, BoxDynError> = match (&lost, delivery) {
+                    (Some(flag), Some((msg_id, read_ct))) => {
+                        tokio::select! {
+                            r = run => r,
+                            () = flag.lost() => {
+                                // The lease is gone: stop the job (its future is dropped here) and
+                                // write nothing; the message is delivered again.
+                                tracing::error!(queue = %shared.queue, msg_id, attempt = read_ct,
+                                    "lease lost while the job ran; the job was stopped");
+                                crate::obs::leases_lost(shared.queue.as_str(), 1);
+                                if let Some(g) = guard.as_mut() {
+                                    g.armed = false;
+                                }
+                                return Err(Box::new(LeaseLost { msg_id }) as BoxDynError);
                             }
-                            return Err(Box::new(LeaseLost { msg_id }) as BoxDynError);
                         }
                     }
+                    _ => run.await,
+                };
+                if let Some(g) = guard.as_mut() {
+                    g.armed = false;
                 }
-                _ => run.await,
-            };
-            if let Some(g) = guard.as_mut() {
-                g.armed = false;
-            }
-            match delivery {
-                Some((msg_id, read_ct)) => {
-                    let runs = i32::try_from(attempt_counter.current())
-                        .unwrap_or(i32::MAX)
-                        .max(read_ct);
-                    let action = decide(
-                        &shared.config,
-                        result.as_ref().err(),
-                        runs,
-                        max_attempts,
-                        random_unit(),
-                    );
-                    let error = match (&action, result.as_ref().err()) {
-                        (Action::Retry { .. }, Some(e)) => Some(error_text(&**e)),
-                        _ => None,
-                    };
-                    shared.complete(Completion {
-                        msg_id,
-                        read_ct,
-                        action,
-                        attempts: runs,
-                        error,
-                    });
+                match delivery {
+                    Some((msg_id, read_ct)) => {
+                        let runs = i32::try_from(attempt_counter.current())
+                            .unwrap_or(i32::MAX)
+                            .max(read_ct);
+                        let action = decide(
+                            &shared.config,
+                            result.as_ref().err(),
+                            runs,
+                            max_attempts,
+                            random_unit(),
+                        );
+                        crate::obs::job_duration(&queue_name, started.elapsed().as_secs_f64());
+                        log_outcome(&queue_name, &action, result.as_ref().err());
+                        let error = match (&action, result.as_ref().err()) {
+                            (Action::Retry { .. }, Some(e)) => Some(error_text(&**e)),
+                            _ => None,
+                        };
+                        shared.complete(Completion {
+                            msg_id,
+                            read_ct,
+                            action,
+                            attempts: runs,
+                            error,
+                        });
+                    }
+                    None => tracing::error!(
+                        "a task without PGMQ message info reached the ack layer; its outcome is not recorded"
+                    ),
                 }
-                None => tracing::error!(
-                    "a task without PGMQ message info reached the ack layer; its outcome is not recorded"
-                ),
-            }
-            result
-        })
+                result
+            },
+            span,
+        ))
+    }
+}
+
+/// Logs (in the job's span) and counts what became of a delivery.
+fn log_outcome(queue: &str, action: &Action, error: Option<&BoxDynError>) {
+    let Some(error) = error else {
+        tracing::debug!("job done");
+        crate::obs::done(queue);
+        return;
+    };
+    if error.is::<AbortError>() {
+        tracing::info!(error = %error, "job killed");
+        crate::obs::killed(queue);
+    }
+    match action {
+        Action::Retry { delay } => {
+            tracing::debug!(error = %error, retry_in = ?delay, "job failed; retry scheduled");
+            crate::obs::retried(queue);
+        }
+        Action::DeadLetter { info } => {
+            let reason = info
+                .get("reason")
+                .and_then(|r| r.as_str())
+                .unwrap_or("failed");
+            tracing::warn!(error = %error, reason, "job moved to the dead-letter queue");
+            crate::obs::dead_lettered(queue, reason);
+        }
+        Action::Archive | Action::Delete if !error.is::<AbortError>() => {
+            tracing::warn!(error = %error, "job failed with no attempts left; given up");
+        }
+        Action::Archive | Action::Delete => {}
     }
 }
 

@@ -537,6 +537,7 @@ async fn release(shared: &Shared, held: Vec<(i64, i32)>) {
     match shared.queue.release_leases(&shared.pool, &held).await {
         Ok(_) => {
             tracing::debug!(queue = %shared.queue.name(), count, "released claimed messages");
+            crate::obs::released(shared.queue.name().as_str(), count);
             // Idle workers of this process and of others can take them now.
             shared.signal.wake();
             shared.wake_others(Duration::ZERO).await;
@@ -612,6 +613,7 @@ async fn fetch(shared: Arc<Shared>, qty: usize) -> Result<Vec<Message>> {
         Err(e) => return Err(crate::util::explain_pool_error(&shared.pool, e).await),
     };
     if !messages.is_empty() {
+        crate::obs::claimed(shared.queue.name().as_str(), messages.len());
         shared.leases.insert_many(messages.iter().map(|m| {
             (
                 m.msg_id,

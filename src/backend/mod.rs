@@ -528,6 +528,7 @@ where
                 read_ct: m.read_ct,
                 enqueued_at: m.enqueued_at,
                 vt: m.vt,
+                visible_since: m.visible_since.unwrap_or(m.enqueued_at),
                 headers: m.headers,
             });
         if let Some(p) = meta.priority {

@@ -160,12 +160,14 @@ pub(crate) struct Stats {
 
 impl Stats {
     pub(crate) fn received(&self) {
+        crate::obs::notification();
         self.received.fetch_add(1, Ordering::Relaxed);
     }
     pub(crate) fn parse_error(&self) {
         self.parse_errors.fetch_add(1, Ordering::Relaxed);
     }
     pub(crate) fn reconnected(&self) {
+        crate::obs::reconnect();
         self.reconnects.fetch_add(1, Ordering::Relaxed);
     }
     pub(crate) fn snapshot(&self) -> ListenerStats {

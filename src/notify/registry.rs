@@ -298,6 +298,12 @@ async fn heartbeat(hub: Weak<Hub>) {
             tracing::warn!(error = %e, workers = refs.len(), "worker heartbeat failed");
         }
         drop(_beat);
+        if crate::obs::SAMPLES_GAUGES {
+            let queues: Vec<_> = lock(&h.registry.retention).values().cloned().collect();
+            for (queue, _) in &queues {
+                sample_gauges(&pool, queue).await;
+            }
+        }
         if tokio::time::Instant::now() < next_prune {
             continue;
         }
@@ -311,6 +317,16 @@ async fn heartbeat(hub: Weak<Hub>) {
                 prune_elected(&pool, &queue, dead_letters, keep).await;
             }
         }
+    }
+}
+
+/// Counts a queue's jobs for the metrics gauges, if this process holds the queue's sampling
+/// lock (one process per queue samples).
+async fn sample_gauges(pool: &PgPool, queue: &crate::queue::PgmqQueue) {
+    match queue.counts_elected(pool).await {
+        Ok(Some(c)) => crate::obs::queue_jobs(queue.name().as_str(), &c),
+        Ok(None) => {}
+        Err(e) => tracing::debug!(queue = %queue.name(), error = %e, "could not sample the queue"),
     }
 }
 

@@ -465,20 +465,26 @@ impl PgmqQueue {
         let row = sqlx::query(AssertSqlSafe(self.sql.inspect.counts.clone()))
             .fetch_one(pool)
             .await?;
-        Ok(QueueCounts {
-            pending: row.try_get(0)?,
-            scheduled: row.try_get(1)?,
-            running: row.try_get(2)?,
-            retrying: row.try_get(3)?,
-            done: row.try_get::<Option<i64>, _>(4)?.unwrap_or(0),
-            dead: row.try_get(5)?,
-            killed: row.try_get(6)?,
-            oldest_pending_secs: row.try_get(7)?,
-            done_last_5_min: row.try_get(8)?,
-            done_last_hour: row.try_get(9)?,
-        })
+        counts_from(&row)
     }
+}
 
+fn counts_from(row: &PgRow) -> crate::Result<QueueCounts> {
+    Ok(QueueCounts {
+        pending: row.try_get(0)?,
+        scheduled: row.try_get(1)?,
+        running: row.try_get(2)?,
+        retrying: row.try_get(3)?,
+        done: row.try_get::<Option<i64>, _>(4)?.unwrap_or(0),
+        dead: row.try_get(5)?,
+        killed: row.try_get(6)?,
+        oldest_pending_secs: row.try_get(7)?,
+        done_last_5_min: row.try_get(8)?,
+        done_last_hour: row.try_get(9)?,
+    })
+}
+
+impl PgmqQueue {
     /// Replaces the body of a waiting job (pending or scheduled, never a leased one); `false`
     /// if no such job.
     pub(crate) async fn update_waiting(
@@ -671,6 +677,24 @@ impl PgmqQueue {
             .skip(offset as usize)
             .map(|r| record(r).map_err(Into::into))
             .collect()
+    }
+
+    /// [`counts`](Self::counts), if this process holds the queue's sampling lock (one process
+    /// per queue at a time); `None` otherwise.
+    pub(crate) async fn counts_elected(&self, pool: &PgPool) -> crate::Result<Option<QueueCounts>> {
+        let mut tx = pool.begin().await?;
+        let elected: bool = sqlx::query_scalar(crate::sql::TRY_SAMPLE_LOCK)
+            .bind(self.name.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+        if !elected {
+            return Ok(None);
+        }
+        let row = sqlx::query(AssertSqlSafe(self.sql.inspect.counts.clone()))
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(counts_from(&row)?))
     }
 
     /// Jobs archived on each of the last 7 days, oldest first (today last).

@@ -82,6 +82,9 @@ pub struct Message {
     /// (for example nested deeper than 128 levels); `message` and `headers` are then `None`.
     /// One such row never fails the read of the others.
     pub decode_error: Option<String>,
+    /// For a worker's claim: when the message had become visible (its visibility time before
+    /// the claim), so pickup latency can be measured. `None` for other reads.
+    pub(crate) visible_since: Option<DateTime<Utc>>,
 }
 
 /// Columns returned by reads: bodies as text, parsed per row (see [`Message::decode_error`]).
@@ -118,6 +121,7 @@ impl Message {
             message,
             headers,
             decode_error,
+            visible_since: None,
         })
     }
 }
@@ -240,6 +244,10 @@ pub struct MessageInfo {
     pub vt: DateTime<Utc>,
     /// The message's headers as stored, including the `apalis` key if present.
     pub headers: Option<Value>,
+    /// When the message had become visible before this delivery claimed it (the visibility
+    /// time it had: its send time, a delay, a backoff, a lapsed lease). Now minus this, when
+    /// the handler starts, is the job's pickup latency.
+    pub visible_since: DateTime<Utc>,
 }
 
 /// The columns an archived message keeps, in the order of `pgmq.a_<queue>`: written once, used
@@ -307,7 +315,7 @@ impl QueueSql {
             )
             .into(),
             claim: format!(
-                "WITH cte AS (SELECT msg_id FROM {q} WHERE vt <= clock_timestamp() \
+                "WITH cte AS (SELECT msg_id, vt AS visible_since FROM {q} WHERE vt <= clock_timestamp() \
                                 AND NOT EXISTS (SELECT 1 FROM apalis_pgmq.paused p \
                                                 WHERE p.queue = '{source}') \
                               ORDER BY msg_id ASC LIMIT $1 FOR UPDATE SKIP LOCKED) \
@@ -316,7 +324,7 @@ impl QueueSql {
                                   read_ct = read_ct + 1 \
                  FROM cte WHERE m.msg_id = cte.msg_id \
                  RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.vt, \
-                           m.message::text, m.headers::text"
+                           m.message::text, m.headers::text, cte.visible_since"
             )
             .into(),
             read: format!(
@@ -828,7 +836,13 @@ impl PgmqQueue {
             .await?;
         let mut messages = rows
             .iter()
-            .map(Message::from_row)
+            .map(|row| {
+                let mut m = Message::from_row(row)?;
+                if row.len() > 7 {
+                    m.visible_since = row.try_get(7)?;
+                }
+                Ok::<_, sqlx::Error>(m)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         messages.sort_unstable_by_key(|m| m.msg_id);
         Ok(messages)

@@ -105,6 +105,31 @@ run_pg "$BINDIR/initdb" -D "$DATA" -U postgres --auth=trust -E UTF8 --locale=C -
   || { cat "$WORK/initdb.log" >&2; exit 1; }
 
 OPTS="-p $PORT -k $WORK -c listen_addresses=127.0.0.1 -c max_connections=400 -c shared_buffers=256MB"
+# TLS for the tests that ask for it (sslmode=require / verify-full): a throwaway CA and a
+# certificate for localhost and 127.0.0.1. DATABASE_URL itself says sslmode=disable, so the other tests
+# (and the fault suite's proxy, which reads the protocol) run in the clear.
+SSL_CERT=""
+if ! command -v openssl >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssl >&2 || true
+fi
+if command -v openssl >/dev/null 2>&1; then
+  # A throwaway CA and a server certificate it signed (verify-full wants a real chain).
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' >"$WORK/server.ext"
+  if openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=apalis-pgmq-notify test CA" \
+       -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign" \
+       -keyout "$WORK/ca.key" -out "$WORK/ca.crt" >"$WORK/openssl.log" 2>&1 \
+     && openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+       -keyout "$WORK/server.key" -out "$WORK/server.csr" >>"$WORK/openssl.log" 2>&1 \
+     && openssl x509 -req -in "$WORK/server.csr" -CA "$WORK/ca.crt" -CAkey "$WORK/ca.key" \
+       -CAcreateserial -days 2 -extfile "$WORK/server.ext" -out "$WORK/server.crt" \
+       >>"$WORK/openssl.log" 2>&1; then
+    chown "$PGUSER_OS" "$WORK/server.key" "$WORK/server.crt"
+    chmod 600 "$WORK/server.key"
+    chmod 644 "$WORK/server.crt" "$WORK/ca.crt"
+    OPTS="$OPTS -c ssl=on -c ssl_cert_file=$WORK/server.crt -c ssl_key_file=$WORK/server.key"
+    SSL_CERT="$WORK/ca.crt"
+  fi
+fi
 if [ "${APALIS_PG_DURABLE:-0}" != "1" ]; then
   OPTS="$OPTS -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
 fi
@@ -113,7 +138,8 @@ run_pg "$BINDIR/pg_ctl" -D "$DATA" -l "$WORK/postgres.log" -w -t 60 -o "$OPTS" s
   || { cat "$WORK/postgres.log" >&2; exit 1; }
 log "PostgreSQL is up on 127.0.0.1:$PORT"
 
-export DATABASE_URL="postgres://postgres@127.0.0.1:$PORT/postgres"
+export DATABASE_URL="postgres://postgres@127.0.0.1:$PORT/postgres?sslmode=disable"
+if [ -n "$SSL_CERT" ]; then export APALIS_PG_SSL_CERT="$SSL_CERT"; fi
 export APALIS_PG_BINDIR="$BINDIR" APALIS_PG_DATADIR="$DATA" APALIS_PG_USER="$PGUSER_OS" \
   APALIS_PG_PORT="$PORT" APALIS_PG_OPTS_EFFECTIVE="$OPTS" APALIS_PG_LOG="$WORK/postgres.log"
 

@@ -492,3 +492,35 @@ fn a_refused_connection_is_reported_as_such_within_the_timeout() {
     let out = cli(&["dlq", "replay", "q"], Some("postgres://x@127.0.0.1:1/x"));
     assert_eq!(out.status.code(), Some(2), "usage error: {}", text(&out));
 }
+
+#[tokio::test]
+async fn tls_urls_work_and_a_wrong_certificate_is_refused() {
+    let Ok(cert) = std::env::var("APALIS_PG_SSL_CERT") else {
+        println!("skipped: the server was not started with TLS by scripts/with-pg.sh");
+        return;
+    };
+    let db = TestDb::setup().await;
+    let plain = db.url();
+    let base = plain.split('?').next().expect("url");
+    let out = cli(&["queues"], Some(&format!("{base}?sslmode=require")));
+    assert!(out.status.success(), "sslmode=require: {}", text(&out));
+    let verified = base.replace("127.0.0.1", "localhost");
+    let out = cli(
+        &["queues"],
+        Some(&format!(
+            "{verified}?sslmode=verify-full&sslrootcert={cert}"
+        )),
+    );
+    assert!(out.status.success(), "verify-full: {}", text(&out));
+    // Without trusting the self-signed certificate, verify-full refuses, and says why.
+    let out = cli(
+        &["queues"],
+        Some(&format!("{verified}?sslmode=verify-full")),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).to_lowercase().contains("certificate"),
+        "{}",
+        text(&out)
+    );
+}

@@ -64,6 +64,15 @@ if [ -z "$BINDIR" ]; then
   BINDIR=$(find_bindir) || { log "no PostgreSQL server binaries after installing"; exit 1; }
 fi
 
+# pg_partman, for the tests of PGMQ's partitioned queues (they skip, saying so, without it).
+MAJOR=$("$BINDIR/postgres" --version | grep -oE '[0-9]+' | head -1)
+if [ ! -e "/usr/share/postgresql/$MAJOR/extension/pg_partman.control" ] && [ "$(id -u)" -eq 0 ]; then
+  log "installing Debian's postgresql-$MAJOR-partman (pg_partman)"
+  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "postgresql-$MAJOR-partman" >&2 \
+    || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "postgresql-$MAJOR-partman" >&2; }; } \
+    || log "could not install pg_partman; the partitioned-queue tests will be skipped"
+fi
+
 # PostgreSQL refuses to run as root: pick an unprivileged owner.
 if [ "$(id -u)" -eq 0 ]; then
   PGUSER_OS=postgres

@@ -61,6 +61,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "operations",
         sql: include_str!("../migrations/0007_operations.sql"),
     },
+    Migration {
+        version: 8,
+        name: "partitions",
+        sql: include_str!("../migrations/0008_partitions.sql"),
+    },
 ];
 
 /// What [`setup`] found and did.

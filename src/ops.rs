@@ -162,6 +162,9 @@ pub struct Pruned {
     pub archived: usize,
     /// Dead letters deleted.
     pub dead_letters: usize,
+    /// Archive partitions dropped (partitioned queues: their archive is pruned by pg_partman's
+    /// maintenance with the retention given at creation, not row by row).
+    pub archive_partitions: usize,
 }
 
 /// Deletes `queue`'s archived jobs older than `archive_retention` and dead letters older than
@@ -191,7 +194,9 @@ pub async fn prune(
 ) -> Result<Pruned> {
     let q = PgmqQueue::new(queue.clone());
     let mut pruned = Pruned::default();
-    if let Some(keep) = archive_retention {
+    if q.is_partitioned(pool).await? {
+        pruned.archive_partitions = q.maintain_partitions(pool).await?;
+    } else if let Some(keep) = archive_retention {
         pruned.archived = q.prune_archive(pool, Some(keep)).await?;
     }
     if let Some(keep) = dead_letter_retention {

@@ -129,6 +129,15 @@ pub(crate) const TRY_PRUNE_LOCK: &str =
 pub(crate) const TRY_SAMPLE_LOCK: &str =
     "SELECT pg_try_advisory_xact_lock(hashtext('apalis_pgmq.sample'), hashtext($1))";
 
+/// Used in `src/notify/registry.rs`: one process at a time maintains a queue's partitions
+/// (a session lock: the maintenance commits as it goes).
+pub(crate) const TRY_MAINTAIN_LOCK: &str =
+    "SELECT pg_try_advisory_lock(hashtext('apalis_pgmq.partman'), hashtext($1))";
+
+/// Used in `src/notify/registry.rs`.
+pub(crate) const MAINTAIN_UNLOCK: &str =
+    "SELECT pg_advisory_unlock(hashtext('apalis_pgmq.partman'), hashtext($1))";
+
 /// Used in `src/ops.rs`.
 pub(crate) const PAUSE: &str = "SELECT apalis_pgmq.pause($1)";
 
@@ -146,12 +155,41 @@ pub(crate) const MIGRATIONS_TABLE_PRESENT: &str =
 pub(crate) const APPLIED_VERSIONS: &str =
     "SELECT version FROM apalis_pgmq.schema_migrations ORDER BY version";
 
+/// Used in `src/queue/mod.rs`: whether pg_partman is installable, and created.
+pub(crate) const PARTMAN_STATUS: &str = "SELECT \
+       EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'pg_partman'), \
+       EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_partman')";
+
+/// Used in `src/queue/mod.rs`.
+pub(crate) const CREATE_PARTMAN: &str =
+    "CREATE SCHEMA IF NOT EXISTS partman; CREATE EXTENSION IF NOT EXISTS pg_partman SCHEMA partman";
+
+/// Used in `src/queue/mod.rs`.
+pub(crate) const CREATE_PARTITIONED_QUEUE: &str = "SELECT pgmq.create_partitioned($1, $2, $3)";
+
+/// Used in `src/queue/mod.rs`.
+pub(crate) const QUEUE_IS_PARTITIONED: &str =
+    "SELECT is_partitioned FROM pgmq.meta WHERE queue_name = $1";
+
+/// Used in `src/queue/mod.rs`: pg_partman's maintenance of one parent table (its schema found
+/// as PGMQ finds it).
+pub(crate) const RUN_PARTMAN_MAINTENANCE: &str = "SELECT apalis_pgmq.run_partman_maintenance($1)";
+
+/// Used in `src/queue/mod.rs`.
+pub(crate) const COUNT_PARTITIONS: &str =
+    "SELECT count(*) FROM pg_inherits WHERE inhparent = to_regclass($1)";
+
 /// The fixed statements, by name.
 pub(crate) const ALL: &[(&str, &str)] = &[
+    ("partman_status", PARTMAN_STATUS),
+    ("queue_is_partitioned", QUEUE_IS_PARTITIONED),
+    ("count_partitions", COUNT_PARTITIONS),
     ("migrations_table_present", MIGRATIONS_TABLE_PRESENT),
     ("applied_versions", APPLIED_VERSIONS),
     ("try_prune_lock", TRY_PRUNE_LOCK),
     ("try_sample_lock", TRY_SAMPLE_LOCK),
+    ("try_maintain_lock", TRY_MAINTAIN_LOCK),
+    ("maintain_unlock", MAINTAIN_UNLOCK),
     ("pause", PAUSE),
     ("resume", RESUME),
     ("paused_queues", PAUSED_QUEUES),

@@ -449,7 +449,7 @@ async fn migrate_check_and_dry_run() {
     let out = cli(&["migrate", "--dry-run"], Some(&url));
     assert!(out.status.success());
     assert!(
-        text(&out).contains("-- migration 7 (operations)"),
+        text(&out).contains("-- migration 8 (partitions)"),
         "{}",
         text(&out)
     );

@@ -598,6 +598,7 @@ async fn ensure_queue(
     let retention = crate::notify::registry::Retention {
         archive: shared.config.archive_retention,
         dead_letters: shared.config.dead_letter_retention,
+        partitioned: shared.queue.is_partitioned(&shared.pool).await?,
     };
     Ok(shared
         .hub

@@ -349,6 +349,35 @@ impl<Args, C> PgmqStorage<Args, C> {
         .await
     }
 
+    /// Creates the queue partitioned (see [`PgmqQueue::create_partitioned`]; needs pg_partman),
+    /// its dead-letter queue (not partitioned), and its notification trigger when listening.
+    /// The backend works on a partitioned queue as on any other.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] without pg_partman; [`Error::Database`] if a statement fails.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::{PgmqStorage, QueueName};
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// let storage = PgmqStorage::<String>::new(&pool, QueueName::new("events")?);
+    /// storage.create_partitioned_queue("1 day", "7 days").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn create_partitioned_queue(
+        &self,
+        partition_interval: &str,
+        retention_interval: &str,
+    ) -> Result<()> {
+        self.shared
+            .queue
+            .create_partitioned(&self.shared.pool, partition_interval, retention_interval)
+            .await?;
+        self.create_queue().await
+    }
+
     /// Drops the queue **and its dead-letter queue** (`<queue>_dlq`), with their archives, in
     /// one transaction. Returns whether the queue existed. (PGMQ's own `pgmq.drop_queue` drops
     /// only the queue it is given and leaves `<queue>_dlq` behind.)

@@ -12,6 +12,7 @@
 //! apalis-pgmq-notify pause <queue> / resume <queue>
 //! apalis-pgmq-notify workers [--queue Q] [--json]
 //! apalis-pgmq-notify prune [<queue>...] [--archive-retention 7d] [--dead-letter-retention 30d]
+//! apalis-pgmq-notify create-queue <queue> [--partitioned --partition-interval N --retention-interval N]
 //! apalis-pgmq-notify enable-notify|disable-notify|drop-queue <queue>...
 //! apalis-pgmq-notify generate-migration [<queue>...] / validate <config.json>
 //! ```
@@ -123,6 +124,19 @@ enum Command {
     },
     /// Check a storage configuration file.
     Validate { file: String },
+    /// Create a queue with its dead-letter queue (and notification trigger).
+    CreateQueue {
+        queue: String,
+        /// Partitioned queue and archive tables (PGMQ's create_partitioned; needs pg_partman).
+        #[arg(long)]
+        partitioned: bool,
+        /// Messages (e.g. 10000) or time (e.g. "1 day") per partition.
+        #[arg(long, default_value = "10000", requires = "partitioned")]
+        partition_interval: String,
+        /// How far back the archive keeps partitions (same unit as the partition interval).
+        #[arg(long, default_value = "100000", requires = "partitioned")]
+        retention_interval: String,
+    },
     /// Drop queues with their dead-letter queues and archives.
     DropQueue {
         #[arg(required = true)]
@@ -655,6 +669,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 ConfigFile::from_json(&text).map_err(|e| Failure::Usage(format!("{file}: {e}")))?;
             println!("{file}: valid (queue {})", f.queue);
             println!("{:#?}", f.config);
+            Ok(())
+        }
+        Command::CreateQueue {
+            queue: name,
+            partitioned,
+            partition_interval,
+            retention_interval,
+        } => {
+            let q = queue(name)?;
+            let pool = pool(&cli).await?;
+            let s = PgmqStorage::<Value>::new(&pool, q.clone());
+            if *partitioned {
+                s.create_partitioned_queue(partition_interval, retention_interval)
+                    .await?;
+                println!(
+                    "{q}: created, partitioned by {partition_interval}, archive keeps {retention_interval}"
+                );
+            } else {
+                s.create_queue().await?;
+                println!("{q}: created with {q}_dlq");
+            }
             Ok(())
         }
         Command::DropQueue { queues: names } => {

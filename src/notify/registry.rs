@@ -42,6 +42,8 @@ pub(crate) struct WorkerStats {
 pub(crate) struct Retention {
     pub(crate) archive: Option<Duration>,
     pub(crate) dead_letters: Option<Duration>,
+    /// A partitioned queue: pg_partman's maintenance runs on every heartbeat.
+    pub(crate) partitioned: bool,
 }
 
 /// Most pruning batches per queue and table in one pruning round.
@@ -185,6 +187,7 @@ impl Hub {
             };
             e.1.archive = shorter(e.1.archive, retention.archive);
             e.1.dead_letters = shorter(e.1.dead_letters, retention.dead_letters);
+            e.1.partitioned |= retention.partitioned;
         }
         let queue = queue.name().as_str();
         let id = format!(
@@ -298,6 +301,14 @@ async fn heartbeat(hub: Weak<Hub>) {
             tracing::warn!(error = %e, workers = refs.len(), "worker heartbeat failed");
         }
         drop(_beat);
+        let partitioned: Vec<_> = lock(&h.registry.retention)
+            .values()
+            .filter(|(_, r)| r.partitioned)
+            .map(|(q, _)| q.clone())
+            .collect();
+        for queue in &partitioned {
+            maintain_elected(&pool, queue).await;
+        }
         if crate::obs::SAMPLES_GAUGES {
             let queues: Vec<_> = lock(&h.registry.retention).values().cloned().collect();
             for (queue, _) in &queues {
@@ -317,6 +328,33 @@ async fn heartbeat(hub: Weak<Hub>) {
                 prune_elected(&pool, &queue, dead_letters, keep).await;
             }
         }
+    }
+}
+
+/// pg_partman's maintenance of a partitioned queue, by one process at a time.
+async fn maintain_elected(pool: &PgPool, queue: &crate::queue::PgmqQueue) {
+    let elected = async {
+        let mut conn = pool.acquire().await?;
+        let got: bool = sqlx::query_scalar(crate::sql::TRY_MAINTAIN_LOCK)
+            .bind(queue.name().as_str())
+            .fetch_one(&mut *conn)
+            .await?;
+        if !got {
+            return Ok::<_, crate::Error>(None);
+        }
+        let result = queue.maintain_partitions(pool).await;
+        let _ = sqlx::query(crate::sql::MAINTAIN_UNLOCK)
+            .bind(queue.name().as_str())
+            .execute(&mut *conn)
+            .await;
+        result.map(Some)
+    };
+    match elected.await {
+        Ok(Some(dropped)) if dropped > 0 => {
+            tracing::debug!(queue = %queue.name(), dropped, "dropped archive partitions past retention");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(queue = %queue.name(), error = %e, "partition maintenance failed"),
     }
 }
 

@@ -499,6 +499,97 @@ impl PgmqQueue {
         Ok(())
     }
 
+    /// Creates the queue with partitioned queue and archive tables (`pgmq.create_partitioned`),
+    /// for queues at scale: `partition_interval` and `retention_interval` are numbers of
+    /// messages (`"10000"`, partitioned by `msg_id`) or time intervals (`"1 day"`, by
+    /// `enqueued_at`/`archived_at`), as PGMQ takes them. Needs the pg_partman extension: it is
+    /// created in schema `partman` when available but not yet created. Old partitions are
+    /// dropped by pg_partman's maintenance ([`prune`](crate::prune) runs it for the archive).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] if pg_partman is not installed on the server (Debian:
+    /// `postgresql-<major>-partman`); [`Error::Database`] if a statement fails.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::{PgmqQueue, QueueName};
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// PgmqQueue::new(QueueName::new("events")?)
+    ///     .create_partitioned(&pool, "1 day", "7 days")
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn create_partitioned(
+        &self,
+        pool: &sqlx::PgPool,
+        partition_interval: &str,
+        retention_interval: &str,
+    ) -> Result<()> {
+        let (available, created): (bool, bool) = sqlx::query_as(crate::sql::PARTMAN_STATUS)
+            .fetch_one(pool)
+            .await?;
+        if !available {
+            return Err(Error::Config(
+                "partitioned queues need the pg_partman extension on the server \
+                 (Debian: apt-get install postgresql-<major>-partman)"
+                    .to_owned(),
+            ));
+        }
+        if !created {
+            sqlx::raw_sql(crate::sql::CREATE_PARTMAN)
+                .execute(pool)
+                .await?;
+        }
+        sqlx::query(crate::sql::CREATE_PARTITIONED_QUEUE)
+            .bind(self.name.as_str())
+            .bind(partition_interval)
+            .bind(retention_interval)
+            .execute(pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Whether the queue was created partitioned (`pgmq.meta`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if the statement fails.
+    pub async fn is_partitioned(&self, pool: &sqlx::PgPool) -> Result<bool> {
+        let p: Option<bool> = sqlx::query_scalar(crate::sql::QUEUE_IS_PARTITIONED)
+            .bind(self.name.as_str())
+            .fetch_optional(pool)
+            .await?;
+        Ok(p.unwrap_or(false))
+    }
+
+    /// Runs pg_partman's maintenance on a partitioned queue's tables: partitions are made ahead
+    /// of the growing ids (or times), and archive partitions past the retention given at
+    /// creation are dropped. Returns how many archive partitions went. Run it often (a worker
+    /// process does, on each heartbeat): rows beyond the partitions made ahead land in the
+    /// default partition, which blocks making their partition later.
+    pub(crate) async fn maintain_partitions(&self, pool: &sqlx::PgPool) -> Result<usize> {
+        sqlx::query(crate::sql::RUN_PARTMAN_MAINTENANCE)
+            .bind(format!("pgmq.q_{}", self.name.as_str()))
+            .execute(pool)
+            .await?;
+        let table = format!("pgmq.a_{}", self.name.as_str());
+        let before: i64 = sqlx::query_scalar(crate::sql::COUNT_PARTITIONS)
+            .bind(&table)
+            .fetch_one(pool)
+            .await?;
+        sqlx::query(crate::sql::RUN_PARTMAN_MAINTENANCE)
+            .bind(&table)
+            .execute(pool)
+            .await?;
+        let after: i64 = sqlx::query_scalar(crate::sql::COUNT_PARTITIONS)
+            .bind(&table)
+            .fetch_one(pool)
+            .await?;
+        Ok(usize::try_from(before - after).unwrap_or(0))
+    }
+
     /// Indexes the dead letters of this queue by job id (idempotent; the dead-letter queue must
     /// exist), so a dead job is found by id without a scan.
     pub(crate) async fn index_dead_letters(&self, pool: &sqlx::PgPool) -> Result<()> {

@@ -140,7 +140,11 @@ fn validate_checks_config_files() {
     .expect("write");
     let out = cli(&["validate", good.to_str().expect("path")], None);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("valid (queue email)"));
+    let shown = text(&out);
+    assert!(shown.contains(": valid"), "{shown}");
+    assert!(shown.contains("queue               email"), "{shown}");
+    assert!(shown.contains("max attempts        5"), "{shown}");
+    assert!(!shown.contains("Config {"), "no Rust Debug text: {shown}");
     for (name, body, needle) in [
         (
             "typo.json",

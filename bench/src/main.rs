@@ -50,6 +50,7 @@ const ALL_WORKLOADS: &[&str] = &[
     "idle_cost",
     "sustained",
     "notify_cost",
+    "retention",
 ];
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -173,7 +174,9 @@ async fn run_ours(bench: &mut Bench, workload: &str) -> Res<()> {
     let (_opts, pool) = bench.fresh_db(OURS, workload).await?;
     let p = bench.params.clone();
     let s = ours(&pool, &p).await?;
-    if workload == "notify_cost" {
+    if workload == "retention" {
+        retention(bench, &pool, &s, &p).await?;
+    } else if workload == "notify_cost" {
         let q = s.queue().clone();
         let channels = NotifyChannels::default();
         let push = {
@@ -303,6 +306,109 @@ async fn run_ours(bench: &mut Bench, workload: &str) -> Res<()> {
     Ok(())
 }
 
+/// Archive growth and pruning: an archive as a long run leaves it (`burn_jobs` x 5 rows, eight
+/// days old), its size without retention and after `prune`, and burn-down with and without
+/// pruning running at the same time.
+async fn retention(
+    bench: &mut Bench,
+    pool: &PgPool,
+    s: &PgmqStorage<BenchJob>,
+    p: &Params,
+) -> Res<()> {
+    let q = s.queue().name().as_str().to_owned();
+    let old_rows = p.burn_jobs * 5;
+    let size = |pool: PgPool, q: String| async move {
+        sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!(
+            "SELECT pg_total_relation_size('pgmq.a_{q}')"
+        )))
+        .fetch_one(&pool)
+        .await
+    };
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO pgmq.a_{q} (msg_id, read_ct, enqueued_at, vt, message, archived_at) \
+         SELECT -g, 1, now() - interval '8 days', now() - interval '8 days', \
+                jsonb_build_object('t', g, 'pad', repeat('x', 40)), now() - interval '8 days' \
+         FROM generate_series(1, {old_rows}) g"
+    )))
+    .execute(pool)
+    .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("VACUUM ANALYZE pgmq.a_{q}")))
+        .execute(pool)
+        .await?;
+    let unpruned = size(pool.clone(), q.clone()).await?;
+    // Burn-down alone, then with pruning of the old rows running alongside.
+    let mut rates = Vec::new();
+    let mut prune_secs = 0.0;
+    let mut pruned_rows = 0usize;
+    for with_prune in [false, true] {
+        let mut sink = s.clone();
+        let mut left = p.burn_jobs;
+        while left > 0 {
+            let n = left.min(1000);
+            sink.push_bulk((0..n).map(|_| job(0)).collect()).await?;
+            left -= n;
+        }
+        let counters = Arc::new(Counters::default());
+        let start = Instant::now();
+        let (stop, joins) = spawn_bench_workers!(s.clone(), p.workers, p.concurrency, counters);
+        let pruner = with_prune.then(|| {
+            let (pool, name) = (pool.clone(), s.queue().name().clone());
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let r = apalis_pgmq_notify::prune(
+                    &pool,
+                    &name,
+                    Some(Duration::from_secs(7 * 86_400)),
+                    None,
+                )
+                .await;
+                (
+                    t.elapsed().as_secs_f64(),
+                    r.map(|p| p.archived).unwrap_or(0),
+                )
+            })
+        });
+        wait_done(&counters, p.burn_jobs, Duration::from_secs(600)).await;
+        let secs = start.elapsed().as_secs_f64();
+        stop_workers(stop, joins).await;
+        rates.push(counters.done() as f64 / secs);
+        if let Some(pruner) = pruner {
+            let (t, n) = pruner.await?;
+            prune_secs = t;
+            pruned_rows = n;
+        }
+    }
+    sqlx::query(sqlx::AssertSqlSafe(format!("VACUUM pgmq.a_{q}")))
+        .execute(pool)
+        .await?;
+    let live: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM pgmq.a_{q}"
+    )))
+    .fetch_one(pool)
+    .await?;
+    let after = size(pool.clone(), q.clone()).await?;
+    bench.emit(
+        Record::new(OURS, "retention")
+            .value("old_rows", old_rows as f64)
+            .value("archive_mb_unpruned", unpruned as f64 / 1e6)
+            .value("archive_mb_after_prune", after as f64 / 1e6)
+            .value("archive_rows_after_prune", live as f64)
+            .value("pruned_rows", pruned_rows as f64)
+            .value(
+                "prune_rows_per_sec",
+                pruned_rows as f64 / prune_secs.max(1e-9),
+            )
+            .value("burn_down_per_sec", rates[0])
+            .value("burn_down_while_pruning_per_sec", rates[1])
+            .value("while_pruning_ratio", rates[1] / rates[0])
+            .note(format!(
+                "{old_rows} archived rows 8 days old; prune keeps 7 days (batches of 10 000); \
+                 size after VACUUM (space is reused, not returned to the OS)"
+            )),
+    );
+    Ok(())
+}
+
 fn notify_record(system: &str, on: f64, off: f64, producers: usize) -> Record {
     Record::new(system, "notify_cost")
         .value("on_per_sec", on)
@@ -314,6 +420,9 @@ fn notify_record(system: &str, on: f64, off: f64, producers: usize) -> Record {
 }
 
 async fn run_apalis_pg(bench: &mut Bench, system: &str, workload: &str) -> Res<()> {
+    if workload == "retention" {
+        return Ok(()); // this crate's archive only
+    }
     let (_opts, pool) = bench.fresh_db(system, workload).await?;
     let p = bench.params.clone();
     let poll = if system == PG_PLAIN {
@@ -543,6 +652,9 @@ async fn run_raw(bench: &mut Bench, workload: &str) -> Res<()> {
 // ---------------------------------------------------------------- apalis-pgmq (subprocess)
 
 async fn run_peer(bench: &mut Bench, system: &str, workload: &str) -> Res<()> {
+    if workload == "retention" {
+        return Ok(()); // this crate's archive only
+    }
     let Some(bin) = bench.peer_bin.clone() else {
         eprintln!("{system}: skipped (no --peer-bin; build bench/pgmq-peer)");
         return Ok(());
@@ -625,6 +737,27 @@ fn table(records: &[Record]) {
         ("notify_cost", "off_per_sec", "producer without, jobs/s"),
         ("notify_cost", "ratio", "NOTIFY on / off"),
         ("notify_cost", "always_ratio", "always-notify on / off"),
+        (
+            "retention",
+            "archive_mb_unpruned",
+            "archive, MB, old rows kept",
+        ),
+        (
+            "retention",
+            "archive_mb_after_prune",
+            "archive, MB, after prune + VACUUM",
+        ),
+        ("retention", "prune_rows_per_sec", "prune, rows/s"),
+        (
+            "retention",
+            "burn_down_per_sec",
+            "burn-down, jobs/s (no pruning)",
+        ),
+        (
+            "retention",
+            "burn_down_while_pruning_per_sec",
+            "burn-down while pruning, jobs/s",
+        ),
     ];
     let systems: Vec<&str> = ALL_SYSTEMS
         .iter()

@@ -619,7 +619,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             for q in &queues {
                 enable_notify(&pool, q, &ch, mode).await?;
                 match notify_mode(&pool, q).await? {
-                    Some((mode, chans)) => println!("{q}: {mode:?} on {}", chans.join(", ")),
+                    Some((mode, chans)) => println!(
+                        "{q}: {} notifications on {}",
+                        match mode {
+                            NotifyMode::Batch => "batch",
+                            NotifyMode::Message { .. } => "per-message",
+                            _ => "on-demand",
+                        },
+                        chans.join(", ")
+                    ),
                     None => println!("{q}: no trigger"),
                 }
             }
@@ -667,8 +675,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .map_err(|e| Failure::Usage(format!("{file}: {e}")))?;
             let f =
                 ConfigFile::from_json(&text).map_err(|e| Failure::Usage(format!("{file}: {e}")))?;
-            println!("{file}: valid (queue {})", f.queue);
-            println!("{:#?}", f.config);
+            println!("{file}: valid");
+            let c = &f.config;
+            let rows = vec![
+                vec!["queue".to_owned(), f.queue.to_string()],
+                vec![
+                    "visibility timeout".to_owned(),
+                    humantime::format_duration(c.get_visibility_timeout()).to_string(),
+                ],
+                vec!["max attempts".to_owned(), c.get_max_attempts().to_string()],
+            ];
+            print!("{}", table(&["SETTING", "VALUE"], &rows));
             Ok(())
         }
         Command::CreateQueue {

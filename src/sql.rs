@@ -179,8 +179,12 @@ pub(crate) const RUN_PARTMAN_MAINTENANCE: &str = "SELECT apalis_pgmq.run_partman
 pub(crate) const COUNT_PARTITIONS: &str =
     "SELECT count(*) FROM pg_inherits WHERE inhparent = to_regclass($1)";
 
+/// Used in `src/notify/wakeup.rs`.
+pub(crate) const LISTENERS_CHANGED: &str = "SELECT apalis_pgmq.listeners_changed()";
+
 /// The fixed statements, by name.
 pub(crate) const ALL: &[(&str, &str)] = &[
+    ("listeners_changed", LISTENERS_CHANGED),
     ("partman_status", PARTMAN_STATUS),
     ("queue_is_partitioned", QUEUE_IS_PARTITIONED),
     ("count_partitions", COUNT_PARTITIONS),

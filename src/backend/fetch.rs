@@ -511,8 +511,10 @@ async fn arm(shared: Arc<Shared>) -> Result<()> {
     let armed = wakeup::arm(&shared.pool, &channel, &shared.hub.owner, ttl, generation).await;
     if armed.is_err() {
         shared.signal.arm_failed(generation);
+        return armed;
     }
-    armed
+    // Committed: now make producers that cached "nobody waits" look again.
+    wakeup::listeners_changed(&shared.pool).await
 }
 
 /// The last worker of the queue in this process stopped: remove its arming row.

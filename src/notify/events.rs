@@ -439,6 +439,8 @@ impl QueueEvents {
         for c in &channel_names {
             want(&self.pool, c, &owner, REGISTRATION_TTL.as_secs_f64(), true).await?;
         }
+        // Committed: producers that cached "nobody waits" look again.
+        super::wakeup::listeners_changed(&self.pool).await?;
         let refresher = {
             let (pool, owner, channels) = (self.pool.clone(), owner.clone(), channel_names.clone());
             tokio::spawn(async move {

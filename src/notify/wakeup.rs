@@ -18,7 +18,11 @@
 //!   (`channel`, `owner` = this process, `armed`, `until`, `gen`), for a time-to-live of about
 //!   four poll intervals, and re-arms before it runs out. Workers of one process share the row.
 //! - *The trigger* (statement level, `AFTER INSERT`) reads whether any armed, unexpired row waits
-//!   on the queue's channel and, if so, sends one `{"e":"wake"}` NOTIFY. It writes nothing.
+//!   on the queue's channel and, if so, sends one `{"e":"wake"}` NOTIFY. It writes nothing
+//!   shared. While nobody waits it is not even called: each session caches "nobody waits on
+//!   this queue" at the version of the listeners (a sequence), and the trigger's `WHEN` clause
+//!   compares the two. The worker bumps the version after its arming has committed, so the
+//!   next statement of every producer looks again.
 //! - *Disarming.* The process that receives the NOTIFY disarms its own row (only the generation
 //!   it answered), so a busy queue stops costing producers notifications.
 //! - *Settling.* After arming, the worker checks that no other transaction holds
@@ -34,13 +38,14 @@
 //! A producer P inserts job J in a transaction that commits at `c`; worker W arms at `a` (the
 //! arming commits) and is idle.
 //!
-//! 1. **P's statement runs after `a`.** Its trigger sees the armed row (READ COMMITTED takes a
-//!    new snapshot per statement) and notifies. PostgreSQL delivers the NOTIFY after P commits,
+//! 1. **P's statement runs after `a` and the version bump.** Its cache is stale, so the
+//!    trigger's function runs, sees the armed row (READ COMMITTED takes a new snapshot per
+//!    statement) and notifies. PostgreSQL delivers the NOTIFY after P commits,
 //!    so W's read after it sees J. Latency: the notification's.
 //! 2. **P commits before `a`.** W reads after arming and settling (the first settle check
 //!    or, failing that, the read at the deadline); the read's snapshot is taken after `c`.
-//! 3. **P's statement ran before `a` but P commits after `a` (in flight at arming).** The
-//!    trigger saw no armed row and did not notify. P holds `RowExclusiveLock` on the queue table
+//! 3. **P's statement ran before `a` and the bump, but P commits after (in flight at
+//!    arming).** The trigger saw no armed row (or skipped on a valid cache) and did not notify. P holds `RowExclusiveLock` on the queue table
 //!    until `c`, so W's settle checks fail until then; the first check after `c` succeeds and W
 //!    reads J. If P stays open past the last settle check (a long transaction, or REPEATABLE READ
 //!    where the trigger's snapshot predates `a`), W reads J at its fallback deadline. The
@@ -323,6 +328,16 @@ pub(crate) async fn arm(
         .bind(owner)
         .bind(ttl.as_secs_f64())
         .bind(i64::try_from(generation).unwrap_or(i64::MAX))
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Tells producers' sessions that cached "nobody waits" to look again: bumps the listeners
+/// version. Called after an arming (or a subscription) has committed, so a producer that reads
+/// the new version also sees the row.
+pub(crate) async fn listeners_changed(pool: &PgPool) -> Result<()> {
+    sqlx::query(crate::sql::LISTENERS_CHANGED)
         .execute(pool)
         .await?;
     Ok(())

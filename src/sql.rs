@@ -121,10 +121,6 @@ pub(crate) const LIST_WORKERS: &str = "SELECT name, queue, service, \
      WHERE expires_at > clock_timestamp() AND ($1::text IS NULL OR queue = $1) \
      ORDER BY queue, name";
 
-/// Used in `src/queue/inspect.rs`: one process at a time prunes a queue (a transaction lock).
-pub(crate) const TRY_PRUNE_LOCK: &str =
-    "SELECT pg_try_advisory_xact_lock(hashtext('apalis_pgmq.prune'), hashtext($1))";
-
 /// Used in `src/queue/inspect.rs`: one process at a time samples a queue's gauges.
 pub(crate) const TRY_SAMPLE_LOCK: &str =
     "SELECT pg_try_advisory_xact_lock(hashtext('apalis_pgmq.sample'), hashtext($1))";
@@ -190,7 +186,6 @@ pub(crate) const ALL: &[(&str, &str)] = &[
     ("count_partitions", COUNT_PARTITIONS),
     ("migrations_table_present", MIGRATIONS_TABLE_PRESENT),
     ("applied_versions", APPLIED_VERSIONS),
-    ("try_prune_lock", TRY_PRUNE_LOCK),
     ("try_sample_lock", TRY_SAMPLE_LOCK),
     ("try_maintain_lock", TRY_MAINTAIN_LOCK),
     ("maintain_unlock", MAINTAIN_UNLOCK),

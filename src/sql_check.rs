@@ -47,6 +47,7 @@ pub async fn prepare_every_statement(pool: &PgPool, queue: &QueueName) -> Result
                         | "find_dead"
                         | "counts"
                         | "prune_dead"
+                        | "prune_dead_elected"
                         | "replay"
                         | "delete_dead"
                 )

@@ -176,6 +176,8 @@ pub(super) struct InspectSql {
     pub(super) update_waiting: Arc<str>,
     pub(super) prune_archive: Arc<str>,
     pub(super) prune_dead: Arc<str>,
+    pub(super) prune_archive_elected: Arc<str>,
+    pub(super) prune_dead_elected: Arc<str>,
     pub(super) replay: Arc<str>,
     pub(super) retry_now: Arc<str>,
     pub(super) delete_queued: Arc<str>,
@@ -203,6 +205,7 @@ impl InspectSql {
         let q = name.queue_table();
         let a = name.archive_table();
         let d = name.dead_letter().queue_table();
+        let source = name.as_str();
         let cols = "m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.vt, m.message::text, \
                     m.headers::text";
         Self {
@@ -287,6 +290,29 @@ impl InspectSql {
                 "WITH old AS (SELECT msg_id FROM {d} \
                               WHERE $1::float8 IS NULL \
                                  OR enqueued_at < clock_timestamp() - make_interval(secs => $1) \
+                              ORDER BY msg_id LIMIT $2), \
+                      gone AS (DELETE FROM {d} m USING old WHERE m.msg_id = old.msg_id RETURNING 1) \
+                 SELECT count(*) FROM gone"
+            )
+            .into(),
+            // As prune_archive / prune_dead, in one statement holding the queue's pruning lock
+            // (a transaction lock, taken once by the initplan): a process that does not get it
+            // deletes nothing.
+            prune_archive_elected: format!(
+                "WITH old AS (SELECT msg_id FROM {a} \
+                              WHERE (SELECT pg_try_advisory_xact_lock(hashtext('apalis_pgmq.prune'), \
+                                                                      hashtext('{source}'))) \
+                                AND archived_at < clock_timestamp() - make_interval(secs => $1) \
+                              ORDER BY msg_id LIMIT $2), \
+                      gone AS (DELETE FROM {a} m USING old WHERE m.msg_id = old.msg_id RETURNING 1) \
+                 SELECT count(*) FROM gone"
+            )
+            .into(),
+            prune_dead_elected: format!(
+                "WITH old AS (SELECT msg_id FROM {d} \
+                              WHERE (SELECT pg_try_advisory_xact_lock(hashtext('apalis_pgmq.prune'), \
+                                                                      hashtext('{source}'))) \
+                                AND enqueued_at < clock_timestamp() - make_interval(secs => $1) \
                               ORDER BY msg_id LIMIT $2), \
                       gone AS (DELETE FROM {d} m USING old WHERE m.msg_id = old.msg_id RETURNING 1) \
                  SELECT count(*) FROM gone"
@@ -550,25 +576,18 @@ impl PgmqQueue {
         dead_letters: bool,
         older_than: std::time::Duration,
     ) -> crate::Result<Option<i64>> {
-        let mut tx = pool.begin().await?;
-        let elected: bool = sqlx::query_scalar(crate::sql::TRY_PRUNE_LOCK)
-            .bind(self.name.as_str())
-            .fetch_one(&mut *tx)
-            .await?;
-        if !elected {
-            return Ok(None);
-        }
         let sql = if dead_letters {
-            &self.sql.inspect.prune_dead
+            &self.sql.inspect.prune_dead_elected
         } else {
-            &self.sql.inspect.prune_archive
+            &self.sql.inspect.prune_archive_elected
         };
+        // One statement: the lock, the batch and the commit. Not elected and nothing to prune
+        // look alike (0), and both end the round.
         let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql.clone()))
             .bind(older_than.as_secs_f64().min(1e11))
             .bind(PRUNE_BATCH)
-            .fetch_one(&mut *tx)
+            .fetch_one(pool)
             .await?;
-        tx.commit().await?;
         Ok(Some(n))
     }
 

@@ -1179,7 +1179,10 @@ impl PgmqQueue {
             ("update_waiting", s.inspect.update_waiting.clone()),
             ("prune_archive", s.inspect.prune_archive.clone()),
             ("prune_dead", s.inspect.prune_dead.clone()),
-            ("prune_archive_elected", s.inspect.prune_archive_elected.clone()),
+            (
+                "prune_archive_elected",
+                s.inspect.prune_archive_elected.clone(),
+            ),
             ("prune_dead_elected", s.inspect.prune_dead_elected.clone()),
             ("replay", s.inspect.replay.clone()),
             ("retry_now", s.inspect.retry_now.clone()),

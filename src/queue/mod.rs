@@ -355,9 +355,12 @@ impl QueueSql {
             .into(),
             delete: format!("DELETE FROM {q} WHERE msg_id = ANY($1) RETURNING msg_id").into(),
             next_visible: format!("SELECT min(vt) FROM {q} WHERE vt > clock_timestamp()").into(),
+            // Over every row, visible ones included (then it is zero or less): a message that
+            // became visible between a worker's empty read and this look is not missed. Nothing
+            // while the queue is paused (its workers wait for the resume notification).
             next_visible_in: format!(
                 "SELECT EXTRACT(EPOCH FROM min(vt) - clock_timestamp())::float8 FROM {q} \
-                 WHERE vt > clock_timestamp()"
+                 WHERE NOT EXISTS (SELECT 1 FROM apalis_pgmq.paused p WHERE p.queue = '{source}')"
             )
             .into(),
             tables_exist: format!(
@@ -1097,7 +1100,8 @@ impl PgmqQueue {
 }
 
 impl PgmqQueue {
-    /// Seconds until the earliest hidden message becomes visible, measured by the database clock.
+    /// Seconds until the earliest message becomes visible (zero or less: one is visible now),
+    /// measured by the database clock; `None` if the queue is empty or paused.
     pub(crate) async fn next_visible_in<'c, E: PgExecutor<'c>>(
         &self,
         executor: E,

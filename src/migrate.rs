@@ -66,11 +66,6 @@ const MIGRATIONS: &[Migration] = &[
         name: "partitions",
         sql: include_str!("../migrations/0008_partitions.sql"),
     },
-    Migration {
-        version: 9,
-        name: "producer_fast_path",
-        sql: include_str!("../migrations/0009_producer_fast_path.sql"),
-    },
 ];
 
 /// What [`setup`] found and did.

@@ -305,8 +305,6 @@ pub fn notify_migration_sql(
     sql.push('\n');
     sql.push_str(include_str!("../../migrations/0008_partitions.sql"));
     sql.push('\n');
-    sql.push_str(include_str!("../../migrations/0009_producer_fast_path.sql"));
-    sql.push('\n');
     for q in queues {
         sql.push_str(&format!(
             "SELECT apalis_pgmq.enable_notify({}, {}, {}, {}, {});\n",

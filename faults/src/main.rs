@@ -294,6 +294,25 @@ impl Ctx {
         Ok(Db { url, pool, queue })
     }
 
+    /// A proxy to the server, and `db` as worker processes reach it through the proxy (the
+    /// orchestrator's own pool stays direct).
+    async fn through_proxy(&self, db: &Db) -> Res<(proxy::Proxy, Db)> {
+        let target = tokio::net::lookup_host((self.admin.get_host(), self.admin.get_port()))
+            .await?
+            .next()
+            .ok_or("no server address")?;
+        let proxy = proxy::Proxy::start(target).await;
+        let proxied = Db {
+            url: db.url.replace(
+                &format!("{}:{}", self.admin.get_host(), self.admin.get_port()),
+                &format!("127.0.0.1:{}", proxy.port),
+            ),
+            pool: db.pool.clone(),
+            queue: db.queue.clone(),
+        };
+        Ok((proxy, proxied))
+    }
+
     fn spawn_worker(
         &self,
         db: &Db,
@@ -1076,19 +1095,7 @@ fn pickups(execs: &[Exec], pushed: &[(u64, u64)]) -> Vec<f64> {
 /// 8. The LISTEN connection goes half-open (a proxy stops forwarding it; no reset).
 async fn silent_listener(ctx: &Ctx) -> Res<Row> {
     let db = ctx.fresh("silent").await?;
-    let target = tokio::net::lookup_host((ctx.admin.get_host(), ctx.admin.get_port()))
-        .await?
-        .next()
-        .ok_or("no server address")?;
-    let proxy = proxy::Proxy::start(target).await;
-    let proxied = Db {
-        url: db.url.replace(
-            &format!("{}:{}", ctx.admin.get_host(), ctx.admin.get_port()),
-            &format!("127.0.0.1:{}", proxy.port),
-        ),
-        pool: db.pool.clone(),
-        queue: db.queue.clone(),
-    };
+    let (proxy, proxied) = ctx.through_proxy(&db).await?;
     let w = ctx.spawn_worker(&proxied, "silent", "w1", 10, 10_000, 5)?;
     // Wait until the worker listens (its wake-up row is armed), then cut it off silently.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1367,19 +1374,7 @@ async fn poison_outcomes(ctx: &Ctx) -> Res<Row> {
 /// them.
 async fn frozen(ctx: &Ctx) -> Res<Row> {
     let db = ctx.fresh("frozen").await?;
-    let target = tokio::net::lookup_host((ctx.admin.get_host(), ctx.admin.get_port()))
-        .await?
-        .next()
-        .ok_or("no server address")?;
-    let proxy = proxy::Proxy::start(target).await;
-    let proxied = Db {
-        url: db.url.replace(
-            &format!("{}:{}", ctx.admin.get_host(), ctx.admin.get_port()),
-            &format!("127.0.0.1:{}", proxy.port),
-        ),
-        pool: db.pool.clone(),
-        queue: db.queue.clone(),
-    };
+    let (proxy, proxied) = ctx.through_proxy(&db).await?;
     let vt_ms = 3000;
     let s = PgmqStorage::<FaultJob>::new(&db.pool, db.queue.name().clone());
     let a = ctx.spawn_worker(&proxied, "frozen", "a", 10, vt_ms, 5)?;

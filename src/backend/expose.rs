@@ -239,6 +239,30 @@ async fn counts_or_empty(pool: &PgPool, q: &PgmqQueue) -> QueueCounts {
     }
 }
 
+/// The running workers of `queue` (all queues: `None`), from the worker registry: those whose
+/// process sent a heartbeat within three intervals. What `ListWorkers` and the CLI's `workers`
+/// show.
+///
+/// # Errors
+///
+/// [`Error::Database`] if the statement fails.
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+/// for w in apalis_pgmq_notify::running_workers(&pool, None).await? {
+///     println!("{} on {}: {}", w.id, w.queue, w.backend);
+/// }
+/// # Ok(()) }
+/// ```
+pub async fn running_workers(
+    pool: &PgPool,
+    queue: Option<&QueueName>,
+) -> Result<Vec<RunningWorker>> {
+    workers(pool, queue.map(QueueName::as_str)).await
+}
+
 async fn workers(pool: &PgPool, queue: Option<&str>) -> Result<Vec<RunningWorker>> {
     type Row = (
         String,
@@ -297,6 +321,7 @@ where
         let pool = self.shared.pool.clone();
         async move {
             let mut out = Vec::new();
+            let all_workers = workers(&pool, None).await?;
             for name in app_queues(&pool).await? {
                 let q = PgmqQueue::new(name.clone());
                 let counts = counts_or_empty(&pool, &q).await;
@@ -307,10 +332,10 @@ where
                     .into_iter()
                     .map(|n| usize::try_from(n).unwrap_or(0))
                     .collect();
-                let workers = workers(&pool, Some(name.as_str()))
-                    .await?
-                    .into_iter()
-                    .map(|w| w.id)
+                let workers = all_workers
+                    .iter()
+                    .filter(|w| w.queue == name.as_str())
+                    .map(|w| w.id.clone())
                     .collect();
                 out.push(QueueInfo {
                     name: name.as_str().to_owned(),

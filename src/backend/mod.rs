@@ -1,6 +1,7 @@
 //! The apalis backend: [`PgmqStorage`].
 
 mod expose;
+pub use expose::running_workers;
 mod fetch;
 mod sink;
 

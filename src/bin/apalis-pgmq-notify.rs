@@ -21,11 +21,11 @@
 
 use std::{process::ExitCode, str::FromStr, time::Duration};
 
-use apalis_core::backend::{ListWorkers, RunningWorker};
+use apalis_core::backend::RunningWorker;
 use apalis_pgmq_notify::{
     ConfigFile, JobRecord, NotifyChannels, NotifyMode, PgmqQueue, PgmqStorage, QueueName,
     disable_notify, drop_queue_and_dead_letters, enable_notify, notify_migration_sql, notify_mode,
-    pause, pending_migrations, prune, queues_overview, resume, setup,
+    pause, pending_migrations, prune, queues_overview, resume, running_workers, setup,
 };
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
@@ -530,18 +530,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Workers { queue: name, out } => {
+            let q = name.as_deref().map(queue).transpose()?;
             let pool = pool(&cli).await?;
-            // Any storage reads the registry; one for the queue asked about lists only its own.
-            let q = match name {
-                Some(n) => queue(n)?,
-                None => QueueName::new("any").map_err(|e| Failure::Failed(e.to_string()))?,
-            };
-            let s = PgmqStorage::<Value>::new(&pool, q);
-            let workers: Vec<RunningWorker> = if name.is_some() {
-                s.list_workers().await?
-            } else {
-                s.list_all_workers().await?
-            };
+            let workers: Vec<RunningWorker> = running_workers(&pool, q.as_ref()).await?;
             if out.json {
                 print_json(&serde_json::to_value(&workers)?);
                 return Ok(());

@@ -274,50 +274,10 @@ impl InspectSql {
                  RETURNING m.msg_id"
             )
             .into(),
-            // One batch of the oldest archived rows older than $1 seconds by the server's clock
-            // (NULL: any), oldest first.
-            prune_archive: format!(
-                "WITH old AS (SELECT msg_id FROM {a} \
-                              WHERE $1::float8 IS NULL \
-                                 OR archived_at < clock_timestamp() - make_interval(secs => $1) \
-                              ORDER BY msg_id LIMIT $2), \
-                      gone AS (DELETE FROM {a} m USING old WHERE m.msg_id = old.msg_id RETURNING 1) \
-                 SELECT count(*) FROM gone"
-            )
-            .into(),
-            // One batch of the oldest dead letters older than $1 seconds (NULL: any).
-            prune_dead: format!(
-                "WITH old AS (SELECT msg_id FROM {d} \
-                              WHERE $1::float8 IS NULL \
-                                 OR enqueued_at < clock_timestamp() - make_interval(secs => $1) \
-                              ORDER BY msg_id LIMIT $2), \
-                      gone AS (DELETE FROM {d} m USING old WHERE m.msg_id = old.msg_id RETURNING 1) \
-                 SELECT count(*) FROM gone"
-            )
-            .into(),
-            // As prune_archive / prune_dead, in one statement holding the queue's pruning lock
-            // (a transaction lock, taken once by the initplan): a process that does not get it
-            // deletes nothing.
-            prune_archive_elected: format!(
-                "WITH old AS (SELECT msg_id FROM {a} \
-                              WHERE (SELECT pg_try_advisory_xact_lock(hashtext('apalis_pgmq.prune'), \
-                                                                      hashtext('{source}'))) \
-                                AND archived_at < clock_timestamp() - make_interval(secs => $1) \
-                              ORDER BY msg_id LIMIT $2), \
-                      gone AS (DELETE FROM {a} m USING old WHERE m.msg_id = old.msg_id RETURNING 1) \
-                 SELECT count(*) FROM gone"
-            )
-            .into(),
-            prune_dead_elected: format!(
-                "WITH old AS (SELECT msg_id FROM {d} \
-                              WHERE (SELECT pg_try_advisory_xact_lock(hashtext('apalis_pgmq.prune'), \
-                                                                      hashtext('{source}'))) \
-                                AND enqueued_at < clock_timestamp() - make_interval(secs => $1) \
-                              ORDER BY msg_id LIMIT $2), \
-                      gone AS (DELETE FROM {d} m USING old WHERE m.msg_id = old.msg_id RETURNING 1) \
-                 SELECT count(*) FROM gone"
-            )
-            .into(),
+            prune_archive: prune_sql(&a, "archived_at", None),
+            prune_dead: prune_sql(&d, "enqueued_at", None),
+            prune_archive_elected: prune_sql(&a, "archived_at", Some(source)),
+            prune_dead_elected: prune_sql(&d, "enqueued_at", Some(source)),
             // Dead letters back to the queue in one statement (all or nothing): $1 job ids (NULL:
             // every one), $2 reset the attempts. Returns the new message ids.
             replay: format!(
@@ -354,6 +314,27 @@ impl InspectSql {
             .into(),
         }
     }
+}
+
+/// One batch (`$2` rows, oldest first) of `table`'s rows whose `time_col` is older than `$1`
+/// seconds by the server's clock (`NULL`: any age). With `elected` (the queue's name), the
+/// statement first takes the queue's pruning lock (a transaction lock, taken once by the
+/// initplan) and deletes nothing if another session holds it.
+fn prune_sql(table: &str, time_col: &str, elected: Option<&str>) -> Arc<str> {
+    let lock = elected.map_or_else(String::new, |queue| {
+        format!(
+            "(SELECT pg_try_advisory_xact_lock(hashtext('apalis_pgmq.prune'), hashtext('{queue}'))) AND "
+        )
+    });
+    format!(
+        "WITH old AS (SELECT msg_id FROM {table} \
+                      WHERE {lock}($1::float8 IS NULL \
+                             OR {time_col} < clock_timestamp() - make_interval(secs => $1)) \
+                      ORDER BY msg_id LIMIT $2), \
+              gone AS (DELETE FROM {table} m USING old WHERE m.msg_id = old.msg_id RETURNING 1) \
+         SELECT count(*) FROM gone"
+    )
+    .into()
 }
 
 fn record(row: &PgRow) -> Result<JobRecord, sqlx::Error> {

@@ -260,6 +260,28 @@ pub(crate) const ARCHIVE_COLS: &str =
 /// once the message was delivered again.
 const FENCE: &str = "m.msg_id = t.msg_id AND m.read_ct = t.read_ct";
 
+/// PGMQ's read (claim visible messages in `msg_id` order, lease them for `$2` seconds, count the
+/// read), with an extra condition on the claimed rows and, with `visible_since`, the visibility
+/// time each row had before the claim as an eighth column.
+fn read_sql(q: &str, also: &str, visible_since: bool) -> Arc<str> {
+    let (pick, ret) = if visible_since {
+        (", vt AS visible_since", ", cte.visible_since")
+    } else {
+        ("", "")
+    };
+    format!(
+        "WITH cte AS (SELECT msg_id{pick} FROM {q} WHERE vt <= clock_timestamp() {also} \
+                      ORDER BY msg_id ASC LIMIT $1 FOR UPDATE SKIP LOCKED) \
+         UPDATE {q} m SET last_read_at = clock_timestamp(), \
+                          vt = clock_timestamp() + make_interval(secs => $2::float8), \
+                          read_ct = read_ct + 1 \
+         FROM cte WHERE m.msg_id = cte.msg_id \
+         RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.vt, \
+                   m.message::text, m.headers::text{ret}"
+    )
+    .into()
+}
+
 /// SQL text built once per queue from its validated name.
 #[derive(Debug)]
 struct QueueSql {
@@ -314,30 +336,16 @@ impl QueueSql {
                  RETURNING msg_id"
             )
             .into(),
-            claim: format!(
-                "WITH cte AS (SELECT msg_id, vt AS visible_since FROM {q} WHERE vt <= clock_timestamp() \
-                                AND NOT EXISTS (SELECT 1 FROM apalis_pgmq.paused p \
-                                                WHERE p.queue = '{source}') \
-                              ORDER BY msg_id ASC LIMIT $1 FOR UPDATE SKIP LOCKED) \
-                 UPDATE {q} m SET last_read_at = clock_timestamp(), \
-                                  vt = clock_timestamp() + make_interval(secs => $2::float8), \
-                                  read_ct = read_ct + 1 \
-                 FROM cte WHERE m.msg_id = cte.msg_id \
-                 RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.vt, \
-                           m.message::text, m.headers::text, cte.visible_since"
-            )
-            .into(),
-            read: format!(
-                "WITH cte AS (SELECT msg_id FROM {q} WHERE vt <= clock_timestamp() \
-                              ORDER BY msg_id ASC LIMIT $1 FOR UPDATE SKIP LOCKED) \
-                 UPDATE {q} m SET last_read_at = clock_timestamp(), \
-                                  vt = clock_timestamp() + make_interval(secs => $2::float8), \
-                                  read_ct = read_ct + 1 \
-                 FROM cte WHERE m.msg_id = cte.msg_id \
-                 RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.vt, \
-                           m.message::text, m.headers::text"
-            )
-            .into(),
+            // A worker's claim is PGMQ's read plus two things: nothing while the queue is
+            // paused, and when each message had become visible (for pickup latency).
+            claim: read_sql(
+                &q,
+                &format!(
+                    "AND NOT EXISTS (SELECT 1 FROM apalis_pgmq.paused p WHERE p.queue = '{source}')"
+                ),
+                true,
+            ),
+            read: read_sql(&q, "", false),
             set_vt_one: format!(
                 "UPDATE {q} SET vt = COALESCE($2::timestamptz, clock_timestamp() + make_interval(secs => $3::float8)) \
                  WHERE msg_id = $1 RETURNING {READ_COLS}"

@@ -170,8 +170,12 @@ pub struct Config {
     /// How long a claimed message stays invisible to other readers. Renewed while the handler
     /// runs, so it bounds how soon a crashed worker's jobs are retried, not how long a job may run.
     pub(crate) visibility_timeout: Duration,
-    /// Most messages claimed by one read; also caps what a worker holds but has not started.
+    /// Messages claimed by a worker's first read (and every read when claims do not adapt).
     pub(crate) fetch_batch_size: usize,
+    /// Largest claim an adapting worker grows to.
+    pub(crate) max_fetch_batch_size: usize,
+    /// Whether claims adapt (grow while the worker keeps up, overlap while reads are slow).
+    pub(crate) adaptive_claims: bool,
     /// Fallback poll interval when no notification arrives (before jitter).
     pub(crate) poll_interval: Duration,
     /// Fraction of `poll_interval` added or removed at random, so workers do not poll in step.
@@ -218,6 +222,8 @@ impl Default for Config {
         Self {
             visibility_timeout: Duration::from_secs(30),
             fetch_batch_size: 100,
+            max_fetch_batch_size: 1000,
+            adaptive_claims: true,
             poll_interval: Duration::from_secs(30),
             poll_jitter: 0.1,
             max_attempts: 25,
@@ -252,11 +258,34 @@ impl Config {
         self
     }
 
-    /// Most messages claimed per read (default 100, 1 to 10 000). A worker never claims more
-    /// than it can start; see the crate docs on capacity.
+    /// Messages claimed by a worker's first read (default 100, 1 to 10 000). With
+    /// [`adaptive_claims`](Self::adaptive_claims) on (the default) later claims grow up to
+    /// [`max_fetch_batch_size`](Self::max_fetch_batch_size) while the worker keeps up and
+    /// shrink when it does not; off, every claim is this size. A worker never holds more than
+    /// it can start; see the crate docs on capacity.
     #[must_use]
     pub fn fetch_batch_size(mut self, n: usize) -> Self {
         self.fetch_batch_size = n;
+        self
+    }
+
+    /// The largest claim an adapting worker grows to (default 1 000, at least
+    /// `fetch_batch_size`, at most 10 000).
+    #[must_use]
+    pub fn max_fetch_batch_size(mut self, n: usize) -> Self {
+        self.max_fetch_batch_size = n;
+        self
+    }
+
+    /// Whether claims adapt (default on): the claim size doubles while reads come back full and
+    /// the worker has started everything before the next claim arrives, halves when the worker
+    /// is full with messages still held, and while the backlog lasts the next claim is sent
+    /// before the previous one is used up (up to four in flight, fewer on a small pool), so a
+    /// far database's round trips overlap. Off: one claim of `fetch_batch_size` at a time,
+    /// sent when the previous one is used up.
+    #[must_use]
+    pub fn adaptive_claims(mut self, on: bool) -> Self {
+        self.adaptive_claims = on;
         self
     }
 
@@ -482,6 +511,12 @@ impl Config {
             return bad(format!(
                 "fetch_batch_size must be within 1..=10000, got {}",
                 self.fetch_batch_size
+            ));
+        }
+        if self.max_fetch_batch_size > 10_000 {
+            return bad(format!(
+                "max_fetch_batch_size must be at most 10000, got {}",
+                self.max_fetch_batch_size
             ));
         }
         if self.poll_interval < Duration::from_millis(10) {

@@ -18,6 +18,8 @@ use crate::{
 ///   "queue": "email",
 ///   "visibility_timeout_secs": 30,
 ///   "fetch_batch_size": 100,
+///   "max_fetch_batch_size": 1000,
+///   "adaptive_claims": true,
 ///   "poll_interval_ms": 30000,
 ///   "max_attempts": 25,
 ///   "backoff": { "base_ms": 1000, "factor": 2.0, "max_ms": 3600000, "jitter": 0.2 },
@@ -56,6 +58,8 @@ struct Raw {
     queue: String,
     visibility_timeout_secs: Option<f64>,
     fetch_batch_size: Option<usize>,
+    max_fetch_batch_size: Option<usize>,
+    adaptive_claims: Option<bool>,
     poll_interval_ms: Option<u64>,
     poll_jitter: Option<f64>,
     max_attempts: Option<u32>,
@@ -137,6 +141,12 @@ impl ConfigFile {
         }
         if let Some(v) = raw.fetch_batch_size {
             c = c.fetch_batch_size(v);
+        }
+        if let Some(v) = raw.max_fetch_batch_size {
+            c = c.max_fetch_batch_size(v);
+        }
+        if let Some(v) = raw.adaptive_claims {
+            c = c.adaptive_claims(v);
         }
         if let Some(v) = raw.poll_interval_ms {
             c = c.poll_interval(Duration::from_millis(v));

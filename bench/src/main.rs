@@ -8,8 +8,11 @@
 //!
 //! Every measurement prints a `BENCH {json}` line; a table follows at the end.
 
+#[path = "../../tests/common/proxy.rs"]
+mod proxy;
 #[path = "shared.rs"]
 mod shared;
+mod throughput;
 
 use std::{
     collections::BTreeMap,
@@ -42,7 +45,18 @@ const PGMQ_PLAIN: &str = "apalis-pgmq";
 const PGMQ_NOTIFY: &str = "apalis-pgmq+notify";
 const RAW: &str = "raw-sql";
 
-const ALL_SYSTEMS: &[&str] = &[OURS, PG_PLAIN, PG_NOTIFY, PGMQ_PLAIN, PGMQ_NOTIFY, RAW];
+/// This crate built from an earlier commit (`scripts/bench.sh --baseline REV`), run as a
+/// subprocess: its burn-down with the default claim size of that time, one worker.
+const BASELINE: &str = "baseline";
+const ALL_SYSTEMS: &[&str] = &[
+    OURS,
+    BASELINE,
+    PG_PLAIN,
+    PG_NOTIFY,
+    PGMQ_PLAIN,
+    PGMQ_NOTIFY,
+    RAW,
+];
 const ALL_WORKLOADS: &[&str] = &[
     "burn_down",
     "enqueue",
@@ -51,14 +65,19 @@ const ALL_WORKLOADS: &[&str] = &[
     "sustained",
     "notify_cost",
     "retention",
+    "growth",
+    "breakdown",
+    "delayed_pickup",
+    "far",
 ];
 
-type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+pub(crate) type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 struct Bench {
     admin: PgConnectOptions,
     params: Params,
     peer_bin: Option<String>,
+    baseline_bin: Option<String>,
     records: Vec<Record>,
 }
 
@@ -171,10 +190,23 @@ async fn apalis_pg(pool: &PgPool, p: &Params, poll: Duration) -> Res<PostgresSto
 }
 
 async fn run_ours(bench: &mut Bench, workload: &str) -> Res<()> {
-    let (_opts, pool) = bench.fresh_db(OURS, workload).await?;
+    let (opts, pool) = bench.fresh_db(OURS, workload).await?;
     let p = bench.params.clone();
     let s = ours(&pool, &p).await?;
-    if workload == "retention" {
+    if workload == "growth" {
+        let r = throughput::growth(&pool, &p, OURS).await?;
+        bench.emit(r);
+    } else if workload == "breakdown" {
+        for r in throughput::breakdown(&pool, &p, OURS).await? {
+            bench.emit(r);
+        }
+    } else if workload == "delayed_pickup" {
+        let r = throughput::delayed_pickup(&pool, &p, OURS).await?;
+        bench.emit(r);
+    } else if workload == "far" {
+        let r = throughput::far(&opts, &pool, &p, OURS).await?;
+        bench.emit(r);
+    } else if workload == "retention" {
         retention(bench, &pool, &s, &p).await?;
     } else if workload == "notify_cost" {
         let q = s.queue().clone();
@@ -419,9 +451,73 @@ fn notify_record(system: &str, on: f64, off: f64, producers: usize) -> Record {
         ))
 }
 
+/// Parameters of one burn-down in the `growth` workload: one worker, `n` jobs.
+fn one_worker(p: &Params, n: u64) -> Params {
+    let mut p = p.clone();
+    p.workers = 1;
+    p.concurrency = p.one_worker_concurrency;
+    p.burn_jobs = n;
+    p
+}
+
+fn growth_value(rec: &mut Record, n: u64, burn: Option<&Record>) {
+    if let Some(v) = burn.and_then(|r| r.values.get("jobs_per_sec")) {
+        rec.values.insert(format!("jobs_per_sec_{n}"), *v);
+    }
+}
+
 async fn run_apalis_pg(bench: &mut Bench, system: &str, workload: &str) -> Res<()> {
-    if workload == "retention" {
-        return Ok(()); // this crate's archive only
+    if matches!(
+        workload,
+        "retention" | "breakdown" | "delayed_pickup" | "far"
+    ) {
+        return Ok(()); // this crate only
+    }
+    if workload == "growth" {
+        let mut rec = Record::new(system, "growth");
+        for n in bench.params.growth_jobs.clone() {
+            let p = one_worker(&bench.params, n);
+            let (_opts, pool) = bench.fresh_db(system, workload).await?;
+            let poll = if system == PG_PLAIN {
+                Duration::from_millis(p.poll_ms)
+            } else {
+                Duration::from_secs(30)
+            };
+            let s = apalis_pg(&pool, &p, poll).await?;
+            let mut records = Vec::new();
+            let emit = |r: Record| records.push(r);
+            if system == PG_PLAIN {
+                apalis_workload!(
+                    p,
+                    emit,
+                    system,
+                    "burn_down",
+                    &pool,
+                    s.clone(),
+                    s.clone(),
+                    true
+                )?;
+            } else {
+                apalis_workload!(
+                    p,
+                    emit,
+                    system,
+                    "burn_down",
+                    &pool,
+                    s.clone().with_pubsub(),
+                    s.clone(),
+                    false
+                )?;
+            }
+            growth_value(&mut rec, n, records.first());
+            pool.close().await;
+            bench.drop_db(system, workload).await;
+        }
+        bench.emit(rec.note(format!(
+            "one worker, concurrency {}, batch {}",
+            bench.params.one_worker_concurrency, bench.params.batch_size
+        )));
+        return Ok(());
     }
     let (_opts, pool) = bench.fresh_db(system, workload).await?;
     let p = bench.params.clone();
@@ -492,6 +588,22 @@ async fn run_apalis_pg(bench: &mut Bench, system: &str, workload: &str) -> Res<(
 // ---------------------------------------------------------------- raw SQL ceiling
 
 async fn run_raw(bench: &mut Bench, workload: &str) -> Res<()> {
+    if workload == "breakdown" {
+        // The PGMQ-shaped ceiling at each claim size, one run each.
+        let mut p = bench.params.clone();
+        for claim in p.breakdown_claims.clone() {
+            p.batch_size = claim;
+            let saved = std::mem::replace(&mut bench.params, p.clone());
+            let n = bench.records.len();
+            let r = Box::pin(run_raw(bench, "burn_down")).await;
+            bench.params = saved;
+            r?;
+            for rec in &mut bench.records[n..] {
+                rec.workload = format!("{}_claim_{claim}", rec.workload);
+            }
+        }
+        return Ok(());
+    }
     if !matches!(workload, "burn_down" | "enqueue" | "notify_cost") {
         return Ok(());
     }
@@ -651,9 +763,61 @@ async fn run_raw(bench: &mut Bench, workload: &str) -> Res<()> {
 
 // ---------------------------------------------------------------- apalis-pgmq (subprocess)
 
+/// This crate at an earlier commit: its burn-down (default claim size of the time, one worker)
+/// at each `growth` size, run by that commit's own harness against the same server.
+async fn run_baseline(bench: &mut Bench, workload: &str) -> Res<()> {
+    if workload != "growth" {
+        return Ok(());
+    }
+    let Some(bin) = bench.baseline_bin.clone() else {
+        eprintln!("baseline: skipped (scripts/bench.sh --baseline REV builds it)");
+        return Ok(());
+    };
+    let url = std::env::var("DATABASE_URL")?;
+    let mut rec = Record::new(BASELINE, "growth");
+    for n in bench.params.growth_jobs.clone() {
+        let p = one_worker(&bench.params, n);
+        let out = tokio::process::Command::new(&bin)
+            .args([
+                "--systems",
+                OURS,
+                "--workloads",
+                "burn_down",
+                "--set",
+                &format!("workers={}", p.workers),
+                "--set",
+                &format!("concurrency={}", p.concurrency),
+                "--set",
+                &format!("burn_jobs={n}"),
+            ])
+            .env("DATABASE_URL", &url)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .output()
+            .await?;
+        let burn = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("BENCH "))
+            .filter_map(|j| serde_json::from_str::<Record>(j).ok())
+            .find(|r| r.workload == "burn_down");
+        growth_value(&mut rec, n, burn.as_ref());
+    }
+    bench.emit(rec.note(format!(
+        "this crate at {}: 1 worker x concurrency {}, its default claim size",
+        std::env::var("APQ_BASELINE_REV").unwrap_or_default(),
+        bench.params.one_worker_concurrency
+    )));
+    Ok(())
+}
+
 async fn run_peer(bench: &mut Bench, system: &str, workload: &str) -> Res<()> {
-    if workload == "retention" {
-        return Ok(()); // this crate's archive only
+    if matches!(
+        workload,
+        "retention" | "growth" | "breakdown" | "delayed_pickup" | "far"
+    ) {
+        // This crate only; apalis-pgmq is 4-8x slower than apalis-postgres in every run, so the
+        // growth comparison is against apalis-postgres.
+        return Ok(());
     }
     let Some(bin) = bench.peer_bin.clone() else {
         eprintln!("{system}: skipped (no --peer-bin; build bench/pgmq-peer)");
@@ -871,6 +1035,7 @@ async fn main() -> Res<()> {
         admin,
         params,
         peer_bin,
+        baseline_bin: std::env::var("APQ_BASELINE_BIN").ok(),
         records: Vec::new(),
     };
     shared::anchor();
@@ -881,6 +1046,7 @@ async fn main() -> Res<()> {
             let result = match system.as_str() {
                 OURS => run_ours(&mut bench, workload).await,
                 PG_PLAIN | PG_NOTIFY => run_apalis_pg(&mut bench, system, workload).await,
+                BASELINE => run_baseline(&mut bench, workload).await,
                 PGMQ_PLAIN | PGMQ_NOTIFY => run_peer(&mut bench, system, workload).await,
                 RAW => run_raw(&mut bench, workload).await,
                 other => Err(format!("unknown system {other}").into()),

@@ -38,6 +38,8 @@ pub struct Counters {
     /// Push-to-start latencies in microseconds (only when `record` is on).
     pub latencies: Mutex<Vec<u64>>,
     pub record: std::sync::atomic::AtomicBool,
+    /// How long each handler runs, in milliseconds (0: returns at once).
+    pub job_ms: AtomicU64,
 }
 
 impl Counters {
@@ -159,6 +161,54 @@ pub struct Params {
     pub notify_secs: u64,
     /// Fallback poll interval given to systems that poll.
     pub poll_ms: u64,
+    /// The throughput workloads (`growth`, `breakdown`, `delayed_pickup`, `far`): one worker
+    /// with this concurrency, the way an application runs it.
+    #[serde(default = "default_one_worker_concurrency")]
+    pub one_worker_concurrency: usize,
+    /// Backlogs the `growth` workload burns down, each from a fresh queue.
+    #[serde(default = "default_growth_jobs")]
+    pub growth_jobs: Vec<u64>,
+    /// Claim sizes the `breakdown` workload compares.
+    #[serde(default = "default_breakdown_claims")]
+    pub breakdown_claims: Vec<usize>,
+    /// Delayed (not yet visible) messages in the queue during `delayed_pickup`.
+    #[serde(default = "default_delayed_jobs")]
+    pub delayed_jobs: u64,
+    /// One-way delays the `far` workload injects between the worker and PostgreSQL.
+    #[serde(default = "default_far_delays")]
+    pub far_delays_ms: Vec<u64>,
+    /// `far`: concurrency, job duration and measuring window.
+    #[serde(default = "default_far_concurrency")]
+    pub far_concurrency: usize,
+    #[serde(default = "default_far_job_ms")]
+    pub far_job_ms: u64,
+    #[serde(default = "default_far_secs")]
+    pub far_secs: u64,
+}
+
+fn default_one_worker_concurrency() -> usize {
+    100
+}
+fn default_growth_jobs() -> Vec<u64> {
+    vec![20_000, 200_000]
+}
+fn default_breakdown_claims() -> Vec<usize> {
+    vec![100, 500]
+}
+fn default_delayed_jobs() -> u64 {
+    1_000_000
+}
+fn default_far_delays() -> Vec<u64> {
+    vec![5, 50]
+}
+fn default_far_concurrency() -> usize {
+    200
+}
+fn default_far_job_ms() -> u64 {
+    20
+}
+fn default_far_secs() -> u64 {
+    10
 }
 
 impl Default for Params {
@@ -178,6 +228,14 @@ impl Default for Params {
             notify_producers: 8,
             notify_secs: 5,
             poll_ms: 1_000,
+            one_worker_concurrency: default_one_worker_concurrency(),
+            growth_jobs: default_growth_jobs(),
+            breakdown_claims: default_breakdown_claims(),
+            delayed_jobs: default_delayed_jobs(),
+            far_delays_ms: default_far_delays(),
+            far_concurrency: default_far_concurrency(),
+            far_job_ms: default_far_job_ms(),
+            far_secs: default_far_secs(),
         }
     }
 }
@@ -194,6 +252,10 @@ impl Params {
             sustained_rate: 300,
             sustained_secs: 3,
             notify_secs: 2,
+            growth_jobs: vec![3_000],
+            breakdown_claims: vec![100],
+            delayed_jobs: 20_000,
+            far_secs: 3,
             ..Self::default()
         }
     }
@@ -292,6 +354,10 @@ macro_rules! spawn_bench_workers {
                 .concurrency($concurrency)
                 .build(
                     |job: BenchJob, c: Data<std::sync::Arc<Counters>>| async move {
+                        let ms = c.job_ms.load(std::sync::atomic::Ordering::Relaxed);
+                        if ms > 0 {
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                        }
                         c.handle(&job);
                         Ok::<(), BoxDynError>(())
                     },

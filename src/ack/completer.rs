@@ -10,7 +10,7 @@
 use std::{sync::Arc, time::Duration};
 
 use serde_json::Value;
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, pool::PoolConnection};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
@@ -132,6 +132,9 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx) {
     let mut received: u64 = 0;
     let mut written: u64 = 0;
     let mut open = true;
+    // Held while outcomes keep coming, so each flush is one round trip (a pool's
+    // `test_before_acquire` ping would be another); given back when nothing is pending.
+    let mut conn: Option<PoolConnection<Postgres>> = None;
 
     let absorb = |cmd: Command,
                   pending: &mut Vec<Completion>,
@@ -160,6 +163,11 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx) {
             if !open {
                 return;
             }
+            if let Ok(cmd) = rx.try_recv() {
+                absorb(cmd, &mut pending, &mut waiters, &mut received);
+                continue;
+            }
+            conn = None;
             match rx.recv().await {
                 Some(cmd) => absorb(cmd, &mut pending, &mut waiters, &mut received),
                 None => open = false,
@@ -184,7 +192,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx) {
             }
         }
         let n = pending.len().min(ctx.batch_size);
-        write_batch(&ctx, &pending[..n]).await;
+        write_batch(&ctx, &pending[..n], &mut conn).await;
         let mut soonest_retry: Option<Duration> = None;
         for c in pending.drain(..n) {
             ctx.leases.remove(c.msg_id, c.read_ct);
@@ -212,21 +220,25 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx) {
 /// retried with backoff; a failure caused by the data of one outcome (a value PostgreSQL will
 /// not store) is isolated: the outcomes are written one by one and the offending one is
 /// replaced by a dead letter that says why, so one bad outcome never blocks the others.
-async fn write_batch(ctx: &CompleterCtx, batch: &[Completion]) {
+async fn write_batch(
+    ctx: &CompleterCtx,
+    batch: &[Completion],
+    conn: &mut Option<PoolConnection<Postgres>>,
+) {
     let mut failures = 0u32;
     loop {
-        match write(ctx, batch).await {
+        match write(ctx, batch, conn).await {
             Ok(()) => return,
             Err(e) if is_data_error(&e) && batch.len() > 1 => {
                 tracing::warn!(error = %e, outcomes = batch.len(),
                     "an outcome in a batch cannot be written; writing them one by one");
                 for c in batch {
-                    write_one(ctx, c).await;
+                    write_one(ctx, c, conn).await;
                 }
                 return;
             }
             Err(e) if is_data_error(&e) => {
-                write_one(ctx, &batch[0]).await;
+                write_one(ctx, &batch[0], conn).await;
                 return;
             }
             Err(e) => {
@@ -247,11 +259,15 @@ async fn write_batch(ctx: &CompleterCtx, batch: &[Completion]) {
 /// Writes one outcome; if its data cannot be stored, dead-letters the message with the reason
 /// instead; if even that fails, logs it and leaves the message to be delivered again when its
 /// lease lapses.
-async fn write_one(ctx: &CompleterCtx, c: &Completion) {
+async fn write_one(
+    ctx: &CompleterCtx,
+    c: &Completion,
+    conn: &mut Option<PoolConnection<Postgres>>,
+) {
     let mut failures = 0u32;
     let mut current = c.clone();
     loop {
-        match write(ctx, std::slice::from_ref(&current)).await {
+        match write(ctx, std::slice::from_ref(&current), conn).await {
             Ok(()) => return,
             Err(e) if is_data_error(&e) => {
                 if matches!(&current.action, Action::DeadLetter { info } if info.get("reason") == Some(&Value::from("outcome_unwritable")))
@@ -294,7 +310,13 @@ fn is_undefined_table(e: &sqlx::Error) -> bool {
         .is_some_and(|code| code == "42P01")
 }
 
-async fn write(ctx: &CompleterCtx, batch: &[Completion]) -> Result<(), sqlx::Error> {
+/// Writes on the held connection (acquiring one if none is held); a connection that failed
+/// for any reason but the data is dropped, not reused.
+async fn write(
+    ctx: &CompleterCtx,
+    batch: &[Completion],
+    conn: &mut Option<PoolConnection<Postgres>>,
+) -> Result<(), sqlx::Error> {
     // The same message twice in one statement would be an error; keep the last outcome.
     let mut batch: Vec<&Completion> = batch.iter().collect();
     batch.reverse();
@@ -315,7 +337,15 @@ async fn write(ctx: &CompleterCtx, batch: &[Completion]) -> Result<(), sqlx::Err
         o.delays.push(delay);
         o.infos.push(info);
     }
-    let (matched, _) = ctx.queue.complete(&ctx.pool, o).await?;
+    let mut c = match conn.take() {
+        Some(c) => c,
+        None => ctx.pool.acquire().await?,
+    };
+    let written = ctx.queue.complete(&mut *c, o).await;
+    if written.as_ref().is_ok() || written.as_ref().is_err_and(is_data_error) {
+        *conn = Some(c);
+    }
+    let (matched, _) = written?;
     if matched.len() < batch.len() {
         tracing::debug!(
             stale = batch.len() - matched.len(),

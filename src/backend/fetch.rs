@@ -28,13 +28,14 @@ use std::{
 };
 
 use apalis_core::worker::context::WorkerContext;
-use futures::{FutureExt, future::BoxFuture};
+use futures::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesUnordered};
+use sqlx::{Postgres, pool::PoolConnection};
 use tokio::{
     sync::oneshot,
     time::{Instant, Sleep, sleep_until},
 };
 
-use super::{Shared, lease::Lease};
+use super::{Shared, claims::Claims, lease::Lease};
 use crate::{
     error::Result,
     notify::{
@@ -79,15 +80,7 @@ impl Capacity {
         }
     }
 
-    /// How many messages to claim now.
-    pub(crate) fn claim(&self, in_flight: usize, batch: usize) -> usize {
-        match self.limit {
-            None => batch,
-            Some(limit) => limit.saturating_sub(in_flight).clamp(1, batch),
-        }
-    }
-
-    #[cfg(test)]
+    /// The learned limit on tasks in flight.
     pub(crate) fn limit(&self) -> Option<usize> {
         self.limit
     }
@@ -98,7 +91,8 @@ enum State {
     Ensuring(BoxFuture<'static, Result<Registration>>),
     /// Between steps: ask the plan what to do.
     Ready,
-    Reading(BoxFuture<'static, Result<Vec<Message>>>),
+    /// Claims are in flight (in `Fetcher::reads`); more may be sent while they come back full.
+    Reading,
     Arming(BoxFuture<'static, Result<()>>),
     Settling(BoxFuture<'static, Result<bool>>),
     Probing(BoxFuture<'static, Result<Option<Duration>>>),
@@ -117,6 +111,18 @@ pub(crate) struct Fetcher {
     /// configuration).
     plan: Option<Plan>,
     capacity: Capacity,
+    /// Claim sizes and overlap; `None` until the worker first polls.
+    claims: Option<Claims>,
+    /// Claims in flight, each on its own connection.
+    reads: FuturesUnordered<BoxFuture<'static, ReadDone>>,
+    /// Messages asked for by the claims in flight.
+    pending: usize,
+    /// Connections the last claims ran on, kept while claims follow each other (each pool
+    /// checkout may cost a round trip: sqlx pings a connection before handing it out).
+    conns: Vec<PoolConnection<Postgres>>,
+    /// Whether the last claim of this cycle found anything, and whether one failed.
+    cycle_found: bool,
+    cycle_error: Option<crate::Error>,
     /// Whether the queue is known to exist.
     ensured: bool,
     /// Consecutive infrastructure errors, for backoff.
@@ -145,6 +151,12 @@ impl Default for Fetcher {
             buffer: VecDeque::new(),
             plan: None,
             capacity: Capacity::default(),
+            claims: None,
+            reads: FuturesUnordered::new(),
+            pending: 0,
+            conns: Vec::new(),
+            cycle_found: false,
+            cycle_error: None,
             ensured: false,
             failures: 0,
             shared: None,
@@ -168,18 +180,23 @@ impl Fetcher {
             self.shared = Some(shared.clone());
         }
         self.report(in_flight);
-        if self.capacity.observe_ready(in_flight) && !self.buffer.is_empty() {
+        let saturated = self.capacity.observe_ready(in_flight);
+        let keep = self.keep();
+        if saturated && self.buffer.len() > keep {
             tracing::debug!(
                 queue = %shared.queue.name(),
                 in_flight,
-                released = self.buffer.len(),
-                "worker is full; releasing claimed messages it cannot start"
+                released = self.buffer.len() - keep,
+                "worker is full; releasing claimed messages it cannot start soon"
             );
-            self.release_buffer(shared);
+            if let Some(c) = self.claims.as_mut() {
+                c.on_saturated();
+            }
+            self.release_buffer(shared, keep);
         }
-        if !self.buffer.is_empty() {
+        if self.buffer.len() > self.keep() {
             // If the worker turns out to be full, the next poll_ready must come soon so the held
-            // messages are released; wake once to make sure it does.
+            // messages beyond the allowance are released; wake once to make sure it does.
             cx.waker().wake_by_ref();
         }
         Poll::Ready(Ok(()))
@@ -195,14 +212,20 @@ impl Fetcher {
         self.capacity.observe_next(in_flight);
         self.report(in_flight);
         let config = &shared.config;
-        let plan = self.plan.get_or_insert_with(|| {
-            Plan::new(
+        if self.plan.is_none() {
+            self.plan = Some(Plan::new(
                 config.poll_interval,
                 config.poll_jitter,
                 config.linger_polls(),
-            )
-        });
+            ));
+            self.claims = Some(Claims::new(
+                config,
+                shared.pool.options().get_max_connections(),
+            ));
+        }
         loop {
+            self.drive_reads(cx, shared);
+            self.read_more(shared, in_flight);
             if let Some(m) = self.buffer.pop_front() {
                 // Skip anything whose lease we no longer hold (lost while buffered).
                 if shared
@@ -210,10 +233,16 @@ impl Fetcher {
                     .get(m.msg_id)
                     .is_some_and(|l| l.read_ct == m.read_ct)
                 {
+                    if let Some(c) = self.claims.as_mut() {
+                        c.on_started();
+                    }
                     return Poll::Ready(Some(Ok(m)));
                 }
                 continue;
             }
+            let (Some(plan), Some(claims)) = (self.plan.as_mut(), self.claims.as_mut()) else {
+                return Poll::Pending;
+            };
             let now = Instant::now();
             match &mut self.state {
                 State::Start => {
@@ -276,10 +305,24 @@ impl Fetcher {
                     }
                     let margin = config.poll_interval.mul_f64(wakeup::REARM_WHEN_LEFT_POLLS);
                     let wants_arm = shared.announces() && !shared.signal.armed_for(margin);
-                    self.state = match plan.next(now, wants_arm) {
+                    let step = plan.next(now, wants_arm);
+                    if !matches!(step, Step::Read) {
+                        // Not claiming back to back: give the connections back to the pool.
+                        self.conns.clear();
+                    }
+                    self.state = match step {
                         Step::Read => {
-                            let qty = self.capacity.claim(in_flight, config.fetch_batch_size);
-                            State::Reading(Box::pin(fetch(shared.clone(), qty)))
+                            let qty = claims.first(self.capacity.limit(), in_flight);
+                            self.cycle_found = false;
+                            send_read(
+                                &mut self.reads,
+                                &mut self.pending,
+                                &mut self.conns,
+                                shared,
+                                qty,
+                                in_flight,
+                            );
+                            State::Reading
                         }
                         Step::Arm => State::Arming(Box::pin(arm(shared.clone()))),
                         Step::CheckSettled => {
@@ -298,18 +341,24 @@ impl Fetcher {
                         Step::Sleep(until) => State::Sleeping(Box::pin(sleep_until(until))),
                     };
                 }
-                State::Reading(fut) => match fut.poll_unpin(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok(messages)) => {
+                State::Reading => {
+                    if !self.reads.is_empty() {
+                        return Poll::Pending;
+                    }
+                    // Every claim of this cycle is back (their messages, if any, are held).
+                    if let Some(e) = self.cycle_error.take() {
+                        self.conns.clear();
+                        claims.on_idle();
+                        self.state = fail(&mut self.failures, shared, "reading the queue", &e);
+                    } else {
                         self.failures = 0;
-                        plan.on_read(now, !messages.is_empty());
-                        self.buffer.extend(messages);
+                        if !self.cycle_found {
+                            claims.on_idle();
+                        }
+                        plan.on_read(now, self.cycle_found);
                         self.state = State::Ready;
                     }
-                    Poll::Ready(Err(e)) => {
-                        self.state = fail(&mut self.failures, shared, "reading the queue", &e);
-                    }
-                },
+                }
                 State::Arming(fut) => match fut.poll_unpin(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(result) => {
@@ -385,10 +434,10 @@ impl Fetcher {
                     self.state = State::Closed;
                 }
                 _ => {
-                    let in_progress = match std::mem::replace(&mut self.state, State::Closed) {
-                        State::Reading(fut) => Some(fut),
-                        _ => None,
-                    };
+                    self.state = State::Closed;
+                    let in_progress = std::mem::take(&mut self.reads);
+                    self.pending = 0;
+                    self.conns.clear();
                     let held = self.take_buffer(shared);
                     let last = self.wake.take().is_some() && shared.signal.worker_stopped();
                     let registration = self.registration.take();
@@ -397,9 +446,11 @@ impl Fetcher {
                         let queue = shared.queue.name().clone();
                         let work = async move {
                             let mut held = held;
-                            if let Some(fut) = in_progress {
-                                // A read may already have claimed rows: see it through, then release them.
-                                if let Ok(messages) = fut.await {
+                            // Claims in flight may already have claimed rows: see them through,
+                            // then release what they got.
+                            let done: Vec<ReadDone> = in_progress.collect().await;
+                            for d in done {
+                                if let Ok(messages) = d.result {
                                     for m in &messages {
                                         if shared.leases.remove(m.msg_id, m.read_ct) {
                                             held.push((m.msg_id, m.read_ct));
@@ -428,6 +479,71 @@ impl Fetcher {
         }
     }
 
+    /// Messages a full worker may keep holding (see `claims.rs`).
+    fn keep(&self) -> usize {
+        self.claims
+            .as_ref()
+            .map_or(0, |c| c.allowance(self.capacity.limit()))
+    }
+
+    /// Takes in whatever claims came back: their messages are held, their connections kept for
+    /// the next claim, their errors remembered until the cycle ends.
+    fn drive_reads(&mut self, cx: &mut Context<'_>, shared: &Shared) {
+        while let Poll::Ready(Some(done)) = self.reads.poll_next_unpin(cx) {
+            self.pending = self.pending.saturating_sub(done.requested);
+            match done.result {
+                Ok(messages) => {
+                    if let Some(conn) = done.conn {
+                        self.conns.push(conn);
+                    }
+                    let got = messages.len();
+                    let waited = self.buffer.is_empty()
+                        && self
+                            .capacity
+                            .limit()
+                            .is_none_or(|l| done.in_flight_at_send < l);
+                    if let Some(c) = self.claims.as_mut() {
+                        c.on_read(Instant::now(), done.requested, got, done.latency, waited);
+                    }
+                    self.cycle_found |= got > 0;
+                    self.buffer.extend(messages);
+                }
+                Err(e) => {
+                    if self.cycle_error.is_none() {
+                        self.cycle_error = Some(e);
+                    }
+                    tracing::debug!(queue = %shared.queue.name(), "a claim failed");
+                }
+            }
+        }
+    }
+
+    /// While claims come back full, sends the next before the held messages run out.
+    fn read_more(&mut self, shared: &Arc<Shared>, in_flight: usize) {
+        if !matches!(self.state, State::Reading) || self.cycle_error.is_some() {
+            return;
+        }
+        let Some(claims) = self.claims.as_ref() else {
+            return;
+        };
+        if let Some(qty) = claims.another(
+            self.capacity.limit(),
+            in_flight,
+            self.buffer.len(),
+            self.pending,
+            self.reads.len(),
+        ) {
+            send_read(
+                &mut self.reads,
+                &mut self.pending,
+                &mut self.conns,
+                shared,
+                qty,
+                in_flight,
+            );
+        }
+    }
+
     /// Tells the worker registry how many jobs run and the concurrency learned so far.
     fn report(&self, in_flight: usize) {
         if let Some(r) = &self.registration {
@@ -447,8 +563,14 @@ impl Fetcher {
             .collect()
     }
 
-    fn release_buffer(&mut self, shared: &Arc<Shared>) {
-        let held = self.take_buffer(shared);
+    /// Releases held messages beyond the first `keep`.
+    fn release_buffer(&mut self, shared: &Arc<Shared>, keep: usize) {
+        let excess = self.buffer.split_off(keep.min(self.buffer.len()));
+        let held: Vec<(i64, i32)> = excess
+            .into_iter()
+            .filter(|m| shared.leases.remove(m.msg_id, m.read_ct))
+            .map(|m| (m.msg_id, m.read_ct))
+            .collect();
         if held.is_empty() {
             return;
         }
@@ -465,7 +587,7 @@ impl Drop for Fetcher {
                 shared.signal.worker_stopped();
             }
             if !self.buffer.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
-                self.release_buffer(&shared);
+                self.release_buffer(&shared, 0);
             } else {
                 self.take_buffer(&shared);
             }
@@ -608,12 +730,63 @@ async fn ensure_queue(
         .await)
 }
 
-async fn fetch(shared: Arc<Shared>, qty: usize) -> Result<Vec<Message>> {
+/// A claim that came back.
+struct ReadDone {
+    requested: usize,
+    /// Tasks running when it was sent.
+    in_flight_at_send: usize,
+    latency: Duration,
+    result: Result<Vec<Message>>,
+    /// The connection it ran on, unless it failed.
+    conn: Option<PoolConnection<Postgres>>,
+}
+
+/// Sends a claim of `qty` on a kept connection (or one from the pool).
+fn send_read(
+    reads: &mut FuturesUnordered<BoxFuture<'static, ReadDone>>,
+    pending: &mut usize,
+    conns: &mut Vec<PoolConnection<Postgres>>,
+    shared: &Arc<Shared>,
+    qty: usize,
+    in_flight_at_send: usize,
+) {
+    *pending += qty;
+    let conn = conns.pop();
+    let shared = shared.clone();
+    reads.push(Box::pin(async move {
+        let started = Instant::now();
+        let (result, conn) = fetch(&shared, conn, qty).await;
+        ReadDone {
+            requested: qty,
+            in_flight_at_send,
+            latency: started.elapsed(),
+            result,
+            conn,
+        }
+    }));
+}
+
+async fn fetch(
+    shared: &Shared,
+    conn: Option<PoolConnection<Postgres>>,
+    qty: usize,
+) -> (Result<Vec<Message>>, Option<PoolConnection<Postgres>>) {
     let started = Instant::now();
     let vt = shared.config.visibility_timeout;
-    let messages = match shared.queue.claim(&shared.pool, vt, qty).await {
+    let mut conn = match conn {
+        Some(c) => c,
+        None => match shared.pool.acquire().await {
+            Ok(c) => c,
+            Err(e) => {
+                let e = crate::util::explain_pool_error(&shared.pool, e.into()).await;
+                return (Err(e), None);
+            }
+        },
+    };
+    let messages = match shared.queue.claim(&mut *conn, vt, qty).await {
         Ok(m) => m,
-        Err(e) => return Err(crate::util::explain_pool_error(&shared.pool, e).await),
+        // The connection may be broken: let it go.
+        Err(e) => return (Err(e), None),
     };
     if !messages.is_empty() {
         crate::obs::claimed(shared.queue.name().as_str(), messages.len());
@@ -628,7 +801,7 @@ async fn fetch(shared: Arc<Shared>, qty: usize) -> Result<Vec<Message>> {
             )
         }));
     }
-    Ok(messages)
+    (Ok(messages), Some(conn))
 }
 
 #[cfg(test)]
@@ -638,7 +811,7 @@ mod tests {
     #[test]
     fn capacity_is_learned_from_saturation() {
         let mut c = Capacity::default();
-        assert_eq!(c.claim(0, 100), 100, "unknown capacity: a full batch");
+        assert_eq!(c.limit(), None, "unknown until the worker is first full");
         // Worker asks for tasks while 0..3 are running.
         for in_flight in 0..3 {
             assert!(!c.observe_ready(in_flight));
@@ -649,8 +822,6 @@ mod tests {
         assert!(c.observe_ready(2), "second ready without next = saturated");
         assert_eq!(c.limit(), Some(3));
         c.observe_next(2);
-        assert_eq!(c.claim(2, 100), 1);
-        assert_eq!(c.claim(0, 100), 3);
         // The limit grows if the worker later accepts more.
         c.observe_next(3);
         assert_eq!(c.limit(), Some(4));
@@ -659,6 +830,5 @@ mod tests {
         p.observe_ready(0);
         assert!(p.observe_ready(0));
         assert_eq!(p.limit(), Some(1));
-        assert_eq!(p.claim(0, 100), 1);
     }
 }

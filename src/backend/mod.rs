@@ -1,5 +1,6 @@
 //! The apalis backend: [`PgmqStorage`].
 
+mod claims;
 mod expose;
 pub use expose::running_workers;
 mod fetch;

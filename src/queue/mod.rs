@@ -911,13 +911,13 @@ impl PgmqQueue {
 
     /// A worker's claim: like [`read`](Self::read), but nothing while the queue is paused
     /// ([`pause`](crate::pause)).
-    pub(crate) async fn claim(
+    pub(crate) async fn claim<'c, E: PgExecutor<'c>>(
         &self,
-        pool: &sqlx::PgPool,
+        executor: E,
         vt: Duration,
         qty: usize,
     ) -> Result<Vec<Message>> {
-        self.read_with(pool, &self.sql.claim, vt, qty).await
+        self.read_with(executor, &self.sql.claim, vt, qty).await
     }
 
     async fn read_with<'c, E: PgExecutor<'c>>(
@@ -1145,9 +1145,9 @@ impl PgmqQueue {
     /// Applies a batch of job outcomes in one statement (see [`Outcomes`]); returns the ids
     /// that matched (a stale delivery's outcome matches nothing) and the rows written to the
     /// archive and the dead-letter queue.
-    pub(crate) async fn complete(
+    pub(crate) async fn complete<'c, E: PgExecutor<'c>>(
         &self,
-        pool: &sqlx::PgPool,
+        executor: E,
         outcomes: Outcomes,
     ) -> Result<(Vec<i64>, i64), sqlx::Error> {
         sqlx::query_as(AssertSqlSafe(self.sql.complete.clone()))
@@ -1158,7 +1158,7 @@ impl PgmqQueue {
             .bind(outcomes.infos)
             .bind(outcomes.attempts)
             .bind(outcomes.errors)
-            .fetch_one(pool)
+            .fetch_one(executor)
             .await
     }
 

@@ -1,5 +1,6 @@
 //! A small TCP proxy for fault tests: forwards to PostgreSQL, and can make the connections that
 //! have issued `LISTEN` go silent (a half-open connection: no reset, no data, both ends open).
+//! The benchmark uses it too, with a delay on every byte in each direction (a far database).
 #![allow(dead_code)]
 
 use std::{
@@ -8,6 +9,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
+    time::Duration,
 };
 
 use tokio::{
@@ -42,6 +44,12 @@ pub struct Proxy {
 impl Proxy {
     /// Listens on a free port of 127.0.0.1 and forwards every connection to `target`.
     pub async fn start(target: SocketAddr) -> Self {
+        Self::start_delayed(target, Duration::ZERO).await
+    }
+
+    /// As [`Proxy::start`], and every chunk is forwarded `delay` after it arrived, in each
+    /// direction (a round trip gains twice `delay`; bandwidth is not limited).
+    pub async fn start_delayed(target: SocketAddr, delay: Duration) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let port = listener.local_addr().expect("addr").port();
         let state = Arc::new(State::default());
@@ -61,8 +69,8 @@ impl Proxy {
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
                 let mut tasks = ts.lock().expect("lock");
-                tasks.spawn(pipe(cr, sw, conn.clone(), true));
-                tasks.spawn(pipe(sr, cw, conn, false));
+                tasks.spawn(pipe(cr, sw, conn.clone(), true, delay));
+                tasks.spawn(pipe(sr, cw, conn, false, delay));
             }
         });
         Self { port, state, tasks }
@@ -107,7 +115,35 @@ async fn pipe(
     mut to: tokio::net::tcp::OwnedWriteHalf,
     conn: Arc<Conn>,
     client_to_server: bool,
+    delay: Duration,
 ) {
+    if !delay.is_zero() {
+        // Reader and writer apart, so data keeps arriving while earlier chunks wait their turn.
+        let (tx, mut rx) =
+            tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+        let writer = tokio::spawn(async move {
+            while let Some((due, chunk)) = rx.recv().await {
+                tokio::time::sleep_until(due).await;
+                if to.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let due = tokio::time::Instant::now() + delay;
+            if tx.send((due, buf[..n].to_vec())).is_err() {
+                break;
+            }
+        }
+        drop(tx);
+        let _ = writer.await;
+        return;
+    }
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match from.read(&mut buf).await {

@@ -1,0 +1,335 @@
+//! How much a worker claims, and when it claims again before the last claim is used up.
+//!
+//! Two things limit a worker that runs jobs as fast as PostgreSQL hands them out: the round
+//! trip of each claim (nothing runs while the worker waits for it) and the per-statement cost
+//! of small claims. So, with [`Config::adaptive_claims`](crate::Config::adaptive_claims) on:
+//!
+//! - **Size.** The first claim is `fetch_batch_size`. A claim that came back full while the
+//!   worker had already started everything it held (it was waiting for the claim) doubles the
+//!   size, up to `max_fetch_batch_size`. A worker found full with messages still held halves it
+//!   (not below `min(fetch_batch_size, 10)`).
+//! - **Overlap.** While claims come back full (a backlog), the next claim is sent before the
+//!   held messages are used up: up to [`Claims::max_reads`] claims in flight, each on its own
+//!   connection, so round trips to a far database overlap instead of adding up.
+//! - **Bound.** Once the worker's concurrency is known (see `fetch.rs`), running jobs, held
+//!   messages and claims in flight together stay within the concurrency plus an allowance:
+//!   twice the messages the worker starts during one claim's round trip (measured), at most
+//!   twice the concurrency. With a database next door that allowance is a handful of
+//!   messages; 100 ms away it is what keeps the worker busy while the next claim travels. When
+//!   the worker is full and holds more than the allowance, the excess is released at once for
+//!   other workers (and the size shrinks). Before the concurrency is known (the worker never
+//!   filled up), at most two claims' worth is held or in flight.
+//!
+//! Off: one claim of `fetch_batch_size` at a time, sent when everything held has been started,
+//! and a full worker releases everything it holds (the behaviour before 0.2).
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::Config;
+
+/// Most claims in flight at once for one worker.
+pub(crate) const MAX_READS: usize = 4;
+
+/// Claim sizing and overlap for one worker.
+#[derive(Debug, Clone)]
+pub(crate) struct Claims {
+    adaptive: bool,
+    size: usize,
+    min: usize,
+    max: usize,
+    max_reads: usize,
+    /// Smoothed round trip of a claim, in seconds.
+    latency: Option<f64>,
+    /// Smoothed messages started per second.
+    rate: f64,
+    started: u64,
+    mark: Option<(Instant, u64)>,
+    /// The last claim that came back was full: more is probably waiting.
+    more_waiting: bool,
+}
+
+impl Claims {
+    /// `pool_connections`: the pool's maximum size; overlapping claims use at most a quarter.
+    pub(crate) fn new(config: &Config, pool_connections: u32) -> Self {
+        let first = config.fetch_batch_size.max(1);
+        let adaptive = config.adaptive_claims;
+        Self {
+            adaptive,
+            size: first,
+            min: first.min(10),
+            max: if adaptive {
+                config.max_fetch_batch_size.max(first)
+            } else {
+                first
+            },
+            max_reads: if adaptive {
+                (pool_connections as usize / 4).clamp(1, MAX_READS)
+            } else {
+                1
+            },
+            latency: None,
+            rate: 0.0,
+            started: 0,
+            mark: None,
+            more_waiting: false,
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn size(&self) -> usize {
+        self.size
+    }
+
+    #[cfg(test)]
+    pub(crate) fn max_reads(&self) -> usize {
+        self.max_reads
+    }
+
+    /// A held message was handed to the worker.
+    pub(crate) fn on_started(&mut self) {
+        self.started += 1;
+    }
+
+    /// A claim of `requested` returned `got` after `latency`; `worker_waited`: nothing was held
+    /// when it arrived and the worker had room.
+    pub(crate) fn on_read(
+        &mut self,
+        now: Instant,
+        requested: usize,
+        got: usize,
+        latency: Duration,
+        worker_waited: bool,
+    ) {
+        let l = latency.as_secs_f64();
+        self.latency = Some(self.latency.map_or(l, |s| 0.7 * s + 0.3 * l));
+        match self.mark {
+            Some((at, n)) if now.duration_since(at) >= Duration::from_millis(20) => {
+                let inst = (self.started - n) as f64 / now.duration_since(at).as_secs_f64();
+                self.rate = 0.7 * self.rate + 0.3 * inst;
+                self.mark = Some((now, self.started));
+            }
+            Some(_) => {}
+            None => self.mark = Some((now, self.started)),
+        }
+        self.more_waiting = got > 0 && got >= requested;
+        if self.adaptive && self.more_waiting && requested >= self.size && worker_waited {
+            self.size = (self.size * 2).min(self.max);
+        }
+    }
+
+    /// A claim cycle ended (the queue looked empty, or an error): start measuring afresh.
+    pub(crate) fn on_idle(&mut self) {
+        self.more_waiting = false;
+        self.mark = None;
+        self.rate = 0.0;
+    }
+
+    /// The worker was full with messages still held.
+    pub(crate) fn on_saturated(&mut self) {
+        if self.adaptive {
+            self.size = (self.size / 2).max(self.min);
+        }
+    }
+
+    /// Messages a full worker may keep holding: twice what it starts during one claim's round
+    /// trip, at most twice its concurrency; none when claims do not adapt.
+    pub(crate) fn allowance(&self, limit: Option<usize>) -> usize {
+        if !self.adaptive {
+            return 0;
+        }
+        let want = (2.0 * self.rate * self.latency.unwrap_or(0.0)).round();
+        let cap = limit.map_or(self.max, |l| 2 * l);
+        if want.is_finite() && want > 0.0 {
+            (want as usize).min(cap)
+        } else {
+            0
+        }
+    }
+
+    /// Room for more claimed messages: the budget minus running, held and in-flight ones.
+    fn room(&self, limit: Option<usize>, in_flight: usize, held: usize, pending: usize) -> usize {
+        match limit {
+            Some(l) => (l + self.allowance(limit)).saturating_sub(in_flight + held + pending),
+            None => (2 * self.size).saturating_sub(held + pending),
+        }
+    }
+
+    /// The size of a claim the wake-up plan asked for (nothing held, nothing in flight).
+    pub(crate) fn first(&self, limit: Option<usize>, in_flight: usize) -> usize {
+        self.room(limit, in_flight, 0, 0).clamp(1, self.size)
+    }
+
+    /// Whether to send another claim now, and its size: only while claims come back full,
+    /// with fewer than [`max_reads`](Self::max_reads) in flight, less than one claim's worth
+    /// held or coming, and room for a worthwhile claim.
+    pub(crate) fn another(
+        &self,
+        limit: Option<usize>,
+        in_flight: usize,
+        held: usize,
+        pending: usize,
+        reads: usize,
+    ) -> Option<usize> {
+        if !self.adaptive || !self.more_waiting || reads >= self.max_reads {
+            return None;
+        }
+        if held + pending >= self.size {
+            return None;
+        }
+        let room = self.room(limit, in_flight, held, pending);
+        let budget = match limit {
+            Some(l) => l + self.allowance(limit),
+            None => 2 * self.size,
+        };
+        let worthwhile = (budget / self.max_reads).clamp(1, self.size);
+        (room >= worthwhile).then(|| room.min(self.size))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(first: usize, max: usize, pool: u32) -> Claims {
+        Claims::new(
+            &Config::default()
+                .fetch_batch_size(first)
+                .max_fetch_batch_size(max),
+            pool,
+        )
+    }
+
+    #[test]
+    fn grows_while_full_claims_find_the_worker_waiting_and_shrinks_when_full() {
+        let mut c = claims(100, 1000, 10);
+        let t = Instant::now();
+        let ms = Duration::from_millis(1);
+        c.on_read(t, 100, 100, ms, true);
+        assert_eq!(c.size(), 200);
+        // The worker still held messages when the claim arrived: no growth.
+        c.on_read(t, 200, 200, ms, false);
+        assert_eq!(c.size(), 200);
+        // A partial claim: the backlog is ending, no growth, no overlap.
+        c.on_read(t, 200, 50, ms, true);
+        assert_eq!(c.size(), 200);
+        assert_eq!(c.another(None, 0, 0, 0, 1), None);
+        for _ in 0..10 {
+            let s = c.size();
+            c.on_read(t, s, s, ms, true);
+        }
+        assert_eq!(c.size(), 1000, "capped at max_fetch_batch_size");
+        for _ in 0..20 {
+            c.on_saturated();
+        }
+        assert_eq!(c.size(), 10, "floor: min(fetch_batch_size, 10)");
+    }
+
+    #[test]
+    fn fixed_claims_never_adapt_overlap_or_hold() {
+        let mut c = Claims::new(
+            &Config::default()
+                .fetch_batch_size(100)
+                .adaptive_claims(false),
+            40,
+        );
+        let t = Instant::now();
+        c.on_read(t, 100, 100, Duration::from_millis(5), true);
+        c.on_saturated();
+        assert_eq!(c.size(), 100);
+        assert_eq!(c.max_reads(), 1);
+        assert_eq!(c.another(None, 0, 0, 0, 0), None);
+        assert_eq!(c.allowance(Some(10)), 0);
+        assert_eq!(c.first(Some(10), 4), 6, "never beyond capacity");
+        assert_eq!(
+            c.first(Some(10), 10),
+            1,
+            "a full worker still claims one when asked"
+        );
+    }
+
+    #[test]
+    fn overlap_is_bounded_by_reads_room_and_pool() {
+        assert_eq!(
+            claims(100, 1000, 2).max_reads(),
+            1,
+            "a tiny pool: no overlap"
+        );
+        assert_eq!(claims(100, 1000, 10).max_reads(), 2);
+        assert_eq!(claims(100, 1000, 100).max_reads(), MAX_READS);
+        let mut c = claims(100, 1000, 100);
+        let t = Instant::now();
+        c.on_read(t, 100, 100, Duration::from_millis(1), false);
+        // Unknown concurrency: up to two claims' worth held or in flight.
+        assert_eq!(c.another(None, 0, 0, 0, 1), Some(100));
+        assert_eq!(c.another(None, 0, 60, 0, 1), Some(100));
+        assert_eq!(
+            c.another(None, 0, 0, 100, 1),
+            None,
+            "a claim's worth already coming"
+        );
+        assert_eq!(
+            c.another(None, 0, 0, 0, MAX_READS),
+            None,
+            "reads in flight capped"
+        );
+        // Known concurrency 50, nothing measured yet (no allowance): room is 50 - running.
+        assert_eq!(c.another(Some(50), 50, 0, 0, 1), None, "full");
+        assert_eq!(c.another(Some(50), 10, 0, 0, 1), Some(40));
+        assert_eq!(
+            c.another(Some(50), 45, 0, 0, 1),
+            None,
+            "room too small to be worth a claim"
+        );
+    }
+
+    #[test]
+    fn allowance_follows_rate_times_round_trip_and_is_capped() {
+        let mut c = claims(100, 1000, 40);
+        let t0 = Instant::now();
+        c.on_read(t0, 100, 100, Duration::from_millis(100), false);
+        // 1 000 messages started in 100 ms: 10 000/s, round trip 100 ms.
+        for _ in 0..1000 {
+            c.on_started();
+        }
+        for i in 1..=20 {
+            c.on_read(
+                t0 + Duration::from_millis(100 * i),
+                100,
+                100,
+                Duration::from_millis(100),
+                false,
+            );
+            for _ in 0..1000 {
+                c.on_started();
+            }
+        }
+        assert_eq!(
+            c.allowance(Some(200)),
+            400,
+            "capped at twice the concurrency"
+        );
+        let a = c.allowance(Some(10_000));
+        assert!(
+            (1800..=2000).contains(&a),
+            "about 2 x 10 000/s x 0.1 s, got {a}"
+        );
+        // Long jobs next door: nothing extra is held.
+        let mut slow = claims(100, 1000, 40);
+        slow.on_read(t0, 1, 1, Duration::from_millis(1), false);
+        for i in 1..=10 {
+            slow.on_started();
+            slow.on_read(
+                t0 + Duration::from_secs(i),
+                1,
+                1,
+                Duration::from_millis(1),
+                false,
+            );
+        }
+        assert_eq!(slow.allowance(Some(10)), 0);
+        slow.on_idle();
+        assert_eq!(slow.allowance(Some(10)), 0);
+    }
+}

@@ -14,7 +14,7 @@
 //! - **Bound.** Once the worker's concurrency is known (see `fetch.rs`), running jobs, held
 //!   messages and claims in flight together stay within the concurrency plus an allowance:
 //!   twice the messages the worker starts during one claim's round trip (measured), at most
-//!   twice the concurrency. With a database next door that allowance is a handful of
+//!   four times the concurrency. With a database next door that allowance is a handful of
 //!   messages; 100 ms away it is what keeps the worker busy while the next claim travels. When
 //!   the worker is full and holds more than the allowance, the excess is released at once for
 //!   other workers (and the size shrinks). Before the concurrency is known (the worker never
@@ -133,14 +133,14 @@ impl Claims {
         }
     }
 
-    /// Messages a full worker may keep holding: twice what it starts during one claim's round
-    /// trip, at most twice its concurrency; none when claims do not adapt.
+    /// Messages held or coming beyond the worker's concurrency: twice what it starts during one
+    /// claim's round trip, at most four times its concurrency; none when claims do not adapt.
     pub(crate) fn allowance(&self, limit: Option<usize>) -> usize {
         if !self.adaptive {
             return 0;
         }
         let want = (2.0 * self.rate * self.latency.unwrap_or(0.0)).round();
-        let cap = limit.map_or(self.max, |l| 2 * l);
+        let cap = limit.map_or(self.max, |l| 4 * l);
         if want.is_finite() && want > 0.0 {
             (want as usize).min(cap)
         } else {
@@ -162,8 +162,8 @@ impl Claims {
     }
 
     /// Whether to send another claim now, and its size: only while claims come back full,
-    /// with fewer than [`max_reads`](Self::max_reads) in flight, less than one claim's worth
-    /// held or coming, and room for a worthwhile claim.
+    /// with fewer than [`max_reads`](Self::max_reads) in flight and room for a worthwhile
+    /// claim.
     pub(crate) fn another(
         &self,
         limit: Option<usize>,
@@ -175,15 +175,11 @@ impl Claims {
         if !self.adaptive || !self.more_waiting || reads >= self.max_reads {
             return None;
         }
-        if held + pending >= self.size {
-            return None;
-        }
         let room = self.room(limit, in_flight, held, pending);
-        let budget = match limit {
-            Some(l) => l + self.allowance(limit),
-            None => 2 * self.size,
-        };
-        let worthwhile = (budget / self.max_reads).clamp(1, self.size);
+        // Worth a round trip: with nothing held or coming, the room would take `2 * max_reads`
+        // such claims; smaller ones would trickle.
+        let open = self.room(limit, in_flight, 0, 0);
+        let worthwhile = (open / (2 * self.max_reads)).clamp(1, self.size);
         (room >= worthwhile).then(|| room.min(self.size))
     }
 }
@@ -264,10 +260,11 @@ mod tests {
         // Unknown concurrency: up to two claims' worth held or in flight.
         assert_eq!(c.another(None, 0, 0, 0, 1), Some(100));
         assert_eq!(c.another(None, 0, 60, 0, 1), Some(100));
+        assert_eq!(c.another(None, 0, 0, 100, 1), Some(100));
         assert_eq!(
-            c.another(None, 0, 0, 100, 1),
+            c.another(None, 0, 90, 100, 1),
             None,
-            "a claim's worth already coming"
+            "two claims' worth held or coming"
         );
         assert_eq!(
             c.another(None, 0, 0, 0, MAX_READS),
@@ -278,9 +275,14 @@ mod tests {
         assert_eq!(c.another(Some(50), 50, 0, 0, 1), None, "full");
         assert_eq!(c.another(Some(50), 10, 0, 0, 1), Some(40));
         assert_eq!(
-            c.another(Some(50), 45, 0, 0, 1),
+            c.another(Some(50), 10, 38, 0, 1),
             None,
             "room too small to be worth a claim"
+        );
+        assert_eq!(
+            c.another(Some(50), 45, 0, 0, 1),
+            Some(5),
+            "small, but a fair share"
         );
     }
 
@@ -307,8 +309,8 @@ mod tests {
         }
         assert_eq!(
             c.allowance(Some(200)),
-            400,
-            "capped at twice the concurrency"
+            800,
+            "capped at four times the concurrency"
         );
         let a = c.allowance(Some(10_000));
         assert!(

@@ -54,6 +54,9 @@ pub(crate) struct Capacity {
     limit: Option<usize>,
     /// Tasks in flight when `poll_ready` last returned `Ready`, if no `poll_next` followed.
     armed: Option<usize>,
+    /// Most tasks ever seen running when the worker asked for another: it can run at least
+    /// one more than that, whatever a later, briefer stall suggests.
+    proven: usize,
 }
 
 impl Capacity {
@@ -61,7 +64,7 @@ impl Capacity {
     /// the previous `Ready` was not followed by `poll_next`, i.e. the worker was full.
     pub(crate) fn observe_ready(&mut self, in_flight: usize) -> bool {
         let saturated = if let Some(full_at) = self.armed.take() {
-            self.limit = Some(full_at.max(1));
+            self.limit = Some(full_at.max(self.proven).max(1));
             true
         } else {
             false
@@ -73,6 +76,7 @@ impl Capacity {
     /// `poll_next` was called with `in_flight` tasks running: there is room for one more.
     pub(crate) fn observe_next(&mut self, in_flight: usize) {
         self.armed = None;
+        self.proven = self.proven.max(in_flight + 1);
         if let Some(limit) = self.limit
             && in_flight >= limit
         {
@@ -824,6 +828,10 @@ mod tests {
         c.observe_next(2);
         // The limit grows if the worker later accepts more.
         c.observe_next(3);
+        assert_eq!(c.limit(), Some(4));
+        // A brief stall with fewer running does not lower what the worker proved it can run.
+        assert!(!c.observe_ready(1));
+        assert!(c.observe_ready(1));
         assert_eq!(c.limit(), Some(4));
         // Paused worker (full at 0) still claims one when asked.
         let mut p = Capacity::default();

@@ -260,18 +260,35 @@ pub(crate) const ARCHIVE_COLS: &str =
 /// once the message was delivered again.
 const FENCE: &str = "m.msg_id = t.msg_id AND m.read_ct = t.read_ct";
 
-/// PGMQ's read (claim visible messages in `msg_id` order, lease them for `$2` seconds, count the
-/// read), with an extra condition on the claimed rows and, with `visible_since`, the visibility
-/// time each row had before the claim as an eighth column.
-fn read_sql(q: &str, also: &str, visible_since: bool) -> Arc<str> {
+/// How a read picks the visible messages it claims.
+#[derive(Clone, Copy)]
+enum Pick {
+    /// PGMQ's `read`: in `msg_id` order. The scan walks the primary key from the oldest id and
+    /// tests each row's `vt` (`clock_timestamp()` is volatile, so it cannot bound an index
+    /// scan): behind many messages scheduled for later it reads them all.
+    ById,
+    /// A worker's claim: the messages visible longest first (by `vt`), read from the `vt` index
+    /// up to `now()` (stable, so it bounds the scan), so messages scheduled for later, claimed
+    /// by other workers or waiting in a retry's backoff are never visited.
+    ByVisibility,
+}
+
+/// PGMQ's read (claim visible messages, lease them for `$2` seconds, count the read), with an
+/// extra condition on the claimed rows and, with `visible_since`, the visibility time each row
+/// had before the claim as an eighth column.
+fn read_sql(q: &str, also: &str, visible_since: bool, pick_by: Pick) -> Arc<str> {
     let (pick, ret) = if visible_since {
         (", vt AS visible_since", ", cte.visible_since")
     } else {
         ("", "")
     };
+    let (visible, order) = match pick_by {
+        Pick::ById => ("vt <= clock_timestamp()", "msg_id ASC"),
+        Pick::ByVisibility => ("vt <= now()", "vt ASC"),
+    };
     format!(
-        "WITH cte AS (SELECT msg_id{pick} FROM {q} WHERE vt <= clock_timestamp() {also} \
-                      ORDER BY msg_id ASC LIMIT $1 FOR UPDATE SKIP LOCKED) \
+        "WITH cte AS (SELECT msg_id{pick} FROM {q} WHERE {visible} {also} \
+                      ORDER BY {order} LIMIT $1 FOR UPDATE SKIP LOCKED) \
          UPDATE {q} m SET last_read_at = clock_timestamp(), \
                           vt = clock_timestamp() + make_interval(secs => $2::float8), \
                           read_ct = read_ct + 1 \
@@ -336,16 +353,18 @@ impl QueueSql {
                  RETURNING msg_id"
             )
             .into(),
-            // A worker's claim is PGMQ's read plus two things: nothing while the queue is
-            // paused, and when each message had become visible (for pickup latency).
+            // A worker's claim is PGMQ's read plus three things: nothing while the queue is
+            // paused, when each message had become visible (for pickup latency), and the
+            // messages visible longest first, read from the `vt` index (see `Pick`).
             claim: read_sql(
                 &q,
                 &format!(
                     "AND NOT EXISTS (SELECT 1 FROM apalis_pgmq.paused p WHERE p.queue = '{source}')"
                 ),
                 true,
+                Pick::ByVisibility,
             ),
-            read: read_sql(&q, "", false),
+            read: read_sql(&q, "", false, Pick::ById),
             set_vt_one: format!(
                 "UPDATE {q} SET vt = COALESCE($2::timestamptz, clock_timestamp() + make_interval(secs => $3::float8)) \
                  WHERE msg_id = $1 RETURNING {READ_COLS}"

@@ -215,6 +215,9 @@ pub struct Config {
     pub(crate) archive_retention: Option<Duration>,
     /// How long dead letters are kept; `None`: forever.
     pub(crate) dead_letter_retention: Option<Duration>,
+    /// How long a finished (archived) job keeps its idempotency key taken; `None`: the key is
+    /// free once the job leaves the queue.
+    pub(crate) idempotency_window: Option<Duration>,
 }
 
 impl Default for Config {
@@ -245,6 +248,7 @@ impl Default for Config {
             ),
             archive_retention: Some(Duration::from_secs(7 * 24 * 3600)),
             dead_letter_retention: Some(Duration::from_secs(30 * 24 * 3600)),
+            idempotency_window: None,
         }
     }
 }
@@ -266,6 +270,17 @@ impl Config {
     #[must_use]
     pub fn fetch_batch_size(mut self, n: usize) -> Self {
         self.fetch_batch_size = n;
+        self
+    }
+
+    /// How long a job that finished (was archived) keeps its idempotency key taken, so a push
+    /// with the same key within the window writes nothing (default `None`: a key is taken only
+    /// while its job is pending, scheduled, running or waiting for a retry). "At most once per
+    /// hour": `Some(1 h)`. Needs the archive (`DoneAction::Archive`, the default) and is at most
+    /// the archive retention.
+    #[must_use]
+    pub fn idempotency_window(mut self, window: Option<Duration>) -> Self {
+        self.idempotency_window = window;
         self
     }
 
@@ -511,6 +526,13 @@ impl Config {
             return bad(format!(
                 "fetch_batch_size must be within 1..=10000, got {}",
                 self.fetch_batch_size
+            ));
+        }
+        if let (Some(w), Some(r)) = (self.idempotency_window, self.archive_retention)
+            && w > r
+        {
+            return bad(format!(
+                "idempotency_window ({w:?}) must not exceed archive_retention ({r:?}): pruned jobs cannot hold their keys"
             ));
         }
         if self.max_fetch_batch_size > 10_000 {

@@ -61,8 +61,8 @@
 //! - apalis metadata (max attempts, priority, idempotency key, `MetadataStore`) is kept in the
 //!   message `headers` under the key [`HEADERS_KEY`] (`"apalis"`). A message with no headers (sent
 //!   by another client) is a valid job if its body decodes. Priority and the idempotency key are
-//!   carried to the handler but do not change delivery order or deduplicate (PGMQ delivers in
-//!   `msg_id` order); use separate queues for priority classes.
+//!   carried to the handler but do not change delivery order or deduplicate; use separate
+//!   queues for priority classes.
 //! - Outcomes, as seen by the backend's ack layer (outside your middleware): see [`AckLayer`].
 //!   A panicking handler counts as a failure. A message that does not decode goes to the
 //!   dead-letter queue `<queue>_dlq` with the decode error; it never stops the worker.
@@ -73,9 +73,15 @@
 //!   reason); `RetryAfterError` and `DeferredError` use up attempts like any failure.
 //! - Errors say what to do: [`Error::NotSetUp`], [`Error::QueueMissing`],
 //!   [`Error::Unreachable`], [`Error::MissingPrivilege`].
-//! - Capacity: a worker claims at most what it can start. It learns its concurrency limit the
-//!   first time it fills up, releases what it claimed beyond it (`vt = now`, `read_ct` given
-//!   back), and claims at most `limit − in flight` afterwards.
+//! - Order: a worker claims the messages visible longest first (by `vt`, from PGMQ's `vt`
+//!   index up to `now()`): messages scheduled for later are never scanned.
+//! - Claims adapt ([`Config::adaptive_claims`]): they grow from `fetch_batch_size` up to
+//!   `max_fetch_batch_size` while the worker keeps up, halve when it is full with messages held,
+//!   and while a backlog lasts up to four overlap, so a far database's round trips do not add up.
+//! - Capacity: a worker learns its concurrency limit the first time it fills up. Running jobs,
+//!   held messages and claims in flight then stay within it plus twice what the worker starts
+//!   during one claim's round trip (at most four times the limit); a full worker releases held
+//!   messages beyond that allowance (`vt = now`, `read_ct` given back).
 //! - Shutdown: the worker stops fetching, lets in-flight jobs finish, releases claimed but
 //!   unstarted messages and flushes pending outcomes.
 //! - Workflows: sequential `apalis_workflow::SteppedFlow` runs on this backend. `GraphFlow`
@@ -142,7 +148,7 @@ pub use notify::{
 pub use ops::{Pruned, QueueOverview, pause, paused_queues, prune, queues_overview, resume};
 pub use queue::{
     DEAD_LETTER_SUFFIX, DEFAULT_MAX_PAYLOAD_BYTES, Delay, JobRecord, JobState, MAX_QUEUE_NAME_LEN,
-    Message, MessageInfo, NewMessage, PgmqQueue, QueueCounts, QueueInfo, QueueMetrics, QueueName,
-    QueueNameError, list_queues, metrics_all,
+    Message, MessageInfo, NewMessage, PgmqQueue, Pushed, QueueCounts, QueueInfo, QueueMetrics,
+    QueueName, QueueNameError, list_queues, metrics_all,
 };
 pub use sql_check::prepare_every_statement;

@@ -66,6 +66,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "partitions",
         sql: include_str!("../migrations/0008_partitions.sql"),
     },
+    Migration {
+        version: 9,
+        name: "unique_keys",
+        sql: include_str!("../migrations/0009_unique_keys.sql"),
+    },
 ];
 
 /// What [`setup`] found and did.

@@ -144,7 +144,8 @@ async fn failures_back_off_then_dead_letter() {
     let task = TaskBuilder::new(Job { id: 7 })
         .metadata(&TenantMeta("acme".into()))
         .build();
-    let id = s.push_task_with(&db.pool, task).await.expect("push");
+    let mut conn = db.pool.acquire().await.expect("conn");
+    let id = s.push_task_with(&mut conn, task).await.expect("push").id();
     let worker = WorkerBuilder::new(queue)
         .backend(s.clone())
         .build(|job: Job| async move {
@@ -679,7 +680,7 @@ async fn enqueue_in_the_callers_transaction() {
         .await
         .expect("order");
     s.push_with(&mut *tx, &Job { id: 1 }).await.expect("push");
-    s.push_task_with(&mut *tx, TaskBuilder::new(Job { id: 2 }).build())
+    s.push_task_with(&mut tx, TaskBuilder::new(Job { id: 2 }).build())
         .await
         .expect("push task");
     s.push_bulk_with(&mut *tx, [Job { id: 3 }])
@@ -772,10 +773,12 @@ async fn task_builder_options_round_trip() {
     let delayed = TaskBuilder::new(Job { id: 2 })
         .run_after(Duration::from_secs(3600))
         .build();
+    let mut conn = db.pool.acquire().await.expect("conn");
     let delayed_id = s
-        .push_task_with(&db.pool, delayed)
+        .push_task_with(&mut conn, delayed)
         .await
-        .expect("push delayed");
+        .expect("push delayed")
+        .id();
     type Seen = (
         u32,
         Option<usize>,

@@ -766,7 +766,7 @@ async fn run_raw(bench: &mut Bench, workload: &str) -> Res<()> {
 /// This crate at an earlier commit: its burn-down (default claim size of the time, one worker)
 /// at each `growth` size, run by that commit's own harness against the same server.
 async fn run_baseline(bench: &mut Bench, workload: &str) -> Res<()> {
-    if workload != "growth" {
+    if !matches!(workload, "growth" | "pickup" | "idle_cost" | "burn_down") {
         return Ok(());
     }
     let Some(bin) = bench.baseline_bin.clone() else {
@@ -774,6 +774,33 @@ async fn run_baseline(bench: &mut Bench, workload: &str) -> Res<()> {
         return Ok(());
     };
     let url = std::env::var("DATABASE_URL")?;
+    if workload != "growth" {
+        // The earlier harness runs the same workload with the same parameters.
+        let out = tokio::process::Command::new(&bin)
+            .args(["--systems", OURS, "--workloads", workload])
+            .args(["--set", &format!("burn_jobs={}", bench.params.burn_jobs)])
+            .args([
+                "--set",
+                &format!("pickup_samples={}", bench.params.pickup_samples),
+            ])
+            .args(["--set", &format!("idle_secs={}", bench.params.idle_secs)])
+            .env("DATABASE_URL", &url)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .output()
+            .await?;
+        for r in String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("BENCH "))
+            .filter_map(|j| serde_json::from_str::<Record>(j).ok())
+            .filter(|r| r.workload == workload)
+        {
+            let mut r = r;
+            r.system = BASELINE.to_owned();
+            bench.emit(r);
+        }
+        return Ok(());
+    }
     let mut rec = Record::new(BASELINE, "growth");
     for n in bench.params.growth_jobs.clone() {
         let p = one_worker(&bench.params, n);

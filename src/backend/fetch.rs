@@ -694,6 +694,10 @@ async fn ensure_queue(
         tracing::debug!(queue = %shared.queue.name(), error = %e,
             "could not index the dead letters by job id; finding a dead job by id scans them");
     }
+    if let Err(e) = shared.queue.index_unique_keys(&shared.pool).await {
+        tracing::debug!(queue = %shared.queue.name(), error = %e,
+            "could not create the unique index on idempotency keys; pushes with a key fail until the queue's owner calls create_queue");
+    }
     if let Some(missing) = shared
         .queue
         .missing_worker_right(&shared.pool, &shared.dlq, shared.announces())

@@ -338,6 +338,10 @@ impl<Args, C> PgmqStorage<Args, C> {
             .queue
             .index_dead_letters(&self.shared.pool)
             .await?;
+        self.shared
+            .queue
+            .index_unique_keys(&self.shared.pool)
+            .await?;
         let c = &self.shared.config;
         if !c.listen {
             return Ok(());

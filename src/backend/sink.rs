@@ -15,7 +15,7 @@ use sqlx::PgExecutor;
 use super::{JobMeta, PgmqStorage};
 use crate::{
     error::{Error, Result},
-    queue::{Delay, EncodedMessage, PgmqQueue},
+    queue::{Delay, EncodedMessage, PgmqQueue, Pushed},
 };
 
 /// Tasks buffered by `start_send` are written by `poll_flush` in one statement; a buffer this
@@ -26,6 +26,30 @@ const MAX_BUFFERED: usize = 1000;
 pub(crate) struct SinkState {
     buffer: Vec<EncodedMessage>,
     flushing: Option<BoxFuture<'static, Result<()>>>,
+}
+
+/// Writes buffered tasks: those without a key in one statement, each with a key on its own
+/// (skipped when the key is taken), in one transaction so the push stays all or nothing.
+async fn send_all(
+    queue: &PgmqQueue,
+    pool: &sqlx::PgPool,
+    batch: Vec<EncodedMessage>,
+    window: Option<Duration>,
+) -> Result<()> {
+    if batch.iter().all(|m| m.key.is_none()) {
+        queue.send_encoded(pool, &batch).await?;
+        return Ok(());
+    }
+    let mut tx = pool.begin().await?;
+    let (keyed, plain): (Vec<_>, Vec<_>) = batch.into_iter().partition(|m| m.key.is_some());
+    queue.send_encoded(&mut *tx, &plain).await?;
+    for m in &keyed {
+        if let Some(key) = &m.key {
+            queue.send_unique(&mut tx, m, key, window).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 /// Encodes a task (body, apalis headers, `run_at` delay) and checks its size.
@@ -58,6 +82,7 @@ impl SinkState {
         cx: &mut Context<'_>,
         queue: &PgmqQueue,
         pool: &sqlx::PgPool,
+        window: Option<Duration>,
     ) -> Poll<Result<()>> {
         loop {
             if let Some(fut) = &mut self.flushing {
@@ -72,8 +97,8 @@ impl SinkState {
             let queue = queue.clone();
             let pool = pool.clone();
             self.flushing = Some(Box::pin(async move {
-                match queue.send_encoded(&pool, &batch).await {
-                    Ok(_) => Ok(()),
+                match send_all(&queue, &pool, batch, window).await {
+                    Ok(()) => Ok(()),
                     Err(e) => Err(crate::util::explain_pool_error(&pool, e).await),
                 }
             }));
@@ -89,7 +114,12 @@ impl<Args, C: Unpin> Sink<Task<Value>> for PgmqStorage<Args, C> {
         let shared = this.shared.clone();
         let sink = &mut this.local().sink;
         if sink.flushing.is_some() || sink.buffer.len() >= MAX_BUFFERED {
-            return sink.poll_flush(cx, &shared.queue, &shared.pool);
+            return sink.poll_flush(
+                cx,
+                &shared.queue,
+                &shared.pool,
+                shared.config.idempotency_window,
+            );
         }
         Poll::Ready(Ok(()))
     }
@@ -113,9 +143,12 @@ impl<Args, C: Unpin> Sink<Task<Value>> for PgmqStorage<Args, C> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let this = self.get_mut();
         let shared = this.shared.clone();
-        this.local()
-            .sink
-            .poll_flush(cx, &shared.queue, &shared.pool)
+        this.local().sink.poll_flush(
+            cx,
+            &shared.queue,
+            &shared.pool,
+            shared.config.idempotency_window,
+        )
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
@@ -162,11 +195,21 @@ where
     }
 
     /// Enqueues a task built with `TaskBuilder` (delay with `run_after`/`run_at_time`, max
-    /// attempts, priority, idempotency key, metadata) with `executor`. Returns its `msg_id`.
+    /// attempts, priority, idempotency key, metadata) with `conn`: a pool connection, or your
+    /// own transaction (`&mut *tx`). Returns its `msg_id`.
+    ///
+    /// With an idempotency key, the job is written only if no job with that key is pending,
+    /// scheduled, running or waiting for a retry on this queue (or, with
+    /// [`Config::idempotency_window`](crate::Config::idempotency_window), finished within the
+    /// window); otherwise nothing is written and the existing job's id comes back with
+    /// [`Pushed::duplicate`] set. Concurrent pushes of one key from many connections write
+    /// exactly one job (a unique index decides).
     ///
     /// # Errors
     ///
-    /// [`Error::PayloadTooLarge`] or an encoding error (nothing written), [`Error::Database`].
+    /// [`Error::PayloadTooLarge`] or an encoding error (nothing written), [`Error::Database`],
+    /// [`Error::Config`] if a key is given and the queue has no unique-key index (see
+    /// [`PgmqQueue::index_unique_keys`](crate::PgmqQueue::index_unique_keys)).
     ///
     /// # Example
     ///
@@ -180,23 +223,41 @@ where
     ///     .run_after(Duration::from_secs(60))
     ///     .max_attempts(3)
     ///     .build();
-    /// storage.push_task_with(&pool, task).await?;
+    /// let mut conn = pool.acquire().await?;
+    /// let pushed = storage.push_task_with(&mut conn, task).await?;
+    /// let again = TaskBuilder::new("later@example.com".to_owned())
+    ///     .idempotency_key("welcome:42")
+    ///     .build();
+    /// let first = storage.push_task_with(&mut conn, again.clone()).await?;
+    /// let second = storage.push_task_with(&mut conn, again).await?;
+    /// assert!(second.is_duplicate() && second.id() == first.id());
+    /// # let _ = pushed;
     /// # Ok(()) }
     /// ```
-    pub async fn push_task_with<'c, E: PgExecutor<'c>>(
+    pub async fn push_task_with(
         &self,
-        executor: E,
+        conn: &mut sqlx::PgConnection,
         task: Task<Args>,
-    ) -> Result<i64> {
+    ) -> Result<Pushed> {
         let task = task.try_map_args(|a| self.encode_args(&a))?;
         let encoded = encode_task(&self.shared.queue, &task)?;
+        if let Some(key) = &encoded.key {
+            return self
+                .shared
+                .queue
+                .send_unique(conn, &encoded, key, self.shared.config.idempotency_window)
+                .await;
+        }
         let ids = self
             .shared
             .queue
-            .send_encoded(executor, std::slice::from_ref(&encoded))
+            .send_encoded(&mut *conn, std::slice::from_ref(&encoded))
             .await?;
         ids.first()
-            .copied()
+            .map(|&id| Pushed {
+                id,
+                duplicate: false,
+            })
             .ok_or_else(|| Error::Database(sqlx::Error::RowNotFound))
     }
 

@@ -168,8 +168,56 @@ impl NewMessage {
 pub(crate) struct EncodedMessage {
     pub(crate) message: String,
     pub(crate) headers: Option<String>,
+    /// The job's idempotency key, if it has one (also in `headers`).
+    pub(crate) key: Option<String>,
     pub(crate) at: Option<DateTime<Utc>>,
     pub(crate) secs: f64,
+}
+
+/// What a push wrote: a new job, or nothing because a job with the same idempotency key was
+/// already queued (or finished within the configured window).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pushed {
+    /// The new job's `msg_id`, or the existing job's when `duplicate`.
+    pub id: i64,
+    /// Nothing was written: the key was taken by job `id`.
+    pub duplicate: bool,
+}
+
+impl Pushed {
+    /// The job's `msg_id` (new or existing).
+    #[must_use]
+    pub fn id(&self) -> i64 {
+        self.id
+    }
+
+    /// Whether the key was taken and nothing was written.
+    #[must_use]
+    pub fn is_duplicate(&self) -> bool {
+        self.duplicate
+    }
+}
+
+/// The idempotency key in a job's headers (`headers.apalis.idempotency_key`), if any.
+fn headers_key(headers: Option<&Value>) -> Option<String> {
+    headers?
+        .get(crate::HEADERS_KEY)?
+        .get("idempotency_key")?
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// A push with a key on a queue without the unique-key index (SQLSTATE 42P10: no constraint
+/// matches the `ON CONFLICT`) gets an error that says what to do.
+fn unique_index_missing(e: sqlx::Error, queue: &QueueName) -> Error {
+    let code = e.as_database_error().and_then(|d| d.code());
+    if code.as_deref() == Some("42P10") {
+        return Error::Config(format!(
+            "queue {queue} has no unique index on idempotency keys: call PgmqStorage::create_queue \
+             (or PgmqQueue::index_unique_keys) as the queue's owner; partitioned queues cannot have one"
+        ));
+    }
+    Error::Database(e)
 }
 
 /// One row of `pgmq.list_queues()`.
@@ -304,6 +352,9 @@ fn read_sql(q: &str, also: &str, visible_since: bool, pick_by: Pick) -> Arc<str>
 struct QueueSql {
     send_one: Arc<str>,
     send_many: Arc<str>,
+    /// One message with an idempotency key: inserted unless the key is taken (see
+    /// `send_unique`).
+    send_unique: Arc<str>,
     read: Arc<str>,
     /// A worker's read: as `read`, but nothing while the queue is paused.
     claim: Arc<str>,
@@ -351,6 +402,29 @@ impl QueueSql {
                         t.m::jsonb, t.h::jsonb \
                  FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::float8[]) AS t(m, h, at, secs) \
                  RETURNING msg_id"
+            )
+            .into(),
+            // $5: the key; $6: how long a finished job keeps its key (NULL: not at all). The key
+            // is taken by a message in the queue table (the partial unique index settles races)
+            // or by one archived within the window. Zero rows: the conflicting row was committed
+            // after this statement's snapshot; the caller runs it again.
+            send_unique: format!(
+                "WITH prior AS (SELECT a.msg_id FROM {a} a \
+                   WHERE $6::float8 IS NOT NULL \
+                     AND (a.headers->'apalis'->>'idempotency_key') = $5::text \
+                     AND a.archived_at > clock_timestamp() - make_interval(secs => $6::float8) \
+                   ORDER BY a.archived_at DESC LIMIT 1), \
+                 ins AS (INSERT INTO {q} (vt, message, headers) \
+                   SELECT {vt}, $1::text::jsonb, $2::text::jsonb WHERE NOT EXISTS (SELECT 1 FROM prior) \
+                   ON CONFLICT ((headers->'apalis'->>'idempotency_key')) \
+                     WHERE (headers->'apalis'->>'idempotency_key') IS NOT NULL DO NOTHING \
+                   RETURNING msg_id) \
+                 SELECT msg_id, false FROM ins \
+                 UNION ALL SELECT msg_id, true FROM prior \
+                 UNION ALL SELECT q.msg_id, true FROM {q} q \
+                   WHERE NOT EXISTS (SELECT 1 FROM ins) AND NOT EXISTS (SELECT 1 FROM prior) \
+                     AND (q.headers->'apalis'->>'idempotency_key') = $5::text \
+                 LIMIT 1"
             )
             .into(),
             // A worker's claim is PGMQ's read plus three things: nothing while the queue is
@@ -831,13 +905,16 @@ impl PgmqQueue {
         headers: Option<&Value>,
         delay: Delay,
     ) -> Result<EncodedMessage> {
+        let headers_value = headers;
         let message = serde_json::to_string(message)?;
         let headers = headers.map(serde_json::to_string).transpose()?;
         self.check_size(message.len() + headers.as_ref().map_or(0, String::len))?;
         let (at, secs) = delay.bind_parts();
+        let key = headers_key(headers_value);
         Ok(EncodedMessage {
             message,
             headers,
+            key,
             at,
             secs,
         })
@@ -851,6 +928,54 @@ impl PgmqQueue {
             });
         }
         Ok(())
+    }
+
+    /// Sends one message that carries an idempotency key: written unless a message with the
+    /// same key is in the queue table, or (with `window`) was archived within `window`.
+    /// Returns the new message's id, or the existing one's with `duplicate` set.
+    pub(crate) async fn send_unique(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        m: &EncodedMessage,
+        key: &str,
+        window: Option<Duration>,
+    ) -> Result<Pushed> {
+        // A conflicting row committed after the statement's snapshot is not visible to its
+        // last branch: run it again (a new snapshot) a few times.
+        for _ in 0..5 {
+            let row: Option<(i64, bool)> =
+                sqlx::query_as(AssertSqlSafe(self.sql.send_unique.clone()))
+                    .bind(&m.message)
+                    .bind(&m.headers)
+                    .bind(m.at)
+                    .bind(m.secs)
+                    .bind(key)
+                    .bind(window.map(|w| w.as_secs_f64()))
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(|e| unique_index_missing(e, &self.name))?;
+            if let Some((id, duplicate)) = row {
+                return Ok(Pushed { id, duplicate });
+            }
+        }
+        Err(Error::Config(format!(
+            "job key {key:?} on queue {} is taken by a job this transaction cannot see (REPEATABLE READ or SERIALIZABLE); retry the transaction",
+            self.name
+        )))
+    }
+
+    /// Creates the indexes that make idempotency keys unique in the queue table and findable
+    /// in the archive (idempotent; `false` for a partitioned queue, which cannot have them).
+    /// [`PgmqStorage::create_queue`](crate::PgmqStorage::create_queue) and workers call it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`], e.g. if the queue table already holds two messages with one key.
+    pub async fn index_unique_keys<'c, E: PgExecutor<'c>>(&self, executor: E) -> Result<bool> {
+        Ok(sqlx::query_scalar(crate::sql::INDEX_UNIQUE_KEYS)
+            .bind(self.name.as_str())
+            .fetch_one(executor)
+            .await?)
     }
 
     async fn send_encoded_one<'c, E: PgExecutor<'c>>(
@@ -1187,6 +1312,7 @@ impl PgmqQueue {
         vec![
             ("send_one", s.send_one.clone()),
             ("send_many", s.send_many.clone()),
+            ("send_unique", s.send_unique.clone()),
             ("read", s.read.clone()),
             ("claim", s.claim.clone()),
             ("set_vt_one", s.set_vt_one.clone()),

@@ -134,7 +134,7 @@ impl LeaseTable {
         lost.len()
     }
 
-    #[cfg(test)]
+    /// Deliveries held: claimed and not yet written (held, running, or outcome pending).
     pub(crate) fn len(&self) -> usize {
         self.lock().len()
     }

@@ -288,3 +288,54 @@ pub async fn far(opts: &PgConnectOptions, pool: &PgPool, p: &Params, system: &st
         p.far_concurrency, p.far_job_ms, p.far_delays_ms
     )))
 }
+
+/// Enqueue cost of idempotency keys: single pushes on one connection without a key, with a
+/// fresh key each, and with a key already taken (nothing written); three alternating rounds,
+/// medians.
+pub async fn unique_enqueue(pool: &PgPool, p: &Params, system: &str) -> Res<Record> {
+    let s = storage(pool, "unique_enqueue", OurConfig::default()).await?;
+    let mut conn = pool.acquire().await?;
+    let n = p.enqueue_single;
+    let (mut plain, mut keyed, mut taken) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..3u64 {
+        let t = Instant::now();
+        for _ in 0..n {
+            s.push_task_with(&mut conn, TaskBuilder::new(BenchJob { t: 0 }).build())
+                .await?;
+        }
+        plain.push(n as f64 / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        for i in 0..n {
+            let task = TaskBuilder::new(BenchJob { t: 0 })
+                .idempotency_key(format!("k-{round}-{i}"))
+                .build();
+            s.push_task_with(&mut conn, task).await?;
+        }
+        keyed.push(n as f64 / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        for i in 0..n {
+            let task = TaskBuilder::new(BenchJob { t: 0 })
+                .idempotency_key(format!("k-{round}-{i}"))
+                .build();
+            if !s.push_task_with(&mut conn, task).await?.is_duplicate() {
+                return Err("a taken key was written again".into());
+            }
+        }
+        taken.push(n as f64 / t.elapsed().as_secs_f64());
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (plain, keyed, taken) = (median(plain), median(keyed), median(taken));
+    drop(conn);
+    s.queue().drop_queue(pool).await.ok();
+    Ok(Record::new(system, "unique_enqueue")
+        .value("plain_per_sec", plain)
+        .value("keyed_per_sec", keyed)
+        .value("duplicate_per_sec", taken)
+        .value("keyed_ratio", keyed / plain)
+        .note(format!(
+            "{n} sequential push_task_with on one connection, 3 alternating rounds, medians"
+        )))
+}

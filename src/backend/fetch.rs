@@ -100,6 +100,9 @@ enum State {
     Arming(BoxFuture<'static, Result<()>>),
     Settling(BoxFuture<'static, Result<bool>>),
     Probing(BoxFuture<'static, Result<Option<Duration>>>),
+    /// Outcomes are written more slowly than jobs finish: wait for the completer before
+    /// claiming more, so unwritten outcomes (and the leases they keep) stay bounded.
+    Draining(BoxFuture<'static, ()>),
     Sleeping(Pin<Box<Sleep>>),
     Backoff(Pin<Box<Sleep>>),
     Closing(BoxFuture<'static, ()>),
@@ -314,9 +317,16 @@ impl Fetcher {
                         // Not claiming back to back: give the connections back to the pool.
                         self.conns.clear();
                     }
+                    let unwritten = unwritten(shared, in_flight, self.buffer.len());
                     self.state = match step {
+                        Step::Read if unwritten > claims.backlog_cap() => {
+                            let shared = shared.clone();
+                            State::Draining(Box::pin(async move {
+                                shared.flush_completions().await;
+                            }))
+                        }
                         Step::Read => {
-                            let qty = claims.first(self.capacity.limit(), in_flight);
+                            let qty = claims.first(self.capacity.limit(), in_flight, unwritten);
                             self.cycle_found = false;
                             send_read(
                                 &mut self.reads,
@@ -397,6 +407,13 @@ impl Fetcher {
                         self.state = fail(&mut self.failures, shared, "reading the queue", &e);
                     }
                 },
+                State::Draining(fut) => {
+                    if fut.poll_unpin(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    // Nothing else happened meanwhile: the plan still wants to read.
+                    self.state = State::Ready;
+                }
                 State::Sleeping(sleep) => {
                     let woken = self.wake.as_mut().map_or(Wake::Nothing, |w| w.poll(cx));
                     match woken {
@@ -530,10 +547,11 @@ impl Fetcher {
         let Some(claims) = self.claims.as_ref() else {
             return;
         };
+        let held = self.buffer.len() + unwritten(shared, in_flight, self.buffer.len());
         if let Some(qty) = claims.another(
             self.capacity.limit(),
             in_flight,
-            self.buffer.len(),
+            held,
             self.pending,
             self.reads.len(),
         ) {
@@ -736,6 +754,12 @@ async fn ensure_queue(
         .hub
         .register_worker(&shared.pool, &worker, &shared.queue, &service, retention)
         .await)
+}
+
+/// Outcomes of finished jobs not written yet: deliveries still leased that neither run nor wait
+/// in the buffer.
+fn unwritten(shared: &Shared, in_flight: usize, held: usize) -> usize {
+    shared.leases.len().saturating_sub(in_flight + held)
 }
 
 /// A claim that came back.

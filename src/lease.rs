@@ -78,6 +78,10 @@ pub(crate) struct LeaseTable {
     leases: Mutex<HashMap<i64, Lease>>,
     /// Wakes the keeper when a lease is added or the table is closed.
     changed: Notify,
+    /// Wakes workers waiting for outcomes to be written (see `wait_unwritten_below`).
+    shrunk: Notify,
+    /// Outcomes queued for the completer and not written yet.
+    unwritten: std::sync::atomic::AtomicUsize,
     closed: AtomicBool,
 }
 
@@ -101,6 +105,37 @@ impl LeaseTable {
             true
         } else {
             false
+        }
+    }
+
+    /// An outcome was queued for the completer.
+    pub(crate) fn outcome_queued(&self) {
+        self.unwritten.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The completer wrote (or gave up on) `n` outcomes.
+    pub(crate) fn outcomes_written(&self, n: usize) {
+        let _ = self
+            .unwritten
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                Some(u.saturating_sub(n))
+            });
+        self.shrunk.notify_waiters();
+    }
+
+    /// Outcomes queued and not written yet.
+    pub(crate) fn unwritten(&self) -> usize {
+        self.unwritten.load(Ordering::Relaxed)
+    }
+
+    /// Waits until fewer than `n` outcomes are unwritten, or the table is closed.
+    pub(crate) async fn wait_unwritten_below(&self, n: usize) {
+        loop {
+            let shrunk = self.shrunk.notified();
+            if self.unwritten() < n || self.closed.load(Ordering::Relaxed) {
+                return;
+            }
+            shrunk.await;
         }
     }
 
@@ -134,7 +169,7 @@ impl LeaseTable {
         lost.len()
     }
 
-    /// Deliveries held: claimed and not yet written (held, running, or outcome pending).
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.lock().len()
     }

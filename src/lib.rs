@@ -60,9 +60,13 @@
 //!   `Data<MessageInfo>`.
 //! - apalis metadata (max attempts, priority, idempotency key, `MetadataStore`) is kept in the
 //!   message `headers` under the key [`HEADERS_KEY`] (`"apalis"`). A message with no headers (sent
-//!   by another client) is a valid job if its body decodes. Priority and the idempotency key are
-//!   carried to the handler but do not change delivery order or deduplicate; use separate
-//!   queues for priority classes.
+//!   by another client) is a valid job if its body decodes. Priority is carried to the handler
+//!   but does not change delivery order; use separate queues for priority classes.
+//! - Unique jobs: a task with an idempotency key is written only if no job with that key is
+//!   pending, scheduled, running or retrying on the queue (a partial unique index decides, so
+//!   concurrent pushes write one job); otherwise
+//!   [`PgmqStorage::push_task_with`] returns the existing id with [`Pushed::duplicate`] set.
+//!   [`Config::idempotency_window`] keeps a finished job's key taken for a while.
 //! - Outcomes, as seen by the backend's ack layer (outside your middleware): see [`AckLayer`].
 //!   A panicking handler counts as a failure. A message that does not decode goes to the
 //!   dead-letter queue `<queue>_dlq` with the decode error; it never stops the worker.
@@ -77,7 +81,8 @@
 //!   index up to `now()`): messages scheduled for later are never scanned.
 //! - Claims adapt ([`Config::adaptive_claims`]): they grow from `fetch_batch_size` up to
 //!   `max_fetch_batch_size` while the worker keeps up, halve when it is full with messages held,
-//!   and while a backlog lasts up to four overlap, so a far database's round trips do not add up.
+//!   and while a backlog lasts on a far database (claims of 2 ms or more) up to four overlap,
+//!   so its round trips do not add up.
 //! - Capacity: a worker learns its concurrency limit the first time it fills up. Running jobs,
 //!   held messages and claims in flight then stay within it plus twice what the worker starts
 //!   during one claim's round trip (at most four times the limit); a full worker releases held

@@ -201,6 +201,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx) {
                 soonest_retry = Some(soonest_retry.map_or(delay, |s| s.min(delay)));
             }
         }
+        ctx.leases.outcomes_written(n);
         match soonest_retry {
             Some(d) if d <= Duration::from_millis(1) => ctx.signal.wake(),
             Some(d) => ctx.signal.wake_at(tokio::time::Instant::now() + d),

@@ -56,7 +56,12 @@ pub(crate) struct AckContext {
 impl AckContext {
     /// Queues an outcome for the completer.
     pub(crate) fn complete(&self, completion: Completion) {
+        // Counted before it is sent: the completer may write it before this line returns.
+        self.leases.outcome_queued();
         let sent = self.completer.get().is_some_and(|c| c.complete(completion));
+        if !sent {
+            self.leases.outcomes_written(1);
+        }
         if !sent {
             tracing::error!(queue = %self.queue,
                 "the completer is not running; an outcome was dropped (the message will be redelivered)");

@@ -317,12 +317,15 @@ impl Fetcher {
                         // Not claiming back to back: give the connections back to the pool.
                         self.conns.clear();
                     }
-                    let unwritten = unwritten(shared, in_flight, self.buffer.len());
+                    let unwritten = unwritten(shared);
                     self.state = match step {
                         Step::Read if unwritten > claims.backlog_cap() => {
+                            // Until half the backlog is written (a full flush would idle the
+                            // worker for no gain).
                             let shared = shared.clone();
+                            let below = claims.backlog_cap() / 2;
                             State::Draining(Box::pin(async move {
-                                shared.flush_completions().await;
+                                shared.leases.wait_unwritten_below(below).await;
                             }))
                         }
                         Step::Read => {
@@ -547,7 +550,7 @@ impl Fetcher {
         let Some(claims) = self.claims.as_ref() else {
             return;
         };
-        let held = self.buffer.len() + unwritten(shared, in_flight, self.buffer.len());
+        let held = self.buffer.len() + unwritten(shared);
         if let Some(qty) = claims.another(
             self.capacity.limit(),
             in_flight,
@@ -756,10 +759,9 @@ async fn ensure_queue(
         .await)
 }
 
-/// Outcomes of finished jobs not written yet: deliveries still leased that neither run nor wait
-/// in the buffer.
-fn unwritten(shared: &Shared, in_flight: usize, held: usize) -> usize {
-    shared.leases.len().saturating_sub(in_flight + held)
+/// Outcomes of finished jobs not written yet (by any worker of this storage).
+fn unwritten(shared: &Shared) -> usize {
+    shared.leases.unwritten()
 }
 
 /// A claim that came back.

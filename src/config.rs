@@ -218,6 +218,8 @@ pub struct Config {
     /// How long a finished (archived) job keeps its idempotency key taken; `None`: the key is
     /// free once the job leaves the queue.
     pub(crate) idempotency_window: Option<Duration>,
+    /// Whether workers claim higher priorities first.
+    pub(crate) priorities: bool,
 }
 
 impl Default for Config {
@@ -249,6 +251,7 @@ impl Default for Config {
             archive_retention: Some(Duration::from_secs(7 * 24 * 3600)),
             dead_letter_retention: Some(Duration::from_secs(30 * 24 * 3600)),
             idempotency_window: None,
+            priorities: false,
         }
     }
 }
@@ -281,6 +284,18 @@ impl Config {
     #[must_use]
     pub fn idempotency_window(mut self, window: Option<Duration>) -> Self {
         self.idempotency_window = window;
+        self
+    }
+
+    /// Whether workers claim jobs with a higher `TaskBuilder::priority` first (default off).
+    /// Jobs without a priority (plain PGMQ messages too) have priority 0; a priority that is not
+    /// a number counts as 0. Starvation is bounded: one claim in every
+    /// [`FAIR_EVERY`](crate::FAIR_EVERY) takes the messages visible longest, whatever their
+    /// priority. On, the queue gets an index on `(priority DESC, vt)` (created by `create_queue`
+    /// and workers, as the table's owner), which every insert maintains.
+    #[must_use]
+    pub fn priorities(mut self, on: bool) -> Self {
+        self.priorities = on;
         self
     }
 

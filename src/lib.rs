@@ -137,7 +137,9 @@ mod sql_check;
 mod util;
 
 pub use ack::{AckLayer, AckService, HandlerPanicked, LeaseLost};
-pub use backend::{HEADERS_KEY, PgmqStorage, drop_queue_and_dead_letters, running_workers};
+pub use backend::{
+    FAIR_EVERY, HEADERS_KEY, PgmqStorage, drop_queue_and_dead_letters, running_workers,
+};
 pub use config::{Backoff, Config, DoneAction, ExhaustedAction, KilledAction};
 pub use config_file::ConfigFile;
 pub use error::{Error, Result};

@@ -71,6 +71,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "unique_keys",
         sql: include_str!("../migrations/0009_unique_keys.sql"),
     },
+    Migration {
+        version: 10,
+        name: "priorities",
+        sql: include_str!("../migrations/0010_priorities.sql"),
+    },
 ];
 
 /// What [`setup`] found and did.

@@ -109,6 +109,9 @@ pub(crate) const INDEX_DEAD_LETTERS: &str = "SELECT apalis_pgmq.index_dead_lette
 /// Used in `src/queue/mod.rs`.
 pub(crate) const INDEX_UNIQUE_KEYS: &str = "SELECT apalis_pgmq.index_unique_keys($1)";
 
+/// Used in `src/queue/mod.rs`.
+pub(crate) const INDEX_PRIORITIES: &str = "SELECT apalis_pgmq.index_priorities($1)";
+
 /// Used in `src/notify/registry.rs`.
 pub(crate) const HEARTBEAT: &str =
     "SELECT apalis_pgmq.heartbeat($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
@@ -197,6 +200,7 @@ pub(crate) const ALL: &[(&str, &str)] = &[
     ("paused_queues", PAUSED_QUEUES),
     ("index_dead_letters", INDEX_DEAD_LETTERS),
     ("index_unique_keys", INDEX_UNIQUE_KEYS),
+    ("index_priorities", INDEX_PRIORITIES),
     ("heartbeat", HEARTBEAT),
     ("unregister_worker", UNREGISTER_WORKER),
     ("list_workers", LIST_WORKERS),

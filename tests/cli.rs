@@ -453,7 +453,7 @@ async fn migrate_check_and_dry_run() {
     let out = cli(&["migrate", "--dry-run"], Some(&url));
     assert!(out.status.success());
     assert!(
-        text(&out).contains("-- migration 9 (unique_keys)"),
+        text(&out).contains("-- migration 10 (priorities)"),
         "{}",
         text(&out)
     );

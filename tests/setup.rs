@@ -12,7 +12,10 @@ async fn installs_pgmq_then_is_idempotent() {
     let first = setup(&db.pool).await.expect("first setup");
     assert_eq!(first.pgmq_source, PgmqSource::InstalledNow);
     assert_eq!(first.pgmq_version, "1.13.0");
-    assert_eq!(first.applied_migrations, vec![1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    assert_eq!(
+        first.applied_migrations,
+        vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    );
 
     let second = setup(&db.pool).await.expect("second setup");
     assert_eq!(second.pgmq_source, PgmqSource::SqlInstall);
@@ -26,7 +29,7 @@ async fn installs_pgmq_then_is_idempotent() {
             "SELECT count(*) FROM apalis_pgmq.schema_migrations"
         )
         .await,
-        9
+        10
     );
     let sqlx_table: bool =
         sqlx::query_scalar("SELECT to_regclass('public._sqlx_migrations') IS NOT NULL")
@@ -60,7 +63,7 @@ async fn concurrent_setups_serialise() {
         applied += report.applied_migrations.len();
     }
     assert_eq!(installed_now, 1, "PGMQ installed exactly once");
-    assert_eq!(applied, 9, "each migration applied exactly once");
+    assert_eq!(applied, 10, "each migration applied exactly once");
 }
 
 #[tokio::test]

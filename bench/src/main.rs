@@ -70,6 +70,7 @@ const ALL_WORKLOADS: &[&str] = &[
     "delayed_pickup",
     "far",
     "unique_enqueue",
+    "priorities",
 ];
 
 pub(crate) type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -209,6 +210,9 @@ async fn run_ours(bench: &mut Bench, workload: &str) -> Res<()> {
         bench.emit(r);
     } else if workload == "unique_enqueue" {
         let r = throughput::unique_enqueue(&pool, &p, OURS).await?;
+        bench.emit(r);
+    } else if workload == "priorities" {
+        let r = throughput::priorities(&pool, &p, OURS).await?;
         bench.emit(r);
     } else if workload == "retention" {
         retention(bench, &pool, &s, &p).await?;
@@ -844,7 +848,13 @@ async fn run_baseline(bench: &mut Bench, workload: &str) -> Res<()> {
 async fn run_peer(bench: &mut Bench, system: &str, workload: &str) -> Res<()> {
     if matches!(
         workload,
-        "retention" | "growth" | "breakdown" | "delayed_pickup" | "far" | "unique_enqueue"
+        "retention"
+            | "growth"
+            | "breakdown"
+            | "delayed_pickup"
+            | "far"
+            | "unique_enqueue"
+            | "priorities"
     ) {
         // This crate only; apalis-pgmq is 4-8x slower than apalis-postgres in every run, so the
         // growth comparison is against apalis-postgres.

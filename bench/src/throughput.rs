@@ -339,3 +339,54 @@ pub async fn unique_enqueue(pool: &PgPool, p: &Params, system: &str) -> Res<Reco
             "{n} sequential push_task_with on one connection, 3 alternating rounds, medians"
         )))
 }
+
+/// Burn-down with mixed priorities (0 to 3, sent by SQL as PGMQ producers would) and
+/// `Config::priorities(true)`, against the same backlog without priorities and the default
+/// configuration; three alternating rounds, medians.
+pub async fn priorities(pool: &PgPool, p: &Params, system: &str) -> Res<Record> {
+    let n = p.burn_jobs;
+    let (mut plain, mut mixed) = (Vec::new(), Vec::new());
+    for round in 0..3 {
+        for with_priorities in [false, true] {
+            let name = format!("prio_{round}_{with_priorities}");
+            let config = OurConfig::default().priorities(with_priorities);
+            let s = storage(pool, &name, config).await?;
+            let headers = if with_priorities {
+                "jsonb_build_object('apalis', jsonb_build_object('priority', g % 4))"
+            } else {
+                "NULL::jsonb"
+            };
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO pgmq.q_{name} (vt, message, headers) \
+                 SELECT clock_timestamp(), jsonb_build_object('t', 0), {headers} \
+                 FROM generate_series(1, {n}) g"
+            )))
+            .execute(pool)
+            .await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!("VACUUM ANALYZE pgmq.q_{name}")))
+                .execute(pool)
+                .await?;
+            let rate = burn(&s, p.one_worker_concurrency, n).await?;
+            if with_priorities {
+                mixed.push(rate);
+            } else {
+                plain.push(rate);
+            }
+            s.queue().drop_queue(pool).await.ok();
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (plain, mixed) = (median(plain), median(mixed));
+    Ok(Record::new(system, "priorities")
+        .value("plain_per_sec", plain)
+        .value("mixed_priorities_per_sec", mixed)
+        .value("ratio", mixed / plain)
+        .note(format!(
+            "one worker, concurrency {}, {n} jobs; priorities 0-3 with Config::priorities(true) \
+             vs none with the default; 3 alternating rounds, medians",
+            p.one_worker_concurrency
+        )))
+}

@@ -32,6 +32,12 @@ use tokio::time::Instant;
 
 use crate::Config;
 
+/// With [`Config::priorities`](crate::Config::priorities), one claim in this many takes the
+/// messages visible longest whatever their priority, so a steady stream of high-priority jobs
+/// cannot starve the others: a low-priority job waits at most for the claims it takes to reach
+/// it in visibility order, each of them eight claims apart.
+pub const FAIR_EVERY: u64 = 8;
+
 /// Most claims in flight at once for one worker.
 pub(crate) const MAX_READS: usize = 4;
 
@@ -59,6 +65,11 @@ pub(crate) struct Claims {
     mark: Option<(Instant, u64)>,
     /// The last claim that came back was full: more is probably waiting.
     more_waiting: bool,
+    /// Claims sent so far, for the priority fairness rotation.
+    sent: u64,
+    /// Outcomes the completer writes per statement.
+    completion_batch: usize,
+    priorities: bool,
 }
 
 impl Claims {
@@ -86,7 +97,17 @@ impl Claims {
             started: 0,
             mark: None,
             more_waiting: false,
+            sent: 0,
+            completion_batch: config.completion_batch_size,
+            priorities: config.priorities,
         }
+    }
+
+    /// A claim is being sent: whether it picks by priority (every claim but one in
+    /// [`FAIR_EVERY`] when priorities are on).
+    pub(crate) fn next_by_priority(&mut self) -> bool {
+        self.sent += 1;
+        self.priorities && !self.sent.is_multiple_of(FAIR_EVERY)
     }
 
     #[cfg(test)]
@@ -172,17 +193,15 @@ impl Claims {
         }
     }
 
-    /// The size of a claim the wake-up plan asked for (nothing held, nothing in flight;
-    /// `unwritten` outcomes still count against the budget).
-    pub(crate) fn first(&self, limit: Option<usize>, in_flight: usize, unwritten: usize) -> usize {
-        self.room(limit, in_flight, unwritten, 0)
-            .clamp(1, self.size)
+    /// The size of a claim the wake-up plan asked for (nothing held, nothing in flight).
+    pub(crate) fn first(&self, limit: Option<usize>, in_flight: usize) -> usize {
+        self.room(limit, in_flight, 0, 0).clamp(1, self.size)
     }
 
     /// Unwritten outcomes beyond which the worker waits for the completer before claiming
-    /// more: two of the largest claims.
+    /// more: two of the largest claims or of the completer's statements, whichever is larger.
     pub(crate) fn backlog_cap(&self) -> usize {
-        2 * self.max
+        2 * self.max.max(self.completion_batch)
     }
 
     /// Whether to send another claim now, and its size: only while claims come back full,
@@ -264,10 +283,10 @@ mod tests {
         assert_eq!(c.max_reads(), 1);
         assert_eq!(c.another(None, 0, 0, 0, 0), None);
         assert_eq!(c.allowance(Some(10)), 0);
-        assert_eq!(c.first(Some(10), 4, 0), 6, "never beyond capacity");
-        assert_eq!(c.first(Some(10), 4, 3), 3, "unwritten outcomes count");
+        assert_eq!(c.first(Some(10), 4), 6, "never beyond capacity");
+        assert_eq!(c.backlog_cap(), 1000, "two completer statements of 500");
         assert_eq!(
-            c.first(Some(10), 10, 0),
+            c.first(Some(10), 10),
             1,
             "a full worker still claims one when asked"
         );

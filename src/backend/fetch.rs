@@ -329,14 +329,15 @@ impl Fetcher {
                             }))
                         }
                         Step::Read => {
-                            let qty = claims.first(self.capacity.limit(), in_flight, unwritten);
+                            let qty = claims.first(self.capacity.limit(), in_flight);
                             self.cycle_found = false;
+                            let by_priority = claims.next_by_priority();
                             send_read(
                                 &mut self.reads,
                                 &mut self.pending,
                                 &mut self.conns,
                                 shared,
-                                qty,
+                                (qty, by_priority),
                                 in_flight,
                             );
                             State::Reading
@@ -547,23 +548,23 @@ impl Fetcher {
         if !matches!(self.state, State::Reading) || self.cycle_error.is_some() {
             return;
         }
-        let Some(claims) = self.claims.as_ref() else {
+        let Some(claims) = self.claims.as_mut() else {
             return;
         };
-        let held = self.buffer.len() + unwritten(shared);
         if let Some(qty) = claims.another(
             self.capacity.limit(),
             in_flight,
-            held,
+            self.buffer.len(),
             self.pending,
             self.reads.len(),
         ) {
+            let by_priority = claims.next_by_priority();
             send_read(
                 &mut self.reads,
                 &mut self.pending,
                 &mut self.conns,
                 shared,
-                qty,
+                (qty, by_priority),
                 in_flight,
             );
         }
@@ -715,6 +716,12 @@ async fn ensure_queue(
         tracing::debug!(queue = %shared.queue.name(), error = %e,
             "could not index the dead letters by job id; finding a dead job by id scans them");
     }
+    if shared.config.priorities
+        && let Err(e) = shared.queue.index_priorities(&shared.pool).await
+    {
+        tracing::warn!(queue = %shared.queue.name(), error = %e,
+            "could not create the priority index; priority claims scan the queue until the queue's owner calls create_queue");
+    }
     if let Err(e) = shared.queue.index_unique_keys(&shared.pool).await {
         tracing::debug!(queue = %shared.queue.name(), error = %e,
             "could not create the unique index on idempotency keys; pushes with a key fail until the queue's owner calls create_queue");
@@ -781,7 +788,7 @@ fn send_read(
     pending: &mut usize,
     conns: &mut Vec<PoolConnection<Postgres>>,
     shared: &Arc<Shared>,
-    qty: usize,
+    (qty, by_priority): (usize, bool),
     in_flight_at_send: usize,
 ) {
     *pending += qty;
@@ -789,7 +796,7 @@ fn send_read(
     let shared = shared.clone();
     reads.push(Box::pin(async move {
         let started = Instant::now();
-        let (result, conn) = fetch(&shared, conn, qty).await;
+        let (result, conn) = fetch(&shared, conn, qty, by_priority).await;
         ReadDone {
             requested: qty,
             in_flight_at_send,
@@ -804,6 +811,7 @@ async fn fetch(
     shared: &Shared,
     conn: Option<PoolConnection<Postgres>>,
     qty: usize,
+    by_priority: bool,
 ) -> (Result<Vec<Message>>, Option<PoolConnection<Postgres>>) {
     let started = Instant::now();
     let vt = shared.config.visibility_timeout;
@@ -817,7 +825,7 @@ async fn fetch(
             }
         },
     };
-    let messages = match shared.queue.claim(&mut *conn, vt, qty).await {
+    let messages = match shared.queue.claim(&mut *conn, vt, qty, by_priority).await {
         Ok(m) => m,
         // The connection may be broken: let it go.
         Err(e) => return (Err(e), None),

@@ -1,6 +1,7 @@
 //! The apalis backend: [`PgmqStorage`].
 
 mod claims;
+pub use claims::FAIR_EVERY;
 mod expose;
 pub use expose::running_workers;
 mod fetch;
@@ -343,6 +344,12 @@ impl<Args, C> PgmqStorage<Args, C> {
             .index_unique_keys(&self.shared.pool)
             .await?;
         let c = &self.shared.config;
+        if c.priorities {
+            self.shared
+                .queue
+                .index_priorities(&self.shared.pool)
+                .await?;
+        }
         if !c.listen {
             return Ok(());
         }

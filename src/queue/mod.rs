@@ -314,11 +314,14 @@ enum Pick {
     /// PGMQ's `read`: in `msg_id` order. The scan walks the primary key from the oldest id and
     /// tests each row's `vt` (`clock_timestamp()` is volatile, so it cannot bound an index
     /// scan): behind many messages scheduled for later it reads them all.
-    ById,
+    Id,
     /// A worker's claim: the messages visible longest first (by `vt`), read from the `vt` index
     /// up to `now()` (stable, so it bounds the scan), so messages scheduled for later, claimed
     /// by other workers or waiting in a retry's backoff are never visited.
-    ByVisibility,
+    Visibility,
+    /// A worker's claim with priorities: highest `apalis_pgmq.priority_of(headers)` first, then
+    /// visible longest, from the `(priority DESC, vt)` index.
+    Priority,
 }
 
 /// PGMQ's read (claim visible messages, lease them for `$2` seconds, count the read), with an
@@ -331,8 +334,12 @@ fn read_sql(q: &str, also: &str, visible_since: bool, pick_by: Pick) -> Arc<str>
         ("", "")
     };
     let (visible, order) = match pick_by {
-        Pick::ById => ("vt <= clock_timestamp()", "msg_id ASC"),
-        Pick::ByVisibility => ("vt <= now()", "vt ASC"),
+        Pick::Id => ("vt <= clock_timestamp()", "msg_id ASC"),
+        Pick::Visibility => ("vt <= now()", "vt ASC"),
+        Pick::Priority => (
+            "vt <= now()",
+            "apalis_pgmq.priority_of(headers) DESC, vt ASC",
+        ),
     };
     format!(
         "WITH cte AS (SELECT msg_id{pick} FROM {q} WHERE {visible} {also} \
@@ -358,6 +365,8 @@ struct QueueSql {
     read: Arc<str>,
     /// A worker's read: as `read`, but nothing while the queue is paused.
     claim: Arc<str>,
+    /// As `claim`, highest priority first.
+    claim_priority: Arc<str>,
     set_vt_one: Arc<str>,
     set_vt_many: Arc<str>,
     archive: Arc<str>,
@@ -436,9 +445,17 @@ impl QueueSql {
                     "AND NOT EXISTS (SELECT 1 FROM apalis_pgmq.paused p WHERE p.queue = '{source}')"
                 ),
                 true,
-                Pick::ByVisibility,
+                Pick::Visibility,
             ),
-            read: read_sql(&q, "", false, Pick::ById),
+            claim_priority: read_sql(
+                &q,
+                &format!(
+                    "AND NOT EXISTS (SELECT 1 FROM apalis_pgmq.paused p WHERE p.queue = '{source}')"
+                ),
+                true,
+                Pick::Priority,
+            ),
+            read: read_sql(&q, "", false, Pick::Id),
             set_vt_one: format!(
                 "UPDATE {q} SET vt = COALESCE($2::timestamptz, clock_timestamp() + make_interval(secs => $3::float8)) \
                  WHERE msg_id = $1 RETURNING {READ_COLS}"
@@ -964,6 +981,19 @@ impl PgmqQueue {
         )))
     }
 
+    /// Creates the index a worker with [`Config::priorities`](crate::Config::priorities) claims
+    /// from: `(apalis_pgmq.priority_of(headers) DESC, vt)` (idempotent).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if the statement fails (creating an index needs the table's owner).
+    pub async fn index_priorities<'c, E: PgExecutor<'c>>(&self, executor: E) -> Result<bool> {
+        Ok(sqlx::query_scalar(crate::sql::INDEX_PRIORITIES)
+            .bind(self.name.as_str())
+            .fetch_one(executor)
+            .await?)
+    }
+
     /// Creates the indexes that make idempotency keys unique in the queue table and findable
     /// in the archive (idempotent; `false` for a partitioned queue, which cannot have them).
     /// [`PgmqStorage::create_queue`](crate::PgmqStorage::create_queue) and workers call it.
@@ -1060,8 +1090,14 @@ impl PgmqQueue {
         executor: E,
         vt: Duration,
         qty: usize,
+        by_priority: bool,
     ) -> Result<Vec<Message>> {
-        self.read_with(executor, &self.sql.claim, vt, qty).await
+        let sql = if by_priority {
+            &self.sql.claim_priority
+        } else {
+            &self.sql.claim
+        };
+        self.read_with(executor, sql, vt, qty).await
     }
 
     async fn read_with<'c, E: PgExecutor<'c>>(
@@ -1315,6 +1351,7 @@ impl PgmqQueue {
             ("send_unique", s.send_unique.clone()),
             ("read", s.read.clone()),
             ("claim", s.claim.clone()),
+            ("claim_priority", s.claim_priority.clone()),
             ("set_vt_one", s.set_vt_one.clone()),
             ("set_vt_many", s.set_vt_many.clone()),
             ("archive", s.archive.clone()),

@@ -1,0 +1,138 @@
+//! Priorities against a real PostgreSQL: higher first, one claim in `FAIR_EVERY` oldest-first
+//! (the starvation bound), and producers that send no priority or a nonsensical one.
+mod common;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use apalis::prelude::*;
+use apalis_pgmq_notify::{Config, FAIR_EVERY, PgmqStorage, QueueName};
+use common::{TestDb, stop_worker, wait_for};
+use serde::{Deserialize, Serialize};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Job {
+    id: u32,
+}
+
+/// One job per claim, one at a time: the run order is the claim order.
+fn config() -> Config {
+    Config::default()
+        .priorities(true)
+        .fetch_batch_size(1)
+        .adaptive_claims(false)
+        .listen(false)
+        .poll_interval(Duration::from_millis(50))
+}
+
+async fn run_all(s: &PgmqStorage<Job>, n: usize) -> Vec<u32> {
+    let order: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let worker = WorkerBuilder::new("prio")
+        .backend(s.clone())
+        .data(order.clone())
+        .concurrency(1)
+        .build(|job: Job, order: Data<Arc<Mutex<Vec<u32>>>>| async move {
+            order.lock().map_err(|e| e.to_string())?.push(job.id);
+            Ok::<(), BoxDynError>(())
+        });
+    let (stop, join) = spawn_worker!(worker);
+    wait_for(WAIT, "every job run", || async {
+        (order.lock().expect("lock").len() == n).then_some(())
+    })
+    .await;
+    stop_worker(stop, join).await;
+    order.lock().expect("lock").clone()
+}
+
+#[tokio::test]
+async fn higher_priorities_run_first_without_starving_the_others() {
+    let db = TestDb::setup().await;
+    let queue = "prio_order";
+    let s: PgmqStorage<Job> =
+        PgmqStorage::with_config(&db.pool, QueueName::new(queue).expect("name"), config())
+            .expect("config");
+    s.create_queue().await.expect("create");
+    let mut conn = db.pool.acquire().await.expect("conn");
+    // 16 low-priority jobs (ids 0..16) queued first, then 32 high-priority ones (100..132).
+    for id in 0..16 {
+        s.push_task_with(&mut conn, TaskBuilder::new(Job { id }).build())
+            .await
+            .expect("push");
+    }
+    for id in 100..132 {
+        let task = TaskBuilder::new(Job { id }).priority(5).build();
+        s.push_task_with(&mut conn, task).await.expect("push");
+    }
+    let order = run_all(&s, 48).await;
+    let high = |id: &u32| *id >= 100;
+    assert!(
+        order[..3].iter().all(high),
+        "high priority first: {order:?}"
+    );
+    assert!(
+        order[..FAIR_EVERY as usize]
+            .iter()
+            .filter(|i| high(i))
+            .count()
+            >= FAIR_EVERY as usize - 2,
+        "mostly high while both wait: {order:?}"
+    );
+    // The bound: while both kinds wait, every FAIR_EVERY + 1 consecutive runs include a low one.
+    let last_high = order.iter().rposition(high).expect("some high");
+    for w in order[..=last_high].windows(FAIR_EVERY as usize + 1) {
+        assert!(w.iter().any(|i| !high(i)), "a low job starved: {order:?}");
+    }
+    // Within one priority, the job visible longest runs first.
+    let lows: Vec<u32> = order.iter().copied().filter(|i| !high(i)).collect();
+    assert_eq!(lows, (0..16).collect::<Vec<_>>());
+    let highs: Vec<u32> = order.iter().copied().filter(high).collect();
+    assert_eq!(highs, (100..132).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn plain_pgmq_messages_and_odd_priorities_get_a_sane_priority() {
+    let db = TestDb::setup().await;
+    let queue = "prio_plain";
+    let s: PgmqStorage<Job> =
+        PgmqStorage::with_config(&db.pool, QueueName::new(queue).expect("name"), config())
+            .expect("config");
+    s.create_queue().await.expect("create");
+    // Producers that know nothing of priorities, or send nonsense: every insert succeeds.
+    for (id, headers) in [
+        (1, None),
+        (
+            2,
+            Some(serde_json::json!({"apalis": {"priority": "urgent"}})),
+        ),
+        (3, Some(serde_json::json!({"apalis": {"priority": 1e30}}))),
+        (4, Some(serde_json::json!({"apalis": {"priority": -5}}))),
+        (5, Some(serde_json::json!({"apalis": {"priority": 3}}))),
+        (6, Some(serde_json::json!(["not", "an", "object"]))),
+    ] {
+        sqlx::query("SELECT pgmq.send($1, $2, $3, 0)")
+            .bind(queue)
+            .bind(serde_json::json!({ "id": id }))
+            .bind(headers)
+            .execute(&db.pool)
+            .await
+            .expect("send");
+    }
+    let prios: Vec<i32> = sqlx::query_scalar(
+        "SELECT apalis_pgmq.priority_of(headers) FROM pgmq.q_prio_plain ORDER BY msg_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("priorities");
+    assert_eq!(prios, vec![0, 0, 1_000_000, -5, 3, 0]);
+    let order = run_all(&s, 6).await;
+    assert_eq!(order[..2], [3, 5], "the highest first: {order:?}");
+    assert_eq!(
+        *order.last().expect("last"),
+        4,
+        "the negative one last: {order:?}"
+    );
+}

@@ -309,9 +309,9 @@ impl Config {
 
     /// Whether claims adapt (default on): the claim size doubles while reads come back full and
     /// the worker has started everything before the next claim arrives, halves when the worker
-    /// is full with messages still held, and while the backlog lasts on a far database (the
-    /// fastest claim takes 2 ms or more) the next claim is sent before the previous one is used
-    /// up (up to four in flight, fewer on a small pool), so round trips overlap. Off: one claim of `fetch_batch_size` at a time,
+    /// is full with messages still held, and while the backlog lasts and even the fastest
+    /// recent claim takes 2 ms or more (a far database, large claims) the next claim is sent
+    /// before the previous one is used up (up to four in flight, fewer on a small pool). Off: one claim of `fetch_batch_size` at a time,
     /// sent when the previous one is used up.
     #[must_use]
     pub fn adaptive_claims(mut self, on: bool) -> Self {

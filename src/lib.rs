@@ -60,8 +60,9 @@
 //!   `Data<MessageInfo>`.
 //! - apalis metadata (max attempts, priority, idempotency key, `MetadataStore`) is kept in the
 //!   message `headers` under the key [`HEADERS_KEY`] (`"apalis"`). A message with no headers (sent
-//!   by another client) is a valid job if its body decodes. Priority is carried to the handler
-//!   but does not change delivery order; use separate queues for priority classes.
+//!   by another client) is a valid job if its body decodes.
+//! - Priorities ([`Config::priorities`], off by default): higher `TaskBuilder::priority` first,
+//!   one claim in [`FAIR_EVERY`] oldest-first whatever the priority (the starvation bound).
 //! - Unique jobs: a task with an idempotency key is written only if no job with that key is
 //!   pending, scheduled, running or retrying on the queue (a partial unique index decides, so
 //!   concurrent pushes write one job); otherwise
@@ -81,8 +82,8 @@
 //!   index up to `now()`): messages scheduled for later are never scanned.
 //! - Claims adapt ([`Config::adaptive_claims`]): they grow from `fetch_batch_size` up to
 //!   `max_fetch_batch_size` while the worker keeps up, halve when it is full with messages held,
-//!   and while a backlog lasts on a far database (claims of 2 ms or more) up to four overlap,
-//!   so its round trips do not add up.
+//!   and while a backlog lasts and claims take 2 ms or more (a far database, large claims) up
+//!   to four overlap, so the waits do not add up.
 //! - Capacity: a worker learns its concurrency limit the first time it fills up. Running jobs,
 //!   held messages and claims in flight then stay within it plus twice what the worker starts
 //!   during one claim's round trip (at most four times the limit); a full worker releases held

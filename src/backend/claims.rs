@@ -8,12 +8,13 @@
 //!   worker had already started everything it held (it was waiting for the claim) doubles the
 //!   size, up to `max_fetch_batch_size`. A worker found full with messages still held halves it
 //!   (not below `min(fetch_batch_size, 10)`).
-//! - **Overlap.** While claims come back full (a backlog) and even the fastest claim takes
-//!   [`OVERLAP_FROM`] or more (the database is far), the next claim is sent before the held
-//!   messages are used up: up to [`Claims::max_reads`] claims in flight, each on its own
-//!   connection, so round trips overlap instead of adding up. Next to the database claims do
-//!   not overlap: concurrent claims only slow each other down (measured: one at a time burns
-//!   down 1.6x faster).
+//! - **Overlap.** While claims come back full (a backlog) and even the fastest recent claim
+//!   takes [`OVERLAP_FROM`] or more (the database is far, or claims are large enough that the
+//!   server's work is that long), the next claim is sent before the held messages are used up:
+//!   up to [`Claims::max_reads`] claims in flight, each on its own connection, so the waits
+//!   overlap instead of adding up. Small, fast claims do not overlap: concurrent small claims
+//!   only slow each other down (measured next to the database with claims of 100 to 1 000 and
+//!   overlap from the first claim: one at a time burned down 1.6x faster).
 //! - **Bound.** Once the worker's concurrency is known (see `fetch.rs`), running jobs, held
 //!   messages and claims in flight together stay within the concurrency plus an allowance:
 //!   twice the messages the worker starts during one claim's round trip (measured), at most
@@ -41,10 +42,9 @@ pub const FAIR_EVERY: u64 = 8;
 /// Most claims in flight at once for one worker.
 pub(crate) const MAX_READS: usize = 4;
 
-/// Claims overlap only when the fastest claim takes at least this long, i.e. the round trip,
-/// not the server's work, is what the worker waits for. Next to the database concurrent
-/// claims only contend with each other (each skips the rows the other locked): one at a time
-/// is faster there.
+/// Claims overlap only when the fastest recent claim takes at least this long: the worker
+/// waits long enough per claim for a second one to pay for the contention (each concurrent
+/// claim skips the rows the other locked).
 pub(crate) const OVERLAP_FROM: Duration = Duration::from_millis(2);
 
 /// Claim sizing and overlap for one worker.

@@ -551,6 +551,10 @@ impl Fetcher {
         let Some(claims) = self.claims.as_mut() else {
             return;
         };
+        if unwritten(shared) > claims.backlog_cap() {
+            // Outcomes lag: no claim beyond the one the plan asks for (which waits for them).
+            return;
+        }
         if let Some(qty) = claims.another(
             self.capacity.limit(),
             in_flight,

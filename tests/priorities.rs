@@ -136,3 +136,46 @@ async fn plain_pgmq_messages_and_odd_priorities_get_a_sane_priority() {
         "the negative one last: {order:?}"
     );
 }
+
+#[tokio::test]
+async fn a_producer_with_only_pgmq_rights_sends_into_a_queue_with_priorities_and_keys() {
+    let db = TestDb::setup().await;
+    let queue = "prio_rights";
+    let s: PgmqStorage<Job> =
+        PgmqStorage::with_config(&db.pool, QueueName::new(queue).expect("name"), config())
+            .expect("config");
+    s.create_queue().await.expect("create");
+    // The priority index calls apalis_pgmq.priority_of and the key index reads the headers:
+    // neither needs a right in apalis_pgmq from the producer.
+    let (role, producer) = common::producer_role(&db, queue, "").await;
+    let headers = serde_json::json!({"apalis": {"priority": 2, "idempotency_key": "once"}});
+    for id in [1, 2] {
+        let sent = sqlx::query("SELECT pgmq.send($1, $2, $3, 0)")
+            .bind(queue)
+            .bind(serde_json::json!({ "id": id }))
+            .bind(&headers)
+            .execute(&producer)
+            .await;
+        match id {
+            1 => {
+                sent.expect("a plain PGMQ producer sends");
+            }
+            _ => {
+                let e = sent.expect_err("the key is taken");
+                assert_eq!(
+                    e.as_database_error().and_then(|d| d.code()).as_deref(),
+                    Some("23505")
+                );
+            }
+        }
+    }
+    sqlx::query("SELECT pgmq.send($1, $2)")
+        .bind(queue)
+        .bind(serde_json::json!({ "id": 3 }))
+        .execute(&producer)
+        .await
+        .expect("a message without headers");
+    producer.close().await;
+    assert_eq!(run_all(&s, 2).await, vec![1, 3], "priority 2 first");
+    common::drop_role(&db, &role).await;
+}

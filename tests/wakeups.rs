@@ -173,46 +173,13 @@ async fn producers_inserting_into_two_queues_in_opposite_orders_never_deadlock()
     stop_worker(stop_y, join_y).await;
 }
 
-/// A login role with the rights a PGMQ producer needs on one queue, and none in `apalis_pgmq`.
-async fn producer_role(db: &TestDb, queue: &str, extra: &str) -> (String, PgPool) {
-    let role = format!("p_{}", &db.name[9..]);
-    for sql in [
-        format!("CREATE ROLE {role} LOGIN"),
-        format!("GRANT USAGE ON SCHEMA pgmq TO {role}"),
-        format!("GRANT SELECT, INSERT ON pgmq.q_{queue} TO {role}"),
-        extra.replace("{role}", &role),
-    ] {
-        if sql.is_empty() {
-            continue;
-        }
-        sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-            .execute(&db.pool)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    }
-    let pool = PgPoolOptions::new()
-        .max_connections(2)
-        .connect_with(db.options.clone().username(&role))
-        .await
-        .expect("connect as the producer role");
-    (role, pool)
-}
-
-async fn drop_role(db: &TestDb, role: &str) {
-    for sql in [format!("DROP OWNED BY {role}"), format!("DROP ROLE {role}")] {
-        let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .execute(&db.pool)
-            .await;
-    }
-}
-
 #[tokio::test]
 async fn a_producer_with_only_pgmq_rights_sends_in_every_notify_mode() {
     let db = TestDb::setup().await;
     let queue = "rights";
     let s = storage_on(&db.pool, queue, slow_poll());
     s.create_queue().await.expect("create");
-    let (role, producer) = producer_role(&db, queue, "").await;
+    let (role, producer) = common::producer_role(&db, queue, "").await;
     let log: Log = Arc::default();
     let (stop, join) = worker!("rights", s, log);
     let q = QueueName::new(queue).expect("name");
@@ -250,7 +217,7 @@ async fn a_producer_with_only_pgmq_rights_sends_in_every_notify_mode() {
     }
     stop_worker(stop, join).await;
     producer.close().await;
-    drop_role(&db, &role).await;
+    common::drop_role(&db, &role).await;
 }
 
 #[tokio::test]
@@ -261,7 +228,7 @@ async fn a_worker_without_its_rights_fails_at_start_naming_the_right() {
     s.create_queue().await.expect("create");
     s.push_with(&db.pool, &Job { id: 1 }).await.expect("push");
     // Rights to read and push, not to lease, archive or dead-letter.
-    let (role, pool) = producer_role(&db, queue, "").await;
+    let (role, pool) = common::producer_role(&db, queue, "").await;
     let weak = storage_on(&pool, queue, slow_poll());
     let log: Log = Arc::default();
     let worker = WorkerBuilder::new("no-rights")
@@ -288,7 +255,7 @@ async fn a_worker_without_its_rights_fails_at_start_naming_the_right() {
         "the job was not even claimed"
     );
     pool.close().await;
-    drop_role(&db, &role).await;
+    common::drop_role(&db, &role).await;
 }
 
 #[tokio::test]

@@ -213,3 +213,36 @@ pub async fn rows(pool: &PgPool, queue: &str) -> Vec<(i64, i32, f64)> {
     .await
     .unwrap_or_else(|e| panic!("rows of {queue}: {e}"))
 }
+
+/// A login role with the rights a PGMQ producer needs on one queue, and none in `apalis_pgmq`.
+pub async fn producer_role(db: &TestDb, queue: &str, extra: &str) -> (String, PgPool) {
+    let role = format!("p_{}", &db.name[9..]);
+    for sql in [
+        format!("CREATE ROLE {role} LOGIN"),
+        format!("GRANT USAGE ON SCHEMA pgmq TO {role}"),
+        format!("GRANT SELECT, INSERT ON pgmq.q_{queue} TO {role}"),
+        extra.replace("{role}", &role),
+    ] {
+        if sql.is_empty() {
+            continue;
+        }
+        sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+            .execute(&db.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(db.options.clone().username(&role))
+        .await
+        .expect("connect as the producer role");
+    (role, pool)
+}
+
+pub async fn drop_role(db: &TestDb, role: &str) {
+    for sql in [format!("DROP OWNED BY {role}"), format!("DROP ROLE {role}")] {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&db.pool)
+            .await;
+    }
+}

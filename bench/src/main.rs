@@ -954,6 +954,30 @@ fn table(records: &[Record]) {
         ),
         ("retention", "prune_rows_per_sec", "prune, rows/s"),
         (
+            "growth",
+            "jobs_per_sec_20000",
+            "burn-down 1 worker, 20 000 jobs, jobs/s",
+        ),
+        (
+            "growth",
+            "jobs_per_sec_200000",
+            "burn-down 1 worker, 200 000 jobs, jobs/s",
+        ),
+        (
+            "growth",
+            "jobs_per_sec_2000000",
+            "burn-down 1 worker, 2 000 000 jobs, jobs/s",
+        ),
+        ("far", "share_5ms", "far database 5 ms, share of ideal"),
+        ("far", "share_50ms", "far database 50 ms, share of ideal"),
+        (
+            "delayed_pickup",
+            "p50_ratio",
+            "pickup p50 behind 1M delayed / empty",
+        ),
+        ("unique_enqueue", "keyed_ratio", "push with a key / without"),
+        ("priorities", "ratio", "burn-down, mixed priorities / none"),
+        (
             "retention",
             "burn_down_per_sec",
             "burn-down, jobs/s (no pruning)",

@@ -61,8 +61,6 @@ impl AckContext {
         let sent = self.completer.get().is_some_and(|c| c.complete(completion));
         if !sent {
             self.leases.outcomes_written(1);
-        }
-        if !sent {
             tracing::error!(queue = %self.queue,
                 "the completer is not running; an outcome was dropped (the message will be redelivered)");
         }

@@ -120,13 +120,8 @@ pub(crate) struct Fetcher {
     capacity: Capacity,
     /// Claim sizes and overlap; `None` until the worker first polls.
     claims: Option<Claims>,
-    /// Claims in flight, each on its own connection.
-    reads: FuturesUnordered<BoxFuture<'static, ReadDone>>,
-    /// Messages asked for by the claims in flight.
-    pending: usize,
-    /// Connections the last claims ran on, kept while claims follow each other (each pool
-    /// checkout may cost a round trip: sqlx pings a connection before handing it out).
-    conns: Vec<PoolConnection<Postgres>>,
+    /// Claims in flight and the connections they run on.
+    inflight: InFlight,
     /// Whether the last claim of this cycle found anything, and whether one failed.
     cycle_found: bool,
     cycle_error: Option<crate::Error>,
@@ -159,9 +154,7 @@ impl Default for Fetcher {
             plan: None,
             capacity: Capacity::default(),
             claims: None,
-            reads: FuturesUnordered::new(),
-            pending: 0,
-            conns: Vec::new(),
+            inflight: InFlight::default(),
             cycle_found: false,
             cycle_error: None,
             ensured: false,
@@ -313,13 +306,13 @@ impl Fetcher {
                     let margin = config.poll_interval.mul_f64(wakeup::REARM_WHEN_LEFT_POLLS);
                     let wants_arm = shared.announces() && !shared.signal.armed_for(margin);
                     let step = plan.next(now, wants_arm);
-                    if !matches!(step, Step::Read) {
+                    let lagging = shared.leases.unwritten() > claims.backlog_cap();
+                    if !matches!(step, Step::Read) || lagging {
                         // Not claiming back to back: give the connections back to the pool.
-                        self.conns.clear();
+                        self.inflight.conns.clear();
                     }
-                    let unwritten = unwritten(shared);
                     self.state = match step {
-                        Step::Read if unwritten > claims.backlog_cap() => {
+                        Step::Read if lagging => {
                             // Until half the backlog is written (a full flush would idle the
                             // worker for no gain).
                             let shared = shared.clone();
@@ -331,15 +324,8 @@ impl Fetcher {
                         Step::Read => {
                             let qty = claims.first(self.capacity.limit(), in_flight);
                             self.cycle_found = false;
-                            let by_priority = claims.next_by_priority();
-                            send_read(
-                                &mut self.reads,
-                                &mut self.pending,
-                                &mut self.conns,
-                                shared,
-                                (qty, by_priority),
-                                in_flight,
-                            );
+                            self.inflight
+                                .send(shared, qty, claims.next_by_priority(), in_flight);
                             State::Reading
                         }
                         Step::Arm => State::Arming(Box::pin(arm(shared.clone()))),
@@ -360,12 +346,12 @@ impl Fetcher {
                     };
                 }
                 State::Reading => {
-                    if !self.reads.is_empty() {
+                    if !self.inflight.reads.is_empty() {
                         return Poll::Pending;
                     }
                     // Every claim of this cycle is back (their messages, if any, are held).
                     if let Some(e) = self.cycle_error.take() {
-                        self.conns.clear();
+                        self.inflight.conns.clear();
                         claims.on_idle();
                         self.state = fail(&mut self.failures, shared, "reading the queue", &e);
                     } else {
@@ -460,9 +446,7 @@ impl Fetcher {
                 }
                 _ => {
                     self.state = State::Closed;
-                    let in_progress = std::mem::take(&mut self.reads);
-                    self.pending = 0;
-                    self.conns.clear();
+                    let in_progress = std::mem::take(&mut self.inflight).reads;
                     let held = self.take_buffer(shared);
                     let last = self.wake.take().is_some() && shared.signal.worker_stopped();
                     let registration = self.registration.take();
@@ -514,12 +498,12 @@ impl Fetcher {
     /// Takes in whatever claims came back: their messages are held, their connections kept for
     /// the next claim, their errors remembered until the cycle ends.
     fn drive_reads(&mut self, cx: &mut Context<'_>, shared: &Shared) {
-        while let Poll::Ready(Some(done)) = self.reads.poll_next_unpin(cx) {
-            self.pending = self.pending.saturating_sub(done.requested);
+        while let Poll::Ready(Some(done)) = self.inflight.reads.poll_next_unpin(cx) {
+            self.inflight.pending = self.inflight.pending.saturating_sub(done.requested);
             match done.result {
                 Ok(messages) => {
                     if let Some(conn) = done.conn {
-                        self.conns.push(conn);
+                        self.inflight.conns.push(conn);
                     }
                     let got = messages.len();
                     let waited = self.buffer.is_empty()
@@ -551,7 +535,7 @@ impl Fetcher {
         let Some(claims) = self.claims.as_mut() else {
             return;
         };
-        if unwritten(shared) > claims.backlog_cap() {
+        if shared.leases.unwritten() > claims.backlog_cap() {
             // Outcomes lag: no claim beyond the one the plan asks for (which waits for them).
             return;
         }
@@ -559,18 +543,11 @@ impl Fetcher {
             self.capacity.limit(),
             in_flight,
             self.buffer.len(),
-            self.pending,
-            self.reads.len(),
+            self.inflight.pending,
+            self.inflight.reads.len(),
         ) {
-            let by_priority = claims.next_by_priority();
-            send_read(
-                &mut self.reads,
-                &mut self.pending,
-                &mut self.conns,
-                shared,
-                (qty, by_priority),
-                in_flight,
-            );
+            self.inflight
+                .send(shared, qty, claims.next_by_priority(), in_flight);
         }
     }
 
@@ -770,11 +747,6 @@ async fn ensure_queue(
         .await)
 }
 
-/// Outcomes of finished jobs not written yet (by any worker of this storage).
-fn unwritten(shared: &Shared) -> usize {
-    shared.leases.unwritten()
-}
-
 /// A claim that came back.
 struct ReadDone {
     requested: usize,
@@ -786,29 +758,35 @@ struct ReadDone {
     conn: Option<PoolConnection<Postgres>>,
 }
 
-/// Sends a claim of `qty` on a kept connection (or one from the pool).
-fn send_read(
-    reads: &mut FuturesUnordered<BoxFuture<'static, ReadDone>>,
-    pending: &mut usize,
-    conns: &mut Vec<PoolConnection<Postgres>>,
-    shared: &Arc<Shared>,
-    (qty, by_priority): (usize, bool),
-    in_flight_at_send: usize,
-) {
-    *pending += qty;
-    let conn = conns.pop();
-    let shared = shared.clone();
-    reads.push(Box::pin(async move {
-        let started = Instant::now();
-        let (result, conn) = fetch(&shared, conn, qty, by_priority).await;
-        ReadDone {
-            requested: qty,
-            in_flight_at_send,
-            latency: started.elapsed(),
-            result,
-            conn,
-        }
-    }));
+/// Claims in flight, each on its own connection, and the connections the last claims ran on,
+/// kept while claims follow each other (each pool checkout may cost a round trip: sqlx pings a
+/// connection before handing it out).
+#[derive(Default)]
+struct InFlight {
+    reads: FuturesUnordered<BoxFuture<'static, ReadDone>>,
+    /// Messages asked for by the claims in flight.
+    pending: usize,
+    conns: Vec<PoolConnection<Postgres>>,
+}
+
+impl InFlight {
+    /// Sends a claim of `qty` on a kept connection (or one from the pool).
+    fn send(&mut self, shared: &Arc<Shared>, qty: usize, by_priority: bool, in_flight: usize) {
+        self.pending += qty;
+        let conn = self.conns.pop();
+        let shared = shared.clone();
+        self.reads.push(Box::pin(async move {
+            let started = Instant::now();
+            let (result, conn) = fetch(&shared, conn, qty, by_priority).await;
+            ReadDone {
+                requested: qty,
+                in_flight_at_send: in_flight,
+                latency: started.elapsed(),
+                result,
+                conn,
+            }
+        }));
+    }
 }
 
 async fn fetch(

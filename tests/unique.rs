@@ -303,3 +303,52 @@ async fn a_queue_without_the_key_index_says_what_to_do() {
             .is_duplicate()
     );
 }
+
+#[tokio::test]
+async fn a_huge_key_is_unique_like_any_other_and_never_refuses_a_producer() {
+    let db = TestDb::setup().await;
+    let queue = "unique_huge";
+    let s = storage(&db, queue, Config::default().listen(false)).await;
+    // Far beyond what a btree entry can hold (about 2.7 kB), and not compressible.
+    let key = noise(20_000, 1);
+    let mut conn = db.pool.acquire().await.expect("conn");
+    let first = s
+        .push_task_with(&mut conn, keyed(1, &key))
+        .await
+        .expect("a huge key is accepted");
+    let again = s
+        .push_task_with(&mut conn, keyed(2, &key))
+        .await
+        .expect("push");
+    assert!(again.is_duplicate() && again.id() == first.id());
+    // Keys that share a long prefix are still different keys.
+    let other = format!("{key}-other");
+    assert!(
+        !s.push_task_with(&mut conn, keyed(3, &other))
+            .await
+            .expect("push")
+            .is_duplicate()
+    );
+    // A plain PGMQ producer with such a header is not refused either.
+    sqlx::query("SELECT pgmq.send($1, $2, $3, 0)")
+        .bind(queue)
+        .bind(serde_json::json!({"id": 4}))
+        .bind(serde_json::json!({"apalis": {"idempotency_key": noise(20_000, 2)}}))
+        .execute(&db.pool)
+        .await
+        .expect("send");
+    assert_eq!(queued(&db, queue).await, 3);
+}
+
+/// `len` characters that do not compress (a fixed pseudo-random sequence per `seed`).
+fn noise(len: usize, seed: u64) -> String {
+    let mut x = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            char::from(b'!' + ((x >> 33) % 90) as u8)
+        })
+        .collect()
+}

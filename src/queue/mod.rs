@@ -354,6 +354,13 @@ fn read_sql(q: &str, also: &str, visible_since: bool, pick_by: Pick) -> Arc<str>
     .into()
 }
 
+/// A job's idempotency key in its headers (`alias`: `""`, `"a."`). The unique index (migration 0009) is on
+/// `apalis_pgmq.key_hash` of it, so statements that use the index compare the hash, then the
+/// key itself.
+fn key_of(alias: &str) -> String {
+    format!("({alias}headers->'apalis'->>'idempotency_key')")
+}
+
 /// SQL text built once per queue from its validated name.
 #[derive(Debug)]
 struct QueueSql {
@@ -414,26 +421,32 @@ impl QueueSql {
             )
             .into(),
             // $5: the key; $6: how long a finished job keeps its key (NULL: not at all). The key
-            // is taken by a message in the queue table (the partial unique index settles races)
+            // is taken by a message in the queue table (the partial unique index on its hash
+            // settles races)
             // or by one archived within the window. Zero rows: the conflicting row was committed
             // after this statement's snapshot; the caller runs it again.
             send_unique: format!(
                 "WITH prior AS (SELECT a.msg_id FROM {a} a \
                    WHERE $6::float8 IS NOT NULL \
-                     AND (a.headers->'apalis'->>'idempotency_key') = $5::text \
+                     AND {key_hash_a} = apalis_pgmq.key_hash($5::text) AND {key_a} = $5::text \
                      AND a.archived_at > clock_timestamp() - make_interval(secs => $6::float8) \
                    ORDER BY a.archived_at DESC LIMIT 1), \
                  ins AS (INSERT INTO {q} (vt, message, headers) \
                    SELECT {vt}, $1::text::jsonb, $2::text::jsonb WHERE NOT EXISTS (SELECT 1 FROM prior) \
-                   ON CONFLICT ((headers->'apalis'->>'idempotency_key')) \
-                     WHERE (headers->'apalis'->>'idempotency_key') IS NOT NULL DO NOTHING \
+                   ON CONFLICT ({key_hash}) WHERE {key} IS NOT NULL DO NOTHING \
                    RETURNING msg_id) \
                  SELECT msg_id, false FROM ins \
                  UNION ALL SELECT msg_id, true FROM prior \
                  UNION ALL SELECT q.msg_id, true FROM {q} q \
                    WHERE NOT EXISTS (SELECT 1 FROM ins) AND NOT EXISTS (SELECT 1 FROM prior) \
-                     AND (q.headers->'apalis'->>'idempotency_key') = $5::text \
-                 LIMIT 1"
+                     AND {key_hash_q} = apalis_pgmq.key_hash($5::text) AND {key_q} = $5::text \
+                 LIMIT 1",
+                key = key_of(""),
+                key_hash = format!("apalis_pgmq.key_hash({})", key_of("")),
+                key_a = key_of("a."),
+                key_hash_a = format!("apalis_pgmq.key_hash({})", key_of("a.")),
+                key_q = key_of("q."),
+                key_hash_q = format!("apalis_pgmq.key_hash({})", key_of("q.")),
             )
             .into(),
             // A worker's claim is PGMQ's read plus three things: nothing while the queue is

@@ -361,6 +361,11 @@ fn key_of(alias: &str) -> String {
     format!("({alias}headers->'apalis'->>'idempotency_key')")
 }
 
+/// `apalis_pgmq.key_hash` of [`key_of`].
+fn key_hash_of(alias: &str) -> String {
+    format!("apalis_pgmq.key_hash({})", key_of(alias))
+}
+
 /// SQL text built once per queue from its validated name.
 #[derive(Debug)]
 struct QueueSql {
@@ -442,11 +447,11 @@ impl QueueSql {
                      AND {key_hash_q} = apalis_pgmq.key_hash($5::text) AND {key_q} = $5::text \
                  LIMIT 1",
                 key = key_of(""),
-                key_hash = format!("apalis_pgmq.key_hash({})", key_of("")),
+                key_hash = key_hash_of(""),
                 key_a = key_of("a."),
-                key_hash_a = format!("apalis_pgmq.key_hash({})", key_of("a.")),
+                key_hash_a = key_hash_of("a."),
                 key_q = key_of("q."),
-                key_hash_q = format!("apalis_pgmq.key_hash({})", key_of("q.")),
+                key_hash_q = key_hash_of("q."),
             )
             .into(),
             // A worker's claim is PGMQ's read plus three things: nothing while the queue is

@@ -771,8 +771,31 @@ async fn run_raw(bench: &mut Bench, workload: &str) -> Res<()> {
 
 // ---------------------------------------------------------------- apalis-pgmq (subprocess)
 
-/// This crate at an earlier commit: its burn-down (default claim size of the time, one worker)
-/// at each `growth` size, run by that commit's own harness against the same server.
+/// Runs the earlier harness for one of this crate's workloads with `--set key=value`
+/// overrides; returns the records it printed for that workload.
+async fn run_earlier(bin: &str, workload: &str, sets: &[(&str, String)]) -> Res<Vec<Record>> {
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.args(["--systems", OURS, "--workloads", workload]);
+    for (k, v) in sets {
+        cmd.args(["--set", &format!("{k}={v}")]);
+    }
+    let out = cmd
+        .env("DATABASE_URL", std::env::var("DATABASE_URL")?)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()
+        .await?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("BENCH "))
+        .filter_map(|j| serde_json::from_str::<Record>(j).ok())
+        .filter(|r| r.workload == workload)
+        .collect())
+}
+
+/// This crate at an earlier commit (`scripts/bench.sh --baseline REV`), run by that commit's
+/// own harness against the same server: `growth` as its burn-down with one worker at each size
+/// (the default claim size of the time), and the workloads it knows with the same parameters.
 async fn run_baseline(bench: &mut Bench, workload: &str) -> Res<()> {
     if !matches!(workload, "growth" | "pickup" | "idle_cost" | "burn_down") {
         return Ok(());
@@ -781,61 +804,29 @@ async fn run_baseline(bench: &mut Bench, workload: &str) -> Res<()> {
         eprintln!("baseline: skipped (scripts/bench.sh --baseline REV builds it)");
         return Ok(());
     };
-    let url = std::env::var("DATABASE_URL")?;
+    let p = &bench.params;
     if workload != "growth" {
-        // The earlier harness runs the same workload with the same parameters.
-        let out = tokio::process::Command::new(&bin)
-            .args(["--systems", OURS, "--workloads", workload])
-            .args(["--set", &format!("burn_jobs={}", bench.params.burn_jobs)])
-            .args([
-                "--set",
-                &format!("pickup_samples={}", bench.params.pickup_samples),
-            ])
-            .args(["--set", &format!("idle_secs={}", bench.params.idle_secs)])
-            .env("DATABASE_URL", &url)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .output()
-            .await?;
-        for r in String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.strip_prefix("BENCH "))
-            .filter_map(|j| serde_json::from_str::<Record>(j).ok())
-            .filter(|r| r.workload == workload)
-        {
-            let mut r = r;
+        let sets = [
+            ("burn_jobs", p.burn_jobs.to_string()),
+            ("pickup_samples", p.pickup_samples.to_string()),
+            ("idle_secs", p.idle_secs.to_string()),
+        ];
+        for mut r in run_earlier(&bin, workload, &sets).await? {
             r.system = BASELINE.to_owned();
             bench.emit(r);
         }
         return Ok(());
     }
     let mut rec = Record::new(BASELINE, "growth");
-    for n in bench.params.growth_jobs.clone() {
-        let p = one_worker(&bench.params, n);
-        let out = tokio::process::Command::new(&bin)
-            .args([
-                "--systems",
-                OURS,
-                "--workloads",
-                "burn_down",
-                "--set",
-                &format!("workers={}", p.workers),
-                "--set",
-                &format!("concurrency={}", p.concurrency),
-                "--set",
-                &format!("burn_jobs={n}"),
-            ])
-            .env("DATABASE_URL", &url)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .output()
-            .await?;
-        let burn = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.strip_prefix("BENCH "))
-            .filter_map(|j| serde_json::from_str::<Record>(j).ok())
-            .find(|r| r.workload == "burn_down");
-        growth_value(&mut rec, n, burn.as_ref());
+    for n in p.growth_jobs.clone() {
+        let one = one_worker(&bench.params, n);
+        let sets = [
+            ("workers", one.workers.to_string()),
+            ("concurrency", one.concurrency.to_string()),
+            ("burn_jobs", n.to_string()),
+        ];
+        let burn = run_earlier(&bin, "burn_down", &sets).await?;
+        growth_value(&mut rec, n, burn.first());
     }
     bench.emit(rec.note(format!(
         "this crate at {}: 1 worker x concurrency {}, its default claim size",

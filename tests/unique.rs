@@ -352,3 +352,48 @@ fn noise(len: usize, seed: u64) -> String {
         })
         .collect()
 }
+
+#[tokio::test]
+async fn a_key_pushed_in_an_open_transaction_decides_only_when_it_ends() {
+    let db = TestDb::setup().await;
+    let queue = "unique_open_tx";
+    let s = storage(&db, queue, Config::default().listen(false)).await;
+    // Another key is not held up by the open transaction.
+    let mut tx = db.pool.begin().await.expect("begin");
+    let held = s
+        .push_task_with(&mut tx, keyed(1, "k"))
+        .await
+        .expect("push in tx");
+    assert!(!held.is_duplicate());
+    let mut conn = db.pool.acquire().await.expect("conn");
+    assert!(
+        !s.push_task_with(&mut conn, keyed(2, "other"))
+            .await
+            .expect("push")
+            .is_duplicate()
+    );
+    // The same key waits for that transaction, like any unique constraint...
+    let (s2, pool) = (s.clone(), db.pool.clone());
+    let waiting = tokio::spawn(async move {
+        let mut conn = pool.acquire().await.expect("conn");
+        s2.push_task_with(&mut conn, keyed(3, "k"))
+            .await
+            .expect("push")
+    });
+    wait_for(WAIT, "the second push to wait on the first", || async {
+        let waits = count(
+            &db.pool,
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock' \
+               AND query LIKE 'WITH prior AS%'",
+        )
+        .await;
+        (waits == 1).then_some(())
+    })
+    .await;
+    // ... and, the transaction rolled back, the key is free: it writes.
+    tx.rollback().await.expect("rollback");
+    let pushed = waiting.await.expect("join");
+    assert!(!pushed.is_duplicate() && pushed.id() != held.id());
+    assert_eq!(queued(&db, queue).await, 2, "\"other\" and the second k");
+}

@@ -220,6 +220,10 @@ pub struct Config {
     pub(crate) idempotency_window: Option<Duration>,
     /// Whether workers claim higher priorities first.
     pub(crate) priorities: bool,
+    /// Whether workers keep every finished job's result (`apalis_pgmq.results`) for waiters.
+    pub(crate) store_results: bool,
+    /// How long stored results are kept; `None`: forever.
+    pub(crate) result_retention: Option<Duration>,
 }
 
 impl Default for Config {
@@ -252,6 +256,8 @@ impl Default for Config {
             dead_letter_retention: Some(Duration::from_secs(30 * 24 * 3600)),
             idempotency_window: None,
             priorities: false,
+            store_results: false,
+            result_retention: Some(Duration::from_secs(24 * 3600)),
         }
     }
 }
@@ -296,6 +302,31 @@ impl Config {
     #[must_use]
     pub fn priorities(mut self, on: bool) -> Self {
         self.priorities = on;
+        self
+    }
+
+    /// Whether workers keep each finished job's result (default off): its final status
+    /// (`Done`, `Killed`, or `Failed` with no attempts left), its attempt, and the handler's
+    /// output as JSON (serde) or the error's text, in `apalis_pgmq.results`, readable by job
+    /// id with [`WaitForCompletion`](apalis_core::backend::WaitForCompletion) and
+    /// [`PgmqStorage::results`](crate::PgmqStorage::results), for
+    /// [`result_retention`](Self::result_retention). The result is written by the same
+    /// statement as the job's outcome and announced on the queue's results channel, so
+    /// waiters wake without polling. Jobs pushed with
+    /// [`push_and_wait`](crate::PgmqStorage::push_and_wait) keep their result whatever this
+    /// says. A retry is not a result: waiters wait for the final one.
+    #[must_use]
+    pub fn store_results(mut self, on: bool) -> Self {
+        self.store_results = on;
+        self
+    }
+
+    /// How long stored results are kept (default 1 day; `None`: forever). Workers prune older
+    /// ones with the archive, in batches; [`prune_results`](crate::prune_results) does it on
+    /// demand.
+    #[must_use]
+    pub fn result_retention(mut self, keep: Option<Duration>) -> Self {
+        self.result_retention = keep;
         self
     }
 
@@ -548,6 +579,15 @@ impl Config {
         {
             return bad(format!(
                 "idempotency_window ({w:?}) must not exceed archive_retention ({r:?}): pruned jobs cannot hold their keys"
+            ));
+        }
+        if self
+            .result_retention
+            .is_some_and(|r| r < Duration::from_secs(1))
+        {
+            return bad(format!(
+                "result_retention must be at least 1 s (None keeps results forever), got {:?}",
+                self.result_retention
             ));
         }
         if self.max_fetch_batch_size > 10_000 {

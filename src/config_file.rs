@@ -27,6 +27,9 @@ use crate::{
 ///   "on_killed": "delete",
 ///   "on_exhausted": "dead_letter",
 ///   "listen": true,
+///   "priorities": false,
+///   "store_results": false,
+///   "result_retention_secs": 86400,
 ///   "notify": { "prefix": "apq.", "namespace_pattern": "(?P<namespace>\\w+)_queue",
 ///               "default_namespace": "default", "mode": "batch" }
 /// }
@@ -72,6 +75,9 @@ struct Raw {
     max_payload_bytes: Option<usize>,
     listen: Option<bool>,
     linger_ms: Option<u64>,
+    priorities: Option<bool>,
+    store_results: Option<bool>,
+    result_retention_secs: Option<f64>,
     notify: Option<RawNotify>,
 }
 
@@ -208,6 +214,15 @@ impl ConfigFile {
         if let Some(v) = raw.linger_ms {
             c = c.linger(Duration::from_millis(v));
         }
+        if let Some(v) = raw.priorities {
+            c = c.priorities(v);
+        }
+        if let Some(v) = raw.store_results {
+            c = c.store_results(v);
+        }
+        if let Some(v) = raw.result_retention_secs {
+            c = c.result_retention(Some(secs("result_retention_secs", v)?));
+        }
         if let Some(n) = raw.notify {
             let mut channels = match &n.prefix {
                 Some(p) => NotifyChannels::with_prefix(p)?,
@@ -242,10 +257,13 @@ mod tests {
                 "poll_interval_ms": 5000, "max_attempts": 3,
                 "backoff": {"base_ms": 500, "factor": 3, "max_ms": 60000, "jitter": 0},
                 "on_done": "delete", "on_killed": "dead_letter", "on_exhausted": "archive",
-                "listen": true,
+                "listen": true, "priorities": true, "store_results": true,
+                "result_retention_secs": 3600,
                 "notify": {"prefix": "app.", "mode": "message", "max_payload_bytes": 4000}}"#,
         )
         .expect("valid");
+        assert!(f.config.priorities && f.config.store_results);
+        assert_eq!(f.config.result_retention, Some(Duration::from_secs(3600)));
         assert_eq!(f.queue.as_str(), "billing_queue");
         assert_eq!(f.config.get_visibility_timeout(), Duration::from_secs(60));
         assert_eq!(f.config.get_max_attempts(), 3);

@@ -109,6 +109,28 @@ pub enum Error {
         grant: String,
     },
 
+    /// A job did not finish within the time a waiter allowed; the job itself is unaffected.
+    #[error(
+        "job {job_id} did not finish within {waited:?}; it is still pending, running or waiting for a retry (its result can be read later if it is kept)"
+    )]
+    Timeout {
+        /// The job waited for.
+        job_id: String,
+        /// How long the waiter waited.
+        waited: std::time::Duration,
+    },
+
+    /// A stored job result does not decode as the type the waiter asked for.
+    #[error("the result of job {job_id} does not decode as {expected}: {error}")]
+    ResultType {
+        /// The job.
+        job_id: String,
+        /// The type asked for.
+        expected: &'static str,
+        /// The decoding error.
+        error: String,
+    },
+
     /// A background task the backend depends on is gone (the runtime is shutting down).
     #[error("background task stopped: {0}")]
     Stopped(&'static str),

@@ -153,7 +153,9 @@ pub use notify::{
     QueueEvents, disable_notify, enable_created_notify, enable_notify, notify_migration_sql,
     notify_mode,
 };
-pub use ops::{Pruned, QueueOverview, pause, paused_queues, prune, queues_overview, resume};
+pub use ops::{
+    Pruned, QueueOverview, pause, paused_queues, prune, prune_results, queues_overview, resume,
+};
 pub use queue::{
     DEAD_LETTER_SUFFIX, DEFAULT_MAX_PAYLOAD_BYTES, Delay, JobRecord, JobState, MAX_QUEUE_NAME_LEN,
     Message, MessageInfo, NewMessage, PgmqQueue, Pushed, QueueCounts, QueueInfo, QueueMetrics,

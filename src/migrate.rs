@@ -76,6 +76,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "priorities",
         sql: include_str!("../migrations/0010_priorities.sql"),
     },
+    Migration {
+        version: 11,
+        name: "results",
+        sql: include_str!("../migrations/0011_results.sql"),
+    },
 ];
 
 /// What [`setup`] found and did.

@@ -204,3 +204,53 @@ pub async fn prune(
     }
     Ok(pruned)
 }
+
+/// Deletes `queue`'s stored job results (see [`Config::store_results`](crate::Config::store_results))
+/// that finished more than `older_than` ago, in batches of 10 000, each its own short statement;
+/// returns how many. Workers do this on their own after heartbeats, with
+/// [`Config::result_retention`](crate::Config::result_retention).
+///
+/// # Errors
+///
+/// [`Error::Database`](crate::Error::Database) if a statement fails (what was deleted before
+/// stays deleted).
+///
+/// # Example
+///
+/// ```no_run
+/// # use std::time::Duration;
+/// # use apalis_pgmq_notify::{QueueName, prune_results};
+/// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+/// let n = prune_results(&pool, &QueueName::new("email")?, Duration::from_secs(3600)).await?;
+/// println!("{n} results deleted");
+/// # Ok(()) }
+/// ```
+pub async fn prune_results(pool: &PgPool, queue: &QueueName, older_than: Duration) -> Result<u64> {
+    prune_results_batches(pool, queue, older_than, false, usize::MAX).await
+}
+
+/// Up to `batches` batches of [`prune_results`]; with `elected`, only while this session holds
+/// the queue's result-pruning lock (one process at a time).
+pub(crate) async fn prune_results_batches(
+    pool: &PgPool,
+    queue: &QueueName,
+    older_than: Duration,
+    elected: bool,
+    batches: usize,
+) -> Result<u64> {
+    let mut total = 0u64;
+    for _ in 0..batches {
+        let n: i64 = sqlx::query_scalar(crate::sql::PRUNE_RESULTS)
+            .bind(queue.as_str())
+            .bind(older_than.as_secs_f64().min(1e11))
+            .bind(crate::queue::PRUNE_BATCH)
+            .bind(elected)
+            .fetch_one(pool)
+            .await?;
+        total += u64::try_from(n).unwrap_or(0);
+        if n < crate::queue::PRUNE_BATCH {
+            break;
+        }
+    }
+    Ok(total)
+}

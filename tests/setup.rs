@@ -14,7 +14,7 @@ async fn installs_pgmq_then_is_idempotent() {
     assert_eq!(first.pgmq_version, "1.13.0");
     assert_eq!(
         first.applied_migrations,
-        vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+        vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
     );
 
     let second = setup(&db.pool).await.expect("second setup");

@@ -46,6 +46,11 @@ impl Action {
         }
     }
 
+    /// Whether the job is over after this action (a retry is not).
+    pub(crate) fn finishes(&self) -> bool {
+        !matches!(self, Self::Retry { .. })
+    }
+
     fn code(&self) -> i16 {
         match self {
             Self::Archive => 1,
@@ -71,6 +76,8 @@ pub(crate) struct Completion {
     pub(crate) attempts: i32,
     /// The error's text (sanitised), recorded with a retry.
     pub(crate) error: Option<String>,
+    /// The job's result, kept when the outcome finishes the job (never with a retry).
+    pub(crate) result: Option<super::StoredResult>,
 }
 
 enum Command {
@@ -116,6 +123,8 @@ pub(crate) struct CompleterCtx {
     pub(crate) wake_target: Option<WakeTarget>,
     pub(crate) batch_size: usize,
     pub(crate) flush_interval: Duration,
+    /// Where stored results are announced.
+    pub(crate) results_channel: String,
 }
 
 /// Starts the completer task on the current tokio runtime.
@@ -270,6 +279,22 @@ async fn write_one(
     loop {
         match write(ctx, std::slice::from_ref(&current), conn).await {
             Ok(()) => return,
+            Err(e)
+                if is_data_error(&e)
+                    && current.result.as_ref().is_some_and(|r| r.value.is_some()) =>
+            {
+                // The result is what PostgreSQL refused: keep the outcome, and say why the
+                // result is missing.
+                tracing::error!(msg_id = c.msg_id, error = %e,
+                    "a job's result cannot be stored; keeping its outcome with an error instead of the result");
+                if let Some(r) = current.result.as_mut() {
+                    r.value = None;
+                    r.error = Some(crate::util::clean_text(
+                        &format!("the job's result could not be stored: {e}"),
+                        crate::ack::MAX_ERROR_TEXT,
+                    ));
+                }
+            }
             Err(e) if is_data_error(&e) => {
                 if matches!(&current.action, Action::DeadLetter { info } if info.get("reason") == Some(&Value::from("outcome_unwritable")))
                 {
@@ -286,6 +311,14 @@ async fn write_one(
                         "intended": c.action.name(),
                     }),
                 };
+                if let Some(r) = current.result.as_mut() {
+                    r.status = "Failed";
+                    r.value = None;
+                    r.error = Some(crate::util::clean_text(
+                        &format!("the job's outcome could not be written: {e}"),
+                        crate::ack::MAX_ERROR_TEXT,
+                    ));
+                }
             }
             Err(e) => {
                 failures += 1;
@@ -312,11 +345,29 @@ fn is_undefined_table(e: &sqlx::Error) -> bool {
 }
 
 /// Writes on the held connection (acquiring one if none is held); a connection that failed
-/// for any reason but the data is dropped, not reused.
+/// for any reason but the data is dropped, not reused. If the results cannot be kept because
+/// the role may not write `apalis_pgmq.results`, the outcomes are written without them: a job's
+/// outcome never waits on its result.
 async fn write(
     ctx: &CompleterCtx,
     batch: &[Completion],
     conn: &mut Option<PoolConnection<Postgres>>,
+) -> Result<(), sqlx::Error> {
+    match write_outcomes(ctx, batch, conn, true).await {
+        Err(e) if is_privilege_error(&e) && batch.iter().any(|c| c.result.is_some()) => {
+            tracing::error!(error = %e, outcomes = batch.len(),
+                "job results cannot be kept (grant INSERT, UPDATE on apalis_pgmq.results to the workers' role); writing the outcomes without them");
+            write_outcomes(ctx, batch, conn, false).await
+        }
+        other => other,
+    }
+}
+
+async fn write_outcomes(
+    ctx: &CompleterCtx,
+    batch: &[Completion],
+    conn: &mut Option<PoolConnection<Postgres>>,
+    with_results: bool,
 ) -> Result<(), sqlx::Error> {
     // The same message twice in one statement would be an error; keep the last outcome.
     let mut batch: Vec<&Completion> = batch.iter().collect();
@@ -324,6 +375,7 @@ async fn write(
     let mut seen = std::collections::HashSet::new();
     batch.retain(|c| seen.insert(c.msg_id));
     let mut o = Outcomes::default();
+    let with_results = with_results && batch.iter().any(|c| c.result.is_some());
     for c in &batch {
         o.msg_ids.push(c.msg_id);
         o.read_cts.push(c.read_ct);
@@ -337,13 +389,24 @@ async fn write(
         };
         o.delays.push(delay);
         o.infos.push(info);
+        if with_results {
+            let r = c.result.as_ref().filter(|_| c.action.finishes());
+            o.results.job_ids.push(r.map(|r| r.job_id.clone()));
+            o.results.status.push(r.map(|r| r.status));
+            o.results.values.push(r.and_then(|r| r.value.clone()));
+            o.results.errors.push(r.and_then(|r| r.error.clone()));
+        }
     }
     let mut c = match conn.take() {
         Some(c) => c,
         None => ctx.pool.acquire().await?,
     };
-    let written = ctx.queue.complete(&mut *c, o).await;
-    if written.as_ref().is_ok() || written.as_ref().is_err_and(is_data_error) {
+    let written = ctx.queue.complete(&mut *c, o, &ctx.results_channel).await;
+    if written.as_ref().is_ok()
+        || written
+            .as_ref()
+            .is_err_and(|e| is_data_error(e) || is_privilege_error(e))
+    {
         *conn = Some(c);
     }
     let (matched, _) = written?;
@@ -354,4 +417,11 @@ async fn write(
         );
     }
     Ok(())
+}
+
+/// The role lacks a right (SQLSTATE 42501).
+fn is_privilege_error(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code == "42501")
 }

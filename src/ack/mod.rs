@@ -74,6 +74,86 @@ impl AckContext {
     }
 }
 
+/// A finished job's result, written with its outcome (see
+/// [`Config::store_results`](crate::Config::store_results)).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct StoredResult {
+    /// The job's id as apalis sees it (the producer's task id, or the message id).
+    pub(crate) job_id: String,
+    /// `Done`, `Failed` or `Killed` (apalis' `Status` names).
+    pub(crate) status: &'static str,
+    /// The handler's output as JSON text.
+    pub(crate) value: Option<String>,
+    /// The error's text, or why the output could not be kept.
+    pub(crate) error: Option<String>,
+}
+
+impl StoredResult {
+    /// The result of a delivery that finished the job. The output is kept as JSON when it
+    /// encodes, fits `max_bytes` and holds no NUL character (which `jsonb` refuses); otherwise
+    /// the result says why it is missing, and the job's outcome is written as usual.
+    pub(crate) fn of<Res: serde::Serialize>(
+        job_id: String,
+        result: Result<&Res, &BoxDynError>,
+        max_bytes: usize,
+    ) -> Self {
+        let (status, value, error) = match result {
+            Ok(res) => match encode_result(res, max_bytes) {
+                Ok(v) => ("Done", Some(v), None),
+                Err(why) => ("Done", None, Some(why)),
+            },
+            Err(e) if e.is::<AbortError>() => ("Killed", None, Some(error_text(&**e))),
+            Err(e) => ("Failed", None, Some(error_text(&**e))),
+        };
+        Self {
+            job_id,
+            status,
+            value,
+            error,
+        }
+    }
+}
+
+/// A handler's output as JSON text, or why it cannot be kept.
+fn encode_result<Res: serde::Serialize>(res: &Res, max_bytes: usize) -> Result<String, String> {
+    let value = serde_json::to_value(res)
+        .map_err(|e| format!("the job's result could not be encoded as JSON: {e}"))?;
+    if has_nul(&value) {
+        return Err(
+            "the job's result holds a NUL character, which PostgreSQL's jsonb cannot store"
+                .to_owned(),
+        );
+    }
+    let text = value.to_string();
+    if text.len() > max_bytes {
+        return Err(format!(
+            "the job's result ({} bytes as JSON) is larger than max_payload_bytes ({max_bytes}); it was not kept",
+            text.len()
+        ));
+    }
+    Ok(text)
+}
+
+fn has_nul(v: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(has_nul),
+        Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
+/// Whether a job asked for its result to be kept (`headers.apalis.result = true`, set by
+/// [`push_and_wait`](crate::PgmqStorage::push_and_wait)).
+pub(crate) fn wants_result(headers: Option<&serde_json::Value>) -> bool {
+    headers
+        .and_then(|h| h.get(crate::backend::HEADERS_KEY))
+        .and_then(|a| a.get("result"))
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false)
+}
+
 /// Longest error text kept in a dead-letter record, in bytes.
 pub(crate) const MAX_ERROR_TEXT: usize = 4096;
 
@@ -160,7 +240,7 @@ where
     S: Service<Task<Args>, Response = Res>,
     S::Error: Into<BoxDynError>,
     S::Future: Send + 'static,
-    Res: Send + 'static,
+    Res: serde::Serialize + Send + 'static,
 {
     type Response = Res;
     type Error = BoxDynError;
@@ -173,6 +253,14 @@ where
     fn call(&mut self, task: Task<Args>) -> Self::Future {
         let info = task.data().get::<MessageInfo>().cloned();
         let delivery = info.as_ref().map(|m| (m.msg_id, m.read_ct));
+        // Whose result to keep, if any: the id apalis sees (the producer's, or the message's).
+        let keep_result = info
+            .as_ref()
+            .filter(|m| self.shared.config.store_results || wants_result(m.headers.as_ref()))
+            .map(|m| {
+                task.task_id()
+                    .map_or_else(|| m.msg_id.to_string(), ToString::to_string)
+            });
         let worker = task
             .data()
             .get::<apalis_core::worker::context::WorkerContext>()
@@ -267,12 +355,20 @@ where
                             (Action::Retry { .. }, Some(e)) => Some(error_text(&**e)),
                             _ => None,
                         };
+                        let stored = keep_result.filter(|_| action.finishes()).map(|job_id| {
+                            StoredResult::of(
+                                job_id,
+                                result.as_ref(),
+                                shared.config.max_payload_bytes,
+                            )
+                        });
                         shared.complete(Completion {
                             msg_id,
                             read_ct,
                             action,
                             attempts: runs,
                             error,
+                            result: stored,
                         });
                     }
                     None => tracing::error!(

@@ -709,7 +709,12 @@ async fn ensure_queue(
     }
     if let Some(missing) = shared
         .queue
-        .missing_worker_right(&shared.pool, &shared.dlq, shared.announces())
+        .missing_worker_right(
+            &shared.pool,
+            &shared.dlq,
+            shared.announces(),
+            shared.config.store_results,
+        )
         .await?
     {
         return Err(missing);
@@ -739,6 +744,7 @@ async fn ensure_queue(
     let retention = crate::notify::registry::Retention {
         archive: shared.config.archive_retention,
         dead_letters: shared.config.dead_letter_retention,
+        results: shared.config.result_retention,
         partitioned: shared.queue.is_partitioned(&shared.pool).await?,
     };
     Ok(shared

@@ -5,6 +5,7 @@ pub use claims::FAIR_EVERY;
 mod expose;
 pub use expose::running_workers;
 mod fetch;
+mod results;
 mod sink;
 
 use std::{
@@ -91,6 +92,7 @@ impl Shared {
                 wake_target: self.wake_target(),
                 batch_size: self.config.completion_batch_size,
                 flush_interval: self.config.completion_flush_interval,
+                results_channel: self.config.channels.results_channel(self.queue.name()),
             })
         });
         Ok(())
@@ -448,6 +450,9 @@ pub(crate) struct JobMeta {
     pub(crate) attempts: Option<usize>,
     pub(crate) priority: Option<usize>,
     pub(crate) idempotency_key: Option<String>,
+    /// The id the producer gave the task (`TaskBuilder::task_id`): a number for
+    /// `TaskId::Int`, a string otherwise.
+    pub(crate) task_id: Option<TaskId>,
     pub(crate) metadata: MetadataStore,
 }
 
@@ -483,6 +488,11 @@ impl JobMeta {
                 .get("idempotency_key")
                 .and_then(Value::as_str)
                 .map(str::to_owned),
+            task_id: match meta.get("task_id") {
+                Some(Value::Number(n)) => n.as_u64().map(TaskId::from_int),
+                Some(Value::String(s)) => Some(TaskId::from_string(s.clone())),
+                _ => None,
+            },
             metadata: MetadataStore::from_map(metadata),
         }
     }
@@ -498,6 +508,15 @@ impl JobMeta {
         }
         if let Some(k) = task.idempotency_key() {
             meta.insert("idempotency_key".into(), json!(k));
+        }
+        match task.task_id() {
+            Some(TaskId::Int(n)) => {
+                meta.insert("task_id".into(), json!(n));
+            }
+            Some(id) => {
+                meta.insert("task_id".into(), json!(id.to_string()));
+            }
+            None => {}
         }
         if !task.metadata().is_empty() {
             let m: Map<String, Value> = task
@@ -550,8 +569,11 @@ where
         let attempt_before = usize::try_from(m.read_ct.saturating_sub(1).max(0))
             .unwrap_or(0)
             .max(meta.attempts.unwrap_or(0));
+        let task_id = meta
+            .task_id
+            .unwrap_or_else(|| TaskId::from_int(u64::try_from(m.msg_id).unwrap_or(0)));
         let mut builder = TaskBuilder::new(body)
-            .task_id(TaskId::from_int(u64::try_from(m.msg_id).unwrap_or(0)))
+            .task_id(task_id)
             .attempt(attempt_before)
             .max_attempts(
                 meta.max_attempts
@@ -586,11 +608,28 @@ where
 impl<Args, C> PgmqStorage<Args, C> {
     /// Sends a message that cannot become a task to the dead-letter queue, with the reason.
     fn dead_letter_undecodable(&self, m: &Message, error: &str) {
+        let result = (self.shared.config.store_results
+            || crate::ack::wants_result(m.headers.as_ref()))
+        .then(|| {
+            let job_id = JobMeta::from_headers(m.headers.as_ref())
+                .task_id
+                .map_or_else(|| m.msg_id.to_string(), |t| t.to_string());
+            crate::ack::StoredResult {
+                job_id,
+                status: "Failed",
+                value: None,
+                error: Some(crate::util::clean_text(
+                    &format!("the job cannot be read: {error}"),
+                    crate::ack::MAX_ERROR_TEXT,
+                )),
+            }
+        });
         self.shared.complete(Completion {
             msg_id: m.msg_id,
             read_ct: m.read_ct,
             attempts: m.read_ct,
             error: None,
+            result,
             action: Action::DeadLetter {
                 info: json!({
                     "reason": "undecodable",

@@ -161,7 +161,7 @@ where
     C: Codec<Args, Compact = Value>,
     C::Error: std::error::Error + Send + Sync + 'static,
 {
-    fn encode_args(&self, args: &Args) -> Result<Value> {
+    pub(super) fn encode_args(&self, args: &Args) -> Result<Value> {
         self.codec
             .encode(args)
             .map_err(|e| Error::Config(format!("could not encode job arguments: {e}")))

@@ -25,7 +25,8 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 /// - namespace channel: `<prefix>ns.<namespace>` — every event of the queues in a namespace, where
 ///   the namespace is the `namespace` capture of a pattern applied to the queue name
 ///   (default [`DEFAULT_NAMESPACE_PATTERN`]), or [`DEFAULT_NAMESPACE`] when it does not match;
-/// - queue-created channel: `<prefix>created`.
+/// - queue-created channel: `<prefix>created`;
+/// - results channel: `<prefix>r.<queue>` — jobs of one queue whose results were stored.
 ///
 /// The prefix (default `apq.`) is at most [`MAX_PREFIX_LEN`] bytes of `[a-z0-9_.]`, so every
 /// channel fits PostgreSQL's 63 bytes.
@@ -126,6 +127,13 @@ impl NotifyChannels {
         format!("{}q.{}", self.prefix, queue)
     }
 
+    /// `<prefix>r.<queue>`: where the queue's finished jobs with stored results are announced
+    /// (the payload: a JSON array of their job ids, or `"*"` when they do not fit).
+    #[must_use]
+    pub fn results_channel(&self, queue: &QueueName) -> String {
+        format!("{}r.{}", self.prefix, queue)
+    }
+
     /// The namespace of a queue.
     #[must_use]
     pub fn namespace(&self, queue: &QueueName) -> String {
@@ -167,6 +175,7 @@ mod tests {
         assert_eq!(c.namespace(&q("billing_queue")), "billing");
         assert_eq!(c.namespace(&q("billing_queue_dlq")), "billing");
         assert_eq!(c.created_channel(), "apq.created");
+        assert_eq!(c.results_channel(&q("email")), "apq.r.email");
     }
 
     #[test]
@@ -174,6 +183,7 @@ mod tests {
         let c = NotifyChannels::with_prefix(&"p".repeat(MAX_PREFIX_LEN)).expect("max prefix");
         let long = q(&"x".repeat(MAX_QUEUE_NAME_LEN));
         assert!(c.queue_channel(&long).len() <= MAX_CHANNEL_LEN);
+        assert!(c.results_channel(&long).len() <= MAX_CHANNEL_LEN);
         assert!(c.namespace_channel(&c.namespace(&long)).len() <= MAX_CHANNEL_LEN);
         let anything = c
             .clone()

@@ -206,6 +206,10 @@ pub(crate) struct EventSender {
 impl Hub {
     /// Handles one notification: wakes the queue's workers, then delivers the event.
     pub(crate) async fn dispatch(&self, channel: &str, payload: &str) {
+        if let Some(watch) = self.result_watch_if_any(channel) {
+            watch.announced(payload);
+            return;
+        }
         let parsed: Payload = match serde_json::from_str(payload) {
             Ok(p) => p,
             Err(e) => {
@@ -265,6 +269,7 @@ impl Hub {
     pub(crate) async fn after_connect(&self, reconnected: bool) {
         self.forget_armings();
         self.wake_all();
+        self.results_look_at_all();
         if reconnected {
             // Once per subscriber, however many channels it listens on.
             let mut all: Vec<EventSender> = Vec::new();

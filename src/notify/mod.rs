@@ -11,6 +11,7 @@ mod channel;
 mod events;
 mod listener;
 pub(crate) mod registry;
+pub(crate) mod results;
 mod signal;
 mod triggers;
 pub(crate) mod wakeup;
@@ -73,6 +74,8 @@ pub(crate) struct Hub {
     signals: Mutex<HashMap<QueueName, Weak<WakeSignal>>>,
     /// Event subscribers by channel.
     subscribers: Mutex<HashMap<String, Vec<events::EventSender>>>,
+    /// Result waiters by results channel.
+    results: Mutex<HashMap<String, Weak<results::ResultWatch>>>,
     /// Commands to the listener task, once it is started.
     listener: Mutex<Option<mpsc::UnboundedSender<listener::Command>>>,
     stats: Arc<events::Stats>,
@@ -104,6 +107,7 @@ pub(crate) fn hub(pool: &PgPool) -> Arc<Hub> {
         options: (*options).clone(),
         signals: Mutex::default(),
         subscribers: Mutex::default(),
+        results: Mutex::default(),
         listener: Mutex::default(),
         stats: Arc::default(),
         health_interval_ms: AtomicU64::new(u64::MAX),
@@ -172,6 +176,37 @@ impl Hub {
             .values()
             .filter_map(Weak::upgrade)
             .collect()
+    }
+
+    /// The result watch of the queue whose results channel is `channel` (shared by every waiter
+    /// of that queue in the process).
+    pub(crate) fn result_watch(
+        &self,
+        pool: &PgPool,
+        queue: &QueueName,
+        channel: String,
+    ) -> Arc<results::ResultWatch> {
+        let mut watches = lock(&self.results);
+        if let Some(w) = watches.get(&channel).and_then(Weak::upgrade) {
+            return w;
+        }
+        watches.retain(|_, w| w.strong_count() > 0);
+        let w = results::ResultWatch::start(pool.clone(), queue.clone());
+        watches.insert(channel, Arc::downgrade(&w));
+        w
+    }
+
+    fn result_watch_if_any(&self, channel: &str) -> Option<Arc<results::ResultWatch>> {
+        lock(&self.results).get(channel).and_then(Weak::upgrade)
+    }
+
+    /// Every live result watch looks at all of its ids again.
+    fn results_look_at_all(&self) {
+        let watches: Vec<_> = lock(&self.results)
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        watches.iter().for_each(|w| w.look_at_all());
     }
 
     /// Wakes every queue's workers (after a reconnect: notifications may have been lost).

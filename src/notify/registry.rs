@@ -7,7 +7,7 @@
 //! listed once it expires (three intervals) and is swept a minute later by any heartbeat.
 //!
 //! The same task applies retention: after its first heartbeat and then every 10 minutes it
-//! prunes, for every queue its workers serve, archived jobs and dead letters past their retention, in batches of 10 000,
+//! prunes, for every queue its workers serve, archived jobs, dead letters and stored job results past their retention, in batches of 10 000,
 //! each in a short transaction holding that queue's pruning lock (`pg_try_advisory_xact_lock`),
 //! so one process at a time prunes a queue and the others skip it.
 
@@ -42,6 +42,8 @@ pub(crate) struct WorkerStats {
 pub(crate) struct Retention {
     pub(crate) archive: Option<Duration>,
     pub(crate) dead_letters: Option<Duration>,
+    /// Stored job results.
+    pub(crate) results: Option<Duration>,
     /// A partitioned queue: pg_partman's maintenance runs on every heartbeat.
     pub(crate) partitioned: bool,
 }
@@ -187,6 +189,7 @@ impl Hub {
             };
             e.1.archive = shorter(e.1.archive, retention.archive);
             e.1.dead_letters = shorter(e.1.dead_letters, retention.dead_letters);
+            e.1.results = shorter(e.1.results, retention.results);
             e.1.partitioned |= retention.partitioned;
         }
         let queue = queue.name().as_str();
@@ -326,6 +329,25 @@ async fn heartbeat(hub: Weak<Hub>) {
             {
                 let Some(keep) = keep else { continue };
                 prune_elected(&pool, &queue, dead_letters, keep).await;
+            }
+            if let Some(keep) = retention.results {
+                match crate::ops::prune_results_batches(
+                    &pool,
+                    queue.name(),
+                    keep,
+                    true,
+                    PRUNE_BATCHES_PER_ROUND,
+                )
+                .await
+                {
+                    Ok(n) if n > 0 => {
+                        tracing::debug!(queue = %queue.name(), deleted = n, "pruned job results past retention");
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(queue = %queue.name(), error = %e, "pruning job results failed");
+                    }
+                }
             }
         }
     }

@@ -366,6 +366,78 @@ fn key_hash_of(alias: &str) -> String {
     format!("apalis_pgmq.key_hash({})", key_of(alias))
 }
 
+/// The statement that applies a batch of outcomes (see [`Outcomes`]): 1 archive, 2 delete,
+/// 3 retry (visible after `delay`, the runs and error recorded in the headers), 4 dead-letter
+/// (with `info` merged into the headers), each fenced by its delivery's `read_ct`.
+///
+/// With `results`, the finished jobs (archived, deleted or dead-lettered by this statement, so
+/// fenced like their outcome) that carry a result have it upserted into `apalis_pgmq.results`,
+/// and one notification on the results channel (`$12`) lists their keys (job ids, and message
+/// ids where they differ) as a JSON array, or `"*"` when that would not fit 7 900 bytes. A third
+/// column counts the notifications sent (0 or 1).
+fn complete_sql(q: &str, a: &str, d: &str, m_cols: &str, source: &str, results: bool) -> Arc<str> {
+    const COLS: &str = ARCHIVE_COLS;
+    let (stored, select_more) = if results {
+        (
+            format!(
+                ", rs AS ( \
+                   SELECT * FROM unnest($1::bigint[], $2::int[], $6::int[], $8::text[], $9::text[], \
+                                        $10::text[], $11::text[]) \
+                     AS r(msg_id, read_ct, attempts, job_id, status, val, err) \
+                   WHERE r.status IS NOT NULL), \
+                 stored AS ( \
+                   INSERT INTO apalis_pgmq.results AS x (queue, job_id, msg_id, status, attempt, result, error) \
+                   SELECT '{source}', rs.job_id, rs.msg_id, rs.status, greatest(rs.attempts, rs.read_ct), \
+                          rs.val::jsonb, rs.err \
+                   FROM rs WHERE rs.msg_id IN (SELECT msg_id FROM archived UNION ALL \
+                                               SELECT msg_id FROM deleted UNION ALL \
+                                               SELECT msg_id FROM dead) \
+                   ON CONFLICT (queue, job_id) DO UPDATE \
+                     SET msg_id = EXCLUDED.msg_id, status = EXCLUDED.status, attempt = EXCLUDED.attempt, \
+                         result = EXCLUDED.result, error = EXCLUDED.error, finished_at = clock_timestamp() \
+                   RETURNING x.job_id, x.msg_id), \
+                 announced AS ( \
+                   SELECT json_agg(k)::text AS keys FROM ( \
+                     SELECT job_id AS k FROM stored \
+                     UNION ALL SELECT msg_id::text FROM stored WHERE job_id <> msg_id::text) ks)"
+            ),
+            ", (SELECT count(*) FROM (SELECT pg_notify($12::text, \
+                   CASE WHEN octet_length(keys) <= 7900 THEN keys ELSE '\"*\"' END) \
+                 FROM announced WHERE keys IS NOT NULL) n)",
+        )
+    } else {
+        (String::new(), "")
+    };
+    format!(
+        "WITH t AS ( \
+           SELECT * FROM unnest($1::bigint[], $2::int[], $3::smallint[], $4::float8[], \
+                                $5::text[], $6::int[], $7::text[]) \
+             AS u(msg_id, read_ct, action, delay, info, attempts, err)), \
+         archived AS ( \
+           DELETE FROM {q} m USING t WHERE {FENCE} AND t.action = 1 RETURNING {m_cols}), \
+         archive_rows AS (INSERT INTO {a} ({COLS}) SELECT {COLS} FROM archived RETURNING msg_id), \
+         deleted AS ( \
+           DELETE FROM {q} m USING t WHERE {FENCE} AND t.action = 2 RETURNING m.msg_id), \
+         retried AS ( \
+           UPDATE {q} m SET vt = clock_timestamp() + make_interval(secs => t.delay), \
+                            headers = apalis_pgmq.retry_headers(m.headers, t.attempts, t.err) \
+           FROM t WHERE {FENCE} AND t.action = 3 RETURNING m.msg_id), \
+         dead AS ( \
+           DELETE FROM {q} m USING t WHERE {FENCE} AND t.action = 4 \
+           RETURNING m.msg_id, greatest(m.read_ct, t.attempts) AS runs, m.message, m.headers, t.info), \
+         dead_rows AS ( \
+           INSERT INTO {d} (vt, message, headers) \
+           SELECT clock_timestamp(), message, apalis_pgmq.dead_letter_headers(headers, \
+                    info::jsonb || jsonb_build_object('queue', '{source}', 'msg_id', msg_id, \
+                                                      'attempts', runs, 'at', now())) \
+           FROM dead ORDER BY msg_id RETURNING msg_id){stored} \
+         SELECT ARRAY(SELECT msg_id FROM archived) || ARRAY(SELECT msg_id FROM deleted) \
+             || ARRAY(SELECT msg_id FROM retried) || ARRAY(SELECT msg_id FROM dead), \
+                (SELECT count(*) FROM archive_rows) + (SELECT count(*) FROM dead_rows){select_more}"
+    )
+    .into()
+}
+
 /// SQL text built once per queue from its validated name.
 #[derive(Debug)]
 struct QueueSql {
@@ -392,6 +464,9 @@ struct QueueSql {
     release: Arc<str>,
     /// One statement applying a batch of mixed job outcomes, fenced.
     complete: Arc<str>,
+    /// As `complete`, also keeping the results of the finished jobs that have one
+    /// (`apalis_pgmq.results`) and announcing them on the results channel (`$12`).
+    complete_results: Arc<str>,
     /// Listing, finding and counting jobs in every state.
     inspect: inspect::InspectSql,
 }
@@ -519,34 +594,8 @@ impl QueueSql {
             .into(),
             // Actions: 1 archive, 2 delete, 3 retry (visible after `delay`, the runs and error
             // recorded in the headers), 4 dead-letter (with `info` merged into the headers).
-            complete: format!(
-                "WITH t AS ( \
-                   SELECT * FROM unnest($1::bigint[], $2::int[], $3::smallint[], $4::float8[], \
-                                        $5::text[], $6::int[], $7::text[]) \
-                     AS u(msg_id, read_ct, action, delay, info, attempts, err)), \
-                 archived AS ( \
-                   DELETE FROM {q} m USING t WHERE {FENCE} AND t.action = 1 RETURNING {m_cols}), \
-                 archive_rows AS (INSERT INTO {a} ({COLS}) SELECT {COLS} FROM archived RETURNING msg_id), \
-                 deleted AS ( \
-                   DELETE FROM {q} m USING t WHERE {FENCE} AND t.action = 2 RETURNING m.msg_id), \
-                 retried AS ( \
-                   UPDATE {q} m SET vt = clock_timestamp() + make_interval(secs => t.delay), \
-                                    headers = apalis_pgmq.retry_headers(m.headers, t.attempts, t.err) \
-                   FROM t WHERE {FENCE} AND t.action = 3 RETURNING m.msg_id), \
-                 dead AS ( \
-                   DELETE FROM {q} m USING t WHERE {FENCE} AND t.action = 4 \
-                   RETURNING m.msg_id, greatest(m.read_ct, t.attempts) AS runs, m.message, m.headers, t.info), \
-                 dead_rows AS ( \
-                   INSERT INTO {d} (vt, message, headers) \
-                   SELECT clock_timestamp(), message, apalis_pgmq.dead_letter_headers(headers, \
-                            info::jsonb || jsonb_build_object('queue', '{source}', 'msg_id', msg_id, \
-                                                              'attempts', runs, 'at', now())) \
-                   FROM dead ORDER BY msg_id RETURNING msg_id) \
-                 SELECT ARRAY(SELECT msg_id FROM archived) || ARRAY(SELECT msg_id FROM deleted) \
-                     || ARRAY(SELECT msg_id FROM retried) || ARRAY(SELECT msg_id FROM dead), \
-                        (SELECT count(*) FROM archive_rows) + (SELECT count(*) FROM dead_rows)"
-            )
-            .into(),
+            complete: complete_sql(&q, &a, &d, &m_cols, source, false),
+            complete_results: complete_sql(&q, &a, &d, &m_cols, source, true),
             inspect: inspect::InspectSql::new(name),
         }
     }
@@ -1347,17 +1396,35 @@ impl PgmqQueue {
         &self,
         executor: E,
         outcomes: Outcomes,
+        results_channel: &str,
     ) -> Result<(Vec<i64>, i64), sqlx::Error> {
-        sqlx::query_as(AssertSqlSafe(self.sql.complete.clone()))
+        let with_results = outcomes.results.status.iter().any(Option::is_some);
+        let sql = if with_results {
+            &self.sql.complete_results
+        } else {
+            &self.sql.complete
+        };
+        let query = sqlx::query(AssertSqlSafe(sql.clone()))
             .bind(outcomes.msg_ids)
             .bind(outcomes.read_cts)
             .bind(outcomes.actions)
             .bind(outcomes.delays)
             .bind(outcomes.infos)
             .bind(outcomes.attempts)
-            .bind(outcomes.errors)
-            .fetch_one(executor)
-            .await
+            .bind(outcomes.errors);
+        let query = if with_results {
+            let r = outcomes.results;
+            query
+                .bind(r.job_ids)
+                .bind(r.status)
+                .bind(r.values)
+                .bind(r.errors)
+                .bind(results_channel)
+        } else {
+            query
+        };
+        let row = query.fetch_one(executor).await?;
+        Ok((row.try_get(0)?, row.try_get(1)?))
     }
 
     /// Every statement built for this queue, by name, for checks that prepare them all.
@@ -1380,6 +1447,7 @@ impl PgmqQueue {
             ("renew", s.renew.clone()),
             ("release", s.release.clone()),
             ("complete", s.complete.clone()),
+            ("complete_results", s.complete_results.clone()),
             ("list_queue", s.inspect.list_queue.clone()),
             ("list_archive", s.inspect.list_archive.clone()),
             ("list_dead", s.inspect.list_dead.clone()),
@@ -1417,6 +1485,7 @@ impl PgmqQueue {
         pool: &sqlx::PgPool,
         dlq: &PgmqQueue,
         listeners: bool,
+        results: bool,
     ) -> Result<Option<Error>> {
         let q = self.name.queue_table();
         let a = self.name.archive_table();
@@ -1458,6 +1527,16 @@ impl PgmqQueue {
                 "TABLE".into(),
             ),
         ];
+        if results {
+            for right in ["SELECT", "INSERT", "UPDATE"] {
+                checks.push((
+                    "apalis_pgmq.results".into(),
+                    right,
+                    "keeping job results (Config::store_results)",
+                    "TABLE".into(),
+                ));
+            }
+        }
         if listeners {
             checks.push((
                 "apalis_pgmq".into(),
@@ -1521,6 +1600,18 @@ pub(crate) struct Outcomes {
     /// Runs so far (in-process retries included).
     pub(crate) attempts: Vec<i32>,
     /// A retry's error text.
+    pub(crate) errors: Vec<Option<String>>,
+    /// Results to keep (see [`StoredResult`](crate::ack::StoredResult)); all empty, or one entry
+    /// per outcome with `None` status for outcomes without a result.
+    pub(crate) results: ResultColumns,
+}
+
+/// The result of each outcome of a batch, column by column (`status` `None`: keep none).
+#[derive(Debug, Default)]
+pub(crate) struct ResultColumns {
+    pub(crate) job_ids: Vec<Option<String>>,
+    pub(crate) status: Vec<Option<&'static str>>,
+    pub(crate) values: Vec<Option<String>>,
     pub(crate) errors: Vec<Option<String>>,
 }
 

@@ -1,0 +1,23 @@
+-- apalis-pgmq-notify: job results. With Config::store_results (or for a job pushed by
+-- push_and_wait), the statement that writes a job's final outcome also writes its result here
+-- and notifies the queue's results channel, so waiters (WaitForCompletion, push_and_wait) wake
+-- without polling. Only final outcomes: done, killed, and failed with no attempts left.
+CREATE TABLE IF NOT EXISTS apalis_pgmq.results (
+  queue text NOT NULL,
+  -- The job's id as apalis sees it: the id the producer chose (headers.apalis.task_id), or the
+  -- message id.
+  job_id text NOT NULL,
+  msg_id bigint NOT NULL,
+  status text NOT NULL CHECK (status IN ('Done', 'Failed', 'Killed')),
+  attempt integer NOT NULL,
+  -- The handler's output as JSON (Done), or NULL.
+  result jsonb,
+  -- The error's text (Failed, Killed; or why the output could not be kept), or NULL.
+  error text,
+  finished_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+  PRIMARY KEY (queue, job_id)
+);
+
+-- Waiters may ask by message id; retention deletes the oldest first.
+CREATE INDEX IF NOT EXISTS results_msg_idx ON apalis_pgmq.results (queue, msg_id);
+CREATE INDEX IF NOT EXISTS results_finished_idx ON apalis_pgmq.results (queue, finished_at);

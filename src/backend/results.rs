@@ -1,0 +1,236 @@
+//! Job results: apalis' [`WaitForCompletion`], [`PgmqStorage::push_and_wait`] and
+//! [`PgmqStorage::results`]. Waiters of a queue in one process share one watch and the
+//! process's one listener (see `notify/results.rs` for why no result is missed).
+
+use std::{collections::HashMap, time::Duration};
+
+use apalis_core::{
+    backend::{TaskResult, WaitForCompletion, codec::Codec},
+    task::{status::Status, task_id::TaskId},
+};
+use futures::{StreamExt, stream::BoxStream};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use super::{HEADERS_KEY, PgmqStorage, Shared};
+use crate::{
+    error::{Error, Result},
+    notify::results::{self, ResultRow},
+    queue::Delay,
+};
+
+/// A stored row as apalis' `TaskResult`, for the id the waiter asked for.
+fn task_result<O: DeserializeOwned>(asked: TaskId, row: ResultRow) -> Result<TaskResult<O>> {
+    let status: Status = row.status.parse().map_err(|_| Error::ResultType {
+        job_id: asked.to_string(),
+        expected: "a job status",
+        error: format!("unknown status {:?}", row.status),
+    })?;
+    let result = match (row.result, row.error) {
+        (_, Some(error)) => Err(error),
+        (Some(text), None) => {
+            Ok(
+                serde_json::from_str::<O>(&text).map_err(|e| Error::ResultType {
+                    job_id: asked.to_string(),
+                    expected: std::any::type_name::<O>(),
+                    error: e.to_string(),
+                })?,
+            )
+        }
+        (None, None) => {
+            Ok(
+                serde_json::from_value::<O>(Value::Null).map_err(|e| Error::ResultType {
+                    job_id: asked.to_string(),
+                    expected: std::any::type_name::<O>(),
+                    error: e.to_string(),
+                })?,
+            )
+        }
+    };
+    Ok(TaskResult {
+        task_id: asked,
+        attempt: usize::try_from(row.attempt).unwrap_or(0),
+        status,
+        result,
+    })
+}
+
+/// Waits for the results of `ids` (each yielded once, as it arrives).
+fn wait_stream<O: DeserializeOwned + Send + 'static>(
+    shared: std::sync::Arc<Shared>,
+    ids: impl IntoIterator<Item = TaskId>,
+) -> BoxStream<'static, Result<TaskResult<O>>> {
+    let asked: HashMap<String, TaskId> = ids.into_iter().map(|t| (t.to_string(), t)).collect();
+    if asked.is_empty() {
+        return futures::stream::empty().boxed();
+    }
+    let subscribe = async move {
+        let c = &shared.config;
+        let channel = c.channels.results_channel(shared.queue.name());
+        let watch = shared
+            .hub
+            .result_watch(&shared.pool, shared.queue.name(), channel.clone());
+        let waiter = watch.register(asked.keys().cloned().collect());
+        shared
+            .hub
+            .health_check_at_least_every(c.listener_health_check);
+        // Registered first, then listening, then the first look: a result written before the
+        // look is read by it, one written after the LISTEN is active is announced.
+        let _ = shared.hub.listen(channel).await;
+        waiter.look_now();
+        (waiter, asked, shared)
+    };
+    futures::stream::once(subscribe)
+        .flat_map(|(waiter, asked, shared)| {
+            futures::stream::unfold(
+                (waiter, asked, shared),
+                |(mut waiter, mut asked, shared)| async move {
+                    loop {
+                        if asked.is_empty() {
+                            return None;
+                        }
+                        let (key, row) = waiter.rows.recv().await?;
+                        let Some(id) = asked.remove(&key) else {
+                            continue;
+                        };
+                        return Some((task_result(id, row), (waiter, asked, shared)));
+                    }
+                },
+            )
+        })
+        .boxed()
+}
+
+impl<Args, C, O> WaitForCompletion<O> for PgmqStorage<Args, C>
+where
+    C: Codec<Args, Compact = Value>,
+    C::Error: std::fmt::Display,
+    O: DeserializeOwned + Send + 'static,
+    Args: 'static,
+    C: 'static,
+{
+    type ResultStream = BoxStream<'static, Result<TaskResult<O>>>;
+
+    /// Yields each job's result once it is final (`Done`, `Killed`, or `Failed` with no
+    /// attempts left; a retry is not final), woken by notifications, never by polling. Results
+    /// are kept only with [`Config::store_results`](crate::Config::store_results) on the
+    /// workers, or for jobs pushed with [`push_and_wait`](PgmqStorage::push_and_wait): the
+    /// stream waits for ever for a job whose result is not kept. Ids are the task ids apalis
+    /// shows (a producer's `TaskBuilder::task_id`, else the message id).
+    fn wait_for(&mut self, task_ids: impl IntoIterator<Item = TaskId>) -> Self::ResultStream {
+        wait_stream(self.shared.clone(), task_ids)
+    }
+
+    fn check_status(
+        &mut self,
+        task_ids: impl IntoIterator<Item = TaskId> + Send,
+    ) -> impl Future<Output = Result<Vec<TaskResult<O>>>> + Send {
+        let ids: Vec<TaskId> = task_ids.into_iter().collect();
+        let shared = self.shared.clone();
+        async move { read_results(&shared, ids).await }
+    }
+}
+
+/// The stored results of `ids`, for those that have one.
+async fn read_results<O: DeserializeOwned>(
+    shared: &Shared,
+    ids: Vec<TaskId>,
+) -> Result<Vec<TaskResult<O>>> {
+    let mut asked: HashMap<String, TaskId> = ids.into_iter().map(|t| (t.to_string(), t)).collect();
+    let keys: Vec<String> = asked.keys().cloned().collect();
+    let rows = results::find(&shared.pool, shared.queue.name(), &keys).await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let key = if asked.contains_key(&row.job_id) {
+            row.job_id.clone()
+        } else {
+            row.msg_id.to_string()
+        };
+        if let Some(id) = asked.remove(&key) {
+            out.push(task_result(id, row)?);
+        }
+    }
+    Ok(out)
+}
+
+impl<Args, C> PgmqStorage<Args, C>
+where
+    C: Codec<Args, Compact = Value>,
+    C::Error: std::error::Error + Send + Sync + 'static,
+{
+    /// Pushes a job and waits for its result, for at most `timeout`: the handler's output
+    /// (`Ok`), or, for a job that was killed or failed with no attempts left (dead-lettered),
+    /// its error (`Err` with the error's text) and status. The job's result is kept whatever
+    /// [`Config::store_results`](crate::Config::store_results) says on the workers (it asks for
+    /// it in its headers), for [`Config::result_retention`](crate::Config::result_retention).
+    ///
+    /// Woken by a notification from the statement that writes the result; many concurrent
+    /// calls in a process share one listener and one reader.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] if the job has not finished in time (it keeps going; its result can
+    /// be read later with [`results`](Self::results)); [`Error::ResultType`] if the output does
+    /// not decode as `O`; push errors ([`Error::PayloadTooLarge`], [`Error::Database`]).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::{PgmqStorage, QueueName};
+    /// # use std::time::Duration;
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// let storage = PgmqStorage::<u32>::new(&pool, QueueName::new("square")?);
+    /// let done = storage.push_and_wait::<u64>(12, Duration::from_secs(10)).await?;
+    /// assert_eq!(done.take(), Ok(144));
+    /// # Ok(()) }
+    /// ```
+    pub async fn push_and_wait<O: DeserializeOwned + Send + 'static>(
+        &self,
+        job: Args,
+        timeout: Duration,
+    ) -> Result<TaskResult<O>> {
+        let body = self.encode_args(&job)?;
+        let headers = json!({ HEADERS_KEY: { "result": true } });
+        let id = self
+            .shared
+            .queue
+            .send_with(&self.shared.pool, &body, Some(&headers), Delay::Now)
+            .await?;
+        let task_id = TaskId::from_int(u64::try_from(id).unwrap_or(0));
+        let mut stream = wait_stream::<O>(self.shared.clone(), [task_id]);
+        match tokio::time::timeout(timeout, stream.next()).await {
+            Ok(Some(result)) => result,
+            Ok(None) => Err(Error::Stopped("the result watch")),
+            Err(_) => Err(Error::Timeout {
+                job_id: id.to_string(),
+                waited: timeout,
+            }),
+        }
+    }
+
+    /// The stored results of `ids` (task ids as apalis shows them, or message ids), for the
+    /// jobs that finished and kept one; unfinished or unknown jobs are left out.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`]; [`Error::ResultType`] if an output does not decode as `O`.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_core::task::task_id::TaskId;
+    /// # use apalis_pgmq_notify::{PgmqStorage, QueueName};
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+    /// let storage = PgmqStorage::<u32>::new(&pool, QueueName::new("square")?);
+    /// for r in storage.results::<u64>([TaskId::from_int(7)]).await? {
+    ///     println!("{}: {:?} {:?}", r.task_id, r.status, r.result);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn results<O: DeserializeOwned>(
+        &self,
+        ids: impl IntoIterator<Item = TaskId>,
+    ) -> Result<Vec<TaskResult<O>>> {
+        read_results(&self.shared, ids.into_iter().collect()).await
+    }
+}

@@ -43,6 +43,7 @@ pub async fn prepare_every_statement(pool: &PgPool, queue: &QueueName) -> Result
                 && matches!(
                     name,
                     "complete"
+                        | "complete_results"
                         | "list_dead"
                         | "find_dead"
                         | "counts"

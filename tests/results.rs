@@ -190,6 +190,21 @@ async fn a_thousand_waiters_share_one_listener() {
     .await;
     assert_eq!(listeners, 1, "one LISTEN connection for the process");
     assert_eq!(s.listener_stats().reconnects, 0);
+    // Announcements nobody waits for any more are not mistaken for malformed queue events.
+    // (Notifications are dispatched in order: once the later job's result has come, the
+    // earlier one's announcement was handled.)
+    let unwatched = s.push_with(&db.pool, &20).await.expect("push");
+    wait_for(WAIT, "the result nobody waits for", || async {
+        let kept = s.results::<u64>([tid(unwatched)]).await.expect("read");
+        (!kept.is_empty()).then_some(())
+    })
+    .await;
+    let later = s
+        .push_and_wait::<u64>(30, WAIT)
+        .await
+        .expect("the later job's result");
+    assert_eq!(later.result, Ok(900));
+    assert_eq!(s.listener_stats().parse_errors, 0);
     stop_worker(stop, join).await;
 }
 

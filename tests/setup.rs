@@ -29,7 +29,7 @@ async fn installs_pgmq_then_is_idempotent() {
             "SELECT count(*) FROM apalis_pgmq.schema_migrations"
         )
         .await,
-        10
+        11
     );
     let sqlx_table: bool =
         sqlx::query_scalar("SELECT to_regclass('public._sqlx_migrations') IS NOT NULL")
@@ -63,7 +63,7 @@ async fn concurrent_setups_serialise() {
         applied += report.applied_migrations.len();
     }
     assert_eq!(installed_now, 1, "PGMQ installed exactly once");
-    assert_eq!(applied, 10, "each migration applied exactly once");
+    assert_eq!(applied, 11, "each migration applied exactly once");
 }
 
 #[tokio::test]

@@ -207,7 +207,9 @@ impl Hub {
     /// Handles one notification: wakes the queue's workers, then delivers the event.
     pub(crate) async fn dispatch(&self, channel: &str, payload: &str) {
         if let Some(watch) = self.result_watch_if_any(channel) {
-            watch.announced(payload);
+            if let Some(w) = watch {
+                w.announced(payload);
+            }
             return;
         }
         let parsed: Payload = match serde_json::from_str(payload) {

@@ -190,14 +190,17 @@ impl Hub {
         if let Some(w) = watches.get(&channel).and_then(Weak::upgrade) {
             return w;
         }
-        watches.retain(|_, w| w.strong_count() > 0);
+        // Entries are not removed when their watch ends: the channel stays LISTENed, and its
+        // notifications must still be told apart from queue events (see `dispatch`).
         let w = results::ResultWatch::start(pool.clone(), queue.clone());
         watches.insert(channel, Arc::downgrade(&w));
         w
     }
 
-    fn result_watch_if_any(&self, channel: &str) -> Option<Arc<results::ResultWatch>> {
-        lock(&self.results).get(channel).and_then(Weak::upgrade)
+    /// `None` if `channel` is not a results channel; `Some(None)` if it is one whose waiters
+    /// are all gone.
+    fn result_watch_if_any(&self, channel: &str) -> Option<Option<Arc<results::ResultWatch>>> {
+        lock(&self.results).get(channel).map(Weak::upgrade)
     }
 
     /// Every live result watch looks at all of its ids again.

@@ -76,7 +76,14 @@ pub(crate) async fn run(
             Ok::<_, sqlx::Error>(l)
         };
         let mut listener = match connect.await {
-            Ok(l) => l,
+            Ok(mut l) => {
+                // A lost connection must surface as `Ok(None)` at once, never be replaced
+                // inside `try_recv`: that future is raced against commands, and if it were
+                // dropped mid-reconnect the next LISTEN would quietly open a new connection,
+                // with no catch-up for what was sent meanwhile. We reconnect ourselves.
+                l.eager_reconnect(false);
+                l
+            }
             Err(e) => {
                 failures += 1;
                 let wait = error_backoff(failures);
@@ -163,11 +170,8 @@ pub(crate) async fn run(
                         h.dispatch(n.channel(), n.payload()).await;
                     }
                     Ok(None) => {
-                        // The connection dropped and sqlx re-established it with our channels.
-                        stats.reconnected();
-                        tracing::info!("LISTEN connection lost and re-established");
-                        let Some(h) = hub.upgrade() else { return };
-                        h.after_connect(true).await;
+                        tracing::warn!("LISTEN connection lost; reconnecting");
+                        break;
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");

@@ -53,7 +53,8 @@
 //!
 //! # Semantics
 //!
-//! - The task id is the message's `msg_id`; the attempt is PGMQ's `read_ct` (first delivery is
+//! - The task id is the message's `msg_id`, or the id the producer chose
+//!   (`TaskBuilder::task_id`, kept in the headers); the attempt is PGMQ's `read_ct` (first delivery is
 //!   attempt 1), or more when in-process retries (a tower retry layer) ran it again: a failed
 //!   delivery records the runs reached in its headers, so `Attempt` never goes backwards and
 //!   `max_attempts` counts every run. [`MessageInfo`] is available to handlers as
@@ -90,9 +91,15 @@
 //!   messages beyond that allowance (`vt = now`, `read_ct` given back).
 //! - Shutdown: the worker stops fetching, lets in-flight jobs finish, releases claimed but
 //!   unstarted messages and flushes pending outcomes.
-//! - Workflows: sequential `apalis_workflow::SteppedFlow` runs on this backend. `GraphFlow`
-//!   does not: it needs `WaitForCompletion` on client-generated task ids and stored results,
-//!   while PGMQ assigns ids and keeps no results.
+//! - Results ([`Config::store_results`], off by default): each finished job's final status,
+//!   attempt and output (JSON, so handler outputs must be `serde::Serialize`) or error is kept
+//!   for [`Config::result_retention`], written with its outcome. [`PgmqStorage`] implements
+//!   apalis' `WaitForCompletion`, and [`PgmqStorage::push_and_wait`] pushes a job and waits for
+//!   its result (kept whatever the workers' setting). Waiters are woken by a notification, never
+//!   by polling, and share the process's one listener.
+//! - Workflows: sequential `apalis_workflow::SteppedFlow` and `GraphFlow` (with
+//!   `store_results` on its workers: its fan-in waits with `WaitForCompletion`) run on this
+//!   backend.
 //!
 //! # Wake-ups and events
 //!

@@ -10,6 +10,7 @@
 
 #[path = "../../tests/common/proxy.rs"]
 mod proxy;
+mod results;
 #[path = "shared.rs"]
 mod shared;
 mod throughput;
@@ -71,6 +72,7 @@ const ALL_WORKLOADS: &[&str] = &[
     "far",
     "unique_enqueue",
     "priorities",
+    "results",
 ];
 
 pub(crate) type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -213,6 +215,9 @@ async fn run_ours(bench: &mut Bench, workload: &str) -> Res<()> {
         bench.emit(r);
     } else if workload == "priorities" {
         let r = throughput::priorities(&pool, &p, OURS).await?;
+        bench.emit(r);
+    } else if workload == "results" {
+        let r = results::ours(&pool, &p, OURS).await?;
         bench.emit(r);
     } else if workload == "retention" {
         retention(bench, &pool, &s, &p).await?;
@@ -535,6 +540,19 @@ async fn run_apalis_pg(bench: &mut Bench, system: &str, workload: &str) -> Res<(
         Duration::from_secs(30)
     };
     let s = apalis_pg(&pool, &p, poll).await?;
+    if workload == "results" {
+        if system == PG_NOTIFY {
+            let counters = Arc::new(Counters::default());
+            let (stop, joins) =
+                spawn_bench_workers!(s.clone().with_pubsub(), 1usize, 10usize, counters);
+            let r = results::apalis_postgres(s.clone(), &p, system).await;
+            stop_workers(stop, joins).await;
+            bench.emit(r?);
+        }
+        pool.close().await;
+        bench.drop_db(system, workload).await;
+        return Ok(());
+    }
     if workload == "notify_cost" {
         if system != PG_PLAIN {
             pool.close().await;
@@ -846,6 +864,7 @@ async fn run_peer(bench: &mut Bench, system: &str, workload: &str) -> Res<()> {
             | "far"
             | "unique_enqueue"
             | "priorities"
+            | "results"
     ) {
         // This crate only; apalis-pgmq is 4-8x slower than apalis-postgres in every run, so the
         // growth comparison is against apalis-postgres.
@@ -968,6 +987,17 @@ fn table(records: &[Record]) {
         ),
         ("unique_enqueue", "keyed_ratio", "push with a key / without"),
         ("priorities", "ratio", "burn-down, mixed priorities / none"),
+        ("results", "keep_ratio", "burn-down keeping results / not"),
+        (
+            "results",
+            "push_and_wait_p50_ms",
+            "push and wait for the result, p50 ms",
+        ),
+        (
+            "results",
+            "many_waiters_calls_per_sec",
+            "callers waiting at once, calls/s",
+        ),
         (
             "retention",
             "burn_down_per_sec",

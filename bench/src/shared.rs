@@ -184,6 +184,18 @@ pub struct Params {
     pub far_job_ms: u64,
     #[serde(default = "default_far_secs")]
     pub far_secs: u64,
+    /// `results`: sequential push-and-wait calls timed, and callers waiting at once.
+    #[serde(default = "default_result_calls")]
+    pub result_calls: usize,
+    #[serde(default = "default_result_waiters")]
+    pub result_waiters: usize,
+}
+
+fn default_result_calls() -> usize {
+    300
+}
+fn default_result_waiters() -> usize {
+    1000
 }
 
 fn default_one_worker_concurrency() -> usize {
@@ -236,6 +248,8 @@ impl Default for Params {
             far_concurrency: default_far_concurrency(),
             far_job_ms: default_far_job_ms(),
             far_secs: default_far_secs(),
+            result_calls: default_result_calls(),
+            result_waiters: default_result_waiters(),
         }
     }
 }
@@ -256,6 +270,8 @@ impl Params {
             breakdown_claims: vec![100],
             delayed_jobs: 20_000,
             far_secs: 3,
+            result_calls: 30,
+            result_waiters: 100,
             ..Self::default()
         }
     }

@@ -80,6 +80,13 @@ pub(crate) struct Completion {
     pub(crate) result: Option<super::StoredResult>,
 }
 
+impl Completion {
+    /// A caller waits for this job's result.
+    fn awaited(&self) -> bool {
+        self.action.finishes() && self.result.as_ref().is_some_and(|r| r.awaited)
+    }
+}
+
 enum Command {
     Complete(Completion),
     /// Answer once everything sent before this command is written.
@@ -183,12 +190,17 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx) {
             }
             continue;
         }
-        // Gather more until the batch is full, a flush is requested, or the interval is over.
+        // Gather more until the batch is full, a flush is requested, or the interval is over;
+        // a result a caller waits for is written with whatever has arrived.
         let deadline = tokio::time::Instant::now() + ctx.flush_interval;
-        while open && pending.len() < ctx.batch_size && waiters.is_empty() {
+        let mut awaited = pending.iter().any(Completion::awaited);
+        while open && pending.len() < ctx.batch_size && waiters.is_empty() && !awaited {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
-                    Some(cmd) => absorb(cmd, &mut pending, &mut waiters, &mut received),
+                    Some(cmd) => {
+                        absorb(cmd, &mut pending, &mut waiters, &mut received);
+                        awaited = pending.last().is_some_and(Completion::awaited);
+                    }
                     None => open = false,
                 },
                 () = tokio::time::sleep_until(deadline) => break,

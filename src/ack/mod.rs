@@ -86,6 +86,9 @@ pub(crate) struct StoredResult {
     pub(crate) value: Option<String>,
     /// The error's text, or why the output could not be kept.
     pub(crate) error: Option<String>,
+    /// A caller is waiting for it ([`push_and_wait`](crate::PgmqStorage::push_and_wait)): the
+    /// completer writes it without waiting for a batch to fill.
+    pub(crate) awaited: bool,
 }
 
 impl StoredResult {
@@ -96,6 +99,7 @@ impl StoredResult {
         job_id: String,
         result: Result<&Res, &BoxDynError>,
         max_bytes: usize,
+        awaited: bool,
     ) -> Self {
         let (status, value, error) = match result {
             Ok(res) => match encode_result(res, max_bytes) {
@@ -110,6 +114,7 @@ impl StoredResult {
             status,
             value,
             error,
+            awaited,
         }
     }
 }
@@ -254,13 +259,15 @@ where
         let info = task.data().get::<MessageInfo>().cloned();
         let delivery = info.as_ref().map(|m| (m.msg_id, m.read_ct));
         // Whose result to keep, if any: the id apalis sees (the producer's, or the message's).
-        let keep_result = info
-            .as_ref()
-            .filter(|m| self.shared.config.store_results || wants_result(m.headers.as_ref()))
-            .map(|m| {
-                task.task_id()
-                    .map_or_else(|| m.msg_id.to_string(), ToString::to_string)
-            });
+        let keep_result = info.as_ref().and_then(|m| {
+            let awaited = wants_result(m.headers.as_ref());
+            (self.shared.config.store_results || awaited).then(|| {
+                let id = task
+                    .task_id()
+                    .map_or_else(|| m.msg_id.to_string(), ToString::to_string);
+                (id, awaited)
+            })
+        });
         let worker = task
             .data()
             .get::<apalis_core::worker::context::WorkerContext>()
@@ -355,13 +362,17 @@ where
                             (Action::Retry { .. }, Some(e)) => Some(error_text(&**e)),
                             _ => None,
                         };
-                        let stored = keep_result.filter(|_| action.finishes()).map(|job_id| {
-                            StoredResult::of(
-                                job_id,
-                                result.as_ref(),
-                                shared.config.max_payload_bytes,
-                            )
-                        });
+                        let stored =
+                            keep_result
+                                .filter(|_| action.finishes())
+                                .map(|(job_id, awaited)| {
+                                    StoredResult::of(
+                                        job_id,
+                                        result.as_ref(),
+                                        shared.config.max_payload_bytes,
+                                        awaited,
+                                    )
+                                });
                         shared.complete(Completion {
                             msg_id,
                             read_ct,

@@ -608,9 +608,8 @@ where
 impl<Args, C> PgmqStorage<Args, C> {
     /// Sends a message that cannot become a task to the dead-letter queue, with the reason.
     fn dead_letter_undecodable(&self, m: &Message, error: &str) {
-        let result = (self.shared.config.store_results
-            || crate::ack::wants_result(m.headers.as_ref()))
-        .then(|| {
+        let awaited = crate::ack::wants_result(m.headers.as_ref());
+        let result = (self.shared.config.store_results || awaited).then(|| {
             let job_id = JobMeta::from_headers(m.headers.as_ref())
                 .task_id
                 .map_or_else(|| m.msg_id.to_string(), |t| t.to_string());
@@ -622,6 +621,7 @@ impl<Args, C> PgmqStorage<Args, C> {
                     &format!("the job cannot be read: {error}"),
                     crate::ack::MAX_ERROR_TEXT,
                 )),
+                awaited,
             }
         });
         self.shared.complete(Completion {

@@ -4,10 +4,10 @@
 -- without polling. Only final outcomes: done, killed, and failed with no attempts left.
 CREATE TABLE IF NOT EXISTS apalis_pgmq.results (
   queue text NOT NULL,
-  -- The job's id as apalis sees it: the id the producer chose (headers.apalis.task_id), or the
-  -- message id.
-  job_id text NOT NULL,
   msg_id bigint NOT NULL,
+  -- The id the producer chose for the job (headers.apalis.task_id), when it is not the message
+  -- id.
+  job_id text,
   status text NOT NULL CHECK (status IN ('Done', 'Failed', 'Killed')),
   attempt integer NOT NULL,
   -- The handler's output as JSON (Done), or NULL.
@@ -15,9 +15,11 @@ CREATE TABLE IF NOT EXISTS apalis_pgmq.results (
   -- The error's text (Failed, Killed; or why the output could not be kept), or NULL.
   error text,
   finished_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-  PRIMARY KEY (queue, job_id)
+  PRIMARY KEY (queue, msg_id)
 );
 
--- Waiters may ask by message id; retention deletes the oldest first.
-CREATE INDEX IF NOT EXISTS results_msg_idx ON apalis_pgmq.results (queue, msg_id);
-CREATE INDEX IF NOT EXISTS results_finished_idx ON apalis_pgmq.results (queue, finished_at);
+-- Waiters may ask by the producer's id; only jobs that have one are in this index.
+CREATE INDEX IF NOT EXISTS results_job_idx ON apalis_pgmq.results (queue, job_id)
+  WHERE job_id IS NOT NULL;
+-- Retention deletes what finished long ago: a BRIN index, nearly free to maintain.
+CREATE INDEX IF NOT EXISTS results_finished_idx ON apalis_pgmq.results USING brin (finished_at);

@@ -184,20 +184,22 @@ pub(crate) const COUNT_PARTITIONS: &str =
 /// Used in `src/notify/wakeup.rs`.
 pub(crate) const LISTENERS_CHANGED: &str = "SELECT apalis_pgmq.listeners_changed()";
 
-/// Used in `src/notify/results.rs`: the stored results of a queue's jobs, by job id (`$2`) or
-/// message id (`$3`).
-pub(crate) const FIND_RESULTS: &str = "SELECT job_id, msg_id, status, attempt, result::text, error \
-     FROM apalis_pgmq.results WHERE queue = $1 AND (job_id = ANY($2::text[]) OR msg_id = ANY($3::bigint[]))";
+/// Used in `src/notify/results.rs`: the stored results of a queue's jobs, by the producer's job
+/// id (`$2`) or message id (`$3`), newest first (a replayed job has one per run).
+pub(crate) const FIND_RESULTS: &str = "SELECT coalesce(job_id, msg_id::text), msg_id, status, attempt, result::text, error \
+     FROM apalis_pgmq.results \
+     WHERE queue = $1 AND (msg_id = ANY($3::bigint[]) OR (job_id IS NOT NULL AND job_id = ANY($2::text[]))) \
+     ORDER BY finished_at DESC";
 
-/// Used in `src/ops.rs`: one batch (`$3` rows, oldest first) of a queue's results finished more
-/// than `$2` seconds ago, while holding the queue's result-pruning lock (`$4`: take it; else
-/// prune unconditionally).
-pub(crate) const PRUNE_RESULTS: &str = "WITH old AS (SELECT job_id FROM apalis_pgmq.results \
+/// Used in `src/ops.rs`: one batch (`$3` rows) of a queue's results finished more than `$2`
+/// seconds ago, while holding the queue's result-pruning lock (`$4`: take it; else prune
+/// unconditionally).
+pub(crate) const PRUNE_RESULTS: &str = "WITH old AS (SELECT msg_id FROM apalis_pgmq.results \
        WHERE queue = $1 \
          AND (NOT $4 OR (SELECT pg_try_advisory_xact_lock(hashtext('apalis_pgmq.prune_results'), hashtext($1)))) \
          AND finished_at < clock_timestamp() - make_interval(secs => $2::float8) \
-       ORDER BY finished_at LIMIT $3), \
-     gone AS (DELETE FROM apalis_pgmq.results r USING old WHERE r.queue = $1 AND r.job_id = old.job_id RETURNING 1) \
+       LIMIT $3), \
+     gone AS (DELETE FROM apalis_pgmq.results r USING old WHERE r.queue = $1 AND r.msg_id = old.msg_id RETURNING 1) \
      SELECT count(*) FROM gone";
 
 /// The fixed statements, by name.

@@ -214,7 +214,7 @@ async fn looked(db: &TestDb) {
         (count(
             &db.pool,
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND query LIKE 'SELECT job_id, msg_id, status%'",
+             AND query LIKE 'SELECT coalesce(job_id, msg_id::text)%'",
         )
         .await
             > 0)

@@ -372,8 +372,8 @@ fn key_hash_of(alias: &str) -> String {
 ///
 /// With `results`, the finished jobs (archived, deleted or dead-lettered by this statement, so
 /// fenced like their outcome) that carry a result have it upserted into `apalis_pgmq.results`,
-/// and one notification on the results channel (`$12`) lists their keys (job ids, and message
-/// ids where they differ) as a JSON array, or `"*"` when that would not fit 7 900 bytes. A third
+/// and one notification on the results channel (`$12`) lists their keys (message ids, and the
+/// producer's job ids where there are some) as a JSON array, or `"*"` when that would not fit 7 900 bytes. A third
 /// column counts the notifications sent (0 or 1).
 fn complete_sql(q: &str, a: &str, d: &str, m_cols: &str, source: &str, results: bool) -> Arc<str> {
     const COLS: &str = ARCHIVE_COLS;
@@ -386,20 +386,20 @@ fn complete_sql(q: &str, a: &str, d: &str, m_cols: &str, source: &str, results: 
                      AS r(msg_id, read_ct, attempts, job_id, status, val, err) \
                    WHERE r.status IS NOT NULL), \
                  stored AS ( \
-                   INSERT INTO apalis_pgmq.results AS x (queue, job_id, msg_id, status, attempt, result, error) \
-                   SELECT '{source}', rs.job_id, rs.msg_id, rs.status, greatest(rs.attempts, rs.read_ct), \
-                          rs.val::jsonb, rs.err \
+                   INSERT INTO apalis_pgmq.results AS x (queue, msg_id, job_id, status, attempt, result, error) \
+                   SELECT '{source}', rs.msg_id, NULLIF(rs.job_id, rs.msg_id::text), rs.status, \
+                          greatest(rs.attempts, rs.read_ct), rs.val::jsonb, rs.err \
                    FROM rs WHERE rs.msg_id IN (SELECT msg_id FROM archived UNION ALL \
                                                SELECT msg_id FROM deleted UNION ALL \
                                                SELECT msg_id FROM dead) \
-                   ON CONFLICT (queue, job_id) DO UPDATE \
-                     SET msg_id = EXCLUDED.msg_id, status = EXCLUDED.status, attempt = EXCLUDED.attempt, \
+                   ON CONFLICT (queue, msg_id) DO UPDATE \
+                     SET job_id = EXCLUDED.job_id, status = EXCLUDED.status, attempt = EXCLUDED.attempt, \
                          result = EXCLUDED.result, error = EXCLUDED.error, finished_at = clock_timestamp() \
                    RETURNING x.job_id, x.msg_id), \
                  announced AS ( \
                    SELECT json_agg(k)::text AS keys FROM ( \
-                     SELECT job_id AS k FROM stored \
-                     UNION ALL SELECT msg_id::text FROM stored WHERE job_id <> msg_id::text) ks)"
+                     SELECT msg_id::text AS k FROM stored \
+                     UNION ALL SELECT job_id FROM stored WHERE job_id IS NOT NULL) ks)"
             ),
             ", (SELECT count(*) FROM (SELECT pg_notify($12::text, \
                    CASE WHEN octet_length(keys) <= 7900 THEN keys ELSE '\"*\"' END) \

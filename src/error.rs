@@ -131,6 +131,13 @@ pub enum Error {
         error: String,
     },
 
+    /// Job results cannot be read: the role lacks `SELECT` on `apalis_pgmq.results`, or
+    /// [`setup`](crate::setup) has not created it. Waiting would not help.
+    #[error(
+        "job results cannot be read ({0}); grant SELECT on apalis_pgmq.results to this role, and run apalis_pgmq_notify::setup(&pool) if the table is missing"
+    )]
+    ResultsUnreadable(String),
+
     /// A background task the backend depends on is gone (the runtime is shutting down).
     #[error("background task stopped: {0}")]
     Stopped(&'static str),

@@ -208,19 +208,32 @@ async fn a_thousand_waiters_share_one_listener() {
     stop_worker(stop, join).await;
 }
 
-/// Waits until a waiter has made its first look at the results table.
+/// Waits until a waiter has made its first look at the results table (seen in
+/// `pg_stat_activity`, from a connection of its own: a pool connection reused for the check
+/// would overwrite the look it is looking for).
 async fn looked(db: &TestDb) {
-    wait_for(WAIT, "the waiter's first look", || async {
-        (count(
-            &db.pool,
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect_with(&db.options)
+        .await
+        .expect("connect");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let n: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
              AND query LIKE 'SELECT coalesce(job_id, msg_id::text)%'",
         )
+        .fetch_one(&mut conn)
         .await
-            > 0)
-        .then_some(())
-    })
-    .await;
+        .expect("activity");
+        if n > 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for the waiter's first look"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await; // the poll interval of a condition wait
+    }
 }
 
 #[tokio::test]
@@ -444,6 +457,14 @@ async fn a_role_that_may_not_write_results_still_finishes_jobs() {
         0
     );
     waiting.abort();
+    // A waiter that may not read the results hears so at once, rather than waiting in vain.
+    let reader = storage_on(&pool, queue, Config::default().listen(false));
+    match tokio::time::timeout(WAIT, reader.push_and_wait::<u64>(4, WAIT)).await {
+        Ok(Err(Error::ResultsUnreadable(why))) => {
+            assert!(why.contains("permission denied"), "{why}")
+        }
+        other => panic!("expected ResultsUnreadable, got {other:?}"),
+    }
     stop_worker(stop, join).await;
     pool.close().await;
     common::drop_role(&db, &role).await;
@@ -567,4 +588,69 @@ async fn results_expire() {
             .expect("read")
             .is_empty()
     );
+}
+
+#[tokio::test]
+async fn announcements_too_long_for_a_notification_still_wake_every_waiter() {
+    let db = TestDb::setup().await;
+    // Outcomes gather for up to 500 ms, so a statement carries many of them.
+    let mut s = storage_on(
+        &db.pool,
+        "long_ids",
+        Config::default()
+            .store_results(true)
+            .completion_flush_interval(Duration::from_millis(500)),
+    );
+    s.create_queue().await.expect("create");
+    // 300 jobs with 100-byte ids: one outcome statement's ids would not fit a notification, so
+    // it announces "*" and the watch looks at every id it waits for.
+    let ids: Vec<TaskId> = (0..300)
+        .map(|i| TaskId::from_string(format!("{i:0>100}")))
+        .collect();
+    let mut conn = db.pool.acquire().await.expect("conn");
+    for (i, id) in ids.iter().enumerate() {
+        let task = TaskBuilder::new(u32::try_from(i).expect("small") * 10)
+            .task_id(id.clone())
+            .build();
+        s.push_task_with(&mut conn, task).await.expect("push");
+    }
+    drop(conn);
+    let mut spy = sqlx::postgres::PgListener::connect_with(&db.pool)
+        .await
+        .expect("listener");
+    spy.listen("apq.r.long_ids").await.expect("listen");
+    let mut waiter = s.clone();
+    let waiting = tokio::spawn(async move {
+        let stream = WaitForCompletion::<u64>::wait_for(&mut waiter, ids);
+        stream.collect::<Vec<_>>().await
+    });
+    looked(&db).await;
+    let worker = WorkerBuilder::new("long-ids")
+        .backend(s.clone())
+        .concurrency(100)
+        .build(handler);
+    let (stop, join) = spawn_worker!(worker);
+    let got = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("every result")
+        .expect("waiter");
+    assert_eq!(got.len(), 300);
+    // Read the announcements until the "*" one: each must fit a notification.
+    let star = tokio::time::timeout(WAIT, async {
+        loop {
+            let n = spy.recv().await.expect("notification");
+            assert!(n.payload().len() <= 7900, "{} bytes", n.payload().len());
+            if n.payload() == "\"*\"" {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(star.is_ok(), "a statement announced \"*\"");
+    assert!(
+        got.iter()
+            .all(|r| r.as_ref().is_ok_and(|r| r.status == Status::Done))
+    );
+    assert_eq!(s.listener_stats().parse_errors, 0);
+    stop_worker(stop, join).await;
 }

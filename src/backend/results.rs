@@ -89,7 +89,17 @@ fn wait_stream<O: DeserializeOwned + Send + 'static>(
                         if asked.is_empty() {
                             return None;
                         }
-                        let (key, row) = waiter.rows.recv().await?;
+                        let (key, row) = match waiter.rows.recv().await? {
+                            Ok(delivered) => delivered,
+                            Err(why) => {
+                                // Nothing more will come for any of these ids.
+                                asked.clear();
+                                return Some((
+                                    Err(Error::ResultsUnreadable(why)),
+                                    (waiter, asked, shared),
+                                ));
+                            }
+                        };
                         let Some(id) = asked.remove(&key) else {
                             continue;
                         };
@@ -171,7 +181,8 @@ where
     ///
     /// [`Error::Timeout`] if the job has not finished in time (it keeps going; its result can
     /// be read later with [`results`](Self::results)); [`Error::ResultType`] if the output does
-    /// not decode as `O`; push errors ([`Error::PayloadTooLarge`], [`Error::Database`]).
+    /// not decode as `O`; [`Error::ResultsUnreadable`] if the role may not read
+    /// `apalis_pgmq.results` (or `setup` has not created it); push errors ([`Error::PayloadTooLarge`], [`Error::Database`]).
     ///
     /// # Example
     ///

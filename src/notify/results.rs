@@ -16,7 +16,9 @@
 //!   hub asks every watch to look at all of its ids again, and the listener's health check
 //!   replaces a connection that silently stopped delivering (see `listener.rs`), so a result
 //!   written meanwhile is found within that interval.
-//! - A look that fails (database unreachable) is retried with backoff, for all ids.
+//! - A look that fails (database unreachable) is retried with backoff, for all ids. A look that
+//!   cannot succeed (the role may not read the table, or it is missing) ends its waiters with
+//!   the error.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -90,8 +92,11 @@ impl Look {
     }
 }
 
-/// Where a waiter's rows go: `(the id it waited for, the row)`.
-type RowSender = mpsc::UnboundedSender<(String, ResultRow)>;
+/// What a waiter receives: `(the id it waited for, its row)`, or why results cannot be read.
+pub(crate) type Delivery = Result<(String, ResultRow), String>;
+
+/// Where a waiter's rows go.
+type RowSender = mpsc::UnboundedSender<Delivery>;
 
 #[derive(Default)]
 struct State {
@@ -130,8 +135,8 @@ pub(crate) struct Waiter {
     watch: Arc<ResultWatch>,
     id: u64,
     keys: Vec<String>,
-    /// `(the id waited for, its result)`, once each.
-    pub(crate) rows: mpsc::UnboundedReceiver<(String, ResultRow)>,
+    /// `(the id waited for, its result)`, once each; or why results cannot be read.
+    pub(crate) rows: mpsc::UnboundedReceiver<Delivery>,
 }
 
 impl Drop for Waiter {
@@ -233,6 +238,18 @@ impl ResultWatch {
         }
     }
 
+    /// Tells the waiters of `keys` that results cannot be read, and forgets them.
+    fn fail(&self, keys: &[String], why: &str) {
+        let mut state = lock(&self.state);
+        for k in keys {
+            if let Some(list) = state.waiters.remove(k) {
+                for (_, tx) in list {
+                    let _ = tx.send(Err(why.to_owned()));
+                }
+            }
+        }
+    }
+
     /// Hands each row to the waiters of its job id and of its message id.
     fn deliver(&self, rows: Vec<ResultRow>) {
         let mut state = lock(&self.state);
@@ -241,7 +258,7 @@ impl ResultWatch {
             for key in [row.job_id.clone(), msg_key] {
                 if let Some(list) = state.waiters.remove(&key) {
                     for (_, tx) in list {
-                        let _ = tx.send((key.clone(), row.clone()));
+                        let _ = tx.send(Ok((key.clone(), row.clone())));
                     }
                 }
             }
@@ -266,6 +283,11 @@ async fn run(watch: Weak<ResultWatch>, wake: Arc<Notify>) {
                     failures = 0;
                     w.deliver(rows);
                 }
+                Err(e) if cannot_read(&e) => {
+                    // Waiting cannot help: the role lacks the right, or the table is missing.
+                    tracing::error!(queue = %w.queue, error = %e, "job results cannot be read");
+                    w.fail(chunk, &e.to_string());
+                }
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(queue = %w.queue, error = %e, failures,
@@ -279,5 +301,17 @@ async fn run(watch: Weak<ResultWatch>, wake: Arc<Notify>) {
                 }
             }
         }
+    }
+}
+
+/// Errors that retrying cannot cure: a missing right, a missing table (setup not run).
+fn cannot_read(e: &crate::Error) -> bool {
+    match e {
+        crate::Error::NotSetUp { .. } => true,
+        crate::Error::Database(d) => d
+            .as_database_error()
+            .and_then(|d| d.code())
+            .is_some_and(|c| c == "42501" || c == "42P01"),
+        _ => false,
     }
 }

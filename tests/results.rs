@@ -594,7 +594,7 @@ async fn results_expire() {
 async fn announcements_too_long_for_a_notification_still_wake_every_waiter() {
     let db = TestDb::setup().await;
     // Outcomes gather for up to 500 ms, so a statement carries many of them.
-    let mut s = storage_on(
+    let s = storage_on(
         &db.pool,
         "long_ids",
         Config::default()

@@ -528,3 +528,29 @@ async fn tls_urls_work_and_a_wrong_certificate_is_refused() {
         text(&out)
     );
 }
+
+#[tokio::test]
+async fn prune_deletes_results_past_their_retention() {
+    let db = TestDb::setup().await;
+    let url = db.url();
+    let out = cli(&["create-queue", "kept"], Some(&url));
+    assert!(out.status.success(), "{}", text(&out));
+    // Two finished jobs' results, one an hour old.
+    sqlx::query(
+        "INSERT INTO apalis_pgmq.results (queue, msg_id, status, attempt, result, finished_at) \
+         VALUES ('kept', 1, 'Done', 1, '1', now() - interval '1 hour'), \
+                ('kept', 2, 'Done', 1, '2', now())",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("results");
+    let out = cli(&["prune", "kept", "--result-retention", "10m"], Some(&url));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains(", 1 results"), "{}", text(&out));
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM apalis_pgmq.results").await,
+        1
+    );
+    let out = cli(&["prune", "kept", "--result-retention", "soon"], Some(&url));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}

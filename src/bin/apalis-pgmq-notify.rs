@@ -11,7 +11,7 @@
 //! apalis-pgmq-notify job show|retry|delete <queue> <id>
 //! apalis-pgmq-notify pause <queue> / resume <queue>
 //! apalis-pgmq-notify workers [--queue Q] [--json]
-//! apalis-pgmq-notify prune [<queue>...] [--archive-retention 7d] [--dead-letter-retention 30d]
+//! apalis-pgmq-notify prune [<queue>...] [--archive-retention 7d] [--dead-letter-retention 30d] [--result-retention 1d]
 //! apalis-pgmq-notify create-queue <queue> [--partitioned --partition-interval N --retention-interval N]
 //! apalis-pgmq-notify enable-notify|disable-notify|drop-queue <queue>...
 //! apalis-pgmq-notify generate-migration [<queue>...] / validate <config.json>
@@ -25,7 +25,8 @@ use apalis_core::backend::RunningWorker;
 use apalis_pgmq_notify::{
     ConfigFile, JobRecord, NotifyChannels, NotifyMode, PgmqQueue, PgmqStorage, QueueName,
     disable_notify, drop_queue_and_dead_letters, enable_notify, notify_migration_sql, notify_mode,
-    pause, pending_migrations, prune, queues_overview, resume, running_workers, setup,
+    pause, pending_migrations, prune, prune_results, queues_overview, resume, running_workers,
+    setup,
 };
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
@@ -93,6 +94,9 @@ enum Command {
         /// Keep dead letters this long.
         #[arg(long, default_value = "30d", value_parser = duration)]
         dead_letter_retention: Duration,
+        /// Keep stored job results this long.
+        #[arg(long, default_value = "1d", value_parser = duration)]
+        result_retention: Duration,
     },
     /// Install LISTEN/NOTIFY triggers on existing PGMQ queues.
     EnableNotify {
@@ -572,6 +576,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             queues: names,
             archive_retention,
             dead_letter_retention,
+            result_retention,
         } => {
             let pool = pool(&cli).await?;
             let targets: Vec<QueueName> = if names.is_empty() {
@@ -591,8 +596,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     Some(*dead_letter_retention),
                 )
                 .await?;
+                let results = prune_results(&pool, &q, *result_retention).await?;
                 println!(
-                    "{q}: {} archived and {} dead jobs deleted",
+                    "{q}: {} archived and {} dead jobs deleted, {results} results",
                     n.archived, n.dead_letters
                 );
             }

@@ -33,13 +33,7 @@ async fn record(job: Job, seen: Data<Seen>) -> Result<(), BoxDynError> {
 }
 
 async fn proxy_for(db: &TestDb, delay: Duration) -> common::proxy::Proxy {
-    let host = db.options.get_host().to_owned();
-    let addr = tokio::net::lookup_host((host.as_str(), db.options.get_port()))
-        .await
-        .expect("resolve")
-        .next()
-        .expect("address");
-    common::proxy::Proxy::start_delayed(addr, delay).await
+    common::proxy::Proxy::to_server(&db.options, delay).await
 }
 
 #[tokio::test]

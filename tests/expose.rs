@@ -353,12 +353,7 @@ async fn the_worker_registry_lists_workers_of_two_processes_and_forgets_a_dead_o
     .expect("config");
     a.create_queue().await.expect("create");
     // Process B reaches the database through a proxy (another listener, another owner).
-    let addr = tokio::net::lookup_host((db.options.get_host(), db.options.get_port()))
-        .await
-        .expect("resolve")
-        .next()
-        .expect("address");
-    let proxy = Proxy::start(addr).await;
+    let proxy = Proxy::to_server(&db.options, Duration::ZERO).await;
     let pool_b = PgPoolOptions::new()
         .max_connections(5)
         .connect_with(db.options.clone().host("127.0.0.1").port(proxy.port))

@@ -242,15 +242,7 @@ struct Probe {
 async fn a_frozen_worker_stops_its_jobs_before_another_worker_runs_them() {
     let db = TestDb::setup().await;
     let queue = "frozen";
-    let proxy = {
-        let host = db.options.get_host().to_owned();
-        let addr = tokio::net::lookup_host((host.as_str(), db.options.get_port()))
-            .await
-            .expect("resolve")
-            .next()
-            .expect("address");
-        common::proxy::Proxy::start(addr).await
-    };
+    let proxy = common::proxy::Proxy::to_server(&db.options, Duration::ZERO).await;
     let pool_a = sqlx::postgres::PgPoolOptions::new()
         .max_connections(5)
         .connect_with(db.options.clone().host("127.0.0.1").port(proxy.port))

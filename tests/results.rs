@@ -239,13 +239,7 @@ async fn looked(db: &TestDb) {
 #[tokio::test]
 async fn a_waiter_whose_listener_goes_silent_still_gets_the_result() {
     let db = TestDb::setup().await;
-    let host = db.options.get_host().to_owned();
-    let addr = tokio::net::lookup_host((host.as_str(), db.options.get_port()))
-        .await
-        .expect("resolve")
-        .next()
-        .expect("address");
-    let proxy = common::proxy::Proxy::start(addr).await;
+    let proxy = common::proxy::Proxy::to_server(&db.options, Duration::ZERO).await;
     let far = sqlx::postgres::PgPoolOptions::new()
         .max_connections(3)
         .connect_with(db.options.clone().host("127.0.0.1").port(proxy.port))

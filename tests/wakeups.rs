@@ -90,13 +90,7 @@ async fn pool_through(db: &TestDb, proxy: &Proxy) -> PgPool {
 }
 
 async fn proxy_to_server(db: &TestDb) -> Proxy {
-    let host = db.options.get_host().to_owned();
-    let addr = tokio::net::lookup_host((host.as_str(), db.options.get_port()))
-        .await
-        .expect("resolve the server")
-        .next()
-        .expect("an address");
-    Proxy::start(addr).await
+    Proxy::to_server(&db.options, Duration::ZERO).await
 }
 
 #[tokio::test]

@@ -76,6 +76,18 @@ impl Proxy {
         Self { port, state, tasks }
     }
 
+    /// A proxy to the PostgreSQL server `options` point at (`delay`: see
+    /// [`Proxy::start_delayed`]). Connect through it with `options.clone().host("127.0.0.1")
+    /// .port(proxy.port)`.
+    pub async fn to_server(options: &sqlx::postgres::PgConnectOptions, delay: Duration) -> Self {
+        let addr = tokio::net::lookup_host((options.get_host(), options.get_port()))
+            .await
+            .expect("resolve the server")
+            .next()
+            .expect("an address");
+        Self::start_delayed(addr, delay).await
+    }
+
     /// Makes every connection that has issued `LISTEN` so far go silent. Returns how many.
     pub fn silence_listeners(&self) -> usize {
         let conns = self.state.conns.lock().expect("lock");

@@ -648,3 +648,55 @@ async fn announcements_too_long_for_a_notification_still_wake_every_waiter() {
     assert_eq!(s.listener_stats().parse_errors, 0);
     stop_worker(stop, join).await;
 }
+
+#[tokio::test]
+async fn a_worker_process_prunes_results_past_their_retention() {
+    let db = TestDb::setup().await;
+    let s = storage_on(
+        &db.pool,
+        "old_results",
+        Config::default()
+            .heartbeat_interval(Duration::from_secs(1))
+            .result_retention(Some(Duration::from_secs(3600))),
+    );
+    s.create_queue().await.expect("create");
+    // 300 results finished two hours ago, 10 a minute ago, and one of another queue.
+    sqlx::query(
+        "INSERT INTO apalis_pgmq.results (queue, msg_id, status, attempt, result, finished_at) \
+         SELECT 'old_results', g, 'Done', 1, 'null'::jsonb, \
+                now() - CASE WHEN g <= 300 THEN interval '2 hours' ELSE interval '1 minute' END \
+         FROM generate_series(1, 310) g \
+         UNION ALL SELECT 'other', 1, 'Done', 1, 'null', now() - interval '2 hours'",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("results");
+    let worker = WorkerBuilder::new("old-results")
+        .backend(s.clone())
+        .build(handler);
+    let (stop, join) = spawn_worker!(worker);
+    wait_for(
+        WAIT,
+        "old results pruned by the worker's process",
+        || async {
+            (count(
+                &db.pool,
+                "SELECT count(*) FROM apalis_pgmq.results WHERE queue = 'old_results'",
+            )
+            .await
+                == 10)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM apalis_pgmq.results WHERE queue = 'other'"
+        )
+        .await,
+        1,
+        "another queue's results are its own workers' business"
+    );
+    stop_worker(stop, join).await;
+}

@@ -18,8 +18,10 @@ CREATE TABLE IF NOT EXISTS apalis_pgmq.results (
   PRIMARY KEY (queue, msg_id)
 );
 
--- Waiters may ask by the producer's id; only jobs that have one are in this index.
-CREATE INDEX IF NOT EXISTS results_job_idx ON apalis_pgmq.results (queue, job_id)
+-- Waiters may ask by the producer's id; only jobs that have one are in this index. It holds the
+-- id's SHA-256 (apalis_pgmq.key_hash, 0009), not the id: a btree entry holds at most ~2.7 kB,
+-- and a longer id must not make the statement that writes the job's outcome fail.
+CREATE INDEX IF NOT EXISTS results_job_idx ON apalis_pgmq.results (queue, apalis_pgmq.key_hash(job_id))
   WHERE job_id IS NOT NULL;
 -- Retention deletes what finished long ago: a BRIN index, nearly free to maintain.
 CREATE INDEX IF NOT EXISTS results_finished_idx ON apalis_pgmq.results USING brin (finished_at);

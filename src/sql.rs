@@ -185,10 +185,15 @@ pub(crate) const COUNT_PARTITIONS: &str =
 pub(crate) const LISTENERS_CHANGED: &str = "SELECT apalis_pgmq.listeners_changed()";
 
 /// Used in `src/notify/results.rs`: the stored results of a queue's jobs, by the producer's job
-/// id (`$2`) or message id (`$3`), newest first (a replayed job has one per run).
+/// id (`$2`, found through the hash index, then compared) or message id (`$3`), newest first (a
+/// replayed job has one per run).
 pub(crate) const FIND_RESULTS: &str = "SELECT coalesce(job_id, msg_id::text), msg_id, status, attempt, result::text, error \
      FROM apalis_pgmq.results \
-     WHERE queue = $1 AND (msg_id = ANY($3::bigint[]) OR (job_id IS NOT NULL AND job_id = ANY($2::text[]))) \
+     WHERE queue = $1 \
+       AND (msg_id = ANY($3::bigint[]) \
+            OR (job_id IS NOT NULL \
+                AND apalis_pgmq.key_hash(job_id) = ANY(ARRAY(SELECT apalis_pgmq.key_hash(k) FROM unnest($2::text[]) k)) \
+                AND job_id = ANY($2::text[]))) \
      ORDER BY finished_at DESC";
 
 /// Used in `src/ops.rs`: one batch (`$3` rows) of a queue's results finished more than `$2`

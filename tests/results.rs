@@ -700,3 +700,49 @@ async fn a_worker_process_prunes_results_past_their_retention() {
     );
     stop_worker(stop, join).await;
 }
+
+#[tokio::test]
+async fn a_task_id_longer_than_an_index_entry_keeps_its_result() {
+    let db = TestDb::setup().await;
+    let mut s = storage_on(&db.pool, "long_id", Config::default().store_results(true));
+    s.create_queue().await.expect("create");
+    // Incompressible, 20 kB: far beyond what a btree entry holds (~2.7 kB).
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let long: String = (0..20_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + u8::try_from(x % 26).expect("letter"))
+        })
+        .collect();
+    let mut conn = db.pool.acquire().await.expect("conn");
+    s.push_task_with(
+        &mut conn,
+        TaskBuilder::new(5u32)
+            .task_id(TaskId::from_string(long.clone()))
+            .build(),
+    )
+    .await
+    .expect("push");
+    drop(conn);
+    let worker = WorkerBuilder::new("long-id")
+        .backend(s.clone())
+        .build(handler);
+    let (stop, join) = spawn_worker!(worker);
+    let mut stream =
+        WaitForCompletion::<u64>::wait_for_single(&mut s, TaskId::from_string(long.clone()));
+    let r = tokio::time::timeout(WAIT, stream.next())
+        .await
+        .expect("the result within the timeout")
+        .expect("a result")
+        .expect("decodes");
+    assert_eq!(r.result, Ok(25));
+    assert_eq!(r.task_id, TaskId::from_string(long));
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM pgmq.a_long_id").await,
+        1,
+        "archived once, not delivered again"
+    );
+    stop_worker(stop, join).await;
+}

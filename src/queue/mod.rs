@@ -373,25 +373,24 @@ fn key_hash_of(alias: &str) -> String {
 /// With `results`, the finished jobs (archived, deleted or dead-lettered by this statement, so
 /// fenced like their outcome) that carry a result have it upserted into `apalis_pgmq.results`,
 /// and one notification on the results channel (`$12`) lists their keys (message ids, and the
-/// producer's job ids where there are some) as a JSON array, or `"*"` when that would not fit 7 900 bytes. A third
-/// column counts the notifications sent (0 or 1).
+/// producer's job ids where there are some) as a JSON array, or `"*"` when that would not fit
+/// 7 900 bytes. A third column counts the notifications sent (0 or 1).
 fn complete_sql(q: &str, a: &str, d: &str, m_cols: &str, source: &str, results: bool) -> Arc<str> {
     const COLS: &str = ARCHIVE_COLS;
-    let (stored, select_more) = if results {
+    // With results, each outcome's row of `t` also carries its result (status NULL: none).
+    let (result_arrays, result_cols, stored, select_more) = if results {
         (
+            ", $8::text[], $9::text[], $10::text[], $11::text[]",
+            ", job_id, r_status, r_val, r_err",
             format!(
-                ", rs AS ( \
-                   SELECT * FROM unnest($1::bigint[], $2::int[], $6::int[], $8::text[], $9::text[], \
-                                        $10::text[], $11::text[]) \
-                     AS r(msg_id, read_ct, attempts, job_id, status, val, err) \
-                   WHERE r.status IS NOT NULL), \
-                 stored AS ( \
+                ", stored AS ( \
                    INSERT INTO apalis_pgmq.results AS x (queue, msg_id, job_id, status, attempt, result, error) \
-                   SELECT '{source}', rs.msg_id, NULLIF(rs.job_id, rs.msg_id::text), rs.status, \
-                          greatest(rs.attempts, rs.read_ct), rs.val::jsonb, rs.err \
-                   FROM rs WHERE rs.msg_id IN (SELECT msg_id FROM archived UNION ALL \
-                                               SELECT msg_id FROM deleted UNION ALL \
-                                               SELECT msg_id FROM dead) \
+                   SELECT '{source}', t.msg_id, NULLIF(t.job_id, t.msg_id::text), t.r_status, \
+                          greatest(t.attempts, t.read_ct), t.r_val::jsonb, t.r_err \
+                   FROM t WHERE t.r_status IS NOT NULL \
+                     AND t.msg_id IN (SELECT msg_id FROM archived UNION ALL \
+                                      SELECT msg_id FROM deleted UNION ALL \
+                                      SELECT msg_id FROM dead) \
                    ON CONFLICT (queue, msg_id) DO UPDATE \
                      SET job_id = EXCLUDED.job_id, status = EXCLUDED.status, attempt = EXCLUDED.attempt, \
                          result = EXCLUDED.result, error = EXCLUDED.error, finished_at = clock_timestamp() \
@@ -406,13 +405,13 @@ fn complete_sql(q: &str, a: &str, d: &str, m_cols: &str, source: &str, results: 
                  FROM announced WHERE keys IS NOT NULL) n)",
         )
     } else {
-        (String::new(), "")
+        ("", "", String::new(), "")
     };
     format!(
         "WITH t AS ( \
            SELECT * FROM unnest($1::bigint[], $2::int[], $3::smallint[], $4::float8[], \
-                                $5::text[], $6::int[], $7::text[]) \
-             AS u(msg_id, read_ct, action, delay, info, attempts, err)), \
+                                $5::text[], $6::int[], $7::text[]{result_arrays}) \
+             AS u(msg_id, read_ct, action, delay, info, attempts, err{result_cols})), \
          archived AS ( \
            DELETE FROM {q} m USING t WHERE {FENCE} AND t.action = 1 RETURNING {m_cols}), \
          archive_rows AS (INSERT INTO {a} ({COLS}) SELECT {COLS} FROM archived RETURNING msg_id), \

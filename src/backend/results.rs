@@ -26,26 +26,18 @@ fn task_result<O: DeserializeOwned>(asked: TaskId, row: ResultRow) -> Result<Tas
         expected: "a job status",
         error: format!("unknown status {:?}", row.status),
     })?;
-    let result = match (row.result, row.error) {
-        (_, Some(error)) => Err(error),
-        (Some(text), None) => {
-            Ok(
-                serde_json::from_str::<O>(&text).map_err(|e| Error::ResultType {
+    let result = match (row.error, row.result) {
+        (Some(error), _) => Err(error),
+        // No output stored is JSON `null` (what `()` encodes to).
+        (None, output) => Ok(
+            serde_json::from_str::<O>(output.as_deref().unwrap_or("null")).map_err(|e| {
+                Error::ResultType {
                     job_id: asked.to_string(),
                     expected: std::any::type_name::<O>(),
                     error: e.to_string(),
-                })?,
-            )
-        }
-        (None, None) => {
-            Ok(
-                serde_json::from_value::<O>(Value::Null).map_err(|e| Error::ResultType {
-                    job_id: asked.to_string(),
-                    expected: std::any::type_name::<O>(),
-                    error: e.to_string(),
-                })?,
-            )
-        }
+                }
+            })?,
+        ),
     };
     Ok(TaskResult {
         task_id: asked,

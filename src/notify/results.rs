@@ -34,6 +34,7 @@ use crate::{queue::QueueName, util::error_backoff};
 /// A stored result, as read from `apalis_pgmq.results`.
 #[derive(Debug, Clone)]
 pub(crate) struct ResultRow {
+    /// The producer's id for the job, or else its message id, as text.
     pub(crate) job_id: String,
     pub(crate) msg_id: i64,
     pub(crate) status: String,

@@ -142,6 +142,8 @@ mod ops;
 mod queue;
 mod sql;
 mod sql_check;
+#[doc(hidden)]
+pub mod testing;
 mod util;
 
 pub use ack::{AckLayer, AckService, HandlerPanicked, LeaseLost};

@@ -136,6 +136,15 @@ fn worker_main(args: &[String]) -> Res<()> {
     let vt_ms: u64 = arg(args, "--vt-ms").unwrap_or("10000").parse()?;
     let attempts: u32 = arg(args, "--max-attempts").unwrap_or("5").parse()?;
     let log_path = PathBuf::from(arg(args, "--log").ok_or("--log")?);
+    // Warnings and errors of the backend go to the worker's stderr file, kept with its log.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("APALIS_FAULTS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

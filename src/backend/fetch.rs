@@ -180,6 +180,12 @@ impl Fetcher {
             self.shared = Some(shared.clone());
         }
         self.report(in_flight);
+        // Take in the claims that came back even while the worker is full (apalis polls for a
+        // task only when it has room): their messages are leased from the moment the claim ran,
+        // and the keeper renews only what it knows of.
+        if !self.inflight.reads.is_empty() {
+            self.drive_reads(cx, shared);
+        }
         let saturated = self.capacity.observe_ready(in_flight);
         let keep = self.keep();
         if saturated && self.buffer.len() > keep {

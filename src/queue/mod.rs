@@ -308,6 +308,29 @@ pub(crate) const ARCHIVE_COLS: &str =
 /// once the message was delivered again.
 const FENCE: &str = "m.msg_id = t.msg_id AND m.read_ct = t.read_ct";
 
+/// A CTE `locked` that locks the rows of the batch `pairs` (a `FROM` item named `t` with
+/// `msg_id` and `read_ct`) still carrying our `read_ct`, one at a time in `msg_id` order,
+/// waiting where another transaction holds one. Every statement here that writes about
+/// claimed messages in batches (renewal, release, outcomes, PGMQ's batch calls) locks this way
+/// before it writes, and writes only rows it locked: two of them racing on the same rows wait
+/// for each other in the same order and never deadlock, whatever order their batches list the
+/// rows in or plan PostgreSQL picks (it only notices a deadlock after `deadlock_timeout`, 1 s
+/// by default, longer than a short lease has left). Claims never wait: they skip locked rows.
+fn locked_cte(q: &str, pairs: &str) -> String {
+    format!(
+        "locked AS MATERIALIZED (SELECT m.msg_id FROM {q} m JOIN {pairs} ON {FENCE} \
+                                ORDER BY m.msg_id FOR UPDATE OF m)"
+    )
+}
+
+/// As [`locked_cte`], for a batch of ids without fence (`$1`).
+fn locked_ids_cte(q: &str) -> String {
+    format!(
+        "locked AS MATERIALIZED (SELECT m.msg_id FROM {q} m WHERE m.msg_id = ANY($1::bigint[]) \
+                                ORDER BY m.msg_id FOR UPDATE OF m)"
+    )
+}
+
 /// How a read picks the visible messages it claims.
 #[derive(Clone, Copy)]
 enum Pick {
@@ -407,22 +430,27 @@ fn complete_sql(q: &str, a: &str, d: &str, m_cols: &str, source: &str, results: 
     } else {
         ("", "", String::new(), "")
     };
+    let locked = locked_cte(q, "t");
     format!(
         "WITH t AS ( \
            SELECT * FROM unnest($1::bigint[], $2::int[], $3::smallint[], $4::float8[], \
                                 $5::text[], $6::int[], $7::text[]{result_arrays}) \
              AS u(msg_id, read_ct, action, delay, info, attempts, err{result_cols})), \
+         {locked}, \
          archived AS ( \
-           DELETE FROM {q} m USING t WHERE {FENCE} AND t.action = 1 RETURNING {m_cols}), \
+           DELETE FROM {q} m USING t, locked l \
+           WHERE {FENCE} AND l.msg_id = m.msg_id AND t.action = 1 RETURNING {m_cols}), \
          archive_rows AS (INSERT INTO {a} ({COLS}) SELECT {COLS} FROM archived RETURNING msg_id), \
          deleted AS ( \
-           DELETE FROM {q} m USING t WHERE {FENCE} AND t.action = 2 RETURNING m.msg_id), \
+           DELETE FROM {q} m USING t, locked l \
+           WHERE {FENCE} AND l.msg_id = m.msg_id AND t.action = 2 RETURNING m.msg_id), \
          retried AS ( \
            UPDATE {q} m SET vt = clock_timestamp() + make_interval(secs => t.delay), \
                             headers = apalis_pgmq.retry_headers(m.headers, t.attempts, t.err) \
-           FROM t WHERE {FENCE} AND t.action = 3 RETURNING m.msg_id), \
+           FROM t, locked l WHERE {FENCE} AND l.msg_id = m.msg_id AND t.action = 3 RETURNING m.msg_id), \
          dead AS ( \
-           DELETE FROM {q} m USING t WHERE {FENCE} AND t.action = 4 \
+           DELETE FROM {q} m USING t, locked l \
+           WHERE {FENCE} AND l.msg_id = m.msg_id AND t.action = 4 \
            RETURNING m.msg_id, greatest(m.read_ct, t.attempts) AS runs, m.message, m.headers, t.info), \
          dead_rows AS ( \
            INSERT INTO {d} (vt, message, headers) \
@@ -483,6 +511,8 @@ impl QueueSql {
             .collect::<Vec<_>>()
             .join(", ");
         let vt = "COALESCE($3::timestamptz, clock_timestamp() + make_interval(secs => $4::float8))";
+        let locked_ids = locked_ids_cte(&q);
+        let locked_batch = locked_cte(&q, "unnest($1::bigint[], $2::int[]) AS t(msg_id, read_ct)");
         Self {
             send_one: format!(
                 "INSERT INTO {q} (vt, message, headers) VALUES ({vt}, $1::text::jsonb, $2::text::jsonb) \
@@ -554,16 +584,22 @@ impl QueueSql {
             )
             .into(),
             set_vt_many: format!(
-                "UPDATE {q} SET vt = COALESCE($2::timestamptz, clock_timestamp() + make_interval(secs => $3::float8)) \
-                 WHERE msg_id = ANY($1) RETURNING msg_id"
+                "WITH {locked_ids} \
+                 UPDATE {q} m SET vt = COALESCE($2::timestamptz, clock_timestamp() + make_interval(secs => $3::float8)) \
+                 FROM locked l WHERE m.msg_id = l.msg_id RETURNING m.msg_id"
             )
             .into(),
             archive: format!(
-                "WITH archived AS (DELETE FROM {q} WHERE msg_id = ANY($1) RETURNING {COLS}) \
+                "WITH {locked_ids}, \
+                 archived AS (DELETE FROM {q} m USING locked l WHERE m.msg_id = l.msg_id RETURNING {m_cols}) \
                  INSERT INTO {a} ({COLS}) SELECT {COLS} FROM archived RETURNING msg_id"
             )
             .into(),
-            delete: format!("DELETE FROM {q} WHERE msg_id = ANY($1) RETURNING msg_id").into(),
+            delete: format!(
+                "WITH {locked_ids} \
+                 DELETE FROM {q} m USING locked l WHERE m.msg_id = l.msg_id RETURNING m.msg_id"
+            )
+            .into(),
             next_visible: format!("SELECT min(vt) FROM {q} WHERE vt > clock_timestamp()").into(),
             // Over every row, visible ones included (then it is zero or less): a message that
             // became visible between a worker's empty read and this look is not missed. Nothing
@@ -580,15 +616,15 @@ impl QueueSql {
             )
             .into(),
             renew: format!(
-                "UPDATE {q} m SET vt = clock_timestamp() + make_interval(secs => $3::float8) \
-                 FROM unnest($1::bigint[], $2::int[]) AS t(msg_id, read_ct) \
-                 WHERE {FENCE} RETURNING m.msg_id"
+                "WITH {locked_batch} \
+                 UPDATE {q} m SET vt = clock_timestamp() + make_interval(secs => $3::float8) \
+                 FROM locked l WHERE m.msg_id = l.msg_id RETURNING m.msg_id"
             )
             .into(),
             release: format!(
-                "UPDATE {q} m SET vt = clock_timestamp(), read_ct = m.read_ct - 1 \
-                 FROM unnest($1::bigint[], $2::int[]) AS t(msg_id, read_ct) \
-                 WHERE {FENCE} RETURNING m.msg_id"
+                "WITH {locked_batch} \
+                 UPDATE {q} m SET vt = clock_timestamp(), read_ct = m.read_ct - 1 \
+                 FROM locked l WHERE m.msg_id = l.msg_id RETURNING m.msg_id"
             )
             .into(),
             // Actions: 1 archive, 2 delete, 3 retry (visible after `delay`, the runs and error

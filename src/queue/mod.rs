@@ -310,15 +310,17 @@ const FENCE: &str = "m.msg_id = t.msg_id AND m.read_ct = t.read_ct";
 
 /// A CTE `locked` that locks the rows of the batch `pairs` (a `FROM` item named `t` with
 /// `msg_id` and `read_ct`) still carrying our `read_ct`, one at a time in `msg_id` order,
-/// waiting where another transaction holds one. Every statement here that writes about
-/// claimed messages in batches (renewal, release, outcomes, PGMQ's batch calls) locks this way
-/// before it writes, and writes only rows it locked: two of them racing on the same rows wait
-/// for each other in the same order and never deadlock, whatever order their batches list the
-/// rows in or plan PostgreSQL picks (it only notices a deadlock after `deadlock_timeout`, 1 s
-/// by default, longer than a short lease has left). Claims never wait: they skip locked rows.
-fn locked_cte(q: &str, pairs: &str) -> String {
+/// waiting where another transaction holds one, and returns `cols` of them. Every statement
+/// here that writes about claimed messages in batches (renewal, release, outcomes, PGMQ's
+/// batch calls) locks this way before it writes, and writes only rows it locked (joined
+/// through `locked` alone, so each row is found by its primary key once): two of them racing
+/// on the same rows wait for each other in the same order and never deadlock, whatever order
+/// their batches list the rows in or plan PostgreSQL picks (it only notices a deadlock after
+/// `deadlock_timeout`, 1 s by default, longer than a short lease has left). Claims never wait:
+/// they skip locked rows.
+fn locked_cte(q: &str, pairs: &str, cols: &str) -> String {
     format!(
-        "locked AS MATERIALIZED (SELECT m.msg_id FROM {q} m JOIN {pairs} ON {FENCE} \
+        "locked AS MATERIALIZED (SELECT {cols} FROM {q} m JOIN {pairs} ON {FENCE} \
                                 ORDER BY m.msg_id FOR UPDATE OF m)"
     )
 }
@@ -410,7 +412,7 @@ fn complete_sql(q: &str, a: &str, d: &str, m_cols: &str, source: &str, results: 
                    INSERT INTO apalis_pgmq.results AS x (queue, msg_id, job_id, status, attempt, result, error) \
                    SELECT '{source}', t.msg_id, NULLIF(t.job_id, t.msg_id::text), t.r_status, \
                           greatest(t.attempts, t.read_ct), t.r_val::jsonb, t.r_err \
-                   FROM t WHERE t.r_status IS NOT NULL \
+                   FROM locked t WHERE t.r_status IS NOT NULL \
                      AND t.msg_id IN (SELECT msg_id FROM archived UNION ALL \
                                       SELECT msg_id FROM deleted UNION ALL \
                                       SELECT msg_id FROM dead) \
@@ -430,27 +432,26 @@ fn complete_sql(q: &str, a: &str, d: &str, m_cols: &str, source: &str, results: 
     } else {
         ("", "", String::new(), "")
     };
-    let locked = locked_cte(q, "t");
+    // The batch's rows that are still ours, locked in order; the writes below read the batch
+    // from here (as `t`), so they touch only rows locked first.
+    let locked = locked_cte(q, "batch t", "t.*");
     format!(
-        "WITH t AS ( \
+        "WITH batch AS ( \
            SELECT * FROM unnest($1::bigint[], $2::int[], $3::smallint[], $4::float8[], \
                                 $5::text[], $6::int[], $7::text[]{result_arrays}) \
              AS u(msg_id, read_ct, action, delay, info, attempts, err{result_cols})), \
          {locked}, \
          archived AS ( \
-           DELETE FROM {q} m USING t, locked l \
-           WHERE {FENCE} AND l.msg_id = m.msg_id AND t.action = 1 RETURNING {m_cols}), \
+           DELETE FROM {q} m USING locked t WHERE {FENCE} AND t.action = 1 RETURNING {m_cols}), \
          archive_rows AS (INSERT INTO {a} ({COLS}) SELECT {COLS} FROM archived RETURNING msg_id), \
          deleted AS ( \
-           DELETE FROM {q} m USING t, locked l \
-           WHERE {FENCE} AND l.msg_id = m.msg_id AND t.action = 2 RETURNING m.msg_id), \
+           DELETE FROM {q} m USING locked t WHERE {FENCE} AND t.action = 2 RETURNING m.msg_id), \
          retried AS ( \
            UPDATE {q} m SET vt = clock_timestamp() + make_interval(secs => t.delay), \
                             headers = apalis_pgmq.retry_headers(m.headers, t.attempts, t.err) \
-           FROM t, locked l WHERE {FENCE} AND l.msg_id = m.msg_id AND t.action = 3 RETURNING m.msg_id), \
+           FROM locked t WHERE {FENCE} AND t.action = 3 RETURNING m.msg_id), \
          dead AS ( \
-           DELETE FROM {q} m USING t, locked l \
-           WHERE {FENCE} AND l.msg_id = m.msg_id AND t.action = 4 \
+           DELETE FROM {q} m USING locked t WHERE {FENCE} AND t.action = 4 \
            RETURNING m.msg_id, greatest(m.read_ct, t.attempts) AS runs, m.message, m.headers, t.info), \
          dead_rows AS ( \
            INSERT INTO {d} (vt, message, headers) \
@@ -512,7 +513,11 @@ impl QueueSql {
             .join(", ");
         let vt = "COALESCE($3::timestamptz, clock_timestamp() + make_interval(secs => $4::float8))";
         let locked_ids = locked_ids_cte(&q);
-        let locked_batch = locked_cte(&q, "unnest($1::bigint[], $2::int[]) AS t(msg_id, read_ct)");
+        let locked_batch = locked_cte(
+            &q,
+            "unnest($1::bigint[], $2::int[]) AS t(msg_id, read_ct)",
+            "m.msg_id",
+        );
         Self {
             send_one: format!(
                 "INSERT INTO {q} (vt, message, headers) VALUES ({vt}, $1::text::jsonb, $2::text::jsonb) \

@@ -25,7 +25,7 @@ use std::{
 use sqlx::PgPool;
 use tokio::{sync::Notify, time::Instant};
 
-use crate::queue::PgmqQueue;
+use crate::queue::{PgmqQueue, Renewal};
 
 /// One claimed message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +71,10 @@ impl LostFlag {
         }
     }
 }
+
+/// How soon a renewal tries again the leases it found busy (at most a twentieth of the
+/// visibility timeout).
+const BUSY_RETRY: Duration = Duration::from_millis(25);
 
 /// The messages this process holds for one queue.
 #[derive(Debug, Default)]
@@ -186,15 +190,16 @@ impl LeaseTable {
             .collect()
     }
 
-    fn renewed(&self, batch: &[(i64, i32)], renewed: &[i64], expires: Instant) {
+    /// Applies a renewal: `renewed` get the new expiry, `busy` keep theirs (tried again), the
+    /// rest of `batch` is not ours any more.
+    fn renewed(&self, batch: &[(i64, i32)], renewed: &[i64], busy: &[i64], expires: Instant) {
         let mut leases = self.lock();
         for (id, read_ct) in batch {
-            let still_ours = renewed.binary_search(id).is_ok();
             if let Some(lease) = leases.get_mut(id) {
-                if lease.read_ct != *read_ct {
+                if lease.read_ct != *read_ct || busy.binary_search(id).is_ok() {
                     continue;
                 }
-                if still_ours {
+                if renewed.binary_search(id).is_ok() {
                     lease.expires = expires;
                 } else {
                     // Completed meanwhile, or the message is gone: nothing left to renew.
@@ -273,16 +278,24 @@ pub(crate) async fn keeper(table: Arc<LeaseTable>, pool: PgPool, queue: PgmqQueu
             () = tokio::time::sleep_until(give_up_at) => None,
         };
         match renewal {
-            Some(Ok(renewed)) => {
+            Some(Ok(Renewal { renewed, busy })) => {
                 failures = 0;
                 crate::obs::renewed(queue.name().as_str(), renewed.len());
-                if renewed.len() < batch.len() {
-                    tracing::debug!(
-                        lost = batch.len() - renewed.len(),
-                        "some leases were not renewed (completed or gone)"
-                    );
+                let gone = batch.len() - renewed.len() - busy.len();
+                if gone > 0 {
+                    tracing::debug!(gone, "some leases were not renewed (completed or gone)");
                 }
-                table.renewed(&batch, &renewed, started + vt);
+                table.renewed(&batch, &renewed, &busy, started + vt);
+                if !busy.is_empty() {
+                    // Held by another transaction (their outcome being written, most often):
+                    // try them again shortly, not at once.
+                    tracing::debug!(
+                        busy = busy.len(),
+                        "some leases were busy; renewing them again shortly"
+                    );
+                    let again = Instant::now() + BUSY_RETRY.min(vt / 20);
+                    tokio::time::sleep_until(again.min(give_up_at)).await;
+                }
             }
             Some(Err(e)) => {
                 failures += 1;
@@ -332,8 +345,24 @@ mod tests {
         );
         assert!(t.remove(1, 1));
         assert_eq!(t.len(), 1);
-        t.renewed(&[(2, 3)], &[], now);
-        assert_eq!(t.len(), 0, "a lease that matched no row is dropped");
+        t.insert_many([(
+            4,
+            Lease {
+                read_ct: 1,
+                expires: now,
+                lost: None,
+            },
+        )]);
+        let later = now + Duration::from_secs(30);
+        t.renewed(&[(2, 3), (4, 1)], &[], &[4], later);
+        assert_eq!(t.len(), 1, "a lease that matched no row is dropped");
+        assert_eq!(
+            t.get(4).map(|l| l.expires),
+            Some(now),
+            "a busy lease is kept as it was, to be renewed again"
+        );
+        t.renewed(&[(4, 1)], &[4], &[], later);
+        assert_eq!(t.get(4).map(|l| l.expires), Some(later));
     }
 
     #[tokio::test(start_paused = true)]

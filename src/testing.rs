@@ -8,7 +8,10 @@ use crate::{
     queue::{Outcomes, PgmqQueue},
 };
 
-/// Renews the leases of `batch` (`(msg_id, read_ct)`) for `secs`; the ids renewed, sorted.
+pub use crate::queue::Renewal;
+
+/// Renews the leases of `batch` (`(msg_id, read_ct)`) for `secs`, without waiting for rows
+/// another transaction holds (reported busy).
 ///
 /// # Errors
 ///
@@ -18,7 +21,7 @@ pub async fn renew(
     queue: &PgmqQueue,
     batch: &[(i64, i32)],
     secs: f64,
-) -> Result<Vec<i64>> {
+) -> Result<Renewal> {
     Ok(queue.renew_leases(pool, batch, secs).await?)
 }
 

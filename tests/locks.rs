@@ -3,7 +3,9 @@
 //! every lease while the completer archives finished jobs and the fetcher releases what a full
 //! worker cannot start. Whatever order their batches list the rows in, they must never
 //! deadlock: PostgreSQL only notices a deadlock after `deadlock_timeout` (1 s), longer than a
-//! short lease has left, so a deadlock costs leases and runs jobs twice.
+//! short lease has left, so a deadlock costs leases and runs jobs twice. Renewals never wait
+//! (a row another transaction holds is reported busy and tried again); releases lock in
+//! `msg_id` order.
 
 mod common;
 
@@ -57,12 +59,54 @@ async fn renewals_in_opposite_orders_never_deadlock() {
             testing::renew(&db.pool, &q, &b, 600.0)
         );
         let (ra, rb) = (ra.expect("renewal a"), rb.expect("renewal b"));
+        // A row the other renewal held at that moment is reported busy, not lost.
         assert_eq!(
-            (ra.len(), rb.len()),
+            (
+                ra.renewed.len() + ra.busy.len(),
+                rb.renewed.len() + rb.busy.len()
+            ),
             (400, 400),
-            "round {round}: every lease renewed"
+            "round {round}: every lease renewed or busy"
         );
+        for (id, _) in &a {
+            assert!(
+                ra.renewed.binary_search(id).is_ok() || rb.renewed.binary_search(id).is_ok(),
+                "round {round}: {id} renewed by one of them"
+            );
+        }
     }
+}
+
+#[tokio::test]
+async fn a_renewal_never_waits_for_a_row_another_transaction_holds() {
+    let db = TestDb::setup().await;
+    let (q, held) = claimed(&db, "locks_busy", 20).await;
+    // Another transaction (an operator's, say) holds one row and stays open.
+    let mut other = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM pgmq.q_locks_busy WHERE msg_id = $1 FOR UPDATE")
+        .bind(held[7].0)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(
+        Duration::from_secs(30),
+        testing::renew(&db.pool, &q, &held, 600.0),
+    )
+    .await
+    .expect("the renewal returns while the other transaction is open")
+    .expect("renewal");
+    assert_eq!(r.busy, vec![held[7].0], "the held row is reported busy");
+    assert_eq!(r.renewed.len(), 19, "every other lease is renewed");
+    other.rollback().await.unwrap();
+    let again = testing::renew(&db.pool, &q, &held[7..8], 600.0)
+        .await
+        .unwrap();
+    assert_eq!(again.renewed, vec![held[7].0], "renewed once it is free");
+    // A delivery that is not ours any more is neither renewed nor busy.
+    let stale = testing::renew(&db.pool, &q, &[(held[3].0, held[3].1 + 1)], 600.0)
+        .await
+        .unwrap();
+    assert_eq!(stale, testing::Renewal::default());
 }
 
 #[tokio::test]
@@ -92,7 +136,7 @@ async fn a_release_and_an_outcome_racing_a_renewal_never_deadlock() {
         assert!(
             only_renewed
                 .iter()
-                .all(|(id, _)| rn.binary_search(id).is_ok()),
+                .all(|(id, _)| rn.renewed.binary_search(id).is_ok()),
             "round {round}: every lease nobody else touched was renewed"
         );
     }

@@ -309,20 +309,26 @@ pub(crate) const ARCHIVE_COLS: &str =
 const FENCE: &str = "m.msg_id = t.msg_id AND m.read_ct = t.read_ct";
 
 /// A CTE `locked` that locks the rows of the batch `pairs` (a `FROM` item named `t` with
-/// `msg_id` and `read_ct`) still carrying our `read_ct`, one at a time in `msg_id` order,
-/// waiting where another transaction holds one, and returns `cols` of them. Every statement
-/// here that writes about claimed messages in batches (renewal, release, outcomes, PGMQ's
-/// batch calls) locks this way before it writes, and writes only rows it locked (joined
-/// through `locked` alone, so each row is found by its primary key once): two of them racing
-/// on the same rows wait for each other in the same order and never deadlock, whatever order
-/// their batches list the rows in or plan PostgreSQL picks (it only notices a deadlock after
-/// `deadlock_timeout`, 1 s by default, longer than a short lease has left). Claims never wait:
-/// they skip locked rows.
-fn locked_cte(q: &str, pairs: &str, cols: &str) -> String {
-    format!(
-        "locked AS MATERIALIZED (SELECT {cols} FROM {q} m JOIN {pairs} ON {FENCE} \
-                                ORDER BY m.msg_id FOR UPDATE OF m)"
-    )
+/// `msg_id` and `read_ct`) still carrying our `read_ct`, one at a time in `msg_id` order
+/// (`wait`) or skipping those another transaction holds (`!wait`), and returns their
+/// `msg_id`. The statement then writes only rows it locked, found through `locked`.
+///
+/// Why: the statements that write about claimed messages run concurrently, often on the same
+/// rows (the keeper renews every lease while the completer archives finished jobs and a full
+/// worker releases what it cannot start). Two that wait on row locks in different orders
+/// deadlock, and PostgreSQL only notices after `deadlock_timeout` (1 s by default), longer than
+/// a short lease has left. So the renewal never waits (a row it skips is reported busy and
+/// renewed on the next try), the release and PGMQ's batch calls lock in `msg_id` order, and
+/// claims skip locked rows. The outcome statement, the one on every job's path, waits in
+/// whatever order its plan visits rows: nothing it can meet waits on it in turn (see
+/// `complete_sql`).
+fn locked_cte(q: &str, pairs: &str, wait: bool) -> String {
+    let lock = if wait {
+        "ORDER BY m.msg_id FOR UPDATE OF m"
+    } else {
+        "FOR UPDATE OF m SKIP LOCKED"
+    };
+    format!("locked AS MATERIALIZED (SELECT m.msg_id FROM {q} m JOIN {pairs} ON {FENCE} {lock})")
 }
 
 /// As [`locked_cte`], for a batch of ids without fence (`$1`).
@@ -400,6 +406,15 @@ fn key_hash_of(alias: &str) -> String {
 /// and one notification on the results channel (`$12`) lists their keys (message ids, and the
 /// producer's job ids where there are some) as a JSON array, or `"*"` when that would not fit
 /// 7 900 bytes. A third column counts the notifications sent (0 or 1).
+///
+/// It locks rows in the order its plan visits them (ordering them first cost a third more
+/// server time per outcome, measured). That cannot deadlock with this crate's other writes:
+/// renewals never wait, a release or another outcome statement touches other rows (a message
+/// is claimed by one worker at a time; a stale holder's write fails its fence without waiting,
+/// or waits only on a claim, which never waits), and claims skip locked rows. A batch call of
+/// an operator or another PGMQ client on messages workers hold can still meet it in the
+/// opposite order; PostgreSQL then cancels one of the two after `deadlock_timeout` and the
+/// completer writes its batch again.
 fn complete_sql(q: &str, a: &str, d: &str, m_cols: &str, source: &str, results: bool) -> Arc<str> {
     const COLS: &str = ARCHIVE_COLS;
     // With results, each outcome's row of `t` also carries its result (status NULL: none).
@@ -412,7 +427,7 @@ fn complete_sql(q: &str, a: &str, d: &str, m_cols: &str, source: &str, results: 
                    INSERT INTO apalis_pgmq.results AS x (queue, msg_id, job_id, status, attempt, result, error) \
                    SELECT '{source}', t.msg_id, NULLIF(t.job_id, t.msg_id::text), t.r_status, \
                           greatest(t.attempts, t.read_ct), t.r_val::jsonb, t.r_err \
-                   FROM locked t WHERE t.r_status IS NOT NULL \
+                   FROM t WHERE t.r_status IS NOT NULL \
                      AND t.msg_id IN (SELECT msg_id FROM archived UNION ALL \
                                       SELECT msg_id FROM deleted UNION ALL \
                                       SELECT msg_id FROM dead) \
@@ -432,26 +447,22 @@ fn complete_sql(q: &str, a: &str, d: &str, m_cols: &str, source: &str, results: 
     } else {
         ("", "", String::new(), "")
     };
-    // The batch's rows that are still ours, locked in order; the writes below read the batch
-    // from here (as `t`), so they touch only rows locked first.
-    let locked = locked_cte(q, "batch t", "t.*");
     format!(
-        "WITH batch AS ( \
+        "WITH t AS ( \
            SELECT * FROM unnest($1::bigint[], $2::int[], $3::smallint[], $4::float8[], \
                                 $5::text[], $6::int[], $7::text[]{result_arrays}) \
              AS u(msg_id, read_ct, action, delay, info, attempts, err{result_cols})), \
-         {locked}, \
          archived AS ( \
-           DELETE FROM {q} m USING locked t WHERE {FENCE} AND t.action = 1 RETURNING {m_cols}), \
+           DELETE FROM {q} m USING t WHERE {FENCE} AND t.action = 1 RETURNING {m_cols}), \
          archive_rows AS (INSERT INTO {a} ({COLS}) SELECT {COLS} FROM archived RETURNING msg_id), \
          deleted AS ( \
-           DELETE FROM {q} m USING locked t WHERE {FENCE} AND t.action = 2 RETURNING m.msg_id), \
+           DELETE FROM {q} m USING t WHERE {FENCE} AND t.action = 2 RETURNING m.msg_id), \
          retried AS ( \
            UPDATE {q} m SET vt = clock_timestamp() + make_interval(secs => t.delay), \
                             headers = apalis_pgmq.retry_headers(m.headers, t.attempts, t.err) \
-           FROM locked t WHERE {FENCE} AND t.action = 3 RETURNING m.msg_id), \
+           FROM t WHERE {FENCE} AND t.action = 3 RETURNING m.msg_id), \
          dead AS ( \
-           DELETE FROM {q} m USING locked t WHERE {FENCE} AND t.action = 4 \
+           DELETE FROM {q} m USING t WHERE {FENCE} AND t.action = 4 \
            RETURNING m.msg_id, greatest(m.read_ct, t.attempts) AS runs, m.message, m.headers, t.info), \
          dead_rows AS ( \
            INSERT INTO {d} (vt, message, headers) \
@@ -513,11 +524,9 @@ impl QueueSql {
             .join(", ");
         let vt = "COALESCE($3::timestamptz, clock_timestamp() + make_interval(secs => $4::float8))";
         let locked_ids = locked_ids_cte(&q);
-        let locked_batch = locked_cte(
-            &q,
-            "unnest($1::bigint[], $2::int[]) AS t(msg_id, read_ct)",
-            "m.msg_id",
-        );
+        let batch = "unnest($1::bigint[], $2::int[]) AS t(msg_id, read_ct)";
+        let locked_batch = locked_cte(&q, batch, true);
+        let locked_free = locked_cte(&q, batch, false);
         Self {
             send_one: format!(
                 "INSERT INTO {q} (vt, message, headers) VALUES ({vt}, $1::text::jsonb, $2::text::jsonb) \
@@ -620,10 +629,16 @@ impl QueueSql {
                 a = a.replace('\'', "''")
             )
             .into(),
+            // Renewed rows (true), and rows still ours that another transaction holds (false:
+            // the completer writing their outcome, most often), so the keeper tries them again.
             renew: format!(
-                "WITH {locked_batch} \
-                 UPDATE {q} m SET vt = clock_timestamp() + make_interval(secs => $3::float8) \
-                 FROM locked l WHERE m.msg_id = l.msg_id RETURNING m.msg_id"
+                "WITH {locked_free}, \
+                 renewed AS (UPDATE {q} m SET vt = clock_timestamp() + make_interval(secs => $3::float8) \
+                             FROM locked l WHERE m.msg_id = l.msg_id RETURNING m.msg_id) \
+                 SELECT msg_id, true FROM renewed \
+                 UNION ALL \
+                 SELECT m.msg_id, false FROM {q} m JOIN {batch} ON {FENCE} \
+                 WHERE m.msg_id NOT IN (SELECT msg_id FROM locked)"
             )
             .into(),
             release: format!(
@@ -1415,8 +1430,26 @@ impl PgmqQueue {
         pool: &sqlx::PgPool,
         batch: &[(i64, i32)],
         secs: f64,
-    ) -> Result<Vec<i64>, sqlx::Error> {
-        run_fenced(pool, &self.sql.renew, batch, secs).await
+    ) -> Result<Renewal, sqlx::Error> {
+        let ids: Vec<i64> = batch.iter().map(|(id, _)| *id).collect();
+        let cts: Vec<i32> = batch.iter().map(|(_, ct)| *ct).collect();
+        let rows: Vec<(i64, bool)> = sqlx::query_as(AssertSqlSafe(self.sql.renew.clone()))
+            .bind(ids)
+            .bind(cts)
+            .bind(secs)
+            .fetch_all(pool)
+            .await?;
+        let (mut renewed, mut busy) = (Vec::new(), Vec::new());
+        for (id, done) in rows {
+            if done {
+                renewed.push(id);
+            } else {
+                busy.push(id);
+            }
+        }
+        renewed.sort_unstable();
+        busy.sort_unstable();
+        Ok(Renewal { renewed, busy })
     }
 
     /// Makes claimed-but-unstarted messages visible now and gives back the read they cost, so
@@ -1624,6 +1657,17 @@ impl PgmqQueue {
             needed_for,
         }))
     }
+}
+
+/// What a lease renewal did with its batch; a delivery in neither list is not ours any more
+/// (its outcome was written, or the message was delivered again or is gone).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Renewal {
+    /// Renewed, sorted.
+    pub renewed: Vec<i64>,
+    /// Still ours but held by another transaction at that moment (the completer writing their
+    /// outcome, most often), so not renewed; sorted.
+    pub busy: Vec<i64>,
 }
 
 /// A batch of job outcomes as columns, for [`PgmqQueue::complete`].

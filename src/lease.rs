@@ -3,7 +3,10 @@
 //! Every claimed message is in the [`LeaseTable`] from the read that claimed it until its outcome
 //! is written (or it is released). The keeper renews the visibility time of all of them in one
 //! statement whenever the oldest has used a third of the visibility timeout, so a job that runs
-//! longer than the timeout is never delivered to another worker while it runs. Renewal and
+//! longer than the timeout is never delivered to another worker while it runs. A renewal never
+//! waits for a row lock (waiting could close a deadlock with a release or an outcome statement
+//! on the same rows, which PostgreSQL breaks only after a second): a row another transaction
+//! holds is reported busy, keeps its expiry and is renewed again shortly. Renewal and
 //! completion are fenced by `read_ct`: if the message was delivered again after a lost lease, the
 //! stale holder's writes match no row.
 //!

@@ -1522,7 +1522,8 @@ async fn run(quick: bool, only: Option<Vec<String>>) -> Res<bool> {
     }
     print_table(&rows);
     let ok = rows.iter().all(|r| r.ok);
-    if ok {
+    // APALIS_FAULTS_KEEP=1 keeps the logs of a passing run too (workers' warnings included).
+    if ok && std::env::var_os("APALIS_FAULTS_KEEP").is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     } else {
         eprintln!("worker logs kept in {}", dir.display());

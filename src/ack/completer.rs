@@ -20,7 +20,7 @@ use crate::{
         wakeup::{self, WakeTarget},
     },
     queue::{Outcomes, PgmqQueue},
-    util::error_backoff,
+    util::{error_backoff, sqlstate},
 };
 
 /// What to do with a message once its job is over.
@@ -345,15 +345,11 @@ async fn write_one(
 /// Errors caused by the values of a statement (SQLSTATE classes 22 "data exception" and 54
 /// "program limit exceeded"): retrying the same values cannot succeed.
 fn is_data_error(e: &sqlx::Error) -> bool {
-    e.as_database_error()
-        .and_then(|d| d.code())
-        .is_some_and(|code| code.starts_with("22") || code.starts_with("54"))
+    sqlstate(e).is_some_and(|code| code.starts_with("22") || code.starts_with("54"))
 }
 
 fn is_undefined_table(e: &sqlx::Error) -> bool {
-    e.as_database_error()
-        .and_then(|d| d.code())
-        .is_some_and(|code| code == "42P01")
+    sqlstate(e).as_deref() == Some("42P01")
 }
 
 /// Writes on the held connection (acquiring one if none is held); a connection that failed
@@ -433,7 +429,5 @@ async fn write_outcomes(
 
 /// The role lacks a right (SQLSTATE 42501).
 fn is_privilege_error(e: &sqlx::Error) -> bool {
-    e.as_database_error()
-        .and_then(|d| d.code())
-        .is_some_and(|code| code == "42501")
+    sqlstate(e).as_deref() == Some("42501")
 }

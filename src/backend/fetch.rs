@@ -629,10 +629,7 @@ fn is_fatal(e: &crate::Error) -> bool {
         crate::Error::MissingPrivilege { .. }
         | crate::Error::Config(_)
         | crate::Error::NotSetUp { .. } => true,
-        crate::Error::Database(d) => d
-            .as_database_error()
-            .and_then(|d| d.code())
-            .is_some_and(|c| c == "42501"),
+        crate::Error::Database(d) => crate::util::sqlstate(d).as_deref() == Some("42501"),
         _ => false,
     }
 }

@@ -309,10 +309,9 @@ async fn run(watch: Weak<ResultWatch>, wake: Arc<Notify>) {
 fn cannot_read(e: &crate::Error) -> bool {
     match e {
         crate::Error::NotSetUp { .. } => true,
-        crate::Error::Database(d) => d
-            .as_database_error()
-            .and_then(|d| d.code())
-            .is_some_and(|c| c == "42501" || c == "42P01"),
+        crate::Error::Database(d) => {
+            matches!(crate::util::sqlstate(d).as_deref(), Some("42501" | "42P01"))
+        }
         _ => false,
     }
 }

@@ -210,8 +210,7 @@ fn headers_key(headers: Option<&Value>) -> Option<String> {
 /// A push with a key on a queue without the unique-key index (SQLSTATE 42P10: no constraint
 /// matches the `ON CONFLICT`) gets an error that says what to do.
 fn unique_index_missing(e: sqlx::Error, queue: &QueueName) -> Error {
-    let code = e.as_database_error().and_then(|d| d.code());
-    if code.as_deref() == Some("42P10") {
+    if crate::util::sqlstate(&e).as_deref() == Some("42P10") {
         return Error::Config(format!(
             "queue {queue} has no unique index on idempotency keys: call PgmqStorage::create_queue \
              (or PgmqQueue::index_unique_keys) as the queue's owner; partitioned queues cannot have one"
@@ -631,6 +630,7 @@ impl QueueSql {
             .into(),
             // Renewed rows (true), and rows still ours that another transaction holds (false:
             // the completer writing their outcome, most often), so the keeper tries them again.
+            // The second look at the batch runs only when some row was not locked.
             renew: format!(
                 "WITH {locked_free}, \
                  renewed AS (UPDATE {q} m SET vt = clock_timestamp() + make_interval(secs => $3::float8) \
@@ -638,7 +638,8 @@ impl QueueSql {
                  SELECT msg_id, true FROM renewed \
                  UNION ALL \
                  SELECT m.msg_id, false FROM {q} m JOIN {batch} ON {FENCE} \
-                 WHERE m.msg_id NOT IN (SELECT msg_id FROM locked)"
+                 WHERE (SELECT count(*) FROM locked) < cardinality($1::bigint[]) \
+                   AND m.msg_id NOT IN (SELECT msg_id FROM locked)"
             )
             .into(),
             release: format!(

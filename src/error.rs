@@ -1,7 +1,5 @@
 //! Error types.
 
-use crate::queue::QueueNameError;
-
 /// Everything that can go wrong in this crate.
 ///
 /// Errors are values, never panics: a bad queue name, an oversize payload, an old PGMQ or a database
@@ -200,6 +198,41 @@ fn missing_queue(message: &str) -> Option<String> {
 
 /// Shorthand for results in this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a queue name was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueueNameError {
+    /// The name is empty.
+    #[error("invalid queue name: the name is empty")]
+    Empty,
+    /// The name is longer than [`MAX_QUEUE_NAME_LEN`](crate::MAX_QUEUE_NAME_LEN) bytes.
+    #[error(
+        "invalid queue name {name:?}: {len} bytes is longer than the maximum of {max} bytes \
+         (derived identifiers such as archived_at_idx_<name>_dlq must fit PostgreSQL's 63 bytes)"
+    )]
+    TooLong {
+        /// The rejected name.
+        name: String,
+        /// Its length in bytes.
+        len: usize,
+        /// The maximum.
+        max: usize,
+    },
+    /// The name contains a character outside `[a-z0-9_]`, or starts with a digit.
+    #[error(
+        "invalid queue name {name:?}: character {ch:?} at byte {position} is not allowed; \
+         use lower-case ASCII letters, digits and '_', starting with a letter or '_'"
+    )]
+    InvalidCharacter {
+        /// The rejected name.
+        name: String,
+        /// The offending character.
+        ch: char,
+        /// Its byte offset.
+        position: usize,
+    },
+}
 
 #[cfg(test)]
 mod tests {

@@ -28,7 +28,7 @@ use std::{
 use sqlx::PgPool;
 use tokio::{sync::Notify, time::Instant};
 
-use crate::queue::{PgmqQueue, Renewal};
+use crate::queue::{Delivery, PgmqQueue, Renewal};
 
 /// One claimed message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,28 +185,31 @@ impl LeaseTable {
         self.lock().values().map(|l| l.expires).min()
     }
 
-    fn expiring_before(&self, deadline: Instant) -> Vec<(i64, i32)> {
+    fn expiring_before(&self, deadline: Instant) -> Vec<Delivery> {
         self.lock()
             .iter()
             .filter(|(_, l)| l.expires <= deadline)
-            .map(|(id, l)| (*id, l.read_ct))
+            .map(|(id, l)| Delivery {
+                msg_id: *id,
+                read_ct: l.read_ct,
+            })
             .collect()
     }
 
     /// Applies a renewal: `renewed` get the new expiry, `busy` keep theirs (tried again), the
     /// rest of `batch` is not ours any more.
-    fn renewed(&self, batch: &[(i64, i32)], renewed: &[i64], busy: &[i64], expires: Instant) {
+    fn renewed(&self, batch: &[Delivery], renewed: &[i64], busy: &[i64], expires: Instant) {
         let mut leases = self.lock();
-        for (id, read_ct) in batch {
-            if let Some(lease) = leases.get_mut(id) {
-                if lease.read_ct != *read_ct || busy.binary_search(id).is_ok() {
+        for d in batch {
+            if let Some(lease) = leases.get_mut(&d.msg_id) {
+                if lease.read_ct != d.read_ct || busy.binary_search(&d.msg_id).is_ok() {
                     continue;
                 }
-                if renewed.binary_search(id).is_ok() {
+                if renewed.binary_search(&d.msg_id).is_ok() {
                     lease.expires = expires;
                 } else {
                     // Completed meanwhile, or the message is gone: nothing left to renew.
-                    leases.remove(id);
+                    leases.remove(&d.msg_id);
                 }
             }
         }
@@ -277,7 +280,7 @@ pub(crate) async fn keeper(table: Arc<LeaseTable>, pool: PgPool, queue: PgmqQueu
             .map_or(started + vt, |e| e - margin)
             .max(started + Duration::from_millis(10));
         let renewal = tokio::select! {
-            r = queue.renew_leases(&pool, &batch, vt.as_secs_f64()) => Some(r),
+            r = queue.renew(&pool, &batch, vt) => Some(r),
             () = tokio::time::sleep_until(give_up_at) => None,
         };
         match renewal {
@@ -320,6 +323,10 @@ pub(crate) async fn keeper(table: Arc<LeaseTable>, pool: PgPool, queue: PgmqQueu
 mod tests {
     use super::*;
 
+    fn d(msg_id: i64, read_ct: i32) -> Delivery {
+        Delivery { msg_id, read_ct }
+    }
+
     #[test]
     fn remove_is_fenced_by_read_ct() {
         let t = LeaseTable::default();
@@ -357,14 +364,14 @@ mod tests {
             },
         )]);
         let later = now + Duration::from_secs(30);
-        t.renewed(&[(2, 3), (4, 1)], &[], &[4], later);
+        t.renewed(&[d(2, 3), d(4, 1)], &[], &[4], later);
         assert_eq!(t.len(), 1, "a lease that matched no row is dropped");
         assert_eq!(
             t.get(4).map(|l| l.expires),
             Some(now),
             "a busy lease is kept as it was, to be renewed again"
         );
-        t.renewed(&[(4, 1)], &[4], &[], later);
+        t.renewed(&[d(4, 1)], &[4], &[], later);
         assert_eq!(t.get(4).map(|l| l.expires), Some(later));
     }
 

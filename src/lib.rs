@@ -142,17 +142,16 @@ mod ops;
 mod queue;
 mod sql;
 mod sql_check;
+#[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod testing;
 mod util;
 
 pub use ack::{AckLayer, AckService, HandlerPanicked, LeaseLost};
-pub use backend::{
-    FAIR_EVERY, HEADERS_KEY, PgmqStorage, drop_queue_and_dead_letters, running_workers,
-};
+pub use backend::{FAIR_EVERY, PgmqStorage, drop_queue_and_dead_letters, running_workers};
 pub use config::{Backoff, Config, DoneAction, ExhaustedAction, KilledAction};
 pub use config_file::ConfigFile;
-pub use error::{Error, Result};
+pub use error::{Error, QueueNameError, Result};
 pub use migrate::{
     MIN_PGMQ_VERSION, PendingMigration, PgmqSource, SCHEMA, SetupReport, pending_migrations, setup,
 };
@@ -166,8 +165,8 @@ pub use ops::{
     Pruned, QueueOverview, pause, paused_queues, prune, prune_results, queues_overview, resume,
 };
 pub use queue::{
-    DEAD_LETTER_SUFFIX, DEFAULT_MAX_PAYLOAD_BYTES, Delay, JobRecord, JobState, MAX_QUEUE_NAME_LEN,
-    Message, MessageInfo, NewMessage, PgmqQueue, Pushed, QueueCounts, QueueInfo, QueueMetrics,
-    QueueName, QueueNameError, list_queues, metrics_all,
+    DEAD_LETTER_SUFFIX, DEFAULT_MAX_PAYLOAD_BYTES, Delay, HEADERS_KEY, JobRecord, JobState,
+    MAX_QUEUE_NAME_LEN, Message, MessageInfo, NewMessage, PgmqQueue, Pushed, QueueCounts,
+    QueueInfo, QueueMetrics, QueueName, list_queues, metrics_all,
 };
 pub use sql_check::prepare_every_statement;

@@ -1,14 +1,24 @@
 //! The statements that write about claimed messages, callable on their own: for the tests that
-//! race them against each other on a real database. Not part of the API.
+//! race them against each other on a real database (tests/locks.rs). Only with the `testing`
+//! feature; not part of the API.
+
+use std::time::Duration;
 
 use sqlx::PgPool;
 
 use crate::{
     error::Result,
-    queue::{Outcomes, PgmqQueue},
+    queue::{Action, Delivery, Outcome, PgmqQueue},
 };
 
 pub use crate::queue::Renewal;
+
+fn deliveries(batch: &[(i64, i32)]) -> Vec<Delivery> {
+    batch
+        .iter()
+        .map(|&(msg_id, read_ct)| Delivery { msg_id, read_ct })
+        .collect()
+}
 
 /// Renews the leases of `batch` (`(msg_id, read_ct)`) for `secs`, without waiting for rows
 /// another transaction holds (reported busy).
@@ -22,7 +32,9 @@ pub async fn renew(
     batch: &[(i64, i32)],
     secs: f64,
 ) -> Result<Renewal> {
-    Ok(queue.renew_leases(pool, batch, secs).await?)
+    queue
+        .renew(pool, &deliveries(batch), Duration::from_secs_f64(secs))
+        .await
 }
 
 /// Releases `batch`: visible now, the read given back; the ids released, sorted.
@@ -31,7 +43,7 @@ pub async fn renew(
 ///
 /// [`Error::Database`](crate::Error::Database) if the statement fails.
 pub async fn release(pool: &PgPool, queue: &PgmqQueue, batch: &[(i64, i32)]) -> Result<Vec<i64>> {
-    Ok(queue.release_leases(pool, batch).await?)
+    queue.release(pool, &deliveries(batch)).await
 }
 
 /// Writes "done, archive" for every delivery of `batch` in one outcome statement, as the
@@ -45,16 +57,15 @@ pub async fn archive_outcomes(
     queue: &PgmqQueue,
     batch: &[(i64, i32)],
 ) -> Result<Vec<i64>> {
-    let mut o = Outcomes::default();
-    for (id, ct) in batch {
-        o.msg_ids.push(*id);
-        o.read_cts.push(*ct);
-        o.actions.push(1);
-        o.delays.push(0.0);
-        o.infos.push(None);
-        o.attempts.push(*ct);
-        o.errors.push(None);
-    }
-    let (ids, _) = queue.complete(pool, o, "").await?;
-    Ok(ids)
+    let outcomes: Vec<Outcome> = deliveries(batch)
+        .into_iter()
+        .map(|delivery| Outcome {
+            delivery,
+            action: Action::Archive,
+            attempts: delivery.read_ct,
+            error: None,
+            result: None,
+        })
+        .collect();
+    Ok(queue.complete(pool, &outcomes, false, "").await?)
 }

@@ -19,76 +19,12 @@ use crate::{
         WakeSignal,
         wakeup::{self, WakeTarget},
     },
-    queue::{Outcomes, PgmqQueue},
+    queue::{Action, MAX_DELAY, Outcome, PgmqQueue},
     util::{error_backoff, sqlstate},
 };
 
-/// What to do with a message once its job is over.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Action {
-    /// Move to `pgmq.a_<queue>`.
-    Archive,
-    /// Delete.
-    Delete,
-    /// Visible again after this long (`set_vt`).
-    Retry { delay: Duration },
-    /// Move to `<queue>_dlq` with this description merged into the headers.
-    DeadLetter { info: Value },
-}
-
-impl Action {
-    fn name(&self) -> &'static str {
-        match self {
-            Self::Archive => "archive",
-            Self::Delete => "delete",
-            Self::Retry { .. } => "retry",
-            Self::DeadLetter { .. } => "dead_letter",
-        }
-    }
-
-    /// Whether the job is over after this action (a retry is not).
-    pub(crate) fn finishes(&self) -> bool {
-        !matches!(self, Self::Retry { .. })
-    }
-
-    fn code(&self) -> i16 {
-        match self {
-            Self::Archive => 1,
-            Self::Delete => 2,
-            Self::Retry { .. } => 3,
-            Self::DeadLetter { .. } => 4,
-        }
-    }
-}
-
-/// The longest delay a retry is given: PostgreSQL cannot store times far beyond it (a
-/// `RetryAfterError` of 10^13 s would fail with "timestamp out of range").
-pub(crate) const MAX_DELAY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-
-/// The outcome of one delivery.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Completion {
-    pub(crate) msg_id: i64,
-    pub(crate) read_ct: i32,
-    pub(crate) action: Action,
-    /// Runs so far, counting in-process retries (at least `read_ct`): recorded with a retry,
-    /// reported with a dead letter.
-    pub(crate) attempts: i32,
-    /// The error's text (sanitised), recorded with a retry.
-    pub(crate) error: Option<String>,
-    /// The job's result, kept when the outcome finishes the job (never with a retry).
-    pub(crate) result: Option<super::StoredResult>,
-}
-
-impl Completion {
-    /// A caller waits for this job's result.
-    fn awaited(&self) -> bool {
-        self.action.finishes() && self.result.as_ref().is_some_and(|r| r.awaited)
-    }
-}
-
 enum Command {
-    Complete(Completion),
+    Complete(Outcome),
     /// Answer once everything sent before this command is written.
     Flush(oneshot::Sender<()>),
 }
@@ -102,7 +38,7 @@ pub(crate) struct CompleterHandle {
 impl CompleterHandle {
     /// Queues an outcome. Never blocks: the channel holds at most one entry per claimed
     /// message, and claims are bounded by what workers can run.
-    pub(crate) fn complete(&self, completion: Completion) -> bool {
+    pub(crate) fn complete(&self, completion: Outcome) -> bool {
         self.tx.send(Command::Complete(completion)).is_ok()
     }
 
@@ -142,7 +78,7 @@ pub(crate) fn spawn(ctx: CompleterCtx) -> CompleterHandle {
 }
 
 async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx) {
-    let mut pending: Vec<Completion> = Vec::new();
+    let mut pending: Vec<Outcome> = Vec::new();
     // (number of completions that must be written first, waiter)
     let mut waiters: Vec<(u64, oneshot::Sender<()>)> = Vec::new();
     let mut received: u64 = 0;
@@ -153,7 +89,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx) {
     let mut conn: Option<PoolConnection<Postgres>> = None;
 
     let absorb = |cmd: Command,
-                  pending: &mut Vec<Completion>,
+                  pending: &mut Vec<Outcome>,
                   waiters: &mut Vec<(u64, oneshot::Sender<()>)>,
                   received: &mut u64| match cmd {
         Command::Complete(c) => {
@@ -193,13 +129,13 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx) {
         // Gather more until the batch is full, a flush is requested, or the interval is over;
         // a result a caller waits for is written with whatever has arrived.
         let deadline = tokio::time::Instant::now() + ctx.flush_interval;
-        let mut awaited = pending.iter().any(Completion::awaited);
+        let mut awaited = pending.iter().any(Outcome::awaited);
         while open && pending.len() < ctx.batch_size && waiters.is_empty() && !awaited {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     Some(cmd) => {
                         absorb(cmd, &mut pending, &mut waiters, &mut received);
-                        awaited = pending.last().is_some_and(Completion::awaited);
+                        awaited = pending.last().is_some_and(Outcome::awaited);
                     }
                     None => open = false,
                 },
@@ -216,7 +152,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx) {
         write_batch(&ctx, &pending[..n], &mut conn).await;
         let mut soonest_retry: Option<Duration> = None;
         for c in pending.drain(..n) {
-            ctx.leases.remove(c.msg_id, c.read_ct);
+            ctx.leases.remove(c.delivery.msg_id, c.delivery.read_ct);
             if let Action::Retry { delay } = c.action {
                 let delay = delay.min(MAX_DELAY);
                 soonest_retry = Some(soonest_retry.map_or(delay, |s| s.min(delay)));
@@ -244,7 +180,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx) {
 /// replaced by a dead letter that says why, so one bad outcome never blocks the others.
 async fn write_batch(
     ctx: &CompleterCtx,
-    batch: &[Completion],
+    batch: &[Outcome],
     conn: &mut Option<PoolConnection<Postgres>>,
 ) {
     let mut failures = 0u32;
@@ -281,11 +217,7 @@ async fn write_batch(
 /// Writes one outcome; if its data cannot be stored, dead-letters the message with the reason
 /// instead; if even that fails, logs it and leaves the message to be delivered again when its
 /// lease lapses.
-async fn write_one(
-    ctx: &CompleterCtx,
-    c: &Completion,
-    conn: &mut Option<PoolConnection<Postgres>>,
-) {
+async fn write_one(ctx: &CompleterCtx, c: &Outcome, conn: &mut Option<PoolConnection<Postgres>>) {
     let mut failures = 0u32;
     let mut current = c.clone();
     loop {
@@ -297,7 +229,7 @@ async fn write_one(
             {
                 // The result is what PostgreSQL refused: keep the outcome, and say why the
                 // result is missing.
-                tracing::error!(msg_id = c.msg_id, error = %e,
+                tracing::error!(msg_id = c.delivery.msg_id, error = %e,
                     "a job's result cannot be stored; keeping its outcome with an error instead of the result");
                 if let Some(r) = current.result.as_mut() {
                     r.value = None;
@@ -310,11 +242,11 @@ async fn write_one(
             Err(e) if is_data_error(&e) => {
                 if matches!(&current.action, Action::DeadLetter { info } if info.get("reason") == Some(&Value::from("outcome_unwritable")))
                 {
-                    tracing::error!(msg_id = c.msg_id, error = %e,
+                    tracing::error!(msg_id = c.delivery.msg_id, error = %e,
                         "a job's outcome cannot be written, nor a dead letter for it; it will be delivered again when its lease lapses");
                     return;
                 }
-                tracing::error!(msg_id = c.msg_id, read_ct = c.read_ct, error = %e,
+                tracing::error!(msg_id = c.delivery.msg_id, read_ct = c.delivery.read_ct, error = %e,
                     "a job's outcome cannot be written; dead-lettering the message with the reason");
                 current.action = Action::DeadLetter {
                     info: serde_json::json!({
@@ -334,7 +266,7 @@ async fn write_one(
             }
             Err(e) => {
                 failures += 1;
-                tracing::warn!(msg_id = c.msg_id, error = %e, failures,
+                tracing::warn!(msg_id = c.delivery.msg_id, error = %e, failures,
                     "writing a job outcome failed; retrying");
                 tokio::time::sleep(error_backoff(failures)).await;
             }
@@ -358,7 +290,7 @@ fn is_undefined_table(e: &sqlx::Error) -> bool {
 /// outcome never waits on its result.
 async fn write(
     ctx: &CompleterCtx,
-    batch: &[Completion],
+    batch: &[Outcome],
     conn: &mut Option<PoolConnection<Postgres>>,
 ) -> Result<(), sqlx::Error> {
     match write_outcomes(ctx, batch, conn, true).await {
@@ -373,43 +305,18 @@ async fn write(
 
 async fn write_outcomes(
     ctx: &CompleterCtx,
-    batch: &[Completion],
+    batch: &[Outcome],
     conn: &mut Option<PoolConnection<Postgres>>,
     with_results: bool,
 ) -> Result<(), sqlx::Error> {
-    // The same message twice in one statement would be an error; keep the last outcome.
-    let mut batch: Vec<&Completion> = batch.iter().collect();
-    batch.reverse();
-    let mut seen = std::collections::HashSet::new();
-    batch.retain(|c| seen.insert(c.msg_id));
-    let mut o = Outcomes::default();
-    let with_results = with_results && batch.iter().any(|c| c.result.is_some());
-    for c in &batch {
-        o.msg_ids.push(c.msg_id);
-        o.read_cts.push(c.read_ct);
-        o.actions.push(c.action.code());
-        o.attempts.push(c.attempts.max(c.read_ct));
-        o.errors.push(c.error.clone());
-        let (delay, info) = match &c.action {
-            Action::Retry { delay } => ((*delay).min(MAX_DELAY).as_secs_f64(), None),
-            Action::DeadLetter { info } => (0.0, Some(info.to_string())),
-            Action::Archive | Action::Delete => (0.0, None),
-        };
-        o.delays.push(delay);
-        o.infos.push(info);
-        if with_results {
-            let r = c.result.as_ref().filter(|_| c.action.finishes());
-            o.results.job_ids.push(r.map(|r| r.job_id.clone()));
-            o.results.status.push(r.map(|r| r.status));
-            o.results.values.push(r.and_then(|r| r.value.clone()));
-            o.results.errors.push(r.and_then(|r| r.error.clone()));
-        }
-    }
     let mut c = match conn.take() {
         Some(c) => c,
         None => ctx.pool.acquire().await?,
     };
-    let written = ctx.queue.complete(&mut *c, o, &ctx.results_channel).await;
+    let written = ctx
+        .queue
+        .complete(&mut *c, batch, with_results, &ctx.results_channel)
+        .await;
     if written.as_ref().is_ok()
         || written
             .as_ref()
@@ -417,7 +324,7 @@ async fn write_outcomes(
     {
         *conn = Some(c);
     }
-    let (matched, _) = written?;
+    let matched = written?;
     if matched.len() < batch.len() {
         tracing::debug!(
             stale = batch.len() - matched.len(),

@@ -35,10 +35,12 @@ use tower::{Layer, Service};
 use crate::{
     config::{Config, DoneAction, ExhaustedAction, KilledAction},
     lease::LeaseTable,
-    queue::{MessageInfo, QueueName},
+    queue::{
+        Action, Delivery, MAX_DELAY, MessageInfo, Outcome, QueueName, StoredResult, wants_result,
+    },
     util::{clean_text, random_unit},
 };
-use completer::{Action, CompleterHandle, Completion};
+use completer::CompleterHandle;
 
 /// What the ack layer needs of a storage: its configuration, its leases and its completer.
 /// Shared by every clone of the storage and every worker's ack layer.
@@ -55,7 +57,7 @@ pub(crate) struct AckContext {
 
 impl AckContext {
     /// Queues an outcome for the completer.
-    pub(crate) fn complete(&self, completion: Completion) {
+    pub(crate) fn complete(&self, completion: Outcome) {
         // Counted before it is sent: the completer may write it before this line returns.
         self.leases.outcome_queued();
         let sent = self.completer.get().is_some_and(|c| c.complete(completion));
@@ -72,23 +74,6 @@ impl AckContext {
             c.flush().await;
         }
     }
-}
-
-/// A finished job's result, written with its outcome (see
-/// [`Config::store_results`](crate::Config::store_results)).
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct StoredResult {
-    /// The job's id as apalis sees it (the producer's task id, or the message id).
-    pub(crate) job_id: String,
-    /// `Done`, `Failed` or `Killed` (apalis' `Status` names).
-    pub(crate) status: &'static str,
-    /// The handler's output as JSON text.
-    pub(crate) value: Option<String>,
-    /// The error's text, or why the output could not be kept.
-    pub(crate) error: Option<String>,
-    /// A caller is waiting for it ([`push_and_wait`](crate::PgmqStorage::push_and_wait)): the
-    /// completer writes it without waiting for a batch to fill.
-    pub(crate) awaited: bool,
 }
 
 impl StoredResult {
@@ -147,16 +132,6 @@ fn has_nul(v: &serde_json::Value) -> bool {
         Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
         _ => false,
     }
-}
-
-/// Whether a job asked for its result to be kept (`headers.apalis.result = true`, set by
-/// [`push_and_wait`](crate::PgmqStorage::push_and_wait)).
-pub(crate) fn wants_result(headers: Option<&serde_json::Value>) -> bool {
-    headers
-        .and_then(|h| h.get(crate::backend::HEADERS_KEY))
-        .and_then(|a| a.get("result"))
-        .and_then(serde_json::Value::as_bool)
-        .unwrap_or(false)
 }
 
 /// Longest error text kept in a dead-letter record, in bytes.
@@ -373,9 +348,8 @@ where
                                         awaited,
                                     )
                                 });
-                        shared.complete(Completion {
-                            msg_id,
-                            read_ct,
+                        shared.complete(Outcome {
+                            delivery: Delivery { msg_id, read_ct },
                             action,
                             attempts: runs,
                             error,
@@ -499,7 +473,7 @@ pub(crate) fn decide(
             return exhausted_action(config, dead("retry_after_exhausted"));
         }
         return Action::Retry {
-            delay: retry.get_duration().min(completer::MAX_DELAY),
+            delay: retry.get_duration().min(MAX_DELAY),
         };
     }
     if error.is::<DeferredError>() {
@@ -598,9 +572,7 @@ mod tests {
         ));
         assert_eq!(
             decide(&c, Some(&huge), 1, 3, 0.5),
-            Action::Retry {
-                delay: completer::MAX_DELAY
-            },
+            Action::Retry { delay: MAX_DELAY },
             "clamped to what PostgreSQL stores"
         );
         let deferred = boxed(DeferredError::new("now"));

@@ -43,7 +43,7 @@ use crate::{
         registry::Registration,
         wakeup::{self, Plan, Step},
     },
-    queue::Message,
+    queue::{Delivery, Message},
     util::error_backoff,
 };
 
@@ -468,7 +468,7 @@ impl Fetcher {
                                 if let Ok(messages) = d.result {
                                     for m in &messages {
                                         if shared.leases.remove(m.msg_id, m.read_ct) {
-                                            held.push((m.msg_id, m.read_ct));
+                                            held.push(Delivery::of(m));
                                         }
                                     }
                                 }
@@ -568,21 +568,21 @@ impl Fetcher {
     }
 
     /// Removes held messages from the lease table and returns their fencing tokens.
-    fn take_buffer(&mut self, shared: &Shared) -> Vec<(i64, i32)> {
+    fn take_buffer(&mut self, shared: &Shared) -> Vec<Delivery> {
         self.buffer
             .drain(..)
             .filter(|m| shared.leases.remove(m.msg_id, m.read_ct))
-            .map(|m| (m.msg_id, m.read_ct))
+            .map(|m| Delivery::of(&m))
             .collect()
     }
 
     /// Releases held messages beyond the first `keep`.
     fn release_buffer(&mut self, shared: &Arc<Shared>, keep: usize) {
         let excess = self.buffer.split_off(keep.min(self.buffer.len()));
-        let held: Vec<(i64, i32)> = excess
-            .into_iter()
+        let held: Vec<Delivery> = excess
+            .iter()
             .filter(|m| shared.leases.remove(m.msg_id, m.read_ct))
-            .map(|m| (m.msg_id, m.read_ct))
+            .map(Delivery::of)
             .collect();
         if held.is_empty() {
             return;
@@ -663,12 +663,12 @@ async fn remove_arming(shared: &Shared) {
 }
 
 /// Makes held messages visible now. On failure they become visible when their lease lapses.
-async fn release(shared: &Shared, held: Vec<(i64, i32)>) {
+async fn release(shared: &Shared, held: Vec<Delivery>) {
     if held.is_empty() {
         return;
     }
     let count = held.len();
-    match shared.queue.release_leases(&shared.pool, &held).await {
+    match shared.queue.release(&shared.pool, &held).await {
         Ok(_) => {
             tracing::debug!(queue = %shared.queue.name(), count, "released claimed messages");
             crate::obs::released(shared.queue.name().as_str(), count);

@@ -17,29 +17,29 @@ use std::{
 use apalis_codec::json::JsonCodec;
 use apalis_core::{
     backend::{Backend, BackendConfig, WireFormatBackend, codec::Codec, finalize::Durable},
-    task::{Task, builder::TaskBuilder, metadata::MetadataStore, task_id::TaskId},
+    task::{Task, builder::TaskBuilder, task_id::TaskId},
     worker::context::WorkerContext,
 };
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use sqlx::PgPool;
 
 use crate::lease::{self as lease, LeaseTable};
 use crate::{
     ack::{
         AckContext, AckLayer,
-        completer::{self, Action, CompleterCtx, Completion},
+        completer::{self, CompleterCtx},
     },
     config::Config,
     error::{Error, Result},
     notify::{self, Hub, Subscription, WakeSignal},
-    queue::{Message, MessageInfo, PgmqQueue, QueueName},
+    queue::{
+        Action, Delivery, JobMeta, Message, MessageInfo, Outcome, PgmqQueue, QueueName,
+        StoredResult, wants_result,
+    },
 };
 use fetch::Fetcher;
 use sink::SinkState;
 use tokio::sync::oneshot;
-
-/// The key under which apalis metadata is stored in a message's `headers`.
-pub const HEADERS_KEY: &str = "apalis";
 
 /// Metadata keys apalis-workflow puts on the tasks of a workflow's later steps.
 const WORKFLOW_METADATA_PREFIX: &str = "apalis_workflow.";
@@ -98,7 +98,7 @@ impl Shared {
         Ok(())
     }
 
-    pub(crate) fn complete(&self, completion: Completion) {
+    pub(crate) fn complete(&self, completion: Outcome) {
         self.ack.complete(completion);
     }
 
@@ -442,98 +442,6 @@ pub async fn drop_queue_and_dead_letters(pool: &PgPool, queue: &QueueName) -> Re
     Ok(existed)
 }
 
-/// The apalis metadata kept in `headers.apalis`.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub(crate) struct JobMeta {
-    pub(crate) max_attempts: Option<usize>,
-    /// Runs recorded by the last failed delivery (counting in-process retries).
-    pub(crate) attempts: Option<usize>,
-    pub(crate) priority: Option<usize>,
-    pub(crate) idempotency_key: Option<String>,
-    /// The id the producer gave the task (`TaskBuilder::task_id`): a number for
-    /// `TaskId::Int`, a string otherwise.
-    pub(crate) task_id: Option<TaskId>,
-    pub(crate) metadata: MetadataStore,
-}
-
-impl JobMeta {
-    /// Reads the `apalis` key of a message's headers. Anything missing or malformed is treated as
-    /// absent: a message from another PGMQ client is a valid job without it.
-    pub(crate) fn from_headers(headers: Option<&Value>) -> Self {
-        let Some(meta) = headers
-            .and_then(|h| h.get(HEADERS_KEY))
-            .and_then(Value::as_object)
-        else {
-            return Self::default();
-        };
-        let num = |k: &str| {
-            meta.get(k)
-                .and_then(Value::as_u64)
-                .and_then(|n| usize::try_from(n).ok())
-        };
-        let metadata = meta
-            .get("metadata")
-            .and_then(Value::as_object)
-            .map(|m| {
-                m.iter()
-                    .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_owned())))
-                    .collect()
-            })
-            .unwrap_or_default();
-        Self {
-            max_attempts: num("max_attempts"),
-            attempts: num("attempts"),
-            priority: num("priority"),
-            idempotency_key: meta
-                .get("idempotency_key")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
-            task_id: match meta.get("task_id") {
-                Some(Value::Number(n)) => n.as_u64().map(TaskId::from_int),
-                Some(Value::String(s)) => Some(TaskId::from_string(s.clone())),
-                _ => None,
-            },
-            metadata: MetadataStore::from_map(metadata),
-        }
-    }
-
-    /// The headers for a task being pushed, or `None` when there is nothing to record.
-    pub(crate) fn headers_of<A>(task: &Task<A>) -> Option<Value> {
-        let mut meta = Map::new();
-        if let Some(n) = task.max_attempts() {
-            meta.insert("max_attempts".into(), json!(n));
-        }
-        if let Some(p) = task.priority() {
-            meta.insert("priority".into(), json!(p));
-        }
-        if let Some(k) = task.idempotency_key() {
-            meta.insert("idempotency_key".into(), json!(k));
-        }
-        match task.task_id() {
-            Some(TaskId::Int(n)) => {
-                meta.insert("task_id".into(), json!(n));
-            }
-            Some(id) => {
-                meta.insert("task_id".into(), json!(id.to_string()));
-            }
-            None => {}
-        }
-        if !task.metadata().is_empty() {
-            let m: Map<String, Value> = task
-                .metadata()
-                .iter()
-                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-                .collect();
-            meta.insert("metadata".into(), Value::Object(m));
-        }
-        if meta.is_empty() {
-            None
-        } else {
-            Some(json!({ HEADERS_KEY: meta }))
-        }
-    }
-}
-
 impl<Args, C> PgmqStorage<Args, C>
 where
     C: Codec<Args, Compact = Value>,
@@ -608,12 +516,12 @@ where
 impl<Args, C> PgmqStorage<Args, C> {
     /// Sends a message that cannot become a task to the dead-letter queue, with the reason.
     fn dead_letter_undecodable(&self, m: &Message, error: &str) {
-        let awaited = crate::ack::wants_result(m.headers.as_ref());
+        let awaited = wants_result(m.headers.as_ref());
         let result = (self.shared.config.store_results || awaited).then(|| {
             let job_id = JobMeta::from_headers(m.headers.as_ref())
                 .task_id
                 .map_or_else(|| m.msg_id.to_string(), |t| t.to_string());
-            crate::ack::StoredResult {
+            StoredResult {
                 job_id,
                 status: "Failed",
                 value: None,
@@ -624,9 +532,8 @@ impl<Args, C> PgmqStorage<Args, C> {
                 awaited,
             }
         });
-        self.shared.complete(Completion {
-            msg_id: m.msg_id,
-            read_ct: m.read_ct,
+        self.shared.complete(Outcome {
+            delivery: Delivery::of(m),
             attempts: m.read_ct,
             error: None,
             result,
@@ -713,44 +620,5 @@ impl<Args, C: Send + 'static> WireFormatBackend for PgmqStorage<Args, C> {
 
     fn codec(&self) -> &Self::Codec {
         &self.codec
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn job_meta_round_trips_through_headers() {
-        let mut md = MetadataStore::default();
-        md.insert("tenant", "acme").expect("insert");
-        let task = TaskBuilder::new(Value::Null)
-            .max_attempts(7)
-            .priority(3)
-            .idempotency_key("k-1")
-            .with_metadata(md)
-            .build();
-        let headers = JobMeta::headers_of(&task).expect("some headers");
-        let meta = JobMeta::from_headers(Some(&headers));
-        assert_eq!(meta.max_attempts, Some(7));
-        assert_eq!(meta.priority, Some(3));
-        assert_eq!(meta.idempotency_key.as_deref(), Some("k-1"));
-        assert_eq!(meta.metadata.get("tenant"), Some("acme"));
-        assert!(JobMeta::headers_of(&TaskBuilder::new(()).build()).is_none());
-    }
-
-    #[test]
-    fn foreign_or_malformed_headers_are_ignored() {
-        for h in [
-            json!({"trace": "x"}),
-            json!([1, 2]),
-            json!({"apalis": "nonsense"}),
-            json!({"apalis": {"max_attempts": "three", "metadata": [1]}}),
-        ] {
-            let meta = JobMeta::from_headers(Some(&h));
-            assert_eq!(meta.max_attempts, None, "{h}");
-            assert!(meta.metadata.is_empty());
-        }
-        assert_eq!(JobMeta::from_headers(None), JobMeta::default());
     }
 }

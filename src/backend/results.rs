@@ -12,11 +12,11 @@ use futures::{StreamExt, stream::BoxStream};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use super::{HEADERS_KEY, PgmqStorage, Shared};
+use super::{PgmqStorage, Shared};
 use crate::{
     error::{Error, Result},
     notify::results::{self, ResultRow},
-    queue::Delay,
+    queue::{Delay, HEADERS_KEY},
 };
 
 /// A stored row as apalis' `TaskResult`, for the id the waiter asked for.

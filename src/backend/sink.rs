@@ -73,7 +73,7 @@ fn delay_until(run_at: u64, now: SystemTime) -> Delay {
     if wait <= 0.0 {
         return Delay::Now;
     }
-    Delay::After(Duration::from_secs_f64(wait).min(crate::ack::completer::MAX_DELAY))
+    Delay::After(Duration::from_secs_f64(wait).min(crate::queue::MAX_DELAY))
 }
 
 impl SinkState {
@@ -310,7 +310,7 @@ mod tests {
         );
         assert_eq!(
             delay_until(u64::MAX, now),
-            Delay::After(crate::ack::completer::MAX_DELAY),
+            Delay::After(crate::queue::MAX_DELAY),
             "clamped"
         );
     }

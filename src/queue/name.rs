@@ -2,6 +2,8 @@
 
 use std::{fmt, sync::Arc};
 
+use crate::error::QueueNameError;
+
 /// The longest queue name accepted, in bytes.
 ///
 /// Every identifier derived from a queue name must fit PostgreSQL's 63-byte limit
@@ -15,41 +17,6 @@ pub const MAX_QUEUE_NAME_LEN: usize = 43;
 
 /// Suffix of the dead-letter queue derived from a queue name.
 pub const DEAD_LETTER_SUFFIX: &str = "_dlq";
-
-/// Why a queue name was rejected.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum QueueNameError {
-    /// The name is empty.
-    #[error("invalid queue name: the name is empty")]
-    Empty,
-    /// The name is longer than [`MAX_QUEUE_NAME_LEN`] bytes.
-    #[error(
-        "invalid queue name {name:?}: {len} bytes is longer than the maximum of {max} bytes \
-         (derived identifiers such as archived_at_idx_<name>_dlq must fit PostgreSQL's 63 bytes)"
-    )]
-    TooLong {
-        /// The rejected name.
-        name: String,
-        /// Its length in bytes.
-        len: usize,
-        /// The maximum.
-        max: usize,
-    },
-    /// The name contains a character outside `[a-z0-9_]`, or starts with a digit.
-    #[error(
-        "invalid queue name {name:?}: character {ch:?} at byte {position} is not allowed; \
-         use lower-case ASCII letters, digits and '_', starting with a letter or '_'"
-    )]
-    InvalidCharacter {
-        /// The rejected name.
-        name: String,
-        /// The offending character.
-        ch: char,
-        /// Its byte offset.
-        position: usize,
-    },
-}
 
 /// A queue name that is safe to turn into SQL identifiers and notification channels.
 ///

@@ -1,0 +1,266 @@
+//! The values the queue layer reads and writes: messages as stored, messages to send, what a
+//! push wrote, what PGMQ reports about queues, and what a handler learns about its message.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{Row, postgres::PgRow};
+
+use super::QueueName;
+
+/// Default limit on the encoded size of one message plus its headers: 1 MiB.
+///
+/// PostgreSQL accepts far larger `jsonb` values, but a queue full of multi-megabyte rows reads,
+/// vacuums and archives slowly; store large blobs elsewhere and enqueue a reference.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+
+/// When a message becomes visible to readers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Delay {
+    /// Visible at once.
+    #[default]
+    Now,
+    /// Visible after this long (sub-second precision is kept).
+    After(Duration),
+    /// Visible from this instant (a time in the past means at once).
+    At(DateTime<Utc>),
+}
+
+impl Delay {
+    /// A delay of whole seconds, as PGMQ's integer `delay` argument.
+    #[must_use]
+    pub fn seconds(secs: u64) -> Self {
+        Self::After(Duration::from_secs(secs))
+    }
+
+    /// `(at, secs)` as bound into SQL: `COALESCE(at, clock_timestamp() + secs)`.
+    pub(super) fn bind_parts(self) -> (Option<DateTime<Utc>>, f64) {
+        match self {
+            Self::Now => (None, 0.0),
+            Self::After(d) => (None, d.as_secs_f64()),
+            Self::At(t) => (Some(t), 0.0),
+        }
+    }
+}
+
+/// A message as stored in a PGMQ queue table (the shape of `pgmq.message_record`).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Message {
+    /// PGMQ's identity column; unique within the queue, increasing in send order.
+    pub msg_id: i64,
+    /// How many times the message has been read; the current delivery's attempt number.
+    pub read_ct: i32,
+    /// When the message was sent.
+    pub enqueued_at: DateTime<Utc>,
+    /// When the message was last read, if ever.
+    pub last_read_at: Option<DateTime<Utc>>,
+    /// Visibility time: the message is invisible to readers until then.
+    pub vt: DateTime<Utc>,
+    /// The message body. PGMQ allows SQL `NULL` here.
+    pub message: Option<Value>,
+    /// Message headers, if any.
+    pub headers: Option<Value>,
+    /// Set when the stored body or headers is valid `jsonb` but cannot be read as JSON here
+    /// (for example nested deeper than 128 levels); `message` and `headers` are then `None`.
+    /// One such row never fails the read of the others.
+    pub decode_error: Option<String>,
+    /// For a worker's claim: when the message had become visible (its visibility time before
+    /// the claim), so pickup latency can be measured. `None` for other reads.
+    pub(crate) visible_since: Option<DateTime<Utc>>,
+}
+
+/// Columns returned by reads: bodies as text, parsed per row (see [`Message::decode_error`]).
+pub(super) const READ_COLS: &str =
+    "msg_id, read_ct, enqueued_at, last_read_at, vt, message::text, headers::text";
+
+impl Message {
+    pub(super) fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
+        let body: Option<String> = row.try_get(5)?;
+        let headers: Option<String> = row.try_get(6)?;
+        let mut decode_error = None;
+        let mut parse = |what: &str, text: Option<String>| {
+            text.and_then(|t| match serde_json::from_str::<Value>(&t) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    decode_error.get_or_insert_with(|| format!("{what} cannot be read: {e}"));
+                    None
+                }
+            })
+        };
+        let message = parse("message", body);
+        let headers = parse("headers", headers);
+        let (message, headers) = if decode_error.is_some() {
+            (None, None)
+        } else {
+            (message, headers)
+        };
+        Ok(Self {
+            msg_id: row.try_get(0)?,
+            read_ct: row.try_get(1)?,
+            enqueued_at: row.try_get(2)?,
+            last_read_at: row.try_get(3)?,
+            vt: row.try_get(4)?,
+            message,
+            headers,
+            decode_error,
+            visible_since: None,
+        })
+    }
+}
+
+/// A message to send: body, optional headers, and when it becomes visible.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewMessage {
+    /// The message body.
+    pub message: Value,
+    /// Optional headers.
+    pub headers: Option<Value>,
+    /// When the message becomes visible.
+    pub delay: Delay,
+}
+
+impl NewMessage {
+    /// A message visible at once, without headers.
+    #[must_use]
+    pub fn new(message: Value) -> Self {
+        Self {
+            message,
+            headers: None,
+            delay: Delay::Now,
+        }
+    }
+
+    /// Sets the headers.
+    #[must_use]
+    pub fn headers(mut self, headers: Value) -> Self {
+        self.headers = Some(headers);
+        self
+    }
+
+    /// Sets when the message becomes visible.
+    #[must_use]
+    pub fn delay(mut self, delay: Delay) -> Self {
+        self.delay = delay;
+        self
+    }
+}
+
+/// A message already encoded to JSON text, as the sink and the batch send bind it.
+#[derive(Debug, Clone)]
+pub(crate) struct EncodedMessage {
+    pub(crate) message: String,
+    pub(crate) headers: Option<String>,
+    /// The job's idempotency key, if it has one (also in `headers`).
+    pub(crate) key: Option<String>,
+    pub(crate) at: Option<DateTime<Utc>>,
+    pub(crate) secs: f64,
+}
+
+/// What a push wrote: a new job, or nothing because a job with the same idempotency key was
+/// already queued (or finished within the configured window).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pushed {
+    /// The new job's `msg_id`, or the existing job's when `duplicate`.
+    pub id: i64,
+    /// Nothing was written: the key was taken by job `id`.
+    pub duplicate: bool,
+}
+
+impl Pushed {
+    /// The job's `msg_id` (new or existing).
+    #[must_use]
+    pub fn id(&self) -> i64 {
+        self.id
+    }
+
+    /// Whether the key was taken and nothing was written.
+    #[must_use]
+    pub fn is_duplicate(&self) -> bool {
+        self.duplicate
+    }
+}
+
+/// One row of `pgmq.list_queues()`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueInfo {
+    /// The queue's name as recorded in `pgmq.meta`.
+    pub queue_name: String,
+    /// Whether the queue is partitioned (pg_partman).
+    pub is_partitioned: bool,
+    /// Whether the queue table is unlogged.
+    pub is_unlogged: bool,
+    /// When the queue was created.
+    pub created_at: DateTime<Utc>,
+}
+
+/// One row of `pgmq.metrics(queue)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueMetrics {
+    /// The queue's name.
+    pub queue_name: String,
+    /// Messages in the queue table, visible or not.
+    pub queue_length: i64,
+    /// Age in seconds of the newest message, if any.
+    pub newest_msg_age_sec: Option<i32>,
+    /// Age in seconds of the oldest message, if any.
+    pub oldest_msg_age_sec: Option<i32>,
+    /// Messages ever sent to the queue (the identity sequence's last value).
+    pub total_messages: i64,
+    /// When the metrics were taken.
+    pub scrape_time: DateTime<Utc>,
+    /// Messages visible now (`vt <= now()`).
+    pub queue_visible_length: i64,
+}
+
+impl QueueMetrics {
+    pub(super) fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            queue_name: row.try_get(0)?,
+            queue_length: row.try_get(1)?,
+            newest_msg_age_sec: row.try_get(2)?,
+            oldest_msg_age_sec: row.try_get(3)?,
+            total_messages: row.try_get(4)?,
+            scrape_time: row.try_get(5)?,
+            queue_visible_length: row.try_get(6)?,
+        })
+    }
+}
+
+/// What PGMQ knows about the message behind a task.
+///
+/// Available to handlers as `Data<MessageInfo>`:
+///
+/// ```no_run
+/// use apalis_core::task::data::Data;
+/// use apalis_pgmq_notify::MessageInfo;
+///
+/// async fn handle(job: String, msg: Data<MessageInfo>) {
+///     println!("msg {} attempt {} headers {:?}", msg.msg_id, msg.read_ct, msg.headers);
+/// }
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageInfo {
+    /// The queue the message came from.
+    pub queue: QueueName,
+    /// PGMQ's message id (also the task id).
+    pub msg_id: i64,
+    /// PGMQ's read count: this delivery's attempt number, starting at 1.
+    pub read_ct: i32,
+    /// When the message was sent.
+    pub enqueued_at: DateTime<Utc>,
+    /// The visibility time set by this delivery's read (before lease renewals).
+    pub vt: DateTime<Utc>,
+    /// The message's headers as stored, including the `apalis` key if present.
+    pub headers: Option<Value>,
+    /// When the message had become visible before this delivery claimed it (the visibility
+    /// time it had: its send time, a delay, a backoff, a lapsed lease). Now minus this, when
+    /// the handler starts, is the job's pickup latency.
+    pub visible_since: DateTime<Utc>,
+}
+
+/// The longest delay this crate gives a message (a retry, a delayed push): PostgreSQL cannot
+/// store times far beyond it (a `RetryAfterError` of 10^13 s would fail with "timestamp out of
+/// range"), so longer ones are clamped to it.
+pub(crate) const MAX_DELAY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);

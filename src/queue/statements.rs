@@ -1,0 +1,371 @@
+//! The SQL of one queue, built once from its validated name: every statement on a queue's own
+//! tables is written here, once (the `read_ct` fence, the archive's column list, the claim, the
+//! outcome statement), and [`prepare_every_statement`](crate::prepare_every_statement) prepares
+//! them all against a real database.
+
+use std::sync::Arc;
+
+use super::{
+    QueueName,
+    delivery::{ARCHIVE, DEAD_LETTER, DELETE, RETRY},
+    inspect::InspectSql,
+    message::READ_COLS,
+};
+
+/// The columns an archived message keeps, in the order of `pgmq.a_<queue>`: written once, used
+/// by every statement that moves rows to an archive.
+const ARCHIVE_COLS: &str = "msg_id, read_ct, enqueued_at, last_read_at, vt, message, headers";
+
+/// The fence of every write about a claimed message: the row must still carry the `read_ct`
+/// of our delivery (`m` the queue table, `t` the batch), so a stale holder's writes match no row
+/// once the message was delivered again.
+const FENCE: &str = "m.msg_id = t.msg_id AND m.read_ct = t.read_ct";
+
+/// A CTE `locked` that locks the rows of the batch `pairs` (a `FROM` item named `t` with
+/// `msg_id` and `read_ct`) still carrying our `read_ct`, one at a time in `msg_id` order
+/// (`wait`) or skipping those another transaction holds (`!wait`), and returns their
+/// `msg_id`. The statement then writes only rows it locked, found through `locked`.
+///
+/// Why: the statements that write about claimed messages run concurrently, often on the same
+/// rows (the keeper renews every lease while the completer archives finished jobs and a full
+/// worker releases what it cannot start). Two that wait on row locks in different orders
+/// deadlock, and PostgreSQL only notices after `deadlock_timeout` (1 s by default), longer than
+/// a short lease has left. So the renewal never waits (a row it skips is reported busy and
+/// renewed on the next try), the release and PGMQ's batch calls lock in `msg_id` order, and
+/// claims skip locked rows. The outcome statement, the one on every job's path, waits in
+/// whatever order its plan visits rows: nothing it can meet waits on it in turn (see
+/// `complete_sql`).
+fn locked_cte(q: &str, pairs: &str, wait: bool) -> String {
+    let lock = if wait {
+        "ORDER BY m.msg_id FOR UPDATE OF m"
+    } else {
+        "FOR UPDATE OF m SKIP LOCKED"
+    };
+    format!("locked AS MATERIALIZED (SELECT m.msg_id FROM {q} m JOIN {pairs} ON {FENCE} {lock})")
+}
+
+/// As [`locked_cte`], for a batch of ids without fence (`$1`).
+fn locked_ids_cte(q: &str) -> String {
+    format!(
+        "locked AS MATERIALIZED (SELECT m.msg_id FROM {q} m WHERE m.msg_id = ANY($1::bigint[]) \
+                                ORDER BY m.msg_id FOR UPDATE OF m)"
+    )
+}
+
+/// How a read picks the visible messages it claims.
+#[derive(Clone, Copy)]
+enum Pick {
+    /// PGMQ's `read`: in `msg_id` order. The scan walks the primary key from the oldest id and
+    /// tests each row's `vt` (`clock_timestamp()` is volatile, so it cannot bound an index
+    /// scan): behind many messages scheduled for later it reads them all.
+    Id,
+    /// A worker's claim: the messages visible longest first (by `vt`), read from the `vt` index
+    /// up to `now()` (stable, so it bounds the scan), so messages scheduled for later, claimed
+    /// by other workers or waiting in a retry's backoff are never visited.
+    Visibility,
+    /// A worker's claim with priorities: highest `apalis_pgmq.priority_of(headers)` first, then
+    /// visible longest, from the `(priority DESC, vt)` index.
+    Priority,
+}
+
+/// PGMQ's read (claim visible messages, lease them for `$2` seconds, count the read), with an
+/// extra condition on the claimed rows and, with `visible_since`, the visibility time each row
+/// had before the claim as an eighth column.
+fn read_sql(q: &str, also: &str, visible_since: bool, pick_by: Pick) -> Arc<str> {
+    let (pick, ret) = if visible_since {
+        (", vt AS visible_since", ", cte.visible_since")
+    } else {
+        ("", "")
+    };
+    let (visible, order) = match pick_by {
+        Pick::Id => ("vt <= clock_timestamp()", "msg_id ASC"),
+        Pick::Visibility => ("vt <= now()", "vt ASC"),
+        Pick::Priority => (
+            "vt <= now()",
+            "apalis_pgmq.priority_of(headers) DESC, vt ASC",
+        ),
+    };
+    format!(
+        "WITH cte AS (SELECT msg_id{pick} FROM {q} WHERE {visible} {also} \
+                      ORDER BY {order} LIMIT $1 FOR UPDATE SKIP LOCKED) \
+         UPDATE {q} m SET last_read_at = clock_timestamp(), \
+                          vt = clock_timestamp() + make_interval(secs => $2::float8), \
+                          read_ct = read_ct + 1 \
+         FROM cte WHERE m.msg_id = cte.msg_id \
+         RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.vt, \
+                   m.message::text, m.headers::text{ret}"
+    )
+    .into()
+}
+
+/// A job's idempotency key in its headers (`alias`: `""`, `"a."`). The unique index (migration 0009) is on
+/// `apalis_pgmq.key_hash` of it, so statements that use the index compare the hash, then the
+/// key itself.
+fn key_of(alias: &str) -> String {
+    format!("({alias}headers->'apalis'->>'idempotency_key')")
+}
+
+/// `apalis_pgmq.key_hash` of [`key_of`].
+fn key_hash_of(alias: &str) -> String {
+    format!("apalis_pgmq.key_hash({})", key_of(alias))
+}
+
+/// The statement that applies a batch of outcomes (see `delivery.rs`): archive, delete, retry
+/// (visible after `delay`, the runs and error recorded in the headers) or dead-letter (with
+/// `info` merged into the headers), each fenced by its delivery's `read_ct`. The batch's
+/// `action` column holds the codes of [`Action`](super::delivery::Action).
+///
+/// With `results`, the finished jobs (archived, deleted or dead-lettered by this statement, so
+/// fenced like their outcome) that carry a result have it upserted into `apalis_pgmq.results`,
+/// and one notification on the results channel (`$12`) lists their keys (message ids, and the
+/// producer's job ids where there are some) as a JSON array, or `"*"` when that would not fit
+/// 7 900 bytes. A third column counts the notifications sent (0 or 1).
+///
+/// It locks rows in the order its plan visits them (ordering them first cost a third more
+/// server time per outcome, measured). That cannot deadlock with this crate's other writes:
+/// renewals never wait, a release or another outcome statement touches other rows (a message
+/// is claimed by one worker at a time; a stale holder's write fails its fence without waiting,
+/// or waits only on a claim, which never waits), and claims skip locked rows. A batch call of
+/// an operator or another PGMQ client on messages workers hold can still meet it in the
+/// opposite order; PostgreSQL then cancels one of the two after `deadlock_timeout` and the
+/// completer writes its batch again.
+fn complete_sql(q: &str, a: &str, d: &str, m_cols: &str, source: &str, results: bool) -> Arc<str> {
+    const COLS: &str = ARCHIVE_COLS;
+    // With results, each outcome's row of `t` also carries its result (status NULL: none).
+    let (result_arrays, result_cols, stored, select_more) = if results {
+        (
+            ", $8::text[], $9::text[], $10::text[], $11::text[]",
+            ", job_id, r_status, r_val, r_err",
+            format!(
+                ", stored AS ( \
+                   INSERT INTO apalis_pgmq.results AS x (queue, msg_id, job_id, status, attempt, result, error) \
+                   SELECT '{source}', t.msg_id, NULLIF(t.job_id, t.msg_id::text), t.r_status, \
+                          greatest(t.attempts, t.read_ct), t.r_val::jsonb, t.r_err \
+                   FROM t WHERE t.r_status IS NOT NULL \
+                     AND t.msg_id IN (SELECT msg_id FROM archived UNION ALL \
+                                      SELECT msg_id FROM deleted UNION ALL \
+                                      SELECT msg_id FROM dead) \
+                   ON CONFLICT (queue, msg_id) DO UPDATE \
+                     SET job_id = EXCLUDED.job_id, status = EXCLUDED.status, attempt = EXCLUDED.attempt, \
+                         result = EXCLUDED.result, error = EXCLUDED.error, finished_at = clock_timestamp() \
+                   RETURNING x.job_id, x.msg_id), \
+                 announced AS ( \
+                   SELECT json_agg(k)::text AS keys FROM ( \
+                     SELECT msg_id::text AS k FROM stored \
+                     UNION ALL SELECT job_id FROM stored WHERE job_id IS NOT NULL) ks)"
+            ),
+            ", (SELECT count(*) FROM (SELECT pg_notify($12::text, \
+                   CASE WHEN octet_length(keys) <= 7900 THEN keys ELSE '\"*\"' END) \
+                 FROM announced WHERE keys IS NOT NULL) n)",
+        )
+    } else {
+        ("", "", String::new(), "")
+    };
+    format!(
+        "WITH t AS ( \
+           SELECT * FROM unnest($1::bigint[], $2::int[], $3::smallint[], $4::float8[], \
+                                $5::text[], $6::int[], $7::text[]{result_arrays}) \
+             AS u(msg_id, read_ct, action, delay, info, attempts, err{result_cols})), \
+         archived AS ( \
+           DELETE FROM {q} m USING t WHERE {FENCE} AND t.action = {ARCHIVE} RETURNING {m_cols}), \
+         archive_rows AS (INSERT INTO {a} ({COLS}) SELECT {COLS} FROM archived RETURNING msg_id), \
+         deleted AS ( \
+           DELETE FROM {q} m USING t WHERE {FENCE} AND t.action = {DELETE} RETURNING m.msg_id), \
+         retried AS ( \
+           UPDATE {q} m SET vt = clock_timestamp() + make_interval(secs => t.delay), \
+                            headers = apalis_pgmq.retry_headers(m.headers, t.attempts, t.err) \
+           FROM t WHERE {FENCE} AND t.action = {RETRY} RETURNING m.msg_id), \
+         dead AS ( \
+           DELETE FROM {q} m USING t WHERE {FENCE} AND t.action = {DEAD_LETTER} \
+           RETURNING m.msg_id, greatest(m.read_ct, t.attempts) AS runs, m.message, m.headers, t.info), \
+         dead_rows AS ( \
+           INSERT INTO {d} (vt, message, headers) \
+           SELECT clock_timestamp(), message, apalis_pgmq.dead_letter_headers(headers, \
+                    info::jsonb || jsonb_build_object('queue', '{source}', 'msg_id', msg_id, \
+                                                      'attempts', runs, 'at', now())) \
+           FROM dead ORDER BY msg_id RETURNING msg_id){stored} \
+         SELECT ARRAY(SELECT msg_id FROM archived) || ARRAY(SELECT msg_id FROM deleted) \
+             || ARRAY(SELECT msg_id FROM retried) || ARRAY(SELECT msg_id FROM dead), \
+                (SELECT count(*) FROM archive_rows) + (SELECT count(*) FROM dead_rows){select_more}"
+    )
+    .into()
+}
+
+/// SQL text built once per queue from its validated name.
+#[derive(Debug)]
+pub(super) struct QueueSql {
+    pub(super) send_one: Arc<str>,
+    pub(super) send_many: Arc<str>,
+    /// One message with an idempotency key: inserted unless the key is taken (see
+    /// `send_unique`).
+    pub(super) send_unique: Arc<str>,
+    pub(super) read: Arc<str>,
+    /// A worker's read: as `read`, but nothing while the queue is paused.
+    pub(super) claim: Arc<str>,
+    /// As `claim`, highest priority first.
+    pub(super) claim_priority: Arc<str>,
+    pub(super) set_vt_one: Arc<str>,
+    pub(super) set_vt_many: Arc<str>,
+    pub(super) archive: Arc<str>,
+    pub(super) delete: Arc<str>,
+    pub(super) next_visible: Arc<str>,
+    pub(super) next_visible_in: Arc<str>,
+    pub(super) tables_exist: Arc<str>,
+    /// Lease renewal of a batch of `(msg_id, read_ct)`, fenced.
+    pub(super) renew: Arc<str>,
+    /// Release of claimed-but-unstarted messages: visible now, the read given back, fenced.
+    pub(super) release: Arc<str>,
+    /// One statement applying a batch of mixed job outcomes, fenced.
+    pub(super) complete: Arc<str>,
+    /// As `complete`, also keeping the results of the finished jobs that have one
+    /// (`apalis_pgmq.results`) and announcing them on the results channel (`$12`).
+    pub(super) complete_results: Arc<str>,
+    /// Listing, finding and counting jobs in every state.
+    pub(super) inspect: InspectSql,
+}
+
+impl QueueSql {
+    pub(super) fn new(name: &QueueName) -> Self {
+        let q = name.queue_table();
+        let a = name.archive_table();
+        const COLS: &str = ARCHIVE_COLS;
+        let d = name.dead_letter().queue_table();
+        let source = name.as_str();
+        let m_cols = COLS
+            .split(", ")
+            .map(|c| format!("m.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let vt = "COALESCE($3::timestamptz, clock_timestamp() + make_interval(secs => $4::float8))";
+        let locked_ids = locked_ids_cte(&q);
+        let batch = "unnest($1::bigint[], $2::int[]) AS t(msg_id, read_ct)";
+        let locked_batch = locked_cte(&q, batch, true);
+        let locked_free = locked_cte(&q, batch, false);
+        Self {
+            send_one: format!(
+                "INSERT INTO {q} (vt, message, headers) VALUES ({vt}, $1::text::jsonb, $2::text::jsonb) \
+                 RETURNING msg_id"
+            )
+            .into(),
+            // `unnest` keeps input order and the identity column is assigned in insert order, so
+            // the returned ids sorted ascending line up with the input.
+            send_many: format!(
+                "INSERT INTO {q} (vt, message, headers) \
+                 SELECT COALESCE(t.at, clock_timestamp() + make_interval(secs => t.secs)), \
+                        t.m::jsonb, t.h::jsonb \
+                 FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::float8[]) AS t(m, h, at, secs) \
+                 RETURNING msg_id"
+            )
+            .into(),
+            // $5: the key; $6: how long a finished job keeps its key (NULL: not at all). The key
+            // is taken by a message in the queue table (the partial unique index on its hash
+            // settles races)
+            // or by one archived within the window. Zero rows: the conflicting row was committed
+            // after this statement's snapshot; the caller runs it again.
+            send_unique: format!(
+                "WITH prior AS (SELECT a.msg_id FROM {a} a \
+                   WHERE $6::float8 IS NOT NULL \
+                     AND {key_hash_a} = apalis_pgmq.key_hash($5::text) AND {key_a} = $5::text \
+                     AND a.archived_at > clock_timestamp() - make_interval(secs => $6::float8) \
+                   ORDER BY a.archived_at DESC LIMIT 1), \
+                 ins AS (INSERT INTO {q} (vt, message, headers) \
+                   SELECT {vt}, $1::text::jsonb, $2::text::jsonb WHERE NOT EXISTS (SELECT 1 FROM prior) \
+                   ON CONFLICT ({key_hash}) WHERE {key} IS NOT NULL DO NOTHING \
+                   RETURNING msg_id) \
+                 SELECT msg_id, false FROM ins \
+                 UNION ALL SELECT msg_id, true FROM prior \
+                 UNION ALL SELECT q.msg_id, true FROM {q} q \
+                   WHERE NOT EXISTS (SELECT 1 FROM ins) AND NOT EXISTS (SELECT 1 FROM prior) \
+                     AND {key_hash_q} = apalis_pgmq.key_hash($5::text) AND {key_q} = $5::text \
+                 LIMIT 1",
+                key = key_of(""),
+                key_hash = key_hash_of(""),
+                key_a = key_of("a."),
+                key_hash_a = key_hash_of("a."),
+                key_q = key_of("q."),
+                key_hash_q = key_hash_of("q."),
+            )
+            .into(),
+            // A worker's claim is PGMQ's read plus three things: nothing while the queue is
+            // paused, when each message had become visible (for pickup latency), and the
+            // messages visible longest first, read from the `vt` index (see `Pick`).
+            claim: read_sql(
+                &q,
+                &format!(
+                    "AND NOT EXISTS (SELECT 1 FROM apalis_pgmq.paused p WHERE p.queue = '{source}')"
+                ),
+                true,
+                Pick::Visibility,
+            ),
+            claim_priority: read_sql(
+                &q,
+                &format!(
+                    "AND NOT EXISTS (SELECT 1 FROM apalis_pgmq.paused p WHERE p.queue = '{source}')"
+                ),
+                true,
+                Pick::Priority,
+            ),
+            read: read_sql(&q, "", false, Pick::Id),
+            set_vt_one: format!(
+                "UPDATE {q} SET vt = COALESCE($2::timestamptz, clock_timestamp() + make_interval(secs => $3::float8)) \
+                 WHERE msg_id = $1 RETURNING {READ_COLS}"
+            )
+            .into(),
+            set_vt_many: format!(
+                "WITH {locked_ids} \
+                 UPDATE {q} m SET vt = COALESCE($2::timestamptz, clock_timestamp() + make_interval(secs => $3::float8)) \
+                 FROM locked l WHERE m.msg_id = l.msg_id RETURNING m.msg_id"
+            )
+            .into(),
+            archive: format!(
+                "WITH {locked_ids}, \
+                 archived AS (DELETE FROM {q} m USING locked l WHERE m.msg_id = l.msg_id RETURNING {m_cols}) \
+                 INSERT INTO {a} ({COLS}) SELECT {COLS} FROM archived RETURNING msg_id"
+            )
+            .into(),
+            delete: format!(
+                "WITH {locked_ids} \
+                 DELETE FROM {q} m USING locked l WHERE m.msg_id = l.msg_id RETURNING m.msg_id"
+            )
+            .into(),
+            next_visible: format!("SELECT min(vt) FROM {q} WHERE vt > clock_timestamp()").into(),
+            // Over every row, visible ones included (then it is zero or less): a message that
+            // became visible between a worker's empty read and this look is not missed. Nothing
+            // while the queue is paused (its workers wait for the resume notification).
+            next_visible_in: format!(
+                "SELECT EXTRACT(EPOCH FROM min(vt) - clock_timestamp())::float8 FROM {q} \
+                 WHERE NOT EXISTS (SELECT 1 FROM apalis_pgmq.paused p WHERE p.queue = '{source}')"
+            )
+            .into(),
+            tables_exist: format!(
+                "SELECT to_regclass('{q}') IS NOT NULL AND to_regclass('{a}') IS NOT NULL",
+                q = q.replace('\'', "''"),
+                a = a.replace('\'', "''")
+            )
+            .into(),
+            // Renewed rows (true), and rows still ours that another transaction holds (false:
+            // the completer writing their outcome, most often), so the keeper tries them again.
+            // The second look at the batch runs only when some row was not locked.
+            renew: format!(
+                "WITH {locked_free}, \
+                 renewed AS (UPDATE {q} m SET vt = clock_timestamp() + make_interval(secs => $3::float8) \
+                             FROM locked l WHERE m.msg_id = l.msg_id RETURNING m.msg_id) \
+                 SELECT msg_id, true FROM renewed \
+                 UNION ALL \
+                 SELECT m.msg_id, false FROM {q} m JOIN {batch} ON {FENCE} \
+                 WHERE (SELECT count(*) FROM locked) < cardinality($1::bigint[]) \
+                   AND m.msg_id NOT IN (SELECT msg_id FROM locked)"
+            )
+            .into(),
+            release: format!(
+                "WITH {locked_batch} \
+                 UPDATE {q} m SET vt = clock_timestamp(), read_ct = m.read_ct - 1 \
+                 FROM locked l WHERE m.msg_id = l.msg_id RETURNING m.msg_id"
+            )
+            .into(),
+            complete: complete_sql(&q, &a, &d, &m_cols, source, false),
+            complete_results: complete_sql(&q, &a, &d, &m_cols, source, true),
+            inspect: InspectSql::new(name),
+        }
+    }
+}

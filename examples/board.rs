@@ -17,7 +17,7 @@ use apalis_board::axum::{
     sse::{TracingBroadcaster, TracingSubscriber},
     ui::ServeUI,
 };
-use apalis_pgmq_notify::{Backoff, Config, PgmqStorage, QueueName, setup};
+use apalis_pgmq_notify::{Backoff, Config, PgmqStorage, QueueName, Runtime, setup};
 use axum::{Extension, Router};
 use serde_json::{Value, json};
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
@@ -47,6 +47,7 @@ async fn main() -> Result<(), BoxDynError> {
     let url = std::env::var("DATABASE_URL").map_err(|_| "set DATABASE_URL")?;
     let pool = sqlx::PgPool::connect(&url).await?;
     setup(&pool).await?;
+    let runtime = Runtime::new(&pool);
 
     // Retries an hour out, so the board shows jobs waiting for their backoff.
     let config = Config::default()
@@ -56,7 +57,7 @@ async fn main() -> Result<(), BoxDynError> {
     let mut queues = Vec::new();
     for name in ["board_email", "board_reports"] {
         let storage: PgmqStorage<Value> =
-            PgmqStorage::with_config(&pool, QueueName::new(name)?, config.clone())?;
+            PgmqStorage::with_config(&runtime, QueueName::new(name)?, config.clone())?;
         storage.create_queue().await?;
         let q = storage.queue();
         for i in 0..12 {
@@ -121,5 +122,6 @@ async fn main() -> Result<(), BoxDynError> {
         r = server => r?,
         r = monitor.run_with_signal(async { tokio::signal::ctrl_c().await }) => r?,
     }
+    runtime.shutdown().await?;
     Ok(())
 }

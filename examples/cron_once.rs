@@ -21,7 +21,7 @@ use std::{
 
 use apalis::prelude::*;
 use apalis_cron::CronScheduler;
-use apalis_pgmq_notify::{Config, PgmqStorage, QueueName};
+use apalis_pgmq_notify::{Config, PgmqStorage, QueueName, Runtime};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
@@ -72,9 +72,10 @@ async fn main() -> Result<(), BoxDynError> {
         .map_err(|_| "set DATABASE_URL (scripts/with-pg.sh starts a throwaway PostgreSQL)")?;
     let pool = sqlx::PgPool::connect(&url).await?;
     apalis_pgmq_notify::setup(&pool).await?;
+    let runtime = Runtime::new(&pool);
     let config = Config::default().idempotency_window(Some(Duration::from_secs(3600)));
     let storage: PgmqStorage<Report> =
-        PgmqStorage::with_config(&pool, QueueName::new("cron_reports")?, config)?;
+        PgmqStorage::with_config(&runtime, QueueName::new("cron_reports")?, config)?;
     storage.create_queue().await?;
 
     let ran = Arc::new(Mutex::new(Vec::new()));
@@ -123,5 +124,6 @@ async fn main() -> Result<(), BoxDynError> {
         return Err(format!("expected each of {ticks:?} once, ran {ran:?}").into());
     }
     storage.drop_queue().await?;
+    runtime.shutdown().await?;
     Ok(())
 }

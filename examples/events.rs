@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use apalis_pgmq_notify::{
-    NewMessage, NotifyChannels, NotifyMode, PgmqQueue, QueueEvent, QueueEvents, QueueName,
+    NewMessage, NotifyChannels, NotifyMode, PgmqQueue, QueueEvent, QueueEvents, QueueName, Runtime,
     enable_notify, setup,
 };
 use futures::StreamExt;
@@ -35,7 +35,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     )
     .await?;
 
-    let mut events = QueueEvents::new(&pool)
+    let runtime = Runtime::new(&pool);
+    let mut events = QueueEvents::new(&runtime)
         .namespace("example_audit") // every queue named example_audit_queue, ..._queue
         .subscribe()
         .await?;
@@ -70,5 +71,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "listener: {} notifications, {} parse errors, {} reconnects",
         stats.received, stats.parse_errors, stats.reconnects
     );
+    runtime.shutdown().await?;
     Ok(())
 }

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use apalis::prelude::*;
-use apalis_pgmq_notify::{PgmqStorage, QueueName, setup};
+use apalis_pgmq_notify::{PgmqStorage, QueueName, Runtime, setup};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -62,8 +62,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let pool = sqlx::PgPool::connect(&std::env::var("DATABASE_URL")?).await?;
     setup(&pool).await?;
-    let mut orders = PgmqStorage::<Order>::new(&pool, QueueName::new("example_orders")?);
-    let emails = PgmqStorage::<Email>::new(&pool, QueueName::new("example_emails")?);
+    let runtime = Runtime::new(&pool);
+    let mut orders = PgmqStorage::<Order>::new(&runtime, QueueName::new("example_orders")?);
+    let emails = PgmqStorage::<Email>::new(&runtime, QueueName::new("example_emails")?);
     for s in [orders.queue(), emails.queue()] {
         s.create(&pool).await?;
         s.purge(&pool).await?;
@@ -118,5 +119,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     a.await??;
     b.await??;
     println!("all 5 emails sent from 2 orders");
+    runtime.shutdown().await?;
     Ok(())
 }

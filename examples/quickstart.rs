@@ -12,7 +12,7 @@ use std::{
 };
 
 use apalis::prelude::*;
-use apalis_pgmq_notify::{MessageInfo, PgmqStorage, QueueName, setup};
+use apalis_pgmq_notify::{MessageInfo, PgmqStorage, QueueName, Runtime, setup};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
@@ -72,7 +72,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         report.pgmq_version, report.pgmq_source, report.applied_migrations
     );
 
-    let mut storage = PgmqStorage::<Email>::new(&pool, QueueName::new("quickstart_email")?);
+    // One runtime per database: it owns the listener, the completers and lease keepers, the
+    // worker registry; `shutdown` stops them all.
+    let runtime = Runtime::new(&pool);
+    let mut storage = PgmqStorage::<Email>::new(&runtime, QueueName::new("quickstart_email")?);
     storage.create_queue().await?;
     storage.queue().purge(&pool).await?;
 
@@ -134,6 +137,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }),
     )
     .await??;
+    // The workers have stopped (their outcomes written): stop the rest.
+    runtime.shutdown().await?;
 
     let metrics = storage.queue().metrics(&pool).await?;
     let archived: i64 = sqlx::query_scalar("SELECT count(*) FROM pgmq.a_quickstart_email")

@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use apalis::prelude::*;
-use apalis_pgmq_notify::{Config, PgmqStorage, QueueName};
+use apalis_pgmq_notify::{Config, PgmqStorage, QueueName, Runtime};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -45,8 +45,9 @@ async fn main() -> Result<(), BoxDynError> {
         .map_err(|_| "set DATABASE_URL (scripts/with-pg.sh starts a throwaway PostgreSQL)")?;
     let pool = sqlx::PgPool::connect(&url).await?;
     apalis_pgmq_notify::setup(&pool).await?;
+    let runtime = Runtime::new(&pool);
     let storage: PgmqStorage<Quote> =
-        PgmqStorage::with_config(&pool, QueueName::new("quotes")?, Config::default())?;
+        PgmqStorage::with_config(&runtime, QueueName::new("quotes")?, Config::default())?;
     storage.create_queue().await?;
 
     let worker = WorkerBuilder::new("pricer")
@@ -105,5 +106,6 @@ async fn main() -> Result<(), BoxDynError> {
     let _ = stop.send(());
     running.await??;
     storage.drop_queue().await?;
+    runtime.shutdown().await?;
     Ok(())
 }

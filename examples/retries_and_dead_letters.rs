@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use apalis::prelude::*;
-use apalis_pgmq_notify::{Backoff, Config, MessageInfo, PgmqStorage, QueueName, setup};
+use apalis_pgmq_notify::{Backoff, Config, MessageInfo, PgmqStorage, QueueName, Runtime, setup};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -41,6 +41,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let pool = sqlx::PgPool::connect(&std::env::var("DATABASE_URL")?).await?;
     setup(&pool).await?;
+    let runtime = Runtime::new(&pool);
     let config = Config::default().max_attempts(3).backoff(
         Backoff::default()
             .base(Duration::from_millis(200))
@@ -48,7 +49,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .jitter(0.0),
     );
     let mut jobs =
-        PgmqStorage::<Charge>::with_config(&pool, QueueName::new("example_charges")?, config)?;
+        PgmqStorage::<Charge>::with_config(&runtime, QueueName::new("example_charges")?, config)?;
     jobs.create_queue().await?;
     jobs.queue().purge(&pool).await?;
     jobs.dead_letter_queue().purge(&pool).await?;
@@ -102,5 +103,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if archived != 1 || dead.len() != 2 {
         return Err("expected one success and two dead letters".into());
     }
+    runtime.shutdown().await?;
     Ok(())
 }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use apalis::prelude::*;
-use apalis_pgmq_notify::{PgmqStorage, QueueName, setup};
+use apalis_pgmq_notify::{PgmqStorage, QueueName, Runtime, setup};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -48,12 +48,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let pool = sqlx::PgPool::connect(&std::env::var("DATABASE_URL")?).await?;
     setup(&pool).await?;
+    let runtime = Runtime::new(&pool);
     sqlx::raw_sql(
         "DROP TABLE IF EXISTS example_users; CREATE TABLE example_users (id int PRIMARY KEY)",
     )
     .execute(&pool)
     .await?;
-    let jobs = PgmqStorage::<Welcome>::new(&pool, QueueName::new("example_welcome")?);
+    let jobs = PgmqStorage::<Welcome>::new(&runtime, QueueName::new("example_welcome")?);
     jobs.create_queue().await?;
     jobs.queue().purge(&pool).await?;
 
@@ -95,5 +96,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if seen != [1, 3] || left != 0 {
         return Err("only the committed users should be welcomed".into());
     }
+    runtime.shutdown().await?;
     Ok(())
 }

@@ -250,7 +250,7 @@ impl Default for Config {
             listener_health_check: Duration::from_millis(crate::notify::DEFAULT_HEALTH_CHECK_MS),
             defer_delay: Duration::from_secs(1),
             heartbeat_interval: Duration::from_millis(
-                crate::notify::registry::DEFAULT_HEARTBEAT_MS,
+                crate::runtime::maintenance::DEFAULT_HEARTBEAT_MS,
             ),
             archive_retention: Some(Duration::from_secs(7 * 24 * 3600)),
             dead_letter_retention: Some(Duration::from_secs(30 * 24 * 3600)),

@@ -28,7 +28,10 @@ use std::{
 use sqlx::PgPool;
 use tokio::{sync::Notify, time::Instant};
 
-use crate::queue::{Delivery, PgmqQueue, Renewal};
+use crate::{
+    queue::{Delivery, PgmqQueue, Renewal},
+    util::Stop,
+};
 
 /// One claimed message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -230,8 +233,15 @@ pub(crate) fn lost_margin(vt: Duration) -> Duration {
     (vt / 10).max(Duration::from_millis(100))
 }
 
-/// Renews leases until the table is closed. Runs no query while the table is empty.
-pub(crate) async fn keeper(table: Arc<LeaseTable>, pool: PgPool, queue: PgmqQueue, vt: Duration) {
+/// Renews leases until the table is closed or the runtime asks it to stop. Runs no query while
+/// the table is empty.
+pub(crate) async fn keeper(
+    table: Arc<LeaseTable>,
+    pool: PgPool,
+    queue: PgmqQueue,
+    vt: Duration,
+    mut stop: Stop,
+) {
     // Renew once a third of the timeout has passed: two more renewals fit before it lapses.
     let renew_when_left = vt.mul_f64(2.0 / 3.0);
     // Leases due soon after the first are renewed in the same statement.
@@ -242,7 +252,7 @@ pub(crate) async fn keeper(table: Arc<LeaseTable>, pool: PgPool, queue: PgmqQueu
         let notified = table.changed.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if table.is_closed() {
+        if table.is_closed() || stop.is_requested() {
             return;
         }
         let lost = table.declare_lost(Instant::now(), margin);
@@ -257,6 +267,7 @@ pub(crate) async fn keeper(table: Arc<LeaseTable>, pool: PgPool, queue: PgmqQueu
                 tokio::select! {
                     () = tokio::time::sleep_until(due) => {}
                     () = &mut notified => {}
+                    () = stop.requested() => return,
                 }
                 continue;
             }
@@ -265,6 +276,7 @@ pub(crate) async fn keeper(table: Arc<LeaseTable>, pool: PgPool, queue: PgmqQueu
                 tokio::select! {
                     () = tokio::time::sleep(vt / 3) => {}
                     () = &mut notified => {}
+                    () = stop.requested() => return,
                 }
                 continue;
             }

@@ -33,7 +33,8 @@
 //!     let pool = sqlx::PgPool::connect("postgres://localhost/app").await?;
 //!     setup(&pool).await?; // installs PGMQ if absent, applies this crate's migrations
 //!
-//!     let mut storage = PgmqStorage::<Email>::new(&pool, QueueName::new("email")?);
+//! # let runtime = apalis_pgmq_notify::Runtime::new(&pool);
+//!     let mut storage = PgmqStorage::<Email>::new(&runtime, QueueName::new("email")?);
 //!     storage.create_queue().await?;
 //!     storage.push(Email { to: "a@example.com".into() }).await?;
 //!
@@ -140,6 +141,7 @@ mod notify;
 mod obs;
 mod ops;
 mod queue;
+mod runtime;
 mod sql;
 mod sql_check;
 #[cfg(feature = "testing")]
@@ -156,10 +158,9 @@ pub use migrate::{
     MIN_PGMQ_VERSION, PendingMigration, PgmqSource, SCHEMA, SetupReport, pending_migrations, setup,
 };
 pub use notify::{
-    DEFAULT_MESSAGE_PAYLOAD_BYTES, DEFAULT_NAMESPACE, DEFAULT_NAMESPACE_PATTERN, EventStream,
-    ListenerStats, MAX_CHANNEL_LEN, MAX_PREFIX_LEN, NotifyChannels, NotifyMode, QueueEvent,
-    QueueEvents, disable_notify, enable_created_notify, enable_notify, notify_migration_sql,
-    notify_mode,
+    DEFAULT_MESSAGE_PAYLOAD_BYTES, DEFAULT_NAMESPACE, DEFAULT_NAMESPACE_PATTERN, ListenerStats,
+    MAX_CHANNEL_LEN, MAX_PREFIX_LEN, NotifyChannels, NotifyMode, QueueEvent, disable_notify,
+    enable_created_notify, enable_notify, notify_migration_sql, notify_mode,
 };
 pub use ops::{
     Pruned, QueueOverview, pause, paused_queues, prune, prune_results, queues_overview, resume,
@@ -168,5 +169,9 @@ pub use queue::{
     DEAD_LETTER_SUFFIX, DEFAULT_MAX_PAYLOAD_BYTES, Delay, HEADERS_KEY, JobRecord, JobState,
     MAX_QUEUE_NAME_LEN, Message, MessageInfo, NewMessage, PgmqQueue, Pushed, QueueCounts,
     QueueInfo, QueueMetrics, QueueName, list_queues, metrics_all,
+};
+pub use runtime::{
+    DEFAULT_SHUTDOWN_GRACE, Runtime,
+    events::{EventStream, QueueEvents},
 };
 pub use sql_check::prepare_every_statement;

@@ -119,6 +119,13 @@ pub(crate) const HEARTBEAT: &str =
 /// Used in `src/notify/registry.rs`.
 pub(crate) const UNREGISTER_WORKER: &str = "DELETE FROM apalis_pgmq.workers WHERE id = $1";
 
+/// Every worker row of one runtime (`$1`, its owner): the runtime stops.
+pub(crate) const FORGET_WORKER_OWNER: &str = "DELETE FROM apalis_pgmq.workers WHERE owner = $1";
+
+/// Every listener row of one runtime (`$1`) and of its event subscriptions (`<owner>.ev<n>`).
+pub(crate) const FORGET_LISTENER_OWNER: &str =
+    "DELETE FROM apalis_pgmq.listeners WHERE owner = $1 OR starts_with(owner, $1 || '.')";
+
 /// Used in `src/backend/expose.rs`.
 pub(crate) const LIST_WORKERS: &str = "SELECT name, queue, service, \
         extract(epoch FROM started_at)::bigint, extract(epoch FROM last_heartbeat)::bigint, \
@@ -228,6 +235,8 @@ pub(crate) const ALL: &[(&str, &str)] = &[
     ("index_priorities", INDEX_PRIORITIES),
     ("heartbeat", HEARTBEAT),
     ("unregister_worker", UNREGISTER_WORKER),
+    ("forget_worker_owner", FORGET_WORKER_OWNER),
+    ("forget_listener_owner", FORGET_LISTENER_OWNER),
     ("list_workers", LIST_WORKERS),
     ("advisory_lock", ADVISORY_LOCK),
     ("advisory_unlock", ADVISORY_UNLOCK),

@@ -23,7 +23,8 @@ use crate::{
 /// # use apalis_pgmq_notify::{PgmqStorage, QueueName, prepare_every_statement};
 /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
 /// let q = QueueName::new("email")?;
-/// PgmqStorage::<String>::new(&pool, q.clone()).create_queue().await?;
+/// # let runtime = apalis_pgmq_notify::Runtime::new(&pool);
+/// PgmqStorage::<String>::new(&runtime, q.clone()).create_queue().await?;
 /// let n = prepare_every_statement(&pool, &q).await?;
 /// println!("{n} statements prepared");
 /// # Ok(()) }

@@ -81,6 +81,29 @@ pub(crate) async fn explain_pool_error(pool: &sqlx::PgPool, e: crate::Error) -> 
     }
 }
 
+/// A stop request a background service waits on, raised by its owner (the runtime). A service
+/// whose owner is gone counts as asked to stop.
+#[derive(Debug, Clone)]
+pub(crate) struct Stop(tokio::sync::watch::Receiver<bool>);
+
+impl Stop {
+    /// A stop request and the switch that raises it.
+    pub(crate) fn new() -> (tokio::sync::watch::Sender<bool>, Self) {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        (tx, Self(rx))
+    }
+
+    /// Resolves once stopping is requested.
+    pub(crate) async fn requested(&mut self) {
+        let _ = self.0.wait_for(|stop| *stop).await;
+    }
+
+    /// Whether stopping was requested.
+    pub(crate) fn is_requested(&self) -> bool {
+        *self.0.borrow() || self.0.has_changed().is_err()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

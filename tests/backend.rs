@@ -40,7 +40,7 @@ fn config() -> Config {
 }
 
 fn storage(db: &TestDb, queue: &str, config: Config) -> PgmqStorage<Job> {
-    PgmqStorage::with_config(&db.pool, QueueName::new(queue).expect("name"), config)
+    PgmqStorage::with_config(&db.runtime(), QueueName::new(queue).expect("name"), config)
         .expect("config")
 }
 
@@ -881,7 +881,7 @@ async fn oversize_jobs_are_refused_when_pushed() {
     let db = TestDb::setup().await;
     let queue = "too_big";
     let mut s: PgmqStorage<String> = PgmqStorage::with_config(
-        &db.pool,
+        &db.runtime(),
         QueueName::new(queue).expect("name"),
         config().max_payload_bytes(1024),
     )
@@ -905,7 +905,7 @@ async fn oversize_jobs_are_refused_when_pushed() {
 async fn invalid_config_is_refused() {
     let db = TestDb::fresh().await;
     let err = PgmqStorage::<Job>::with_config(
-        &db.pool,
+        &db.runtime(),
         QueueName::new("x").expect("name"),
         Config::default().visibility_timeout(Duration::ZERO),
     )

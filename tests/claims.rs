@@ -10,7 +10,7 @@ use std::{
 };
 
 use apalis::prelude::*;
-use apalis_pgmq_notify::{Config, PgmqStorage, QueueName};
+use apalis_pgmq_notify::{Config, PgmqStorage, QueueName, Runtime};
 use common::{TestDb, count, drained, stop_worker, wait_for};
 use serde::{Deserialize, Serialize};
 
@@ -56,10 +56,11 @@ async fn overlapping_claims_through_a_far_database_run_every_job_once() {
         .max_fetch_batch_size(400)
         .poll_interval(Duration::from_millis(200));
     let a: PgmqStorage<Job> =
-        PgmqStorage::with_config(&far_pool, name.clone(), config.clone()).expect("config");
+        PgmqStorage::with_config(&Runtime::new(&far_pool), name.clone(), config.clone())
+            .expect("config");
     let near_pool = db.pool_with(3).await;
     let b: PgmqStorage<Job> =
-        PgmqStorage::with_config(&near_pool, name.clone(), config).expect("config");
+        PgmqStorage::with_config(&Runtime::new(&near_pool), name.clone(), config).expect("config");
     a.create_queue().await.expect("create");
     a.push_bulk_with(&db.pool, (0..jobs).map(|id| Job { id }))
         .await
@@ -104,7 +105,7 @@ async fn a_claim_takes_the_messages_visible_longest_first() {
     let db = TestDb::setup().await;
     let queue = "visible_longest";
     let s: PgmqStorage<Job> = PgmqStorage::with_config(
-        &db.pool,
+        &db.runtime(),
         QueueName::new(queue).expect("name"),
         Config::default().fetch_batch_size(1).adaptive_claims(false),
     )
@@ -143,7 +144,7 @@ async fn a_claim_does_not_read_through_messages_scheduled_for_later() {
     let db = TestDb::setup().await;
     let queue = "behind_schedule";
     let s: PgmqStorage<Job> = PgmqStorage::with_config(
-        &db.pool,
+        &db.runtime(),
         QueueName::new(queue).expect("name"),
         Config::default(),
     )

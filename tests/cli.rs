@@ -175,7 +175,7 @@ async fn drop_queue_takes_the_dead_letter_queue_with_it() {
     let db = TestDb::setup().await;
     let url = db.url();
     let s = apalis_pgmq_notify::PgmqStorage::<String>::new(
-        &db.pool,
+        &db.runtime(),
         QueueName::new("gone").expect("name"),
     );
     s.create_queue().await.expect("create");
@@ -230,7 +230,7 @@ fn normalized(text: &str) -> serde_json::Value {
 /// A queue with a visible job, a scheduled one and two dead letters.
 async fn operated(db: &TestDb, name: &str) -> PgmqQueue {
     let s = apalis_pgmq_notify::PgmqStorage::<serde_json::Value>::new(
-        &db.pool,
+        &db.runtime(),
         QueueName::new(name).expect("name"),
     );
     s.create_queue().await.expect("create");

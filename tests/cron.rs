@@ -11,7 +11,7 @@ use std::{
 
 use apalis::prelude::*;
 use apalis_cron::CronScheduler;
-use apalis_pgmq_notify::{Config, PgmqStorage, QueueName};
+use apalis_pgmq_notify::{Config, PgmqStorage, QueueName, Runtime};
 use common::{TestDb, count, stop_worker, wait_for};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -61,8 +61,12 @@ async fn two_replicas_turn_each_tick_into_one_job() {
         .poll_interval(Duration::from_millis(100))
         .idempotency_window(Some(Duration::from_secs(3600)));
     let storage = |pool: &sqlx::PgPool| {
-        PgmqStorage::<Tick>::with_config(pool, QueueName::new(queue).expect("name"), config.clone())
-            .expect("config")
+        PgmqStorage::<Tick>::with_config(
+            &Runtime::new(pool),
+            QueueName::new(queue).expect("name"),
+            config.clone(),
+        )
+        .expect("config")
     };
     let a = storage(&db.pool_with(2).await);
     let b = storage(&db.pool_with(2).await);

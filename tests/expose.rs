@@ -10,7 +10,7 @@ use apalis_core::backend::{
     FetchById, Filter, ListAllTasks, ListQueues, ListTasks, ListWorkers, Metrics, Reschedule,
     Update, Vacuum,
 };
-use apalis_pgmq_notify::{Config, Delay, JobState, KilledAction, PgmqStorage, QueueName};
+use apalis_pgmq_notify::{Config, Delay, JobState, KilledAction, PgmqStorage, QueueName, Runtime};
 use common::{TestDb, count, proxy::Proxy, stop_worker, wait_for};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -55,7 +55,7 @@ async fn every_state(db: &TestDb, queue: &str) -> PgmqStorage<Job> {
         .backoff(apalis_pgmq_notify::Backoff::default().base(Duration::from_secs(3600)))
         .poll_interval(Duration::from_secs(60));
     let s: PgmqStorage<Job> =
-        PgmqStorage::with_config(&db.pool, QueueName::new(queue).expect("name"), config)
+        PgmqStorage::with_config(&db.runtime(), QueueName::new(queue).expect("name"), config)
             .expect("config");
     s.create_queue().await.expect("create");
     let q = s.queue().clone();
@@ -346,7 +346,7 @@ async fn the_worker_registry_lists_workers_of_two_processes_and_forgets_a_dead_o
         .heartbeat_interval(Duration::from_secs(1))
         .poll_interval(Duration::from_secs(60));
     let a: PgmqStorage<Job> = PgmqStorage::with_config(
-        &db.pool,
+        &db.runtime(),
         QueueName::new(queue).expect("name"),
         config.clone(),
     )
@@ -359,9 +359,12 @@ async fn the_worker_registry_lists_workers_of_two_processes_and_forgets_a_dead_o
         .connect_with(db.options.clone().host("127.0.0.1").port(proxy.port))
         .await
         .expect("connect through the proxy");
-    let b: PgmqStorage<Job> =
-        PgmqStorage::with_config(&pool_b, QueueName::new(queue).expect("name"), config)
-            .expect("config");
+    let b: PgmqStorage<Job> = PgmqStorage::with_config(
+        &Runtime::new(&pool_b),
+        QueueName::new(queue).expect("name"),
+        config,
+    )
+    .expect("config");
     let handler = |_j: Job| async { Ok::<(), BoxDynError>(()) };
     let (stop_a, join_a) = spawn_worker!(
         WorkerBuilder::new("registry-a")

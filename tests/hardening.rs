@@ -12,7 +12,7 @@ use std::{
 };
 
 use apalis::prelude::*;
-use apalis_pgmq_notify::{Backoff, Config, PgmqStorage, QueueName};
+use apalis_pgmq_notify::{Backoff, Config, PgmqStorage, QueueName, Runtime};
 use common::{TestDb, count, drained, stop_worker, wait_for};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -49,7 +49,7 @@ async fn outcomes_postgres_would_refuse_never_block_the_others() {
     let db = TestDb::setup().await;
     let queue = "poison_outcomes";
     let s: PgmqStorage<Job> = PgmqStorage::with_config(
-        &db.pool,
+        &db.runtime(),
         QueueName::new(queue).expect("name"),
         Config::default()
             .max_attempts(2)
@@ -118,7 +118,7 @@ async fn deferrals_and_retry_afters_use_up_attempts_and_end_in_the_dead_letter_q
     let db = TestDb::setup().await;
     for (queue, deferring) in [("always_defers", true), ("always_later", false)] {
         let s: PgmqStorage<Job> = PgmqStorage::with_config(
-            &db.pool,
+            &db.runtime(),
             QueueName::new(queue).expect("name"),
             Config::default()
                 .max_attempts(3)
@@ -176,7 +176,7 @@ async fn a_failed_push_leaves_nothing_behind() {
     let db = TestDb::setup().await;
     let queue = "failed_push";
     let mut s: PgmqStorage<Job> = PgmqStorage::with_config(
-        &db.pool,
+        &db.runtime(),
         QueueName::new(queue).expect("name"),
         Config::default().max_payload_bytes(1024),
     )
@@ -252,7 +252,7 @@ async fn a_frozen_worker_stops_its_jobs_before_another_worker_runs_them() {
         .visibility_timeout(Duration::from_secs(3))
         .poll_interval(Duration::from_secs(60));
     let a: PgmqStorage<Job> = PgmqStorage::with_config(
-        &pool_a,
+        &Runtime::new(&pool_a),
         QueueName::new(queue).expect("name"),
         config.clone(),
     )
@@ -294,7 +294,7 @@ async fn a_frozen_worker_stops_its_jobs_before_another_worker_runs_them() {
     proxy.freeze();
     // Process B, on a direct connection, takes the jobs once A's leases lapse.
     let b: PgmqStorage<Job> =
-        PgmqStorage::with_config(&db.pool, QueueName::new(queue).expect("name"), config)
+        PgmqStorage::with_config(&db.runtime(), QueueName::new(queue).expect("name"), config)
             .expect("config");
     let b_started: Times = Arc::default();
     let worker_b = WorkerBuilder::new("frozen-b")
@@ -344,7 +344,7 @@ async fn attempt_never_goes_backwards_and_tower_retries_count_against_max_attemp
     ];
     for (queue, retries, max_attempts, expected) in cases {
         let s: PgmqStorage<Job> = PgmqStorage::with_config(
-            &db.pool,
+            &db.runtime(),
             QueueName::new(queue).expect("name"),
             Config::default().max_attempts(max_attempts).backoff(
                 Backoff::default()
@@ -400,7 +400,8 @@ async fn attempt_never_goes_backwards_and_tower_retries_count_against_max_attemp
 async fn errors_say_what_to_do() {
     // No setup(): the push says so, and a worker stops at start saying so.
     let bare = TestDb::fresh().await;
-    let s: PgmqStorage<Job> = PgmqStorage::new(&bare.pool, QueueName::new("email").expect("name"));
+    let s: PgmqStorage<Job> =
+        PgmqStorage::new(&bare.runtime(), QueueName::new("email").expect("name"));
     let err = s.create_queue().await.expect_err("no PGMQ");
     let text = err.to_string();
     assert!(
@@ -418,7 +419,8 @@ async fn errors_say_what_to_do() {
     assert!(err.to_string().contains("setup(&pool)"), "{err}");
     // A queue never created: named, with what to call.
     let db = TestDb::setup().await;
-    let s: PgmqStorage<Job> = PgmqStorage::new(&db.pool, QueueName::new("never").expect("name"));
+    let s: PgmqStorage<Job> =
+        PgmqStorage::new(&db.runtime(), QueueName::new("never").expect("name"));
     let err = s
         .push_with(&db.pool, &job(1, "x"))
         .await
@@ -436,7 +438,8 @@ async fn errors_say_what_to_do() {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .acquire_timeout(Duration::from_millis(500))
         .connect_lazy_with(db.options.clone().host("127.0.0.1").port(port));
-    let mut s: PgmqStorage<Job> = PgmqStorage::new(&pool, QueueName::new("email").expect("name"));
+    let mut s: PgmqStorage<Job> =
+        PgmqStorage::new(&Runtime::new(&pool), QueueName::new("email").expect("name"));
     let err = s.push(job(1, "x")).await.expect_err("nothing listens");
     let text = err.to_string();
     assert!(

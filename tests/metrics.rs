@@ -65,7 +65,7 @@ async fn outcomes_are_counted_and_latencies_recorded() {
     let db = TestDb::setup().await;
     let name = "metered";
     let s: PgmqStorage<Job> = PgmqStorage::with_config(
-        &db.pool,
+        &db.runtime(),
         QueueName::new(name).expect("name"),
         Config::default()
             .max_attempts(2)

@@ -36,8 +36,12 @@ fn slow_poll() -> Config {
 }
 
 fn storage(db: &TestDb, queue: &str) -> PgmqStorage<Job> {
-    PgmqStorage::with_config(&db.pool, QueueName::new(queue).expect("name"), slow_poll())
-        .expect("config")
+    PgmqStorage::with_config(
+        &db.runtime(),
+        QueueName::new(queue).expect("name"),
+        slow_poll(),
+    )
+    .expect("config")
 }
 
 async fn handled(log: &Log, id: u32) -> Option<Instant> {
@@ -253,7 +257,7 @@ async fn one_notification_per_statement_not_per_row() {
     )
     .await
     .expect("batch mode");
-    let mut events = QueueEvents::new(&db.pool)
+    let mut events = QueueEvents::new(&db.runtime())
         .queue(s.queue().name())
         .subscribe()
         .await
@@ -358,7 +362,7 @@ async fn per_message_events_respect_the_byte_budget() {
             vec!["apq.q.inline".to_owned(), "apq.ns.default".to_owned()]
         ))
     );
-    let mut events = QueueEvents::new(&db.pool)
+    let mut events = QueueEvents::new(&db.runtime())
         .queue(q.name())
         .subscribe()
         .await
@@ -425,7 +429,7 @@ async fn per_message_events_respect_the_byte_budget() {
 async fn namespace_and_queue_created_events() {
     let db = TestDb::setup().await;
     let channels = NotifyChannels::with_prefix("t1.").expect("prefix");
-    let mut events = QueueEvents::new(&db.pool)
+    let mut events = QueueEvents::new(&db.runtime())
         .channels(channels.clone())
         .namespace("billing")
         .queue_created()
@@ -473,7 +477,7 @@ async fn subscribers_on_several_channels_get_one_reconnected_event_each() {
     let db = TestDb::setup().await;
     let channels = NotifyChannels::with_prefix("t3.").expect("prefix");
     for bad in ["", "Audit", "a-b", &"n".repeat(44)] {
-        let err = QueueEvents::new(&db.pool)
+        let err = QueueEvents::new(&db.runtime())
             .channels(channels.clone())
             .namespace(bad)
             .subscribe()
@@ -493,7 +497,7 @@ async fn subscribers_on_several_channels_get_one_reconnected_event_each() {
     let mut subscribers = Vec::new();
     for _ in 0..2 {
         subscribers.push(
-            QueueEvents::new(&db.pool)
+            QueueEvents::new(&db.runtime())
                 .channels(channels.clone())
                 .queue(q.name())
                 .namespace("audit")
@@ -602,7 +606,7 @@ async fn generated_migration_installs_notifications_without_setup() {
         .execute(&db.pool)
         .await
         .expect("apply again");
-    let mut events = QueueEvents::new(&db.pool)
+    let mut events = QueueEvents::new(&db.runtime())
         .namespace("orders")
         .subscribe()
         .await
@@ -726,7 +730,7 @@ async fn a_busy_worker_costs_producers_one_notification() {
     let db = TestDb::setup().await;
     let queue = "busy";
     let s: PgmqStorage<Job> = PgmqStorage::with_config(
-        &db.pool,
+        &db.runtime(),
         QueueName::new(queue).expect("name"),
         slow_poll().fetch_batch_size(10),
     )

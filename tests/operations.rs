@@ -27,7 +27,7 @@ async fn a_paused_queue_is_not_claimed_until_resumed_and_resuming_wakes_the_work
     let name = QueueName::new("pausable").expect("name");
     // A minute's fallback poll: a quick pickup after resuming comes from its notification.
     let s: PgmqStorage<Job> = PgmqStorage::with_config(
-        &db.pool,
+        &db.runtime(),
         name.clone(),
         Config::default().poll_interval(Duration::from_secs(60)),
     )
@@ -124,7 +124,7 @@ async fn aged_rows(db: &TestDb, queue: &str, old: i64, new: i64) {
 async fn prune_deletes_only_what_retention_allows_in_batches() {
     let db = TestDb::setup().await;
     let name = QueueName::new("retained").expect("name");
-    PgmqStorage::<Job>::new(&db.pool, name.clone())
+    PgmqStorage::<Job>::new(&db.runtime(), name.clone())
         .create_queue()
         .await
         .expect("create");
@@ -159,7 +159,7 @@ async fn a_worker_process_prunes_past_retention_on_its_own() {
     let db = TestDb::setup().await;
     let name = QueueName::new("janitor").expect("name");
     let s: PgmqStorage<Job> = PgmqStorage::with_config(
-        &db.pool,
+        &db.runtime(),
         name,
         Config::default()
             .heartbeat_interval(Duration::from_secs(1))

@@ -39,7 +39,7 @@ async fn the_backend_works_unchanged_on_a_partitioned_queue_and_prune_drops_part
     }
     let name = QueueName::new("parts").expect("name");
     let s: PgmqStorage<Job> = PgmqStorage::with_config(
-        &db.pool,
+        &db.runtime(),
         name.clone(),
         Config::default()
             .max_attempts(1)

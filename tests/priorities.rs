@@ -52,9 +52,12 @@ async fn run_all(s: &PgmqStorage<Job>, n: usize) -> Vec<u32> {
 async fn higher_priorities_run_first_without_starving_the_others() {
     let db = TestDb::setup().await;
     let queue = "prio_order";
-    let s: PgmqStorage<Job> =
-        PgmqStorage::with_config(&db.pool, QueueName::new(queue).expect("name"), config())
-            .expect("config");
+    let s: PgmqStorage<Job> = PgmqStorage::with_config(
+        &db.runtime(),
+        QueueName::new(queue).expect("name"),
+        config(),
+    )
+    .expect("config");
     s.create_queue().await.expect("create");
     let mut conn = db.pool.acquire().await.expect("conn");
     // 16 low-priority jobs (ids 0..16) queued first, then 32 high-priority ones (100..132).
@@ -97,9 +100,12 @@ async fn higher_priorities_run_first_without_starving_the_others() {
 async fn plain_pgmq_messages_and_odd_priorities_get_a_sane_priority() {
     let db = TestDb::setup().await;
     let queue = "prio_plain";
-    let s: PgmqStorage<Job> =
-        PgmqStorage::with_config(&db.pool, QueueName::new(queue).expect("name"), config())
-            .expect("config");
+    let s: PgmqStorage<Job> = PgmqStorage::with_config(
+        &db.runtime(),
+        QueueName::new(queue).expect("name"),
+        config(),
+    )
+    .expect("config");
     s.create_queue().await.expect("create");
     // Producers that know nothing of priorities, or send nonsense: every insert succeeds.
     for (id, headers) in [
@@ -141,9 +147,12 @@ async fn plain_pgmq_messages_and_odd_priorities_get_a_sane_priority() {
 async fn a_producer_with_only_pgmq_rights_sends_into_a_queue_with_priorities_and_keys() {
     let db = TestDb::setup().await;
     let queue = "prio_rights";
-    let s: PgmqStorage<Job> =
-        PgmqStorage::with_config(&db.pool, QueueName::new(queue).expect("name"), config())
-            .expect("config");
+    let s: PgmqStorage<Job> = PgmqStorage::with_config(
+        &db.runtime(),
+        QueueName::new(queue).expect("name"),
+        config(),
+    )
+    .expect("config");
     s.create_queue().await.expect("create");
     // The priority index calls apalis_pgmq.priority_of and the key index reads the headers:
     // neither needs a right in apalis_pgmq from the producer.

@@ -598,7 +598,7 @@ async fn deeply_nested_messages_do_not_break_a_read() {
 async fn every_statement_the_crate_issues_prepares() {
     let db = TestDb::setup().await;
     let q = QueueName::new("prepared").expect("name");
-    apalis_pgmq_notify::PgmqStorage::<String>::new(&db.pool, q.clone())
+    apalis_pgmq_notify::PgmqStorage::<String>::new(&db.runtime(), q.clone())
         .create_queue()
         .await
         .expect("create");

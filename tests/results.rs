@@ -11,14 +11,14 @@ use apalis_core::{
     backend::{TaskResult, WaitForCompletion},
     task::{builder::TaskBuilder, task_id::TaskId},
 };
-use apalis_pgmq_notify::{Config, Error, PgmqStorage, QueueName, prune_results};
+use apalis_pgmq_notify::{Config, Error, PgmqStorage, QueueName, Runtime, prune_results};
 use common::{TestDb, count, stop_worker, wait_for};
 use futures::StreamExt;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn storage_on(pool: &sqlx::PgPool, queue: &str, config: Config) -> PgmqStorage<u32> {
-    PgmqStorage::with_config(pool, QueueName::new(queue).expect("name"), config).expect("config")
+fn storage_on(runtime: &Runtime, queue: &str, config: Config) -> PgmqStorage<u32> {
+    PgmqStorage::with_config(runtime, QueueName::new(queue).expect("name"), config).expect("config")
 }
 
 /// 0 → its square; 1 → always fails; 2 → killed; 3 → fails on its first run only.
@@ -49,7 +49,7 @@ fn tid(id: i64) -> TaskId {
 async fn push_and_wait_returns_the_output_whatever_the_workers_keep() {
     let db = TestDb::setup().await;
     // The workers keep no results (the default); push_and_wait asks for this job's.
-    let s = storage_on(&db.pool, "paw", Config::default());
+    let s = storage_on(&db.runtime(), "paw", Config::default());
     s.create_queue().await.expect("create");
     // No worker yet: the wait ends with a timeout naming the job, which is left alone.
     match s.push_and_wait::<u64>(4, Duration::from_millis(300)).await {
@@ -94,7 +94,7 @@ async fn push_and_wait_returns_the_output_whatever_the_workers_keep() {
 async fn failed_killed_and_retried_jobs_report_their_final_outcome() {
     let db = TestDb::setup().await;
     let mut s = storage_on(
-        &db.pool,
+        &db.runtime(),
         "outcomes",
         Config::default()
             .store_results(true)
@@ -147,7 +147,7 @@ async fn failed_killed_and_retried_jobs_report_their_final_outcome() {
 #[tokio::test]
 async fn a_thousand_waiters_share_one_listener() {
     let db = TestDb::setup().await;
-    let s = storage_on(&db.pool, "many", Config::default().store_results(true));
+    let s = storage_on(&db.runtime(), "many", Config::default().store_results(true));
     s.create_queue().await.expect("create");
     let ids = s
         .push_bulk_with(&db.pool, (0..1000u32).map(|i| i * 10))
@@ -250,8 +250,8 @@ async fn a_waiter_whose_listener_goes_silent_still_gets_the_result() {
         .store_results(true)
         .listener_health_check(Duration::from_secs(1));
     // The waiter's process reaches the database through the proxy; the worker's does not.
-    let mut waiter = storage_on(&far, "silent", config.clone());
-    let here = storage_on(&db.pool, "silent", config);
+    let mut waiter = storage_on(&Runtime::new(&far), "silent", config.clone());
+    let here = storage_on(&db.runtime(), "silent", config);
     here.create_queue().await.expect("create");
     let id = here.push_with(&db.pool, &7).await.expect("push");
     let wait = tokio::spawn(async move {
@@ -283,7 +283,7 @@ async fn a_waiter_whose_listener_goes_silent_still_gets_the_result() {
 async fn a_waiter_whose_listener_is_terminated_gets_the_result() {
     let db = TestDb::setup().await;
     let mut s = storage_on(
-        &db.pool,
+        &db.runtime(),
         "killed_listener",
         Config::default().store_results(true),
     );
@@ -335,7 +335,7 @@ async fn outputs_that_cannot_be_kept_never_cost_the_job_its_outcome() {
     let db = TestDb::setup().await;
     let queue = QueueName::new("unkeepable").expect("name");
     let mut s: PgmqStorage<u32> = PgmqStorage::with_config(
-        &db.pool,
+        &db.runtime(),
         queue,
         Config::default()
             .store_results(true)
@@ -392,7 +392,7 @@ async fn outputs_that_cannot_be_kept_never_cost_the_job_its_outcome() {
 async fn a_role_that_may_not_write_results_still_finishes_jobs() {
     let db = TestDb::setup().await;
     let queue = "norights";
-    let admin = storage_on(&db.pool, queue, Config::default());
+    let admin = storage_on(&db.runtime(), queue, Config::default());
     admin.create_queue().await.expect("create");
     let role = format!("w_{}", &db.name[9..]);
     for sql in [
@@ -414,11 +414,12 @@ async fn a_role_that_may_not_write_results_still_finishes_jobs() {
         .connect_with(db.options.clone().username(&role))
         .await
         .expect("connect as the worker role");
+    let runtime = Runtime::new(&pool);
     let config = Config::default()
         .listen(false)
         .poll_interval(Duration::from_millis(50));
     // Asked to keep every result, the worker refuses to start and says which right is missing.
-    let strict = storage_on(&pool, queue, config.clone().store_results(true));
+    let strict = storage_on(&runtime, queue, config.clone().store_results(true));
     let refused = WorkerBuilder::new("strict").backend(strict).build(handler);
     let err = tokio::time::timeout(WAIT, refused.run())
         .await
@@ -430,7 +431,7 @@ async fn a_role_that_may_not_write_results_still_finishes_jobs() {
     );
     // Not asked to keep results, it runs a job that asks for its own (push_and_wait): the
     // result cannot be written, the job's outcome is.
-    let lenient = storage_on(&pool, queue, config);
+    let lenient = storage_on(&runtime, queue, config);
     let worker = WorkerBuilder::new("lenient")
         .backend(lenient)
         .build(handler);
@@ -453,7 +454,7 @@ async fn a_role_that_may_not_write_results_still_finishes_jobs() {
     );
     waiting.abort();
     // A waiter that may not read the results hears so at once, rather than waiting in vain.
-    let reader = storage_on(&pool, queue, Config::default().listen(false));
+    let reader = storage_on(&runtime, queue, Config::default().listen(false));
     match tokio::time::timeout(WAIT, reader.push_and_wait::<u64>(4, WAIT)).await {
         Ok(Err(Error::ResultsUnreadable(why))) => {
             assert!(why.contains("permission denied"), "{why}")
@@ -468,7 +469,11 @@ async fn a_role_that_may_not_write_results_still_finishes_jobs() {
 #[tokio::test]
 async fn producer_chosen_task_ids_are_the_jobs_ids() {
     let db = TestDb::setup().await;
-    let mut s = storage_on(&db.pool, "chosen", Config::default().store_results(true));
+    let mut s = storage_on(
+        &db.runtime(),
+        "chosen",
+        Config::default().store_results(true),
+    );
     s.create_queue().await.expect("create");
     let mut conn = db.pool.acquire().await.expect("conn");
     let pushed = s
@@ -547,14 +552,14 @@ async fn results_expire() {
     let db = TestDb::setup().await;
     assert!(
         PgmqStorage::<u32>::with_config(
-            &db.pool,
+            &db.runtime(),
             QueueName::new("x").expect("name"),
             Config::default().result_retention(Some(Duration::from_millis(10)))
         )
         .is_err(),
         "a retention under a second is refused"
     );
-    let s = storage_on(&db.pool, "expiring", Config::default());
+    let s = storage_on(&db.runtime(), "expiring", Config::default());
     s.create_queue().await.expect("create");
     let worker = WorkerBuilder::new("expiring")
         .backend(s.clone())
@@ -590,7 +595,7 @@ async fn announcements_too_long_for_a_notification_still_wake_every_waiter() {
     let db = TestDb::setup().await;
     // Outcomes gather for up to 500 ms, so a statement carries many of them.
     let s = storage_on(
-        &db.pool,
+        &db.runtime(),
         "long_ids",
         Config::default()
             .store_results(true)
@@ -654,7 +659,7 @@ async fn announcements_too_long_for_a_notification_still_wake_every_waiter() {
 async fn a_worker_process_prunes_results_past_their_retention() {
     let db = TestDb::setup().await;
     let s = storage_on(
-        &db.pool,
+        &db.runtime(),
         "old_results",
         Config::default()
             .heartbeat_interval(Duration::from_secs(1))
@@ -705,7 +710,11 @@ async fn a_worker_process_prunes_results_past_their_retention() {
 #[tokio::test]
 async fn a_task_id_longer_than_an_index_entry_keeps_its_result() {
     let db = TestDb::setup().await;
-    let mut s = storage_on(&db.pool, "long_id", Config::default().store_results(true));
+    let mut s = storage_on(
+        &db.runtime(),
+        "long_id",
+        Config::default().store_results(true),
+    );
     s.create_queue().await.expect("create");
     // Incompressible, 20 kB: far beyond what a btree entry holds (~2.7 kB).
     let mut x = 0x9E37_79B9_7F4A_7C15u64;

@@ -28,7 +28,7 @@ fn keyed(id: u32, key: &str) -> Task<Job> {
 }
 
 async fn storage(db: &TestDb, queue: &str, config: Config) -> PgmqStorage<Job> {
-    let s = PgmqStorage::with_config(&db.pool, QueueName::new(queue).expect("name"), config)
+    let s = PgmqStorage::with_config(&db.runtime(), QueueName::new(queue).expect("name"), config)
         .expect("config");
     s.create_queue().await.expect("create");
     s
@@ -217,7 +217,7 @@ async fn a_window_keeps_a_finished_jobs_key_taken() {
     assert!(!later.is_duplicate());
     // A window longer than the archive is kept makes no sense: refused.
     let e = PgmqStorage::<Job>::with_config(
-        &db.pool,
+        &db.runtime(),
         QueueName::new(queue).expect("name"),
         Config::default()
             .archive_retention(Some(Duration::from_secs(60)))

@@ -15,7 +15,7 @@ use std::{
 
 use apalis::prelude::*;
 use apalis_pgmq_notify::{
-    Config, NotifyChannels, NotifyMode, PgmqStorage, QueueName, enable_notify,
+    Config, NotifyChannels, NotifyMode, PgmqStorage, QueueName, Runtime, enable_notify,
 };
 use common::{TestDb, count, proxy::Proxy, stop_worker, wait_for};
 use serde::{Deserialize, Serialize};
@@ -36,8 +36,8 @@ fn slow_poll() -> Config {
     Config::default().poll_interval(Duration::from_secs(60))
 }
 
-fn storage_on(pool: &PgPool, queue: &str, config: Config) -> PgmqStorage<Job> {
-    PgmqStorage::with_config(pool, QueueName::new(queue).expect("name"), config).expect("config")
+fn storage_on(runtime: &Runtime, queue: &str, config: Config) -> PgmqStorage<Job> {
+    PgmqStorage::with_config(runtime, QueueName::new(queue).expect("name"), config).expect("config")
 }
 
 fn handled(log: &Log, id: u32) -> bool {
@@ -96,7 +96,7 @@ async fn proxy_to_server(db: &TestDb) -> Proxy {
 #[tokio::test]
 async fn an_open_producer_transaction_does_not_stall_other_producers() {
     let db = TestDb::setup().await;
-    let s = storage_on(&db.pool, "open_tx", slow_poll());
+    let s = storage_on(&db.runtime(), "open_tx", slow_poll());
     s.create_queue().await.expect("create");
     let log: Log = Arc::default();
     let (stop, join) = worker!("open-tx", s, log);
@@ -124,8 +124,8 @@ async fn an_open_producer_transaction_does_not_stall_other_producers() {
 #[tokio::test]
 async fn producers_inserting_into_two_queues_in_opposite_orders_never_deadlock() {
     let db = TestDb::setup().await;
-    let x = storage_on(&db.pool, "order_x", slow_poll());
-    let y = storage_on(&db.pool, "order_y", slow_poll());
+    let x = storage_on(&db.runtime(), "order_x", slow_poll());
+    let y = storage_on(&db.runtime(), "order_y", slow_poll());
     x.create_queue().await.expect("create x");
     y.create_queue().await.expect("create y");
     let log: Log = Arc::default();
@@ -171,7 +171,7 @@ async fn producers_inserting_into_two_queues_in_opposite_orders_never_deadlock()
 async fn a_producer_with_only_pgmq_rights_sends_in_every_notify_mode() {
     let db = TestDb::setup().await;
     let queue = "rights";
-    let s = storage_on(&db.pool, queue, slow_poll());
+    let s = storage_on(&db.runtime(), queue, slow_poll());
     s.create_queue().await.expect("create");
     let (role, producer) = common::producer_role(&db, queue, "").await;
     let log: Log = Arc::default();
@@ -218,12 +218,12 @@ async fn a_producer_with_only_pgmq_rights_sends_in_every_notify_mode() {
 async fn a_worker_without_its_rights_fails_at_start_naming_the_right() {
     let db = TestDb::setup().await;
     let queue = "no_rights";
-    let s = storage_on(&db.pool, queue, slow_poll());
+    let s = storage_on(&db.runtime(), queue, slow_poll());
     s.create_queue().await.expect("create");
     s.push_with(&db.pool, &Job { id: 1 }).await.expect("push");
     // Rights to read and push, not to lease, archive or dead-letter.
     let (role, pool) = common::producer_role(&db, queue, "").await;
-    let weak = storage_on(&pool, queue, slow_poll());
+    let weak = storage_on(&Runtime::new(&pool), queue, slow_poll());
     let log: Log = Arc::default();
     let worker = WorkerBuilder::new("no-rights")
         .backend(weak)
@@ -259,7 +259,7 @@ async fn a_job_that_sent_no_notification_is_read_by_the_fallback_deadline_while_
     let queue = "long_writer";
     let poll = Duration::from_secs(2);
     let s = storage_on(
-        &db.pool,
+        &db.runtime(),
         queue,
         Config::default().poll_interval(poll).poll_jitter(0.0),
     );
@@ -309,7 +309,7 @@ async fn a_silent_listener_connection_is_replaced_within_the_health_interval() {
     let pool = pool_through(&db, &proxy).await;
     let queue = "silent";
     let s = storage_on(
-        &pool,
+        &Runtime::new(&pool),
         queue,
         slow_poll().listener_health_check(Duration::from_secs(2)),
     );
@@ -354,7 +354,7 @@ async fn a_retry_written_in_one_process_wakes_an_idle_worker_in_another() {
     let queue = "cross";
     // Process A: its handler holds job 1 until told, then asks for a retry.
     let a = storage_on(
-        &db.pool,
+        &db.runtime(),
         queue,
         slow_poll().visibility_timeout(Duration::from_secs(60)),
     );
@@ -386,7 +386,7 @@ async fn a_retry_written_in_one_process_wakes_an_idle_worker_in_another() {
     // Process B (another listener and owner), idle and armed while A holds the job.
     let proxy = proxy_to_server(&db).await;
     let pool_b = pool_through(&db, &proxy).await;
-    let b = storage_on(&pool_b, queue, slow_poll());
+    let b = storage_on(&Runtime::new(&pool_b), queue, slow_poll());
     let log: Log = Arc::default();
     let (stop_b, join_b) = worker!("cross-b", b, log);
     // B's row appears when it arms; nothing notifies B before the retry.
@@ -421,7 +421,7 @@ async fn a_release_in_one_process_wakes_an_idle_worker_in_another() {
     let queue = "rel";
     // Process A: concurrency 1, so of the two jobs it claims it starts one and releases the
     // other (a release gives the read back: read_ct goes down).
-    let a = storage_on(&db.pool, queue, slow_poll().fetch_batch_size(10));
+    let a = storage_on(&db.runtime(), queue, slow_poll().fetch_batch_size(10));
     a.create_queue().await.expect("create");
     // Hold the release in the database until process B waits, so B cannot see the job before.
     sqlx::raw_sql(
@@ -471,7 +471,7 @@ async fn a_release_in_one_process_wakes_an_idle_worker_in_another() {
     // Process B (another listener and owner) arms while the release is held.
     let proxy = proxy_to_server(&db).await;
     let pool_b = pool_through(&db, &proxy).await;
-    let b = storage_on(&pool_b, queue, slow_poll());
+    let b = storage_on(&Runtime::new(&pool_b), queue, slow_poll());
     let log: Log = Arc::default();
     let (stop_b, join_b) = worker!("rel-b", b, log);
     wait_for(WAIT, "process B to arm", || async {

@@ -16,7 +16,7 @@ use common::{TestDb, count, stop_worker, wait_for};
 async fn a_sequential_workflow_runs_step_by_step() {
     let db = TestDb::setup().await;
     let mut storage: PgmqStorage<u32> = PgmqStorage::with_config(
-        &db.pool,
+        &db.runtime(),
         QueueName::new("workflow").expect("name"),
         Config::default().poll_interval(Duration::from_millis(50)),
     )
@@ -67,7 +67,7 @@ async fn a_graph_workflow_fans_out_and_back_in() {
     use apalis_workflow::{GraphFlow, WorkflowSink};
     let db = TestDb::setup().await;
     let mut storage: PgmqStorage<serde_json::Value> = PgmqStorage::with_config(
-        &db.pool,
+        &db.runtime(),
         QueueName::new("graph").expect("name"),
         Config::default().store_results(true),
     )

@@ -25,7 +25,7 @@ use std::{
 
 use apalis::prelude::*;
 use apalis_pgmq_notify::{
-    Config as OurConfig, NotifyChannels, NotifyMode, PgmqQueue, PgmqStorage, QueueName,
+    Config as OurConfig, NotifyChannels, NotifyMode, PgmqQueue, PgmqStorage, QueueName, Runtime,
     disable_notify, enable_notify,
 };
 use apalis_postgres::{Config as PgConfig, PostgresStorage};
@@ -173,7 +173,7 @@ fn job(t: u64) -> BenchJob {
 async fn ours(pool: &PgPool, p: &Params) -> Res<PgmqStorage<BenchJob>> {
     apalis_pgmq_notify::setup(pool).await?;
     let s = PgmqStorage::with_config(
-        pool,
+        &Runtime::new(pool),
         QueueName::new("bench")?,
         OurConfig::default().fetch_batch_size(p.batch_size),
     )?;
@@ -235,7 +235,7 @@ async fn run_ours(bench: &mut Bench, workload: &str) -> Res<()> {
         //    trigger the workers poll every 10 ms (about the pickup latency notifications give,
         //    so both runs consume alike); with the on-demand trigger they wait for it.
         let polling: PgmqStorage<BenchJob> = PgmqStorage::with_config(
-            &pool,
+            &Runtime::new(&pool),
             q.name().clone(),
             OurConfig::default()
                 .fetch_batch_size(p.batch_size)

@@ -8,7 +8,7 @@ use std::{
 };
 
 use apalis::prelude::*;
-use apalis_pgmq_notify::{Config as OurConfig, PgmqStorage, QueueName};
+use apalis_pgmq_notify::{Config as OurConfig, PgmqStorage, QueueName, Runtime};
 use apalis_postgres::PostgresStorage;
 use futures::StreamExt;
 use sqlx::PgPool;
@@ -20,7 +20,7 @@ use crate::{
 };
 
 async fn storage(pool: &PgPool, name: &str, config: OurConfig) -> Res<PgmqStorage<BenchJob>> {
-    let s = PgmqStorage::with_config(pool, QueueName::new(name)?, config)?;
+    let s = PgmqStorage::with_config(&Runtime::new(pool), QueueName::new(name)?, config)?;
     s.create_queue().await?;
     Ok(s)
 }

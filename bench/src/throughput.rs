@@ -9,7 +9,7 @@ use std::{
 };
 
 use apalis::prelude::*;
-use apalis_pgmq_notify::{Config as OurConfig, PgmqStorage, QueueName};
+use apalis_pgmq_notify::{Config as OurConfig, PgmqStorage, QueueName, Runtime};
 use sqlx::{
     PgPool,
     postgres::{PgConnectOptions, PgPoolOptions},
@@ -53,7 +53,7 @@ async fn push_backlog(s: &PgmqStorage<BenchJob>, n: u64) -> Res<()> {
 }
 
 async fn storage(pool: &PgPool, name: &str, config: OurConfig) -> Res<PgmqStorage<BenchJob>> {
-    let s = PgmqStorage::with_config(pool, QueueName::new(name)?, config)?;
+    let s = PgmqStorage::with_config(&Runtime::new(pool), QueueName::new(name)?, config)?;
     s.create_queue().await?;
     Ok(s)
 }
@@ -262,8 +262,11 @@ pub async fn far(opts: &PgConnectOptions, pool: &PgPool, p: &Params, system: &st
         let s = storage(pool, &name, OurConfig::default()).await?;
         let backlog = (ideal * p.far_secs as f64 * 1.5) as u64 + 1000;
         push_backlog(&s, backlog).await?;
-        let worker_side: PgmqStorage<BenchJob> =
-            PgmqStorage::with_config(&far_pool, QueueName::new(&name)?, OurConfig::default())?;
+        let worker_side: PgmqStorage<BenchJob> = PgmqStorage::with_config(
+            &Runtime::new(&far_pool),
+            QueueName::new(&name)?,
+            OurConfig::default(),
+        )?;
         let counters = Arc::new(Counters::default());
         counters.job_ms.store(p.far_job_ms, Ordering::Relaxed);
         let (stop, joins) =

@@ -22,7 +22,9 @@ use std::{
 };
 
 use apalis::prelude::*;
-use apalis_pgmq_notify::{Backoff, Config, MessageInfo, PgmqQueue, PgmqStorage, QueueName, setup};
+use apalis_pgmq_notify::{
+    Backoff, Config, MessageInfo, PgmqQueue, PgmqStorage, QueueName, Runtime, setup,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::{
@@ -163,7 +165,8 @@ fn worker_main(args: &[String]) -> Res<()> {
                     .base(Duration::from_millis(100))
                     .jitter(0.0),
             );
-        let storage = PgmqStorage::<FaultJob>::with_config(&pool, queue, config)?;
+        let runtime = Runtime::new(&pool);
+        let storage = PgmqStorage::<FaultJob>::with_config(&runtime, queue, config)?;
         let log = Arc::new(ExecLog {
             file: Mutex::new(
                 std::fs::OpenOptions::new()
@@ -195,6 +198,10 @@ fn worker_main(args: &[String]) -> Res<()> {
                 Ok::<(), std::io::Error>(())
             })
             .await?;
+        // The runtime's rows cannot always be deleted (a frozen network): they expire.
+        if let Err(e) = runtime.shutdown().await {
+            eprintln!("runtime shutdown: {e}");
+        }
         Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
     })
 }
@@ -255,6 +262,8 @@ struct Ctx {
 struct Db {
     url: String,
     pool: PgPool,
+    /// The orchestrator's runtime on this database.
+    runtime: Runtime,
     queue: PgmqQueue,
 }
 
@@ -297,10 +306,16 @@ impl Ctx {
             .await?;
         setup(&pool).await?;
         let queue = PgmqQueue::new(QueueName::new("faults")?);
-        PgmqStorage::<FaultJob>::new(&pool, queue.name().clone())
+        let runtime = Runtime::new(&pool);
+        PgmqStorage::<FaultJob>::new(&runtime, queue.name().clone())
             .create_queue()
             .await?;
-        Ok(Db { url, pool, queue })
+        Ok(Db {
+            url,
+            pool,
+            runtime,
+            queue,
+        })
     }
 
     /// A proxy to the server, and `db` as worker processes reach it through the proxy (the
@@ -317,6 +332,7 @@ impl Ctx {
                 &format!("127.0.0.1:{}", proxy.port),
             ),
             pool: db.pool.clone(),
+            runtime: db.runtime.clone(),
             queue: db.queue.clone(),
         };
         Ok((proxy, proxied))
@@ -604,7 +620,7 @@ fn jobs(range: std::ops::Range<u64>, ms: impl Fn(u64) -> u64) -> Vec<FaultJob> {
 async fn sigkill(ctx: &Ctx) -> Res<Row> {
     let db = ctx.fresh("sigkill").await?;
     let n = if ctx.quick { 600 } else { 2000 };
-    let s = PgmqStorage::<FaultJob>::new(&db.pool, db.queue.name().clone());
+    let s = PgmqStorage::<FaultJob>::new(&db.runtime, db.queue.name().clone());
     s.push_bulk_with(&db.pool, jobs(0..n, |_| 50)).await?;
     let sent: BTreeSet<u64> = (0..n).collect();
     let vt_ms = 3000;
@@ -662,7 +678,7 @@ async fn produce(
     rate: u64,
     secs: u64,
 ) -> BTreeSet<u64> {
-    let s = PgmqStorage::<FaultJob>::new(&pool, queue);
+    let s = PgmqStorage::<FaultJob>::new(&Runtime::new(&pool), queue);
     let mut sent = BTreeSet::new();
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
     for id in first..first + rate * secs {
@@ -976,7 +992,7 @@ async fn hostile(ctx: &Ctx) -> Res<Row> {
 /// 6. A handler that panics.
 async fn panics(ctx: &Ctx) -> Res<Row> {
     let db = ctx.fresh("panics").await?;
-    let s = PgmqStorage::<FaultJob>::new(&db.pool, db.queue.name().clone());
+    let s = PgmqStorage::<FaultJob>::new(&db.runtime, db.queue.name().clone());
     let mut all = jobs(0..50, |_| 5);
     for j in all.iter_mut().filter(|j| j.id % 10 == 3) {
         j.panic = true;
@@ -1022,7 +1038,7 @@ async fn panics(ctx: &Ctx) -> Res<Row> {
 /// 7. Four worker processes × concurrency 50, jobs lasting around the visibility timeout.
 async fn overlap(ctx: &Ctx) -> Res<Row> {
     let db = ctx.fresh("overlap").await?;
-    let s = PgmqStorage::<FaultJob>::new(&db.pool, db.queue.name().clone());
+    let s = PgmqStorage::<FaultJob>::new(&db.runtime, db.queue.name().clone());
     let n = if ctx.quick { 300 } else { 600 };
     let vt_ms = 2000;
     // Durations spread over 1..3 s: a third finish within the lease, a third run past it.
@@ -1062,7 +1078,7 @@ async fn push_paced(
     ids: std::ops::Range<u64>,
     rate: u64,
 ) -> Res<Vec<(u64, u64)>> {
-    let s = PgmqStorage::<FaultJob>::new(pool, queue.clone());
+    let s = PgmqStorage::<FaultJob>::new(&Runtime::new(pool), queue.clone());
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
     let mut out = Vec::new();
     for id in ids {
@@ -1170,7 +1186,7 @@ async fn open_producer(ctx: &Ctx) -> Res<Row> {
     let db = ctx.fresh("open_producer").await?;
     let w1 = ctx.spawn_worker(&db, "open_producer", "w1", 10, 10_000, 5)?;
     let w2 = ctx.spawn_worker(&db, "open_producer", "w2", 10, 10_000, 5)?;
-    let s = PgmqStorage::<FaultJob>::new(&db.pool, db.queue.name().clone());
+    let s = PgmqStorage::<FaultJob>::new(&db.runtime, db.queue.name().clone());
     let mut open = db.pool.begin().await?;
     let held = 1_000_000u64;
     s.push_with(
@@ -1238,13 +1254,14 @@ async fn open_producer(ctx: &Ctx) -> Res<Row> {
 async fn opposite_orders(ctx: &Ctx) -> Res<Row> {
     let db = ctx.fresh("opposite").await?;
     let other = QueueName::new("faults_b")?;
-    let s_a = PgmqStorage::<FaultJob>::new(&db.pool, db.queue.name().clone());
-    let s_b = PgmqStorage::<FaultJob>::new(&db.pool, other.clone());
+    let s_a = PgmqStorage::<FaultJob>::new(&db.runtime, db.queue.name().clone());
+    let s_b = PgmqStorage::<FaultJob>::new(&db.runtime, other.clone());
     s_b.create_queue().await?;
     let w_a = ctx.spawn_worker(&db, "opposite", "wa", 10, 10_000, 5)?;
     let db_b = Db {
         url: db.url.clone(),
         pool: db.pool.clone(),
+        runtime: db.runtime.clone(),
         queue: PgmqQueue::new(other.clone()),
     };
     let w_b = ctx.spawn_worker(&db_b, "opposite", "wb", 10, 10_000, 5)?;
@@ -1321,7 +1338,7 @@ async fn opposite_orders(ctx: &Ctx) -> Res<Row> {
 /// message, a retry-after beyond what a timestamp holds).
 async fn poison_outcomes(ctx: &Ctx) -> Res<Row> {
     let db = ctx.fresh("poison_outcomes").await?;
-    let s = PgmqStorage::<FaultJob>::new(&db.pool, db.queue.name().clone());
+    let s = PgmqStorage::<FaultJob>::new(&db.runtime, db.queue.name().clone());
     let mut all = jobs(0..300, |_| 2);
     for (id, kind) in [(50, "nul_error"), (150, "nul_panic"), (250, "far_retry")] {
         all[id].outcome = Some(kind.to_owned());
@@ -1385,7 +1402,7 @@ async fn frozen(ctx: &Ctx) -> Res<Row> {
     let db = ctx.fresh("frozen").await?;
     let (proxy, proxied) = ctx.through_proxy(&db).await?;
     let vt_ms = 3000;
-    let s = PgmqStorage::<FaultJob>::new(&db.pool, db.queue.name().clone());
+    let s = PgmqStorage::<FaultJob>::new(&db.runtime, db.queue.name().clone());
     let a = ctx.spawn_worker(&proxied, "frozen", "a", 10, vt_ms, 5)?;
     s.push_bulk_with(&db.pool, jobs(0..10, |_| 20_000)).await?;
     // Wait until A runs all ten, then freeze it.

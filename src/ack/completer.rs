@@ -9,6 +9,8 @@
 
 use std::{sync::Arc, time::Duration};
 
+use futures::future::BoxFuture;
+
 use serde_json::Value;
 use sqlx::{PgPool, Postgres, pool::PoolConnection};
 use tokio::sync::{mpsc, oneshot};
@@ -20,7 +22,7 @@ use crate::{
         wakeup::{self, WakeTarget},
     },
     queue::{Action, MAX_DELAY, Outcome, PgmqQueue},
-    util::{error_backoff, sqlstate},
+    util::{Stop, error_backoff, sqlstate},
 };
 
 enum Command {
@@ -70,14 +72,32 @@ pub(crate) struct CompleterCtx {
     pub(crate) results_channel: String,
 }
 
-/// Starts the completer task on the current tokio runtime.
-pub(crate) fn spawn(ctx: CompleterCtx) -> CompleterHandle {
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(run(rx, ctx));
-    CompleterHandle { tx }
+/// How long a completer asked to stop keeps trying to write what it has.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Resolves `extra` after `stop` is requested.
+async fn after(stop: &mut Stop, extra: Duration) {
+    stop.requested().await;
+    tokio::time::sleep(extra).await;
 }
 
-async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx) {
+/// A completer: the handle the ack layer sends outcomes to, and the service (run by the
+/// runtime) that writes them. Asked to stop, the service takes no new outcomes, writes those
+/// it has, and ends.
+pub(crate) fn completer(
+    ctx: CompleterCtx,
+) -> (
+    CompleterHandle,
+    impl FnOnce(Stop) -> BoxFuture<'static, ()> + Send + 'static,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (CompleterHandle { tx }, move |stop| {
+        Box::pin(run(rx, ctx, stop))
+    })
+}
+
+async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx, mut stop: Stop) {
+    let mut stopping = false;
     let mut pending: Vec<Outcome> = Vec::new();
     // (number of completions that must be written first, waiter)
     let mut waiters: Vec<(u64, oneshot::Sender<()>)> = Vec::new();
@@ -120,9 +140,15 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx) {
                 continue;
             }
             conn = None;
-            match rx.recv().await {
-                Some(cmd) => absorb(cmd, &mut pending, &mut waiters, &mut received),
-                None => open = false,
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => absorb(cmd, &mut pending, &mut waiters, &mut received),
+                    None => open = false,
+                },
+                () = stop.requested(), if !stopping => {
+                    stopping = true;
+                    rx.close();
+                }
             }
             continue;
         }
@@ -140,6 +166,10 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx) {
                     None => open = false,
                 },
                 () = tokio::time::sleep_until(deadline) => break,
+                () = stop.requested(), if !stopping => {
+                    stopping = true;
+                    rx.close();
+                }
             }
         }
         while pending.len() < ctx.batch_size {
@@ -149,7 +179,18 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx) {
             }
         }
         let n = pending.len().min(ctx.batch_size);
-        write_batch(&ctx, &pending[..n], &mut conn).await;
+        // Asked to stop, a write the database does not take within `STOP_GRACE` is given up:
+        // its jobs are delivered again once their leases lapse.
+        let gave_up = tokio::select! {
+            () = write_batch(&ctx, &pending[..n], &mut conn) => false,
+            () = after(&mut stop, STOP_GRACE) => true,
+        };
+        if gave_up {
+            tracing::error!(queue = %ctx.queue.name(), outcomes = pending.len(),
+                "stopping: job outcomes could not be written in time; their jobs will be delivered again when their leases lapse");
+            ctx.leases.outcomes_written(pending.len());
+            return;
+        }
         let mut soonest_retry: Option<Duration> = None;
         for c in pending.drain(..n) {
             ctx.leases.remove(c.delivery.msg_id, c.delivery.read_ct);

@@ -1,15 +1,20 @@
 //! The producer side of a worker: claims messages, holds them until the worker starts them,
 //! and decides when to look again.
 //!
-//! States: `Start` → `Ensuring` (the queue and its dead-letter queue exist, the role has the
-//! rights a worker needs) → `Ready` ⇄ `Reading` / `Arming` / `Settling` / `Probing` /
-//! `Sleeping`, with `Backoff` after an infrastructure error and `Closing` → `Closed` on
-//! shutdown. Which step comes next is decided by the wake-up protocol's
-//! [`Plan`](crate::notify::wakeup::Plan) (see `src/notify/wakeup.rs` for the invariant and why
-//! it holds); this file only runs the steps. Infrastructure errors never reach the worker (that
-//! would stop it): they are logged and retried with backoff, so a worker survives a database
-//! restart. A missing right is the exception: the worker fails at start with an error naming
-//! it, rather than run jobs whose outcomes it cannot write.
+//! It is written as one async loop per worker ([`Loop::run`]), which the worker's stream polls
+//! (`Backend::poll_ready`, `poll_next`, `poll_close`): nothing is spawned. The loop asks the
+//! pure [`Plan`] what to do next (read, wait for outcomes, arm, check, probe, sleep; see
+//! `src/notify/wakeup.rs` for the invariant and why it holds) and runs it. Infrastructure
+//! errors never reach the worker (that would stop it): they are logged and retried with
+//! backoff, so a worker survives a database restart. A missing right is the exception: the
+//! worker fails at start with an error naming it, rather than run jobs whose outcomes it
+//! cannot write.
+//!
+//! The loop and the worker share [`Io`]: the messages held for the worker, what the worker
+//! reports (jobs running, the capacity learned), and requests (release what a full worker
+//! cannot start, close). The loop starts a new claim only once the worker has taken every
+//! held message, and while claims come back full it may send the next before the held ones
+//! run out (see `claims.rs`).
 //!
 //! Capacity: a worker should never claim messages it cannot start. The fetcher cannot see the
 //! worker's concurrency limit, but it can see its effect: if `poll_ready` returned `Ready` and
@@ -18,11 +23,15 @@
 //! capacity. Held messages beyond it are released at once (`vt = now`, `read_ct` given back), and
 //! later claims are limited to capacity minus tasks in flight. Until the first saturation is
 //! seen, a claim is at most `fetch_batch_size`, and every claimed message is started at once.
+//!
+//! Shutdown: when the worker closes (or its runtime shuts down, which ends the stream), the
+//! loop stops claiming, sees its claims in flight through and releases every message it holds;
+//! then the close step waits until the worker's outcomes are written, removes the runtime's
+//! wake-up row if it was the queue's last worker, and deletes the worker's registry row.
 
 use std::{
     collections::VecDeque,
-    pin::Pin,
-    sync::{Arc, atomic::Ordering},
+    sync::{Arc, Mutex, MutexGuard, PoisonError, atomic::Ordering},
     task::{Context, Poll},
     time::Duration,
 };
@@ -31,21 +40,32 @@ use apalis_core::worker::context::WorkerContext;
 use futures::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesUnordered};
 use sqlx::{Postgres, pool::PoolConnection};
 use tokio::{
-    sync::oneshot,
-    time::{Instant, Sleep, sleep_until},
+    sync::{Notify, oneshot, watch},
+    time::{Instant, sleep_until},
 };
 
-use super::{Shared, claims::Claims, lease::Lease};
+use super::{Shared, claims::Claims};
 use crate::{
-    error::Result,
+    error::{Error, Result},
+    lease::Lease,
     notify::{
-        Subscription, Wake,
-        registry::Registration,
-        wakeup::{self, Plan, Step},
+        Wake, WakeSignal,
+        wakeup::{self, Arming, Plan, Step},
     },
     queue::{Delivery, Message},
+    runtime::{
+        Phase, WorkerGuard,
+        maintenance::{Chore, Registration, Retention, WorkerStats},
+    },
     util::error_backoff,
 };
+
+/// The longest a worker's shutdown waits for the database (releasing held messages, writing
+/// pending outcomes).
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest a closing worker spends removing its rows (they expire by themselves).
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Learns how many tasks the worker can run at once from when it stops asking for more.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -90,21 +110,98 @@ impl Capacity {
     }
 }
 
+/// What the worker and its loop share.
+pub(crate) struct Io {
+    state: Mutex<IoState>,
+    /// Raised when the worker takes a message, is found full, or closes: the loop looks again.
+    changed: Notify,
+}
+
+struct IoState {
+    /// Claimed messages the worker has not started yet, in `msg_id` order.
+    held: VecDeque<Message>,
+    /// Taken from `held` because the worker was full: the loop releases them.
+    to_release: Vec<Delivery>,
+    /// Tasks running, as the worker last said.
+    in_flight: usize,
+    capacity: Capacity,
+    claims: Claims,
+    /// The worker closes: the loop stops claiming.
+    close: bool,
+    /// When the worker's shutdown must be over (releasing, writing outcomes): set when the loop
+    /// first sees it must stop; one bound for the whole shutdown.
+    close_by: Option<Instant>,
+    /// Where the worker's registry row gets its figures, once registered.
+    stats: Option<Arc<WorkerStats>>,
+}
+
+fn lock(m: &Mutex<IoState>) -> MutexGuard<'_, IoState> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Io {
+    fn lock(&self) -> MutexGuard<'_, IoState> {
+        lock(&self.state)
+    }
+
+    /// The bound of the worker's shutdown, fixed the first time it is asked for.
+    fn close_by(&self) -> Instant {
+        *self
+            .lock()
+            .close_by
+            .get_or_insert_with(|| Instant::now() + CLOSE_TIMEOUT)
+    }
+
+    /// Tells the registry how many jobs run and the concurrency learned so far.
+    fn report(s: &IoState) {
+        if let Some(stats) = &s.stats {
+            stats.in_flight.store(s.in_flight, Ordering::Relaxed);
+            stats
+                .concurrency
+                .store(s.capacity.limit().unwrap_or(0), Ordering::Relaxed);
+        }
+    }
+}
+
+/// What the loop left for the close step.
+struct Session {
+    registration: Option<Registration>,
+    /// Counts the worker among its queue's workers in the runtime.
+    counted: Counted,
+    /// Counts the worker in its runtime until the close step ends.
+    _guard: WorkerGuard,
+}
+
+/// Counts a worker among the workers of its queue in the runtime (the last one removes the
+/// runtime's wake-up row when it closes); uncounted when dropped.
+struct Counted(Option<Arc<WakeSignal>>);
+
+impl Counted {
+    fn new(signal: Arc<WakeSignal>) -> Self {
+        signal.worker_started();
+        Self(Some(signal))
+    }
+
+    /// Uncounts the worker: whether it was the queue's last in the runtime.
+    fn stop(mut self) -> bool {
+        self.0.take().is_some_and(|s| s.worker_stopped())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            s.worker_stopped();
+        }
+    }
+}
+
 enum State {
-    Start,
-    Ensuring(BoxFuture<'static, Result<Registration>>),
-    /// Between steps: ask the plan what to do.
-    Ready,
-    /// Claims are in flight (in `Fetcher::reads`); more may be sent while they come back full.
-    Reading,
-    Arming(BoxFuture<'static, Result<()>>),
-    Settling(BoxFuture<'static, Result<bool>>),
-    Probing(BoxFuture<'static, Result<Option<Duration>>>),
-    /// Outcomes are written more slowly than jobs finish: wait for the completer before
-    /// claiming more, so unwritten outcomes (and the leases they keep) stay bounded.
-    Draining(BoxFuture<'static, ()>),
-    Sleeping(Pin<Box<Sleep>>),
-    Backoff(Pin<Box<Sleep>>),
+    /// Not polled yet.
+    Idle,
+    Running(BoxFuture<'static, (Option<Session>, Option<Error>)>),
+    /// The loop ended: the stream is over (a fatal error is reported once first).
+    Ended(Option<Session>, Option<Error>),
     Closing(BoxFuture<'static, ()>),
     Closed,
 }
@@ -112,36 +209,19 @@ enum State {
 /// Per-worker fetch state. Each clone of a storage has its own.
 pub(crate) struct Fetcher {
     state: State,
-    /// Claimed messages the worker has not started yet, in `msg_id` order.
-    buffer: VecDeque<Message>,
-    /// When to read, arm, check and sleep; `None` until the worker first polls (it needs the
-    /// configuration).
-    plan: Option<Plan>,
-    capacity: Capacity,
-    /// Claim sizes and overlap; `None` until the worker first polls.
-    claims: Option<Claims>,
-    /// Claims in flight and the connections they run on.
-    inflight: InFlight,
-    /// Whether the last claim of this cycle found anything, and whether one failed.
-    cycle_found: bool,
-    cycle_error: Option<crate::Error>,
-    /// Whether the queue is known to exist.
-    ensured: bool,
-    /// Consecutive infrastructure errors, for backoff.
-    failures: u32,
-    /// Keeps the buffered messages' release on drop from needing the storage.
+    io: Option<Arc<Io>>,
+    /// The worker, to stop it when its runtime shuts down (a stream that ends does not stop an
+    /// apalis worker by itself).
+    worker: Option<WorkerContext>,
+    /// For releasing what is held if the worker is dropped without closing.
     shared: Option<Arc<Shared>>,
-    /// Wake-ups for this queue: notifications, retries written, releases.
-    wake: Option<Subscription>,
-    /// This worker's row in the worker registry.
-    registration: Option<Registration>,
 }
 
 impl std::fmt::Debug for Fetcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let held = self.io.as_ref().map_or(0, |io| io.lock().held.len());
         f.debug_struct("Fetcher")
-            .field("buffered", &self.buffer.len())
-            .field("capacity", &self.capacity)
+            .field("held", &held)
             .finish_non_exhaustive()
     }
 }
@@ -149,58 +229,117 @@ impl std::fmt::Debug for Fetcher {
 impl Default for Fetcher {
     fn default() -> Self {
         Self {
-            state: State::Start,
-            buffer: VecDeque::new(),
-            plan: None,
-            capacity: Capacity::default(),
-            claims: None,
-            inflight: InFlight::default(),
-            cycle_found: false,
-            cycle_error: None,
-            ensured: false,
-            failures: 0,
+            state: State::Idle,
+            io: None,
+            worker: None,
             shared: None,
-            wake: None,
-            registration: None,
         }
     }
 }
 
 impl Fetcher {
+    /// Starts the loop on the first poll.
+    fn start(&mut self, shared: &Arc<Shared>, worker: &WorkerContext) -> Arc<Io> {
+        if let Some(io) = &self.io {
+            return io.clone();
+        }
+        let config = &shared.config;
+        let io = Arc::new(Io {
+            state: Mutex::new(IoState {
+                held: VecDeque::new(),
+                to_release: Vec::new(),
+                in_flight: 0,
+                capacity: Capacity::default(),
+                claims: Claims::new(config, shared.pool.options().get_max_connections()),
+                close: false,
+                close_by: None,
+                stats: None,
+            }),
+            changed: Notify::new(),
+        });
+        let run = Loop {
+            plan: Plan::new(
+                config.poll_interval,
+                config.poll_jitter,
+                config.linger_polls(),
+                Box::new(crate::util::random_unit),
+            ),
+            shared: shared.clone(),
+            io: io.clone(),
+            reads: FuturesUnordered::new(),
+            pending: 0,
+            conns: Vec::new(),
+            failures: 0,
+            phase: shared.runtime.inner.phase(),
+        }
+        .run(worker.name().to_owned(), worker.get_service().to_owned());
+        self.state = State::Running(Box::pin(run));
+        self.io = Some(io.clone());
+        self.worker = Some(worker.clone());
+        self.shared = Some(shared.clone());
+        io
+    }
+
+    /// Polls the loop once, if it runs. A loop that ends without being asked to close (its
+    /// runtime shuts down) stops the worker: apalis then lets running jobs finish and closes.
+    fn drive(&mut self, cx: &mut Context<'_>) {
+        if let State::Running(run) = &mut self.state
+            && let Poll::Ready((session, error)) = run.poll_unpin(cx)
+        {
+            let closing = self.io.as_ref().is_some_and(|io| io.lock().close);
+            if !closing
+                && error.is_none()
+                && let Some(w) = &self.worker
+            {
+                let _ = w.stop();
+            }
+            self.state = State::Ended(session, error);
+        }
+    }
+
     pub(crate) fn poll_ready(
         &mut self,
         cx: &mut Context<'_>,
         shared: &Arc<Shared>,
-        in_flight: usize,
+        worker: &WorkerContext,
     ) -> Poll<Result<()>> {
-        if let Err(e) = shared.start_background() {
-            return Poll::Ready(Err(e));
+        shared.start_background()?;
+        let io = self.start(shared, worker);
+        let in_flight = worker.task_count();
+        {
+            let mut s = io.lock();
+            s.in_flight = in_flight;
+            Io::report(&s);
         }
-        if self.shared.is_none() {
-            self.shared = Some(shared.clone());
-        }
-        self.report(in_flight);
         // Take in the claims that came back even while the worker is full (apalis polls for a
         // task only when it has room): their messages are leased from the moment the claim ran,
         // and the keeper renews only what it knows of.
-        if !self.inflight.reads.is_empty() {
-            self.drive_reads(cx, shared);
-        }
-        let saturated = self.capacity.observe_ready(in_flight);
-        let keep = self.keep();
-        if saturated && self.buffer.len() > keep {
-            tracing::debug!(
-                queue = %shared.queue.name(),
-                in_flight,
-                released = self.buffer.len() - keep,
-                "worker is full; releasing claimed messages it cannot start soon"
-            );
-            if let Some(c) = self.claims.as_mut() {
-                c.on_saturated();
+        self.drive(cx);
+        let (excess, over) = {
+            let mut s = io.lock();
+            let saturated = s.capacity.observe_ready(in_flight);
+            let keep = s.claims.allowance(s.capacity.limit());
+            let mut excess = 0;
+            if saturated && s.held.len() > keep {
+                s.claims.on_saturated();
+                let gone = s.held.split_off(keep);
+                excess = gone.len();
+                let released: Vec<Delivery> = gone
+                    .iter()
+                    .filter(|m| shared.leases.remove(m.msg_id, m.read_ct))
+                    .map(Delivery::of)
+                    .collect();
+                s.to_release.extend(released);
             }
-            self.release_buffer(shared, keep);
+            (excess, s.held.len() > keep)
+        };
+        if excess > 0 {
+            tracing::debug!(queue = %shared.queue.name(), in_flight, released = excess,
+                "worker is full; releasing claimed messages it cannot start soon");
+            io.changed.notify_one();
+            self.drive(cx);
         }
-        if self.buffer.len() > self.keep() {
+        if over {
             // If the worker turns out to be full, the next poll_ready must come soon so the held
             // messages beyond the allowance are released; wake once to make sure it does.
             cx.waker().wake_by_ref();
@@ -214,433 +353,535 @@ impl Fetcher {
         shared: &Arc<Shared>,
         worker: &WorkerContext,
     ) -> Poll<Option<Result<Message>>> {
+        let io = self.start(shared, worker);
         let in_flight = worker.task_count();
-        self.capacity.observe_next(in_flight);
-        self.report(in_flight);
-        let config = &shared.config;
-        if self.plan.is_none() {
-            self.plan = Some(Plan::new(
-                config.poll_interval,
-                config.poll_jitter,
-                config.linger_polls(),
-            ));
-            self.claims = Some(Claims::new(
-                config,
-                shared.pool.options().get_max_connections(),
-            ));
+        {
+            let mut s = io.lock();
+            s.in_flight = in_flight;
+            s.capacity.observe_next(in_flight);
+            Io::report(&s);
         }
-        loop {
-            self.drive_reads(cx, shared);
-            self.read_more(shared, in_flight);
-            if let Some(m) = self.buffer.pop_front() {
-                // Skip anything whose lease we no longer hold (lost while buffered).
+        self.drive(cx);
+        let next = {
+            let mut s = io.lock();
+            let mut next = None;
+            while let Some(m) = s.held.pop_front() {
+                // Skip anything whose lease we no longer hold (lost while held).
                 if shared
                     .leases
                     .get(m.msg_id)
                     .is_some_and(|l| l.read_ct == m.read_ct)
                 {
-                    if let Some(c) = self.claims.as_mut() {
-                        c.on_started();
-                    }
-                    return Poll::Ready(Some(Ok(m)));
+                    s.claims.on_started();
+                    next = Some(m);
+                    break;
                 }
-                continue;
             }
-            let (Some(plan), Some(claims)) = (self.plan.as_mut(), self.claims.as_mut()) else {
-                return Poll::Pending;
-            };
-            let now = Instant::now();
-            match &mut self.state {
-                State::Start => {
-                    let ack = if self.wake.is_none() {
-                        let (sub, ack) = shared.subscribe();
-                        shared.signal.worker_started();
-                        shared.signal.disarm_with(crate::notify::Disarmer {
-                            pool: shared.pool.clone(),
-                            channel: shared.config.channels.queue_channel(shared.queue.name()),
-                            owner: shared.hub.owner.clone(),
-                        });
-                        self.wake = Some(sub);
-                        ack
-                    } else {
-                        None
-                    };
-                    self.state = State::Ensuring(Box::pin(ensure_queue(
-                        shared.clone(),
-                        ack,
-                        worker.name().to_owned(),
-                        worker.get_service().to_owned(),
-                    )));
-                }
-                State::Ensuring(fut) => match fut.poll_unpin(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok(registration)) => {
-                        registration
-                            .stats
-                            .in_flight
-                            .store(in_flight, Ordering::Relaxed);
-                        self.registration = Some(registration);
-                        self.ensured = true;
-                        self.failures = 0;
-                        plan.on_recovered();
-                        self.state = State::Ready;
-                    }
-                    Poll::Ready(Err(e)) if is_fatal(&e) => {
-                        tracing::error!(queue = %shared.queue.name(), error = %e,
-                            "worker cannot run on this queue; stopping it");
-                        self.state = State::Closed;
-                        return Poll::Ready(Some(Err(e)));
-                    }
-                    Poll::Ready(Err(e)) => {
-                        self.state = fail(&mut self.failures, shared, "preparing the queue", &e);
-                        if matches!(e, crate::Error::Database(sqlx::Error::PoolTimedOut)) {
-                            let pool = shared.pool.clone();
-                            let queue = shared.queue.name().clone();
-                            tokio::spawn(async move {
-                                let e = crate::util::explain_pool_error(&pool, e).await;
-                                tracing::error!(%queue, error = %e, "worker cannot reach the database");
-                            });
-                        }
-                    }
-                },
-                State::Ready => {
-                    match self.wake.as_mut().map_or(Wake::Nothing, |w| w.poll(cx)) {
-                        Wake::Now => plan.on_wake_now(),
-                        Wake::At(at) => plan.on_wake_at(at),
-                        Wake::Nothing => {}
-                    }
-                    let margin = config.poll_interval.mul_f64(wakeup::REARM_WHEN_LEFT_POLLS);
-                    let wants_arm = shared.announces() && !shared.signal.armed_for(margin);
-                    let step = plan.next(now, wants_arm);
-                    let lagging = shared.leases.unwritten() > claims.backlog_cap();
-                    if !matches!(step, Step::Read) || lagging {
-                        // Not claiming back to back: give the connections back to the pool.
-                        self.inflight.conns.clear();
-                    }
-                    self.state = match step {
-                        Step::Read if lagging => {
-                            // Until half the backlog is written (a full flush would idle the
-                            // worker for no gain).
-                            let shared = shared.clone();
-                            let below = claims.backlog_cap() / 2;
-                            State::Draining(Box::pin(async move {
-                                shared.leases.wait_unwritten_below(below).await;
-                            }))
-                        }
-                        Step::Read => {
-                            let qty = claims.first(self.capacity.limit(), in_flight);
-                            self.cycle_found = false;
-                            self.inflight
-                                .send(shared, qty, claims.next_by_priority(), in_flight);
-                            State::Reading
-                        }
-                        Step::Arm => State::Arming(Box::pin(arm(shared.clone()))),
-                        Step::CheckSettled => {
-                            let shared = shared.clone();
-                            State::Settling(Box::pin(async move {
-                                wakeup::inserts_settled(&shared.pool, shared.queue.name().as_str())
-                                    .await
-                            }))
-                        }
-                        Step::Probe => {
-                            let shared = shared.clone();
-                            State::Probing(Box::pin(async move {
-                                shared.queue.next_visible_in(&shared.pool).await
-                            }))
-                        }
-                        Step::Sleep(until) => State::Sleeping(Box::pin(sleep_until(until))),
-                    };
-                }
-                State::Reading => {
-                    if !self.inflight.reads.is_empty() {
-                        return Poll::Pending;
-                    }
-                    // Every claim of this cycle is back (their messages, if any, are held).
-                    if let Some(e) = self.cycle_error.take() {
-                        self.inflight.conns.clear();
-                        claims.on_idle();
-                        self.state = fail(&mut self.failures, shared, "reading the queue", &e);
-                    } else {
-                        self.failures = 0;
-                        if !self.cycle_found {
-                            claims.on_idle();
-                        }
-                        plan.on_read(now, self.cycle_found);
-                        self.state = State::Ready;
-                    }
-                }
-                State::Arming(fut) => match fut.poll_unpin(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(result) => {
-                        if let Err(e) = &result {
-                            tracing::warn!(queue = %shared.queue.name(), error = %e,
-                                "could not arm the wake-up; relying on polling until the next try");
-                        }
-                        plan.on_armed(now, result.is_ok());
-                        self.state = State::Ready;
-                    }
-                },
-                State::Settling(fut) => match fut.poll_unpin(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok(settled)) => {
-                        plan.on_settled(now, settled);
-                        self.state = State::Ready;
-                    }
-                    Poll::Ready(Err(e)) => {
-                        tracing::warn!(queue = %shared.queue.name(), error = %e,
-                            "could not check for in-flight inserts; relying on polling");
-                        plan.on_settle_failed();
-                        self.state = State::Ready;
-                    }
-                },
-                State::Probing(fut) => match fut.poll_unpin(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok(next)) => {
-                        plan.on_probed(now, next);
-                        self.state = State::Ready;
-                    }
-                    Poll::Ready(Err(e)) => {
-                        self.state = fail(&mut self.failures, shared, "reading the queue", &e);
-                    }
-                },
-                State::Draining(fut) => {
-                    if fut.poll_unpin(cx).is_pending() {
-                        return Poll::Pending;
-                    }
-                    // Nothing else happened meanwhile: the plan still wants to read.
-                    self.state = State::Ready;
-                }
-                State::Sleeping(sleep) => {
-                    let woken = self.wake.as_mut().map_or(Wake::Nothing, |w| w.poll(cx));
-                    match woken {
-                        Wake::Now => plan.on_wake_now(),
-                        Wake::At(at) => plan.on_wake_at(at),
-                        Wake::Nothing => {
-                            if sleep.as_mut().poll(cx).is_pending() {
-                                return Poll::Pending;
-                            }
-                        }
-                    }
-                    self.state = State::Ready;
-                }
-                State::Backoff(sleep) => {
-                    if sleep.as_mut().poll(cx).is_pending() {
-                        return Poll::Pending;
-                    }
-                    plan.on_recovered();
-                    self.state = if self.ensured {
-                        State::Ready
-                    } else {
-                        State::Start
-                    };
-                }
-                State::Closing(_) | State::Closed => return Poll::Ready(None),
-            }
+            next
+        };
+        if let Some(m) = next {
+            io.changed.notify_one();
+            return Poll::Ready(Some(Ok(m)));
+        }
+        match &mut self.state {
+            State::Idle | State::Running(_) => Poll::Pending,
+            State::Ended(_, error) => Poll::Ready(error.take().map(Err)),
+            State::Closing(_) | State::Closed => Poll::Ready(None),
         }
     }
 
-    /// Stop: finish a read in progress, release everything held, flush pending outcomes.
+    /// Stop: the loop sees its claims through and releases what it holds; then outcomes are
+    /// flushed, the arming removed if this was the queue's last worker, and the row deleted.
     pub(crate) fn poll_close(&mut self, cx: &mut Context<'_>, shared: &Arc<Shared>) -> Poll<()> {
         loop {
             match &mut self.state {
-                State::Closed => return Poll::Ready(()),
+                State::Idle | State::Closed => {
+                    self.state = State::Closed;
+                    return Poll::Ready(());
+                }
+                State::Running(run) => {
+                    if let Some(io) = &self.io {
+                        io.lock().close = true;
+                        io.changed.notify_one();
+                    }
+                    match run.poll_unpin(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready((session, _)) => self.state = State::Ended(session, None),
+                    }
+                }
+                State::Ended(session, _) => {
+                    let session = session.take();
+                    let shared = shared.clone();
+                    let by = self
+                        .io
+                        .as_ref()
+                        .map_or_else(|| Instant::now() + CLOSE_TIMEOUT, |io| io.close_by());
+                    self.state = State::Closing(Box::pin(close(shared, session, by)));
+                }
                 State::Closing(fut) => {
                     if fut.poll_unpin(cx).is_pending() {
                         return Poll::Pending;
                     }
                     self.state = State::Closed;
                 }
-                _ => {
-                    self.state = State::Closed;
-                    let in_progress = std::mem::take(&mut self.inflight).reads;
-                    let held = self.take_buffer(shared);
-                    let last = self.wake.take().is_some() && shared.signal.worker_stopped();
-                    let registration = self.registration.take();
-                    let shared = shared.clone();
-                    self.state = State::Closing(Box::pin(async move {
-                        let queue = shared.queue.name().clone();
-                        let work = async move {
-                            let mut held = held;
-                            // Claims in flight may already have claimed rows: see them through,
-                            // then release what they got.
-                            let done: Vec<ReadDone> = in_progress.collect().await;
-                            for d in done {
-                                if let Ok(messages) = d.result {
-                                    for m in &messages {
-                                        if shared.leases.remove(m.msg_id, m.read_ct) {
-                                            held.push(Delivery::of(m));
-                                        }
-                                    }
-                                }
-                            }
-                            release(&shared, held).await;
-                            shared.flush_completions().await;
-                            if last {
-                                remove_arming(&shared).await;
-                            }
-                            if let Some(r) = registration {
-                                r.unregister().await;
-                            }
-                        };
-                        // Whatever the database does, shutdown ends: what could not be written
-                        // is delivered again when its lease lapses.
-                        if tokio::time::timeout(CLOSE_TIMEOUT, work).await.is_err() {
-                            tracing::error!(%queue, timeout = ?CLOSE_TIMEOUT,
-                                "shutdown could not release held messages or write outcomes in time; they will be delivered again when their leases lapse");
-                        }
-                    }));
-                }
             }
         }
-    }
-
-    /// Messages a full worker may keep holding (see `claims.rs`).
-    fn keep(&self) -> usize {
-        self.claims
-            .as_ref()
-            .map_or(0, |c| c.allowance(self.capacity.limit()))
-    }
-
-    /// Takes in whatever claims came back: their messages are held, their connections kept for
-    /// the next claim, their errors remembered until the cycle ends.
-    fn drive_reads(&mut self, cx: &mut Context<'_>, shared: &Shared) {
-        while let Poll::Ready(Some(done)) = self.inflight.reads.poll_next_unpin(cx) {
-            self.inflight.pending = self.inflight.pending.saturating_sub(done.requested);
-            match done.result {
-                Ok(messages) => {
-                    if let Some(conn) = done.conn {
-                        self.inflight.conns.push(conn);
-                    }
-                    let got = messages.len();
-                    let waited = self.buffer.is_empty()
-                        && self
-                            .capacity
-                            .limit()
-                            .is_none_or(|l| done.in_flight_at_send < l);
-                    if let Some(c) = self.claims.as_mut() {
-                        c.on_read(Instant::now(), done.requested, got, done.latency, waited);
-                    }
-                    self.cycle_found |= got > 0;
-                    self.buffer.extend(messages);
-                }
-                Err(e) => {
-                    if self.cycle_error.is_none() {
-                        self.cycle_error = Some(e);
-                    }
-                    tracing::debug!(queue = %shared.queue.name(), "a claim failed");
-                }
-            }
-        }
-    }
-
-    /// While claims come back full, sends the next before the held messages run out.
-    fn read_more(&mut self, shared: &Arc<Shared>, in_flight: usize) {
-        if !matches!(self.state, State::Reading) || self.cycle_error.is_some() {
-            return;
-        }
-        let Some(claims) = self.claims.as_mut() else {
-            return;
-        };
-        if shared.leases.unwritten() > claims.backlog_cap() {
-            // Outcomes lag: no claim beyond the one the plan asks for (which waits for them).
-            return;
-        }
-        if let Some(qty) = claims.another(
-            self.capacity.limit(),
-            in_flight,
-            self.buffer.len(),
-            self.inflight.pending,
-            self.inflight.reads.len(),
-        ) {
-            self.inflight
-                .send(shared, qty, claims.next_by_priority(), in_flight);
-        }
-    }
-
-    /// Tells the worker registry how many jobs run and the concurrency learned so far.
-    fn report(&self, in_flight: usize) {
-        if let Some(r) = &self.registration {
-            r.stats.in_flight.store(in_flight, Ordering::Relaxed);
-            r.stats
-                .concurrency
-                .store(self.capacity.limit.unwrap_or(0), Ordering::Relaxed);
-        }
-    }
-
-    /// Removes held messages from the lease table and returns their fencing tokens.
-    fn take_buffer(&mut self, shared: &Shared) -> Vec<Delivery> {
-        self.buffer
-            .drain(..)
-            .filter(|m| shared.leases.remove(m.msg_id, m.read_ct))
-            .map(|m| Delivery::of(&m))
-            .collect()
-    }
-
-    /// Releases held messages beyond the first `keep`.
-    fn release_buffer(&mut self, shared: &Arc<Shared>, keep: usize) {
-        let excess = self.buffer.split_off(keep.min(self.buffer.len()));
-        let held: Vec<Delivery> = excess
-            .iter()
-            .filter(|m| shared.leases.remove(m.msg_id, m.read_ct))
-            .map(Delivery::of)
-            .collect();
-        if held.is_empty() {
-            return;
-        }
-        let shared = shared.clone();
-        tokio::spawn(async move { release(&shared, held).await });
     }
 }
 
 impl Drop for Fetcher {
     fn drop(&mut self) {
-        // A worker dropped without closing: stop renewing what it held and hand it back.
-        if let Some(shared) = self.shared.take() {
-            if self.wake.take().is_some() {
-                shared.signal.worker_stopped();
-            }
-            if !self.buffer.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
-                self.release_buffer(&shared, 0);
-            } else {
-                self.take_buffer(&shared);
-            }
+        // A worker dropped without closing: stop renewing what it held and hand it back (the
+        // runtime's maintenance service writes the release).
+        let (Some(shared), Some(io)) = (self.shared.take(), self.io.take()) else {
+            return;
+        };
+        let mut held: Vec<Delivery> = {
+            let mut s = io.lock();
+            let held = std::mem::take(&mut s.held);
+            let mut out = std::mem::take(&mut s.to_release);
+            out.extend(
+                held.iter()
+                    .filter(|m| shared.leases.remove(m.msg_id, m.read_ct))
+                    .map(Delivery::of),
+            );
+            out
+        };
+        held.sort_unstable();
+        if !held.is_empty() {
+            shared.runtime.inner.chore(Chore::Release {
+                queue: shared.queue.clone(),
+                held,
+                signal: shared.signal.clone(),
+                wake: shared.wake_target(),
+            });
         }
     }
 }
 
-/// The longest a worker's shutdown waits for the database (releasing held messages, writing
-/// pending outcomes).
-pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A claim that came back.
+struct ReadDone {
+    requested: usize,
+    /// Tasks running when it was sent.
+    in_flight_at_send: usize,
+    latency: Duration,
+    result: Result<Vec<Message>>,
+    /// The connection it ran on, unless it failed.
+    conn: Option<PoolConnection<Postgres>>,
+}
 
-/// Logs an infrastructure error (the first, then at powers of two) and backs off.
-fn fail(failures: &mut u32, shared: &Shared, what: &str, e: &crate::Error) -> State {
-    *failures += 1;
-    let wait = error_backoff(*failures);
-    if *failures == 1 || failures.is_power_of_two() {
-        tracing::error!(queue = %shared.queue.name(), error = %e, failures = *failures,
-            retry_in = ?wait, "worker backend: {what} failed");
+/// A worker's loop: the state it keeps between steps.
+struct Loop {
+    shared: Arc<Shared>,
+    io: Arc<Io>,
+    plan: Plan,
+    /// Claims in flight, each on its own connection.
+    reads: FuturesUnordered<BoxFuture<'static, ReadDone>>,
+    /// Messages asked for by the claims in flight.
+    pending: usize,
+    /// The connections the last claims ran on, kept while claims follow each other (each pool
+    /// checkout may cost a round trip: sqlx pings a connection before handing it out).
+    conns: Vec<PoolConnection<Postgres>>,
+    /// Consecutive infrastructure errors, for backoff.
+    failures: u32,
+    phase: watch::Receiver<Phase>,
+}
+
+/// Resolves when the worker pokes the loop (it took a message, was found full, or closes) or
+/// the runtime's phase changes: the loop then looks again.
+async fn poked(io: &Io, phase: &mut watch::Receiver<Phase>) {
+    tokio::select! {
+        () = io.changed.notified() => {}
+        _ = phase.changed() => {}
     }
-    State::Backoff(Box::pin(tokio::time::sleep(wait)))
+}
+
+impl Loop {
+    /// Whether the loop must stop claiming: the worker closes, or the runtime shuts down.
+    fn stopping(&self) -> bool {
+        self.io.lock().close || *self.phase.borrow() != Phase::Running
+    }
+
+    async fn run(mut self, worker: String, service: String) -> (Option<Session>, Option<Error>) {
+        let guard = match self.shared.runtime.inner.worker_started() {
+            Ok(g) => g,
+            Err(e) => return (None, Some(e)),
+        };
+        let (mut wake, listening) = self.shared.subscribe();
+        let counted = Counted::new(self.shared.signal.clone());
+        let registration = match self.prepare(listening, &worker, &service).await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return (
+                    Some(Session {
+                        registration: None,
+                        counted,
+                        _guard: guard,
+                    }),
+                    None,
+                );
+            }
+            Err(e) => {
+                tracing::error!(queue = %self.shared.queue.name(), error = %e,
+                    "worker cannot run on this queue; stopping it");
+                return (None, Some(e));
+            }
+        };
+        self.io.lock().stats = Some(registration.stats.clone());
+        self.plan.on_recovered();
+        while !self.stopping() {
+            self.release_requested().await;
+            // A new claim only once the worker took everything held.
+            if !self.io.lock().held.is_empty() {
+                let _ = poked(&self.io, &mut self.phase).await;
+                continue;
+            }
+            match wake.take() {
+                Wake::Now => self.plan.on_wake_now(),
+                Wake::At(at) => self.plan.on_wake_at(at),
+                Wake::Nothing => {}
+            }
+            let step = self.next_step();
+            let now = Instant::now();
+            match step {
+                Step::Read => match self.read_cycle().await {
+                    Ok(found) => {
+                        self.failures = 0;
+                        self.plan.on_read(now, found);
+                    }
+                    Err(e) => self.backoff("reading the queue", &e).await,
+                },
+                Step::AwaitOutcomes => {
+                    // Until half the bound is written (a full flush would idle the worker for
+                    // no gain).
+                    let below = self.io.lock().claims.backlog_cap() / 2;
+                    let leases = self.shared.leases.clone();
+                    tokio::select! {
+                        () = leases.wait_unwritten_below(below) => {}
+                        () = poked(&self.io, &mut self.phase) => {}
+                    }
+                }
+                Step::Arm => {
+                    let armed = arm(&self.shared).await;
+                    if let Err(e) = &armed {
+                        tracing::warn!(queue = %self.shared.queue.name(), error = %e,
+                            "could not arm the wake-up; relying on polling until the next try");
+                    }
+                    self.plan.on_armed(Instant::now(), armed.is_ok());
+                }
+                Step::CheckSettled => {
+                    let queue = self.shared.queue.name().as_str();
+                    match wakeup::inserts_settled(&self.shared.pool, queue).await {
+                        Ok(settled) => self.plan.on_settled(Instant::now(), settled),
+                        Err(e) => {
+                            tracing::warn!(%queue, error = %e,
+                                "could not check for in-flight inserts; relying on polling");
+                            self.plan.on_settle_failed();
+                        }
+                    }
+                }
+                Step::Probe => match self.shared.queue.next_visible_in(&self.shared.pool).await {
+                    Ok(next) => self.plan.on_probed(Instant::now(), next),
+                    Err(e) => self.backoff("reading the queue", &e).await,
+                },
+                Step::Sleep(until) => {
+                    // Not claiming back to back: give the connections back to the pool.
+                    self.conns.clear();
+                    tokio::select! {
+                        () = sleep_until(until) => {}
+                        woken = wake.next() => match woken {
+                            Wake::Now => self.plan.on_wake_now(),
+                            Wake::At(at) => self.plan.on_wake_at(at),
+                            Wake::Nothing => {}
+                        },
+                        () = poked(&self.io, &mut self.phase) => {}
+                    }
+                }
+            }
+        }
+        self.finish().await;
+        (
+            Some(Session {
+                registration: Some(registration),
+                counted,
+                _guard: guard,
+            }),
+            None,
+        )
+    }
+
+    /// Asks the plan what to do next.
+    fn next_step(&mut self) -> Step {
+        let margin = self
+            .shared
+            .config
+            .poll_interval
+            .mul_f64(wakeup::REARM_WHEN_LEFT_POLLS);
+        let wants_arm = self.shared.announces() && self.shared.signal.wants_arming(margin);
+        let held_back = self.shared.leases.unwritten() > self.io.lock().claims.backlog_cap();
+        let step = self.plan.next(Instant::now(), wants_arm, held_back);
+        if !matches!(step, Step::Read) {
+            // Not claiming back to back: give the connections back to the pool.
+            self.conns.clear();
+        }
+        step
+    }
+
+    /// Prepares the queue (retrying infrastructure errors with backoff) and registers the
+    /// worker. `Ok(None)`: asked to stop first.
+    async fn prepare(
+        &mut self,
+        mut listening: Option<oneshot::Receiver<()>>,
+        worker: &str,
+        service: &str,
+    ) -> Result<Option<Registration>> {
+        loop {
+            if self.stopping() {
+                return Ok(None);
+            }
+            match ensure_queue(&self.shared, listening.take(), worker, service).await {
+                Ok(r) => return Ok(Some(r)),
+                Err(e) if is_fatal(&e) => return Err(e),
+                Err(e) => {
+                    let e = if matches!(e, Error::Database(sqlx::Error::PoolTimedOut)) {
+                        crate::util::explain_pool_error(&self.shared.pool, e).await
+                    } else {
+                        e
+                    };
+                    self.backoff("preparing the queue", &e).await;
+                }
+            }
+        }
+    }
+
+    /// Logs an infrastructure error (the first, then at powers of two) and backs off, unless
+    /// asked to stop meanwhile.
+    async fn backoff(&mut self, what: &str, e: &Error) {
+        self.failures += 1;
+        let wait = error_backoff(self.failures);
+        if self.failures == 1 || self.failures.is_power_of_two() {
+            tracing::error!(queue = %self.shared.queue.name(), error = %e, failures = self.failures,
+                retry_in = ?wait, "worker backend: {what} failed");
+        }
+        self.conns.clear();
+        let until = Instant::now() + wait;
+        while Instant::now() < until && !self.stopping() {
+            tokio::select! {
+                () = sleep_until(until) => {}
+                () = poked(&self.io, &mut self.phase) => {}
+            }
+        }
+        self.plan.on_recovered();
+    }
+
+    /// Releases what a full worker handed back.
+    async fn release_requested(&mut self) {
+        let held = std::mem::take(&mut self.io.lock().to_release);
+        if !held.is_empty() {
+            self.release(held).await;
+        }
+    }
+
+    async fn release(&mut self, held: Vec<Delivery>) {
+        release_held(&self.shared, held).await;
+    }
+
+    /// Sends a claim of `qty` on a kept connection (or one from the pool).
+    fn send(&mut self, qty: usize) {
+        let (by_priority, in_flight) = {
+            let mut s = self.io.lock();
+            (s.claims.next_by_priority(), s.in_flight)
+        };
+        self.pending += qty;
+        let conn = self.conns.pop();
+        let shared = self.shared.clone();
+        self.reads.push(Box::pin(async move {
+            let started = Instant::now();
+            let (result, conn) = fetch(&shared, conn, qty, by_priority).await;
+            ReadDone {
+                requested: qty,
+                in_flight_at_send: in_flight,
+                latency: started.elapsed(),
+                result,
+                conn,
+            }
+        }));
+    }
+
+    /// Takes in a claim that came back: its messages are held, its connection kept for the
+    /// next claim. Returns how many it got, or its error.
+    fn take_in(&mut self, done: ReadDone) -> Result<usize> {
+        self.pending = self.pending.saturating_sub(done.requested);
+        let messages = done.result?;
+        if let Some(conn) = done.conn {
+            self.conns.push(conn);
+        }
+        let got = messages.len();
+        let mut s = self.io.lock();
+        let waited = s.held.is_empty()
+            && s.capacity
+                .limit()
+                .is_none_or(|l| done.in_flight_at_send < l);
+        s.claims
+            .on_read(Instant::now(), done.requested, got, done.latency, waited);
+        s.held.extend(messages);
+        Ok(got)
+    }
+
+    /// One read cycle: a first claim, and more while they come back full and there is room
+    /// (see `claims.rs`), until every claim of the cycle is back. Whether any found messages.
+    async fn read_cycle(&mut self) -> Result<bool> {
+        let qty = {
+            let s = self.io.lock();
+            s.claims.first(s.capacity.limit(), s.in_flight)
+        };
+        self.send(qty);
+        let mut found = false;
+        let mut error = None;
+        while !self.reads.is_empty() {
+            tokio::select! {
+                done = self.reads.next() => {
+                    let Some(done) = done else { break };
+                    match self.take_in(done) {
+                        Ok(got) => found |= got > 0,
+                        Err(e) => {
+                            tracing::debug!(queue = %self.shared.queue.name(), "a claim failed");
+                            error.get_or_insert(e);
+                        }
+                    }
+                }
+                () = poked(&self.io, &mut self.phase) => {}
+            }
+            self.release_requested().await;
+            if error.is_some() || self.stopping() {
+                continue;
+            }
+            // Outcomes lag: no claim beyond the one the plan asked for.
+            if self.shared.leases.unwritten() > self.io.lock().claims.backlog_cap() {
+                continue;
+            }
+            let another = {
+                let s = self.io.lock();
+                s.claims.another(
+                    s.capacity.limit(),
+                    s.in_flight,
+                    s.held.len(),
+                    self.pending,
+                    self.reads.len(),
+                )
+            };
+            if let Some(qty) = another {
+                self.send(qty);
+            }
+        }
+        if let Some(e) = error {
+            self.conns.clear();
+            self.io.lock().claims.on_idle();
+            return Err(e);
+        }
+        if !found {
+            self.io.lock().claims.on_idle();
+        }
+        Ok(found)
+    }
+
+    /// The loop stops: claims in flight are seen through (they may already have claimed rows)
+    /// and everything held is released, within the shutdown's bound ([`CLOSE_TIMEOUT`] for the
+    /// whole shutdown).
+    async fn finish(&mut self) {
+        let by = self.io.close_by();
+        let work = async {
+            let mut held = Vec::new();
+            while let Some(done) = self.reads.next().await {
+                if let Ok(messages) = done.result {
+                    held.extend(
+                        messages
+                            .iter()
+                            .filter(|m| self.shared.leases.remove(m.msg_id, m.read_ct))
+                            .map(Delivery::of),
+                    );
+                }
+            }
+            {
+                let mut s = self.io.lock();
+                let kept = std::mem::take(&mut s.held);
+                held.append(&mut s.to_release);
+                held.extend(
+                    kept.iter()
+                        .filter(|m| self.shared.leases.remove(m.msg_id, m.read_ct))
+                        .map(Delivery::of),
+                );
+            }
+            held.sort_unstable();
+            self.conns.clear();
+            release_held(&self.shared, held).await;
+        };
+        if tokio::time::timeout_at(by, work).await.is_err() {
+            tracing::error!(queue = %self.shared.queue.name(), timeout = ?CLOSE_TIMEOUT,
+                "shutdown could not release held messages in time; they will be delivered again when their leases lapse");
+        }
+    }
+}
+
+/// The close step, after the loop: outcomes flushed, the runtime's arming removed if this was
+/// the queue's last worker, the worker's row deleted; by `by` (the shutdown's bound).
+async fn close(shared: Arc<Shared>, session: Option<Session>, by: Instant) {
+    let queue = shared.queue.name().clone();
+    if tokio::time::timeout_at(by, shared.flush_completions())
+        .await
+        .is_err()
+    {
+        tracing::error!(%queue, timeout = ?CLOSE_TIMEOUT,
+            "shutdown could not write outcomes in time; their jobs will be delivered again when their leases lapse");
+    }
+    let Some(session) = session else { return };
+    // Best effort (the rows expire by themselves): briefly, whatever the database does.
+    let cleanup = async {
+        if session.counted.stop() {
+            remove_arming(&shared).await;
+        }
+        if let Some(r) = session.registration {
+            r.unregister().await;
+        }
+    };
+    let by = by.min(Instant::now() + CLEANUP_TIMEOUT);
+    if tokio::time::timeout_at(by, cleanup).await.is_err() {
+        tracing::debug!(%queue, "could not remove the worker's rows in time; they expire by themselves");
+    }
+}
+
+/// Makes `held` visible again now (see [`super::release`]).
+async fn release_held(shared: &Shared, held: Vec<Delivery>) {
+    super::release(
+        &shared.pool,
+        &shared.queue,
+        &held,
+        &shared.signal,
+        shared.wake_target().as_ref(),
+    )
+    .await;
 }
 
 /// Errors that retrying cannot fix: the worker stops with them.
-fn is_fatal(e: &crate::Error) -> bool {
+fn is_fatal(e: &Error) -> bool {
     match e {
-        crate::Error::MissingPrivilege { .. }
-        | crate::Error::Config(_)
-        | crate::Error::NotSetUp { .. } => true,
-        crate::Error::Database(d) => crate::util::sqlstate(d).as_deref() == Some("42501"),
+        Error::MissingPrivilege { .. }
+        | Error::Config(_)
+        | Error::NotSetUp { .. }
+        | Error::Stopped(_) => true,
+        Error::Database(d) => crate::util::sqlstate(d).as_deref() == Some("42501"),
         _ => false,
     }
 }
 
-/// Arms this process's wake-up on the queue (see `wakeup.rs`). The arming is recorded before
+/// Arms the runtime's wake-up on the queue (see `wakeup.rs`). The arming is recorded before
 /// the write: a notification that answers it can arrive before the write returns.
-async fn arm(shared: Arc<Shared>) -> Result<()> {
-    let ttl = shared.config.poll_interval * wakeup::ARM_TTL_POLLS + Duration::from_secs(5);
+async fn arm(shared: &Shared) -> Result<()> {
+    let ttl = Arming::ttl(shared.config.poll_interval);
     let channel = shared.config.channels.queue_channel(shared.queue.name());
-    let generation = shared.signal.begin_arm(Instant::now() + ttl);
-    let armed = wakeup::arm(&shared.pool, &channel, &shared.hub.owner, ttl, generation).await;
+    let generation = shared.signal.begin_arm(ttl);
+    let owner = &shared.runtime.inner.owner;
+    let armed = wakeup::arm(&shared.pool, &channel, owner, ttl, generation).await;
     if armed.is_err() {
         shared.signal.arm_failed(generation);
         return armed;
@@ -649,46 +890,28 @@ async fn arm(shared: Arc<Shared>) -> Result<()> {
     wakeup::listeners_changed(&shared.pool).await
 }
 
-/// The last worker of the queue in this process stopped: remove its arming row.
+/// The last worker of the queue in this runtime stopped: remove its arming row.
 async fn remove_arming(shared: &Shared) {
     shared.signal.forget_arming();
     if !shared.announces() {
         return;
     }
     let channel = shared.config.channels.queue_channel(shared.queue.name());
-    if let Err(e) = crate::notify::unwant(&shared.pool, &channel, &shared.hub.owner).await {
+    let owner = &shared.runtime.inner.owner;
+    if let Err(e) = crate::notify::unwant(&shared.pool, &channel, owner).await {
         tracing::debug!(queue = %shared.queue.name(), error = %e,
             "could not remove the wake-up row; it expires by itself");
     }
 }
 
-/// Makes held messages visible now. On failure they become visible when their lease lapses.
-async fn release(shared: &Shared, held: Vec<Delivery>) {
-    if held.is_empty() {
-        return;
-    }
-    let count = held.len();
-    match shared.queue.release(&shared.pool, &held).await {
-        Ok(_) => {
-            tracing::debug!(queue = %shared.queue.name(), count, "released claimed messages");
-            crate::obs::released(shared.queue.name().as_str(), count);
-            // Idle workers of this process and of others can take them now.
-            shared.signal.wake();
-            shared.wake_others(Duration::ZERO).await;
-        }
-        Err(e) => tracing::warn!(queue = %shared.queue.name(), error = %e, count,
-            "could not release held messages; they become visible when their lease lapses"),
-    }
-}
-
 /// Creates the queue and its dead-letter queue if either is missing, installs the queue's
-/// notification trigger when listening, and waits (briefly) for the LISTEN to be active so no
-/// notification sent after the first read is missed.
+/// notification trigger when listening, waits (briefly) for the LISTEN to be active so no
+/// notification sent after the first read is missed, and registers the worker.
 async fn ensure_queue(
-    shared: Arc<Shared>,
+    shared: &Arc<Shared>,
     listening: Option<oneshot::Receiver<()>>,
-    worker: String,
-    service: String,
+    worker: &str,
+    service: &str,
 ) -> Result<Registration> {
     for q in [&shared.queue, &shared.dlq] {
         if !q.tables_exist(&shared.pool).await? {
@@ -744,60 +967,21 @@ async fn ensure_queue(
         tracing::warn!(queue = %shared.queue.name(),
             "LISTEN not active after 5 s; starting anyway with the fallback poll");
     }
-    let retention = crate::notify::registry::Retention {
+    let retention = Retention {
         archive: shared.config.archive_retention,
         dead_letters: shared.config.dead_letter_retention,
         results: shared.config.result_retention,
         partitioned: shared.queue.is_partitioned(&shared.pool).await?,
     };
     Ok(shared
-        .hub
-        .register_worker(&shared.pool, &worker, &shared.queue, &service, retention)
+        .runtime
+        .inner
+        .register_worker(worker, &shared.queue, service, retention)
         .await)
 }
 
-/// A claim that came back.
-struct ReadDone {
-    requested: usize,
-    /// Tasks running when it was sent.
-    in_flight_at_send: usize,
-    latency: Duration,
-    result: Result<Vec<Message>>,
-    /// The connection it ran on, unless it failed.
-    conn: Option<PoolConnection<Postgres>>,
-}
-
-/// Claims in flight, each on its own connection, and the connections the last claims ran on,
-/// kept while claims follow each other (each pool checkout may cost a round trip: sqlx pings a
-/// connection before handing it out).
-#[derive(Default)]
-struct InFlight {
-    reads: FuturesUnordered<BoxFuture<'static, ReadDone>>,
-    /// Messages asked for by the claims in flight.
-    pending: usize,
-    conns: Vec<PoolConnection<Postgres>>,
-}
-
-impl InFlight {
-    /// Sends a claim of `qty` on a kept connection (or one from the pool).
-    fn send(&mut self, shared: &Arc<Shared>, qty: usize, by_priority: bool, in_flight: usize) {
-        self.pending += qty;
-        let conn = self.conns.pop();
-        let shared = shared.clone();
-        self.reads.push(Box::pin(async move {
-            let started = Instant::now();
-            let (result, conn) = fetch(&shared, conn, qty, by_priority).await;
-            ReadDone {
-                requested: qty,
-                in_flight_at_send: in_flight,
-                latency: started.elapsed(),
-                result,
-                conn,
-            }
-        }));
-    }
-}
-
+/// One claim: on `conn` (or one from the pool); the claimed messages are leased in the lease
+/// table before they are returned.
 async fn fetch(
     shared: &Shared,
     conn: Option<PoolConnection<Postgres>>,

@@ -23,7 +23,7 @@ use apalis_core::{
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-use crate::lease::{self as lease, LeaseTable};
+use crate::lease::LeaseTable;
 use crate::{
     ack::{
         AckContext, AckLayer,
@@ -31,11 +31,12 @@ use crate::{
     },
     config::Config,
     error::{Error, Result},
-    notify::{self, Hub, Subscription, WakeSignal},
+    notify::{self, Subscription, WakeSignal},
     queue::{
         Action, Delivery, JobMeta, Message, MessageInfo, Outcome, PgmqQueue, QueueName,
         StoredResult, wants_result,
     },
+    runtime::Runtime,
 };
 use fetch::Fetcher;
 use sink::SinkState;
@@ -53,8 +54,8 @@ pub(crate) struct Shared {
     pub(crate) leases: Arc<LeaseTable>,
     /// What the ack layer needs (configuration, leases, the completer started on first use).
     pub(crate) ack: Arc<AckContext>,
-    /// The database's notification hub (shared in the process).
-    pub(crate) hub: Arc<Hub>,
+    /// The runtime that runs this storage's background work.
+    pub(crate) runtime: Runtime,
     /// Wakes this queue's workers: notifications, retries written, messages released.
     pub(crate) signal: Arc<WakeSignal>,
 }
@@ -66,24 +67,28 @@ impl Drop for Shared {
 }
 
 impl Shared {
-    /// Starts the completer and the lease keeper if they are not running yet.
+    /// Starts the completer and the lease keeper (services of the runtime) if they are not
+    /// running yet.
     pub(crate) fn start_background(&self) -> Result<()> {
         if self.ack.completer.get().is_some() {
             return Ok(());
         }
+        self.runtime.inner.check_running()?;
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(Error::Config(
                 "PgmqStorage workers must run inside a tokio runtime".to_owned(),
             ));
         }
         self.ack.completer.get_or_init(|| {
-            tokio::spawn(lease::keeper(
+            let inner = &self.runtime.inner;
+            let (table, pool, queue, vt) = (
                 self.leases.clone(),
                 self.pool.clone(),
                 self.queue.clone(),
                 self.config.visibility_timeout,
-            ));
-            completer::spawn(CompleterCtx {
+            );
+            inner.spawn_queue_service(|stop| crate::lease::keeper(table, pool, queue, vt, stop));
+            let (handle, run) = completer::completer(CompleterCtx {
                 pool: self.pool.clone(),
                 queue: self.queue.clone(),
                 dlq: self.dlq.clone(),
@@ -93,7 +98,9 @@ impl Shared {
                 batch_size: self.config.completion_batch_size,
                 flush_interval: self.config.completion_flush_interval,
                 results_channel: self.config.channels.results_channel(self.queue.name()),
-            })
+            });
+            inner.spawn_queue_service(run);
+            handle
         });
         Ok(())
     }
@@ -120,29 +127,51 @@ impl Shared {
             namespace_channel: c
                 .channels
                 .namespace_channel(&c.channels.namespace(self.queue.name())),
-            owner: self.hub.owner.clone(),
+            owner: self.runtime.inner.owner.clone(),
         })
     }
 
-    /// Wakes idle workers of other processes: messages become visible in `delay` through an
-    /// update (a release), which no insert trigger sees.
-    pub(crate) async fn wake_others(&self, delay: std::time::Duration) {
-        let Some(target) = self.wake_target() else {
-            return;
-        };
-        if let Err(e) = notify::wakeup::wake_others(&self.pool, &target, delay).await {
-            tracing::debug!(queue = %self.queue.name(), error = %e,
-                "could not wake other processes' workers; they find the messages at their next poll");
-        }
-    }
-
-    /// A worker's wake-up subscription; the receiver resolves once its LISTEN is active.
+    /// A worker's wake-up subscription, and (when listening) a receiver that resolves once the
+    /// LISTEN on the queue's channel is active.
     pub(crate) fn subscribe(&self) -> (Subscription, Option<oneshot::Receiver<()>>) {
-        let channel = self
-            .config
-            .listen
-            .then(|| self.config.channels.queue_channel(self.queue.name()));
-        notify::subscribe(&self.hub, &self.signal, channel)
+        let sub = self.signal.subscribe();
+        let ack = self.config.listen.then(|| {
+            let channel = self.config.channels.queue_channel(self.queue.name());
+            self.signal.arm_on(channel.clone());
+            self.runtime.inner.listen(channel)
+        });
+        (sub, ack)
+    }
+}
+
+/// Makes messages a worker held but did not start visible now, and wakes idle workers of this
+/// runtime and of other processes. On failure they become visible when their lease lapses.
+pub(crate) async fn release(
+    pool: &PgPool,
+    queue: &PgmqQueue,
+    held: &[Delivery],
+    signal: &WakeSignal,
+    wake: Option<&notify::wakeup::WakeTarget>,
+) {
+    if held.is_empty() {
+        return;
+    }
+    let count = held.len();
+    match queue.release(pool, held).await {
+        Ok(_) => {
+            tracing::debug!(queue = %queue.name(), count, "released claimed messages");
+            crate::obs::released(queue.name().as_str(), count);
+            signal.wake();
+            if let Some(target) = wake
+                && let Err(e) =
+                    notify::wakeup::wake_others(pool, target, std::time::Duration::ZERO).await
+            {
+                tracing::debug!(queue = %queue.name(), error = %e,
+                    "could not wake other processes' workers; they find the messages at their next poll");
+            }
+        }
+        Err(e) => tracing::warn!(queue = %queue.name(), error = %e, count,
+            "could not release held messages; they become visible when their lease lapses"),
     }
 }
 
@@ -164,7 +193,7 @@ impl Shared {
 ///
 /// ```no_run
 /// use apalis::prelude::*;
-/// use apalis_pgmq_notify::{PgmqStorage, QueueName};
+/// use apalis_pgmq_notify::{PgmqStorage, QueueName, Runtime};
 ///
 /// async fn send_email(to: String) -> Result<(), BoxDynError> {
 ///     println!("sending to {to}");
@@ -174,7 +203,8 @@ impl Shared {
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// let pool = sqlx::PgPool::connect("postgres://localhost/app").await?;
 /// apalis_pgmq_notify::setup(&pool).await?;
-/// let mut storage = PgmqStorage::<String>::new(&pool, QueueName::new("email")?);
+/// let runtime = Runtime::new(&pool);
+/// let mut storage = PgmqStorage::<String>::new(&runtime, QueueName::new("email")?);
 /// storage.push("a@example.com".to_owned()).await?;
 /// Monitor::new()
 ///     .register_n(2, move |index, _restarts| {
@@ -183,8 +213,9 @@ impl Shared {
 ///             .concurrency(4)
 ///             .build(send_email)
 ///     })
-///     .run()
+///     .run_with_signal(tokio::signal::ctrl_c())
 ///     .await?;
+/// runtime.shutdown().await?;
 /// # Ok(()) }
 /// ```
 pub struct PgmqStorage<Args, C = JsonCodec<Value>> {
@@ -223,12 +254,12 @@ impl<Args, C> std::fmt::Debug for PgmqStorage<Args, C> {
 }
 
 impl<Args> PgmqStorage<Args, JsonCodec<Value>> {
-    /// A storage for `queue` with the default [`Config`] and the JSON codec. Runs no SQL; the
-    /// queue (and its dead-letter queue) is created by the first worker, or by
-    /// [`create_queue`](Self::create_queue).
+    /// A storage for `queue` on `runtime`'s database, with the default [`Config`] and the
+    /// JSON codec. Runs no SQL; the queue (and its dead-letter queue) is created by the first
+    /// worker, or by [`create_queue`](Self::create_queue).
     #[must_use]
-    pub fn new(pool: &PgPool, queue: QueueName) -> Self {
-        Self::build(pool, queue, Config::default(), JsonCodec::default())
+    pub fn new(runtime: &Runtime, queue: QueueName) -> Self {
+        Self::build(runtime, queue, Config::default(), JsonCodec::default())
     }
 
     /// A storage with a configuration, validated here.
@@ -236,9 +267,9 @@ impl<Args> PgmqStorage<Args, JsonCodec<Value>> {
     /// # Errors
     ///
     /// [`Error::Config`] if a value is out of range.
-    pub fn with_config(pool: &PgPool, queue: QueueName, config: Config) -> Result<Self> {
+    pub fn with_config(runtime: &Runtime, queue: QueueName, config: Config) -> Result<Self> {
         config.validate()?;
-        Ok(Self::build(pool, queue, config, JsonCodec::default()))
+        Ok(Self::build(runtime, queue, config, JsonCodec::default()))
     }
 }
 
@@ -248,12 +279,17 @@ impl<Args, C> PgmqStorage<Args, C> {
     /// # Errors
     ///
     /// [`Error::Config`] if a configuration value is out of range.
-    pub fn with_codec(pool: &PgPool, queue: QueueName, config: Config, codec: C) -> Result<Self> {
+    pub fn with_codec(
+        runtime: &Runtime,
+        queue: QueueName,
+        config: Config,
+        codec: C,
+    ) -> Result<Self> {
         config.validate()?;
-        Ok(Self::build(pool, queue, config, codec))
+        Ok(Self::build(runtime, queue, config, codec))
     }
 
-    fn build(pool: &PgPool, queue: QueueName, config: Config, codec: C) -> Self {
+    fn build(runtime: &Runtime, queue: QueueName, config: Config, codec: C) -> Self {
         let q = PgmqQueue::new(queue).with_max_payload_bytes(config.max_payload_bytes);
         let dlq = q.dead_letter();
         let leases = Arc::new(LeaseTable::default());
@@ -263,22 +299,23 @@ impl<Args, C> PgmqStorage<Args, C> {
             leases: leases.clone(),
             completer: OnceLock::new(),
         });
-        let hub = notify::hub(pool);
+        let inner = &runtime.inner;
         if config.listen {
-            hub.health_check_at_least_every(config.listener_health_check);
+            inner.health_check_at_least_every(config.listener_health_check);
         }
-        hub.registry
+        inner
+            .maintenance
             .heartbeat_at_least_every(config.heartbeat_interval);
-        let signal = hub.signal(q.name());
+        let signal = inner.signal(q.name());
         Self {
             shared: Arc::new(Shared {
-                pool: pool.clone(),
+                pool: inner.pool.clone(),
                 queue: q,
                 dlq,
                 config,
                 leases: leases.clone(),
                 ack,
-                hub,
+                runtime: runtime.clone(),
                 signal,
             }),
             codec,
@@ -311,11 +348,17 @@ impl<Args, C> PgmqStorage<Args, C> {
         &self.shared.config
     }
 
-    /// Counters of the process's listener for this database (shared by every storage and event
-    /// subscriber on it): notifications received, parse errors, reconnects.
+    /// The runtime this storage belongs to.
+    #[must_use]
+    pub fn runtime(&self) -> &Runtime {
+        &self.shared.runtime
+    }
+
+    /// Counters of the runtime's listener (shared by every storage and event subscriber of the
+    /// runtime): notifications received, parse errors, reconnects.
     #[must_use]
     pub fn listener_stats(&self) -> crate::notify::ListenerStats {
-        self.shared.hub.stats()
+        self.shared.runtime.listener_stats()
     }
 
     /// Creates the queue and its dead-letter queue (idempotent), and installs its notification
@@ -330,7 +373,8 @@ impl<Args, C> PgmqStorage<Args, C> {
     /// ```no_run
     /// # use apalis_pgmq_notify::{PgmqStorage, QueueName};
     /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
-    /// let storage = PgmqStorage::<String>::new(&pool, QueueName::new("email")?);
+    /// # let runtime = apalis_pgmq_notify::Runtime::new(&pool);
+    /// let storage = PgmqStorage::<String>::new(&runtime, QueueName::new("email")?);
     /// storage.create_queue().await?;
     /// # Ok(()) }
     /// ```
@@ -377,7 +421,8 @@ impl<Args, C> PgmqStorage<Args, C> {
     /// ```no_run
     /// # use apalis_pgmq_notify::{PgmqStorage, QueueName};
     /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
-    /// let storage = PgmqStorage::<String>::new(&pool, QueueName::new("events")?);
+    /// # let runtime = apalis_pgmq_notify::Runtime::new(&pool);
+    /// let storage = PgmqStorage::<String>::new(&runtime, QueueName::new("events")?);
     /// storage.create_partitioned_queue("1 day", "7 days").await?;
     /// # Ok(()) }
     /// ```
@@ -406,7 +451,8 @@ impl<Args, C> PgmqStorage<Args, C> {
     /// ```no_run
     /// # use apalis_pgmq_notify::{PgmqStorage, QueueName};
     /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
-    /// let storage = PgmqStorage::<String>::new(&pool, QueueName::new("old")?);
+    /// # let runtime = apalis_pgmq_notify::Runtime::new(&pool);
+    /// let storage = PgmqStorage::<String>::new(&runtime, QueueName::new("old")?);
     /// storage.drop_queue().await?;
     /// # Ok(()) }
     /// ```
@@ -562,9 +608,7 @@ where
         worker: &WorkerContext,
     ) -> Poll<Result<(), Self::Error>> {
         let shared = self.shared.clone();
-        self.local()
-            .fetch
-            .poll_ready(cx, &shared, worker.task_count())
+        self.local().fetch.poll_ready(cx, &shared, worker)
     }
 
     fn poll_next(

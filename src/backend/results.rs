@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 use super::{PgmqStorage, Shared};
 use crate::{
     error::{Error, Result},
-    notify::results::{self, ResultRow},
     queue::{Delay, HEADERS_KEY},
+    runtime::results::{self, Ended, ResultRow},
 };
 
 /// A stored row as apalis' `TaskResult`, for the id the waiter asked for.
@@ -56,19 +56,19 @@ fn wait_stream<O: DeserializeOwned + Send + 'static>(
     if asked.is_empty() {
         return futures::stream::empty().boxed();
     }
+    let inner = shared.runtime.inner.clone();
+    if let Err(e) = inner.check_running() {
+        return futures::stream::once(async move { Err(e) }).boxed();
+    }
     let subscribe = async move {
         let c = &shared.config;
         let channel = c.channels.results_channel(shared.queue.name());
-        let watch = shared
-            .hub
-            .result_watch(&shared.pool, shared.queue.name(), channel.clone());
+        let watch = inner.result_watch(shared.queue.name(), channel.clone());
         let waiter = watch.register(asked.keys().cloned().collect());
-        shared
-            .hub
-            .health_check_at_least_every(c.listener_health_check);
+        inner.health_check_at_least_every(c.listener_health_check);
         // Registered first, then listening, then the first look: a result written before the
         // look is read by it, one written after the LISTEN is active is announced.
-        let _ = shared.hub.listen(channel).await;
+        let _ = inner.listen(channel).await;
         waiter.look_now();
         (waiter, asked, shared)
     };
@@ -86,10 +86,11 @@ fn wait_stream<O: DeserializeOwned + Send + 'static>(
                             Err(why) => {
                                 // Nothing more will come for any of these ids.
                                 asked.clear();
-                                return Some((
-                                    Err(Error::ResultsUnreadable(why)),
-                                    (waiter, asked, shared),
-                                ));
+                                let e = match why {
+                                    Ended::Unreadable(why) => Error::ResultsUnreadable(why),
+                                    Ended::Stopped => Error::Stopped("the runtime is shut down"),
+                                };
+                                return Some((Err(e), (waiter, asked, shared)));
                             }
                         };
                         let Some(id) = asked.remove(&key) else {
@@ -182,7 +183,8 @@ where
     /// # use apalis_pgmq_notify::{PgmqStorage, QueueName};
     /// # use std::time::Duration;
     /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
-    /// let storage = PgmqStorage::<u32>::new(&pool, QueueName::new("square")?);
+    /// # let runtime = apalis_pgmq_notify::Runtime::new(&pool);
+    /// let storage = PgmqStorage::<u32>::new(&runtime, QueueName::new("square")?);
     /// let done = storage.push_and_wait::<u64>(12, Duration::from_secs(10)).await?;
     /// assert_eq!(done.take(), Ok(144));
     /// # Ok(()) }
@@ -224,7 +226,8 @@ where
     /// # use apalis_core::task::task_id::TaskId;
     /// # use apalis_pgmq_notify::{PgmqStorage, QueueName};
     /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
-    /// let storage = PgmqStorage::<u32>::new(&pool, QueueName::new("square")?);
+    /// # let runtime = apalis_pgmq_notify::Runtime::new(&pool);
+    /// let storage = PgmqStorage::<u32>::new(&runtime, QueueName::new("square")?);
     /// for r in storage.results::<u64>([TaskId::from_int(7)]).await? {
     ///     println!("{}: {:?} {:?}", r.task_id, r.status, r.result);
     /// }

@@ -179,7 +179,8 @@ where
     /// ```no_run
     /// # use apalis_pgmq_notify::{PgmqStorage, QueueName};
     /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
-    /// let storage = PgmqStorage::<String>::new(&pool, QueueName::new("email")?);
+    /// # let runtime = apalis_pgmq_notify::Runtime::new(&pool);
+    /// let storage = PgmqStorage::<String>::new(&runtime, QueueName::new("email")?);
     /// let mut tx = pool.begin().await?;
     /// // ... your own writes in `tx` ...
     /// storage.push_with(&mut *tx, &"a@example.com".to_owned()).await?;
@@ -218,7 +219,8 @@ where
     /// # use apalis_pgmq_notify::{PgmqStorage, QueueName};
     /// # use std::time::Duration;
     /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
-    /// let storage = PgmqStorage::<String>::new(&pool, QueueName::new("email")?);
+    /// # let runtime = apalis_pgmq_notify::Runtime::new(&pool);
+    /// let storage = PgmqStorage::<String>::new(&runtime, QueueName::new("email")?);
     /// let task = TaskBuilder::new("later@example.com".to_owned())
     ///     .run_after(Duration::from_secs(60))
     ///     .max_attempts(3)
@@ -272,7 +274,8 @@ where
     /// ```no_run
     /// # use apalis_pgmq_notify::{PgmqStorage, QueueName};
     /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
-    /// let storage = PgmqStorage::<u64>::new(&pool, QueueName::new("numbers")?);
+    /// # let runtime = apalis_pgmq_notify::Runtime::new(&pool);
+    /// let storage = PgmqStorage::<u64>::new(&runtime, QueueName::new("numbers")?);
     /// let ids = storage.push_bulk_with(&pool, 0..1000).await?;
     /// # Ok(()) }
     /// ```

@@ -23,7 +23,7 @@ use std::{process::ExitCode, str::FromStr, time::Duration};
 
 use apalis_core::backend::RunningWorker;
 use apalis_pgmq_notify::{
-    ConfigFile, JobRecord, NotifyChannels, NotifyMode, PgmqQueue, PgmqStorage, QueueName,
+    ConfigFile, JobRecord, NotifyChannels, NotifyMode, PgmqQueue, PgmqStorage, QueueName, Runtime,
     disable_notify, drop_queue_and_dead_letters, enable_notify, notify_migration_sql, notify_mode,
     pause, pending_migrations, prune, prune_results, queues_overview, resume, running_workers,
     setup,
@@ -693,7 +693,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         } => {
             let q = queue(name)?;
             let pool = pool(&cli).await?;
-            let s = PgmqStorage::<Value>::new(&pool, q.clone());
+            let s = PgmqStorage::<Value>::new(&Runtime::new(&pool), q.clone());
             if *partitioned {
                 s.create_partitioned_queue(partition_interval, retention_interval)
                     .await?;

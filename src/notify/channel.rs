@@ -62,7 +62,7 @@ impl Default for NotifyChannels {
 }
 
 /// Checks one part of a channel name: 1 to `max` bytes of `[a-z0-9_.]`.
-pub(super) fn check_part(what: &str, value: &str, max: usize) -> Result<()> {
+pub(crate) fn check_part(what: &str, value: &str, max: usize) -> Result<()> {
     if value.is_empty() || value.len() > max {
         return Err(Error::Config(format!(
             "{what} {value:?} must be 1 to {max} bytes"

@@ -1,6 +1,6 @@
 //! Wake signals: how workers learn that a queue may have work, now or at a known time.
 //!
-//! One [`WakeSignal`] exists per (database, queue) in a process. It is raised by the shared
+//! One [`WakeSignal`] exists per queue in a runtime. It is raised by the shared
 //! listener when a notification arrives or after it reconnects, by the completer when it sets a
 //! retry's visibility time, and when held messages are released. It also holds this process's
 //! arming of the queue's wake-up (the protocol is in `wakeup.rs`). Each worker holds a
@@ -15,6 +15,8 @@ use std::{
 };
 
 use tokio::time::Instant;
+
+use super::wakeup::Arming;
 
 /// What a subscription saw since it last looked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,31 +39,14 @@ pub(crate) struct WakeSignal {
     due: Mutex<Option<Instant>>,
     /// Waiting subscribers.
     wakers: Mutex<Vec<Waker>>,
-    /// This process's arming in `apalis_pgmq.listeners` (see `wakeup.rs`), if any: on-demand
-    /// triggers notify while it is armed.
-    armed: Mutex<Option<Arming>>,
-    /// Generations of armings, so a late disarm cannot clear a newer arming.
-    generation: AtomicU64,
-    /// Where this process's arming row is, to disarm it when a notification answers it: set by
-    /// the first worker of the queue in the process.
-    disarm_with: Mutex<Option<Disarmer>>,
+    /// This runtime's arming of the queue's wake-up in `apalis_pgmq.listeners` (see
+    /// `wakeup.rs`): on-demand triggers notify while it is armed.
+    arming: Mutex<Arming>,
+    /// The channel this process's arming row is on, to disarm it when a notification answers
+    /// it: set by the first worker of the queue in the runtime.
+    arming_channel: Mutex<Option<String>>,
     /// Workers of this queue in the process (their fetchers), to remove the arming with the last.
     workers: AtomicUsize,
-}
-
-/// What disarming this process's row needs.
-#[derive(Debug, Clone)]
-pub(crate) struct Disarmer {
-    pub(crate) pool: sqlx::PgPool,
-    pub(crate) channel: String,
-    pub(crate) owner: String,
-}
-
-/// One arming of this process's wake-up row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Arming {
-    until: Instant,
-    generation: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -99,59 +84,42 @@ impl WakeSignal {
         lock(&self.due).filter(|d| *d > Instant::now())
     }
 
-    /// Whether the arming stays valid for at least `margin`.
-    pub(crate) fn armed_for(&self, margin: std::time::Duration) -> bool {
-        lock(&self.armed).is_some_and(|a| a.until > Instant::now() + margin)
+    /// Whether an idle worker should arm: no arming, or one that ends within `margin`.
+    pub(crate) fn wants_arming(&self, margin: std::time::Duration) -> bool {
+        lock(&self.arming).wanted(Instant::now(), margin)
     }
 
-    /// Records an arming (before it is written: a notification answering it may arrive before
-    /// the write returns) and returns its generation.
-    pub(crate) fn begin_arm(&self, until: Instant) -> u64 {
-        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        *lock(&self.armed) = Some(Arming { until, generation });
-        generation
+    /// Records an arming for `ttl` (before it is written: a notification answering it may
+    /// arrive before the write returns) and returns its generation.
+    pub(crate) fn begin_arm(&self, ttl: std::time::Duration) -> u64 {
+        lock(&self.arming).begin(Instant::now(), ttl)
     }
 
     /// The arming of `generation` could not be written.
     pub(crate) fn arm_failed(&self, generation: u64) {
-        let mut armed = lock(&self.armed);
-        if armed.is_some_and(|a| a.generation == generation) {
-            *armed = None;
-        }
+        lock(&self.arming).failed(generation);
     }
 
-    /// Sets where the arming row is (once per queue and process).
-    pub(crate) fn disarm_with(&self, disarmer: Disarmer) {
-        lock(&self.disarm_with).get_or_insert(disarmer);
+    /// Sets the channel the arming row is on (once per queue and runtime).
+    pub(crate) fn arm_on(&self, channel: String) {
+        lock(&self.arming_channel).get_or_insert(channel);
     }
 
-    /// A wake-up notification arrived: the arming is answered. Its row is disarmed at once in
-    /// the background (so a busy queue stops costing producers notifications even while every
-    /// worker is full), and an idle worker arms again with a new generation. A late disarm
-    /// matches only the generation it answered.
-    pub(crate) fn answered(&self) {
-        let Some(a) = lock(&self.armed).take() else {
-            return;
-        };
-        let Some(d) = lock(&self.disarm_with).clone() else {
-            return;
-        };
-        if tokio::runtime::Handle::try_current().is_err() {
-            return;
-        }
-        tokio::spawn(async move {
-            if let Err(e) = super::wakeup::disarm(&d.pool, &d.channel, &d.owner, a.generation).await
-            {
-                tracing::debug!(channel = %d.channel, error = %e,
-                    "could not disarm an answered wake-up; producers notify until it expires");
-            }
-        });
+    /// A wake-up notification arrived: the arming is answered. Returns the row to disarm (its
+    /// channel and generation), which the runtime disarms at once in the background (so a busy
+    /// queue stops costing producers notifications even while every worker is full); an idle
+    /// worker arms again with a new generation. A late disarm matches only the generation it
+    /// answered.
+    pub(crate) fn answered(&self) -> Option<(String, u64)> {
+        let generation = lock(&self.arming).answered()?;
+        let channel = lock(&self.arming_channel).clone()?;
+        Some((channel, generation))
     }
 
     /// Forgets the arming (after a reconnect the row may be gone or stale), so an idle worker
     /// arms again with a new generation.
     pub(crate) fn forget_arming(&self) {
-        *lock(&self.armed) = None;
+        lock(&self.arming).forget();
     }
 
     /// A worker of this queue starts.
@@ -179,7 +147,6 @@ impl WakeSignal {
             seen_now: self.now.load(Ordering::SeqCst),
             seen_due: self.due_gen.load(Ordering::SeqCst),
             signal: self.clone(),
-            guard: None,
         }
     }
 }
@@ -189,15 +156,11 @@ pub(crate) struct Subscription {
     signal: std::sync::Arc<WakeSignal>,
     seen_now: u64,
     seen_due: u64,
-    /// Keeps the listener subscribed to this queue's channel while the worker lives.
-    pub(crate) guard: Option<super::ListenGuard>,
 }
 
 impl std::fmt::Debug for Subscription {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Subscription")
-            .field("listening", &self.guard.is_some())
-            .finish_non_exhaustive()
+        f.debug_struct("Subscription").finish_non_exhaustive()
     }
 }
 
@@ -219,6 +182,20 @@ impl Subscription {
             };
         }
         Wake::Nothing
+    }
+
+    /// What happened since the last look, without waiting.
+    pub(crate) fn take(&mut self) -> Wake {
+        self.check()
+    }
+
+    /// Waits until something happens.
+    pub(crate) async fn next(&mut self) -> Wake {
+        std::future::poll_fn(|cx| match self.poll(cx) {
+            Wake::Nothing => std::task::Poll::Pending,
+            seen => std::task::Poll::Ready(seen),
+        })
+        .await
     }
 
     /// What happened since the last poll; registers the waker when nothing did.

@@ -84,7 +84,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio::time::Instant;
 
-use crate::{error::Result, util::jittered};
+use crate::error::Result;
 
 /// Interval between re-reads while lingering after a busy period.
 pub(crate) const LINGER_STEP: Duration = Duration::from_millis(2);
@@ -116,6 +116,9 @@ pub(crate) const REARM_WHEN_LEFT_POLLS: f64 = 1.5;
 pub(crate) enum Step {
     /// Read (claim) from the queue now.
     Read,
+    /// A read is due but the worker is held back (its outcomes are written more slowly than
+    /// its jobs finish): wait for the completer, then ask again. Not idle: nothing is armed.
+    AwaitOutcomes,
     /// Arm this process's wake-up, then report with [`Plan::on_armed`].
     Arm,
     /// Check that inserts in flight at arming have ended, then [`Plan::on_settled`].
@@ -134,12 +137,16 @@ struct Settle {
     checks_done: usize,
 }
 
-/// An idle worker's schedule. Pure: it decides from what it is told and the time it is given,
-/// so tests drive every transition without a database.
-#[derive(Debug, Clone)]
+/// A source of random numbers in `[0, 1)` for jitter, injected so tests are deterministic.
+pub(crate) type Random = Box<dyn FnMut() -> f64 + Send>;
+
+/// A worker's schedule: when to read, wait for its outcomes, arm, check and sleep. Pure: it
+/// decides from what it is told, the time it is given and the random numbers it is handed, so
+/// tests drive every transition without a database.
 pub(crate) struct Plan {
     poll: Duration,
     jitter: f64,
+    random: Random,
     linger_polls: u32,
     /// Read before anything else: after a non-empty read, a wake-up, a start or an error.
     read_now: bool,
@@ -158,11 +165,23 @@ pub(crate) struct Plan {
     arm_retry_at: Option<Instant>,
 }
 
+impl std::fmt::Debug for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plan")
+            .field("read_now", &self.read_now)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Plan {
-    pub(crate) fn new(poll: Duration, jitter: f64, linger_polls: u32) -> Self {
+    /// `poll` moved up or down by at most `jitter` of itself, at random, fixes each idle
+    /// period's fallback deadline; `linger_polls` short re-reads follow a busy period.
+    pub(crate) fn new(poll: Duration, jitter: f64, linger_polls: u32, random: Random) -> Self {
         Self {
             poll,
             jitter,
+            random,
             linger_polls,
             read_now: true,
             deadline: None,
@@ -175,9 +194,31 @@ impl Plan {
         }
     }
 
-    /// The next step at `now`. `wants_arm`: this process listens on demand and its arming is
-    /// missing or runs out within [`REARM_WHEN_LEFT_POLLS`] poll intervals.
-    pub(crate) fn next(&mut self, now: Instant, wants_arm: bool) -> Step {
+    /// The fallback deadline of an idle period starting at `now`.
+    fn deadline_from(&mut self, now: Instant) -> Instant {
+        let unit = (self.random)().clamp(0.0, 1.0);
+        let factor = 1.0 + self.jitter * (2.0 * unit - 1.0);
+        now + self.poll.mul_f64(factor.max(0.0))
+    }
+
+    /// Whether a read is due at `now` (what [`next`](Self::next) would answer `Read` for).
+    fn read_due(&self, now: Instant) -> bool {
+        self.read_now
+            || self.deadline.is_some_and(|d| now >= d)
+            || self.due.is_some_and(|d| d <= now)
+            || self.linger_at.is_some_and(|at| now >= at)
+            || matches!(self.next_visible, Some(Some(t)) if t <= now)
+    }
+
+    /// The next step at `now`. `wants_arm`: this runtime listens on demand and its arming is
+    /// missing or runs out within [`REARM_WHEN_LEFT_POLLS`] poll intervals. `held_back`: the
+    /// worker's unwritten outcomes are over their bound; a read that is due waits for them
+    /// ([`Step::AwaitOutcomes`]), and the worker does not count as idle meanwhile, so it
+    /// never arms a wake-up for that wait.
+    pub(crate) fn next(&mut self, now: Instant, wants_arm: bool, held_back: bool) -> Step {
+        if held_back && self.read_due(now) {
+            return Step::AwaitOutcomes;
+        }
         if self.read_now {
             self.read_now = false;
             return Step::Read;
@@ -185,7 +226,7 @@ impl Plan {
         let deadline = match self.deadline {
             Some(d) => d,
             None => {
-                let d = now + jittered(self.poll, self.jitter);
+                let d = self.deadline_from(now);
                 self.deadline = Some(d);
                 d
             }
@@ -250,7 +291,7 @@ impl Plan {
             return;
         }
         if self.deadline.is_none_or(|d| d <= now) {
-            self.deadline = Some(now + jittered(self.poll, self.jitter));
+            self.deadline = Some(self.deadline_from(now));
         }
         if matches!(self.next_visible, Some(Some(t)) if t <= now) {
             self.next_visible = None;
@@ -324,6 +365,65 @@ impl Plan {
     #[cfg(test)]
     pub(crate) fn deadline(&self) -> Option<Instant> {
         self.deadline
+    }
+}
+
+/// This runtime's arming of one queue's wake-up (its row in `apalis_pgmq.listeners`), shared
+/// by the runtime's workers of the queue. Pure: times are given, so tests drive it with paused
+/// time.
+///
+/// Every arming gets a new generation. It is recorded *before* its row is written, because the
+/// notification that answers it can arrive before the write returns; a disarm clears only the
+/// generation it answered, so a late disarm never clears a newer arming.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Arming {
+    current: Option<Armed>,
+    generation: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Armed {
+    until: Instant,
+    generation: u64,
+}
+
+impl Arming {
+    /// How long an arming lasts: about [`ARM_TTL_POLLS`] poll intervals, plus a margin for
+    /// the clocks of this process and the server.
+    pub(crate) fn ttl(poll: Duration) -> Duration {
+        poll * ARM_TTL_POLLS + Duration::from_secs(5)
+    }
+
+    /// Whether an idle worker should arm: no arming, or one that ends within `margin`.
+    pub(crate) fn wanted(&self, now: Instant, margin: Duration) -> bool {
+        self.current.is_none_or(|a| a.until <= now + margin)
+    }
+
+    /// Records a new arming lasting `ttl` from `now`; its generation.
+    pub(crate) fn begin(&mut self, now: Instant, ttl: Duration) -> u64 {
+        self.generation += 1;
+        self.current = Some(Armed {
+            until: now + ttl,
+            generation: self.generation,
+        });
+        self.generation
+    }
+
+    /// The arming of `generation` could not be written.
+    pub(crate) fn failed(&mut self, generation: u64) {
+        if self.current.is_some_and(|a| a.generation == generation) {
+            self.current = None;
+        }
+    }
+
+    /// A notification answered the arming: the generation to disarm, if armed.
+    pub(crate) fn answered(&mut self) -> Option<u64> {
+        self.current.take().map(|a| a.generation)
+    }
+
+    /// Forgets the arming (after a reconnect the row may be gone or stale).
+    pub(crate) fn forget(&mut self) {
+        self.current = None;
     }
 }
 
@@ -410,9 +510,13 @@ mod tests {
 
     const POLL: Duration = Duration::from_secs(30);
 
+    fn fixed(unit: f64) -> Random {
+        Box::new(move || unit)
+    }
+
     fn idle_plan(now: Instant) -> Plan {
-        let mut p = Plan::new(POLL, 0.0, 0);
-        assert_eq!(p.next(now, false), Step::Read, "a start reads first");
+        let mut p = Plan::new(POLL, 0.0, 0, fixed(0.5));
+        assert_eq!(p.next(now, false, false), Step::Read, "a start reads first");
         p.on_read(now, false);
         p
     }
@@ -420,30 +524,34 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn reads_again_after_work_then_probes_and_sleeps_to_the_deadline() {
         let now = Instant::now();
-        let mut p = Plan::new(POLL, 0.0, 0);
-        assert_eq!(p.next(now, false), Step::Read);
+        let mut p = Plan::new(POLL, 0.0, 0, fixed(0.5));
+        assert_eq!(p.next(now, false, false), Step::Read);
         p.on_read(now, true);
-        assert_eq!(p.next(now, false), Step::Read, "non-empty read: read again");
+        assert_eq!(
+            p.next(now, false, false),
+            Step::Read,
+            "non-empty read: read again"
+        );
         p.on_read(now, false);
         assert_eq!(p.deadline(), Some(now + POLL));
-        assert_eq!(p.next(now, false), Step::Probe);
+        assert_eq!(p.next(now, false, false), Step::Probe);
         p.on_probed(now, None);
-        assert_eq!(p.next(now, false), Step::Sleep(now + POLL));
+        assert_eq!(p.next(now, false, false), Step::Sleep(now + POLL));
         // Nothing moves the deadline: an empty read after a wake-up keeps it.
         let later = now + Duration::from_secs(10);
         p.on_wake_now();
-        assert_eq!(p.next(later, false), Step::Read);
+        assert_eq!(p.next(later, false, false), Step::Read);
         p.on_read(later, false);
         assert_eq!(
-            p.next(later, false),
+            p.next(later, false, false),
             Step::Probe,
             "a wake-up may be for a delayed job"
         );
         p.on_probed(later, None);
-        assert_eq!(p.next(later, false), Step::Sleep(now + POLL));
+        assert_eq!(p.next(later, false, false), Step::Sleep(now + POLL));
         // At the deadline: read, and the next idle period gets a new deadline.
         let at = now + POLL;
-        assert_eq!(p.next(at, false), Step::Read);
+        assert_eq!(p.next(at, false, false), Step::Read);
         p.on_read(at, false);
         assert_eq!(p.deadline(), Some(at + POLL));
     }
@@ -452,33 +560,40 @@ mod tests {
     async fn a_known_visibility_time_or_announced_retry_shortens_the_sleep() {
         let now = Instant::now();
         let mut p = idle_plan(now);
-        assert_eq!(p.next(now, false), Step::Probe);
+        assert_eq!(p.next(now, false, false), Step::Probe);
         p.on_probed(now, Some(Duration::from_secs(3)));
         let t = now + Duration::from_secs(3);
-        assert_eq!(p.next(now, false), Step::Sleep(t));
-        assert_eq!(p.next(t, false), Step::Read, "the delayed job is due");
+        assert_eq!(p.next(now, false, false), Step::Sleep(t));
+        assert_eq!(
+            p.next(t, false, false),
+            Step::Read,
+            "the delayed job is due"
+        );
         p.on_read(t, false);
         assert_eq!(
-            p.next(t, false),
+            p.next(t, false, false),
             Step::Probe,
             "probe again after passing it"
         );
         p.on_probed(t, None);
         p.on_wake_at(t + Duration::from_secs(1));
-        assert_eq!(p.next(t, false), Step::Sleep(t + Duration::from_secs(1)));
-        assert_eq!(p.next(t + Duration::from_secs(1), false), Step::Read);
+        assert_eq!(
+            p.next(t, false, false),
+            Step::Sleep(t + Duration::from_secs(1))
+        );
+        assert_eq!(p.next(t + Duration::from_secs(1), false, false), Step::Read);
     }
 
     #[tokio::test(start_paused = true)]
     async fn settle_checks_are_bounded_and_never_postpone_the_deadline() {
         let now = Instant::now();
         let mut p = idle_plan(now);
-        assert_eq!(p.next(now, true), Step::Arm);
+        assert_eq!(p.next(now, true, false), Step::Arm);
         p.on_armed(now, true);
         let mut t = now;
         let mut checks = 0;
         loop {
-            match p.next(t, false) {
+            match p.next(t, false, false) {
                 Step::CheckSettled => {
                     checks += 1;
                     p.on_settled(t, false);
@@ -501,7 +616,7 @@ mod tests {
         );
         assert!(t - now < Duration::from_secs(5));
         assert_eq!(
-            p.next(now + POLL, false),
+            p.next(now + POLL, false, false),
             Step::Read,
             "the deadline still holds"
         );
@@ -511,48 +626,117 @@ mod tests {
     async fn a_settled_check_reads_once() {
         let now = Instant::now();
         let mut p = idle_plan(now);
-        assert_eq!(p.next(now, true), Step::Arm);
+        assert_eq!(p.next(now, true, false), Step::Arm);
         p.on_armed(now, true);
-        assert_eq!(p.next(now, false), Step::CheckSettled);
+        assert_eq!(p.next(now, false, false), Step::CheckSettled);
         p.on_settled(now, false);
         let t = now + SETTLE_DELAYS[0];
-        assert_eq!(p.next(now, false), Step::Probe);
+        assert_eq!(p.next(now, false, false), Step::Probe);
         p.on_probed(now, None);
-        assert_eq!(p.next(now, false), Step::Sleep(t));
-        assert_eq!(p.next(t, false), Step::CheckSettled);
+        assert_eq!(p.next(now, false, false), Step::Sleep(t));
+        assert_eq!(p.next(t, false, false), Step::CheckSettled);
         p.on_settled(t, true);
-        assert_eq!(p.next(t, false), Step::Read);
+        assert_eq!(p.next(t, false, false), Step::Read);
         p.on_read(t, false);
-        assert_eq!(p.next(t, false), Step::Sleep(now + POLL));
+        assert_eq!(p.next(t, false, false), Step::Sleep(now + POLL));
     }
 
     #[tokio::test(start_paused = true)]
     async fn lingers_after_work_before_arming_and_backs_off_a_failed_arming() {
         let now = Instant::now();
-        let mut p = Plan::new(POLL, 0.0, 2);
-        assert_eq!(p.next(now, true), Step::Read);
+        let mut p = Plan::new(POLL, 0.0, 2, fixed(0.5));
+        assert_eq!(p.next(now, true, false), Step::Read);
         p.on_read(now, true);
-        assert_eq!(p.next(now, true), Step::Read);
+        assert_eq!(p.next(now, true, false), Step::Read);
         p.on_read(now, false);
         let mut t = now;
         for _ in 0..2 {
-            let Step::Sleep(at) = p.next(t, true) else {
+            let Step::Sleep(at) = p.next(t, true, false) else {
                 panic!("linger")
             };
             assert_eq!(at, t + LINGER_STEP);
             t = at;
-            assert_eq!(p.next(t, true), Step::Read);
+            assert_eq!(p.next(t, true, false), Step::Read);
             p.on_read(t, false);
         }
-        assert_eq!(p.next(t, true), Step::Arm, "lingering over: arm");
+        assert_eq!(p.next(t, true, false), Step::Arm, "lingering over: arm");
         p.on_armed(t, false);
-        assert_eq!(p.next(t, true), Step::Probe, "no arming retry at once");
-        p.on_probed(t, None);
-        assert!(matches!(p.next(t, true), Step::Sleep(_)));
         assert_eq!(
-            p.next(t + POLL, true),
+            p.next(t, true, false),
+            Step::Probe,
+            "no arming retry at once"
+        );
+        p.on_probed(t, None);
+        assert!(matches!(p.next(t, true, false), Step::Sleep(_)));
+        assert_eq!(
+            p.next(t + POLL, true, false),
             Step::Read,
             "the deadline came first"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_held_back_by_unwritten_outcomes_never_arms() {
+        let now = Instant::now();
+        let mut p = Plan::new(POLL, 0.0, 0, fixed(0.5));
+        assert_eq!(p.next(now, true, false), Step::Read);
+        p.on_read(now, true);
+        // Busy, and its outcomes lag: every step is a wait for them, never an arming, however
+        // long it lasts (past the fallback deadline too).
+        for secs in [0, 1, 10, 60, 600] {
+            let t = now + Duration::from_secs(secs);
+            assert_eq!(p.next(t, true, true), Step::AwaitOutcomes, "at {secs} s");
+        }
+        // Caught up: the read that was due runs.
+        let t = now + Duration::from_secs(600);
+        assert_eq!(p.next(t, true, false), Step::Read);
+        p.on_read(t, false);
+        // Now idle: arming is allowed, and lagging outcomes do not stop an idle plan from
+        // probing or sleeping (nothing to read).
+        assert_eq!(p.next(t, true, true), Step::Arm);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_jitter_comes_from_the_injected_source() {
+        let now = Instant::now();
+        for (unit, expect) in [(0.0, 27.0), (0.5, 30.0), (1.0, 33.0)] {
+            let mut p = Plan::new(POLL, 0.1, 0, fixed(unit));
+            assert_eq!(p.next(now, false, false), Step::Read);
+            p.on_read(now, false);
+            let d = p.deadline().expect("idle").duration_since(now);
+            assert!((d.as_secs_f64() - expect).abs() < 1e-6, "{unit}: {d:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn arming_generations_and_expiry() {
+        let now = Instant::now();
+        let ttl = Arming::ttl(POLL);
+        let margin = POLL.mul_f64(REARM_WHEN_LEFT_POLLS);
+        let mut a = Arming::default();
+        assert!(a.wanted(now, margin), "nothing armed");
+        let g1 = a.begin(now, ttl);
+        assert!(!a.wanted(now, margin));
+        assert!(!a.wanted(now + ttl - margin - Duration::from_secs(1), margin));
+        assert!(
+            a.wanted(now + ttl - margin, margin),
+            "re-arm before it runs out"
+        );
+        // Answered: disarm g1; a new arming gets g2, and a late failure of g1 leaves it.
+        assert_eq!(a.answered(), Some(g1));
+        assert_eq!(a.answered(), None, "answered once");
+        let g2 = a.begin(now, ttl);
+        assert!(g2 > g1);
+        a.failed(g1);
+        assert!(
+            !a.wanted(now, margin),
+            "a stale failure does not clear a newer arming"
+        );
+        a.failed(g2);
+        assert!(a.wanted(now, margin));
+        let g3 = a.begin(now, ttl);
+        a.forget();
+        assert!(a.wanted(now, margin));
+        assert!(a.begin(now, ttl) > g3);
     }
 }

@@ -32,6 +32,9 @@ pub struct TestDb {
     pub pool: PgPool,
     pub options: PgConnectOptions,
     pub name: String,
+    /// The runtime of `pool`, made on first use (one per test database, as an application
+    /// makes one per database).
+    runtime: std::sync::OnceLock<apalis_pgmq_notify::Runtime>,
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -73,7 +76,15 @@ impl TestDb {
             pool,
             options,
             name,
+            runtime: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The runtime of this database's pool (the same one on every call).
+    pub fn runtime(&self) -> apalis_pgmq_notify::Runtime {
+        self.runtime
+            .get_or_init(|| apalis_pgmq_notify::Runtime::new(&self.pool))
+            .clone()
     }
 
     /// A database where `setup` has run (PGMQ installed, migrations applied).

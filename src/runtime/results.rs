@@ -13,12 +13,12 @@
 //! - A notification names the ids it announces (a JSON array; `"*"` when they would not fit):
 //!   the watch looks only at those its waiters want.
 //! - Notifications sent while the listener is disconnected are lost. After every reconnect the
-//!   hub asks every watch to look at all of its ids again, and the listener's health check
+//!   runtime asks every watch to look at all of its ids again, and the listener's health check
 //!   replaces a connection that silently stopped delivering (see `listener.rs`), so a result
 //!   written meanwhile is found within that interval.
 //! - A look that fails (database unreachable) is retried with backoff, for all ids. A look that
 //!   cannot succeed (the role may not read the table, or it is missing) ends its waiters with
-//!   the error.
+//!   the error; so does the runtime's shutdown.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -29,7 +29,10 @@ use sqlx::PgPool;
 use tokio::sync::{Notify, mpsc};
 
 use super::lock;
-use crate::{queue::QueueName, util::error_backoff};
+use crate::{
+    queue::QueueName,
+    util::{Stop, error_backoff},
+};
 
 /// A stored result, as read from `apalis_pgmq.results`.
 #[derive(Debug, Clone)]
@@ -93,8 +96,17 @@ impl Look {
     }
 }
 
-/// What a waiter receives: `(the id it waited for, its row)`, or why results cannot be read.
-pub(crate) type Delivery = Result<(String, ResultRow), String>;
+/// Why a waiter will receive nothing more.
+#[derive(Debug, Clone)]
+pub(crate) enum Ended {
+    /// Results cannot be read (the role lacks the right, or the table is missing).
+    Unreadable(String),
+    /// The runtime stopped.
+    Stopped,
+}
+
+/// What a waiter receives: `(the id it waited for, its row)`, or why nothing more will come.
+pub(crate) type Delivery = Result<(String, ResultRow), Ended>;
 
 /// Where a waiter's rows go.
 type RowSender = mpsc::UnboundedSender<Delivery>;
@@ -163,16 +175,14 @@ impl Waiter {
 }
 
 impl ResultWatch {
-    /// A watch and its task (on the current runtime).
-    pub(crate) fn start(pool: PgPool, queue: QueueName) -> Arc<Self> {
-        let watch = Arc::new(Self {
+    /// A watch; its service is [`run`], which the runtime starts.
+    pub(crate) fn new(pool: PgPool, queue: QueueName) -> Arc<Self> {
+        Arc::new(Self {
             pool,
             queue,
             state: Mutex::default(),
             wake: Arc::new(Notify::new()),
-        });
-        tokio::spawn(run(Arc::downgrade(&watch), watch.wake.clone()));
-        watch
+        })
     }
 
     /// Registers a waiter for `keys` (job ids as text). Call [`Waiter::look_now`] once the
@@ -239,13 +249,18 @@ impl ResultWatch {
         }
     }
 
-    /// Tells the waiters of `keys` that results cannot be read, and forgets them.
-    fn fail(&self, keys: &[String], why: &str) {
+    /// Tells the waiters of `keys` (all, when `None`) why nothing more will come, and forgets
+    /// them.
+    fn fail(&self, keys: Option<&[String]>, why: &Ended) {
         let mut state = lock(&self.state);
+        let keys: Vec<String> = match keys {
+            Some(k) => k.to_vec(),
+            None => state.waiters.keys().cloned().collect(),
+        };
         for k in keys {
-            if let Some(list) = state.waiters.remove(k) {
+            if let Some(list) = state.waiters.remove(&k) {
                 for (_, tx) in list {
-                    let _ = tx.send(Err(why.to_owned()));
+                    let _ = tx.send(Err(why.clone()));
                 }
             }
         }
@@ -267,11 +282,23 @@ impl ResultWatch {
     }
 }
 
-/// The watch's task: one look (one statement) per wake-up, for every id that needs one.
-async fn run(watch: Weak<ResultWatch>, wake: Arc<Notify>) {
+/// The watch's service: one look (one statement) per wake-up, for every id that needs one,
+/// until the watch is gone or the runtime stops (its waiters are then told).
+pub(crate) async fn run(watch: Weak<ResultWatch>, mut stop: Stop) {
+    let Some(wake) = watch.upgrade().map(|w| w.wake.clone()) else {
+        return;
+    };
     let mut failures = 0u32;
     loop {
-        wake.notified().await;
+        tokio::select! {
+            () = wake.notified() => {}
+            () = stop.requested() => {
+                if let Some(w) = watch.upgrade() {
+                    w.fail(None, &Ended::Stopped);
+                }
+                return;
+            }
+        }
         let Some(w) = watch.upgrade() else { return };
         let keys = w.take_look();
         if keys.is_empty() {
@@ -287,7 +314,7 @@ async fn run(watch: Weak<ResultWatch>, wake: Arc<Notify>) {
                 Err(e) if cannot_read(&e) => {
                     // Waiting cannot help: the role lacks the right, or the table is missing.
                     tracing::error!(queue = %w.queue, error = %e, "job results cannot be read");
-                    w.fail(chunk, &e.to_string());
+                    w.fail(Some(chunk), &Ended::Unreadable(e.to_string()));
                 }
                 Err(e) => {
                     failures += 1;
@@ -296,7 +323,15 @@ async fn run(watch: Weak<ResultWatch>, wake: Arc<Notify>) {
                     lock(&w.state).look = Look::All;
                     let pause = error_backoff(failures);
                     drop(w);
-                    tokio::time::sleep(pause).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = stop.requested() => {
+                            if let Some(w) = watch.upgrade() {
+                                w.fail(None, &Ended::Stopped);
+                            }
+                            return;
+                        }
+                    }
                     wake.notify_one();
                     break;
                 }

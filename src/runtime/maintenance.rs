@@ -1,0 +1,556 @@
+//! The maintenance service: the runtime's housekeeping on the database, one task per runtime.
+//!
+//! - **Worker registry.** Every running worker has a row in `apalis_pgmq.workers`, written when
+//!   it starts and deleted when it stops cleanly. The service refreshes the rows of all the
+//!   runtime's workers in one statement per interval (default 30 s,
+//!   [`Config::heartbeat_interval`](crate::Config::heartbeat_interval)) and issues nothing
+//!   while the runtime runs no worker. A row whose process died is no longer listed once it
+//!   expires (three intervals) and is swept a minute later by any heartbeat.
+//! - **Retention.** After its first heartbeat and then every 10 minutes it prunes, for every
+//!   queue the runtime's workers serve, archived jobs, dead letters and stored results past
+//!   their retention, in batches of 10 000, each in a short transaction holding that queue's
+//!   pruning lock (`pg_try_advisory_xact_lock`), so one process at a time prunes a queue.
+//! - **Partitions and gauges.** On every heartbeat, pg_partman's upkeep of partitioned queues
+//!   and (with the `metrics` feature) the queue gauges, each by one process per queue.
+//! - **Event subscriptions.** Their rows in `apalis_pgmq.listeners` are refreshed before they
+//!   expire.
+//! - **Chores** handed over by parts that cannot wait for the database themselves (a
+//!   notification answering an arming, a worker dropped without closing, an event stream
+//!   dropped): disarming, releasing held messages, deleting rows. They run in order, and those
+//!   still queued when the runtime stops run before the service ends.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use tokio::{sync::mpsc, time::Instant};
+
+use super::{Inner, lock};
+use crate::{
+    notify::{WakeSignal, wakeup::WakeTarget},
+    queue::{Delivery, PgmqQueue},
+    util::Stop,
+};
+
+/// The default heartbeat interval.
+pub(crate) const DEFAULT_HEARTBEAT_MS: u64 = 30_000;
+
+/// Most pruning batches per queue and table in one pruning round.
+const PRUNE_BATCHES_PER_ROUND: usize = 10;
+
+/// How often a process prunes (after a heartbeat, at most this often): rarely enough that an
+/// idle process stays far below 0.1 statements/s for it.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
+/// How long an event subscription's rows last without a refresh.
+pub(crate) const SUBSCRIPTION_TTL: Duration = Duration::from_secs(90);
+
+/// What a worker reports about itself between heartbeats.
+#[derive(Debug, Default)]
+pub(crate) struct WorkerStats {
+    /// Jobs running now.
+    pub(crate) in_flight: AtomicUsize,
+    /// The concurrency limit learned when it first filled up; 0 while unknown.
+    pub(crate) concurrency: AtomicUsize,
+}
+
+/// How long a queue keeps done jobs, dead letters and results (`None`: forever).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Retention {
+    pub(crate) archive: Option<Duration>,
+    pub(crate) dead_letters: Option<Duration>,
+    pub(crate) results: Option<Duration>,
+    /// A partitioned queue: pg_partman's maintenance runs on every heartbeat.
+    pub(crate) partitioned: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    name: String,
+    queue: String,
+    service: String,
+    started: DateTime<Utc>,
+    stats: Arc<WorkerStats>,
+}
+
+/// Work handed to the service.
+pub(crate) enum Chore {
+    /// Something needs the service running (a worker registered, a subscription made).
+    Wake,
+    /// Clear generation `generation` of `owner`'s arming on `channel`.
+    Disarm {
+        channel: String,
+        owner: String,
+        generation: u64,
+    },
+    /// Make messages a dropped worker held visible again, and wake idle workers.
+    Release {
+        queue: PgmqQueue,
+        held: Vec<Delivery>,
+        signal: Arc<WakeSignal>,
+        wake: Option<WakeTarget>,
+    },
+    /// Delete a worker's row (its worker was dropped without closing).
+    Unregister(String),
+    /// Delete an ended subscription's rows.
+    Unwant {
+        owner: String,
+        channels: Vec<String>,
+    },
+}
+
+/// The service's state, kept in the runtime so workers and subscriptions can register.
+#[derive(Default)]
+pub(crate) struct Maintenance {
+    /// Chores, once the service runs.
+    tx: Mutex<Option<mpsc::UnboundedSender<Chore>>>,
+    workers: Mutex<HashMap<String, Entry>>,
+    /// Retention of each queue the runtime's workers serve (the shortest asked for).
+    retention: Mutex<HashMap<String, (PgmqQueue, Retention)>>,
+    /// The shortest heartbeat interval any storage asked for, in milliseconds (0: default).
+    interval_ms: AtomicU64,
+    next_id: AtomicU64,
+    /// Event subscriptions' rows to refresh: owner → channels.
+    subscriptions: Mutex<HashMap<String, Vec<String>>>,
+    /// Held across a heartbeat and across an unregistration, so a heartbeat in flight cannot
+    /// write back the row of a worker that just stopped.
+    beat_lock: tokio::sync::Mutex<()>,
+}
+
+impl Maintenance {
+    /// Queues a chore; returns the receiver when the service is not running yet (the caller
+    /// starts it with that receiver).
+    pub(crate) fn send(&self, chore: Chore) -> Option<mpsc::UnboundedReceiver<Chore>> {
+        let mut tx = lock(&self.tx);
+        let chore = match tx.as_ref() {
+            Some(t) => match t.send(chore) {
+                Ok(()) => return None,
+                Err(mpsc::error::SendError(chore)) => chore,
+            },
+            None => chore,
+        };
+        let (t, rx) = mpsc::unbounded_channel();
+        let _ = t.send(chore);
+        *tx = Some(t);
+        Some(rx)
+    }
+
+    pub(crate) fn heartbeat_at_least_every(&self, interval: Duration) {
+        let ms = u64::try_from(interval.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(100);
+        let _ = self
+            .interval_ms
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |cur| {
+                Some(if cur == 0 { ms } else { cur.min(ms) })
+            });
+    }
+
+    fn interval(&self) -> Duration {
+        match self.interval_ms.load(Ordering::Relaxed) {
+            0 => Duration::from_millis(DEFAULT_HEARTBEAT_MS),
+            ms => Duration::from_millis(ms),
+        }
+    }
+
+    /// Records an event subscription's rows for refreshing.
+    pub(crate) fn subscribed(&self, owner: String, channels: Vec<String>) {
+        lock(&self.subscriptions).insert(owner, channels);
+    }
+
+    /// Forgets an ended subscription; its rows are deleted by [`Chore::Unwant`].
+    pub(crate) fn unsubscribed(&self, owner: &str) -> Option<Vec<String>> {
+        lock(&self.subscriptions).remove(owner)
+    }
+
+    fn snapshot(&self) -> Vec<(String, Entry)> {
+        lock(&self.workers)
+            .iter()
+            .map(|(id, e)| (id.clone(), e.clone()))
+            .collect()
+    }
+}
+
+fn host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// Writes the rows of `entries` (one statement) with a lifetime of three `interval`s.
+async fn beat(
+    pool: &PgPool,
+    owner: &str,
+    interval: Duration,
+    entries: &[(String, Entry)],
+) -> crate::Result<()> {
+    let ids: Vec<&str> = entries.iter().map(|(id, _)| id.as_str()).collect();
+    let names: Vec<&str> = entries.iter().map(|(_, e)| e.name.as_str()).collect();
+    let queues: Vec<&str> = entries.iter().map(|(_, e)| e.queue.as_str()).collect();
+    let services: Vec<&str> = entries.iter().map(|(_, e)| e.service.as_str()).collect();
+    let concurrency: Vec<Option<i32>> = entries
+        .iter()
+        .map(|(_, e)| {
+            Some(e.stats.concurrency.load(Ordering::Relaxed))
+                .filter(|c| *c > 0)
+                .map(|c| i32::try_from(c).unwrap_or(i32::MAX))
+        })
+        .collect();
+    let in_flight: Vec<i32> = entries
+        .iter()
+        .map(|(_, e)| i32::try_from(e.stats.in_flight.load(Ordering::Relaxed)).unwrap_or(i32::MAX))
+        .collect();
+    let started: Vec<DateTime<Utc>> = entries.iter().map(|(_, e)| e.started).collect();
+    sqlx::query(crate::sql::HEARTBEAT)
+        .bind(ids)
+        .bind(names)
+        .bind(queues)
+        .bind(owner)
+        .bind(host())
+        .bind(i32::try_from(std::process::id()).unwrap_or(i32::MAX))
+        .bind(services)
+        .bind(concurrency)
+        .bind(in_flight)
+        .bind(started)
+        .bind((interval * 3).as_secs_f64())
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// A registered worker; its row is deleted by [`Registration::unregister`] (clean stop) or,
+/// failing that, by the maintenance service once this is dropped.
+#[derive(Debug)]
+pub(crate) struct Registration {
+    inner: Weak<Inner>,
+    id: String,
+    pub(crate) stats: Arc<WorkerStats>,
+    done: bool,
+}
+
+impl Inner {
+    /// Registers a worker of `queue` named `name`: writes its row now, and makes sure the
+    /// maintenance service runs.
+    pub(crate) async fn register_worker(
+        self: &Arc<Self>,
+        name: &str,
+        queue: &PgmqQueue,
+        service: &str,
+        retention: Retention,
+    ) -> Registration {
+        let m = &self.maintenance;
+        {
+            let mut all = lock(&m.retention);
+            let e = all
+                .entry(queue.name().as_str().to_owned())
+                .or_insert_with(|| (queue.clone(), retention));
+            let shorter = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            e.1.archive = shorter(e.1.archive, retention.archive);
+            e.1.dead_letters = shorter(e.1.dead_letters, retention.dead_letters);
+            e.1.results = shorter(e.1.results, retention.results);
+            e.1.partitioned |= retention.partitioned;
+        }
+        let id = format!(
+            "{name}@{}#{}",
+            self.owner,
+            m.next_id.fetch_add(1, Ordering::Relaxed)
+        );
+        let stats = Arc::new(WorkerStats::default());
+        let entry = Entry {
+            name: name.to_owned(),
+            queue: queue.name().as_str().to_owned(),
+            service: service.to_owned(),
+            started: Utc::now(),
+            stats: stats.clone(),
+        };
+        {
+            let _beat = m.beat_lock.lock().await;
+            if let Err(e) = beat(
+                &self.pool,
+                &self.owner,
+                m.interval(),
+                &[(id.clone(), entry.clone())],
+            )
+            .await
+            {
+                tracing::warn!(worker = name, queue = %queue.name(), error = %e,
+                    "could not register the worker; it runs, but is not listed until the next heartbeat");
+            }
+            lock(&m.workers).insert(id.clone(), entry);
+        }
+        self.chore(Chore::Wake);
+        Registration {
+            inner: Arc::downgrade(self),
+            id,
+            stats,
+            done: false,
+        }
+    }
+}
+
+impl Registration {
+    /// Removes the worker's row (clean stop).
+    pub(crate) async fn unregister(mut self) {
+        self.done = true;
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        let _beat = inner.maintenance.beat_lock.lock().await;
+        lock(&inner.maintenance.workers).remove(&self.id);
+        if let Err(e) = sqlx::query(crate::sql::UNREGISTER_WORKER)
+            .bind(&self.id)
+            .execute(&inner.pool)
+            .await
+        {
+            tracing::debug!(error = %e, "could not remove the worker's row; it expires by itself");
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if let Some(inner) = self.inner.upgrade() {
+            lock(&inner.maintenance.workers).remove(&self.id);
+            inner.chore(Chore::Unregister(std::mem::take(&mut self.id)));
+        }
+    }
+}
+
+/// The service: chores as they come, and the heartbeat round on its interval. Runs until the
+/// runtime stops (then does the chores still queued) or is gone.
+pub(crate) async fn run(
+    inner: Weak<Inner>,
+    mut chores: mpsc::UnboundedReceiver<Chore>,
+    mut stop: Stop,
+) {
+    let Some(interval) = inner.upgrade().map(|i| i.maintenance.interval()) else {
+        return;
+    };
+    let mut next_beat = Instant::now() + interval;
+    // The first round comes after the first heartbeat: a process that starts prunes at once.
+    let mut next_prune = Instant::now();
+    let mut next_refresh = Instant::now() + SUBSCRIPTION_TTL / 3;
+    loop {
+        tokio::select! {
+            () = stop.requested() => {
+                chores.close();
+                while let Some(chore) = chores.recv().await {
+                    let Some(i) = inner.upgrade() else { return };
+                    do_chore(&i, chore).await;
+                }
+                return;
+            }
+            chore = chores.recv() => {
+                let (Some(chore), Some(i)) = (chore, inner.upgrade()) else { return };
+                do_chore(&i, chore).await;
+            }
+            () = tokio::time::sleep_until(next_beat) => {
+                let Some(i) = inner.upgrade() else { return };
+                let interval = i.maintenance.interval();
+                next_beat = Instant::now() + interval;
+                heartbeat_round(&i, interval, &mut next_prune).await;
+            }
+            () = tokio::time::sleep_until(next_refresh) => {
+                let Some(i) = inner.upgrade() else { return };
+                next_refresh = Instant::now() + SUBSCRIPTION_TTL / 3;
+                refresh_subscriptions(&i).await;
+            }
+        }
+    }
+}
+
+async fn do_chore(inner: &Inner, chore: Chore) {
+    let pool = &inner.pool;
+    match chore {
+        Chore::Wake => {}
+        Chore::Disarm {
+            channel,
+            owner,
+            generation,
+        } => {
+            if let Err(e) = crate::notify::wakeup::disarm(pool, &channel, &owner, generation).await
+            {
+                tracing::debug!(%channel, error = %e,
+                    "could not disarm an answered wake-up; producers notify until it expires");
+            }
+        }
+        Chore::Release {
+            queue,
+            held,
+            signal,
+            wake,
+        } => crate::backend::release(pool, &queue, &held, &signal, wake.as_ref()).await,
+        Chore::Unregister(id) => {
+            let _beat = inner.maintenance.beat_lock.lock().await;
+            if let Err(e) = sqlx::query(crate::sql::UNREGISTER_WORKER)
+                .bind(&id)
+                .execute(pool)
+                .await
+            {
+                tracing::debug!(error = %e, "could not remove a worker's row; it expires by itself");
+            }
+        }
+        Chore::Unwant { owner, channels } => {
+            for c in &channels {
+                if let Err(e) = crate::notify::unwant(pool, c, &owner).await {
+                    tracing::debug!(channel = %c, error = %e,
+                        "could not remove an event subscription's row; it expires by itself");
+                }
+            }
+        }
+    }
+}
+
+/// One heartbeat for every worker of the runtime (none: no statement), then partition upkeep,
+/// gauges and, when due, retention.
+async fn heartbeat_round(inner: &Inner, interval: Duration, next_prune: &mut Instant) {
+    let m = &inner.maintenance;
+    let pool = &inner.pool;
+    {
+        let _beat = m.beat_lock.lock().await;
+        let entries = m.snapshot();
+        if entries.is_empty() {
+            return;
+        }
+        if let Err(e) = beat(pool, &inner.owner, interval, &entries).await {
+            tracing::warn!(error = %e, workers = entries.len(), "worker heartbeat failed");
+        }
+    }
+    let queues: Vec<_> = lock(&m.retention).values().cloned().collect();
+    for (queue, _) in queues.iter().filter(|(_, r)| r.partitioned) {
+        maintain_elected(pool, queue).await;
+    }
+    if crate::obs::SAMPLES_GAUGES {
+        for (queue, _) in &queues {
+            sample_gauges(pool, queue).await;
+        }
+    }
+    if Instant::now() < *next_prune {
+        return;
+    }
+    *next_prune = Instant::now() + PRUNE_EVERY;
+    for (queue, retention) in queues {
+        for (dead_letters, keep) in [(false, retention.archive), (true, retention.dead_letters)] {
+            let Some(keep) = keep else { continue };
+            prune_elected(pool, &queue, dead_letters, keep).await;
+        }
+        if let Some(keep) = retention.results {
+            match crate::ops::prune_results_batches(
+                pool,
+                queue.name(),
+                keep,
+                true,
+                PRUNE_BATCHES_PER_ROUND,
+            )
+            .await
+            {
+                Ok(n) if n > 0 => {
+                    tracing::debug!(queue = %queue.name(), deleted = n, "pruned job results past retention");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(queue = %queue.name(), error = %e, "pruning job results failed");
+                }
+            }
+        }
+    }
+}
+
+/// Refreshes the rows of every live event subscription.
+async fn refresh_subscriptions(inner: &Inner) {
+    let subs: Vec<(String, Vec<String>)> = lock(&inner.maintenance.subscriptions)
+        .iter()
+        .map(|(o, c)| (o.clone(), c.clone()))
+        .collect();
+    for (owner, channels) in subs {
+        for c in &channels {
+            if let Err(e) =
+                crate::notify::want(&inner.pool, c, &owner, SUBSCRIPTION_TTL.as_secs_f64(), true)
+                    .await
+            {
+                tracing::debug!(error = %e, "could not refresh an event subscription");
+            }
+        }
+    }
+}
+
+/// pg_partman's maintenance of a partitioned queue, by one process at a time.
+async fn maintain_elected(pool: &PgPool, queue: &PgmqQueue) {
+    let elected = async {
+        let mut conn = pool.acquire().await?;
+        let got: bool = sqlx::query_scalar(crate::sql::TRY_MAINTAIN_LOCK)
+            .bind(queue.name().as_str())
+            .fetch_one(&mut *conn)
+            .await?;
+        if !got {
+            return Ok::<_, crate::Error>(None);
+        }
+        let result = queue.maintain_partitions(pool).await;
+        let _ = sqlx::query(crate::sql::MAINTAIN_UNLOCK)
+            .bind(queue.name().as_str())
+            .execute(&mut *conn)
+            .await;
+        result.map(Some)
+    };
+    match elected.await {
+        Ok(Some(dropped)) if dropped > 0 => {
+            tracing::debug!(queue = %queue.name(), dropped, "dropped archive partitions past retention");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(queue = %queue.name(), error = %e, "partition maintenance failed"),
+    }
+}
+
+/// Counts a queue's jobs for the metrics gauges, if this process holds the queue's sampling
+/// lock (one process per queue samples).
+async fn sample_gauges(pool: &PgPool, queue: &PgmqQueue) {
+    match queue.counts_elected(pool).await {
+        Ok(Some(c)) => crate::obs::queue_jobs(queue.name().as_str(), &c),
+        Ok(None) => {}
+        Err(e) => tracing::debug!(queue = %queue.name(), error = %e, "could not sample the queue"),
+    }
+}
+
+/// Up to a few batches of pruning, while this process holds the queue's pruning lock.
+async fn prune_elected(pool: &PgPool, queue: &PgmqQueue, dead_letters: bool, keep: Duration) {
+    let what = if dead_letters {
+        "dead letters"
+    } else {
+        "archived jobs"
+    };
+    let mut total = 0i64;
+    for _ in 0..PRUNE_BATCHES_PER_ROUND {
+        match queue.prune_batch_elected(pool, dead_letters, keep).await {
+            Ok(Some(n)) => {
+                total += n;
+                if n < crate::queue::PRUNE_BATCH {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(queue = %queue.name(), error = %e, "pruning {what} failed");
+                break;
+            }
+        }
+    }
+    if total > 0 {
+        tracing::debug!(queue = %queue.name(), deleted = total, "pruned {what} past retention");
+    }
+}

@@ -263,11 +263,14 @@ pub struct PendingMigration {
 }
 
 /// The migrations [`setup`] would apply to this database, in order (all of them when this
-/// crate's schema is absent). Reads only; whether PGMQ itself is installed is not checked.
+/// crate's schema is absent; the baseline and every later one on a database that applied the
+/// migrations of a development version before 0.1.0). Reads only; whether PGMQ itself is
+/// installed is not checked.
 ///
 /// # Errors
 ///
-/// [`Error::Database`] if the database cannot be read.
+/// [`Error::Database`] if the database cannot be read; [`Error::Migration`] if it holds a part
+/// of the pre-0.1.0 history, which `setup` refuses too.
 ///
 /// # Example
 ///

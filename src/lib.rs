@@ -127,6 +127,14 @@
 //!
 //! [`PgmqQueue`] wraps one PGMQ queue for direct use: send, read, archive, metrics, … Every
 //! write takes any executor, so it can run in your own transaction.
+//!
+//! # Features
+//!
+//! - `install-pgmq` (default): [`setup`] installs PGMQ's SQL API where PGMQ is absent, from the
+//!   SQL embedded in the `pgmq` crate. Without it, install PGMQ first (the extension, or its SQL
+//!   install); `setup` then fails with [`Error::PgmqInstall`] where PGMQ is missing.
+//! - `cli` (default): the `apalis-pgmq-notify` command.
+//! - `metrics`: counters, histograms and gauges through the `metrics` facade.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -24,64 +24,44 @@ struct Migration {
     sql: &'static str,
 }
 
-/// The project's migrations, in order. Never edit one that has shipped; add a new one.
-const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "init",
-        sql: include_str!("../migrations/0001_init.sql"),
-    },
-    Migration {
-        version: 2,
-        name: "notify",
-        sql: include_str!("../migrations/0002_notify.sql"),
-    },
-    Migration {
-        version: 3,
-        name: "wakeups",
-        sql: include_str!("../migrations/0003_wakeups.sql"),
-    },
-    Migration {
-        version: 4,
-        name: "retry_headers",
-        sql: include_str!("../migrations/0004_retry_headers.sql"),
-    },
-    Migration {
-        version: 5,
-        name: "queue_name_rule",
-        sql: include_str!("../migrations/0005_queue_name_rule.sql"),
-    },
-    Migration {
-        version: 6,
-        name: "registry",
-        sql: include_str!("../migrations/0006_registry.sql"),
-    },
-    Migration {
-        version: 7,
-        name: "operations",
-        sql: include_str!("../migrations/0007_operations.sql"),
-    },
-    Migration {
-        version: 8,
-        name: "partitions",
-        sql: include_str!("../migrations/0008_partitions.sql"),
-    },
-    Migration {
-        version: 9,
-        name: "unique_keys",
-        sql: include_str!("../migrations/0009_unique_keys.sql"),
-    },
-    Migration {
-        version: 10,
-        name: "priorities",
-        sql: include_str!("../migrations/0010_priorities.sql"),
-    },
-    Migration {
-        version: 11,
-        name: "results",
-        sql: include_str!("../migrations/0011_results.sql"),
-    },
+/// The project's migrations, in order: the one list that [`setup`] applies and
+/// [`notify_migration_sql`](crate::notify_migration_sql) writes out. Append-only: a migration
+/// that is on the main branch is never edited (a unit test pins each one's checksum); a change is
+/// a new migration.
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "baseline",
+    sql: include_str!("../migrations/0001_baseline.sql"),
+}];
+
+/// The rows `(version, name, checksum)` that the development versions before 0.1.0 recorded:
+/// eleven migrations, edited in place while nothing was released, which the baseline replaces.
+/// [`setup`] upgrades a database that has exactly these rows (the baseline is idempotent over
+/// the state they describe) and replaces them by the baseline's row, in one transaction. Their
+/// SQL is kept for the tests in `tests/fixtures/pre-baseline/`.
+const PRE_BASELINE: &[(i32, &str, i64)] = &[
+    (1, "init", 853_632_087_567_838_865),
+    (2, "notify", 3_784_928_986_957_631_908),
+    (3, "wakeups", -5_669_085_650_964_485_183),
+    (4, "retry_headers", 2_683_586_737_563_712_604),
+    (5, "queue_name_rule", 8_657_239_419_520_148_843),
+    (6, "registry", 7_444_886_341_720_293_847),
+    (7, "operations", 3_377_512_485_906_377_299),
+    (8, "partitions", -3_306_009_979_855_901_004),
+    (9, "unique_keys", 8_941_058_419_127_563_611),
+    (10, "priorities", -4_690_159_253_222_573_779),
+    (11, "results", -9_074_503_632_334_404_746),
 ];
+
+/// Creates this crate's schema and its migrations table (before any migration runs).
+const MIGRATIONS_TABLE: &str = "CREATE SCHEMA IF NOT EXISTS apalis_pgmq;
+CREATE TABLE IF NOT EXISTS apalis_pgmq.schema_migrations (
+  version integer PRIMARY KEY,
+  name text NOT NULL,
+  checksum bigint NOT NULL,
+  applied_at timestamptz NOT NULL DEFAULT now()
+);
+";
 
 /// What [`setup`] found and did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,7 +84,8 @@ pub enum PgmqSource {
     Extension,
     /// PGMQ's SQL-only install, done earlier by someone else.
     SqlInstall,
-    /// Installed by this `setup` call, from the SQL embedded in the `pgmq` crate.
+    /// Installed by this `setup` call, from the SQL embedded in the `pgmq` crate (feature
+    /// `install-pgmq`).
     InstalledNow,
 }
 
@@ -120,12 +101,15 @@ impl fmt::Display for PgmqSource {
 
 /// Prepares a database: makes sure PGMQ is there, then applies this crate's migrations.
 ///
-/// - When the `pgmq` schema is absent, installs PGMQ's SQL API from the SQL embedded in the `pgmq`
-///   crate (no network, no extension needed).
+/// - When PGMQ is absent, installs PGMQ's SQL API from the SQL embedded in the `pgmq` crate (no
+///   network, no extension needed). That needs the `install-pgmq` feature (on by default);
+///   without it this fails with [`Error::PgmqInstall`] saying PGMQ must be installed first.
 /// - When PGMQ is present (extension or SQL install) it is used as is; if it is older than
 ///   [`MIN_PGMQ_VERSION`] this fails with [`Error::PgmqTooOld`], naming the version found.
 /// - Applies `migrations/*.sql`, recording them in `apalis_pgmq.schema_migrations` (never in
-///   `public._sqlx_migrations`, so your own sqlx migrations are unaffected).
+///   `public._sqlx_migrations`, so your own sqlx migrations are unaffected). A database that
+///   applied the migrations of a development version before 0.1.0 gets the baseline applied over
+///   them, and their rows replaced by the baseline's, in one transaction.
 ///
 /// Idempotent, and safe when several processes call it at once: callers are serialised by a
 /// PostgreSQL advisory lock held on a dedicated connection (not one of the pool's).
@@ -169,10 +153,7 @@ async fn setup_locked(pool: &PgPool, conn: &mut PgConnection) -> Result<SetupRep
         let (version, source) = detect_pgmq(conn).await?;
         (version, source)
     } else {
-        tracing::info!("PGMQ not found; installing its SQL API from the embedded scripts");
-        pgmq::install::install_sql_from_embedded(pool)
-            .await
-            .map_err(|e| Error::PgmqInstall(e.to_string()))?;
+        install_pgmq(pool).await?;
         let (version, _) = detect_pgmq(conn).await?;
         (version, PgmqSource::InstalledNow)
     };
@@ -182,6 +163,26 @@ async fn setup_locked(pool: &PgPool, conn: &mut PgConnection) -> Result<SetupRep
         pgmq_source: source,
         applied_migrations,
     })
+}
+
+/// Installs PGMQ's SQL API from the SQL embedded in the `pgmq` crate.
+#[cfg(feature = "install-pgmq")]
+async fn install_pgmq(pool: &PgPool) -> Result<()> {
+    tracing::info!("PGMQ not found; installing its SQL API from the embedded scripts");
+    pgmq::install::install_sql_from_embedded(pool)
+        .await
+        .map_err(|e| Error::PgmqInstall(e.to_string()))
+}
+
+/// Without the `install-pgmq` feature this build cannot install PGMQ: says so.
+#[cfg(not(feature = "install-pgmq"))]
+async fn install_pgmq(_pool: &PgPool) -> Result<()> {
+    Err(Error::PgmqInstall(
+        "PGMQ is not installed in this database (there is no pgmq.meta), and this build of \
+         apalis-pgmq-notify cannot install it (its feature `install-pgmq` is off): install PGMQ \
+         (CREATE EXTENSION pgmq, or PGMQ's SQL install), then run setup again"
+            .to_owned(),
+    ))
 }
 
 /// Finds the installed PGMQ version and checks it is new enough.
@@ -262,11 +263,14 @@ pub struct PendingMigration {
 }
 
 /// The migrations [`setup`] would apply to this database, in order (all of them when this
-/// crate's schema is absent). Reads only; whether PGMQ itself is installed is not checked.
+/// crate's schema is absent; the baseline and every later one on a database that applied the
+/// migrations of a development version before 0.1.0). Reads only; whether PGMQ itself is
+/// installed is not checked.
 ///
 /// # Errors
 ///
-/// [`Error::Database`] if the database cannot be read.
+/// [`Error::Database`] if the database cannot be read; [`Error::Migration`] if it holds a part
+/// of the pre-0.1.0 history, which `setup` refuses too.
 ///
 /// # Example
 ///
@@ -282,12 +286,15 @@ pub async fn pending_migrations(pool: &PgPool) -> Result<Vec<PendingMigration>> 
     let exists: bool = sqlx::query_scalar(crate::sql::MIGRATIONS_TABLE_PRESENT)
         .fetch_one(pool)
         .await?;
-    let done: Vec<i32> = if exists {
-        sqlx::query_scalar(crate::sql::APPLIED_VERSIONS)
-            .fetch_all(pool)
-            .await?
+    let rows = if exists {
+        recorded(pool).await?
     } else {
         Vec::new()
+    };
+    let done: Vec<i32> = match History::of(&rows)? {
+        // `setup` applies the baseline there (over what the old rows describe).
+        History::PreBaseline => Vec::new(),
+        History::Recorded => rows.iter().map(|r| r.version).collect(),
     };
     Ok(MIGRATIONS
         .iter()
@@ -300,8 +307,9 @@ pub async fn pending_migrations(pool: &PgPool) -> Result<Vec<PendingMigration>> 
         .collect())
 }
 
-/// FNV-1a, to notice a shipped migration being edited.
-fn checksum(sql: &str) -> i64 {
+/// FNV-1a of a migration's text, recorded with it, to notice a migration being edited after a
+/// database applied it.
+pub(crate) fn checksum(sql: &str) -> i64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in sql.bytes() {
         hash ^= u64::from(byte);
@@ -310,25 +318,107 @@ fn checksum(sql: &str) -> i64 {
     i64::from_ne_bytes(hash.to_ne_bytes())
 }
 
-async fn apply_migrations(conn: &mut PgConnection) -> Result<Vec<i32>> {
-    sqlx::raw_sql(
-        "CREATE SCHEMA IF NOT EXISTS apalis_pgmq; \
-         CREATE TABLE IF NOT EXISTS apalis_pgmq.schema_migrations ( \
-             version integer PRIMARY KEY, \
-             name text NOT NULL, \
-             checksum bigint NOT NULL, \
-             applied_at timestamptz NOT NULL DEFAULT now())",
-    )
-    .execute(&mut *conn)
-    .await?;
+/// One row of `apalis_pgmq.schema_migrations`.
+struct Recorded {
+    version: i32,
+    name: String,
+    checksum: i64,
+}
+
+async fn recorded<'c, E: sqlx::PgExecutor<'c>>(executor: E) -> Result<Vec<Recorded>> {
     let rows = sqlx::query(crate::sql::APPLIED_MIGRATIONS)
-        .fetch_all(&mut *conn)
+        .fetch_all(executor)
         .await?;
-    let mut done = Vec::with_capacity(rows.len());
-    for row in &rows {
-        done.push((row.try_get::<i32, _>(0)?, row.try_get::<i64, _>(1)?));
+    rows.iter()
+        .map(|row| {
+            Ok(Recorded {
+                version: row.try_get(0)?,
+                name: row.try_get(1)?,
+                checksum: row.try_get(2)?,
+            })
+        })
+        .collect()
+}
+
+/// What a database's migration rows say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum History {
+    /// Rows of this crate's [`MIGRATIONS`] (or none).
+    Recorded,
+    /// Exactly the rows of the development versions before the baseline ([`PRE_BASELINE`]).
+    PreBaseline,
+}
+
+impl History {
+    fn of(rows: &[Recorded]) -> Result<Self> {
+        let old = |r: &Recorded| {
+            PRE_BASELINE
+                .iter()
+                .any(|(v, n, _)| *v == r.version && *n == r.name)
+                && !MIGRATIONS
+                    .iter()
+                    .any(|m| m.version == r.version && m.name == r.name)
+        };
+        if !rows.iter().any(old) {
+            return Ok(Self::Recorded);
+        }
+        let exact = rows.len() == PRE_BASELINE.len()
+            && PRE_BASELINE.iter().all(|(v, n, c)| {
+                rows.iter()
+                    .any(|r| r.version == *v && r.name == *n && r.checksum == *c)
+            });
+        if exact {
+            return Ok(Self::PreBaseline);
+        }
+        let found: Vec<String> = rows
+            .iter()
+            .map(|r| format!("{} {}", r.version, r.name))
+            .collect();
+        Err(Error::Migration {
+            version: 1,
+            name: MIGRATIONS[0].name,
+            reason: format!(
+                "apalis_pgmq.schema_migrations holds migrations of a development version before \
+                 0.1.0 ({}), but not the complete, final set that setup() can upgrade; upgrade \
+                 this database with the development version it came from first, or recreate it",
+                found.join(", ")
+            ),
+        })
     }
+}
+
+async fn apply_migrations(conn: &mut PgConnection) -> Result<Vec<i32>> {
+    sqlx::raw_sql(MIGRATIONS_TABLE).execute(&mut *conn).await?;
+    let rows = recorded(&mut *conn).await?;
     let mut applied = Vec::new();
+    let mut done: Vec<(i32, i64)> = match History::of(&rows)? {
+        History::Recorded => rows.iter().map(|r| (r.version, r.checksum)).collect(),
+        History::PreBaseline => {
+            let baseline = &MIGRATIONS[0];
+            let sum = checksum(baseline.sql);
+            let mut tx = conn.begin().await?;
+            run_migration(&mut tx, baseline).await?;
+            let old: Vec<i32> = PRE_BASELINE.iter().map(|(v, _, _)| *v).collect();
+            sqlx::query(crate::sql::FORGET_MIGRATIONS)
+                .bind(&old)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(crate::sql::RECORD_MIGRATION)
+                .bind(baseline.version)
+                .bind(baseline.name)
+                .bind(sum)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            tracing::info!(
+                version = baseline.version,
+                name = baseline.name,
+                "applied the baseline over a pre-release migration history, and replaced its rows"
+            );
+            applied.push(baseline.version);
+            vec![(baseline.version, sum)]
+        }
+    };
     for m in MIGRATIONS {
         let sum = checksum(m.sql);
         if let Some((_, recorded)) = done.iter().find(|(v, _)| *v == m.version) {
@@ -342,14 +432,7 @@ async fn apply_migrations(conn: &mut PgConnection) -> Result<Vec<i32>> {
             continue;
         }
         let mut tx = conn.begin().await?;
-        sqlx::raw_sql(m.sql)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| Error::Migration {
-                version: m.version,
-                name: m.name,
-                reason: e.to_string(),
-            })?;
+        run_migration(&mut tx, m).await?;
         sqlx::query(crate::sql::RECORD_MIGRATION)
             .bind(m.version)
             .bind(m.name)
@@ -359,8 +442,64 @@ async fn apply_migrations(conn: &mut PgConnection) -> Result<Vec<i32>> {
         tx.commit().await?;
         tracing::info!(version = m.version, name = m.name, "applied migration");
         applied.push(m.version);
+        done.push((m.version, sum));
     }
     Ok(applied)
+}
+
+async fn run_migration(conn: &mut PgConnection, m: &Migration) -> Result<()> {
+    sqlx::raw_sql(m.sql)
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| Error::Migration {
+            version: m.version,
+            name: m.name,
+            reason: e.to_string(),
+        })?;
+    Ok(())
+}
+
+/// Dollar-quote tags of the generated script; a unit test checks no migration contains them.
+const SCRIPT_BLOCK_TAG: &str = "$apalis_pgmq_migrate$";
+const SCRIPT_SQL_TAG: &str = "$apalis_pgmq_migration$";
+
+/// The SQL that does what [`setup`] does after PGMQ is there, for projects that run their own
+/// migrations: creates the schema and the migrations table, then applies each migration of
+/// [`MIGRATIONS`] that is not recorded yet and records it with its checksum (so a later `setup`
+/// finds it applied), or fails when it is recorded with another checksum. Takes `setup`'s lock
+/// for its transaction. Applying it again changes nothing.
+pub(crate) fn migration_script() -> String {
+    let mut sql = format!(
+        "-- Schema apalis_pgmq and its migrations ({} of them), recorded as setup() records them.\n\
+         -- Run in one transaction (most migration tools do; psql: --single-transaction): the\n\
+         -- lock below then serialises it with setup() and with other runs of this script.\n\
+         SELECT pg_advisory_xact_lock({SETUP_LOCK_KEY});\n\n{MIGRATIONS_TABLE}\n",
+        MIGRATIONS.len()
+    );
+    for m in MIGRATIONS {
+        let sum = checksum(m.sql);
+        let (version, name) = (m.version, m.name);
+        sql.push_str(&format!(
+            "-- Migration {version} ({name}).\n\
+             DO {SCRIPT_BLOCK_TAG}\n\
+             DECLARE\n  recorded bigint;\n\
+             BEGIN\n  \
+               SELECT checksum INTO recorded FROM apalis_pgmq.schema_migrations WHERE version = {version};\n  \
+               IF recorded IS NULL THEN\n    \
+                 EXECUTE {SCRIPT_SQL_TAG}\n{}{SCRIPT_SQL_TAG};\n    \
+                 INSERT INTO apalis_pgmq.schema_migrations (version, name, checksum)\n    \
+                 VALUES ({version}, '{name}', {sum});\n  \
+               ELSIF recorded <> {sum} THEN\n    \
+                 RAISE EXCEPTION 'apalis_pgmq migration {version} ({name}) was applied with another \
+                 text (checksum %, expected {sum}); a database with migrations of a development \
+                 version is upgraded by setup() (apalis-pgmq-notify migrate)', recorded;\n  \
+               END IF;\n\
+             END\n\
+             {SCRIPT_BLOCK_TAG};\n\n",
+            m.sql
+        ));
+    }
+    sql
 }
 
 #[cfg(test)]
@@ -385,5 +524,81 @@ mod tests {
             assert_eq!(m.version, i32::try_from(i + 1).unwrap_or(-1), "{}", m.name);
         }
         assert_ne!(checksum("a"), checksum("b"));
+    }
+
+    /// Every migration on the main branch, with the checksum of its text. Released migrations
+    /// are append-only: a database that applied one records its checksum, and `setup` refuses
+    /// to run against a build whose text differs.
+    const PINNED: &[(i32, &str, i64)] = &[(1, "baseline", -1_137_092_230_231_547_476)];
+
+    #[test]
+    fn released_migrations_are_never_edited() {
+        for m in MIGRATIONS {
+            let sum = checksum(m.sql);
+            match PINNED.iter().find(|(v, _, _)| *v == m.version) {
+                Some((_, name, pinned)) => {
+                    assert_eq!(*name, m.name, "migration {} was renamed", m.version);
+                    assert_eq!(
+                        *pinned,
+                        sum,
+                        "migrations/{:04}_{}.sql was edited, but released migrations are \
+                         append-only: databases that applied it keep its old text and setup() \
+                         would refuse them. Revert the edit and add the change as a new migration \
+                         (migrations/{:04}_<name>.sql, appended to MIGRATIONS in src/migrate.rs)",
+                        m.version,
+                        m.name,
+                        MIGRATIONS.len() + 1
+                    );
+                }
+                None => panic!(
+                    "migration {} ({}) is not pinned: add ({}, {:?}, {}) to PINNED in \
+                     src/migrate.rs in the commit that adds it",
+                    m.version, m.name, m.version, m.name, sum
+                ),
+            }
+        }
+        assert_eq!(
+            PINNED.len(),
+            MIGRATIONS.len(),
+            "a pinned migration was removed"
+        );
+    }
+
+    #[test]
+    fn the_script_quotes_every_migration_safely() {
+        for m in MIGRATIONS {
+            assert!(!m.sql.contains(SCRIPT_BLOCK_TAG), "{}", m.name);
+            assert!(!m.sql.contains(SCRIPT_SQL_TAG), "{}", m.name);
+        }
+        let script = migration_script();
+        for m in MIGRATIONS {
+            assert!(script.contains(m.sql), "{}", m.name);
+            assert!(script.contains(&format!("{}, '{}', {}", m.version, m.name, checksum(m.sql))));
+        }
+    }
+
+    #[test]
+    fn the_pre_baseline_history_is_told_apart() {
+        let row = |version, name: &str, checksum| Recorded {
+            version,
+            name: name.to_owned(),
+            checksum,
+        };
+        let old: Vec<Recorded> = PRE_BASELINE
+            .iter()
+            .map(|(v, n, c)| row(*v, n, *c))
+            .collect();
+        assert_eq!(History::of(&old).ok(), Some(History::PreBaseline));
+        assert_eq!(History::of(&[]).ok(), Some(History::Recorded));
+        let now = [row(1, "baseline", checksum(MIGRATIONS[0].sql))];
+        assert_eq!(History::of(&now).ok(), Some(History::Recorded));
+        // Part of the old history, or an edited old migration: refused, not guessed at.
+        assert!(History::of(&old[..8]).is_err());
+        let mut edited: Vec<Recorded> = PRE_BASELINE
+            .iter()
+            .map(|(v, n, c)| row(*v, n, *c))
+            .collect();
+        edited[10].checksum += 1;
+        assert!(History::of(&edited).is_err());
     }
 }

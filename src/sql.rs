@@ -30,7 +30,11 @@ pub(crate) const PGMQ_HAS_HEADERS_AND_LAST_READ: &str = "SELECT EXISTS (SELECT 1
 
 /// Used in `src/migrate.rs`.
 pub(crate) const APPLIED_MIGRATIONS: &str =
-    "SELECT version, checksum FROM apalis_pgmq.schema_migrations";
+    "SELECT version, name, checksum FROM apalis_pgmq.schema_migrations ORDER BY version";
+
+/// Used in `src/migrate.rs`: drops the rows of a migration history the baseline replaced.
+pub(crate) const FORGET_MIGRATIONS: &str =
+    "DELETE FROM apalis_pgmq.schema_migrations WHERE version = ANY($1)";
 
 /// Used in `src/migrate.rs`.
 pub(crate) const RECORD_MIGRATION: &str =
@@ -160,10 +164,6 @@ pub(crate) const PAUSED_QUEUES: &str = "SELECT queue FROM apalis_pgmq.paused ORD
 pub(crate) const MIGRATIONS_TABLE_PRESENT: &str =
     "SELECT to_regclass('apalis_pgmq.schema_migrations') IS NOT NULL";
 
-/// Used in `src/migrate.rs`.
-pub(crate) const APPLIED_VERSIONS: &str =
-    "SELECT version FROM apalis_pgmq.schema_migrations ORDER BY version";
-
 /// Used in `src/queue/mod.rs`: whether pg_partman is installable, and created.
 pub(crate) const PARTMAN_STATUS: &str = "SELECT \
        EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'pg_partman'), \
@@ -223,7 +223,6 @@ pub(crate) const ALL: &[(&str, &str)] = &[
     ("queue_is_partitioned", QUEUE_IS_PARTITIONED),
     ("count_partitions", COUNT_PARTITIONS),
     ("migrations_table_present", MIGRATIONS_TABLE_PRESENT),
-    ("applied_versions", APPLIED_VERSIONS),
     ("try_sample_lock", TRY_SAMPLE_LOCK),
     ("try_maintain_lock", TRY_MAINTAIN_LOCK),
     ("maintain_unlock", MAINTAIN_UNLOCK),
@@ -250,6 +249,7 @@ pub(crate) const ALL: &[(&str, &str)] = &[
     ),
     ("applied_migrations", APPLIED_MIGRATIONS),
     ("record_migration", RECORD_MIGRATION),
+    ("forget_migrations", FORGET_MIGRATIONS),
     ("want_notify", WANT_NOTIFY),
     ("unwant_notify", UNWANT_NOTIFY),
     ("enable_notify", ENABLE_NOTIFY),

@@ -1,6 +1,6 @@
-//! The statements that write about claimed messages, callable on their own: for the tests that
-//! race them against each other on a real database (tests/locks.rs). Only with the `testing`
-//! feature; not part of the API.
+//! Hooks for the tests, only with the `testing` feature; not part of the API: the statements that
+//! write about claimed messages, callable on their own, for the tests that race them against each
+//! other on a real database (tests/locks.rs), and the migration checksum (tests/migrations.rs).
 
 use std::time::Duration;
 
@@ -68,4 +68,11 @@ pub async fn archive_outcomes(
         })
         .collect();
     Ok(queue.complete(pool, &outcomes, false, "").await?)
+}
+
+/// The checksum `setup` records for a migration's text (for the tests of the migration
+/// history).
+#[must_use]
+pub fn migration_checksum(sql: &str) -> i64 {
+    crate::migrate::checksum(sql)
 }

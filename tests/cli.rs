@@ -112,6 +112,7 @@ fn generate_migration_escapes_and_validates() {
     assert!(sql.contains("'email', 'app.q.email', 'app.ns.default'"));
     assert!(sql.contains("SELECT apalis_pgmq.enable_created_notify('app.created');"));
     assert!(sql.contains("CREATE OR REPLACE FUNCTION apalis_pgmq.notify_batch()"));
+    assert!(sql.contains("INSERT INTO apalis_pgmq.schema_migrations"));
     for bad in [
         vec!["generate-migration", "--prefix", "x'y"],
         vec!["generate-migration", "--namespace-pattern", "("],
@@ -446,14 +447,14 @@ async fn migrate_check_and_dry_run() {
     let out = cli(&["migrate", "--check"], Some(&url));
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
-        text(&out).contains("pending migrations: 1 (init)"),
+        text(&out).contains("pending migrations: 1 (baseline)"),
         "{}",
         text(&out)
     );
     let out = cli(&["migrate", "--dry-run"], Some(&url));
     assert!(out.status.success());
     assert!(
-        text(&out).contains("-- migration 10 (priorities)"),
+        text(&out).contains("-- migration 1 (baseline)"),
         "{}",
         text(&out)
     );

@@ -79,7 +79,7 @@ impl QueueEvent {
     }
 }
 
-/// The JSON payload sent by the triggers (see `migrations/0002_notify.sql`).
+/// The JSON payload sent by the triggers (see `migrations/0001_baseline.sql`).
 #[derive(Debug, Deserialize)]
 pub(crate) struct Payload {
     pub(crate) e: String,

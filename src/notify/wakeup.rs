@@ -1,6 +1,6 @@
 //! The wake-up protocol: when an idle worker reads, arms, checks and sleeps.
 //!
-//! This module owns the protocol. The SQL side is `migrations/0003_wakeups.sql`; the fetcher
+//! This module owns the protocol. The SQL side is in `migrations/0001_baseline.sql`; the fetcher
 //! (`src/backend/fetch.rs`) only runs the [`Step`]s that [`Plan`] chooses and reports back.
 //!
 //! # The invariant

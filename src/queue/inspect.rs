@@ -13,7 +13,7 @@
 //! | `pgmq.q_<queue>_dlq` | reason `killed` | killed |
 //! | `pgmq.q_<queue>_dlq` | another reason | dead |
 //!
-//! A failed delivery records `failed_epoch` in `headers.apalis` (migrations 0004 and 0006), so
+//! A failed delivery records `failed_epoch` in `headers.apalis` (`apalis_pgmq.retry_headers`), so
 //! retrying and running are told apart without parsing text. Pages are read newest first from
 //! each table (the archive through its primary key, at most `offset + limit` rows), so a page
 //! never scans an archive of millions of rows.

@@ -98,9 +98,9 @@ fn read_sql(q: &str, also: &str, visible_since: bool, pick_by: Pick) -> Arc<str>
     .into()
 }
 
-/// A job's idempotency key in its headers (`alias`: `""`, `"a."`). The unique index (migration 0009) is on
-/// `apalis_pgmq.key_hash` of it, so statements that use the index compare the hash, then the
-/// key itself.
+/// A job's idempotency key in its headers (`alias`: `""`, `"a."`). The unique index
+/// (`apalis_pgmq.index_unique_keys`) is on `apalis_pgmq.key_hash` of it, so statements that use
+/// the index compare the hash, then the key itself.
 fn key_of(alias: &str) -> String {
     format!("({alias}headers->'apalis'->>'idempotency_key')")
 }

@@ -191,7 +191,7 @@ async fn recorded(pool: &PgPool) -> Vec<(i32, String, i64)> {
 /// (`push_and_wait`), all run by a worker on `queue`.
 async fn a_job_of_each_kind_runs(db: &TestDb, queue: &str) {
     let s: PgmqStorage<u32> = PgmqStorage::with_config(
-        &db.pool,
+        &db.runtime(),
         QueueName::new(queue).expect("name"),
         Config::default().priorities(true),
     )
@@ -318,7 +318,8 @@ async fn setup_upgrades_a_database_of_the_old_history() {
     assert_eq!(recorded(&db.pool).await, recorded(&fresh.pool).await);
 
     // The old queue's job runs, and new jobs of every kind do.
-    let s: PgmqStorage<u32> = PgmqStorage::new(&db.pool, QueueName::new("legacy").expect("name"));
+    let s: PgmqStorage<u32> =
+        PgmqStorage::new(&db.runtime(), QueueName::new("legacy").expect("name"));
     let worker = WorkerBuilder::new("legacy-worker")
         .backend(s)
         .build(|_: u32| async move { Ok::<(), BoxDynError>(()) });

@@ -104,13 +104,14 @@
 //!
 //! # Wake-ups and events
 //!
-//! Workers install a statement-level trigger on their queue (at most one NOTIFY per statement,
-//! however many rows) and LISTEN on `<prefix>q.<queue>` through the process's shared listener;
-//! see [`NotifyChannels`]. By default ([`NotifyMode::OnDemand`]) an insert notifies only when an
-//! idle worker has armed a wake-up, and calls nothing while nobody listens: PostgreSQL
-//! serialises notifying commits, so busy producers should not pay for wake-ups nobody waits for.
-//! Producers never wait on this bookkeeping and need no rights beyond PGMQ's; the protocol and
-//! why no committed job is left behind are documented in `src/notify/wakeup.rs`.
+//! Workers install a trigger on their queue and LISTEN on `<prefix>q.<queue>` through their
+//! runtime's one listener; see [`NotifyChannels`]. By default ([`NotifyMode::OnDemand`]) a
+//! producer's commit notifies only when an idle worker has armed a wake-up, each producer
+//! session at most once per arming and one transaction at a time, and calls nothing while
+//! nobody listens: PostgreSQL serialises notifying commits, so busy producers should not pay
+//! for wake-ups nobody waits for. Producers never wait on this bookkeeping and need no rights
+//! beyond PGMQ's; the protocol, its bound, and why no committed job is left behind are
+//! documented in `src/notify/wakeup.rs`.
 //! Queues created elsewhere get the trigger with [`enable_notify`] or the CLI's `enable-notify`.
 //! [`QueueEvents`] streams typed [`QueueEvent`]s to applications.
 //!

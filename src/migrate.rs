@@ -28,11 +28,18 @@ struct Migration {
 /// [`notify_migration_sql`](crate::notify_migration_sql) writes out. Append-only: a migration
 /// that is on the main branch is never edited (a unit test pins each one's checksum); a change is
 /// a new migration.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "baseline",
-    sql: include_str!("../migrations/0001_baseline.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "baseline",
+        sql: include_str!("../migrations/0001_baseline.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "notify_at_commit",
+        sql: include_str!("../migrations/0002_notify_at_commit.sql"),
+    },
+];
 
 /// The rows `(version, name, checksum)` that the development versions before 0.1.0 recorded:
 /// eleven migrations, edited in place while nothing was released, which the baseline replaces.
@@ -529,7 +536,10 @@ mod tests {
     /// Every migration on the main branch, with the checksum of its text. Released migrations
     /// are append-only: a database that applied one records its checksum, and `setup` refuses
     /// to run against a build whose text differs.
-    const PINNED: &[(i32, &str, i64)] = &[(1, "baseline", -1_137_092_230_231_547_476)];
+    const PINNED: &[(i32, &str, i64)] = &[
+        (1, "baseline", -1_137_092_230_231_547_476),
+        (2, "notify_at_commit", -7_596_454_382_187_817_167),
+    ];
 
     #[test]
     fn released_migrations_are_never_edited() {

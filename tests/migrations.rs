@@ -239,7 +239,26 @@ async fn a_job_of_each_kind_runs(db: &TestDb, queue: &str) {
 #[tokio::test]
 async fn the_baseline_defines_what_the_old_history_did() {
     let old = pre_baseline_db().await;
-    let new = TestDb::setup().await;
+    // The baseline alone (later migrations change the schema on purpose).
+    let new = TestDb::fresh().await;
+    pgmq::install::install_sql_from_embedded(&new.pool)
+        .await
+        .expect("PGMQ");
+    sqlx::raw_sql(
+        "CREATE SCHEMA IF NOT EXISTS apalis_pgmq; \
+         CREATE TABLE IF NOT EXISTS apalis_pgmq.schema_migrations ( \
+             version integer PRIMARY KEY, \
+             name text NOT NULL, \
+             checksum bigint NOT NULL, \
+             applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .execute(&new.pool)
+    .await
+    .expect("migrations table");
+    sqlx::raw_sql(include_str!("../migrations/0001_baseline.sql"))
+        .execute(&new.pool)
+        .await
+        .expect("baseline");
     let (old_objects, new_objects) = (
         schema_objects(&old.pool).await,
         schema_objects(&new.pool).await,
@@ -277,7 +296,7 @@ async fn setup_upgrades_a_database_of_the_old_history() {
             .iter()
             .map(|m| (m.version, m.name))
             .collect::<Vec<_>>(),
-        vec![(1, "baseline")]
+        vec![(1, "baseline"), (2, "notify_at_commit")]
     );
     // The generated SQL does not guess: it says to run setup().
     let script = notify_migration_sql(&[], &NotifyChannels::default(), NotifyMode::Batch, false)
@@ -290,10 +309,11 @@ async fn setup_upgrades_a_database_of_the_old_history() {
     assert_eq!(recorded(&db.pool).await, old_rows, "nothing changed");
 
     let report = setup(&db.pool).await.expect("setup upgrades");
-    assert_eq!(report.applied_migrations, vec![1]);
+    assert_eq!(report.applied_migrations, vec![1, 2]);
     let rows = recorded(&db.pool).await;
-    assert_eq!(rows.len(), 1, "the old rows are replaced: {rows:?}");
+    assert_eq!(rows.len(), 2, "the old rows are replaced: {rows:?}");
     assert_eq!((rows[0].0, rows[0].1.as_str()), (1, "baseline"));
+    assert_eq!((rows[1].0, rows[1].1.as_str()), (2, "notify_at_commit"));
     assert!(
         pending_migrations(&db.pool)
             .await

@@ -57,15 +57,22 @@ async fn wait_handled(log: &Log, id: u32, within: Duration) {
 }
 
 /// Waits until a worker process has armed its wake-up on `queue`'s channel.
-async fn armed_on(pool: &PgPool, queue: &str) {
+async fn armed_on(pool: &PgPool, queue: &str) -> i64 {
+    armed_after(pool, queue, 0).await
+}
+
+/// Waits until a worker process has armed its wake-up on `queue`'s channel with an arming
+/// newer than `arm_id` (every arming gets a new id); returns the arming's id.
+async fn armed_after(pool: &PgPool, queue: &str, arm_id: i64) -> i64 {
     let sql = format!(
-        "SELECT count(*) FROM apalis_pgmq.listeners \
-         WHERE channel = 'apq.q.{queue}' AND armed AND NOT persistent"
+        "SELECT coalesce(max(arm_id), -1) FROM apalis_pgmq.listeners \
+         WHERE channel = 'apq.q.{queue}' AND armed AND NOT persistent AND arm_id > {arm_id}"
     );
     wait_for(WAIT, &format!("a worker of {queue} to arm"), || async {
-        (count(pool, &sql).await > 0).then_some(())
+        let id = count(pool, &sql).await;
+        (id >= 0).then_some(id)
     })
-    .await;
+    .await
 }
 
 macro_rules! worker {
@@ -269,24 +276,23 @@ async fn a_job_that_sent_no_notification_is_read_by_the_fallback_deadline_while_
     s.push_with(&mut *writer, &Job { id: 999 })
         .await
         .expect("writer push");
-    // A producer whose snapshot predates the arming (REPEATABLE READ): its trigger cannot see
-    // the armed row, so it sends no notification.
-    let mut producer = db.pool.begin().await.expect("producer");
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        .execute(&mut *producer)
+    // A producer session whose "nobody waits" cache is valid (its last insert found nobody
+    // armed), inserting before the worker arms and committing after: its trigger queued no
+    // event, so its commit sends no notification.
+    let mut session = db.pool.acquire().await.expect("producer session");
+    s.push_with(&mut *session, &Job { id: 0 })
         .await
-        .expect("isolation");
-    sqlx::query("SELECT 1")
-        .execute(&mut *producer)
+        .expect("a first push finds nobody waiting");
+    let mut producer = sqlx::Connection::begin(&mut *session)
         .await
-        .expect("take the snapshot");
+        .expect("producer");
+    s.push_with(&mut *producer, &Job { id: 1 })
+        .await
+        .expect("push");
     let log: Log = Arc::default();
     let (stop, join) = worker!("long-writer", s, log);
     armed_on(&db.pool, queue).await;
     let received_before = s.listener_stats().received;
-    s.push_with(&mut *producer, &Job { id: 1 })
-        .await
-        .expect("push");
     producer.commit().await.expect("commit");
     let committed = Instant::now();
     // Bounded by the fallback deadline (2 s), not postponed by the open writer.
@@ -316,7 +322,7 @@ async fn a_silent_listener_connection_is_replaced_within_the_health_interval() {
     s.create_queue().await.expect("create");
     let log: Log = Arc::default();
     let (stop, join) = worker!("silent", s, log);
-    armed_on(&db.pool, queue).await;
+    let lost_arming = armed_on(&db.pool, queue).await;
     let reconnects = s.listener_stats().reconnects;
     // The LISTEN connection goes half-open: no reset, nothing delivered either way.
     assert_eq!(proxy.silence_listeners(), 1, "one listening connection");
@@ -330,11 +336,14 @@ async fn a_silent_listener_connection_is_replaced_within_the_health_interval() {
     .await;
     wait_handled(&log, 1, QUICK).await;
     println!("picked up {:?} after push", pushed.elapsed());
-    // And the new connection delivers. (A push in the instant between an arming and its
-    // version bump is read by the settle check instead, without a notification: push again.)
+    // And the new connection delivers, once the worker has armed anew (its arming whose
+    // notification was lost is forgotten at the reconnect: a session notifies once per arming).
+    // A push in the instant between an arming and its version bump is read by the settle check
+    // instead, without a notification: push again.
     let received = s.listener_stats().received;
+    let mut arming = lost_arming;
     for id in 2..7 {
-        armed_on(&db.pool, queue).await;
+        arming = armed_after(&db.pool, queue, arming).await;
         s.push_with(&db.pool, &Job { id }).await.expect("push");
         wait_handled(&log, id, QUICK).await;
         if s.listener_stats().received > received {
@@ -503,4 +512,74 @@ async fn a_release_in_one_process_wakes_an_idle_worker_in_another() {
     gate.add_permits(1);
     stop_worker(stop_a, join_a).await;
     stop_worker(stop_b, join_b).await;
+}
+
+#[tokio::test]
+async fn a_listener_cut_off_for_a_minute_is_back_within_one_health_interval_of_the_heal() {
+    // The listener's network drops every byte, both ways, for 60 s (new connections get no
+    // answer either); the pool stays reachable. Connecting and LISTENing must be bounded, or the
+    // first attempt into the dead network hangs long after the network is back.
+    const OUTAGE: Duration = Duration::from_secs(60);
+    let health = Duration::from_secs(2);
+    let db = TestDb::setup().await;
+    let proxy = proxy_to_server(&db).await;
+    let runtime = Runtime::new(&db.pool)
+        .listener_connect_options(db.options.clone().host("127.0.0.1").port(proxy.port));
+    let queue = "blackholed";
+    let s = storage_on(&runtime, queue, slow_poll().listener_health_check(health));
+    s.create_queue().await.expect("create");
+    let log: Log = Arc::default();
+    let (stop, join) = worker!("blackholed", s, log);
+    let lost_arming = armed_on(&db.pool, queue).await;
+    let reconnects = s.listener_stats().reconnects;
+    let attempts = proxy.accepted();
+    proxy.blackhole();
+    let cut = Instant::now();
+    // Pushes during the outage: their notifications are lost.
+    for id in 1..=3 {
+        s.push_with(&db.pool, &Job { id }).await.expect("push");
+    }
+    // The outage lasts a minute (its length, not a wait for something to happen); meanwhile
+    // the listener gives up on the dead connection and keeps trying new ones.
+    tokio::time::sleep_until((cut + OUTAGE).into()).await;
+    assert!(
+        proxy.accepted() >= attempts + 3,
+        "abandoned attempts are retried: {} new connections in {OUTAGE:?}",
+        proxy.accepted() - attempts
+    );
+    proxy.heal();
+    let healed = Instant::now();
+    // Back within the health interval plus the backoff (at most 10 s after many failures).
+    wait_for(
+        health + Duration::from_secs(15),
+        "the listener to reconnect",
+        || async { (s.listener_stats().reconnects > reconnects).then_some(()) },
+    )
+    .await;
+    println!("listener back {:?} after the heal", healed.elapsed());
+    // The reconnect makes the worker read: the jobs pushed during the outage are handled.
+    for id in 1..=3 {
+        wait_handled(&log, id, QUICK).await;
+    }
+    // And pushes are picked up by notification again, in milliseconds.
+    let received = s.listener_stats().received;
+    let mut arming = lost_arming;
+    let mut fastest = Duration::MAX;
+    for id in 4..10 {
+        arming = armed_after(&db.pool, queue, arming).await;
+        let pushed = Instant::now();
+        s.push_with(&db.pool, &Job { id }).await.expect("push");
+        wait_handled(&log, id, QUICK).await;
+        fastest = fastest.min(pushed.elapsed());
+        if s.listener_stats().received > received {
+            break;
+        }
+    }
+    assert!(
+        s.listener_stats().received > received,
+        "the new connection delivers"
+    );
+    println!("pickup after the heal: {fastest:?}");
+    assert!(fastest < Duration::from_secs(1), "{fastest:?}");
+    stop_worker(stop, join).await;
 }

@@ -32,6 +32,8 @@ use crate::util::{Stop, error_backoff};
 
 /// What the listener does with what it hears: implemented by the runtime.
 pub(crate) trait Dispatch: Send + Sync + 'static {
+    /// Where to connect (asked again for every connection: it may change).
+    fn connect_options(&self) -> PgConnectOptions;
     /// How often the connection must prove it still delivers.
     fn health_interval(&self) -> Duration;
     /// The connection is (re)established: notifications may have been lost.
@@ -67,7 +69,6 @@ async fn close(listener: PgListener, pool: PgPool) {
 /// Runs until `stop` is requested or the owner is gone.
 pub(crate) async fn run<D: Dispatch>(
     owner: Weak<D>,
-    options: PgConnectOptions,
     mut commands: mpsc::UnboundedReceiver<Command>,
     stats: Arc<Stats>,
     mut stop: Stop,
@@ -100,7 +101,10 @@ pub(crate) async fn run<D: Dispatch>(
             }
             continue;
         }
-        let Some(health) = owner.upgrade().map(|o| o.health_interval()) else {
+        let Some((health, options)) = owner
+            .upgrade()
+            .map(|o| (o.health_interval(), o.connect_options()))
+        else {
             return;
         };
         let pool = private_pool(&options, health);

@@ -16,10 +16,11 @@ pub const DEFAULT_MESSAGE_PAYLOAD_BYTES: u16 = 7000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum NotifyMode {
-    /// One notification per queue per statement, however many rows, sent only while a listener
-    /// has announced that it waits (idle workers and event subscribers of this crate do). The
-    /// default: busy producers pay nothing while every worker is busy, because PostgreSQL
-    /// serialises the commits of notifying transactions.
+    /// A notification at commit, sent only while a listener has announced that it waits (idle
+    /// workers arm a wake-up; event subscribers of this crate ask for every insert): for one
+    /// arming, each producer session notifies at most once and one transaction at a time,
+    /// however many rows it inserts. The default: busy producers pay nothing while every worker
+    /// is busy, because PostgreSQL serialises the commits of notifying transactions.
     #[default]
     OnDemand,
     /// One notification per queue per statement, always (for listeners that do not announce

@@ -1,29 +1,48 @@
-//! The wake-up protocol: when an idle worker reads, arms, checks and sleeps.
+//! The wake-up protocol: when an idle worker reads, arms, checks and sleeps, and when a
+//! producer's commit notifies.
 //!
-//! This module owns the protocol. The SQL side is in `migrations/0001_baseline.sql`; the fetcher
-//! (`src/backend/fetch.rs`) only runs the [`Step`]s that [`Plan`] chooses and reports back.
+//! This module owns the protocol. The SQL side is in `migrations/0001_baseline.sql` (tables,
+//! arming, settle checks) and `migrations/0002_notify_at_commit.sql` (the producers' trigger);
+//! the fetcher (`src/backend/fetch.rs`) only runs the [`Step`]s that [`Plan`] chooses and
+//! reports back.
 //!
 //! # The invariant
 //!
 //! **A job committed while a worker is idle is read by that worker within the notification
 //! latency when a notification was sent, and in every case no later than the fallback deadline,
 //! which is fixed when the worker goes idle (`now + poll_interval ± jitter`) and which nothing
-//! postpones.** Producers pay for this with at most one read-only look at a tiny table and one
-//! `pg_notify` per statement: they never write a shared row, never take a lock another session
-//! can hold, and so never wait on each other or deadlock because of this crate.
+//! postpones.** Producers pay for this with at most one read-only look at a tiny table per
+//! session and arming: they never write a shared row, never wait for a lock, and so never wait
+//! on each other or deadlock because of this crate.
+//!
+//! # The bound
+//!
+//! PostgreSQL serialises the commits of transactions with a pending NOTIFY (one lock for the
+//! whole instance, held through the WAL flush), so notifying commits are kept few: **for one
+//! arming, a producer session sends at most one notifying commit, and at most one transaction
+//! at a time holds the right to send it.** The notifying commits of an arming are one, plus one
+//! for each such commit that completes before the woken worker's disarm is visible: at most the
+//! number of producer sessions, never a function of the number of inserts. Event subscribers
+//! (persistent rows) are outside the bound: they ask for every insert.
 //!
 //! # The parts
 //!
-//! - *Arming.* An idle worker process writes its own row of `apalis_pgmq.listeners`
-//!   (`channel`, `owner` = this process, `armed`, `until`, `gen`), for a time-to-live of about
-//!   four poll intervals, and re-arms before it runs out. Workers of one process share the row.
-//! - *The trigger* (statement level, `AFTER INSERT`) reads whether any armed, unexpired row waits
-//!   on the queue's channel and, if so, sends one `{"e":"wake"}` NOTIFY. It writes nothing
-//!   shared. While nobody waits it is not even called: each session caches "nobody waits on
-//!   this queue" at the version of the listeners (a sequence), and the trigger's `WHEN` clause
-//!   compares the two. The worker bumps the version after its arming has committed, so the
-//!   next statement of every producer looks again.
-//! - *Disarming.* The process that receives the NOTIFY disarms its own row (only the generation
+//! - *Arming.* An idle worker's runtime writes its own row of `apalis_pgmq.listeners`
+//!   (`channel`, `owner` = the runtime, `armed`, `until`, `gen`, and a new `arm_id` from
+//!   `apalis_pgmq.arm_ids` for every arming), for a time-to-live of about four poll intervals,
+//!   and re-arms before it runs out ([`Arming`]). Workers of one runtime share the row. Then it
+//!   bumps the listeners' version (a sequence).
+//! - *The trigger* is a deferred constraint trigger (`AFTER INSERT ... DEFERRABLE INITIALLY
+//!   DEFERRED FOR EACH ROW`): its function runs while the producer's transaction commits. Its
+//!   `WHEN` clause, evaluated at the insert without calling anything, compares the version with
+//!   this session's cache of the version at which it last decided (`apalis_pgmq.nv_<queue>`);
+//!   while they match no event is even queued. The function reads the version, then the armed
+//!   rows of the queue's channel; for the newest `arm_id` above this session's mark
+//!   (`apalis_pgmq.nm_<queue>`) it takes `pg_try_advisory_xact_lock(arming)` (never waits),
+//!   sends one `{"e":"wake"}` NOTIFY and raises the mark. Mark, cache and NOTIFY are set in the
+//!   producer's transaction: a rollback (or a rolled-back savepoint) discards them together. A
+//!   transaction that does not get the lock leaves the wake-up to the one committing it.
+//! - *Disarming.* The runtime that receives the NOTIFY disarms its own row (only the generation
 //!   it answered), so a busy queue stops costing producers notifications.
 //! - *Settling.* After arming, the worker checks that no other transaction holds
 //!   `RowExclusiveLock` on the queue table (every inserting transaction does until it ends); once
@@ -36,48 +55,68 @@
 //!
 //! # Interleavings
 //!
-//! A producer P inserts job J in a transaction that commits at `c`; worker W arms at `a` (the
-//! arming commits) and is idle.
+//! A producer session P inserts job J in transaction T, which takes `RowExclusiveLock` on the
+//! queue table at its insert (`l`) and holds it until it commits (`c`); its commit-time trigger,
+//! if an event was queued, runs at `f` (`l < f < c`). Worker W arms arming A (`arm_id` a,
+//! committed at `t_A`), bumps the version at `t_V > t_A`, then runs its settle checks; `m_P` is
+//! P's mark.
 //!
-//! 1. **P's statement runs after `a` and the version bump.** Its cache is stale, so the
-//!    trigger's function runs, sees the armed row (READ COMMITTED takes a new snapshot per
-//!    statement) and notifies. PostgreSQL delivers the NOTIFY after P commits,
-//!    so W's read after it sees J. Latency: the notification's.
-//!    **P's statement runs after `a` but before the bump** (the worker's next statement): a
-//!    session whose cache is still valid skips notifying. The bump comes before the settle
-//!    checks, so P either still holds `RowExclusiveLock` at a check (the check fails and is
-//!    repeated) or has committed before it (the read after the check sees J). Either way W
-//!    reads J within the settle schedule, without a notification.
-//! 2. **P commits before `a`.** W reads after arming and settling (the first settle check
-//!    or, failing that, the read at the deadline); the read's snapshot is taken after `c`.
-//! 3. **P's statement ran before `a` and the bump, but P commits after (in flight at
-//!    arming).** The trigger saw no armed row (or skipped on a valid cache) and did not notify. P holds `RowExclusiveLock` on the queue table
-//!    until `c`, so W's settle checks fail until then; the first check after `c` succeeds and W
-//!    reads J. If P stays open past the last settle check (a long transaction, or REPEATABLE READ
-//!    where the trigger's snapshot predates `a`), W reads J at its fallback deadline. The
-//!    deadline was fixed when W went idle and a failing settle check never moves it.
-//! 4. **P aborts.** There is no job; a notification, if any was queued, is discarded with P.
-//!    Nothing waits on P.
+//! 1. **P's insert runs after `t_V`.** The `WHEN` clause saw the version move, so an event is
+//!    queued; at `f` the function sees A (READ COMMITTED: its snapshot follows the version read,
+//!    which follows `t_V > t_A`).
+//!    - a. *a > m_P and P gets the lock*: P notifies; the notification is delivered after `c`;
+//!      W's read after it sees J. Latency: the notification's.
+//!    - b. *a > m_P, the lock is taken*: another transaction H is between its commit-time trigger
+//!      and the end of its commit, with a NOTIFY queued for A. H's commit wakes W; W reads and,
+//!      idle again, arms anew and settles. P's `l` precedes `f`, which precedes the end of H's
+//!      commit, W's receipt, the new arming and its settle checks: each check fails while P is
+//!      open, and the first after `c` reads J (or the read right after H's notification already
+//!      saw J). **The one exception**: H fails after its trigger ran (a serialization failure at
+//!      commit, a full notification queue, a later deferred constraint of its own, `PREPARE
+//!      TRANSACTION`, which refuses a pending NOTIFY): nothing is sent, and J is read at the next
+//!      notification for A (the next insert of a session without a mark for A takes the free
+//!      lock) or at W's fallback deadline. It needs a commit failing within the moment in which
+//!      another transaction's commit-time trigger ran.
+//!    - c. *a ≤ m_P*: P's session already committed a notification for an arming at least as new
+//!      as A, which reached W after W recorded A: W was woken, read, and arms anew with an id
+//!      above m_P; that arming committed after `f > l`, so its settle checks see P until `c`:
+//!      as 1b without the exception.
+//!    - d. *A already disarmed*: W was woken for A and re-arms after reading: as 1c.
+//! 2. **P's insert ran before `t_V`, or found its cache valid.** No event was queued. P's `l`
+//!    precedes the bump, which precedes the settle checks: each fails while P is open, the first
+//!    after `c` reads J. If P stays open past the last check (a long transaction), W reads J at
+//!    its fallback deadline, which a failing check never moves.
+//! 3. **P commits before `t_A`.** W's read after arming and settling sees J.
+//! 4. **P aborts.** There is no job. Its NOTIFY, mark and cache are discarded together, so its
+//!    next insert looks again and notifies. If P held the lock for A, a session that skipped
+//!    meanwhile is case 1b's exception.
 //! 5. **A notification is lost** (the LISTEN connection dropped, or stopped delivering and was
-//!    replaced by the health check). Nothing was disarmed by the trigger, so later inserts still
-//!    notify. On every (re)connect the hub wakes every worker (read before waiting) and forgets
-//!    its armings, so W re-arms with a new generation and settles again.
-//! 6. **The listener is reconnecting.** W keeps its deadline; notifications sent meanwhile are
-//!    lost, which case 5 covers once the listener is back; until then the deadline bounds pickup.
+//!    replaced by the health check). On every (re)connect the runtime wakes every worker (read
+//!    before waiting) and forgets its armings, so W re-arms: the new `arm_id` is above every
+//!    mark, and the next insert of every session notifies again. Until then the deadline bounds
+//!    pickup; meanwhile each session sent at most one notification into the void.
+//! 6. **A long transaction, or REPEATABLE READ.** Under READ COMMITTED the decision is made at
+//!    commit with a snapshot taken then, and the lock is held only through that commit, so a
+//!    long transaction never makes another session skip. Under REPEATABLE READ or SERIALIZABLE
+//!    the function's snapshot may predate an arming whose bump the `WHEN` clause saw: finding no
+//!    arming above its mark, it notifies anyway, once per session per version.
 //! 7. **A long-lived writer** holds `RowExclusiveLock` on the queue table for minutes. It
 //!    delays nobody: producers do not look at locks, W's settle checks stop after the schedule
 //!    (a few statements per arming, so an idle worker stays far below 0.2 statements/s), and
 //!    jobs committed by other producers meanwhile notify as in case 1.
 //! 8. **A stale disarm.** W was woken for generation `g` and its disarm runs late, after W
 //!    re-armed with `g + 1`: the disarm matches only `gen = g`, so the new arming stays.
-//! 9. **Work made visible by an update** (a release at shutdown or over capacity, a retry, a
-//!    lease given back) fires no insert trigger: the worker that wrote it wakes its own process
-//!    directly and other processes through `apalis_pgmq.wake_others`, which notifies only when
-//!    some other process waits. Leases that lapse (a crashed worker) are known visibility
-//!    times: the probe finds them.
+//! 9. **The listener is reconnecting.** W keeps its deadline; notifications sent meanwhile are
+//!    lost, which case 5 covers once the listener is back; until then the deadline bounds pickup.
+//! 10. **Work made visible by an update** (a release at shutdown or over capacity, a retry, a
+//!     lease given back) fires no insert trigger: the worker that wrote it wakes its own runtime
+//!     directly and other processes through `apalis_pgmq.wake_others`, which notifies only when
+//!     some other process waits. Leases that lapse (a crashed worker) are known visibility
+//!     times: the probe finds them.
 //!
-//! Two producers inserting into queues x and y in opposite orders take no lock of ours, so no
-//! lock cycle through this crate exists; each trigger's look is a plain snapshot read.
+//! Producers take no lock of ours but `pg_try_advisory_xact_lock`, which never waits, and write
+//! no row, so two producers inserting into queues x and y in opposite orders cannot deadlock
+//! through this crate, and no producer waits on another because of it.
 
 use std::time::Duration;
 

@@ -45,7 +45,7 @@ use std::{
     time::Duration,
 };
 
-use sqlx::PgPool;
+use sqlx::{PgPool, postgres::PgConnectOptions};
 use tokio::{
     sync::{Notify, mpsc, oneshot, watch},
     task::JoinSet,
@@ -210,6 +210,9 @@ pub(crate) struct Inner {
     watches: Mutex<HashMap<String, Weak<ResultWatch>>>,
     /// Commands to the listener, once it is started.
     listener: Mutex<Option<mpsc::UnboundedSender<listener::Command>>>,
+    /// Where the listener connects, when not where the pool does (a direct connection beside a
+    /// transaction pooler).
+    listener_options: Mutex<Option<PgConnectOptions>>,
     /// The maintenance service's state and its commands, once it is started.
     pub(crate) maintenance: Maintenance,
 }
@@ -239,9 +242,31 @@ impl Runtime {
                 subscribers: Mutex::default(),
                 watches: Mutex::default(),
                 listener: Mutex::default(),
+                listener_options: Mutex::default(),
                 maintenance: Maintenance::default(),
             }),
         }
+    }
+
+    /// The listener connects with `options` instead of the pool's: LISTEN needs a session of
+    /// its own, so behind a transaction pooler (PgBouncer in transaction mode) give it a direct
+    /// connection to the server while the pool goes through the pooler. Takes effect at the
+    /// listener's next connection.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use apalis_pgmq_notify::Runtime;
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pooled = sqlx::PgPool::connect("postgres://app@pgbouncer:6432/app").await?;
+    /// let direct: sqlx::postgres::PgConnectOptions = "postgres://app@db:5432/app".parse()?;
+    /// let runtime = Runtime::new(&pooled).listener_connect_options(direct);
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn listener_connect_options(self, options: PgConnectOptions) -> Self {
+        *lock(&self.inner.listener_options) = Some(options);
+        self
     }
 
     /// The pool.
@@ -454,12 +479,8 @@ impl Inner {
             Some(tx) => tx.clone(),
             None => {
                 let (tx, rx) = mpsc::unbounded_channel();
-                let (owner, options, stats) = (
-                    Arc::downgrade(self),
-                    (*self.pool.connect_options()).clone(),
-                    self.stats.clone(),
-                );
-                self.spawn_process_service(|stop| listener::run(owner, options, rx, stats, stop));
+                let (owner, stats) = (Arc::downgrade(self), self.stats.clone());
+                self.spawn_process_service(|stop| listener::run(owner, rx, stats, stop));
                 *slot = Some(tx.clone());
                 tx
             }
@@ -499,6 +520,12 @@ impl Inner {
 }
 
 impl Dispatch for Inner {
+    fn connect_options(&self) -> PgConnectOptions {
+        lock(&self.listener_options)
+            .clone()
+            .unwrap_or_else(|| (*self.pool.connect_options()).clone())
+    }
+
     fn health_interval(&self) -> Duration {
         match self.health_interval_ms.load(Ordering::Relaxed) {
             u64::MAX => Duration::from_millis(crate::notify::DEFAULT_HEALTH_CHECK_MS),

@@ -1,5 +1,7 @@
 //! A small TCP proxy for fault tests: forwards to PostgreSQL, and can make the connections that
-//! have issued `LISTEN` go silent (a half-open connection: no reset, no data, both ends open).
+//! have issued `LISTEN` go silent (a half-open connection: no reset, no data, both ends open),
+//! or drop every byte in both directions for a while (a network blackhole: nothing is refused
+//! or reset, new connections get no answer) and then heal.
 //! The benchmark uses it too, with a delay on every byte in each direction (a far database).
 #![allow(dead_code)]
 
@@ -32,6 +34,10 @@ struct State {
     accepted: AtomicUsize,
     /// Every connection, existing and new, is silent.
     frozen: AtomicBool,
+    /// Every byte, either way, is dropped; new connections are accepted and left unanswered.
+    blackhole: AtomicBool,
+    /// Client sockets accepted during a blackhole, held unanswered until the proxy is dropped.
+    held: Mutex<Vec<TcpStream>>,
 }
 
 /// A running proxy; stopped (every connection closed) when dropped.
@@ -57,6 +63,11 @@ impl Proxy {
         let (st, ts) = (state.clone(), tasks.clone());
         tasks.lock().expect("lock").spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                if st.blackhole.load(Ordering::SeqCst) {
+                    st.accepted.fetch_add(1, Ordering::SeqCst);
+                    st.held.lock().expect("lock").push(client);
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect(target).await else {
                     continue;
                 };
@@ -69,8 +80,8 @@ impl Proxy {
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
                 let mut tasks = ts.lock().expect("lock");
-                tasks.spawn(pipe(cr, sw, conn.clone(), true, delay));
-                tasks.spawn(pipe(sr, cw, conn, false, delay));
+                tasks.spawn(pipe(cr, sw, conn.clone(), st.clone(), true, delay));
+                tasks.spawn(pipe(sr, cw, conn, st.clone(), false, delay));
             }
         });
         Self { port, state, tasks }
@@ -108,6 +119,18 @@ impl Proxy {
         }
     }
 
+    /// Drops every byte in both directions from now on, on every connection; new connections
+    /// are accepted and never answered. Nothing is closed or reset.
+    pub fn blackhole(&self) {
+        self.state.blackhole.store(true, Ordering::SeqCst);
+    }
+
+    /// Ends a blackhole: bytes flow again and new connections are forwarded. (Connections that
+    /// lost bytes meanwhile are broken; those left unanswered stay so.)
+    pub fn heal(&self) {
+        self.state.blackhole.store(false, Ordering::SeqCst);
+    }
+
     /// Connections accepted so far.
     pub fn accepted(&self) -> usize {
         self.state.accepted.load(Ordering::SeqCst)
@@ -126,6 +149,7 @@ async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     conn: Arc<Conn>,
+    state: Arc<State>,
     client_to_server: bool,
     delay: Duration,
 ) {
@@ -168,6 +192,9 @@ async fn pipe(
         if conn.silent.load(Ordering::SeqCst) {
             // Half-open: hold both sockets, forward nothing, until the proxy is dropped.
             std::future::pending::<()>().await;
+        }
+        if state.blackhole.load(Ordering::SeqCst) {
+            continue;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;

@@ -190,7 +190,7 @@ async fn a_rolled_back_notification_is_sent_by_the_next_insert() {
     // The same with a savepoint rolled back inside a committed transaction.
     b.arm().await;
     let mut tx = p.begin().await.expect("begin");
-    let mut sp = (&mut *tx).begin().await.expect("savepoint");
+    let mut sp = (*tx).begin().await.expect("savepoint");
     b.queue.send(&mut *sp, &json!(2)).await.expect("send");
     sp.rollback().await.expect("rollback to savepoint");
     tx.commit().await.expect("commit");

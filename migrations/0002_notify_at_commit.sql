@@ -191,8 +191,10 @@ BEGIN
       JOIN pg_class c ON c.oid = t.tgrelid
       JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'pgmq'
      WHERE t.tgname = 'apalis_notify' AND t.tgparentid = 0
-       AND t.tgfoid IN ('apalis_pgmq.notify_on_demand()'::regprocedure,
-                        'apalis_pgmq.notify_at_commit()'::regprocedure)
+       AND t.tgfoid IN (SELECT p.oid FROM pg_proc p
+                         WHERE p.pronamespace = 'apalis_pgmq'::regnamespace
+                           AND p.proname IN ('notify_on_demand', 'notify_at_commit')
+                           AND p.pronargs = 0)
        AND c.relname LIKE 'q\_%'
   LOOP
     PERFORM apalis_pgmq.enable_notify(q.queue_name, a.args[2], coalesce(a.args[3], ''), 'on_demand')
@@ -205,8 +207,9 @@ $$;
 -- outside pgmq does: then it stays).
 DO $$
 BEGIN
-  IF NOT EXISTS (SELECT 1 FROM pg_trigger
-                  WHERE tgfoid = 'apalis_pgmq.notify_on_demand()'::regprocedure) THEN
+  IF to_regprocedure('apalis_pgmq.notify_on_demand()') IS NOT NULL
+     AND NOT EXISTS (SELECT 1 FROM pg_trigger
+                      WHERE tgfoid = 'apalis_pgmq.notify_on_demand()'::regprocedure) THEN
     DROP FUNCTION apalis_pgmq.notify_on_demand();
   END IF;
 END

@@ -6,6 +6,9 @@ use crate::error::{Error, Result};
 use crate::notify::{NotifyChannels, NotifyMode};
 use crate::queue::DEFAULT_MAX_PAYLOAD_BYTES;
 
+/// The default [`Config::heartbeat_interval`].
+pub(crate) const DEFAULT_HEARTBEAT_MS: u64 = 30_000;
+
 /// What happens to a job that completed successfully (`Done`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -249,9 +252,7 @@ impl Default for Config {
             linger: Duration::from_millis(10),
             listener_health_check: Duration::from_millis(crate::notify::DEFAULT_HEALTH_CHECK_MS),
             defer_delay: Duration::from_secs(1),
-            heartbeat_interval: Duration::from_millis(
-                crate::runtime::maintenance::DEFAULT_HEARTBEAT_MS,
-            ),
+            heartbeat_interval: Duration::from_millis(DEFAULT_HEARTBEAT_MS),
             archive_retention: Some(Duration::from_secs(7 * 24 * 3600)),
             dead_letter_retention: Some(Duration::from_secs(30 * 24 * 3600)),
             idempotency_window: None,

@@ -29,6 +29,10 @@ use sqlx::PgPool;
 use tokio::{sync::Notify, time::Instant};
 
 use crate::{
+    notify::{
+        WakeSignal,
+        wakeup::{WakeTarget, wake_others},
+    },
     queue::{Delivery, PgmqQueue, Renewal},
     util::Stop,
 };
@@ -225,6 +229,36 @@ impl LeaseTable {
 
     fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
+    }
+}
+
+/// Makes messages a worker held but did not start visible now, and wakes idle workers of this
+/// runtime and of other processes. On failure they become visible when their lease lapses.
+pub(crate) async fn release(
+    pool: &PgPool,
+    queue: &PgmqQueue,
+    held: &[Delivery],
+    signal: &WakeSignal,
+    wake: Option<&WakeTarget>,
+) {
+    if held.is_empty() {
+        return;
+    }
+    let count = held.len();
+    match queue.release(pool, held).await {
+        Ok(_) => {
+            tracing::debug!(queue = %queue.name(), count, "released claimed messages");
+            crate::obs::released(queue.name().as_str(), count);
+            signal.wake();
+            if let Some(target) = wake
+                && let Err(e) = wake_others(pool, target, Duration::ZERO).await
+            {
+                tracing::debug!(queue = %queue.name(), error = %e,
+                    "could not wake other processes' workers; they find the messages at their next poll");
+            }
+        }
+        Err(e) => tracing::warn!(queue = %queue.name(), error = %e, count,
+            "could not release held messages; they become visible when their lease lapses"),
     }
 }
 

@@ -15,7 +15,7 @@
 //!
 //! ```no_run
 //! use apalis::prelude::*;
-//! use apalis_pgmq_notify::{PgmqStorage, QueueName, setup};
+//! use apalis_pgmq_notify::{PgmqStorage, QueueName, Runtime, setup};
 //! use serde::{Deserialize, Serialize};
 //!
 //! #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,7 +33,9 @@
 //!     let pool = sqlx::PgPool::connect("postgres://localhost/app").await?;
 //!     setup(&pool).await?; // installs PGMQ if absent, applies this crate's migrations
 //!
-//! # let runtime = apalis_pgmq_notify::Runtime::new(&pool);
+//!     // One runtime per database: it owns this process's background work (the listener,
+//!     // outcome writers, lease renewals, the worker registry).
+//!     let runtime = Runtime::new(&pool);
 //!     let mut storage = PgmqStorage::<Email>::new(&runtime, QueueName::new("email")?);
 //!     storage.create_queue().await?;
 //!     storage.push(Email { to: "a@example.com".into() }).await?;
@@ -46,8 +48,10 @@
 //!                 .concurrency(8)
 //!                 .build(send_email)
 //!         })
-//!         .run()
+//!         .run_with_signal(tokio::signal::ctrl_c())
 //!         .await?;
+//!     // Outcomes written, leases released, this process's rows removed, its tasks stopped.
+//!     runtime.shutdown().await?;
 //!     Ok(())
 //! }
 //! ```

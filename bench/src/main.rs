@@ -14,6 +14,7 @@ mod results;
 #[path = "shared.rs"]
 mod shared;
 mod throughput;
+mod wakeups;
 
 use std::{
     collections::BTreeMap,
@@ -73,6 +74,8 @@ const ALL_WORKLOADS: &[&str] = &[
     "unique_enqueue",
     "priorities",
     "results",
+    "producers",
+    "burst",
 ];
 
 pub(crate) type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -219,6 +222,14 @@ async fn run_ours(bench: &mut Bench, workload: &str) -> Res<()> {
     } else if workload == "results" {
         let r = results::ours(&pool, &p, OURS).await?;
         bench.emit(r);
+    } else if workload == "producers" {
+        for r in wakeups::producers(&opts, &pool, &p, OURS).await? {
+            bench.emit(r);
+        }
+    } else if workload == "burst" {
+        for r in wakeups::burst(&pool, &p, OURS).await? {
+            bench.emit(r);
+        }
     } else if workload == "retention" {
         retention(bench, &pool, &s, &p).await?;
     } else if workload == "notify_cost" {

@@ -852,7 +852,7 @@ async fn close(shared: Arc<Shared>, session: Option<Session>, by: Instant) {
 
 /// Makes `held` visible again now (see [`super::release`]).
 async fn release_held(shared: &Shared, held: Vec<Delivery>) {
-    super::release(
+    crate::lease::release(
         &shared.pool,
         &shared.queue,
         &held,

@@ -39,9 +39,6 @@ use crate::{
     util::Stop,
 };
 
-/// The default heartbeat interval.
-pub(crate) const DEFAULT_HEARTBEAT_MS: u64 = 30_000;
-
 /// Most pruning batches per queue and table in one pruning round.
 const PRUNE_BATCHES_PER_ROUND: usize = 10;
 
@@ -155,7 +152,7 @@ impl Maintenance {
 
     fn interval(&self) -> Duration {
         match self.interval_ms.load(Ordering::Relaxed) {
-            0 => Duration::from_millis(DEFAULT_HEARTBEAT_MS),
+            0 => Duration::from_millis(crate::config::DEFAULT_HEARTBEAT_MS),
             ms => Duration::from_millis(ms),
         }
     }
@@ -395,7 +392,7 @@ async fn do_chore(inner: &Inner, chore: Chore) {
             held,
             signal,
             wake,
-        } => crate::backend::release(pool, &queue, &held, &signal, wake.as_ref()).await,
+        } => crate::lease::release(pool, &queue, &held, &signal, wake.as_ref()).await,
         Chore::Unregister(id) => {
             let _beat = inner.maintenance.beat_lock.lock().await;
             if let Err(e) = sqlx::query(crate::sql::UNREGISTER_WORKER)

@@ -23,7 +23,8 @@ fi
 target="${CARGO_TARGET_DIR:-target}"
 out="$target/board-check"
 mkdir -p "$out"
-cargo build -q --example board
+. scripts/lib/cargo-flags.sh
+cargo build -q "${SUITE_FLAGS[@]}" --example board
 log="$out/board.log"
 "$target/debug/examples/board" >"$log" 2>&1 &
 board=$!

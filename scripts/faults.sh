@@ -6,5 +6,6 @@
 #   scripts/faults.sh [--quick]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build -q -p apalis-pgmq-notify-faults
-exec scripts/with-pg.sh cargo run -q -p apalis-pgmq-notify-faults -- run "$@"
+. scripts/lib/cargo-flags.sh
+cargo build -q "${SUITE_FLAGS[@]}" --bins
+exec scripts/with-pg.sh "${CARGO_TARGET_DIR:-target}/debug/apalis-pgmq-notify-faults" run "$@"

@@ -3,14 +3,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${DATABASE_URL:?DATABASE_URL must be set; run scripts/test.sh instead}"
-cargo test --all-features "$@"
+. scripts/lib/cargo-flags.sh
+target="${CARGO_TARGET_DIR:-target}"
+cargo test "${SUITE_FLAGS[@]}" "$@"
+# The same feature set as the tests: the fault suite and the examples reuse their build.
+cargo build -q "${SUITE_FLAGS[@]}" --bins --examples
 echo "== fault suite"
-cargo run -q -p apalis-pgmq-notify-faults -- run
+"$target/debug/apalis-pgmq-notify-faults" run
 for example in $(ls examples/*.rs 2>/dev/null | xargs -n1 basename | sed 's/\.rs$//'); do
   # The board serves until stopped: the browser check below runs it.
   [ "$example" = board ] && continue
   echo "== example: $example"
-  timeout 300 cargo run --quiet --example "$example"
+  timeout 300 "$target/debug/examples/$example"
 done
 echo "== board in a browser"
 timeout 600 scripts/board-check.sh

@@ -88,9 +88,31 @@ pub enum Error {
     #[error("JSON error: {0}")]
     Json(#[from] serde_json::Error),
 
-    /// A configuration value is out of range or inconsistent.
-    #[error("invalid configuration: {0}")]
-    Config(String),
+    /// A setting is out of range or inconsistent; nothing ran. Fix the value: retrying cannot
+    /// help.
+    #[error("invalid configuration: {setting}: {reason}")]
+    Config {
+        /// The setting, by its key in a configuration file (`leases.visibility_timeout`), or
+        /// the argument it came from (`channel prefix`).
+        setting: String,
+        /// What is wrong with it, with its value and what is allowed.
+        reason: String,
+    },
+
+    /// A configuration file could not be read or does not parse: malformed TOML or JSON, an
+    /// unknown key, a value of the wrong type.
+    #[error("{}", file_location(path.as_deref(), *line, *column, message))]
+    ConfigFile {
+        /// The file, when read from one.
+        path: Option<String>,
+        /// The 1-based line of the problem, when known.
+        line: Option<usize>,
+        /// The 1-based column of the problem, when known.
+        column: Option<usize>,
+        /// What is wrong, starting with the dotted key of the value (`retries.backoff.base:`)
+        /// when there is one.
+        message: String,
+    },
 
     /// The database role lacks a right the operation needs; nothing was done.
     #[error(
@@ -139,6 +161,41 @@ pub enum Error {
     /// A background task the backend depends on is gone (the runtime is shutting down).
     #[error("background task stopped: {0}")]
     Stopped(&'static str),
+}
+
+/// `config.toml:3:5: message`, or `configuration: message` without a file.
+fn file_location(
+    path: Option<&str>,
+    line: Option<usize>,
+    column: Option<usize>,
+    message: &str,
+) -> String {
+    let mut out = path.unwrap_or("configuration").to_owned();
+    if let Some(l) = line {
+        out.push_str(&format!(":{l}"));
+        if let Some(c) = column {
+            out.push_str(&format!(":{c}"));
+        }
+    }
+    format!("{out}: {message}")
+}
+
+impl Error {
+    /// A configuration error for `setting`.
+    pub(crate) fn config(setting: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Config {
+            setting: setting.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The message without the "invalid configuration" lead, for errors inside a larger one.
+    pub(crate) fn short(&self) -> String {
+        match self {
+            Self::Config { setting, reason } => format!("{setting}: {reason}"),
+            other => other.to_string(),
+        }
+    }
 }
 
 /// PostgreSQL's internal "at line N" (of a PL/pgSQL function) says nothing to the reader.

@@ -102,6 +102,14 @@
 //!   `store_results` on its workers: its fan-in waits with `WaitForCompletion`) run on this
 //!   backend.
 //!
+//! # Configuration
+//!
+//! One [`Config`], grouped by what each setting governs (`leases`, `claims`, `wakeups`,
+//! `retries`, `outcomes`, `pushes`, `retention`, `results`, `process`), built with
+//! `Config::default()` and consuming setters or loaded from a file that is the same struct, as
+//! TOML or JSON ([`Config::load`]), with durations written `"30s"`, `"7d"`
+//! ([`HumanDuration`]). Unknown keys and values out of range are refused with their key.
+//!
 //! # Wake-ups and events
 //!
 //! Workers install a statement-level trigger on their queue (at most one NOTIFY per statement,
@@ -141,7 +149,6 @@
 mod ack;
 mod backend;
 mod config;
-mod config_file;
 mod error;
 mod lease;
 mod migrate;
@@ -159,8 +166,11 @@ mod util;
 
 pub use ack::{AckLayer, AckService, HandlerPanicked, LeaseLost};
 pub use backend::{FAIR_EVERY, PgmqStorage, drop_queue_and_dead_letters, running_workers};
-pub use config::{Backoff, Config, DoneAction, ExhaustedAction, KilledAction};
-pub use config_file::ConfigFile;
+pub use config::{
+    Backoff, ClaimConfig, Config, DoneAction, ExhaustedAction, KilledAction, LeaseConfig,
+    OutcomeConfig, ProcessConfig, PushConfig, ResultConfig, RetentionConfig, RetryConfig,
+    WakeupConfig, human::HumanDuration,
+};
 pub use error::{Error, QueueNameError, Result};
 pub use migrate::{
     MIN_PGMQ_VERSION, PendingMigration, PgmqSource, SCHEMA, SetupReport, pending_migrations, setup,

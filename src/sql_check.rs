@@ -71,10 +71,10 @@ pub async fn prepare_every_statement(pool: &PgPool, queue: &QueueName) -> Result
         pool.prepare(sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(sql)))
             .await
             .map_err(|e| {
-                Error::Config(format!(
-                    "statement {name} does not prepare: {}",
-                    Error::Database(e)
-                ))
+                Error::config(
+                    "statement",
+                    format!("statement {name} does not prepare: {}", Error::Database(e)),
+                )
             })?;
         prepared += 1;
     }

@@ -288,7 +288,7 @@ async fn a_queue_without_the_key_index_says_what_to_do() {
         .push_task_with(&mut conn, keyed(1, "k"))
         .await
         .expect_err("refused");
-    assert!(matches!(e, Error::Config(_)), "{e:?}");
+    assert!(matches!(e, Error::Config { .. }), "{e:?}");
     assert!(e.to_string().contains("create_queue"), "{e}");
     assert_eq!(queued(&db, queue).await, 0, "nothing half-written");
     // Keyless pushes are unaffected; creating the queue again restores the index.

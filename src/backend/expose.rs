@@ -301,7 +301,7 @@ async fn workers(pool: &PgPool, queue: Option<&str>) -> Result<Vec<RunningWorker
 
 impl<Args, C> PgmqStorage<Args, C> {
     fn default_max_attempts(&self) -> usize {
-        self.shared.config.max_attempts as usize
+        self.shared.config.retries.max_attempts as usize
     }
 
     /// The message id behind a task id.

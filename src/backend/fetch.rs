@@ -259,8 +259,8 @@ impl Fetcher {
         });
         let run = Loop {
             plan: Plan::new(
-                config.poll_interval,
-                config.poll_jitter,
+                config.wakeups.poll_interval,
+                config.wakeups.poll_jitter,
                 config.linger_polls(),
                 Box::new(crate::util::random_unit),
             ),
@@ -615,6 +615,7 @@ impl Loop {
         let margin = self
             .shared
             .config
+            .wakeups
             .poll_interval
             .mul_f64(wakeup::REARM_WHEN_LEFT_POLLS);
         let wants_arm = self.shared.announces() && self.shared.signal.wants_arming(margin);
@@ -866,7 +867,7 @@ async fn release_held(shared: &Shared, held: Vec<Delivery>) {
 fn is_fatal(e: &Error) -> bool {
     match e {
         Error::MissingPrivilege { .. }
-        | Error::Config(_)
+        | Error::Config { .. }
         | Error::NotSetUp { .. }
         | Error::Stopped(_) => true,
         Error::Database(d) => crate::util::sqlstate(d).as_deref() == Some("42501"),
@@ -877,8 +878,12 @@ fn is_fatal(e: &Error) -> bool {
 /// Arms the runtime's wake-up on the queue (see `wakeup.rs`). The arming is recorded before
 /// the write: a notification that answers it can arrive before the write returns.
 async fn arm(shared: &Shared) -> Result<()> {
-    let ttl = Arming::ttl(shared.config.poll_interval);
-    let channel = shared.config.channels.queue_channel(shared.queue.name());
+    let ttl = Arming::ttl(shared.config.wakeups.poll_interval);
+    let channel = shared
+        .config
+        .wakeups
+        .channels
+        .queue_channel(shared.queue.name());
     let generation = shared.signal.begin_arm(ttl);
     let owner = &shared.runtime.inner.owner;
     let armed = wakeup::arm(&shared.pool, &channel, owner, ttl, generation).await;
@@ -896,7 +901,11 @@ async fn remove_arming(shared: &Shared) {
     if !shared.announces() {
         return;
     }
-    let channel = shared.config.channels.queue_channel(shared.queue.name());
+    let channel = shared
+        .config
+        .wakeups
+        .channels
+        .queue_channel(shared.queue.name());
     let owner = &shared.runtime.inner.owner;
     if let Err(e) = crate::notify::unwant(&shared.pool, &channel, owner).await {
         tracing::debug!(queue = %shared.queue.name(), error = %e,
@@ -923,7 +932,7 @@ async fn ensure_queue(
         tracing::debug!(queue = %shared.queue.name(), error = %e,
             "could not index the dead letters by job id; finding a dead job by id scans them");
     }
-    if shared.config.priorities
+    if shared.config.claims.priorities
         && let Err(e) = shared.queue.index_priorities(&shared.pool).await
     {
         tracing::warn!(queue = %shared.queue.name(), error = %e,
@@ -939,19 +948,19 @@ async fn ensure_queue(
             &shared.pool,
             &shared.dlq,
             shared.announces(),
-            shared.config.store_results,
+            shared.config.results.store,
         )
         .await?
     {
         return Err(missing);
     }
-    if shared.config.listen {
+    if shared.config.wakeups.listen {
         let c = &shared.config;
         if let Err(e) = crate::notify::ensure_notify(
             &shared.pool,
             shared.queue.name(),
-            &c.channels,
-            c.notify_mode,
+            &c.wakeups.channels,
+            c.wakeups.mode,
         )
         .await
         {
@@ -968,9 +977,9 @@ async fn ensure_queue(
             "LISTEN not active after 5 s; starting anyway with the fallback poll");
     }
     let retention = Retention {
-        archive: shared.config.archive_retention,
-        dead_letters: shared.config.dead_letter_retention,
-        results: shared.config.result_retention,
+        archive: shared.config.retention.archive,
+        dead_letters: shared.config.retention.dead_letters,
+        results: shared.config.results.retention,
         partitioned: shared.queue.is_partitioned(&shared.pool).await?,
     };
     Ok(shared
@@ -989,7 +998,7 @@ async fn fetch(
     by_priority: bool,
 ) -> (Result<Vec<Message>>, Option<PoolConnection<Postgres>>) {
     let started = Instant::now();
-    let vt = shared.config.visibility_timeout;
+    let vt = shared.config.leases.visibility_timeout;
     let mut conn = match conn {
         Some(c) => c,
         None => match shared.pool.acquire().await {

@@ -62,10 +62,10 @@ fn wait_stream<O: DeserializeOwned + Send + 'static>(
     }
     let subscribe = async move {
         let c = &shared.config;
-        let channel = c.channels.results_channel(shared.queue.name());
+        let channel = c.wakeups.channels.results_channel(shared.queue.name());
         let watch = inner.result_watch(shared.queue.name(), channel.clone());
         let waiter = watch.register(asked.keys().cloned().collect());
-        inner.health_check_at_least_every(c.listener_health_check);
+        inner.health_check_at_least_every(c.process.listener_health_check);
         // Registered first, then listening, then the first look: a result written before the
         // look is read by it, one written after the LISTEN is active is announced.
         let _ = inner.listen(channel).await;

@@ -118,7 +118,7 @@ impl<Args, C: Unpin> Sink<Task<Value>> for PgmqStorage<Args, C> {
                 cx,
                 &shared.queue,
                 &shared.pool,
-                shared.config.idempotency_window,
+                shared.config.pushes.idempotency_window,
             );
         }
         Poll::Ready(Ok(()))
@@ -147,7 +147,7 @@ impl<Args, C: Unpin> Sink<Task<Value>> for PgmqStorage<Args, C> {
             cx,
             &shared.queue,
             &shared.pool,
-            shared.config.idempotency_window,
+            shared.config.pushes.idempotency_window,
         )
     }
 
@@ -164,7 +164,7 @@ where
     pub(super) fn encode_args(&self, args: &Args) -> Result<Value> {
         self.codec
             .encode(args)
-            .map_err(|e| Error::Config(format!("could not encode job arguments: {e}")))
+            .map_err(|e| Error::config("job arguments", format!("could not encode: {e}")))
     }
 
     /// Enqueues one job with `executor`: a pool, a connection, or your own transaction (the job
@@ -247,7 +247,12 @@ where
             return self
                 .shared
                 .queue
-                .send_unique(conn, &encoded, key, self.shared.config.idempotency_window)
+                .send_unique(
+                    conn,
+                    &encoded,
+                    key,
+                    self.shared.config.pushes.idempotency_window,
+                )
                 .await;
         }
         let ids = self

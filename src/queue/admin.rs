@@ -62,10 +62,10 @@ impl PgmqQueue {
             .fetch_one(pool)
             .await?;
         if !available {
-            return Err(Error::Config(
+            return Err(Error::config(
+                "partitioned",
                 "partitioned queues need the pg_partman extension on the server \
-                 (Debian: apt-get install postgresql-<major>-partman)"
-                    .to_owned(),
+                 (Debian: apt-get install postgresql-<major>-partman)",
             ));
         }
         if !created {

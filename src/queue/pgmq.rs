@@ -443,10 +443,13 @@ impl PgmqQueue {
                 return Ok(Pushed { id, duplicate });
             }
         }
-        Err(Error::Config(format!(
-            "job key {key:?} on queue {} is taken by a job this transaction cannot see (REPEATABLE READ or SERIALIZABLE); retry the transaction",
-            self.name
-        )))
+        Err(Error::config(
+            "idempotency key",
+            format!(
+                "job key {key:?} on queue {} is taken by a job this transaction cannot see (REPEATABLE READ or SERIALIZABLE); retry the transaction",
+                self.name
+            ),
+        ))
     }
 
     pub(super) async fn read_with<'c, E: PgExecutor<'c>>(
@@ -501,10 +504,13 @@ impl PgmqQueue {
 /// matches the `ON CONFLICT`) gets an error that says what to do.
 fn unique_index_missing(e: sqlx::Error, queue: &QueueName) -> Error {
     if crate::util::sqlstate(&e).as_deref() == Some("42P10") {
-        return Error::Config(format!(
-            "queue {queue} has no unique index on idempotency keys: call PgmqStorage::create_queue \
+        return Error::config(
+            "idempotency key",
+            format!(
+                "queue {queue} has no unique index on idempotency keys: call PgmqStorage::create_queue \
              (or PgmqQueue::index_unique_keys) as the queue's owner; partitioned queues cannot have one"
-        ));
+            ),
+        );
     }
     Error::Database(e)
 }

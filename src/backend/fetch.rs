@@ -29,6 +29,7 @@
 //! then the close step waits until the worker's outcomes are written, removes the runtime's
 //! wake-up row if it was the queue's last worker, and deletes the worker's registry row.
 
+use crate::error::Describe;
 use std::{
     collections::VecDeque,
     sync::{Arc, Mutex, MutexGuard, PoisonError, atomic::Ordering},
@@ -522,7 +523,7 @@ impl Loop {
                 );
             }
             Err(e) => {
-                tracing::error!(queue = %self.shared.queue.name(), error = %e,
+                tracing::error!(queue = %self.shared.queue.name(), error = %e.describe(),
                     "worker cannot run on this queue; stopping it");
                 return (None, Some(e));
             }
@@ -564,7 +565,7 @@ impl Loop {
                 Step::Arm => {
                     let armed = arm(&self.shared).await;
                     if let Err(e) = &armed {
-                        tracing::warn!(queue = %self.shared.queue.name(), error = %e,
+                        tracing::warn!(queue = %self.shared.queue.name(), error = %e.describe(),
                             "could not arm the wake-up; relying on polling until the next try");
                     }
                     self.plan.on_armed(Instant::now(), armed.is_ok());
@@ -574,7 +575,7 @@ impl Loop {
                     match wakeup::inserts_settled(&self.shared.pool, queue).await {
                         Ok(settled) => self.plan.on_settled(Instant::now(), settled),
                         Err(e) => {
-                            tracing::warn!(%queue, error = %e,
+                            tracing::warn!(%queue, error = %e.describe(),
                                 "could not check for in-flight inserts; relying on polling");
                             self.plan.on_settle_failed();
                         }
@@ -661,7 +662,7 @@ impl Loop {
         self.failures += 1;
         let wait = error_backoff(self.failures);
         if self.failures == 1 || self.failures.is_power_of_two() {
-            tracing::error!(queue = %self.shared.queue.name(), error = %e, failures = self.failures,
+            tracing::error!(queue = %self.shared.queue.name(), error = %e.describe(), failures = self.failures,
                 retry_in = ?wait, "worker backend: {what} failed");
         }
         self.conns.clear();
@@ -865,14 +866,16 @@ async fn release_held(shared: &Shared, held: Vec<Delivery>) {
 
 /// Errors that retrying cannot fix: the worker stops with them.
 fn is_fatal(e: &Error) -> bool {
-    match e {
+    matches!(
+        e,
         Error::MissingPrivilege { .. }
-        | Error::Config { .. }
-        | Error::NotSetUp { .. }
-        | Error::Stopped(_) => true,
-        Error::Database(d) => crate::util::sqlstate(d).as_deref() == Some("42501"),
-        _ => false,
-    }
+            | Error::PermissionDenied { .. }
+            | Error::Config { .. }
+            | Error::NoTokioRuntime
+            | Error::NotSetUp { .. }
+            | Error::ConnectionRejected { .. }
+            | Error::Stopped(_)
+    )
 }
 
 /// Arms the runtime's wake-up on the queue (see `wakeup.rs`). The arming is recorded before
@@ -908,7 +911,7 @@ async fn remove_arming(shared: &Shared) {
         .queue_channel(shared.queue.name());
     let owner = &shared.runtime.inner.owner;
     if let Err(e) = crate::notify::unwant(&shared.pool, &channel, owner).await {
-        tracing::debug!(queue = %shared.queue.name(), error = %e,
+        tracing::debug!(queue = %shared.queue.name(), error = %e.describe(),
             "could not remove the wake-up row; it expires by itself");
     }
 }
@@ -929,17 +932,17 @@ async fn ensure_queue(
     }
     // Best effort: creating an index needs the table's owner, which a worker need not be.
     if let Err(e) = shared.queue.index_dead_letters(&shared.pool).await {
-        tracing::debug!(queue = %shared.queue.name(), error = %e,
+        tracing::debug!(queue = %shared.queue.name(), error = %e.describe(),
             "could not index the dead letters by job id; finding a dead job by id scans them");
     }
     if shared.config.claims.priorities
         && let Err(e) = shared.queue.index_priorities(&shared.pool).await
     {
-        tracing::warn!(queue = %shared.queue.name(), error = %e,
+        tracing::warn!(queue = %shared.queue.name(), error = %e.describe(),
             "could not create the priority index; priority claims scan the queue until the queue's owner calls create_queue");
     }
     if let Err(e) = shared.queue.index_unique_keys(&shared.pool).await {
-        tracing::debug!(queue = %shared.queue.name(), error = %e,
+        tracing::debug!(queue = %shared.queue.name(), error = %e.describe(),
             "could not create the unique index on idempotency keys; pushes with a key fail until the queue's owner calls create_queue");
     }
     if let Some(missing) = shared
@@ -964,7 +967,7 @@ async fn ensure_queue(
         )
         .await
         {
-            tracing::warn!(queue = %shared.queue.name(), error = %e,
+            tracing::warn!(queue = %shared.queue.name(), error = %e.describe(),
                 "could not install the notification trigger; relying on polling and other producers' notifications");
         }
     }

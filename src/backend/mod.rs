@@ -8,6 +8,7 @@ mod fetch;
 mod results;
 mod sink;
 
+use crate::error::Describe;
 use std::{
     marker::PhantomData,
     sync::{Arc, Mutex, OnceLock, PoisonError},
@@ -17,7 +18,7 @@ use std::{
 use apalis_codec::json::JsonCodec;
 use apalis_core::{
     backend::{Backend, BackendConfig, WireFormatBackend, codec::Codec, finalize::Durable},
-    task::{Task, builder::TaskBuilder, task_id::TaskId},
+    task::{Task, builder::TaskBuilder},
     worker::context::WorkerContext,
 };
 use serde_json::{Value, json};
@@ -75,10 +76,7 @@ impl Shared {
         }
         self.runtime.inner.check_running()?;
         if tokio::runtime::Handle::try_current().is_err() {
-            return Err(Error::config(
-                "runtime",
-                "PgmqStorage workers must run inside a tokio runtime",
-            ));
+            return Err(Error::NoTokioRuntime);
         }
         self.ack.completer.get_or_init(|| {
             let inner = &self.runtime.inner;
@@ -176,11 +174,11 @@ pub(crate) async fn release(
                 && let Err(e) =
                     notify::wakeup::wake_others(pool, target, std::time::Duration::ZERO).await
             {
-                tracing::debug!(queue = %queue.name(), error = %e,
+                tracing::debug!(queue = %queue.name(), error = %e.describe(),
                     "could not wake other processes' workers; they find the messages at their next poll");
             }
         }
-        Err(e) => tracing::warn!(queue = %queue.name(), error = %e, count,
+        Err(e) => tracing::warn!(queue = %queue.name(), error = %e.describe(), count,
             "could not release held messages; they become visible when their lease lapses"),
     }
 }
@@ -535,7 +533,7 @@ where
             .max(meta.attempts.unwrap_or(0));
         let task_id = meta
             .task_id
-            .unwrap_or_else(|| TaskId::from_int(u64::try_from(m.msg_id).unwrap_or(0)));
+            .unwrap_or_else(|| crate::queue::task_id(m.msg_id));
         let mut builder = TaskBuilder::new(body)
             .task_id(task_id)
             .attempt(attempt_before)
@@ -654,6 +652,10 @@ where
 
 impl<Args, C> BackendConfig for PgmqStorage<Args, C> {
     type Args = Args;
+    /// The type apalis generates task ids with (`GenerateId`: apalis-workflow names the
+    /// tasks it fans out before they are pushed), not the message id: message ids are `i64`
+    /// throughout this crate (see [`task_id`](crate::task_id)). `GenerateId` cannot be
+    /// implemented for `i64`, and a generated id must exist before its message does.
     type Id = u64;
     type Kind = Durable;
     type Config = Config;

@@ -26,7 +26,7 @@ use std::{process::ExitCode, str::FromStr, time::Duration};
 
 use apalis_core::backend::RunningWorker;
 use apalis_pgmq_notify::{
-    Config, HumanDuration, JobRecord, NotifyChannels, NotifyMode, PgmqQueue, PgmqStorage,
+    Config, Error, HumanDuration, JobRecord, NotifyChannels, NotifyMode, PgmqQueue, PgmqStorage,
     QueueName, Runtime, disable_notify, drop_queue_and_dead_letters, enable_notify,
     notify_migration_sql, notify_mode, pause, pending_migrations, prune, prune_results,
     queues_overview, resume, running_workers, setup,
@@ -277,9 +277,38 @@ enum Failure {
     Failed(String),
 }
 
-impl<E: std::fmt::Display> From<E> for Failure {
-    fn from(e: E) -> Self {
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Self::Failed(explain(&e))
+    }
+}
+
+impl From<serde_json::Error> for Failure {
+    fn from(e: serde_json::Error) -> Self {
         Self::Failed(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Self::Failed(e.to_string())
+    }
+}
+
+/// An error as a command-line user acts on it: commands of this tool, never Rust functions.
+fn explain(e: &Error) -> String {
+    match e {
+        Error::NotSetUp { what } => format!(
+            "the database is not set up for apalis-pgmq-notify ({what}): run `apalis-pgmq-notify migrate`"
+        ),
+        Error::QueueMissing { queue } => format!(
+            "queue {queue:?} does not exist: create it with `apalis-pgmq-notify create-queue {queue}` \
+             (if the database is not set up yet, run `apalis-pgmq-notify migrate` first)"
+        ),
+        Error::ResultsUnreadable(why) => format!(
+            "job results cannot be read ({why}); grant SELECT on apalis_pgmq.results to this role, or run `apalis-pgmq-notify migrate` if the table is missing"
+        ),
+        other => other.to_string(),
     }
 }
 
@@ -311,15 +340,11 @@ async fn pool(cli: &Cli) -> Result<sqlx::PgPool, Failure> {
         Ok(Ok(conn)) => {
             let _ = conn.close().await;
         }
-        Ok(Err(e)) => {
-            return Err(Failure::Failed(format!(
-                "cannot connect to the database: {e}"
-            )));
-        }
+        Ok(Err(e)) => return Err(Error::from(e).into()),
         Err(_) => {
             return Err(Failure::Failed(format!(
-                "cannot connect to the database: no answer within {:?}",
-                cli.connect_timeout
+                "cannot reach the database: no answer within {}",
+                HumanDuration(cli.connect_timeout)
             )));
         }
     }
@@ -686,9 +711,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Validate { file } => {
             let config = Config::load(file).map_err(|e| match e {
                 // A range error names the setting but not the file.
-                e @ apalis_pgmq_notify::Error::Config { .. } => {
-                    Failure::Usage(format!("{file}: {e}"))
-                }
+                e @ Error::Config { .. } => Failure::Usage(format!("{file}: {e}")),
                 e => Failure::Usage(e.to_string()),
             })?;
             println!("{file}: valid; every effective setting (defaults filled in):");

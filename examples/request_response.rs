@@ -70,8 +70,10 @@ async fn main() -> Result<(), BoxDynError> {
                 item: item.to_owned(),
                 quantity,
             };
+            // A task: it could carry a key, a priority or an id of its own.
+            let task = TaskBuilder::new(q).priority(quantity as usize % 3).build();
             storage
-                .push_and_wait::<Price>(q, Duration::from_secs(30))
+                .push_and_wait::<Price>(task, Duration::from_secs(30))
                 .await
         });
     }
@@ -89,10 +91,11 @@ async fn main() -> Result<(), BoxDynError> {
 
     let refused = storage
         .push_and_wait::<Price>(
-            Quote {
+            TaskBuilder::new(Quote {
                 item: "durian".into(),
                 quantity: 1,
-            },
+            })
+            .build(),
             Duration::from_secs(30),
         )
         .await?;

@@ -16,6 +16,7 @@
 //! and raises its [`LostFlag`]; the ack layer then drops the handler's future, so the job stops
 //! before another worker can claim it, and writes no outcome.
 
+use crate::error::Describe;
 use std::{
     collections::HashMap,
     sync::{
@@ -253,11 +254,11 @@ pub(crate) async fn release(
             if let Some(target) = wake
                 && let Err(e) = wake_others(pool, target, Duration::ZERO).await
             {
-                tracing::debug!(queue = %queue.name(), error = %e,
+                tracing::debug!(queue = %queue.name(), error = %e.describe(),
                     "could not wake other processes' workers; they find the messages at their next poll");
             }
         }
-        Err(e) => tracing::warn!(queue = %queue.name(), error = %e, count,
+        Err(e) => tracing::warn!(queue = %queue.name(), error = %e.describe(), count,
             "could not release held messages; they become visible when their lease lapses"),
     }
 }
@@ -352,7 +353,7 @@ pub(crate) async fn keeper(
             Some(Err(e)) => {
                 failures += 1;
                 crate::obs::renewal_failed(queue.name().as_str());
-                tracing::warn!(error = %e, leases = batch.len(), "lease renewal failed; retrying");
+                tracing::warn!(error = %e.describe(), leases = batch.len(), "lease renewal failed; retrying");
                 let retry_at = Instant::now() + crate::util::error_backoff(failures).min(vt / 10);
                 tokio::time::sleep_until(retry_at.min(give_up_at)).await;
             }

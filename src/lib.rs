@@ -82,8 +82,14 @@
 //!   delivery ends with [`LeaseLost`], writing nothing).
 //! - An outcome PostgreSQL refuses never blocks the others (it is dead-lettered with the
 //!   reason); `RetryAfterError` and `DeferredError` use up attempts like any failure.
-//! - Errors say what to do: [`Error::NotSetUp`], [`Error::QueueMissing`],
-//!   [`Error::Unreachable`], [`Error::MissingPrivilege`].
+//! - Errors say what to do, one variant per thing a caller does about it (see [`Error`]):
+//!   retry ([`Error::is_retryable`]: [`Error::Conflict`], [`Error::Unreachable`]), fix the
+//!   connection settings ([`Error::ConnectionRejected`]), a setting ([`Error::Config`]), the
+//!   data ([`Error::Codec`]), set the database up ([`Error::NotSetUp`], [`Error::QueueMissing`],
+//!   [`Error::SchemaMismatch`]), grant a right ([`Error::MissingPrivilege`],
+//!   [`Error::PermissionDenied`]). No message carries PostgreSQL's "at line N".
+//! - Ids: a job's message id is an `i64` everywhere (PGMQ's `msg_id`); [`task_id`] gives the
+//!   apalis `TaskId` that finds it.
 //! - Order: a worker claims the messages visible longest first (by `vt`, from PGMQ's `vt`
 //!   index up to `now()`): messages scheduled for later are never scanned.
 //! - Claims adapt ([`Config::adaptive_claims`]): they grow from `fetch_batch_size` up to
@@ -105,6 +111,14 @@
 //! - Workflows: sequential `apalis_workflow::SteppedFlow` and `GraphFlow` (with
 //!   `store_results` on its workers: its fan-in waits with `WaitForCompletion`) run on this
 //!   backend.
+//!
+//! # Configuration
+//!
+//! One [`Config`], grouped by what each setting governs (`leases`, `claims`, `wakeups`,
+//! `retries`, `outcomes`, `pushes`, `retention`, `results`, `process`), built with
+//! `Config::default()` and consuming setters or loaded from a file that is the same struct, as
+//! TOML or JSON ([`Config::load`]), with durations written `"30s"`, `"7d"`
+//! ([`HumanDuration`]). Unknown keys and values out of range are refused with their key.
 //!
 //! # Wake-ups and events
 //!
@@ -146,7 +160,6 @@
 mod ack;
 mod backend;
 mod config;
-mod config_file;
 mod error;
 mod lease;
 mod migrate;
@@ -164,9 +177,12 @@ mod util;
 
 pub use ack::{AckLayer, AckService, HandlerPanicked, LeaseLost};
 pub use backend::{FAIR_EVERY, PgmqStorage, drop_queue_and_dead_letters, running_workers};
-pub use config::{Backoff, Config, DoneAction, ExhaustedAction, KilledAction};
-pub use config_file::ConfigFile;
-pub use error::{Error, QueueNameError, Result};
+pub use config::{
+    Backoff, ClaimConfig, Config, DoneAction, ExhaustedAction, KilledAction, LeaseConfig,
+    OutcomeConfig, ProcessConfig, PushConfig, ResultConfig, RetentionConfig, RetryConfig,
+    WakeupConfig, human::HumanDuration,
+};
+pub use error::{BoxDynError, Error, QueueNameError, Result};
 pub use migrate::{
     MIN_PGMQ_VERSION, PendingMigration, PgmqSource, SCHEMA, SetupReport, pending_migrations, setup,
 };
@@ -181,7 +197,7 @@ pub use ops::{
 pub use queue::{
     DEAD_LETTER_SUFFIX, DEFAULT_MAX_PAYLOAD_BYTES, Delay, HEADERS_KEY, JobRecord, JobState,
     MAX_QUEUE_NAME_LEN, Message, MessageInfo, NewMessage, PgmqQueue, Pushed, QueueCounts,
-    QueueInfo, QueueMetrics, QueueName, list_queues, metrics_all,
+    QueueInfo, QueueMetrics, QueueName, list_queues, metrics_all, msg_id, task_id,
 };
 pub use runtime::{
     DEFAULT_SHUTDOWN_GRACE, Runtime,

@@ -178,7 +178,7 @@ async fn install_pgmq(pool: &PgPool) -> Result<()> {
     tracing::info!("PGMQ not found; installing its SQL API from the embedded scripts");
     pgmq::install::install_sql_from_embedded(pool)
         .await
-        .map_err(|e| Error::PgmqInstall(e.to_string()))
+        .map_err(|e| Error::PgmqInstall(crate::error::without_server_line(&e.to_string())))
 }
 
 /// Without the `install-pgmq` feature this build cannot install PGMQ: says so.
@@ -461,7 +461,7 @@ async fn run_migration(conn: &mut PgConnection, m: &Migration) -> Result<()> {
         .map_err(|e| Error::Migration {
             version: m.version,
             name: m.name,
-            reason: e.to_string(),
+            reason: crate::error::describe(&e),
         })?;
     Ok(())
 }

@@ -70,11 +70,11 @@ pub async fn prepare_every_statement(pool: &PgPool, queue: &QueueName) -> Result
         }
         pool.prepare(sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(sql)))
             .await
-            .map_err(|e| {
-                Error::Config(format!(
-                    "statement {name} does not prepare: {}",
-                    Error::Database(e)
-                ))
+            .map_err(|e| match Error::from(e) {
+                e @ (Error::Unreachable { .. } | Error::ConnectionRejected { .. }) => e,
+                e => Error::SchemaMismatch {
+                    what: format!("statement {name} does not prepare: {e}"),
+                },
             })?;
         prepared += 1;
     }

@@ -44,11 +44,6 @@ pub(crate) fn truncate(text: &str, max: usize) -> String {
     format!("{}… [truncated, {} bytes in all]", &text[..end], text.len())
 }
 
-/// The SQLSTATE of a database error (`None` for other errors), for telling failures apart.
-pub(crate) fn sqlstate(e: &sqlx::Error) -> Option<std::borrow::Cow<'_, str>> {
-    e.as_database_error().and_then(|d| d.code())
-}
-
 /// Text safe to store in `jsonb` and bounded: NUL characters (which `jsonb` rejects) are
 /// written as the visible escape `\\u0000`, and the result is cut to at most about `max` bytes.
 pub(crate) fn clean_text(text: &str, max: usize) -> String {
@@ -72,8 +67,11 @@ pub(crate) async fn explain_pool_error(pool: &sqlx::PgPool, e: crate::Error) -> 
             let _ = conn.close().await;
             e
         }
-        Ok(Err(cause)) => crate::Error::Unreachable {
-            cause: cause.to_string(),
+        Ok(Err(cause)) => match crate::Error::from(cause) {
+            e @ (crate::Error::Unreachable { .. } | crate::Error::ConnectionRejected { .. }) => e,
+            other => crate::Error::Unreachable {
+                cause: other.to_string(),
+            },
         },
         Err(_) => crate::Error::Unreachable {
             cause: "no answer from the server within 5 s".to_owned(),

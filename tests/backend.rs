@@ -910,5 +910,8 @@ async fn invalid_config_is_refused() {
         Config::default().visibility_timeout(Duration::ZERO),
     )
     .expect_err("zero vt");
-    assert!(matches!(err, Error::Config(_)), "{err}");
+    assert!(
+        matches!(&err, Error::Config { setting, .. } if setting == "leases.visibility_timeout"),
+        "{err}"
+    );
 }

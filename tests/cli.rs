@@ -128,47 +128,165 @@ fn generate_migration_escapes_and_validates() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// The complete configuration file of the README's "Configuration" section.
+fn readme_config() -> String {
+    let readme = include_str!("../README.md");
+    let section = &readme[readme.find("## Configuration").expect("section")..];
+    let start = section.find("```toml\n").expect("a toml block") + "```toml\n".len();
+    section[start..][..section[start..].find("```").expect("end of block")].to_owned()
+}
+
+/// Every key of a TOML document, dotted.
+fn toml_keys(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
+    for (k, v) in table {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            toml::Value::Table(t) if key != "wakeups.mode" => toml_keys(&key, t, out),
+            _ => out.push(key),
+        }
+    }
+}
+
+#[test]
+fn validate_prints_every_setting_of_the_readme_file() {
+    let dir = std::env::temp_dir().join(format!("apq-cli-readme-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("apalis.toml");
+    let readme = readme_config();
+    std::fs::write(&file, &readme).expect("write");
+    // The README's file sets every setting, to its default.
+    let defaults = apalis_pgmq_notify::Config::default().settings();
+    let mut keys = Vec::new();
+    toml_keys("", &readme.parse::<toml::Table>().expect("toml"), &mut keys);
+    keys.sort();
+    let expected: Vec<String> = defaults.iter().map(|(k, _)| k.clone()).collect();
+    assert_eq!(keys, expected, "the README's file lists every setting");
+    assert_eq!(
+        apalis_pgmq_notify::Config::load(&file).expect("loads"),
+        apalis_pgmq_notify::Config::default()
+    );
+    let out = cli(&["validate", file.to_str().expect("path")], None);
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(shown.contains(": valid"), "{shown}");
+    for (key, value) in &defaults {
+        let line = shown
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(key.as_str()))
+            .unwrap_or_else(|| panic!("{key} not printed: {shown}"));
+        assert!(
+            line.trim_end().ends_with(value.as_str()),
+            "{line} != {value}"
+        );
+    }
+    assert!(!shown.contains("Config {"), "no Rust Debug text: {shown}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn validate_checks_config_files() {
     let dir = std::env::temp_dir().join(format!("apq-cli-validate-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
-    let good = dir.join("good.json");
-    std::fs::write(
-        &good,
-        r#"{"queue": "email", "max_attempts": 5, "backoff": {"base_ms": 200},
-            "notify": {"prefix": "app.", "mode": "message"}}"#,
-    )
-    .expect("write");
-    let out = cli(&["validate", good.to_str().expect("path")], None);
-    assert!(out.status.success(), "{}", text(&out));
-    let shown = text(&out);
-    assert!(shown.contains(": valid"), "{shown}");
-    assert!(shown.contains("queue               email"), "{shown}");
-    assert!(shown.contains("max attempts        5"), "{shown}");
-    assert!(!shown.contains("Config {"), "no Rust Debug text: {shown}");
+    for (name, body) in [
+        (
+            "good.json",
+            r#"{"retries": {"max_attempts": 5, "backoff": {"base": "200ms"}},
+                "wakeups": {"channels": {"prefix": "app."}, "mode": "message"}}"#,
+        ),
+        (
+            "good.toml",
+            "[retries]\nmax_attempts = 5\nbackoff = { base = \"200ms\" }\n\n[wakeups]\nmode = \"message\"\nchannels = { prefix = \"app.\" }\n",
+        ),
+    ] {
+        let good = dir.join(name);
+        std::fs::write(&good, body).expect("write");
+        let out = cli(&["validate", good.to_str().expect("path")], None);
+        assert!(out.status.success(), "{}", text(&out));
+        let shown = text(&out);
+        assert!(shown.contains(": valid"), "{shown}");
+        for line in [
+            "retries.max_attempts                5",
+            "retries.backoff.base                \"200ms\"",
+            "retries.backoff.max                 \"1h\"",
+            "wakeups.channels.prefix             \"app.\"",
+            "wakeups.mode                        \"message\"",
+        ] {
+            assert!(shown.contains(line), "{name}: {line}: {shown}");
+        }
+    }
     for (name, body, needle) in [
         (
-            "typo.json",
-            r#"{"queue": "email", "max_atempts": 5}"#,
-            "unknown field",
+            "typo.toml",
+            "[retries]\nmax_atempts = 5\n",
+            "unknown field `max_atempts`",
         ),
         (
-            "range.json",
-            r#"{"queue": "email", "fetch_batch_size": 0}"#,
-            "fetch_batch_size",
+            "typo.json",
+            r#"{"retries": {"max_atempts": 5}}"#,
+            "unknown field `max_atempts`",
         ),
-        ("name.json", r#"{"queue": "e-mail"}"#, "invalid queue name"),
+        (
+            "duration.toml",
+            "[leases]\nvisibility_timeout = \"soon\"\n",
+            "duration.toml:2:22: leases.visibility_timeout: invalid duration \"soon\"",
+        ),
+        (
+            "seconds.json",
+            r#"{"leases": {"visibility_timeout": 30}}"#,
+            "leases.visibility_timeout: invalid type: integer `30`",
+        ),
+        (
+            "range.toml",
+            "[claims]\nbatch_size = 0\n",
+            "range.toml: invalid configuration: claims.batch_size: must be within 1..=10000, got 0",
+        ),
         ("broken.json", "{", "EOF"),
+        ("config.yaml", "retries: {}", ".toml or .json"),
     ] {
         let path = dir.join(name);
         std::fs::write(&path, body).expect("write");
         let out = cli(&["validate", path.to_str().expect("path")], None);
         assert_eq!(out.status.code(), Some(2), "{name}: {}", text(&out));
         assert!(text(&out).contains(needle), "{name}: {}", text(&out));
+        assert!(!text(&out).contains("at line"), "{name}: {}", text(&out));
     }
     let out = cli(&["validate", "/nonexistent/config.json"], None);
     assert_eq!(out.status.code(), Some(2));
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn defaults_in_help_come_from_the_library() {
+    let out = cli(&["prune", "--help"], None);
+    let help = text(&out);
+    let d = apalis_pgmq_notify::Config::default();
+    for (flag, value) in [
+        ("--archive-retention", d.retention.archive),
+        ("--dead-letter-retention", d.retention.dead_letters),
+        ("--result-retention", d.results.retention),
+    ] {
+        let shown = apalis_pgmq_notify::HumanDuration(value.expect("a default retention"));
+        let at = help.find(flag).expect(flag);
+        let next = help[at..].find("[default: ").expect("a default") + at;
+        assert!(
+            help[next..].starts_with(&format!("[default: {shown}]")),
+            "{flag}: {help}"
+        );
+    }
+    let out = cli(&["enable-notify", "--help"], None);
+    let help = text(&out);
+    assert!(
+        help.contains(&format!("[default: {}]", d.wakeups.channels.prefix())),
+        "{help}"
+    );
+    assert!(
+        help.contains(&format!("[default: {}]", d.wakeups.mode.name())),
+        "{help}"
+    );
 }
 
 #[tokio::test]

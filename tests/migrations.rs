@@ -223,7 +223,10 @@ async fn a_job_of_each_kind_runs(db: &TestDb, queue: &str) {
         .build(|n: u32| async move { Ok::<u64, BoxDynError>(u64::from(n) * 10) });
     let (stop, join) = spawn_worker!(worker);
     let r = s
-        .push_and_wait::<u64>(4, WAIT)
+        .push_and_wait::<u64>(
+            apalis_core::task::builder::TaskBuilder::new(4).build(),
+            WAIT,
+        )
         .await
         .expect("the stored result");
     assert_eq!(r.status, Status::Done);

@@ -484,7 +484,7 @@ async fn subscribers_on_several_channels_get_one_reconnected_event_each() {
             .await
             .expect_err("an invalid namespace");
         assert!(
-            matches!(err, apalis_pgmq_notify::Error::Config(_)),
+            matches!(err, apalis_pgmq_notify::Error::Config { .. }),
             "{bad:?}: {err}"
         );
     }

@@ -42,7 +42,7 @@ async fn collect(s: &mut PgmqStorage<u32>, ids: Vec<TaskId>) -> Vec<TaskResult<u
 }
 
 fn tid(id: i64) -> TaskId {
-    TaskId::from_int(u64::try_from(id).expect("positive"))
+    apalis_pgmq_notify::task_id(id)
 }
 
 #[tokio::test]
@@ -52,9 +52,20 @@ async fn push_and_wait_returns_the_output_whatever_the_workers_keep() {
     let s = storage_on(&db.runtime(), "paw", Config::default());
     s.create_queue().await.expect("create");
     // No worker yet: the wait ends with a timeout naming the job, which is left alone.
-    match s.push_and_wait::<u64>(4, Duration::from_millis(300)).await {
-        Err(Error::Timeout { job_id, waited }) => {
-            assert!(job_id.parse::<i64>().is_ok(), "{job_id}");
+    match s
+        .push_and_wait::<u64>(TaskBuilder::new(4).build(), Duration::from_millis(300))
+        .await
+    {
+        Err(Error::Timeout {
+            task_id,
+            msg_id,
+            waited,
+        }) => {
+            assert_eq!(
+                task_id,
+                tid(msg_id),
+                "no task id of its own: the message id"
+            );
             assert_eq!(waited, Duration::from_millis(300));
         }
         other => panic!("expected a timeout, got {other:?}"),
@@ -64,7 +75,7 @@ async fn push_and_wait_returns_the_output_whatever_the_workers_keep() {
     let worker = WorkerBuilder::new("paw").backend(s.clone()).build(handler);
     let (stop, join) = spawn_worker!(worker);
     let r = s
-        .push_and_wait::<u64>(14, Duration::from_secs(60))
+        .push_and_wait::<u64>(TaskBuilder::new(14).build(), Duration::from_secs(60))
         .await
         .expect("result");
     assert_eq!(r.status, Status::Done);
@@ -201,7 +212,7 @@ async fn a_thousand_waiters_share_one_listener() {
     })
     .await;
     let later = s
-        .push_and_wait::<u64>(30, WAIT)
+        .push_and_wait::<u64>(TaskBuilder::new(30).build(), WAIT)
         .await
         .expect("the later job's result");
     assert_eq!(later.result, Ok(900));
@@ -438,7 +449,11 @@ async fn a_role_that_may_not_write_results_still_finishes_jobs() {
     let (stop, join) = spawn_worker!(worker);
     let waiting = tokio::spawn({
         let admin = admin.clone();
-        async move { admin.push_and_wait::<u64>(4, WAIT).await }
+        async move {
+            admin
+                .push_and_wait::<u64>(TaskBuilder::new(4).build(), WAIT)
+                .await
+        }
     });
     wait_for(WAIT, "the job to be archived", || async {
         (count(&db.pool, "SELECT count(*) FROM pgmq.a_norights").await == 1).then_some(())
@@ -455,7 +470,12 @@ async fn a_role_that_may_not_write_results_still_finishes_jobs() {
     waiting.abort();
     // A waiter that may not read the results hears so at once, rather than waiting in vain.
     let reader = storage_on(&runtime, queue, Config::default().listen(false));
-    match tokio::time::timeout(WAIT, reader.push_and_wait::<u64>(4, WAIT)).await {
+    match tokio::time::timeout(
+        WAIT,
+        reader.push_and_wait::<u64>(TaskBuilder::new(4).build(), WAIT),
+    )
+    .await
+    {
         Ok(Err(Error::ResultsUnreadable(why))) => {
             assert!(why.contains("permission denied"), "{why}")
         }
@@ -565,7 +585,10 @@ async fn results_expire() {
         .backend(s.clone())
         .build(handler);
     let (stop, join) = spawn_worker!(worker);
-    let r = s.push_and_wait::<u64>(4, WAIT).await.expect("result");
+    let r = s
+        .push_and_wait::<u64>(TaskBuilder::new(4).build(), WAIT)
+        .await
+        .expect("result");
     assert_eq!(r.status, Status::Done);
     stop_worker(stop, join).await;
     let name = QueueName::new("expiring").expect("name");
@@ -754,5 +777,84 @@ async fn a_task_id_longer_than_an_index_entry_keeps_its_result() {
         1,
         "archived once, not delivered again"
     );
+    stop_worker(stop, join).await;
+}
+
+/// `push_and_wait` takes a task: a waited job can have a key, a priority and a task id of its
+/// own, and a second wait with the same key waits for the first job instead of pushing.
+#[tokio::test]
+async fn a_waited_job_has_a_key_a_priority_and_its_own_task_id() {
+    let db = TestDb::setup().await;
+    let s = storage_on(
+        &db.runtime(),
+        "paw_task",
+        Config::default().priorities(true),
+    );
+    s.create_queue().await.expect("create");
+    let task = || {
+        TaskBuilder::new(7)
+            .idempotency_key("quote:7")
+            .priority(9)
+            .max_attempts(2)
+            .task_id(TaskId::from_string("order-7"))
+            .build()
+    };
+    // No worker yet: the timeout names the task by its own id, and the job is written with
+    // its key, priority, attempts and id.
+    let (task_id, msg_id) = match s
+        .push_and_wait::<u64>(task(), Duration::from_millis(200))
+        .await
+    {
+        Err(Error::Timeout {
+            task_id, msg_id, ..
+        }) => (task_id, msg_id),
+        other => panic!("expected a timeout, got {other:?}"),
+    };
+    assert_eq!(task_id, TaskId::from_string("order-7"));
+    let headers: serde_json::Value =
+        sqlx::query_scalar("SELECT headers->'apalis' FROM pgmq.q_paw_task WHERE msg_id = $1")
+            .bind(msg_id)
+            .fetch_one(&db.pool)
+            .await
+            .expect("the job");
+    assert_eq!(headers["idempotency_key"], "quote:7", "{headers}");
+    assert_eq!(headers["priority"], 9, "{headers}");
+    assert_eq!(headers["max_attempts"], 2, "{headers}");
+    assert_eq!(headers["task_id"], "order-7", "{headers}");
+    assert_eq!(headers["result"], true, "{headers}");
+    // A worker runs it; a second wait with the same key writes nothing and gets its result.
+    let worker = WorkerBuilder::new("paw_task")
+        .backend(s.clone())
+        .build(handler);
+    let (stop, join) = spawn_worker!(worker);
+    let again = s
+        .push_and_wait::<u64>(task(), WAIT)
+        .await
+        .expect("the first job's result");
+    assert_eq!(again.result, Ok(49));
+    assert_eq!(again.status, Status::Done);
+    assert_eq!(
+        again.task_id,
+        tid(msg_id),
+        "the job it waited for is the first one"
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM pgmq.a_paw_task").await,
+        1
+    );
+    // A fresh key: the result carries the task's own id.
+    let own = s
+        .push_and_wait::<u64>(
+            TaskBuilder::new(8)
+                .idempotency_key("quote:8")
+                .priority(3)
+                .task_id(TaskId::from_string("order-8"))
+                .build(),
+            WAIT,
+        )
+        .await
+        .expect("result");
+    assert_eq!(own.task_id, TaskId::from_string("order-8"));
+    assert_eq!(own.result, Ok(64));
     stop_worker(stop, join).await;
 }

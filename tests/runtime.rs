@@ -162,8 +162,14 @@ async fn shutdown_stops_workers_writes_outcomes_releases_leases_and_leaves_nothi
         .expect("push");
     // Someone waiting for a result that never comes, and an event subscriber.
     let unwaited = storage(&runtime, "rt_nobody").await;
-    let waiter =
-        tokio::spawn(async move { unwaited.push_and_wait::<()>(Job { id: 0 }, WAIT).await });
+    let waiter = tokio::spawn(async move {
+        unwaited
+            .push_and_wait::<()>(
+                apalis_core::task::builder::TaskBuilder::new(Job { id: 0 }).build(),
+                WAIT,
+            )
+            .await
+    });
     let mut events = QueueEvents::new(&runtime)
         .queue(&QueueName::new(queue).expect("name"))
         .subscribe()

@@ -288,7 +288,7 @@ async fn a_queue_without_the_key_index_says_what_to_do() {
         .push_task_with(&mut conn, keyed(1, "k"))
         .await
         .expect_err("refused");
-    assert!(matches!(e, Error::Config(_)), "{e:?}");
+    assert!(matches!(e, Error::SchemaMismatch { .. }), "{e:?}");
     assert!(e.to_string().contains("create_queue"), "{e}");
     assert_eq!(queued(&db, queue).await, 0, "nothing half-written");
     // Keyless pushes are unaffected; creating the queue again restores the index.
@@ -396,4 +396,51 @@ async fn a_key_pushed_in_an_open_transaction_decides_only_when_it_ends() {
     let pushed = waiting.await.expect("join");
     assert!(!pushed.is_duplicate() && pushed.id() != held.id());
     assert_eq!(queued(&db, queue).await, 2, "\"other\" and the second k");
+}
+
+/// `push_task_with` takes anything that gives one connection: the pool, a connection, or a
+/// transaction (whose pushes vanish with its rollback), and its future can be spawned.
+#[tokio::test]
+async fn push_task_with_takes_a_pool_a_connection_or_a_transaction() {
+    let db = TestDb::setup().await;
+    let queue = "acquire";
+    let s = storage(&db, queue, Config::default().listen(false)).await;
+    let by_pool = s
+        .push_task_with(&db.pool, keyed(1, "a"))
+        .await
+        .expect("with &pool");
+    let mut conn = db.pool.acquire().await.expect("conn");
+    let by_conn = s
+        .push_task_with(&mut conn, keyed(2, "b"))
+        .await
+        .expect("with &mut PoolConnection");
+    let again = s
+        .push_task_with(&mut *conn, keyed(3, "a"))
+        .await
+        .expect("with &mut PgConnection");
+    assert!(again.is_duplicate() && again.id() == by_pool.id());
+    assert!(!by_conn.is_duplicate());
+    drop(conn);
+    let mut tx = db.pool.begin().await.expect("begin");
+    let in_tx = s
+        .push_task_with(&mut tx, keyed(4, "c"))
+        .await
+        .expect("with &mut Transaction");
+    assert!(!in_tx.is_duplicate());
+    s.push_task_with(&mut tx, TaskBuilder::new(Job { id: 5 }).build())
+        .await
+        .expect("keyless, in the transaction");
+    tx.rollback().await.expect("rollback");
+    assert_eq!(
+        queued(&db, queue).await,
+        2,
+        "the transaction's pushes are gone"
+    );
+    let (s2, pool) = (s.clone(), db.pool.clone());
+    let spawned = tokio::spawn(async move {
+        let mut conn = pool.acquire().await.expect("conn");
+        s2.push_task_with(&mut conn, keyed(6, "c")).await
+    });
+    assert!(!spawned.await.expect("join").expect("push").is_duplicate());
+    assert_eq!(queued(&db, queue).await, 3);
 }

@@ -81,14 +81,20 @@ pub async fn ours(pool: &PgPool, p: &Params, system: &str) -> Res<Record> {
     let counters = Arc::new(Counters::default());
     let (stop, joins) = spawn_bench_workers!(s.clone(), 1usize, 10usize, counters);
     for _ in 0..10 {
-        s.push_and_wait::<()>(BenchJob { t: 0 }, Duration::from_secs(30))
-            .await?;
+        s.push_and_wait::<()>(
+            apalis::prelude::TaskBuilder::new(BenchJob { t: 0 }).build(),
+            Duration::from_secs(30),
+        )
+        .await?;
     }
     let mut samples = Vec::with_capacity(p.result_calls);
     for _ in 0..p.result_calls {
         let t = Instant::now();
         let r = s
-            .push_and_wait::<()>(BenchJob { t: 0 }, Duration::from_secs(30))
+            .push_and_wait::<()>(
+                apalis::prelude::TaskBuilder::new(BenchJob { t: 0 }).build(),
+                Duration::from_secs(30),
+            )
             .await?;
         samples.push(t.elapsed().as_micros() as u64);
         if r.status != Status::Done {
@@ -103,8 +109,11 @@ pub async fn ours(pool: &PgPool, p: &Params, system: &str) -> Res<Record> {
     for _ in 0..p.result_waiters {
         let s = s.clone();
         calls.spawn(async move {
-            s.push_and_wait::<()>(BenchJob { t: 0 }, Duration::from_secs(300))
-                .await
+            s.push_and_wait::<()>(
+                apalis::prelude::TaskBuilder::new(BenchJob { t: 0 }).build(),
+                Duration::from_secs(300),
+            )
+            .await
         });
     }
     while let Some(r) = calls.join_next().await {

@@ -402,7 +402,10 @@ pub async fn burst(pool: &PgPool, p: &Params, system: &str) -> Res<Vec<Record>> 
             calls.spawn(async move {
                 let t0 = Instant::now();
                 let r = s
-                    .push_and_wait::<()>(BenchJob { t }, Duration::from_secs(120))
+                    .push_and_wait::<()>(
+                        TaskBuilder::new(BenchJob { t }).build(),
+                        Duration::from_secs(120),
+                    )
                     .await;
                 (t0.elapsed(), r)
             });

@@ -7,6 +7,7 @@
 //! with backoff; the leases of its messages keep being renewed meanwhile, so nothing is handed
 //! to another worker while its outcome waits.
 
+use crate::error::Describe;
 use std::{sync::Arc, time::Duration};
 
 use futures::future::BoxFuture;
@@ -16,13 +17,14 @@ use sqlx::{PgPool, Postgres, pool::PoolConnection};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
+    error::pg::{is_data_error, is_privilege as is_privilege_error, is_undefined_table},
     lease::LeaseTable,
     notify::{
         WakeSignal,
         wakeup::{self, WakeTarget},
     },
     queue::{Action, MAX_DELAY, Outcome, PgmqQueue},
-    util::{Stop, error_backoff, sqlstate},
+    util::{Stop, error_backoff},
 };
 
 enum Command {
@@ -208,7 +210,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx, mut st
         if let (Some(d), Some(target)) = (soonest_retry, &ctx.wake_target)
             && let Err(e) = wakeup::wake_others(&ctx.pool, target, d).await
         {
-            tracing::debug!(error = %e,
+            tracing::debug!(error = %e.describe(),
                 "could not wake other processes' workers for a retry; they find it at their next poll");
         }
         written += n as u64;
@@ -229,7 +231,7 @@ async fn write_batch(
         match write(ctx, batch, conn).await {
             Ok(()) => return,
             Err(e) if is_data_error(&e) && batch.len() > 1 => {
-                tracing::warn!(error = %e, outcomes = batch.len(),
+                tracing::warn!(error = %e.describe(), outcomes = batch.len(),
                     "an outcome in a batch cannot be written; writing them one by one");
                 for c in batch {
                     write_one(ctx, c, conn).await;
@@ -242,7 +244,7 @@ async fn write_batch(
             }
             Err(e) => {
                 failures += 1;
-                tracing::warn!(error = %e, outcomes = batch.len(), failures,
+                tracing::warn!(error = %e.describe(), outcomes = batch.len(), failures,
                     "writing job outcomes failed; retrying");
                 if is_undefined_table(&e) {
                     // The queue or its dead-letter queue was dropped under us: recreate them.
@@ -270,12 +272,12 @@ async fn write_one(ctx: &CompleterCtx, c: &Outcome, conn: &mut Option<PoolConnec
             {
                 // The result is what PostgreSQL refused: keep the outcome, and say why the
                 // result is missing.
-                tracing::error!(msg_id = c.delivery.msg_id, error = %e,
+                tracing::error!(msg_id = c.delivery.msg_id, error = %e.describe(),
                     "a job's result cannot be stored; keeping its outcome with an error instead of the result");
                 if let Some(r) = current.result.as_mut() {
                     r.value = None;
                     r.error = Some(crate::util::clean_text(
-                        &format!("the job's result could not be stored: {e}"),
+                        &format!("the job's result could not be stored: {}", e.describe()),
                         crate::ack::MAX_ERROR_TEXT,
                     ));
                 }
@@ -283,16 +285,16 @@ async fn write_one(ctx: &CompleterCtx, c: &Outcome, conn: &mut Option<PoolConnec
             Err(e) if is_data_error(&e) => {
                 if matches!(&current.action, Action::DeadLetter { info } if info.get("reason") == Some(&Value::from("outcome_unwritable")))
                 {
-                    tracing::error!(msg_id = c.delivery.msg_id, error = %e,
+                    tracing::error!(msg_id = c.delivery.msg_id, error = %e.describe(),
                         "a job's outcome cannot be written, nor a dead letter for it; it will be delivered again when its lease lapses");
                     return;
                 }
-                tracing::error!(msg_id = c.delivery.msg_id, read_ct = c.delivery.read_ct, error = %e,
+                tracing::error!(msg_id = c.delivery.msg_id, read_ct = c.delivery.read_ct, error = %e.describe(),
                     "a job's outcome cannot be written; dead-lettering the message with the reason");
                 current.action = Action::DeadLetter {
                     info: serde_json::json!({
                         "reason": "outcome_unwritable",
-                        "error": crate::util::clean_text(&e.to_string(), crate::ack::MAX_ERROR_TEXT),
+                        "error": crate::util::clean_text(&e.describe(), crate::ack::MAX_ERROR_TEXT),
                         "intended": c.action.name(),
                     }),
                 };
@@ -300,29 +302,19 @@ async fn write_one(ctx: &CompleterCtx, c: &Outcome, conn: &mut Option<PoolConnec
                     r.status = "Failed";
                     r.value = None;
                     r.error = Some(crate::util::clean_text(
-                        &format!("the job's outcome could not be written: {e}"),
+                        &format!("the job's outcome could not be written: {}", e.describe()),
                         crate::ack::MAX_ERROR_TEXT,
                     ));
                 }
             }
             Err(e) => {
                 failures += 1;
-                tracing::warn!(msg_id = c.delivery.msg_id, error = %e, failures,
+                tracing::warn!(msg_id = c.delivery.msg_id, error = %e.describe(), failures,
                     "writing a job outcome failed; retrying");
                 tokio::time::sleep(error_backoff(failures)).await;
             }
         }
     }
-}
-
-/// Errors caused by the values of a statement (SQLSTATE classes 22 "data exception" and 54
-/// "program limit exceeded"): retrying the same values cannot succeed.
-fn is_data_error(e: &sqlx::Error) -> bool {
-    sqlstate(e).is_some_and(|code| code.starts_with("22") || code.starts_with("54"))
-}
-
-fn is_undefined_table(e: &sqlx::Error) -> bool {
-    sqlstate(e).as_deref() == Some("42P01")
 }
 
 /// Writes on the held connection (acquiring one if none is held); a connection that failed
@@ -336,7 +328,7 @@ async fn write(
 ) -> Result<(), sqlx::Error> {
     match write_outcomes(ctx, batch, conn, true).await {
         Err(e) if is_privilege_error(&e) && batch.iter().any(|c| c.result.is_some()) => {
-            tracing::error!(error = %e, outcomes = batch.len(),
+            tracing::error!(error = %e.describe(), outcomes = batch.len(),
                 "job results cannot be kept (grant INSERT, UPDATE on apalis_pgmq.results to the workers' role); writing the outcomes without them");
             write_outcomes(ctx, batch, conn, false).await
         }
@@ -373,9 +365,4 @@ async fn write_outcomes(
         );
     }
     Ok(())
-}
-
-/// The role lacks a right (SQLSTATE 42501).
-fn is_privilege_error(e: &sqlx::Error) -> bool {
-    sqlstate(e).as_deref() == Some("42501")
 }

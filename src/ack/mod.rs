@@ -236,7 +236,7 @@ where
         // Whose result to keep, if any: the id apalis sees (the producer's, or the message's).
         let keep_result = info.as_ref().and_then(|m| {
             let awaited = wants_result(m.headers.as_ref());
-            (self.shared.config.store_results || awaited).then(|| {
+            (self.shared.config.results.store || awaited).then(|| {
                 let id = task
                     .task_id()
                     .map_or_else(|| m.msg_id.to_string(), ToString::to_string);
@@ -265,7 +265,7 @@ where
         let started = std::time::Instant::now();
         let max_attempts = task
             .max_attempts()
-            .unwrap_or(self.shared.config.max_attempts as usize);
+            .unwrap_or(self.shared.config.retries.max_attempts as usize);
         // Shared with the task's clones: after the call it holds the runs reached, including
         // in-process (tower) retries.
         let attempt_counter = task.raw_attempt().clone();
@@ -344,7 +344,7 @@ where
                                     StoredResult::of(
                                         job_id,
                                         result.as_ref(),
-                                        shared.config.max_payload_bytes,
+                                        shared.config.pushes.max_payload_bytes,
                                         awaited,
                                     )
                                 });
@@ -431,7 +431,7 @@ pub(crate) fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// What a job that used up its attempts becomes.
 fn exhausted_action(config: &Config, dead_letter: Action) -> Action {
-    match config.on_exhausted {
+    match config.outcomes.on_exhausted {
         ExhaustedAction::Archive => Action::Archive,
         ExhaustedAction::Delete => Action::Delete,
         _ => dead_letter,
@@ -449,7 +449,7 @@ pub(crate) fn decide(
     unit: f64,
 ) -> Action {
     let Some(error) = error else {
-        return match config.on_done {
+        return match config.outcomes.on_done {
             DoneAction::Delete => Action::Delete,
             _ => Action::Archive,
         };
@@ -458,7 +458,7 @@ pub(crate) fn decide(
         info: json!({ "reason": reason, "error": error_text(&**error) }),
     };
     if error.is::<AbortError>() {
-        return match config.on_killed {
+        return match config.outcomes.on_killed {
             KilledAction::Archive => Action::Archive,
             KilledAction::DeadLetter => dead("killed"),
             _ => Action::Delete,
@@ -481,7 +481,7 @@ pub(crate) fn decide(
             return exhausted_action(config, dead("deferred_exhausted"));
         }
         return Action::Retry {
-            delay: config.defer_delay,
+            delay: config.retries.defer_delay,
         };
     }
     if exhausted {
@@ -489,7 +489,7 @@ pub(crate) fn decide(
     }
     let attempt = u32::try_from(attempt).unwrap_or(u32::MAX);
     Action::Retry {
-        delay: config.backoff.delay(attempt, unit),
+        delay: config.retries.backoff.delay(attempt, unit),
     }
 }
 

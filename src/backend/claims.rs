@@ -75,14 +75,14 @@ pub(crate) struct Claims {
 impl Claims {
     /// `pool_connections`: the pool's maximum size; overlapping claims use at most a quarter.
     pub(crate) fn new(config: &Config, pool_connections: u32) -> Self {
-        let first = config.fetch_batch_size.max(1);
-        let adaptive = config.adaptive_claims;
+        let first = config.claims.batch_size.max(1);
+        let adaptive = config.claims.adaptive;
         Self {
             adaptive,
             size: first,
             min: first.min(10),
             max: if adaptive {
-                config.max_fetch_batch_size.max(first)
+                config.claims.max_batch_size.max(first)
             } else {
                 first
             },
@@ -98,8 +98,8 @@ impl Claims {
             mark: None,
             more_waiting: false,
             sent: 0,
-            completion_batch: config.completion_batch_size,
-            priorities: config.priorities,
+            completion_batch: config.outcomes.batch_size,
+            priorities: config.claims.priorities,
         }
     }
 

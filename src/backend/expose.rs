@@ -21,6 +21,7 @@
 //! `THROUGHPUT_PER_SEC_5_MIN`. Pages are read with bounded index
 //! scans (see `src/queue/inspect.rs`).
 
+use crate::error::Describe;
 use std::time::Duration;
 
 use apalis_codec::json::JsonCodec;
@@ -96,7 +97,7 @@ fn to_task(rec: JobRecord, queue: &QueueName, default_max_attempts: usize) -> Ta
     let attempt = attempts.unwrap_or(0).max(read_ct);
     let body = rec.message.message.clone().unwrap_or(Value::Null);
     let mut b = TaskBuilder::new(body)
-        .task_id(TaskId::from_int(u64::try_from(rec.id).unwrap_or(0)))
+        .task_id(crate::queue::task_id(rec.id))
         .attempt(attempt)
         .status(status_of(rec.state))
         .max_attempts(meta.max_attempts.unwrap_or(default_max_attempts))
@@ -233,7 +234,7 @@ async fn counts_or_empty(pool: &PgPool, q: &PgmqQueue) -> QueueCounts {
     match q.counts(pool).await {
         Ok(c) => c,
         Err(e) => {
-            tracing::debug!(queue = %q.name(), error = %e, "could not count the queue's jobs");
+            tracing::debug!(queue = %q.name(), error = %e.describe(), "could not count the queue's jobs");
             QueueCounts::default()
         }
     }
@@ -301,14 +302,12 @@ async fn workers(pool: &PgPool, queue: Option<&str>) -> Result<Vec<RunningWorker
 
 impl<Args, C> PgmqStorage<Args, C> {
     fn default_max_attempts(&self) -> usize {
-        self.shared.config.max_attempts as usize
+        self.shared.config.retries.max_attempts as usize
     }
 
     /// The message id behind a task id.
     fn msg_id(task_id: &TaskId) -> Result<i64> {
-        task_id
-            .as_int()
-            .and_then(|i| i64::try_from(i).ok())
+        crate::queue::msg_id(task_id)
             .ok_or_else(|| Error::NotFound(format!("task id {task_id} is not a PGMQ message id")))
     }
 }

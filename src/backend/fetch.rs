@@ -29,6 +29,7 @@
 //! then the close step waits until the worker's outcomes are written, removes the runtime's
 //! wake-up row if it was the queue's last worker, and deletes the worker's registry row.
 
+use crate::error::Describe;
 use std::{
     collections::VecDeque,
     sync::{Arc, Mutex, MutexGuard, PoisonError, atomic::Ordering},
@@ -259,8 +260,8 @@ impl Fetcher {
         });
         let run = Loop {
             plan: Plan::new(
-                config.poll_interval,
-                config.poll_jitter,
+                config.wakeups.poll_interval,
+                config.wakeups.poll_jitter,
                 config.linger_polls(),
                 Box::new(crate::util::random_unit),
             ),
@@ -522,7 +523,7 @@ impl Loop {
                 );
             }
             Err(e) => {
-                tracing::error!(queue = %self.shared.queue.name(), error = %e,
+                tracing::error!(queue = %self.shared.queue.name(), error = %e.describe(),
                     "worker cannot run on this queue; stopping it");
                 return (None, Some(e));
             }
@@ -564,7 +565,7 @@ impl Loop {
                 Step::Arm => {
                     let armed = arm(&self.shared).await;
                     if let Err(e) = &armed {
-                        tracing::warn!(queue = %self.shared.queue.name(), error = %e,
+                        tracing::warn!(queue = %self.shared.queue.name(), error = %e.describe(),
                             "could not arm the wake-up; relying on polling until the next try");
                     }
                     self.plan.on_armed(Instant::now(), armed.is_ok());
@@ -574,7 +575,7 @@ impl Loop {
                     match wakeup::inserts_settled(&self.shared.pool, queue).await {
                         Ok(settled) => self.plan.on_settled(Instant::now(), settled),
                         Err(e) => {
-                            tracing::warn!(%queue, error = %e,
+                            tracing::warn!(%queue, error = %e.describe(),
                                 "could not check for in-flight inserts; relying on polling");
                             self.plan.on_settle_failed();
                         }
@@ -615,6 +616,7 @@ impl Loop {
         let margin = self
             .shared
             .config
+            .wakeups
             .poll_interval
             .mul_f64(wakeup::REARM_WHEN_LEFT_POLLS);
         let wants_arm = self.shared.announces() && self.shared.signal.wants_arming(margin);
@@ -660,7 +662,7 @@ impl Loop {
         self.failures += 1;
         let wait = error_backoff(self.failures);
         if self.failures == 1 || self.failures.is_power_of_two() {
-            tracing::error!(queue = %self.shared.queue.name(), error = %e, failures = self.failures,
+            tracing::error!(queue = %self.shared.queue.name(), error = %e.describe(), failures = self.failures,
                 retry_in = ?wait, "worker backend: {what} failed");
         }
         self.conns.clear();
@@ -864,21 +866,27 @@ async fn release_held(shared: &Shared, held: Vec<Delivery>) {
 
 /// Errors that retrying cannot fix: the worker stops with them.
 fn is_fatal(e: &Error) -> bool {
-    match e {
+    matches!(
+        e,
         Error::MissingPrivilege { .. }
-        | Error::Config(_)
-        | Error::NotSetUp { .. }
-        | Error::Stopped(_) => true,
-        Error::Database(d) => crate::util::sqlstate(d).as_deref() == Some("42501"),
-        _ => false,
-    }
+            | Error::PermissionDenied { .. }
+            | Error::Config { .. }
+            | Error::NoTokioRuntime
+            | Error::NotSetUp { .. }
+            | Error::ConnectionRejected { .. }
+            | Error::Stopped(_)
+    )
 }
 
 /// Arms the runtime's wake-up on the queue (see `wakeup.rs`). The arming is recorded before
 /// the write: a notification that answers it can arrive before the write returns.
 async fn arm(shared: &Shared) -> Result<()> {
-    let ttl = Arming::ttl(shared.config.poll_interval);
-    let channel = shared.config.channels.queue_channel(shared.queue.name());
+    let ttl = Arming::ttl(shared.config.wakeups.poll_interval);
+    let channel = shared
+        .config
+        .wakeups
+        .channels
+        .queue_channel(shared.queue.name());
     let generation = shared.signal.begin_arm(ttl);
     let owner = &shared.runtime.inner.owner;
     let armed = wakeup::arm(&shared.pool, &channel, owner, ttl, generation).await;
@@ -896,10 +904,14 @@ async fn remove_arming(shared: &Shared) {
     if !shared.announces() {
         return;
     }
-    let channel = shared.config.channels.queue_channel(shared.queue.name());
+    let channel = shared
+        .config
+        .wakeups
+        .channels
+        .queue_channel(shared.queue.name());
     let owner = &shared.runtime.inner.owner;
     if let Err(e) = crate::notify::unwant(&shared.pool, &channel, owner).await {
-        tracing::debug!(queue = %shared.queue.name(), error = %e,
+        tracing::debug!(queue = %shared.queue.name(), error = %e.describe(),
             "could not remove the wake-up row; it expires by itself");
     }
 }
@@ -920,17 +932,17 @@ async fn ensure_queue(
     }
     // Best effort: creating an index needs the table's owner, which a worker need not be.
     if let Err(e) = shared.queue.index_dead_letters(&shared.pool).await {
-        tracing::debug!(queue = %shared.queue.name(), error = %e,
+        tracing::debug!(queue = %shared.queue.name(), error = %e.describe(),
             "could not index the dead letters by job id; finding a dead job by id scans them");
     }
-    if shared.config.priorities
+    if shared.config.claims.priorities
         && let Err(e) = shared.queue.index_priorities(&shared.pool).await
     {
-        tracing::warn!(queue = %shared.queue.name(), error = %e,
+        tracing::warn!(queue = %shared.queue.name(), error = %e.describe(),
             "could not create the priority index; priority claims scan the queue until the queue's owner calls create_queue");
     }
     if let Err(e) = shared.queue.index_unique_keys(&shared.pool).await {
-        tracing::debug!(queue = %shared.queue.name(), error = %e,
+        tracing::debug!(queue = %shared.queue.name(), error = %e.describe(),
             "could not create the unique index on idempotency keys; pushes with a key fail until the queue's owner calls create_queue");
     }
     if let Some(missing) = shared
@@ -939,23 +951,23 @@ async fn ensure_queue(
             &shared.pool,
             &shared.dlq,
             shared.announces(),
-            shared.config.store_results,
+            shared.config.results.store,
         )
         .await?
     {
         return Err(missing);
     }
-    if shared.config.listen {
+    if shared.config.wakeups.listen {
         let c = &shared.config;
         if let Err(e) = crate::notify::ensure_notify(
             &shared.pool,
             shared.queue.name(),
-            &c.channels,
-            c.notify_mode,
+            &c.wakeups.channels,
+            c.wakeups.mode,
         )
         .await
         {
-            tracing::warn!(queue = %shared.queue.name(), error = %e,
+            tracing::warn!(queue = %shared.queue.name(), error = %e.describe(),
                 "could not install the notification trigger; relying on polling and other producers' notifications");
         }
     }
@@ -968,9 +980,9 @@ async fn ensure_queue(
             "LISTEN not active after 5 s; starting anyway with the fallback poll");
     }
     let retention = Retention {
-        archive: shared.config.archive_retention,
-        dead_letters: shared.config.dead_letter_retention,
-        results: shared.config.result_retention,
+        archive: shared.config.retention.archive,
+        dead_letters: shared.config.retention.dead_letters,
+        results: shared.config.results.retention,
         partitioned: shared.queue.is_partitioned(&shared.pool).await?,
     };
     Ok(shared
@@ -989,7 +1001,7 @@ async fn fetch(
     by_priority: bool,
 ) -> (Result<Vec<Message>>, Option<PoolConnection<Postgres>>) {
     let started = Instant::now();
-    let vt = shared.config.visibility_timeout;
+    let vt = shared.config.leases.visibility_timeout;
     let mut conn = match conn {
         Some(c) => c,
         None => match shared.pool.acquire().await {

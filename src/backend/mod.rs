@@ -17,7 +17,7 @@ use std::{
 use apalis_codec::json::JsonCodec;
 use apalis_core::{
     backend::{Backend, BackendConfig, WireFormatBackend, codec::Codec, finalize::Durable},
-    task::{Task, builder::TaskBuilder, task_id::TaskId},
+    task::{Task, builder::TaskBuilder},
     worker::context::WorkerContext,
 };
 use serde_json::{Value, json};
@@ -75,9 +75,7 @@ impl Shared {
         }
         self.runtime.inner.check_running()?;
         if tokio::runtime::Handle::try_current().is_err() {
-            return Err(Error::Config(
-                "PgmqStorage workers must run inside a tokio runtime".to_owned(),
-            ));
+            return Err(Error::NoTokioRuntime);
         }
         self.ack.completer.get_or_init(|| {
             let inner = &self.runtime.inner;
@@ -85,7 +83,7 @@ impl Shared {
                 self.leases.clone(),
                 self.pool.clone(),
                 self.queue.clone(),
-                self.config.visibility_timeout,
+                self.config.leases.visibility_timeout,
             );
             inner.spawn_queue_service(|stop| crate::lease::keeper(table, pool, queue, vt, stop));
             let (handle, run) = completer::completer(CompleterCtx {
@@ -95,9 +93,13 @@ impl Shared {
                 leases: self.leases.clone(),
                 signal: self.signal.clone(),
                 wake_target: self.wake_target(),
-                batch_size: self.config.completion_batch_size,
-                flush_interval: self.config.completion_flush_interval,
-                results_channel: self.config.channels.results_channel(self.queue.name()),
+                batch_size: self.config.outcomes.batch_size,
+                flush_interval: self.config.outcomes.flush_interval,
+                results_channel: self
+                    .config
+                    .wakeups
+                    .channels
+                    .results_channel(self.queue.name()),
             });
             inner.spawn_queue_service(run);
             handle
@@ -115,18 +117,19 @@ impl Shared {
 
     /// Whether idle workers announce themselves (listening, with an on-demand trigger).
     pub(crate) fn announces(&self) -> bool {
-        self.config.listen && self.config.notify_mode == notify::NotifyMode::OnDemand
+        self.config.wakeups.listen && self.config.wakeups.mode == notify::NotifyMode::OnDemand
     }
 
     /// Where wake-ups for this queue go, when workers listen.
     pub(crate) fn wake_target(&self) -> Option<notify::wakeup::WakeTarget> {
         let c = &self.config;
-        c.listen.then(|| notify::wakeup::WakeTarget {
+        c.wakeups.listen.then(|| notify::wakeup::WakeTarget {
             queue: self.queue.name().as_str().to_owned(),
-            queue_channel: c.channels.queue_channel(self.queue.name()),
+            queue_channel: c.wakeups.channels.queue_channel(self.queue.name()),
             namespace_channel: c
+                .wakeups
                 .channels
-                .namespace_channel(&c.channels.namespace(self.queue.name())),
+                .namespace_channel(&c.wakeups.channels.namespace(self.queue.name())),
             owner: self.runtime.inner.owner.clone(),
         })
     }
@@ -135,8 +138,12 @@ impl Shared {
     /// LISTEN on the queue's channel is active.
     pub(crate) fn subscribe(&self) -> (Subscription, Option<oneshot::Receiver<()>>) {
         let sub = self.signal.subscribe();
-        let ack = self.config.listen.then(|| {
-            let channel = self.config.channels.queue_channel(self.queue.name());
+        let ack = self.config.wakeups.listen.then(|| {
+            let channel = self
+                .config
+                .wakeups
+                .channels
+                .queue_channel(self.queue.name());
             self.signal.arm_on(channel.clone());
             self.runtime.inner.listen(channel)
         });
@@ -259,7 +266,7 @@ impl<Args, C> PgmqStorage<Args, C> {
     }
 
     fn build(runtime: &Runtime, queue: QueueName, config: Config, codec: C) -> Self {
-        let q = PgmqQueue::new(queue).with_max_payload_bytes(config.max_payload_bytes);
+        let q = PgmqQueue::new(queue).with_max_payload_bytes(config.pushes.max_payload_bytes);
         let dlq = q.dead_letter();
         let leases = Arc::new(LeaseTable::default());
         let ack = Arc::new(AckContext {
@@ -269,12 +276,12 @@ impl<Args, C> PgmqStorage<Args, C> {
             completer: OnceLock::new(),
         });
         let inner = &runtime.inner;
-        if config.listen {
-            inner.health_check_at_least_every(config.listener_health_check);
+        if config.wakeups.listen {
+            inner.health_check_at_least_every(config.process.listener_health_check);
         }
         inner
             .maintenance
-            .heartbeat_at_least_every(config.heartbeat_interval);
+            .heartbeat_at_least_every(config.process.heartbeat_interval);
         let signal = inner.signal(q.name());
         Self {
             shared: Arc::new(Shared {
@@ -359,20 +366,20 @@ impl<Args, C> PgmqStorage<Args, C> {
             .index_unique_keys(&self.shared.pool)
             .await?;
         let c = &self.shared.config;
-        if c.priorities {
+        if c.claims.priorities {
             self.shared
                 .queue
                 .index_priorities(&self.shared.pool)
                 .await?;
         }
-        if !c.listen {
+        if !c.wakeups.listen {
             return Ok(());
         }
         notify::ensure_notify(
             &self.shared.pool,
             self.shared.queue.name(),
-            &c.channels,
-            c.notify_mode,
+            &c.wakeups.channels,
+            c.wakeups.mode,
         )
         .await
     }
@@ -494,13 +501,13 @@ where
             .max(meta.attempts.unwrap_or(0));
         let task_id = meta
             .task_id
-            .unwrap_or_else(|| TaskId::from_int(u64::try_from(m.msg_id).unwrap_or(0)));
+            .unwrap_or_else(|| crate::queue::task_id(m.msg_id));
         let mut builder = TaskBuilder::new(body)
             .task_id(task_id)
             .attempt(attempt_before)
             .max_attempts(
                 meta.max_attempts
-                    .unwrap_or(self.shared.config.max_attempts as usize),
+                    .unwrap_or(self.shared.config.retries.max_attempts as usize),
             )
             .with_metadata(meta.metadata)
             .queue(self.shared.queue.name().as_str().into())
@@ -532,7 +539,7 @@ impl<Args, C> PgmqStorage<Args, C> {
     /// Sends a message that cannot become a task to the dead-letter queue, with the reason.
     fn dead_letter_undecodable(&self, m: &Message, error: &str) {
         let awaited = wants_result(m.headers.as_ref());
-        let result = (self.shared.config.store_results || awaited).then(|| {
+        let result = (self.shared.config.results.store || awaited).then(|| {
             let job_id = JobMeta::from_headers(m.headers.as_ref())
                 .task_id
                 .map_or_else(|| m.msg_id.to_string(), |t| t.to_string());
@@ -613,6 +620,10 @@ where
 
 impl<Args, C> BackendConfig for PgmqStorage<Args, C> {
     type Args = Args;
+    /// The type apalis generates task ids with (`GenerateId`: apalis-workflow names the
+    /// tasks it fans out before they are pushed), not the message id: message ids are `i64`
+    /// throughout this crate (see [`task_id`](crate::task_id)). `GenerateId` cannot be
+    /// implemented for `i64`, and a generated id must exist before its message does.
     type Id = u64;
     type Kind = Durable;
     type Config = Config;

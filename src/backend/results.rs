@@ -6,23 +6,22 @@ use std::{collections::HashMap, time::Duration};
 
 use apalis_core::{
     backend::{TaskResult, WaitForCompletion, codec::Codec},
-    task::{status::Status, task_id::TaskId},
+    task::{Task, status::Status, task_id::TaskId},
 };
 use futures::{StreamExt, stream::BoxStream};
 use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::{PgmqStorage, Shared};
 use crate::{
     error::{Error, Result},
-    queue::{Delay, HEADERS_KEY},
     runtime::results::{self, Ended, ResultRow},
 };
 
 /// A stored row as apalis' `TaskResult`, for the id the waiter asked for.
 fn task_result<O: DeserializeOwned>(asked: TaskId, row: ResultRow) -> Result<TaskResult<O>> {
     let status: Status = row.status.parse().map_err(|_| Error::ResultType {
-        job_id: asked.to_string(),
+        task_id: asked.clone(),
         expected: "a job status",
         error: format!("unknown status {:?}", row.status),
     })?;
@@ -32,7 +31,7 @@ fn task_result<O: DeserializeOwned>(asked: TaskId, row: ResultRow) -> Result<Tas
         (None, output) => Ok(
             serde_json::from_str::<O>(output.as_deref().unwrap_or("null")).map_err(|e| {
                 Error::ResultType {
-                    job_id: asked.to_string(),
+                    task_id: asked.clone(),
                     expected: std::any::type_name::<O>(),
                     error: e.to_string(),
                 }
@@ -62,10 +61,10 @@ fn wait_stream<O: DeserializeOwned + Send + 'static>(
     }
     let subscribe = async move {
         let c = &shared.config;
-        let channel = c.channels.results_channel(shared.queue.name());
+        let channel = c.wakeups.channels.results_channel(shared.queue.name());
         let watch = inner.result_watch(shared.queue.name(), channel.clone());
         let waiter = watch.register(asked.keys().cloned().collect());
-        inner.health_check_at_least_every(c.listener_health_check);
+        inner.health_check_at_least_every(c.process.listener_health_check);
         // Registered first, then listening, then the first look: a result written before the
         // look is read by it, one written after the LISTEN is active is announced.
         let _ = inner.listen(channel).await;
@@ -161,11 +160,18 @@ where
     C: Codec<Args, Compact = Value>,
     C::Error: std::error::Error + Send + Sync + 'static,
 {
-    /// Pushes a job and waits for its result, for at most `timeout`: the handler's output
-    /// (`Ok`), or, for a job that was killed or failed with no attempts left (dead-lettered),
-    /// its error (`Err` with the error's text) and status. The job's result is kept whatever
+    /// Pushes a task built with `TaskBuilder` (so it can have a key, a priority, a delay,
+    /// `max_attempts`, a task id, metadata; `TaskBuilder::new(args).build()` for none) and waits
+    /// for its result, for at most `timeout`: the handler's output (`Ok`), or, for a job that
+    /// was killed or failed with no attempts left (dead-lettered), its error (`Err` with the
+    /// error's text) and status. The job's result is kept whatever
     /// [`Config::store_results`](crate::Config::store_results) says on the workers (it asks for
     /// it in its headers), for [`Config::result_retention`](crate::Config::result_retention).
+    /// The result carries the task's own id when it has one.
+    ///
+    /// With an idempotency key that is taken, nothing is written and this waits for the job
+    /// that holds the key; its result is kept only if it too was pushed by `push_and_wait`, or
+    /// its workers store results (otherwise this ends with [`Error::Timeout`]).
     ///
     /// Woken by a notification from the statement that writes the result; many concurrent
     /// calls in a process share one listener and one reader.
@@ -175,39 +181,55 @@ where
     /// [`Error::Timeout`] if the job has not finished in time (it keeps going; its result can
     /// be read later with [`results`](Self::results)); [`Error::ResultType`] if the output does
     /// not decode as `O`; [`Error::ResultsUnreadable`] if the role may not read
-    /// `apalis_pgmq.results` (or `setup` has not created it); push errors ([`Error::PayloadTooLarge`], [`Error::Database`]).
+    /// `apalis_pgmq.results` (or `setup` has not created it); push errors
+    /// ([`Error::PayloadTooLarge`], [`Error::Codec`], database errors).
     ///
     /// # Example
     ///
     /// ```no_run
+    /// # use apalis_core::task::builder::TaskBuilder;
     /// # use apalis_pgmq_notify::{PgmqStorage, QueueName};
     /// # use std::time::Duration;
     /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
     /// # let runtime = apalis_pgmq_notify::Runtime::new(&pool);
     /// let storage = PgmqStorage::<u32>::new(&runtime, QueueName::new("square")?);
-    /// let done = storage.push_and_wait::<u64>(12, Duration::from_secs(10)).await?;
+    /// let task = TaskBuilder::new(12).priority(5).build();
+    /// let done = storage.push_and_wait::<u64>(task, Duration::from_secs(10)).await?;
     /// assert_eq!(done.take(), Ok(144));
     /// # Ok(()) }
     /// ```
     pub async fn push_and_wait<O: DeserializeOwned + Send + 'static>(
         &self,
-        job: Args,
+        task: Task<Args>,
         timeout: Duration,
     ) -> Result<TaskResult<O>> {
-        let body = self.encode_args(&job)?;
-        let headers = json!({ HEADERS_KEY: { "result": true } });
-        let id = self
-            .shared
-            .queue
-            .send_with(&self.shared.pool, &body, Some(&headers), Delay::Now)
-            .await?;
-        let task_id = TaskId::from_int(u64::try_from(id).unwrap_or(0));
-        let mut stream = wait_stream::<O>(self.shared.clone(), [task_id]);
+        let chosen = task.task_id().cloned();
+        let task = task.try_map_args(|a| self.encode_args(&a))?;
+        let encoded = super::sink::encode_task(&self.shared.queue, &task, true)?;
+        let pushed = {
+            let mut conn = match self.shared.pool.acquire().await {
+                Ok(c) => c,
+                Err(e) => {
+                    return Err(crate::util::explain_pool_error(&self.shared.pool, e.into()).await);
+                }
+            };
+            super::sink::push_encoded(&self.shared, &mut conn, &encoded).await?
+        };
+        // Wait by message id: unambiguous, and announced with every stored result.
+        let by_msg = pushed.task_id();
+        let own = chosen.filter(|_| !pushed.duplicate);
+        let mut stream = wait_stream::<O>(self.shared.clone(), [by_msg.clone()]);
         match tokio::time::timeout(timeout, stream.next()).await {
-            Ok(Some(result)) => result,
+            Ok(Some(result)) => result.map(|mut r| {
+                if let Some(id) = own {
+                    r.task_id = id;
+                }
+                r
+            }),
             Ok(None) => Err(Error::Stopped("the result watch")),
             Err(_) => Err(Error::Timeout {
-                job_id: id.to_string(),
+                task_id: own.unwrap_or(by_msg),
+                msg_id: pushed.id,
                 waited: timeout,
             }),
         }
@@ -228,7 +250,7 @@ where
     /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
     /// # let runtime = apalis_pgmq_notify::Runtime::new(&pool);
     /// let storage = PgmqStorage::<u32>::new(&runtime, QueueName::new("square")?);
-    /// for r in storage.results::<u64>([TaskId::from_int(7)]).await? {
+    /// for r in storage.results::<u64>([apalis_pgmq_notify::task_id(7)]).await? {
     ///     println!("{}: {:?} {:?}", r.task_id, r.status, r.result);
     /// }
     /// # Ok(()) }

@@ -10,7 +10,7 @@ use std::{
 use apalis_core::{backend::codec::Codec, task::Task};
 use futures::{FutureExt, Sink, future::BoxFuture};
 use serde_json::Value;
-use sqlx::PgExecutor;
+use sqlx::{Acquire, PgExecutor, Postgres};
 
 use super::{JobMeta, PgmqStorage};
 use crate::{
@@ -52,9 +52,26 @@ async fn send_all(
     Ok(())
 }
 
-/// Encodes a task (body, apalis headers, `run_at` delay) and checks its size.
-fn encode_task(queue: &PgmqQueue, task: &Task<Value>) -> Result<EncodedMessage> {
-    let headers = JobMeta::headers_of(task);
+/// Encodes a task (body, apalis headers, `run_at` delay) and checks its size. With
+/// `want_result`, the headers ask the workers to keep the job's result whatever their
+/// configuration says (`push_and_wait`).
+pub(super) fn encode_task(
+    queue: &PgmqQueue,
+    task: &Task<Value>,
+    want_result: bool,
+) -> Result<EncodedMessage> {
+    let mut headers = JobMeta::headers_of(task);
+    if want_result {
+        let h = headers.get_or_insert_with(|| serde_json::json!({}));
+        if let Some(h) = h.as_object_mut() {
+            let meta = h
+                .entry(crate::queue::HEADERS_KEY)
+                .or_insert_with(|| serde_json::json!({}));
+            if let Some(meta) = meta.as_object_mut() {
+                meta.insert("result".into(), Value::Bool(true));
+            }
+        }
+    }
     let delay = task
         .run_at()
         .map_or(Delay::Now, |at| delay_until(at, SystemTime::now()));
@@ -118,7 +135,7 @@ impl<Args, C: Unpin> Sink<Task<Value>> for PgmqStorage<Args, C> {
                 cx,
                 &shared.queue,
                 &shared.pool,
-                shared.config.idempotency_window,
+                shared.config.pushes.idempotency_window,
             );
         }
         Poll::Ready(Ok(()))
@@ -126,7 +143,7 @@ impl<Args, C: Unpin> Sink<Task<Value>> for PgmqStorage<Args, C> {
 
     fn start_send(self: Pin<&mut Self>, task: Task<Value>) -> Result<()> {
         let this = self.get_mut();
-        match encode_task(&this.shared.queue, &task) {
+        match encode_task(&this.shared.queue, &task, false) {
             Ok(encoded) => {
                 this.local().sink.buffer.push(encoded);
                 Ok(())
@@ -147,7 +164,7 @@ impl<Args, C: Unpin> Sink<Task<Value>> for PgmqStorage<Args, C> {
             cx,
             &shared.queue,
             &shared.pool,
-            shared.config.idempotency_window,
+            shared.config.pushes.idempotency_window,
         )
     }
 
@@ -164,7 +181,7 @@ where
     pub(super) fn encode_args(&self, args: &Args) -> Result<Value> {
         self.codec
             .encode(args)
-            .map_err(|e| Error::Config(format!("could not encode job arguments: {e}")))
+            .map_err(|e| Error::codec("job arguments", e))
     }
 
     /// Enqueues one job with `executor`: a pool, a connection, or your own transaction (the job
@@ -172,7 +189,7 @@ where
     ///
     /// # Errors
     ///
-    /// [`Error::PayloadTooLarge`] or an encoding error (nothing written), [`Error::Database`].
+    /// [`Error::PayloadTooLarge`] or [`Error::Codec`] (nothing written), database errors.
     ///
     /// # Example
     ///
@@ -196,8 +213,11 @@ where
     }
 
     /// Enqueues a task built with `TaskBuilder` (delay with `run_after`/`run_at_time`, max
-    /// attempts, priority, idempotency key, metadata) with `conn`: a pool connection, or your
-    /// own transaction (`&mut *tx`). Returns its `msg_id`.
+    /// attempts, priority, idempotency key, task id, metadata) with `conn`: anything that gives
+    /// one connection (`sqlx::Acquire`): `&pool`, `&mut conn` (a pool connection or a
+    /// `PgConnection`), or your own transaction, `&mut tx` (the job exists only if it
+    /// commits). Returns its `msg_id`. It needs one connection rather than any executor
+    /// because a push with a key may run its statement more than once.
     ///
     /// With an idempotency key, the job is written only if no job with that key is pending,
     /// scheduled, running or waiting for a retry on this queue (or, with
@@ -208,9 +228,11 @@ where
     ///
     /// # Errors
     ///
-    /// [`Error::PayloadTooLarge`] or an encoding error (nothing written), [`Error::Database`],
-    /// [`Error::Config`] if a key is given and the queue has no unique-key index (see
-    /// [`PgmqQueue::index_unique_keys`](crate::PgmqQueue::index_unique_keys)).
+    /// [`Error::PayloadTooLarge`] or [`Error::Codec`] (nothing written);
+    /// [`Error::SchemaMismatch`] if a key is given and the queue has no unique-key index (see
+    /// [`PgmqQueue::index_unique_keys`](crate::PgmqQueue::index_unique_keys));
+    /// [`Error::Conflict`] if, in a REPEATABLE READ or SERIALIZABLE transaction, the key is
+    /// taken by a job the transaction cannot see (retry the transaction); database errors.
     ///
     /// # Example
     ///
@@ -225,49 +247,75 @@ where
     ///     .run_after(Duration::from_secs(60))
     ///     .max_attempts(3)
     ///     .build();
-    /// let mut conn = pool.acquire().await?;
-    /// let pushed = storage.push_task_with(&mut conn, task).await?;
+    /// let pushed = storage.push_task_with(&pool, task).await?;
     /// let again = TaskBuilder::new("later@example.com".to_owned())
     ///     .idempotency_key("welcome:42")
     ///     .build();
-    /// let first = storage.push_task_with(&mut conn, again.clone()).await?;
-    /// let second = storage.push_task_with(&mut conn, again).await?;
+    /// let mut tx = pool.begin().await?;
+    /// let first = storage.push_task_with(&mut tx, again.clone()).await?;
+    /// let second = storage.push_task_with(&mut tx, again).await?;
+    /// tx.commit().await?;
     /// assert!(second.is_duplicate() && second.id() == first.id());
     /// # let _ = pushed;
     /// # Ok(()) }
     /// ```
-    pub async fn push_task_with(
+    // Written as a function returning a `Send` future (sqlx's advice for `Acquire`), so a
+    // push with `&mut conn` works inside `tokio::spawn`; the task is encoded before the
+    // future, which holds only the storage's shared state, the connection and the bytes.
+    pub fn push_task_with<'a, 'c, A>(
         &self,
-        conn: &mut sqlx::PgConnection,
+        conn: A,
         task: Task<Args>,
-    ) -> Result<Pushed> {
-        let task = task.try_map_args(|a| self.encode_args(&a))?;
-        let encoded = encode_task(&self.shared.queue, &task)?;
-        if let Some(key) = &encoded.key {
-            return self
-                .shared
-                .queue
-                .send_unique(conn, &encoded, key, self.shared.config.idempotency_window)
-                .await;
+    ) -> impl Future<Output = Result<Pushed>> + Send + 'a
+    where
+        A: Acquire<'c, Database = Postgres> + Send + 'a,
+    {
+        let shared = self.shared.clone();
+        let encoded = task
+            .try_map_args(|a| self.encode_args(&a))
+            .and_then(|task| encode_task(&shared.queue, &task, false));
+        async move {
+            let encoded = encoded?;
+            let mut conn = conn.acquire().await?;
+            push_encoded(&shared, &mut conn, &encoded).await
         }
-        let ids = self
-            .shared
-            .queue
-            .send_encoded(&mut *conn, std::slice::from_ref(&encoded))
-            .await?;
-        ids.first()
-            .map(|&id| Pushed {
-                id,
-                duplicate: false,
-            })
-            .ok_or_else(|| Error::Database(sqlx::Error::RowNotFound))
     }
+}
 
+/// Writes one encoded task on `conn`: with its key, unless the key is taken.
+pub(super) async fn push_encoded(
+    shared: &super::Shared,
+    conn: &mut sqlx::PgConnection,
+    encoded: &EncodedMessage,
+) -> Result<Pushed> {
+    if let Some(key) = &encoded.key {
+        return shared
+            .queue
+            .send_unique(conn, encoded, key, shared.config.pushes.idempotency_window)
+            .await;
+    }
+    let ids = shared
+        .queue
+        .send_encoded(&mut *conn, std::slice::from_ref(encoded))
+        .await?;
+    ids.first()
+        .map(|&id| Pushed {
+            id,
+            duplicate: false,
+        })
+        .ok_or_else(|| Error::Database(sqlx::Error::RowNotFound))
+}
+
+impl<Args, C> PgmqStorage<Args, C>
+where
+    C: Codec<Args, Compact = Value>,
+    C::Error: std::error::Error + Send + Sync + 'static,
+{
     /// Enqueues many jobs in one statement with `executor`; returns their `msg_id`s in order.
     ///
     /// # Errors
     ///
-    /// [`Error::PayloadTooLarge`] or an encoding error (nothing written), [`Error::Database`].
+    /// [`Error::PayloadTooLarge`] or [`Error::Codec`] (nothing written), database errors.
     ///
     /// # Example
     ///

@@ -14,19 +14,22 @@
 //! apalis-pgmq-notify prune [<queue>...] [--archive-retention 7d] [--dead-letter-retention 30d] [--result-retention 1d]
 //! apalis-pgmq-notify create-queue <queue> [--partitioned --partition-interval N --retention-interval N]
 //! apalis-pgmq-notify enable-notify|disable-notify|drop-queue <queue>...
-//! apalis-pgmq-notify generate-migration [<queue>...] / validate <config.json>
+//! apalis-pgmq-notify generate-migration [<queue>...] / validate <config.toml|config.json>
 //! ```
 //!
 //! Exit status: 0 on success, 1 when the operation fails, 2 for bad usage or input.
+//!
+//! Defaults that are settings of the library (retentions, channel names, notify mode) are
+//! taken from `Config::default()`, never written here.
 
 use std::{process::ExitCode, str::FromStr, time::Duration};
 
 use apalis_core::backend::RunningWorker;
 use apalis_pgmq_notify::{
-    ConfigFile, JobRecord, NotifyChannels, NotifyMode, PgmqQueue, PgmqStorage, QueueName, Runtime,
-    disable_notify, drop_queue_and_dead_letters, enable_notify, notify_migration_sql, notify_mode,
-    pause, pending_migrations, prune, prune_results, queues_overview, resume, running_workers,
-    setup,
+    Config, Error, HumanDuration, JobRecord, NotifyChannels, NotifyMode, PgmqQueue, PgmqStorage,
+    QueueName, Runtime, disable_notify, drop_queue_and_dead_letters, enable_notify,
+    notify_migration_sql, notify_mode, pause, pending_migrations, prune, prune_results,
+    queues_overview, resume, running_workers, setup,
 };
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
@@ -88,15 +91,15 @@ enum Command {
     /// Delete archived jobs and dead letters past their retention (default: every queue).
     Prune {
         queues: Vec<String>,
-        /// Keep archived (done) jobs this long.
-        #[arg(long, default_value = "7d", value_parser = duration)]
-        archive_retention: Duration,
-        /// Keep dead letters this long.
-        #[arg(long, default_value = "30d", value_parser = duration)]
-        dead_letter_retention: Duration,
-        /// Keep stored job results this long.
-        #[arg(long, default_value = "1d", value_parser = duration)]
-        result_retention: Duration,
+        /// Keep archived (done) jobs this long ("forever": keep them all).
+        #[arg(long, default_value_t = Keep(defaults().retention.archive))]
+        archive_retention: Keep,
+        /// Keep dead letters this long ("forever": keep them all).
+        #[arg(long, default_value_t = Keep(defaults().retention.dead_letters))]
+        dead_letter_retention: Keep,
+        /// Keep stored job results this long ("forever": keep them all).
+        #[arg(long, default_value_t = Keep(defaults().results.retention))]
+        result_retention: Keep,
     },
     /// Install LISTEN/NOTIFY triggers on existing PGMQ queues.
     EnableNotify {
@@ -126,7 +129,7 @@ enum Command {
         #[arg(long)]
         output: Option<String>,
     },
-    /// Check a storage configuration file.
+    /// Check a configuration file (.toml or .json) and print every effective setting.
     Validate { file: String },
     /// Create a queue with its dead-letter queue (and notification trigger).
     CreateQueue {
@@ -212,30 +215,60 @@ struct Output {
 
 #[derive(Args)]
 struct Channels {
-    /// Channel prefix (default apq.).
-    #[arg(long)]
-    prefix: Option<String>,
-    /// Regex with a (?P<namespace>...) group (default (?P<namespace>\w+)_queue).
-    #[arg(long)]
-    namespace_pattern: Option<String>,
-    /// Namespace of queues the pattern misses (default: default).
-    #[arg(long)]
-    default_namespace: Option<String>,
+    /// Channel prefix.
+    #[arg(long, default_value_t = defaults().wakeups.channels.prefix().to_owned())]
+    prefix: String,
+    /// Regex with a (?P<namespace>...) group.
+    #[arg(long, default_value_t = defaults().wakeups.channels.pattern().to_owned())]
+    namespace_pattern: String,
+    /// Namespace of queues the pattern misses.
+    #[arg(long, default_value_t = defaults().wakeups.channels.default_namespace().to_owned())]
+    default_namespace: String,
 }
 
 #[derive(Args)]
 struct Mode {
-    /// on_demand (default), batch (always) or message (one per message with the payload).
-    #[arg(long)]
-    mode: Option<String>,
-    /// Byte budget of a per-message event (message mode; default 7000).
+    /// on_demand (notify only while a worker waits), batch (always) or message (one per
+    /// message with the payload).
+    #[arg(long, default_value_t = defaults().wakeups.mode.name().to_owned())]
+    mode: String,
+    /// Byte budget of a per-message event (message mode; default: the library's).
     #[arg(long)]
     max_payload_bytes: Option<u16>,
 }
 
+/// The library's defaults: the one source of every default the CLI shows or uses.
+fn defaults() -> Config {
+    Config::default()
+}
+
 /// "7d", "30m", "10s", "1h 30m".
 fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (use e.g. 30s, 10m, 7d)"))
+    s.parse::<HumanDuration>().map(|d| d.0)
+}
+
+/// A retention: a duration, or "forever".
+#[derive(Clone, Copy)]
+struct Keep(Option<Duration>);
+
+impl std::fmt::Display for Keep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(d) => HumanDuration(d).fmt(f),
+            None => f.write_str("forever"),
+        }
+    }
+}
+
+impl FromStr for Keep {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.trim() == "forever" {
+            return Ok(Self(None));
+        }
+        duration(s).map(|d| Self(Some(d)))
+    }
 }
 
 /// A usage or input error (exit 2) or a failed operation (exit 1).
@@ -244,9 +277,38 @@ enum Failure {
     Failed(String),
 }
 
-impl<E: std::fmt::Display> From<E> for Failure {
-    fn from(e: E) -> Self {
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Self::Failed(explain(&e))
+    }
+}
+
+impl From<serde_json::Error> for Failure {
+    fn from(e: serde_json::Error) -> Self {
         Self::Failed(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Self::Failed(e.to_string())
+    }
+}
+
+/// An error as a command-line user acts on it: commands of this tool, never Rust functions.
+fn explain(e: &Error) -> String {
+    match e {
+        Error::NotSetUp { what } => format!(
+            "the database is not set up for apalis-pgmq-notify ({what}): run `apalis-pgmq-notify migrate`"
+        ),
+        Error::QueueMissing { queue } => format!(
+            "queue {queue:?} does not exist: create it with `apalis-pgmq-notify create-queue {queue}` \
+             (if the database is not set up yet, run `apalis-pgmq-notify migrate` first)"
+        ),
+        Error::ResultsUnreadable(why) => format!(
+            "job results cannot be read ({why}); grant SELECT on apalis_pgmq.results to this role, or run `apalis-pgmq-notify migrate` if the table is missing"
+        ),
+        other => other.to_string(),
     }
 }
 
@@ -255,27 +317,13 @@ fn queue(name: &str) -> Result<QueueName, Failure> {
 }
 
 fn channels(c: &Channels) -> Result<NotifyChannels, Failure> {
-    let mut ch = match &c.prefix {
-        Some(p) => NotifyChannels::with_prefix(p).map_err(|e| Failure::Usage(e.to_string()))?,
-        None => NotifyChannels::default(),
-    };
-    if c.namespace_pattern.is_some() || c.default_namespace.is_some() {
-        ch = ch
-            .namespace_pattern(
-                c.namespace_pattern
-                    .as_deref()
-                    .unwrap_or(apalis_pgmq_notify::DEFAULT_NAMESPACE_PATTERN),
-                c.default_namespace
-                    .as_deref()
-                    .unwrap_or(apalis_pgmq_notify::DEFAULT_NAMESPACE),
-            )
-            .map_err(|e| Failure::Usage(e.to_string()))?;
-    }
-    Ok(ch)
+    NotifyChannels::with_prefix(&c.prefix)
+        .and_then(|ch| ch.namespace_pattern(&c.namespace_pattern, &c.default_namespace))
+        .map_err(|e| Failure::Usage(e.to_string()))
 }
 
 fn mode(m: &Mode) -> Result<NotifyMode, Failure> {
-    NotifyMode::from_name(m.mode.as_deref(), m.max_payload_bytes)
+    NotifyMode::from_name(Some(&m.mode), m.max_payload_bytes)
         .map_err(|e| Failure::Usage(e.to_string()))
 }
 
@@ -292,15 +340,11 @@ async fn pool(cli: &Cli) -> Result<sqlx::PgPool, Failure> {
         Ok(Ok(conn)) => {
             let _ = conn.close().await;
         }
-        Ok(Err(e)) => {
-            return Err(Failure::Failed(format!(
-                "cannot connect to the database: {e}"
-            )));
-        }
+        Ok(Err(e)) => return Err(Error::from(e).into()),
         Err(_) => {
             return Err(Failure::Failed(format!(
-                "cannot connect to the database: no answer within {:?}",
-                cli.connect_timeout
+                "cannot reach the database: no answer within {}",
+                HumanDuration(cli.connect_timeout)
             )));
         }
     }
@@ -343,7 +387,7 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 fn age(secs: Option<f64>) -> String {
     match secs {
         None => "-".to_owned(),
-        Some(s) => humantime::format_duration(Duration::from_secs(s.max(0.0) as u64)).to_string(),
+        Some(s) => HumanDuration(Duration::from_secs(s.max(0.0) as u64)).to_string(),
     }
 }
 
@@ -546,7 +590,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 let secs = now.saturating_sub(i64::try_from(t).unwrap_or(now)).max(0);
                 format!(
                     "{} ago",
-                    humantime::format_duration(Duration::from_secs(secs.unsigned_abs()))
+                    HumanDuration(Duration::from_secs(secs.unsigned_abs()))
                 )
             };
             let rows: Vec<Vec<String>> = workers
@@ -589,14 +633,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 names.iter().map(|n| queue(n)).collect::<Result<_, _>>()?
             };
             for q in targets {
-                let n = prune(
-                    &pool,
-                    &q,
-                    Some(*archive_retention),
-                    Some(*dead_letter_retention),
-                )
-                .await?;
-                let results = prune_results(&pool, &q, *result_retention).await?;
+                let n = prune(&pool, &q, archive_retention.0, dead_letter_retention.0).await?;
+                let results = match result_retention.0 {
+                    Some(keep) => prune_results(&pool, &q, keep).await?,
+                    None => 0,
+                };
                 println!(
                     "{q}: {} archived and {} dead jobs deleted, {results} results",
                     n.archived, n.dead_letters
@@ -668,20 +709,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Validate { file } => {
-            let text = std::fs::read_to_string(file)
-                .map_err(|e| Failure::Usage(format!("{file}: {e}")))?;
-            let f =
-                ConfigFile::from_json(&text).map_err(|e| Failure::Usage(format!("{file}: {e}")))?;
-            println!("{file}: valid");
-            let c = &f.config;
-            let rows = vec![
-                vec!["queue".to_owned(), f.queue.to_string()],
-                vec![
-                    "visibility timeout".to_owned(),
-                    humantime::format_duration(c.get_visibility_timeout()).to_string(),
-                ],
-                vec!["max attempts".to_owned(), c.get_max_attempts().to_string()],
-            ];
+            let config = Config::load(file).map_err(|e| match e {
+                // A range error names the setting but not the file.
+                e @ Error::Config { .. } => Failure::Usage(format!("{file}: {e}")),
+                e => Failure::Usage(e.to_string()),
+            })?;
+            println!("{file}: valid; every effective setting (defaults filled in):");
+            let rows: Vec<Vec<String>> = config
+                .settings()
+                .into_iter()
+                .map(|(k, v)| vec![k, v])
+                .collect();
             print!("{}", table(&["SETTING", "VALUE"], &rows));
             Ok(())
         }

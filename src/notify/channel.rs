@@ -50,6 +50,14 @@ pub struct NotifyChannels {
     default_namespace: String,
 }
 
+impl PartialEq for NotifyChannels {
+    fn eq(&self, other: &Self) -> bool {
+        self.prefix == other.prefix
+            && self.pattern.as_str() == other.pattern.as_str()
+            && self.default_namespace == other.default_namespace
+    }
+}
+
 impl Default for NotifyChannels {
     fn default() -> Self {
         Self {
@@ -64,17 +72,19 @@ impl Default for NotifyChannels {
 /// Checks one part of a channel name: 1 to `max` bytes of `[a-z0-9_.]`.
 pub(crate) fn check_part(what: &str, value: &str, max: usize) -> Result<()> {
     if value.is_empty() || value.len() > max {
-        return Err(Error::Config(format!(
-            "{what} {value:?} must be 1 to {max} bytes"
-        )));
+        return Err(Error::config(
+            what,
+            format!("{value:?} must be 1 to {max} bytes"),
+        ));
     }
     if let Some(c) = value
         .chars()
         .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_' || *c == '.'))
     {
-        return Err(Error::Config(format!(
-            "{what} {value:?} has {c:?}; use lower-case ASCII letters, digits, '_' and '.'"
-        )));
+        return Err(Error::config(
+            what,
+            format!("{value:?} has {c:?}; use lower-case ASCII letters, digits, '_' and '.'"),
+        ));
     }
     Ok(())
 }
@@ -103,11 +113,12 @@ impl NotifyChannels {
     /// default namespace is not 1 to 43 bytes of `[a-z0-9_.]`.
     pub fn namespace_pattern(mut self, pattern: &str, default_namespace: &str) -> Result<Self> {
         let re = Regex::new(pattern)
-            .map_err(|e| Error::Config(format!("namespace pattern {pattern:?}: {e}")))?;
+            .map_err(|e| Error::config("namespace pattern", format!("{pattern:?}: {e}")))?;
         if !re.capture_names().any(|n| n == Some("namespace")) {
-            return Err(Error::Config(format!(
-                "namespace pattern {pattern:?} has no (?P<namespace>...) group"
-            )));
+            return Err(Error::config(
+                "namespace pattern",
+                format!("{pattern:?} has no (?P<namespace>...) group"),
+            ));
         }
         check_part("default namespace", default_namespace, MAX_QUEUE_NAME_LEN)?;
         self.pattern = re;
@@ -119,6 +130,18 @@ impl NotifyChannels {
     #[must_use]
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// The namespace pattern.
+    #[must_use]
+    pub fn pattern(&self) -> &str {
+        self.pattern.as_str()
+    }
+
+    /// The namespace of queues the pattern does not match.
+    #[must_use]
+    pub fn default_namespace(&self) -> &str {
+        &self.default_namespace
     }
 
     /// `<prefix>q.<queue>`.

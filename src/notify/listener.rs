@@ -14,6 +14,7 @@
 //! listener's connection from a task of its own; on a dead connection that task waits until
 //! the operating system gives up on the socket, and holds nothing of ours.)
 
+use crate::error::Describe;
 use std::{
     collections::BTreeSet,
     future::Future,
@@ -131,8 +132,10 @@ pub(crate) async fn run<D: Dispatch>(
                 let wait = error_backoff(failures);
                 if failures == 1 || failures.is_power_of_two() {
                     match failed {
-                        Ok(Err(e)) => tracing::warn!(error = %e, failures, retry_in = ?wait,
-                            "LISTEN connection failed; workers fall back to polling until it is back"),
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e.describe(), failures, retry_in = ?wait,
+                            "LISTEN connection failed; workers fall back to polling until it is back")
+                        }
                         _ => tracing::warn!(bound = ?health, failures, retry_in = ?wait,
                             "connecting and LISTENing did not finish in time; abandoning the attempt (workers fall back to polling until it is back)"),
                     }
@@ -180,7 +183,7 @@ pub(crate) async fn run<D: Dispatch>(
                     match tokio::time::timeout(health / 2, ping).await {
                         Ok(Ok(())) => last_heard = tokio::time::Instant::now(),
                         Ok(Err(e)) => {
-                            tracing::warn!(error = %e,
+                            tracing::warn!(error = %e.describe(),
                                 "LISTEN connection failed its health check; reconnecting");
                             break;
                         }
@@ -209,7 +212,7 @@ pub(crate) async fn run<D: Dispatch>(
                                 let _ = ack.send(());
                             }
                             Ok(Err(e)) => {
-                                tracing::warn!(error = %e, "LISTEN failed; reconnecting");
+                                tracing::warn!(error = %e.describe(), "LISTEN failed; reconnecting");
                                 channels.insert(channel);
                                 waiting.push(ack);
                                 break;
@@ -235,7 +238,7 @@ pub(crate) async fn run<D: Dispatch>(
                         break;
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
+                        tracing::warn!(error = %e.describe(), "LISTEN connection lost; reconnecting");
                         break;
                     }
                 },

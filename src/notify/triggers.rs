@@ -71,21 +71,30 @@ impl NotifyMode {
             ("on_demand", None) => Self::OnDemand,
             ("batch", None) => Self::Batch,
             ("batch" | "on_demand", Some(_)) => {
-                return Err(Error::Config(
-                    "max_payload_bytes applies to the message mode only".to_owned(),
+                return Err(Error::config(
+                    "max_payload_bytes",
+                    "applies to the message mode only",
                 ));
             }
             ("message", bytes) => Self::Message {
                 max_payload_bytes: bytes.unwrap_or(DEFAULT_MESSAGE_PAYLOAD_BYTES),
             },
             (other, _) => {
-                return Err(Error::Config(format!(
-                    "notify mode must be \"on_demand\", \"batch\" or \"message\", got {other:?}"
-                )));
+                return Err(Error::config(
+                    "notify mode",
+                    format!("must be \"on_demand\", \"batch\" or \"message\", got {other:?}"),
+                ));
             }
         };
         parsed.validate()?;
         Ok(parsed)
+    }
+
+    /// The mode's name as a file or the CLI writes it: `"on_demand"`, `"batch"` or
+    /// `"message"`.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        self.sql_parts().0
     }
 
     fn sql_parts(self) -> (&'static str, i32) {
@@ -99,9 +108,12 @@ impl NotifyMode {
     fn validate(self) -> Result<()> {
         let (_, bytes) = self.sql_parts();
         if !(256..=7999).contains(&bytes) {
-            return Err(Error::Config(format!(
-                "max_payload_bytes must be within 256..=7999 (NOTIFY payloads are limited to 8000 bytes), got {bytes}"
-            )));
+            return Err(Error::config(
+                "max_payload_bytes",
+                format!(
+                    "must be within 256..=7999 (NOTIFY payloads are limited to 8000 bytes), got {bytes}"
+                ),
+            ));
         }
         Ok(())
     }

@@ -62,11 +62,11 @@ impl PgmqQueue {
             .fetch_one(pool)
             .await?;
         if !available {
-            return Err(Error::Config(
-                "partitioned queues need the pg_partman extension on the server \
-                 (Debian: apt-get install postgresql-<major>-partman)"
+            return Err(Error::SchemaMismatch {
+                what: "partitioned queues need the pg_partman extension on the server \
+                       (Debian: apt-get install postgresql-<major>-partman)"
                     .to_owned(),
-            ));
+            });
         }
         if !created {
             sqlx::raw_sql(crate::sql::CREATE_PARTMAN)

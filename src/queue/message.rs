@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use apalis_core::task::task_id::TaskId;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{Row, postgres::PgRow};
@@ -175,6 +176,13 @@ impl Pushed {
         self.id
     }
 
+    /// The job's apalis task id by its message id ([`task_id`]), for
+    /// [`results`](crate::PgmqStorage::results) and `WaitForCompletion`.
+    #[must_use]
+    pub fn task_id(&self) -> TaskId {
+        task_id(self.id)
+    }
+
     /// Whether the key was taken and nothing was written.
     #[must_use]
     pub fn is_duplicate(&self) -> bool {
@@ -244,7 +252,7 @@ impl QueueMetrics {
 pub struct MessageInfo {
     /// The queue the message came from.
     pub queue: QueueName,
-    /// PGMQ's message id (also the task id).
+    /// PGMQ's message id (the task id unless the producer chose one; see [`task_id`]).
     pub msg_id: i64,
     /// PGMQ's read count: this delivery's attempt number, starting at 1.
     pub read_ct: i32,
@@ -258,6 +266,43 @@ pub struct MessageInfo {
     /// time it had: its send time, a delay, a backoff, a lapsed lease). Now minus this, when
     /// the handler starts, is the job's pickup latency.
     pub visible_since: DateTime<Utc>,
+}
+
+/// The apalis task id of the job with message id `msg_id`.
+///
+/// Ids are `i64` throughout this crate's API (PGMQ's `bigint msg_id`, what SQL and every PGMQ
+/// client see, and `BackendConfig::Id`); apalis' integer task ids are `u64`. PGMQ's ids are
+/// never negative, so this is `TaskId::Int` of the same number; a negative number (which PGMQ
+/// never makes) becomes a string id, never another job's id.
+///
+/// Every place that takes a task id (`results`, `WaitForCompletion`, `FetchById`) also
+/// finds a job by this form of its message id, even when its producer chose a task id.
+///
+/// # Example
+///
+/// ```
+/// use apalis_core::task::task_id::TaskId;
+/// assert_eq!(apalis_pgmq_notify::task_id(42), TaskId::from_int(42));
+/// assert_eq!(apalis_pgmq_notify::msg_id(&TaskId::from_int(42)), Some(42));
+/// ```
+#[must_use]
+pub fn task_id(msg_id: i64) -> TaskId {
+    u64::try_from(msg_id).map_or_else(
+        |_| TaskId::from_string(msg_id.to_string()),
+        TaskId::from_int,
+    )
+}
+
+/// The message id a task id stands for, if it is one: the inverse of [`task_id`].
+#[must_use]
+pub fn msg_id(task_id: &TaskId) -> Option<i64> {
+    match task_id.as_int() {
+        Some(n) => i64::try_from(n).ok(),
+        None => task_id
+            .as_string()
+            .and_then(|s| s.parse().ok())
+            .filter(|n: &i64| *n < 0),
+    }
 }
 
 /// The longest delay this crate gives a message (a retry, a delayed push): PostgreSQL cannot

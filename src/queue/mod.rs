@@ -32,7 +32,7 @@ pub(crate) use inspect::PRUNE_BATCH;
 pub use inspect::{JobRecord, JobState, QueueCounts};
 pub use message::{
     DEFAULT_MAX_PAYLOAD_BYTES, Delay, Message, MessageInfo, NewMessage, Pushed, QueueInfo,
-    QueueMetrics,
+    QueueMetrics, msg_id, task_id,
 };
 pub(crate) use message::{EncodedMessage, MAX_DELAY};
 pub use name::{DEAD_LETTER_SUFFIX, MAX_QUEUE_NAME_LEN, QueueName};

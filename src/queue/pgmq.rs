@@ -443,10 +443,12 @@ impl PgmqQueue {
                 return Ok(Pushed { id, duplicate });
             }
         }
-        Err(Error::Config(format!(
-            "job key {key:?} on queue {} is taken by a job this transaction cannot see (REPEATABLE READ or SERIALIZABLE); retry the transaction",
-            self.name
-        )))
+        Err(Error::Conflict {
+            reason: format!(
+                "job key {key:?} on queue {} is taken by a job this transaction cannot see (REPEATABLE READ or SERIALIZABLE)",
+                self.name
+            ),
+        })
     }
 
     pub(super) async fn read_with<'c, E: PgExecutor<'c>>(
@@ -500,13 +502,16 @@ impl PgmqQueue {
 /// A push with a key on a queue without the unique-key index (SQLSTATE 42P10: no constraint
 /// matches the `ON CONFLICT`) gets an error that says what to do.
 fn unique_index_missing(e: sqlx::Error, queue: &QueueName) -> Error {
-    if crate::util::sqlstate(&e).as_deref() == Some("42P10") {
-        return Error::Config(format!(
-            "queue {queue} has no unique index on idempotency keys: call PgmqStorage::create_queue \
-             (or PgmqQueue::index_unique_keys) as the queue's owner; partitioned queues cannot have one"
-        ));
+    if crate::error::pg::is_missing_unique_index(&e) {
+        return Error::SchemaMismatch {
+            what: format!(
+                "queue {queue} has no unique index on idempotency keys: call PgmqStorage::create_queue \
+                 (or PgmqQueue::index_unique_keys, or `apalis-pgmq-notify create-queue {queue}`) as \
+                 the queue's owner; partitioned queues cannot have one"
+            ),
+        };
     }
-    Error::Database(e)
+    Error::from(e)
 }
 
 /// Every queue, from `pgmq.list_queues()`.

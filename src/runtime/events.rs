@@ -162,11 +162,12 @@ impl QueueEvents {
     /// down.
     pub async fn subscribe(self) -> Result<EventStream> {
         if self.topics.is_empty() {
-            return Err(Error::Config("subscribe to at least one topic".to_owned()));
+            return Err(Error::config("topics", "subscribe to at least one topic"));
         }
         if self.buffer == 0 {
-            return Err(Error::Config(
-                "event buffer must hold at least one event".to_owned(),
+            return Err(Error::config(
+                "buffer",
+                "the event buffer must hold at least one event",
             ));
         }
         let mut channel_names = Vec::new();

@@ -19,6 +19,7 @@
 //!   dropped): disarming, releasing held messages, deleting rows. They run in order, and those
 //!   still queued when the runtime stops run before the service ends.
 
+use crate::error::Describe;
 use std::{
     collections::HashMap,
     sync::{
@@ -283,7 +284,7 @@ impl Inner {
             )
             .await
             {
-                tracing::warn!(worker = name, queue = %queue.name(), error = %e,
+                tracing::warn!(worker = name, queue = %queue.name(), error = %e.describe(),
                     "could not register the worker; it runs, but is not listed until the next heartbeat");
             }
             lock(&m.workers).insert(id.clone(), entry);
@@ -312,7 +313,7 @@ impl Registration {
             .execute(&inner.pool)
             .await
         {
-            tracing::debug!(error = %e, "could not remove the worker's row; it expires by itself");
+            tracing::debug!(error = %e.describe(), "could not remove the worker's row; it expires by itself");
         }
     }
 }
@@ -383,7 +384,7 @@ async fn do_chore(inner: &Inner, chore: Chore) {
         } => {
             if let Err(e) = crate::notify::wakeup::disarm(pool, &channel, &owner, generation).await
             {
-                tracing::debug!(%channel, error = %e,
+                tracing::debug!(%channel, error = %e.describe(),
                     "could not disarm an answered wake-up; producers notify until it expires");
             }
         }
@@ -400,13 +401,13 @@ async fn do_chore(inner: &Inner, chore: Chore) {
                 .execute(pool)
                 .await
             {
-                tracing::debug!(error = %e, "could not remove a worker's row; it expires by itself");
+                tracing::debug!(error = %e.describe(), "could not remove a worker's row; it expires by itself");
             }
         }
         Chore::Unwant { owner, channels } => {
             for c in &channels {
                 if let Err(e) = crate::notify::unwant(pool, c, &owner).await {
-                    tracing::debug!(channel = %c, error = %e,
+                    tracing::debug!(channel = %c, error = %e.describe(),
                         "could not remove an event subscription's row; it expires by itself");
                 }
             }
@@ -426,7 +427,7 @@ async fn heartbeat_round(inner: &Inner, interval: Duration, next_prune: &mut Ins
             return;
         }
         if let Err(e) = beat(pool, &inner.owner, interval, &entries).await {
-            tracing::warn!(error = %e, workers = entries.len(), "worker heartbeat failed");
+            tracing::warn!(error = %e.describe(), workers = entries.len(), "worker heartbeat failed");
         }
     }
     let queues: Vec<_> = lock(&m.retention).values().cloned().collect();
@@ -462,7 +463,7 @@ async fn heartbeat_round(inner: &Inner, interval: Duration, next_prune: &mut Ins
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(queue = %queue.name(), error = %e, "pruning job results failed");
+                    tracing::warn!(queue = %queue.name(), error = %e.describe(), "pruning job results failed");
                 }
             }
         }
@@ -481,7 +482,7 @@ async fn refresh_subscriptions(inner: &Inner) {
                 crate::notify::want(&inner.pool, c, &owner, SUBSCRIPTION_TTL.as_secs_f64(), true)
                     .await
             {
-                tracing::debug!(error = %e, "could not refresh an event subscription");
+                tracing::debug!(error = %e.describe(), "could not refresh an event subscription");
             }
         }
     }
@@ -510,7 +511,9 @@ async fn maintain_elected(pool: &PgPool, queue: &PgmqQueue) {
             tracing::debug!(queue = %queue.name(), dropped, "dropped archive partitions past retention");
         }
         Ok(_) => {}
-        Err(e) => tracing::warn!(queue = %queue.name(), error = %e, "partition maintenance failed"),
+        Err(e) => {
+            tracing::warn!(queue = %queue.name(), error = %e.describe(), "partition maintenance failed")
+        }
     }
 }
 
@@ -520,7 +523,9 @@ async fn sample_gauges(pool: &PgPool, queue: &PgmqQueue) {
     match queue.counts_elected(pool).await {
         Ok(Some(c)) => crate::obs::queue_jobs(queue.name().as_str(), &c),
         Ok(None) => {}
-        Err(e) => tracing::debug!(queue = %queue.name(), error = %e, "could not sample the queue"),
+        Err(e) => {
+            tracing::debug!(queue = %queue.name(), error = %e.describe(), "could not sample the queue")
+        }
     }
 }
 
@@ -542,7 +547,7 @@ async fn prune_elected(pool: &PgPool, queue: &PgmqQueue, dead_letters: bool, kee
             }
             Ok(None) => break,
             Err(e) => {
-                tracing::warn!(queue = %queue.name(), error = %e, "pruning {what} failed");
+                tracing::warn!(queue = %queue.name(), error = %e.describe(), "pruning {what} failed");
                 break;
             }
         }

@@ -20,6 +20,7 @@
 //!   cannot succeed (the role may not read the table, or it is missing) ends its waiters with
 //!   the error; so does the runtime's shutdown.
 
+use crate::error::Describe;
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, Mutex, Weak},
@@ -313,12 +314,12 @@ pub(crate) async fn run(watch: Weak<ResultWatch>, mut stop: Stop) {
                 }
                 Err(e) if cannot_read(&e) => {
                     // Waiting cannot help: the role lacks the right, or the table is missing.
-                    tracing::error!(queue = %w.queue, error = %e, "job results cannot be read");
+                    tracing::error!(queue = %w.queue, error = %e.describe(), "job results cannot be read");
                     w.fail(Some(chunk), &Ended::Unreadable(e.to_string()));
                 }
                 Err(e) => {
                     failures += 1;
-                    tracing::warn!(queue = %w.queue, error = %e, failures,
+                    tracing::warn!(queue = %w.queue, error = %e.describe(), failures,
                         "reading job results for waiters failed; retrying");
                     lock(&w.state).look = Look::All;
                     let pause = error_backoff(failures);
@@ -343,10 +344,8 @@ pub(crate) async fn run(watch: Weak<ResultWatch>, mut stop: Stop) {
 /// Errors that retrying cannot cure: a missing right, a missing table (setup not run).
 fn cannot_read(e: &crate::Error) -> bool {
     match e {
-        crate::Error::NotSetUp { .. } => true,
-        crate::Error::Database(d) => {
-            matches!(crate::util::sqlstate(d).as_deref(), Some("42501" | "42P01"))
-        }
+        crate::Error::NotSetUp { .. } | crate::Error::PermissionDenied { .. } => true,
+        crate::Error::Database(d) => crate::error::pg::is_undefined_table(d),
         _ => false,
     }
 }

@@ -258,9 +258,10 @@ pub(crate) async fn check(dir: &Path, pool: &PgPool) -> Res<Report> {
     for list in runs.values_mut() {
         list.sort_by_key(|r| r.start);
     }
-    let mut runs_by_lid: BTreeMap<u64, usize> = BTreeMap::new();
+    // Every run of a producer's id, in start order per message.
+    let mut runs_of: BTreeMap<u64, Vec<&Run>> = BTreeMap::new();
     for r in runs.values().flatten() {
-        *runs_by_lid.entry(r.lid).or_default() += 1;
+        runs_of.entry(r.lid).or_default().push(r);
     }
 
     // -------- the fault log
@@ -371,10 +372,10 @@ pub(crate) async fn check(dir: &Path, pool: &PgPool) -> Res<Report> {
         let outcome = match found {
             [] => {
                 // Deleted by design: an abort job whose last run returned AbortError.
-                let aborted = runs
-                    .values()
-                    .filter_map(|r| r.iter().filter(|r| r.lid == *lid).next_back())
-                    .any(|r| r.how == "abort");
+                let aborted = runs_of
+                    .get(lid)
+                    .and_then(|r| r.iter().max_by_key(|r| r.start))
+                    .is_some_and(|r| r.how == "abort");
                 if aborted {
                     "deleted"
                 } else {
@@ -440,7 +441,7 @@ pub(crate) async fn check(dir: &Path, pool: &PgPool) -> Res<Report> {
         let Some((_, _, false)) = p.acked else {
             continue;
         };
-        let ran = runs_by_lid.get(lid).copied().unwrap_or(0);
+        let ran = runs_of.get(lid).map_or(0, Vec::len);
         if p.kind == Some(JobKind::Poison) {
             if ran > 0 {
                 poison_ran.push(*lid);
@@ -552,12 +553,9 @@ pub(crate) async fn check(dir: &Path, pool: &PgPool) -> Res<Report> {
         };
         // run_after is whole seconds of the producer's clock: visible at most 1 s early.
         let due = p.tried_at + d * 1000;
-        let first = runs
-            .values()
-            .flatten()
-            .filter(|r| r.lid == *lid)
-            .map(|r| r.start)
-            .min();
+        let first = runs_of
+            .get(lid)
+            .and_then(|r| r.iter().map(|r| r.start).min());
         if first.is_some_and(|f| f + 1_000_000 < due) {
             early.push(*lid);
         }

@@ -6,6 +6,10 @@ cd "$(dirname "$0")/.."
 cargo test --all-features "$@"
 echo "== fault suite"
 cargo run -q -p apalis-pgmq-notify-faults -- run
+echo "== fault campaign: two minutes of random faults (FAULTS.md)"
+# A random seed each run, printed first and on failure: replay with --seed N.
+cargo test -q -p apalis-pgmq-notify-faults
+cargo run -q -p apalis-pgmq-notify-faults -- campaign --minutes 2
 for example in $(ls examples/*.rs 2>/dev/null | xargs -n1 basename | sed 's/\.rs$//'); do
   # The board serves until stopped: the browser check below runs it.
   [ "$example" = board ] && continue

@@ -679,16 +679,29 @@ struct Pending {
 
 /// Applies the schedule; returns when its time is up, with every fault healed and every slot
 /// running a worker.
+/// What applying faults needs besides the schedule and the slots.
+struct FaultEnv<'a> {
+    pg: Option<&'a PgControl>,
+    /// The orchestrator's own pool, straight to the server (terminations).
+    pool: &'a PgPool,
+    exe: &'a Path,
+    dir: &'a Path,
+    flog: &'a JsonLog,
+}
+
 async fn run_faults(
     plan: &[Fault],
     slots: &mut [Slot],
     minutes: f64,
-    pg: Option<&PgControl>,
-    pool: &PgPool,
-    exe: &Path,
-    dir: &Path,
-    flog: &JsonLog,
+    env: FaultEnv<'_>,
 ) -> Res<()> {
+    let FaultEnv {
+        pg,
+        pool,
+        exe,
+        dir,
+        flog,
+    } = env;
     let start = tokio::time::Instant::now();
     let total = Duration::from_secs_f64(minutes * 60.0);
     let mut pending: Vec<Pending> = Vec::new();
@@ -1151,7 +1164,7 @@ pub(crate) async fn campaign(args: &[String]) -> Res<bool> {
         base.priorities(true),
     )?;
     prio.create_queue().await?;
-    let db_name = format!("faults_campaign");
+    let db_name = "faults_campaign";
     std::fs::write(
         dir.join("campaign.json"),
         serde_json::to_string_pretty(&json!({
@@ -1208,17 +1221,14 @@ pub(crate) async fn campaign(args: &[String]) -> Res<bool> {
     let producing = tokio::spawn(produce(producers.clone(), seed, minutes));
 
     let flog = JsonLog::open(&dir.join("faults.log"))?;
-    let faults = run_faults(
-        &plan,
-        &mut slots,
-        minutes,
-        ctx.pg.as_ref(),
-        &db.pool,
-        &ctx.exe,
-        &dir,
-        &flog,
-    )
-    .await;
+    let env = FaultEnv {
+        pg: ctx.pg.as_ref(),
+        pool: &db.pool,
+        exe: &ctx.exe,
+        dir: &dir,
+        flog: &flog,
+    };
+    let faults = run_faults(&plan, &mut slots, minutes, env).await;
     let pushed = producing.await?;
     faults?;
     println!(
@@ -1279,4 +1289,58 @@ pub(crate) async fn campaign(args: &[String]) -> Res<bool> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_replays_the_same_schedule() {
+        let a = serde_json::to_string(&schedule(42, 10.0, 4)).unwrap();
+        let b = serde_json::to_string(&schedule(42, 10.0, 4)).unwrap();
+        let c = serde_json::to_string(&schedule(43, 10.0, 4)).unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn an_hour_schedules_every_supported_kind_and_no_hook() {
+        let plan = schedule(7, 60.0, SLOTS.len());
+        for k in FaultKind::ALL {
+            let n = plan.iter().filter(|f| f.kind == k).count();
+            assert_eq!(n > 0, k.supported(), "{k:?}: {n}");
+        }
+        assert!(plan.iter().all(|f| f.at_ms < 3_600_000));
+        assert!(plan.windows(2).all(|w| w[0].at_ms < w[1].at_ms));
+    }
+
+    #[test]
+    fn faults_that_hold_a_slot_never_overlap_on_it() {
+        for seed in 0..20 {
+            let plan = schedule(seed, 30.0, 4);
+            for slot in 0..4 {
+                let held: Vec<&Fault> = plan
+                    .iter()
+                    .filter(|f| f.kind.holds_slot() && f.slot == Some(slot))
+                    .collect();
+                for w in held.windows(2) {
+                    assert!(w[0].at_ms + w[0].dur_ms < w[1].at_ms, "seed {seed}: {w:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rng_ranges_are_inclusive_and_bounded() {
+        let mut rng = Rng::new(1);
+        let mut seen = [false; 3];
+        for _ in 0..1000 {
+            let x = rng.range(2, 4);
+            assert!((2..=4).contains(&x));
+            seen[(x - 2) as usize] = true;
+        }
+        assert_eq!(seen, [true; 3]);
+        assert_eq!(rng.weighted(&[0, 5, 0]), 1);
+    }
 }

@@ -81,6 +81,15 @@ fn ids<T: std::fmt::Display>(v: &[T]) -> String {
     )
 }
 
+/// A dead letter: the job's msg_id, its own, the producer's id, the key, the reason.
+type DeadRow = (
+    Option<i64>,
+    i64,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+);
+
 /// Every message of the campaign's queues, archives and dead-letter queues, with the producer's
 /// id read from its body (0 when unreadable).
 async fn read_db(pool: &PgPool) -> Res<Vec<(u64, DbMsg)>> {
@@ -107,13 +116,7 @@ async fn read_db(pool: &PgPool) -> Res<Vec<(u64, DbMsg)>> {
                 },
             ));
         }
-        let rows: Vec<(
-            Option<i64>,
-            i64,
-            Option<i64>,
-            Option<String>,
-            Option<String>,
-        )> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        let rows: Vec<DeadRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT (headers->'apalis_dead_letter'->>'msg_id')::bigint, msg_id, {lid}, \
                         headers->'apalis'->>'idempotency_key', \
                         headers->'apalis_dead_letter'->>'reason' \
@@ -419,7 +422,7 @@ pub(crate) async fn check(dir: &Path, pool: &PgPool) -> Res<Report> {
         }
     }
     for lid in by_lid.keys() {
-        if !pushes.get(lid).is_some_and(|p| p.kind.is_some()) {
+        if pushes.get(lid).is_none_or(|p| p.kind.is_none()) {
             phantom.push(*lid);
         }
     }

@@ -35,6 +35,8 @@ struct DbMsg {
     reason: Option<String>,
     /// Seconds until visible (queued rows).
     vt_in: f64,
+    /// The `read_ct` it was archived with: the delivery whose outcome was written.
+    read_ct: i32,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -98,12 +100,14 @@ async fn read_db(pool: &PgPool) -> Res<Vec<(u64, DbMsg)>> {
                THEN (message->>'lid')::bigint END";
     let id = |l: Option<i64>| l.and_then(|l| u64::try_from(l).ok()).unwrap_or(0);
     for q in [QUEUE, PRIO_QUEUE] {
-        let rows: Vec<(i64, Option<i64>, Option<String>)> = sqlx::query_as(sqlx::AssertSqlSafe(
-            format!("SELECT msg_id, {lid}, headers->'apalis'->>'idempotency_key' FROM pgmq.a_{q}"),
-        ))
-        .fetch_all(pool)
-        .await?;
-        for (msg, lid, key) in rows {
+        let rows: Vec<(i64, Option<i64>, Option<String>, i32)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT msg_id, {lid}, headers->'apalis'->>'idempotency_key', read_ct \
+                 FROM pgmq.a_{q}"
+            )))
+            .fetch_all(pool)
+            .await?;
+        for (msg, lid, key, read_ct) in rows {
             out.push((
                 id(lid),
                 DbMsg {
@@ -113,6 +117,7 @@ async fn read_db(pool: &PgPool) -> Res<Vec<(u64, DbMsg)>> {
                     key,
                     reason: None,
                     vt_in: 0.0,
+                    read_ct,
                 },
             ));
         }
@@ -134,6 +139,7 @@ async fn read_db(pool: &PgPool) -> Res<Vec<(u64, DbMsg)>> {
                     key,
                     reason,
                     vt_in: 0.0,
+                    read_ct: 0,
                 },
             ));
         }
@@ -154,6 +160,7 @@ async fn read_db(pool: &PgPool) -> Res<Vec<(u64, DbMsg)>> {
                     key,
                     reason: None,
                     vt_in,
+                    read_ct: 0,
                 },
             ));
         }
@@ -426,7 +433,22 @@ pub(crate) async fn check(dir: &Path, pool: &PgPool) -> Res<Report> {
             phantom.push(*lid);
         }
     }
-    let r1 = lost.len()
+    // The read_ct fence: an archived job was archived by the delivery whose run finished ok.
+    let mut unfenced = Vec::new();
+    for (lid, m) in &msgs {
+        if m.place != Place::Archived {
+            continue;
+        }
+        let by_that_delivery = runs.get(&(m.q.clone(), m.msg)).is_some_and(|r| {
+            r.iter()
+                .any(|r| r.rc == i64::from(m.read_ct) && r.how == "ok")
+        });
+        if !by_that_delivery {
+            unfenced.push(format!("{lid} (msg {}, read_ct {})", m.msg, m.read_ct));
+        }
+    }
+    let r1 = unfenced.len()
+        + lost.len()
         + doubled.len()
         + unfinished.len()
         + wrong_id.len()
@@ -563,7 +585,18 @@ pub(crate) async fn check(dir: &Path, pool: &PgPool) -> Res<Report> {
             early.push(*lid);
         }
     }
-    ok &= early.is_empty() && unexpected_exits.is_empty();
+    // A process asked to stop at the end (stdin closed) that had to be killed after 30 s.
+    let unstoppable: Vec<String> = deaths
+        .iter()
+        .filter(|(_, (_, cause))| cause.starts_with("did not stop"))
+        .map(|(pid, _)| {
+            format!(
+                "pid {pid} (slot {})",
+                slot_of.get(pid).copied().unwrap_or(0)
+            )
+        })
+        .collect();
+    ok &= early.is_empty() && unexpected_exits.is_empty() && unstoppable.is_empty();
 
     // -------- the report
     let _ = writeln!(out, "\nfaults applied (skipped) by kind:");
@@ -620,6 +653,10 @@ pub(crate) async fn check(dir: &Path, pool: &PgPool) -> Res<Report> {
         "1. outcome not the one its kind must have",
         &st(&wrong_outcome),
     );
+    line(
+        "1. archived, but no run of that delivery finished ok",
+        &unfenced,
+    );
     line("1. refused duplicate, yet written", &st(&refused_written));
     line(
         "1. refused duplicate, the job it named has another key",
@@ -648,6 +685,10 @@ pub(crate) async fn check(dir: &Path, pool: &PgPool) -> Res<Report> {
     );
     line("+ delayed job started before its time", &st(&early));
     line("+ worker process that exited by itself", &unexpected_exits);
+    line(
+        "+ worker process that did not stop when asked (killed after 30 s)",
+        &unstoppable,
+    );
     let _ = writeln!(
         out,
         "  (queued after settling, any visibility: {queued}; push_and_wait answers: {wait_counts:?})"

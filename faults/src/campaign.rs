@@ -255,7 +255,7 @@ pub(crate) fn schedule(seed: u64, minutes: f64, slots: usize, skip: &[FaultKind]
             // A little margin after the end, so a restarted worker gets going first.
             busy_until[s] = t + dur_ms + 1_000;
         }
-        // Network faults end before the campaign does (the end heals what is left anyway).
+        // A fault still active when the time is up is healed then.
         out.push(Fault {
             at_ms: t,
             kind,
@@ -648,7 +648,7 @@ impl Slot {
     }
 }
 
-/// The orchestrator's database handle, for faults (terminations) and for waiting to settle.
+/// Terminates up to `n` of the sessions named `app`, chosen with `pick`; returns how many.
 async fn terminate(pool: &PgPool, app: &str, n: u64, pick: u64) -> Res<usize> {
     let pids: Vec<i32> = sqlx::query_scalar(
         "SELECT pid FROM pg_stat_activity WHERE application_name = $1 ORDER BY pid",

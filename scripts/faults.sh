@@ -3,9 +3,14 @@
 # terminated, poison messages, hostile names, panics, leases under load. Starts a throwaway
 # PostgreSQL unless DATABASE_URL is set (then the restart scenarios are skipped).
 #
-#   scripts/faults.sh [--quick]
+#   scripts/faults.sh [--quick] [--only "name,name"]
+#   scripts/faults.sh campaign [--minutes M] [--seed N] [--dir D]   # random faults (FAULTS.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/cargo-flags.sh
 cargo build -q "${SUITE_FLAGS[@]}" --bins
-exec scripts/with-pg.sh "${CARGO_TARGET_DIR:-target}/debug/apalis-pgmq-notify-faults" run "$@"
+faults="${CARGO_TARGET_DIR:-target}/debug/apalis-pgmq-notify-faults"
+if [ "${1:-}" = campaign ]; then
+  exec scripts/with-pg.sh "$faults" "$@"
+fi
+exec scripts/with-pg.sh "$faults" run "$@"

@@ -3,6 +3,8 @@
 //!
 //! ```text
 //! apalis-pgmq-notify-faults run [--quick] [--only "name,name"]   # needs DATABASE_URL
+//! apalis-pgmq-notify-faults campaign --minutes 2 [--seed N]   # random faults (campaign.rs)
+//! apalis-pgmq-notify-faults check --dir D                     # its checker alone (check.rs)
 //! apalis-pgmq-notify-faults worker ...      # a worker process (spawned by `run`)
 //! ```
 //!
@@ -34,6 +36,9 @@ use sqlx::{
 
 #[path = "../../tests/common/proxy.rs"]
 mod proxy;
+
+mod campaign;
+mod check;
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -1552,6 +1557,20 @@ fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("worker") => worker_main(&args[1..]).map(|()| true),
+        Some("camp-worker") => campaign::worker_main(&args[1..]).map(|()| true),
+        Some(cmd @ ("campaign" | "check")) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(Into::into)
+            .and_then(|rt| {
+                rt.block_on(async {
+                    if cmd == "campaign" {
+                        campaign::campaign(&args[1..]).await
+                    } else {
+                        check::check_main(&args[1..]).await
+                    }
+                })
+            }),
         Some("run") => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -1561,7 +1580,11 @@ fn main() -> std::process::ExitCode {
                     .map(|o| o.split(',').map(str::to_owned).collect::<Vec<_>>());
                 rt.block_on(run(args.iter().any(|a| a == "--quick"), only))
             }),
-        _ => Err("usage: apalis-pgmq-notify-faults run [--quick] | worker ...".into()),
+        _ => Err(
+            "usage: apalis-pgmq-notify-faults run [--quick] [--only names] | campaign \
+                  [--minutes M] [--seed N] [--dir D] | check --dir D | worker ... | camp-worker ..."
+                .into(),
+        ),
     };
     match result {
         Ok(true) => std::process::ExitCode::SUCCESS,

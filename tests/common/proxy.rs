@@ -3,13 +3,15 @@
 //! or drop every byte in both directions for a while (a network blackhole: nothing is refused
 //! or reset, new connections get no answer) and then heal.
 //! The benchmark uses it too, with a delay on every byte in each direction (a far database).
+//! The fault campaign also thaws a frozen proxy (new connections flow again) and slows one
+//! down for a while.
 #![allow(dead_code)]
 
 use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -38,6 +40,9 @@ struct State {
     blackhole: AtomicBool,
     /// Client sockets accepted during a blackhole, held unanswered until the proxy is dropped.
     held: Mutex<Vec<TcpStream>>,
+    /// Extra wait, in microseconds, before each chunk is forwarded (a slow network), in each
+    /// direction; 0: none.
+    slow_us: AtomicU64,
 }
 
 /// A running proxy; stopped (every connection closed) when dropped.
@@ -131,6 +136,20 @@ impl Proxy {
         self.state.blackhole.store(false, Ordering::SeqCst);
     }
 
+    /// Ends a freeze for new connections: they are forwarded again. The connections silenced
+    /// by the freeze stay silent (half-open) until the proxy is dropped.
+    pub fn thaw(&self) {
+        self.state.frozen.store(false, Ordering::SeqCst);
+    }
+
+    /// Waits `delay` before forwarding each chunk, in each direction, on every connection
+    /// (a round trip gains at least twice `delay`, and throughput drops); `Duration::ZERO` ends
+    /// it. Applies to proxies started without a fixed delay.
+    pub fn slow(&self, delay: Duration) {
+        let us = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+        self.state.slow_us.store(us, Ordering::SeqCst);
+    }
+
     /// Connections accepted so far.
     pub fn accepted(&self) -> usize {
         self.state.accepted.load(Ordering::SeqCst)
@@ -195,6 +214,10 @@ async fn pipe(
         }
         if state.blackhole.load(Ordering::SeqCst) {
             continue;
+        }
+        let slow = state.slow_us.load(Ordering::SeqCst);
+        if slow > 0 {
+            tokio::time::sleep(Duration::from_micros(slow)).await;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;

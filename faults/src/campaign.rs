@@ -1050,7 +1050,7 @@ async fn wait_one(p: Arc<Producers>, lid: u64, job: CampJob) {
     );
     let r = tokio::time::timeout(
         WAIT_TIMEOUT + Duration::from_secs(60),
-        p.plain.push_and_wait::<u64>(job, WAIT_TIMEOUT),
+        p.plain.push_and_wait::<u64>(job.into(), WAIT_TIMEOUT),
     )
     .await;
     let (outcome, msg, detail) = match r {
@@ -1062,9 +1062,7 @@ async fn wait_one(p: Arc<Producers>, lid: u64, job: CampJob) {
                 Err(e) => ("err", msg, err_text(&e)),
             }
         }
-        Ok(Err(PgmqError::Timeout { job_id, .. })) => {
-            ("timeout", job_id.parse::<i64>().ok(), String::new())
-        }
+        Ok(Err(PgmqError::Timeout { msg_id, .. })) => ("timeout", Some(msg_id), String::new()),
         Ok(Err(
             e @ (PgmqError::Stopped(_)
             | PgmqError::ResultsUnreadable(_)

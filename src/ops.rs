@@ -132,8 +132,8 @@ pub async fn queues_overview(pool: &PgPool) -> Result<Vec<QueueOverview>> {
         let counts = q.counts(pool).await.unwrap_or_default();
         let notify = notify_mode(pool, &name).await?.map(|(mode, _)| {
             match mode {
-                crate::NotifyMode::Batch => "batch",
-                crate::NotifyMode::Message { .. } => "message",
+                crate::notify::NotifyMode::Batch => "batch",
+                crate::notify::NotifyMode::Message { .. } => "message",
                 _ => "on_demand",
             }
             .to_owned()

@@ -56,8 +56,11 @@ pub(crate) fn clean_text(text: &str, max: usize) -> String {
 
 /// Replaces a pool's "timed out waiting for a connection" by the reason connecting fails (one
 /// direct attempt, at most 5 s): connection refused, authentication, too many clients.
-pub(crate) async fn explain_pool_error(pool: &sqlx::PgPool, e: crate::Error) -> crate::Error {
-    if !matches!(e, crate::Error::Database(sqlx::Error::PoolTimedOut)) {
+pub(crate) async fn explain_pool_error(
+    pool: &sqlx::PgPool,
+    e: crate::error::Error,
+) -> crate::error::Error {
+    if !matches!(e, crate::error::Error::Database(sqlx::Error::PoolTimedOut)) {
         return e;
     }
     use sqlx::{ConnectOptions, Connection};
@@ -67,13 +70,14 @@ pub(crate) async fn explain_pool_error(pool: &sqlx::PgPool, e: crate::Error) -> 
             let _ = conn.close().await;
             e
         }
-        Ok(Err(cause)) => match crate::Error::from(cause) {
-            e @ (crate::Error::Unreachable { .. } | crate::Error::ConnectionRejected { .. }) => e,
-            other => crate::Error::Unreachable {
+        Ok(Err(cause)) => match crate::error::Error::from(cause) {
+            e @ (crate::error::Error::Unreachable { .. }
+            | crate::error::Error::ConnectionRejected { .. }) => e,
+            other => crate::error::Error::Unreachable {
                 cause: other.to_string(),
             },
         },
-        Err(_) => crate::Error::Unreachable {
+        Err(_) => crate::error::Error::Unreachable {
             cause: "no answer from the server within 5 s".to_owned(),
         },
     }

@@ -10,7 +10,7 @@ use sqlx::PgPool;
 
 use super::{
     Res,
-    campaign::{FaultKind, JobKind, PRIO_QUEUE, QUEUE, read_json_lines},
+    vocab::{FaultKind, JobKind, PRIO_QUEUE, QUEUE, read_json_lines},
 };
 
 /// What the checker found; `ok` when every count that must be zero is.

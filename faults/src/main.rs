@@ -39,6 +39,7 @@ mod proxy;
 
 mod campaign;
 mod check;
+mod vocab;
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 

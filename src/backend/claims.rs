@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::Config;
+use crate::config::Config;
 
 /// With [`Config::priorities`](crate::Config::priorities), one claim in this many takes the
 /// messages visible longest whatever their priority, so a steady stream of high-priority jobs

@@ -273,7 +273,7 @@ mod tests {
             "results": {"store": true, "retention": "forever"},
             "process": {"heartbeat_interval": "5s", "listener_health_check": "3s"}
         }"#;
-        let channels = crate::NotifyChannels::with_prefix("app.")
+        let channels = crate::notify::NotifyChannels::with_prefix("app.")
             .and_then(|c| c.namespace_pattern("(?P<namespace>[a-z]+)_jobs", "misc"))
             .expect("channels");
         let expected = Config::default()
@@ -293,7 +293,7 @@ mod tests {
             .max_attempts(3)
             .defer_delay(Duration::from_millis(250))
             .backoff(
-                crate::Backoff::default()
+                crate::config::Backoff::default()
                     .base(Duration::from_millis(500))
                     .factor(3.0)
                     .max(Duration::from_secs(600))

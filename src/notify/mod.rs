@@ -37,7 +37,7 @@ pub(crate) async fn want(
     owner: &str,
     secs: f64,
     persistent: bool,
-) -> crate::Result<()> {
+) -> crate::error::Result<()> {
     sqlx::query(crate::sql::WANT_NOTIFY)
         .bind(channel)
         .bind(owner)
@@ -50,7 +50,7 @@ pub(crate) async fn want(
 
 /// Removes `owner`'s row on `channel` (an event subscription ending, the last worker of a queue
 /// in this process stopping).
-pub(crate) async fn unwant(pool: &PgPool, channel: &str, owner: &str) -> crate::Result<()> {
+pub(crate) async fn unwant(pool: &PgPool, channel: &str, owner: &str) -> crate::error::Result<()> {
     sqlx::query(crate::sql::UNWANT_NOTIFY)
         .bind(channel)
         .bind(owner)
@@ -60,7 +60,7 @@ pub(crate) async fn unwant(pool: &PgPool, channel: &str, owner: &str) -> crate::
 }
 
 /// Removes every row of `owner` (a runtime) and of its event subscriptions: the runtime stops.
-pub(crate) async fn forget_owner(pool: &PgPool, owner: &str) -> crate::Result<u64> {
+pub(crate) async fn forget_owner(pool: &PgPool, owner: &str) -> crate::error::Result<u64> {
     let done = sqlx::query(crate::sql::FORGET_LISTENER_OWNER)
         .bind(owner)
         .execute(pool)

@@ -378,7 +378,7 @@ impl PgmqQueue {
         state: Option<JobState>,
         offset: u32,
         limit: u32,
-    ) -> crate::Result<Vec<JobRecord>> {
+    ) -> crate::error::Result<Vec<JobRecord>> {
         let want = i64::from(offset) + i64::from(limit);
         let s = &self.sql.inspect;
         let tables: Vec<Table> = match state {
@@ -438,7 +438,7 @@ impl PgmqQueue {
     /// }
     /// # Ok(()) }
     /// ```
-    pub async fn job(&self, pool: &PgPool, id: i64) -> crate::Result<Option<JobRecord>> {
+    pub async fn job(&self, pool: &PgPool, id: i64) -> crate::error::Result<Option<JobRecord>> {
         let s = &self.sql.inspect;
         for sql in [&s.find_queue, &s.find_archive, &s.find_dead] {
             if let Some(row) = sqlx::query(AssertSqlSafe(sql.clone()))
@@ -468,7 +468,7 @@ impl PgmqQueue {
     /// println!("{} pending, {} dead", c.pending, c.dead);
     /// # Ok(()) }
     /// ```
-    pub async fn counts(&self, pool: &PgPool) -> crate::Result<QueueCounts> {
+    pub async fn counts(&self, pool: &PgPool) -> crate::error::Result<QueueCounts> {
         let row = sqlx::query(AssertSqlSafe(self.sql.inspect.counts.clone()))
             .fetch_one(pool)
             .await?;
@@ -476,7 +476,7 @@ impl PgmqQueue {
     }
 }
 
-fn counts_from(row: &PgRow) -> crate::Result<QueueCounts> {
+fn counts_from(row: &PgRow) -> crate::error::Result<QueueCounts> {
     Ok(QueueCounts {
         pending: row.try_get(0)?,
         scheduled: row.try_get(1)?,
@@ -499,10 +499,10 @@ impl PgmqQueue {
         pool: &PgPool,
         id: i64,
         body: &Value,
-    ) -> crate::Result<bool> {
+    ) -> crate::error::Result<bool> {
         let text = serde_json::to_string(body)?;
         if text.len() > self.max_payload_bytes {
-            return Err(crate::Error::PayloadTooLarge {
+            return Err(crate::error::Error::PayloadTooLarge {
                 size: text.len(),
                 limit: self.max_payload_bytes,
             });
@@ -522,7 +522,7 @@ impl PgmqQueue {
         &self,
         pool: &PgPool,
         older_than: Option<std::time::Duration>,
-    ) -> crate::Result<usize> {
+    ) -> crate::error::Result<usize> {
         self.prune_in_batches(pool, &self.sql.inspect.prune_archive, older_than)
             .await
     }
@@ -532,7 +532,7 @@ impl PgmqQueue {
         pool: &PgPool,
         sql: &Arc<str>,
         older_than: Option<std::time::Duration>,
-    ) -> crate::Result<usize> {
+    ) -> crate::error::Result<usize> {
         // Seconds, capped at what an interval holds comfortably (about 3 000 years).
         let before = older_than.map(|d| d.as_secs_f64().min(1e11));
         let mut total = 0usize;
@@ -556,7 +556,7 @@ impl PgmqQueue {
         pool: &PgPool,
         dead_letters: bool,
         older_than: std::time::Duration,
-    ) -> crate::Result<Option<i64>> {
+    ) -> crate::error::Result<Option<i64>> {
         let sql = if dead_letters {
             &self.sql.inspect.prune_dead_elected
         } else {
@@ -596,7 +596,7 @@ impl PgmqQueue {
         pool: &PgPool,
         ids: Option<&[i64]>,
         reset_attempts: bool,
-    ) -> crate::Result<Vec<i64>> {
+    ) -> crate::error::Result<Vec<i64>> {
         let ids: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(self.sql.inspect.replay.clone()))
             .bind(ids)
             .bind(reset_attempts)
@@ -615,7 +615,7 @@ impl PgmqQueue {
         &self,
         pool: &PgPool,
         older_than: Option<std::time::Duration>,
-    ) -> crate::Result<usize> {
+    ) -> crate::error::Result<usize> {
         self.prune_in_batches(pool, &self.sql.inspect.prune_dead, older_than)
             .await
     }
@@ -626,7 +626,7 @@ impl PgmqQueue {
     /// # Errors
     ///
     /// [`Error::Database`](crate::Error::Database) if the statement fails.
-    pub async fn retry_now(&self, pool: &PgPool, id: i64) -> crate::Result<bool> {
+    pub async fn retry_now(&self, pool: &PgPool, id: i64) -> crate::error::Result<bool> {
         let row: Option<i64> =
             sqlx::query_scalar(AssertSqlSafe(self.sql.inspect.retry_now.clone()))
                 .bind(id)
@@ -640,7 +640,7 @@ impl PgmqQueue {
     /// # Errors
     ///
     /// [`Error::Database`](crate::Error::Database) if a statement fails.
-    pub async fn delete_job(&self, pool: &PgPool, id: i64) -> crate::Result<bool> {
+    pub async fn delete_job(&self, pool: &PgPool, id: i64) -> crate::error::Result<bool> {
         for sql in [
             &self.sql.inspect.delete_queued,
             &self.sql.inspect.delete_dead,
@@ -666,7 +666,7 @@ impl PgmqQueue {
         pool: &PgPool,
         offset: u32,
         limit: u32,
-    ) -> crate::Result<Vec<JobRecord>> {
+    ) -> crate::error::Result<Vec<JobRecord>> {
         let want = i64::from(offset) + i64::from(limit);
         let rows = sqlx::query(AssertSqlSafe(self.sql.inspect.list_dead.clone()))
             .bind(None::<&str>)
@@ -681,7 +681,10 @@ impl PgmqQueue {
 
     /// [`counts`](Self::counts), if this process holds the queue's sampling lock (one process
     /// per queue at a time); `None` otherwise.
-    pub(crate) async fn counts_elected(&self, pool: &PgPool) -> crate::Result<Option<QueueCounts>> {
+    pub(crate) async fn counts_elected(
+        &self,
+        pool: &PgPool,
+    ) -> crate::error::Result<Option<QueueCounts>> {
         let mut tx = pool.begin().await?;
         let elected: bool = sqlx::query_scalar(crate::sql::TRY_SAMPLE_LOCK)
             .bind(self.name.as_str())
@@ -702,7 +705,7 @@ impl PgmqQueue {
     /// # Errors
     ///
     /// [`Error::Database`](crate::Error::Database) if the statement fails.
-    pub async fn daily_done(&self, pool: &PgPool) -> crate::Result<Vec<i64>> {
+    pub async fn daily_done(&self, pool: &PgPool) -> crate::error::Result<Vec<i64>> {
         let rows: Vec<(i32, i64)> =
             sqlx::query_as(AssertSqlSafe(self.sql.inspect.activity.clone()))
                 .fetch_all(pool)

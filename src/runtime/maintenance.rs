@@ -191,7 +191,7 @@ async fn beat(
     owner: &str,
     interval: Duration,
     entries: &[(String, Entry)],
-) -> crate::Result<()> {
+) -> crate::error::Result<()> {
     let ids: Vec<&str> = entries.iter().map(|(id, _)| id.as_str()).collect();
     let names: Vec<&str> = entries.iter().map(|(_, e)| e.name.as_str()).collect();
     let queues: Vec<&str> = entries.iter().map(|(_, e)| e.queue.as_str()).collect();
@@ -497,7 +497,7 @@ async fn maintain_elected(pool: &PgPool, queue: &PgmqQueue) {
             .fetch_one(&mut *conn)
             .await?;
         if !got {
-            return Ok::<_, crate::Error>(None);
+            return Ok::<_, crate::error::Error>(None);
         }
         let result = queue.maintain_partitions(pool).await;
         let _ = sqlx::query(crate::sql::MAINTAIN_UNLOCK)

@@ -55,7 +55,7 @@ pub(crate) async fn find(
     pool: &PgPool,
     queue: &QueueName,
     keys: &[String],
-) -> crate::Result<Vec<ResultRow>> {
+) -> crate::error::Result<Vec<ResultRow>> {
     let msg_ids: Vec<i64> = keys.iter().filter_map(|k| k.parse().ok()).collect();
     let rows: Vec<Row> = sqlx::query_as(crate::sql::FIND_RESULTS)
         .bind(queue.as_str())
@@ -342,10 +342,10 @@ pub(crate) async fn run(watch: Weak<ResultWatch>, mut stop: Stop) {
 }
 
 /// Errors that retrying cannot cure: a missing right, a missing table (setup not run).
-fn cannot_read(e: &crate::Error) -> bool {
+fn cannot_read(e: &crate::error::Error) -> bool {
     match e {
-        crate::Error::NotSetUp { .. } | crate::Error::PermissionDenied { .. } => true,
-        crate::Error::Database(d) => crate::error::pg::is_undefined_table(d),
+        crate::error::Error::NotSetUp { .. } | crate::error::Error::PermissionDenied { .. } => true,
+        crate::error::Error::Database(d) => crate::error::pg::is_undefined_table(d),
         _ => false,
     }
 }

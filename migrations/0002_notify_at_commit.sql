@@ -209,7 +209,7 @@ DO $$
 BEGIN
   IF to_regprocedure('apalis_pgmq.notify_on_demand()') IS NOT NULL
      AND NOT EXISTS (SELECT 1 FROM pg_trigger
-                      WHERE tgfoid = 'apalis_pgmq.notify_on_demand()'::regprocedure) THEN
+                      WHERE tgfoid = to_regprocedure('apalis_pgmq.notify_on_demand()')) THEN
     DROP FUNCTION apalis_pgmq.notify_on_demand();
   END IF;
 END

@@ -152,10 +152,16 @@ pub(crate) const MAINTAIN_UNLOCK: &str =
     "SELECT pg_advisory_unlock(hashtext('apalis_pgmq.partman'), hashtext($1))";
 
 /// Used in `src/ops.rs`.
-pub(crate) const PAUSE: &str = "SELECT apalis_pgmq.pause($1)";
+/// NULL when the queue does not exist (nothing written).
+pub(crate) const PAUSE: &str = "SELECT CASE WHEN EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = $1) \
+         THEN apalis_pgmq.pause($1) END";
 
 /// Used in `src/ops.rs`.
-pub(crate) const RESUME: &str = "SELECT apalis_pgmq.resume($1, $2, $3)";
+/// NULL when the queue does not exist and is not paused (a paused queue dropped since can still
+/// be resumed, so no row is left behind).
+pub(crate) const RESUME: &str = "SELECT CASE WHEN EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = $1) \
+              OR EXISTS (SELECT 1 FROM apalis_pgmq.paused WHERE queue = $1) \
+         THEN apalis_pgmq.resume($1, $2, $3) END";
 
 /// Used in `src/ops.rs`.
 pub(crate) const PAUSED_QUEUES: &str = "SELECT queue FROM apalis_pgmq.paused ORDER BY queue";

@@ -573,6 +573,11 @@ async fn migrate_check_and_dry_run() {
     let out = cli(&["migrate", "--dry-run"], Some(&url));
     assert!(out.status.success());
     assert!(
+        text(&out).contains("PGMQ is not installed here"),
+        "a dry run says PGMQ would be installed first: {}",
+        text(&out)
+    );
+    assert!(
         text(&out).contains("-- migration 1 (baseline)"),
         "{}",
         text(&out)
@@ -916,4 +921,168 @@ async fn replay_prints_new_ids_and_attempts_agree() {
     }
     let out = cli(&["dlq", "replay", "again", "--all"], Some(&url));
     assert!(out.status.success(), "{}", text(&out));
+}
+
+/// Routine work without psql: send, list by state, retry every retrying or dead job, purge
+/// pending jobs, migration status, the offline SQL, a queue with priorities.
+#[tokio::test]
+async fn routine_work_needs_no_psql() {
+    let db = TestDb::setup().await;
+    let url = db.url();
+    let out = cli(&["create-queue", "routine", "--priorities"], Some(&url));
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM pg_indexes WHERE schemaname = 'pgmq' AND indexname = 'q_routine_prio_idx'"
+        )
+        .await,
+        1,
+        "{}",
+        text(&out)
+    );
+    let out = cli(
+        &[
+            "send",
+            "routine",
+            r#"{"n": 1}"#,
+            "--priority",
+            "-5",
+            "--max-attempts",
+            "4",
+            "--json",
+        ],
+        Some(&url),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let sent: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    let id = sent["id"].as_i64().expect("an id");
+    let headers: serde_json::Value =
+        sqlx::query_scalar("SELECT headers FROM pgmq.q_routine WHERE msg_id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .expect("sent");
+    assert_eq!(headers["apalis"]["priority"], -5);
+    assert_eq!(headers["apalis"]["max_attempts"], 4);
+    assert!(
+        cli(
+            &[
+                "send",
+                "routine",
+                r#"{"n": 2}"#,
+                "--delay",
+                "1h",
+                "--key",
+                "k1"
+            ],
+            Some(&url)
+        )
+        .status
+        .success()
+    );
+    let out = cli(&["send", "routine", "not json"], Some(&url));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    // Two jobs waiting out a backoff (failed after their last read), one dead letter.
+    sqlx::raw_sql(
+        "SELECT pgmq.send('routine', '{\"n\": 3}'); SELECT pgmq.send('routine', '{\"n\": 4}'); \
+         UPDATE pgmq.q_routine SET read_ct = 1, last_read_at = now() - interval '1 minute', \
+                vt = now() + interval '1 hour', \
+                headers = jsonb_build_object('apalis', jsonb_build_object('attempts', 1, \
+                    'failed_epoch', extract(epoch FROM now()))) \
+          WHERE message->>'n' IN ('3', '4'); \
+         SELECT pgmq.create('routine_dlq'); \
+         INSERT INTO pgmq.q_routine_dlq (vt, message, headers) VALUES (now(), '{\"n\": 5}', \
+           '{\"apalis_dead_letter\": {\"reason\": \"failed\", \"attempts\": 2, \"msg_id\": 900}}'), \
+           (now(), '{\"n\": 6}', \
+           '{\"apalis_dead_letter\": {\"reason\": \"killed\", \"attempts\": 1, \"msg_id\": 901}}');",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("retrying and dead jobs");
+    let listed = |state: &str| {
+        let out = cli(
+            &["jobs", "list", "routine", "--state", state, "--json"],
+            Some(&url),
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        normalized(&String::from_utf8_lossy(&out.stdout))
+    };
+    let retrying = listed("retrying");
+    assert_eq!(retrying.as_array().map(Vec::len), Some(2), "{retrying}");
+    assert_eq!(retrying[0]["state"], "retrying");
+    assert_eq!(retrying[0]["attempts"], 1);
+    assert_eq!(listed("scheduled").as_array().map(Vec::len), Some(1));
+    assert_eq!(listed("dead").as_array().map(Vec::len), Some(1));
+    let out = cli(
+        &["jobs", "list", "routine", "--page-size", "2", "--page", "2"],
+        Some(&url),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).starts_with("JOB  STATE"), "{}", text(&out));
+    let out = cli(&["queues", "--json"], Some(&url));
+    let q = normalized(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        (q[0]["running"].clone(), q[0]["retrying"].clone()),
+        (json(0), json(2)),
+        "{q}"
+    );
+
+    let out = cli(
+        &["jobs", "retry", "routine", "--state", "retrying"],
+        Some(&url),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("2 jobs retried"), "{}", text(&out));
+    assert_eq!(listed("retrying").as_array().map(Vec::len), Some(0));
+    let out = cli(
+        &["jobs", "retry", "routine", "--state", "dead", "--json"],
+        Some(&url),
+    );
+    let pairs = normalized(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(pairs.as_array().map(Vec::len), Some(1), "{pairs}");
+    assert_eq!(pairs[0]["old_id"], 900, "killed jobs stay: {pairs}");
+    assert_eq!(listed("killed").as_array().map(Vec::len), Some(1));
+
+    // Pending now: 1, 3, 4 and the replayed 5; scheduled: 2.
+    let out = cli(&["jobs", "purge", "routine"], Some(&url));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let out = cli(&["jobs", "purge", "routine", "--dry-run"], Some(&url));
+    assert!(
+        text(&out).contains("4 pending jobs would be deleted"),
+        "{}",
+        text(&out)
+    );
+    let out = cli(&["jobs", "purge", "routine", "--yes"], Some(&url));
+    assert!(
+        text(&out).contains("4 pending jobs deleted"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM pgmq.q_routine").await,
+        1
+    );
+
+    let out = cli(&["migrate", "--status"], Some(&url));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("baseline") && text(&out).contains("applied"),
+        "{}",
+        text(&out)
+    );
+    assert!(!text(&out).contains("pending"), "{}", text(&out));
+    let out = cli(&["migrate", "--print-sql"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("-- migration 1 (baseline)"),
+        "{}",
+        text(&out)
+    );
+    assert!(text(&out).contains("CREATE OR REPLACE FUNCTION apalis_pgmq.priority_of"));
+}
+
+fn json(n: i64) -> serde_json::Value {
+    serde_json::json!(n)
 }

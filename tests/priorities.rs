@@ -188,3 +188,41 @@ async fn a_producer_with_only_pgmq_rights_sends_into_a_queue_with_priorities_and
     assert_eq!(run_all(&s, 2).await, vec![1, 3], "priority 2 first");
     common::drop_role(&db, &role).await;
 }
+
+/// Priorities PostgreSQL keeps but serde_json cannot hold (`1e400`, `-1e400`, written by SQL):
+/// the jobs run (priority 0 in the decoder, clamped by the index), none is dead-lettered.
+#[tokio::test]
+async fn out_of_range_priorities_from_sql_never_lose_the_job() {
+    let db = TestDb::setup().await;
+    let queue = "prio_hostile";
+    let s: PgmqStorage<Job> = PgmqStorage::with_config(
+        &db.runtime(),
+        QueueName::new(queue).expect("name"),
+        config(),
+    )
+    .expect("config");
+    s.create_queue().await.expect("create");
+    sqlx::raw_sql(
+        "SELECT pgmq.send('prio_hostile', '{\"id\": 1}', '{\"apalis\": {\"priority\": 1e400}}'::jsonb, 0); \
+         SELECT pgmq.send('prio_hostile', '{\"id\": 2}', '{\"apalis\": {\"priority\": -1e400, \"max_attempts\": 2}}'::jsonb, 0); \
+         SELECT pgmq.send('prio_hostile', '{\"id\": 3}', '{\"apalis\": {\"metadata\": {\"x\": 2e999}}}'::jsonb, 0);",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("hostile headers from SQL");
+    let mut order = run_all(&s, 3).await;
+    order.sort_unstable();
+    assert_eq!(order, vec![1, 2, 3]);
+    assert_eq!(
+        common::count(&db.pool, "SELECT count(*) FROM pgmq.a_prio_hostile").await,
+        3
+    );
+    let dead = sqlx::query_scalar::<_, bool>(
+        "SELECT to_regclass('pgmq.q_prio_hostile_dlq') IS NOT NULL \
+           AND EXISTS (SELECT 1 FROM pgmq.q_prio_hostile_dlq)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("dead letters");
+    assert!(!dead, "no job dead-lettered");
+}

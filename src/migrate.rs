@@ -39,6 +39,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "notify_at_commit",
         sql: include_str!("../migrations/0002_notify_at_commit.sql"),
     },
+    Migration {
+        version: 3,
+        name: "keys_and_rights",
+        sql: include_str!("../migrations/0003_keys_and_rights.sql"),
+    },
 ];
 
 /// The rows `(version, name, checksum)` that the development versions before 0.1.0 recorded:
@@ -624,6 +629,7 @@ mod tests {
     const PINNED: &[(i32, &str, i64)] = &[
         (1, "baseline", -1_137_092_230_231_547_476),
         (2, "notify_at_commit", -9_064_978_420_583_228_430),
+        (3, "keys_and_rights", -465_238_557_381_158_731),
     ];
 
     #[test]

@@ -250,7 +250,8 @@ pub struct Pruned {
 }
 
 /// Deletes `queue`'s archived jobs older than `archive_retention` and dead letters older than
-/// `dead_letter_retention` (`None`: keep), in batches of 10 000, each its own short statement.
+/// `dead_letter_retention` (`None`: keep), in batches of 10 000, each its own short statement,
+/// and the job keys whose hold ended (`apalis_pgmq.job_keys`).
 ///
 /// # Errors
 ///
@@ -284,6 +285,11 @@ pub async fn prune(
     if let Some(keep) = dead_letter_retention {
         pruned.dead_letters = q.purge_dead_letters(pool, Some(keep)).await?;
     }
+    // Job keys whose hold ended (their job gone, its idempotency window over).
+    sqlx::query(crate::sql::PRUNE_KEYS)
+        .bind(queue.as_str())
+        .execute(pool)
+        .await?;
     Ok(pruned)
 }
 

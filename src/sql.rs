@@ -163,6 +163,13 @@ pub(crate) const RESUME: &str = "SELECT CASE WHEN EXISTS (SELECT 1 FROM pgmq.met
               OR EXISTS (SELECT 1 FROM apalis_pgmq.paused WHERE queue = $1) \
          THEN apalis_pgmq.resume($1, $2, $3) END";
 
+/// Used in `src/ops.rs`: keys whose hold ended (migration 0003's ledger).
+pub(crate) const PRUNE_KEYS: &str = "DELETE FROM apalis_pgmq.job_keys \
+         WHERE queue = $1 AND held_until < clock_timestamp()";
+
+/// Used in `src/backend/mod.rs`: a dropped queue's keys.
+pub(crate) const DROP_KEYS: &str = "DELETE FROM apalis_pgmq.job_keys WHERE queue = $1";
+
 /// Used in `src/ops.rs`.
 pub(crate) const PAUSED_QUEUES: &str = "SELECT queue FROM apalis_pgmq.paused ORDER BY queue";
 
@@ -235,6 +242,8 @@ pub(crate) const ALL: &[(&str, &str)] = &[
     ("pause", PAUSE),
     ("resume", RESUME),
     ("paused_queues", PAUSED_QUEUES),
+    ("prune_keys", PRUNE_KEYS),
+    ("drop_keys", DROP_KEYS),
     ("index_dead_letters", INDEX_DEAD_LETTERS),
     ("index_unique_keys", INDEX_UNIQUE_KEYS),
     ("index_priorities", INDEX_PRIORITIES),

@@ -226,3 +226,56 @@ async fn out_of_range_priorities_from_sql_never_lose_the_job() {
     .expect("dead letters");
     assert!(!dead, "no job dead-lettered");
 }
+
+/// A hardened database: PUBLIC's EXECUTE on every function of apalis_pgmq revoked. A producer
+/// with PGMQ's rights only still sends into a queue with priorities and keys (the indexes are
+/// over built-in expressions; the key ledger's triggers run as their owner), and a taken key is
+/// still refused.
+#[tokio::test]
+async fn a_pgmq_producer_keeps_working_when_public_execute_is_revoked() {
+    let db = TestDb::setup().await;
+    let queue = "prio_hardened";
+    let s: PgmqStorage<Job> = PgmqStorage::with_config(
+        &db.runtime(),
+        QueueName::new(queue).expect("name"),
+        config(),
+    )
+    .expect("config");
+    s.create_queue().await.expect("create");
+    sqlx::raw_sql(
+        "REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA apalis_pgmq FROM PUBLIC; \
+         REVOKE EXECUTE ON FUNCTION apalis_pgmq.key_hash(text), apalis_pgmq.priority_of(jsonb) FROM PUBLIC;",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("revoke");
+    let (role, producer) = common::producer_role(&db, queue, "").await;
+    for (id, headers) in [
+        (
+            1,
+            serde_json::json!({"apalis": {"priority": 1, "idempotency_key": "k1"}}),
+        ),
+        (2, serde_json::json!({"apalis": {"priority": 9}})),
+        (3, serde_json::json!({"apalis": {"idempotency_key": "k1"}})),
+    ] {
+        let sent = sqlx::query("SELECT pgmq.send($1, $2, $3, 0)")
+            .bind(queue)
+            .bind(serde_json::json!({ "id": id }))
+            .bind(&headers)
+            .execute(&producer)
+            .await;
+        if id == 3 {
+            let e = sent.expect_err("the key is taken");
+            assert_eq!(
+                e.as_database_error().and_then(|d| d.code()).as_deref(),
+                Some("23505"),
+                "{e}"
+            );
+        } else {
+            sent.unwrap_or_else(|e| panic!("job {id}: {e}"));
+        }
+    }
+    producer.close().await;
+    assert_eq!(run_all(&s, 2).await, vec![2, 1], "priority 9 first");
+    common::drop_role(&db, &role).await;
+}

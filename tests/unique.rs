@@ -203,9 +203,12 @@ async fn a_window_keeps_a_finished_jobs_key_taken() {
         "{again:?}"
     );
     assert_eq!(queued(&db, queue).await, 0);
-    // Once the window has passed (the archive row made 2 hours old), the key is free.
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "UPDATE pgmq.a_{queue} SET archived_at = now() - interval '2 hours'"
+    // Once the window has passed (the archive row and the key's hold made 2 hours old), the
+    // key is free.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "UPDATE pgmq.a_{queue} SET archived_at = now() - interval '2 hours'; \
+         UPDATE apalis_pgmq.job_keys SET held_until = held_until - interval '2 hours' \
+          WHERE queue = '{queue}'"
     )))
     .execute(&db.pool)
     .await

@@ -130,8 +130,8 @@ BEGIN
     IF current_setting('apalis_pgmq.skip_key', true) = encode(h, 'hex') THEN
       RETURN NULL;
     END IF;
-    RAISE EXCEPTION 'job key % of queue % is taken: a job with it is queued, or finished within its idempotency window', k, TG_ARGV[0]
-      USING ERRCODE = 'unique_violation';
+    RAISE EXCEPTION 'idempotency key % of queue % is taken: a job with it is queued, or finished within its idempotency window', k, TG_ARGV[0]
+      USING ERRCODE = 'unique_violation', CONSTRAINT = 'q_' || TG_ARGV[0] || '_key_idx';
   END IF;
   RETURN NEW;
 END

@@ -286,11 +286,25 @@ pub async fn prune(
         pruned.dead_letters = q.purge_dead_letters(pool, Some(keep)).await?;
     }
     // Job keys whose hold ended (their job gone, its idempotency window over).
-    sqlx::query(crate::sql::PRUNE_KEYS)
-        .bind(queue.as_str())
-        .execute(pool)
-        .await?;
+    prune_keys(pool, queue, usize::MAX).await?;
     Ok(pruned)
+}
+
+/// Up to `batches` batches of deleting `queue`'s job keys whose hold ended; returns how many.
+pub(crate) async fn prune_keys(pool: &PgPool, queue: &QueueName, batches: usize) -> Result<u64> {
+    let mut total = 0u64;
+    for _ in 0..batches {
+        let n: i64 = sqlx::query_scalar(crate::sql::PRUNE_KEYS)
+            .bind(queue.as_str())
+            .bind(crate::queue::PRUNE_BATCH)
+            .fetch_one(pool)
+            .await?;
+        total += u64::try_from(n).unwrap_or(0);
+        if n < crate::queue::PRUNE_BATCH {
+            break;
+        }
+    }
+    Ok(total)
 }
 
 /// Deletes `queue`'s stored job results (see [`Config::store_results`](crate::Config::store_results))

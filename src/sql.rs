@@ -163,9 +163,15 @@ pub(crate) const RESUME: &str = "SELECT CASE WHEN EXISTS (SELECT 1 FROM pgmq.met
               OR EXISTS (SELECT 1 FROM apalis_pgmq.paused WHERE queue = $1) \
          THEN apalis_pgmq.resume($1, $2, $3) END";
 
-/// Used in `src/ops.rs`: keys whose hold ended (migration 0003's ledger).
-pub(crate) const PRUNE_KEYS: &str = "DELETE FROM apalis_pgmq.job_keys \
-         WHERE queue = $1 AND held_until < clock_timestamp()";
+/// Used in `src/ops.rs` and `src/runtime/maintenance.rs`: keys whose hold ended (migration
+/// 0003's ledger).
+/// One batch of at most `$2` rows; rows a push holds are skipped, never waited for.
+pub(crate) const PRUNE_KEYS: &str = "WITH old AS (SELECT key_hash FROM apalis_pgmq.job_keys \
+                      WHERE queue = $1 AND held_until < clock_timestamp() \
+                      LIMIT $2 FOR UPDATE SKIP LOCKED), \
+              gone AS (DELETE FROM apalis_pgmq.job_keys j USING old \
+                       WHERE j.queue = $1 AND j.key_hash = old.key_hash RETURNING 1) \
+         SELECT count(*) FROM gone";
 
 /// Used in `src/backend/mod.rs`: a dropped queue's keys.
 pub(crate) const DROP_KEYS: &str = "DELETE FROM apalis_pgmq.job_keys WHERE queue = $1";

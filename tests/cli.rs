@@ -848,8 +848,21 @@ async fn typos_fail_and_destructive_commands_need_yes() {
     assert!(out.status.success(), "{}", text(&out));
     // Pausing a queue that exists still works, and resuming it.
     operated(&db, "real").await;
-    assert!(cli(&["pause", "real"], Some(&url)).status.success());
+    let out = cli(&["pause", "real", "--json"], Some(&url));
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).expect("json"),
+        serde_json::json!({"queue": "real", "paused": true, "changed": true})
+    );
     assert!(cli(&["resume", "real"], Some(&url)).status.success());
+    let out = cli(&["job", "retry", "real", "101", "--json"], Some(&url));
+    assert!(out.status.success(), "{}", text(&out));
+    let moved = serde_json::from_slice::<Value>(&out.stdout).expect("json");
+    assert_eq!(moved["old_id"], 101, "{moved}");
+    assert!(
+        moved["new_id"].as_i64().is_some_and(|n| n != 101),
+        "{moved}"
+    );
 }
 
 #[test]

@@ -12,8 +12,8 @@
 //! apalis-pgmq-notify dlq show <queue> <id> [--json]
 //! apalis-pgmq-notify dlq replay <queue> (<id>... | --all) [--reset-attempts] [--json]
 //! apalis-pgmq-notify dlq purge <queue> [--older-than 7d] (--yes | --dry-run)
-//! apalis-pgmq-notify job show|retry|delete <queue> <id>
-//! apalis-pgmq-notify pause <queue> / resume <queue>
+//! apalis-pgmq-notify job show|retry|delete <queue> <id> [--json]
+//! apalis-pgmq-notify pause <queue> / resume <queue> [--json]
 //! apalis-pgmq-notify workers [--queue Q] [--json]
 //! apalis-pgmq-notify prune [<queue>...] [--archive-retention 7d] [--dead-letter-retention 30d] [--result-retention 1d]
 //! apalis-pgmq-notify create-queue <queue> [--priorities] [--partitioned --partition-interval N --retention-interval N]
@@ -109,12 +109,18 @@ enum Command {
     #[command(subcommand)]
     Job(Job),
     /// Stop a queue's workers from claiming jobs (survives restarts).
-    Pause { queue: String },
+    Pause {
+        queue: String,
+        #[command(flatten)]
+        out: Output,
+    },
     /// Let a paused queue's workers claim jobs again (and wake them).
     Resume {
         queue: String,
         #[command(flatten)]
         channels: Channels,
+        #[command(flatten)]
+        out: Output,
     },
     /// Running workers, from the worker registry.
     Workers {
@@ -318,9 +324,19 @@ enum Job {
         out: Output,
     },
     /// Run a job again now: a waiting or retrying one is made visible; a dead one replayed.
-    Retry { queue: String, id: i64 },
+    Retry {
+        queue: String,
+        id: i64,
+        #[command(flatten)]
+        out: Output,
+    },
     /// Delete a job from the queue or the dead letters.
-    Delete { queue: String, id: i64 },
+    Delete {
+        queue: String,
+        id: i64,
+        #[command(flatten)]
+        out: Output,
+    },
 }
 
 /// What a destructive command needs before it deletes anything.
@@ -577,6 +593,15 @@ fn age(secs: Option<f64>) -> String {
     }
 }
 
+/// The outcome of a write command: JSON with `--json`, a line of text otherwise.
+fn report(out: &Output, json: &Value, text: &str) {
+    if out.json {
+        print_json(json);
+    } else {
+        println!("{text}");
+    }
+}
+
 fn print_json(v: &Value) {
     println!(
         "{}",
@@ -819,24 +844,33 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Job(cmd) => job(&cli, cmd).await,
-        Command::Pause { queue: name } => {
+        Command::Pause { queue: name, out } => {
             let q = queue(name)?;
             let pool = pool(&cli).await?;
             let changed = pause(&pool, &q).await?;
-            println!("{q}: {}", if changed { "paused" } else { "already paused" });
+            report(
+                out,
+                &json!({"queue": name, "paused": true, "changed": changed}),
+                &format!("{q}: {}", if changed { "paused" } else { "already paused" }),
+            );
             Ok(())
         }
         Command::Resume {
             queue: name,
             channels: c,
+            out,
         } => {
             let q = queue(name)?;
             let ch = channels(c)?;
             let pool = pool(&cli).await?;
             let changed = resume(&pool, &q, &ch).await?;
-            println!(
-                "{q}: {}",
-                if changed { "resumed" } else { "was not paused" }
+            report(
+                out,
+                &json!({"queue": name, "paused": false, "changed": changed}),
+                &format!(
+                    "{q}: {}",
+                    if changed { "resumed" } else { "was not paused" }
+                ),
             );
             Ok(())
         }
@@ -1376,18 +1410,30 @@ async fn job(cli: &Cli, cmd: &Job) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Job::Retry { queue: name, id } => {
+        Job::Retry {
+            queue: name,
+            id,
+            out,
+        } => {
             queue(name)?;
             let pool = pool(cli).await?;
             let q = existing(&pool, name).await?;
             if q.retry_now(&pool, *id).await? {
-                println!("{name}: job {id} is visible now");
+                report(
+                    out,
+                    &json!({"queue": name, "old_id": id, "new_id": id}),
+                    &format!("{name}: job {id} is visible now"),
+                );
                 return Ok(());
             }
             let back = q.replay_dead_letters(&pool, Some(&[*id]), false).await?;
             match back.first() {
                 Some((_, new_id)) => {
-                    println!("{name}: dead job {id} replayed as job {new_id}");
+                    report(
+                        out,
+                        &json!({"queue": name, "old_id": id, "new_id": new_id}),
+                        &format!("{name}: dead job {id} -> job {new_id}"),
+                    );
                     Ok(())
                 }
                 None => Err(Failure::Failed(format!(
@@ -1395,12 +1441,20 @@ async fn job(cli: &Cli, cmd: &Job) -> Result<(), Failure> {
                 ))),
             }
         }
-        Job::Delete { queue: name, id } => {
+        Job::Delete {
+            queue: name,
+            id,
+            out,
+        } => {
             queue(name)?;
             let pool = pool(cli).await?;
             let q = existing(&pool, name).await?;
             if q.delete_job(&pool, *id).await? {
-                println!("{name}: job {id} deleted");
+                report(
+                    out,
+                    &json!({"queue": name, "deleted": id}),
+                    &format!("{name}: job {id} deleted"),
+                );
                 Ok(())
             } else {
                 Err(Failure::Failed(format!("no job {id} in {name}")))

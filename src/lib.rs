@@ -142,6 +142,33 @@
 //! [`Config::archive_retention`] and [`Config::dead_letter_retention`]. Each job runs in a
 //! `tracing` span; the `metrics` feature exports counters, histograms and gauges.
 //!
+//! # Metrics
+//!
+//! With the `metrics` feature, through the [`metrics`](https://crates.io/crates/metrics) facade
+//! (install any recorder, Prometheus, StatsD, ..., before making a [`Runtime`]: it describes
+//! every metric, the `# HELP` text and unit, when it is made):
+//!
+//! | name | kind | labels | what |
+//! |---|---|---|---|
+//! | `apalis_pgmq_jobs_enqueued_total` | counter | `queue` | jobs inserted by this process's pushes (`PgmqStorage`, `PgmqQueue::send*`; a push in a transaction that later rolls back is counted; duplicates of a key are not) |
+//! | `apalis_pgmq_jobs_claimed_total` | counter | `queue` | messages claimed by workers |
+//! | `apalis_pgmq_jobs_done_total` | counter | `queue` | handlers that returned `Ok` |
+//! | `apalis_pgmq_jobs_retried_total` | counter | `queue` | failed runs scheduled to run again |
+//! | `apalis_pgmq_jobs_dead_lettered_total` | counter | `queue`, `reason` | dead letters written, by reason: `failed` (attempts used up), `undecodable`, `outcome_unwritable`, `killed` |
+//! | `apalis_pgmq_jobs_killed_total` | counter | `queue` | handlers that returned `AbortError` |
+//! | `apalis_pgmq_jobs_released_total` | counter | `queue` | claimed messages handed back unstarted |
+//! | `apalis_pgmq_lease_renewals_total` | counter | `queue` | leases renewed |
+//! | `apalis_pgmq_lease_renewal_failures_total` | counter | `queue` | renewal statements that failed |
+//! | `apalis_pgmq_leases_lost_total` | counter | `queue` | running jobs stopped because their lease was lost |
+//! | `apalis_pgmq_notifications_received_total` | counter | – | notifications on the LISTEN connection |
+//! | `apalis_pgmq_listener_reconnects_total` | counter | – | LISTEN connections re-established |
+//! | `apalis_pgmq_pickup_latency_seconds` | histogram | `queue` | from visible to handler start |
+//! | `apalis_pgmq_job_duration_seconds` | histogram | `queue` | handler run time |
+//! | `apalis_pgmq_queue_jobs` | gauge | `queue`, `state` | jobs by state, sampled by one process per queue on each heartbeat |
+//!
+//! Jobs pushed by other PGMQ clients (SQL, Python, ...) are not in the enqueue counter; the
+//! `apalis_pgmq_queue_jobs` gauge counts them.
+//!
 //! # The queue layer
 //!
 //! [`PgmqQueue`] wraps one PGMQ queue for direct use: send, read, archive, metrics, … Every
@@ -184,7 +211,8 @@ pub use config::{
 };
 pub use error::{BoxDynError, Error, QueueNameError, Result};
 pub use migrate::{
-    MIN_PGMQ_VERSION, PendingMigration, PgmqSource, SCHEMA, SetupReport, pending_migrations, setup,
+    MIN_PGMQ_VERSION, MigrationStatus, PendingMigration, PgmqSource, SCHEMA, SetupReport,
+    migration_status, migrations_sql, pending_migrations, pgmq_installed, setup,
 };
 pub use notify::{
     DEFAULT_MESSAGE_PAYLOAD_BYTES, DEFAULT_NAMESPACE, DEFAULT_NAMESPACE_PATTERN, ListenerStats,

@@ -39,6 +39,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "notify_at_commit",
         sql: include_str!("../migrations/0002_notify_at_commit.sql"),
     },
+    Migration {
+        version: 3,
+        name: "keys_and_rights",
+        sql: include_str!("../migrations/0003_keys_and_rights.sql"),
+    },
 ];
 
 /// The rows `(version, name, checksum)` that the development versions before 0.1.0 recorded:
@@ -314,6 +319,91 @@ pub async fn pending_migrations(pool: &PgPool) -> Result<Vec<PendingMigration>> 
         .collect())
 }
 
+/// One of this crate's migrations, and whether a database applied it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct MigrationStatus {
+    /// Its number.
+    pub version: i32,
+    /// Its name.
+    pub name: &'static str,
+    /// The checksum of its SQL in this build.
+    pub checksum: i64,
+    /// Whether the database recorded it as applied.
+    pub applied: bool,
+    /// The checksum the database recorded (differs from `checksum` if the migration was edited
+    /// after it was applied: `setup` then refuses).
+    pub recorded_checksum: Option<i64>,
+}
+
+/// Every migration of this crate, and whether this database applied it (a read-only
+/// `migrate --status`).
+///
+/// # Errors
+///
+/// [`Error::Database`] if the database cannot be read.
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+/// for m in apalis_pgmq_notify::migration_status(&pool).await? {
+///     println!("{} {} {}", m.version, m.name, if m.applied { "applied" } else { "pending" });
+/// }
+/// # Ok(()) }
+/// ```
+pub async fn migration_status(pool: &PgPool) -> Result<Vec<MigrationStatus>> {
+    let exists: bool = sqlx::query_scalar(crate::sql::MIGRATIONS_TABLE_PRESENT)
+        .fetch_one(pool)
+        .await?;
+    let rows = if exists {
+        recorded(pool).await?
+    } else {
+        Vec::new()
+    };
+    Ok(MIGRATIONS
+        .iter()
+        .map(|m| {
+            let row = rows
+                .iter()
+                .find(|r| r.version == m.version && r.name == m.name);
+            MigrationStatus {
+                version: m.version,
+                name: m.name,
+                checksum: checksum(m.sql),
+                applied: row.is_some(),
+                recorded_checksum: row.map(|r| r.checksum),
+            }
+        })
+        .collect())
+}
+
+/// Whether PGMQ's SQL API is installed in this database (`pgmq.meta` exists); [`setup`]
+/// installs it where it is not.
+///
+/// # Errors
+///
+/// [`Error::Database`] if the database cannot be read.
+pub async fn pgmq_installed(pool: &PgPool) -> Result<bool> {
+    Ok(sqlx::query_scalar(crate::sql::PGMQ_PRESENT)
+        .fetch_one(pool)
+        .await?)
+}
+
+/// The SQL of every migration of this crate, in order, as [`setup`] runs it (after installing
+/// PGMQ where it is absent, which this text does not include). Needs no database.
+#[must_use]
+pub fn migrations_sql() -> String {
+    let mut out = String::new();
+    for m in MIGRATIONS {
+        out.push_str(&format!(
+            "-- migration {} ({})\n{}\n",
+            m.version, m.name, m.sql
+        ));
+    }
+    out
+}
+
 /// FNV-1a of a migration's text, recorded with it, to notice a migration being edited after a
 /// database applied it.
 pub(crate) fn checksum(sql: &str) -> i64 {
@@ -539,6 +629,7 @@ mod tests {
     const PINNED: &[(i32, &str, i64)] = &[
         (1, "baseline", -1_137_092_230_231_547_476),
         (2, "notify_at_commit", 4_347_617_215_543_089_161),
+        (3, "keys_and_rights", 8_886_467_250_151_169_677),
     ];
 
     #[test]

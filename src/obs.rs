@@ -1,25 +1,105 @@
 //! Metrics through the [`metrics`](https://crates.io/crates/metrics) facade, with the `metrics`
 //! feature (otherwise every function here does nothing). Install any recorder (Prometheus,
-//! StatsD, ...) in your application; names and labels:
+//! StatsD, ...) in your application;
+//! see the crate docs ("Metrics") for names and labels.
 //!
-//! | name | kind | labels | what |
-//! |---|---|---|---|
-//! | `apalis_pgmq_jobs_claimed_total` | counter | `queue` | messages claimed by workers |
-//! | `apalis_pgmq_jobs_done_total` | counter | `queue` | handlers that returned `Ok` |
-//! | `apalis_pgmq_jobs_retried_total` | counter | `queue` | failed runs scheduled to run again |
-//! | `apalis_pgmq_jobs_dead_lettered_total` | counter | `queue`, `reason` | jobs moved to the dead-letter queue |
-//! | `apalis_pgmq_jobs_killed_total` | counter | `queue` | handlers that returned `AbortError` |
-//! | `apalis_pgmq_jobs_released_total` | counter | `queue` | claimed messages handed back unstarted |
-//! | `apalis_pgmq_lease_renewals_total` | counter | `queue` | leases renewed |
-//! | `apalis_pgmq_lease_renewal_failures_total` | counter | `queue` | renewal statements that failed |
-//! | `apalis_pgmq_leases_lost_total` | counter | `queue` | running jobs stopped because their lease was lost |
-//! | `apalis_pgmq_notifications_received_total` | counter | – | notifications on the LISTEN connection |
-//! | `apalis_pgmq_listener_reconnects_total` | counter | – | LISTEN connections re-established |
-//! | `apalis_pgmq_pickup_latency_seconds` | histogram | `queue` | from visible to handler start |
-//! | `apalis_pgmq_job_duration_seconds` | histogram | `queue` | handler run time |
-//! | `apalis_pgmq_queue_jobs` | gauge | `queue`, `state` | jobs by state, sampled by one process per queue on each heartbeat |
+//! Every metric is described (`# HELP` in Prometheus) with its unit the first time the worker
+//! runtime starts. Jobs pushed by other PGMQ clients (SQL, Python, ...) are not
+//! in `apalis_pgmq_jobs_enqueued_total`; the `apalis_pgmq_queue_jobs` gauge counts them.
 
 #![cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+
+/// Describes every metric (help text and unit) to the installed recorder. Called when a
+/// [`Runtime`](crate::Runtime) starts; recorders keep the first description, so calling it
+/// again is harmless.
+pub(crate) fn describe() {
+    #[cfg(feature = "metrics")]
+    {
+        use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+        describe_counter!(
+            "apalis_pgmq_jobs_enqueued_total",
+            Unit::Count,
+            "Jobs inserted by this process's pushes"
+        );
+        describe_counter!(
+            "apalis_pgmq_jobs_claimed_total",
+            Unit::Count,
+            "Messages claimed by workers"
+        );
+        describe_counter!(
+            "apalis_pgmq_jobs_done_total",
+            Unit::Count,
+            "Handlers that returned Ok"
+        );
+        describe_counter!(
+            "apalis_pgmq_jobs_retried_total",
+            Unit::Count,
+            "Failed runs scheduled to run again"
+        );
+        describe_counter!(
+            "apalis_pgmq_jobs_dead_lettered_total",
+            Unit::Count,
+            "Dead letters written, by reason (failed, undecodable, outcome_unwritable, killed)"
+        );
+        describe_counter!(
+            "apalis_pgmq_jobs_killed_total",
+            Unit::Count,
+            "Handlers that returned AbortError"
+        );
+        describe_counter!(
+            "apalis_pgmq_jobs_released_total",
+            Unit::Count,
+            "Claimed messages handed back unstarted"
+        );
+        describe_counter!(
+            "apalis_pgmq_lease_renewals_total",
+            Unit::Count,
+            "Leases renewed"
+        );
+        describe_counter!(
+            "apalis_pgmq_lease_renewal_failures_total",
+            Unit::Count,
+            "Lease renewal statements that failed"
+        );
+        describe_counter!(
+            "apalis_pgmq_leases_lost_total",
+            Unit::Count,
+            "Running jobs stopped because their lease was lost"
+        );
+        describe_counter!(
+            "apalis_pgmq_notifications_received_total",
+            Unit::Count,
+            "Notifications received on the LISTEN connection"
+        );
+        describe_counter!(
+            "apalis_pgmq_listener_reconnects_total",
+            Unit::Count,
+            "LISTEN connections re-established"
+        );
+        describe_histogram!(
+            "apalis_pgmq_pickup_latency_seconds",
+            Unit::Seconds,
+            "From visible to handler start"
+        );
+        describe_histogram!(
+            "apalis_pgmq_job_duration_seconds",
+            Unit::Seconds,
+            "Handler run time"
+        );
+        describe_gauge!(
+            "apalis_pgmq_queue_jobs",
+            Unit::Count,
+            "Jobs by state, sampled by one process per queue on each heartbeat"
+        );
+    }
+}
+
+pub(crate) fn enqueued(queue: &str, n: usize) {
+    #[cfg(feature = "metrics")]
+    if n > 0 {
+        metrics::counter!("apalis_pgmq_jobs_enqueued_total", &q(queue)).increment(n as u64);
+    }
+}
 
 #[cfg(feature = "metrics")]
 fn q(queue: &str) -> [(&'static str, String); 1] {

@@ -17,7 +17,8 @@ use crate::{
 ///
 /// # Errors
 ///
-/// [`Error::Database`](crate::Error::Database) if the statement fails.
+/// [`Error::QueueMissing`](crate::error::Error::QueueMissing) if PGMQ has no such queue (nothing is
+/// written), [`Error::Database`](crate::Error::Database) if the statement fails.
 ///
 /// # Example
 ///
@@ -31,11 +32,13 @@ use crate::{
 /// # Ok(()) }
 /// ```
 pub async fn pause(pool: &PgPool, queue: &QueueName) -> Result<bool> {
-    let changed: bool = sqlx::query_scalar(crate::sql::PAUSE)
+    let changed: Option<bool> = sqlx::query_scalar(crate::sql::PAUSE)
         .bind(queue.as_str())
         .fetch_one(pool)
         .await?;
-    Ok(changed)
+    changed.ok_or_else(|| crate::error::Error::QueueMissing {
+        queue: queue.as_str().to_owned(),
+    })
 }
 
 /// Resumes a paused queue and wakes its idle workers (a notification on its channels, named by
@@ -43,19 +46,22 @@ pub async fn pause(pool: &PgPool, queue: &QueueName) -> Result<bool> {
 ///
 /// # Errors
 ///
+/// [`Error::QueueMissing`](crate::error::Error::QueueMissing) if PGMQ has no such queue,
 /// [`Error::Database`](crate::Error::Database) if the statement fails.
 ///
 /// # Example
 ///
 /// See [`pause`].
 pub async fn resume(pool: &PgPool, queue: &QueueName, channels: &NotifyChannels) -> Result<bool> {
-    let changed: bool = sqlx::query_scalar(crate::sql::RESUME)
+    let changed: Option<bool> = sqlx::query_scalar(crate::sql::RESUME)
         .bind(queue.as_str())
         .bind(channels.queue_channel(queue))
         .bind(channels.namespace_channel(&channels.namespace(queue)))
         .fetch_one(pool)
         .await?;
-    Ok(changed)
+    changed.ok_or_else(|| crate::error::Error::QueueMissing {
+        queue: queue.as_str().to_owned(),
+    })
 }
 
 /// The paused queues.
@@ -71,43 +77,80 @@ pub async fn paused_queues(pool: &PgPool) -> Result<Vec<String>> {
 }
 
 /// One queue at a glance.
+///
+/// Counts are `None` when they could not be taken; [`error`](Self::error) then says why (a
+/// queue whose name this crate does not serve, a missing privilege, ...). A count is never a
+/// zero standing in for an error.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[non_exhaustive]
 pub struct QueueOverview {
-    /// The queue.
+    /// The queue, as PGMQ names it.
     pub queue: String,
     /// Messages in the queue table, whatever their state.
-    pub depth: i64,
-    /// Visible now.
-    pub visible: i64,
+    pub depth: Option<i64>,
+    /// Visible now (pending).
+    pub visible: Option<i64>,
     /// Delayed, never read.
-    pub scheduled: i64,
-    /// Leased by workers, or waiting for a retry's backoff.
-    pub in_flight: i64,
+    pub scheduled: Option<i64>,
+    /// Leased by a worker (running).
+    pub running: Option<i64>,
+    /// Failed and waiting out a retry's backoff (not running).
+    pub retrying: Option<i64>,
     /// Age of the oldest visible job, in seconds.
     pub oldest_pending_secs: Option<f64>,
     /// Archived (done) jobs (an estimate above 100 000).
-    pub archived: i64,
-    /// Dead letters (killed included).
-    pub dead_letters: i64,
+    pub archived: Option<i64>,
+    /// Dead letters (killed included). A queue without a dead-letter queue has none.
+    pub dead_letters: Option<i64>,
     /// The notification trigger's mode (`on_demand`, `batch`, `message`), or none.
     pub notify: Option<String>,
     /// Whether the queue is paused.
     pub paused: bool,
+    /// Why the counts are missing, or why this crate cannot serve the queue (its workers would
+    /// refuse the name); `None` when all is well.
+    pub error: Option<String>,
 }
 
-/// Every queue (dead-letter queues with their queue) at a glance.
+impl QueueOverview {
+    fn failed(queue: &str, paused: bool, error: String) -> Self {
+        Self {
+            queue: queue.to_owned(),
+            depth: None,
+            visible: None,
+            scheduled: None,
+            running: None,
+            retrying: None,
+            oldest_pending_secs: None,
+            archived: None,
+            dead_letters: None,
+            notify: None,
+            paused,
+            error: Some(error),
+        }
+    }
+}
+
+/// Every PGMQ queue (dead-letter queues with their queue) at a glance, whoever created it.
+///
+/// A queue made by another PGMQ client is counted like ours (no dead-letter queue yet: no dead
+/// letters). A queue whose name this crate does not serve (upper case, `-`, longer than
+/// [`MAX_QUEUE_NAME_LEN`](crate::MAX_QUEUE_NAME_LEN)) is listed with its depth and visible count
+/// from `pgmq.metrics` and the reason in [`QueueOverview::error`]; so is a queue whose counts
+/// failed (the error, not zeros).
 ///
 /// # Errors
 ///
-/// [`Error::Database`](crate::Error::Database) if a statement fails.
+/// [`Error::Database`](crate::Error::Database) if the queues cannot be listed.
 ///
 /// # Example
 ///
 /// ```no_run
 /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
 /// for q in apalis_pgmq_notify::queues_overview(&pool).await? {
-///     println!("{}: {} visible, {} dead", q.queue, q.visible, q.dead_letters);
+///     match &q.error {
+///         None => println!("{}: {:?} visible, {:?} dead", q.queue, q.visible, q.dead_letters),
+///         Some(e) => println!("{}: {e}", q.queue),
+///     }
 /// }
 /// # Ok(()) }
 /// ```
@@ -122,14 +165,29 @@ pub async fn queues_overview(pool: &PgPool) -> Result<Vec<QueueOverview>> {
             .queue_name
             .strip_suffix(crate::queue::DEAD_LETTER_SUFFIX)
             .is_some_and(|base| names.contains(base));
-        let Ok(name) = QueueName::new(&info.queue_name) else {
-            continue;
-        };
         if is_dlq {
             continue;
         }
+        let is_paused = paused.iter().any(|p| p == &info.queue_name);
+        let name = match QueueName::new(&info.queue_name) {
+            Ok(name) => name,
+            Err(why) => {
+                out.push(unserved(pool, &info.queue_name, is_paused, &why.to_string()).await);
+                continue;
+            }
+        };
         let q = PgmqQueue::new(name.clone());
-        let counts = q.counts(pool).await.unwrap_or_default();
+        let counts = match q.counts(pool).await {
+            Ok(c) => c,
+            Err(e) => {
+                out.push(QueueOverview::failed(
+                    name.as_str(),
+                    is_paused,
+                    format!("could not count its jobs: {e}"),
+                ));
+                continue;
+            }
+        };
         let notify = notify_mode(pool, &name).await?.map(|(mode, _)| {
             match mode {
                 crate::notify::NotifyMode::Batch => "batch",
@@ -140,18 +198,42 @@ pub async fn queues_overview(pool: &PgPool) -> Result<Vec<QueueOverview>> {
         });
         out.push(QueueOverview {
             queue: name.as_str().to_owned(),
-            depth: counts.pending + counts.scheduled + counts.running + counts.retrying,
-            visible: counts.pending,
-            scheduled: counts.scheduled,
-            in_flight: counts.running + counts.retrying,
+            depth: Some(counts.pending + counts.scheduled + counts.running + counts.retrying),
+            visible: Some(counts.pending),
+            scheduled: Some(counts.scheduled),
+            running: Some(counts.running),
+            retrying: Some(counts.retrying),
             oldest_pending_secs: counts.oldest_pending_secs,
-            archived: counts.done,
-            dead_letters: counts.dead + counts.killed,
+            archived: Some(counts.done),
+            dead_letters: Some(counts.dead + counts.killed),
             notify,
-            paused: paused.iter().any(|p| p == name.as_str()),
+            paused: is_paused,
+            error: None,
         });
     }
     Ok(out)
+}
+
+/// A queue this crate cannot serve: PGMQ's own depth and visible count, and the reason.
+async fn unserved(pool: &PgPool, queue: &str, paused: bool, why: &str) -> QueueOverview {
+    let reason = format!("not served by apalis-pgmq-notify ({why})");
+    let row: std::result::Result<(i64, i64), sqlx::Error> = sqlx::query(crate::sql::QUEUE_METRICS)
+        .bind(queue)
+        .fetch_one(pool)
+        .await
+        .and_then(|r| {
+            use sqlx::Row;
+            Ok((r.try_get(1)?, r.try_get(6)?))
+        });
+    match row {
+        Ok((depth, visible)) => {
+            let mut o = QueueOverview::failed(queue, paused, reason);
+            o.depth = Some(depth);
+            o.visible = Some(visible);
+            o
+        }
+        Err(e) => QueueOverview::failed(queue, paused, format!("{reason}; pgmq.metrics: {e}")),
+    }
 }
 
 /// What [`prune`] deleted.
@@ -168,7 +250,8 @@ pub struct Pruned {
 }
 
 /// Deletes `queue`'s archived jobs older than `archive_retention` and dead letters older than
-/// `dead_letter_retention` (`None`: keep), in batches of 10 000, each its own short statement.
+/// `dead_letter_retention` (`None`: keep), in batches of 10 000, each its own short statement,
+/// and the job keys whose hold ended (`apalis_pgmq.job_keys`).
 ///
 /// # Errors
 ///
@@ -202,7 +285,26 @@ pub async fn prune(
     if let Some(keep) = dead_letter_retention {
         pruned.dead_letters = q.purge_dead_letters(pool, Some(keep)).await?;
     }
+    // Job keys whose hold ended (their job gone, its idempotency window over).
+    prune_keys(pool, queue, usize::MAX).await?;
     Ok(pruned)
+}
+
+/// Up to `batches` batches of deleting `queue`'s job keys whose hold ended; returns how many.
+pub(crate) async fn prune_keys(pool: &PgPool, queue: &QueueName, batches: usize) -> Result<u64> {
+    let mut total = 0u64;
+    for _ in 0..batches {
+        let n: i64 = sqlx::query_scalar(crate::sql::PRUNE_KEYS)
+            .bind(queue.as_str())
+            .bind(crate::queue::PRUNE_BATCH)
+            .fetch_one(pool)
+            .await?;
+        total += u64::try_from(n).unwrap_or(0);
+        if n < crate::queue::PRUNE_BATCH {
+            break;
+        }
+    }
+    Ok(total)
 }
 
 /// Deletes `queue`'s stored job results (see [`Config::store_results`](crate::Config::store_results))

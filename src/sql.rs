@@ -152,10 +152,29 @@ pub(crate) const MAINTAIN_UNLOCK: &str =
     "SELECT pg_advisory_unlock(hashtext('apalis_pgmq.partman'), hashtext($1))";
 
 /// Used in `src/ops.rs`.
-pub(crate) const PAUSE: &str = "SELECT apalis_pgmq.pause($1)";
+/// NULL when the queue does not exist (nothing written).
+pub(crate) const PAUSE: &str = "SELECT CASE WHEN EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = $1) \
+         THEN apalis_pgmq.pause($1) END";
 
 /// Used in `src/ops.rs`.
-pub(crate) const RESUME: &str = "SELECT apalis_pgmq.resume($1, $2, $3)";
+/// NULL when the queue does not exist and is not paused (a paused queue dropped since can still
+/// be resumed, so no row is left behind).
+pub(crate) const RESUME: &str = "SELECT CASE WHEN EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = $1) \
+              OR EXISTS (SELECT 1 FROM apalis_pgmq.paused WHERE queue = $1) \
+         THEN apalis_pgmq.resume($1, $2, $3) END";
+
+/// Used in `src/ops.rs` and `src/runtime/maintenance.rs`: keys whose hold ended (migration
+/// 0003's ledger).
+/// One batch of at most `$2` rows; rows a push holds are skipped, never waited for.
+pub(crate) const PRUNE_KEYS: &str = "WITH old AS (SELECT key_hash FROM apalis_pgmq.job_keys \
+                      WHERE queue = $1 AND held_until < clock_timestamp() \
+                      LIMIT $2 FOR UPDATE SKIP LOCKED), \
+              gone AS (DELETE FROM apalis_pgmq.job_keys j USING old \
+                       WHERE j.queue = $1 AND j.key_hash = old.key_hash RETURNING 1) \
+         SELECT count(*) FROM gone";
+
+/// Used in `src/backend/mod.rs`: a dropped queue's keys.
+pub(crate) const DROP_KEYS: &str = "DELETE FROM apalis_pgmq.job_keys WHERE queue = $1";
 
 /// Used in `src/ops.rs`.
 pub(crate) const PAUSED_QUEUES: &str = "SELECT queue FROM apalis_pgmq.paused ORDER BY queue";
@@ -229,6 +248,8 @@ pub(crate) const ALL: &[(&str, &str)] = &[
     ("pause", PAUSE),
     ("resume", RESUME),
     ("paused_queues", PAUSED_QUEUES),
+    ("prune_keys", PRUNE_KEYS),
+    ("drop_keys", DROP_KEYS),
     ("index_dead_letters", INDEX_DEAD_LETTERS),
     ("index_unique_keys", INDEX_UNIQUE_KEYS),
     ("index_priorities", INDEX_PRIORITIES),

@@ -52,6 +52,7 @@ pub async fn prepare_every_statement(pool: &PgPool, queue: &QueueName) -> Result
                         | "prune_dead_elected"
                         | "replay"
                         | "delete_dead"
+                        | "count_dead"
                 )
             {
                 continue;

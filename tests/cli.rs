@@ -6,6 +6,7 @@ use std::process::{Command, Output};
 
 use apalis_pgmq_notify::{NotifyMode, PgmqQueue, QueueName, notify_mode};
 use common::{TestDb, count};
+use serde_json::Value;
 
 fn cli(args: &[&str], database_url: Option<&str>) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_apalis-pgmq-notify"));
@@ -305,7 +306,7 @@ async fn drop_queue_takes_the_dead_letter_queue_with_it() {
         4,
         "queue, archive, dlq, dlq archive"
     );
-    let out = cli(&["drop-queue", "gone"], Some(&url));
+    let out = cli(&["drop-queue", "gone", "--yes"], Some(&url));
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         text(&out).contains("dropped with its dead-letter queue"),
@@ -313,7 +314,7 @@ async fn drop_queue_takes_the_dead_letter_queue_with_it() {
         text(&out)
     );
     assert_eq!(common::count(&db.pool, tables).await, 0);
-    let out = cli(&["drop-queue", "gone"], Some(&url));
+    let out = cli(&["drop-queue", "gone", "--yes"], Some(&url));
     assert!(text(&out).contains("did not exist"), "{}", text(&out));
     // The library call does the same.
     s.create_queue().await.expect("create again");
@@ -394,9 +395,9 @@ async fn read_commands_print_tables_and_golden_json() {
     assert_eq!(
         normalized(&String::from_utf8_lossy(&out.stdout)),
         serde_json::json!([{
-            "queue": "ops", "depth": 2, "visible": 1, "scheduled": 1, "in_flight": 0,
-            "oldest_pending_secs": "<time>", "archived": 0, "dead_letters": 2,
-            "notify": "on_demand", "paused": false
+            "queue": "ops", "depth": 2, "visible": 1, "scheduled": 1, "running": 0,
+            "retrying": 0, "oldest_pending_secs": "<time>", "archived": 0, "dead_letters": 2,
+            "notify": "on_demand", "paused": false, "error": null
         }])
     );
     let out = cli(&["queues"], Some(&url));
@@ -542,7 +543,7 @@ async fn dlq_replay_is_all_or_nothing_and_job_commands_act() {
         .await
         .expect("dead");
     let out = cli(
-        &["dlq", "purge", "replay", "--older-than", "1h"],
+        &["dlq", "purge", "replay", "--older-than", "1h", "--yes"],
         Some(&url),
     );
     assert!(
@@ -550,7 +551,7 @@ async fn dlq_replay_is_all_or_nothing_and_job_commands_act() {
         "{}",
         text(&out)
     );
-    let out = cli(&["dlq", "purge", "replay"], Some(&url));
+    let out = cli(&["dlq", "purge", "replay", "--yes"], Some(&url));
     assert!(
         text(&out).contains("1 dead letters deleted"),
         "{}",
@@ -571,6 +572,11 @@ async fn migrate_check_and_dry_run() {
     );
     let out = cli(&["migrate", "--dry-run"], Some(&url));
     assert!(out.status.success());
+    assert!(
+        text(&out).contains("PGMQ is not installed here"),
+        "a dry run says PGMQ would be installed first: {}",
+        text(&out)
+    );
     assert!(
         text(&out).contains("-- migration 1 (baseline)"),
         "{}",
@@ -672,4 +678,424 @@ async fn prune_deletes_results_past_their_retention() {
     );
     let out = cli(&["prune", "kept", "--result-retention", "soon"], Some(&url));
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}
+
+/// Queues made by other PGMQ clients: `pgmq.create` (no dead-letter queue), and names PGMQ
+/// allows but this crate does not serve. Every view counts them right or says why not.
+#[tokio::test]
+async fn queues_made_by_other_pgmq_clients_are_counted_and_pruned() {
+    let db = TestDb::setup().await;
+    let url = db.url();
+    let long = format!("l{}", "o".repeat(44)); // 45 bytes: PGMQ's limit is 47
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SELECT pgmq.create('plain_pgmq'); \
+         SELECT pgmq.send('plain_pgmq', jsonb_build_object('n', i)) FROM generate_series(1, 7) i; \
+         SELECT pgmq.create('UpperCase_Q'); SELECT pgmq.send('UpperCase_Q', '{{}}'); \
+         SELECT pgmq.create('d-queue'); \
+         SELECT pgmq.create('{long}'); \
+         SELECT pgmq.create('zz_last');"
+    )))
+    .execute(&db.pool)
+    .await
+    .expect("queues of another client");
+    // Something to prune in the queue listed after the refused ones.
+    sqlx::raw_sql(
+        "SELECT pgmq.send('zz_last', '{}'); SELECT pgmq.archive('zz_last', 1); \
+         UPDATE pgmq.a_zz_last SET archived_at = now() - interval '30 days'",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("an old archived job");
+
+    let out = cli(&["queues", "--json"], Some(&url));
+    assert!(out.status.success(), "{}", text(&out));
+    let all = normalized(&String::from_utf8_lossy(&out.stdout));
+    let find = |name: &str| {
+        all.as_array()
+            .expect("a list")
+            .iter()
+            .find(|q| q["queue"] == name)
+            .unwrap_or_else(|| panic!("{name} listed: {all}"))
+            .clone()
+    };
+    let plain = find("plain_pgmq");
+    assert_eq!(plain["depth"], 7, "{plain}");
+    assert_eq!(plain["visible"], 7, "{plain}");
+    assert_eq!(
+        plain["dead_letters"], 0,
+        "no dead-letter queue is an empty one"
+    );
+    assert_eq!(plain["error"], Value::Null, "{plain}");
+    let upper = find("UpperCase_Q");
+    assert_eq!(upper["depth"], 1, "PGMQ's own count: {upper}");
+    assert_eq!(upper["dead_letters"], Value::Null, "not a zero: {upper}");
+    assert!(
+        upper["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not served")),
+        "{upper}"
+    );
+    for name in ["d-queue", long.as_str()] {
+        assert!(find(name)["error"].is_string(), "{name}: {all}");
+    }
+    let out = cli(&["queues"], Some(&url));
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("plain_pgmq"))
+        .unwrap_or_else(|| panic!("{table}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[1..3], ["7", "7"], "{table}");
+
+    let out = cli(&["dlq", "list", "plain_pgmq", "--json"], Some(&url));
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        normalized(&String::from_utf8_lossy(&out.stdout)),
+        serde_json::json!([])
+    );
+    let out = cli(&["dlq", "list", "plain_pgmq"], Some(&url));
+    assert!(text(&out).contains("(none)"), "{}", text(&out));
+    let out = cli(&["job", "show", "plain_pgmq", "3", "--json"], Some(&url));
+    assert!(out.status.success(), "{}", text(&out));
+    let out = cli(&["dlq", "purge", "plain_pgmq", "--yes"], Some(&url));
+    assert!(
+        text(&out).contains("0 dead letters deleted"),
+        "{}",
+        text(&out)
+    );
+    // A queue that does not exist is not an empty one.
+    let out = cli(&["dlq", "list", "no_such_queue"], Some(&url));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("\"no_such_queue\" does not exist"),
+        "{}",
+        text(&out)
+    );
+
+    // prune goes on past the queues it cannot prune, reports them, and exits 1 at the end.
+    let out = cli(&["prune", "--archive-retention", "7d"], Some(&url));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = text(&out);
+    assert!(said.contains("plain_pgmq: 0 archived"), "{said}");
+    assert!(said.contains("UpperCase_Q: skipped"), "{said}");
+    assert!(said.contains("zz_last: 1 archived"), "{said}");
+    assert!(said.contains("3 queue(s) not pruned"), "{said}");
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM pgmq.a_zz_last").await,
+        0
+    );
+}
+
+/// Typos and destructive commands: a missing queue is an error that leaves nothing behind;
+/// deleting needs --yes, and --dry-run deletes nothing.
+#[tokio::test]
+async fn typos_fail_and_destructive_commands_need_yes() {
+    let db = TestDb::setup().await;
+    let url = db.url();
+    operated(&db, "safe").await;
+    for args in [
+        vec!["pause", "eco_emial"],
+        vec!["resume", "no_such_queue"],
+        vec!["dlq", "show", "no_such_queue", "1"],
+        vec!["job", "retry", "no_such_queue", "1"],
+        vec!["dlq", "purge", "no_such_queue", "--yes"],
+    ] {
+        let out = cli(&args, Some(&url));
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
+        assert!(
+            text(&out).contains("does not exist"),
+            "{args:?}: {}",
+            text(&out)
+        );
+    }
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM apalis_pgmq.paused").await,
+        0,
+        "nothing left behind"
+    );
+    // Not interactive and no --yes: refused, nothing deleted.
+    let out = cli(&["dlq", "purge", "safe"], Some(&url));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("--yes"), "{}", text(&out));
+    let out = cli(&["dlq", "purge", "safe", "--dry-run"], Some(&url));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("2 dead letters would be deleted"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM pgmq.q_safe_dlq").await,
+        2
+    );
+    let out = cli(&["drop-queue", "safe"], Some(&url));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let out = cli(&["drop-queue", "safe", "--dry-run"], Some(&url));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("safe: 2 jobs in the queue, 0 archived, 2 dead letters"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM pgmq.q_safe").await, 2);
+    let out = cli(&["dlq", "purge", "safe", "--yes"], Some(&url));
+    assert!(
+        text(&out).contains("2 dead letters deleted"),
+        "{}",
+        text(&out)
+    );
+    let out = cli(&["drop-queue", "safe", "--yes"], Some(&url));
+    assert!(out.status.success(), "{}", text(&out));
+    // Pausing a queue that exists still works, and resuming it.
+    operated(&db, "real").await;
+    let out = cli(&["pause", "real", "--json"], Some(&url));
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).expect("json"),
+        serde_json::json!({"queue": "real", "paused": true, "changed": true})
+    );
+    assert!(cli(&["resume", "real"], Some(&url)).status.success());
+    let out = cli(&["job", "retry", "real", "101", "--json"], Some(&url));
+    assert!(out.status.success(), "{}", text(&out));
+    let moved = serde_json::from_slice::<Value>(&out.stdout).expect("json");
+    assert_eq!(moved["old_id"], 101, "{moved}");
+    assert!(
+        moved["new_id"].as_i64().is_some_and(|n| n != 101),
+        "{moved}"
+    );
+}
+
+#[test]
+fn a_non_postgres_url_and_a_zero_timeout_are_refused() {
+    let out = cli(&["queues"], Some("mysql://root@127.0.0.1:1/db"));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("postgres://"), "{}", text(&out));
+    let out = cli(
+        &["queues", "--connect-timeout", "0s"],
+        Some("postgres://nobody@127.0.0.1:1/nothing"),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("more than zero"), "{}", text(&out));
+}
+
+/// Replay prints old -> new ids, and `job show` finds the job under its new id; every view
+/// gives the same attempt count, as a number.
+#[tokio::test]
+async fn replay_prints_new_ids_and_attempts_agree() {
+    let db = TestDb::setup().await;
+    let url = db.url();
+    operated(&db, "again").await;
+    // A stale count in headers.apalis (1) beside the count at death (3): the latter wins.
+    sqlx::query(
+        "UPDATE pgmq.q_again_dlq SET headers = headers || '{\"apalis\": {\"attempts\": 1}}'",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("stale header");
+    let out = cli(&["dlq", "list", "again", "--json"], Some(&url));
+    let list = normalized(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(list[0]["attempts"], 3, "{list}");
+    assert_eq!(list[0]["queue"], "again", "{list}");
+    let out = cli(&["dlq", "show", "again", "101", "--json"], Some(&url));
+    let one = normalized(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(one["attempts"], 3, "{one}");
+    let out = cli(&["dlq", "show", "again", "101"], Some(&url));
+    assert!(text(&out).contains("attempts      3"), "{}", text(&out));
+    let out = cli(&["dlq", "list", "again"], Some(&url));
+    let table = text(&out);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("101"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(row.contains(" 3 "), "{table}");
+
+    let out = cli(
+        &["dlq", "replay", "again", "101", "102", "--json"],
+        Some(&url),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let pairs = normalized(&String::from_utf8_lossy(&out.stdout));
+    let pairs = pairs.as_array().expect("a list").clone();
+    assert_eq!(pairs.len(), 2, "{pairs:?}");
+    for p in &pairs {
+        let (old, new) = (
+            p["old_id"].as_i64().expect("old"),
+            p["new_id"].as_i64().expect("new"),
+        );
+        let body: serde_json::Value =
+            sqlx::query_scalar("SELECT message FROM pgmq.q_again WHERE msg_id = $1")
+                .bind(new)
+                .fetch_one(&db.pool)
+                .await
+                .expect("the new id is the replayed job");
+        assert_eq!(body["n"], old, "dead job {old} came back as {new}");
+        let out = cli(&["job", "show", "again", &new.to_string()], Some(&url));
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let out = cli(&["dlq", "replay", "again", "--all"], Some(&url));
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// Routine work without psql: send, list by state, retry every retrying or dead job, purge
+/// pending jobs, migration status, the offline SQL, a queue with priorities.
+#[tokio::test]
+async fn routine_work_needs_no_psql() {
+    let db = TestDb::setup().await;
+    let url = db.url();
+    let out = cli(&["create-queue", "routine", "--priorities"], Some(&url));
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM pg_indexes WHERE schemaname = 'pgmq' AND indexname = 'q_routine_prio_idx'"
+        )
+        .await,
+        1,
+        "{}",
+        text(&out)
+    );
+    let out = cli(
+        &[
+            "send",
+            "routine",
+            r#"{"n": 1}"#,
+            "--priority",
+            "-5",
+            "--max-attempts",
+            "4",
+            "--json",
+        ],
+        Some(&url),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let sent: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    let id = sent["id"].as_i64().expect("an id");
+    let headers: serde_json::Value =
+        sqlx::query_scalar("SELECT headers FROM pgmq.q_routine WHERE msg_id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .expect("sent");
+    assert_eq!(headers["apalis"]["priority"], -5);
+    assert_eq!(headers["apalis"]["max_attempts"], 4);
+    assert!(
+        cli(
+            &[
+                "send",
+                "routine",
+                r#"{"n": 2}"#,
+                "--delay",
+                "1h",
+                "--key",
+                "k1"
+            ],
+            Some(&url)
+        )
+        .status
+        .success()
+    );
+    let out = cli(&["send", "routine", "not json"], Some(&url));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    // Two jobs waiting out a backoff (failed after their last read), one dead letter.
+    sqlx::raw_sql(
+        "SELECT pgmq.send('routine', '{\"n\": 3}'); SELECT pgmq.send('routine', '{\"n\": 4}'); \
+         UPDATE pgmq.q_routine SET read_ct = 1, last_read_at = now() - interval '1 minute', \
+                vt = now() + interval '1 hour', \
+                headers = jsonb_build_object('apalis', jsonb_build_object('attempts', 1, \
+                    'failed_epoch', extract(epoch FROM now()))) \
+          WHERE message->>'n' IN ('3', '4'); \
+         SELECT pgmq.create('routine_dlq'); \
+         INSERT INTO pgmq.q_routine_dlq (vt, message, headers) VALUES (now(), '{\"n\": 5}', \
+           '{\"apalis_dead_letter\": {\"reason\": \"failed\", \"attempts\": 2, \"msg_id\": 900}}'), \
+           (now(), '{\"n\": 6}', \
+           '{\"apalis_dead_letter\": {\"reason\": \"killed\", \"attempts\": 1, \"msg_id\": 901}}');",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("retrying and dead jobs");
+    let listed = |state: &str| {
+        let out = cli(
+            &["jobs", "list", "routine", "--state", state, "--json"],
+            Some(&url),
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        normalized(&String::from_utf8_lossy(&out.stdout))
+    };
+    let retrying = listed("retrying");
+    assert_eq!(retrying.as_array().map(Vec::len), Some(2), "{retrying}");
+    assert_eq!(retrying[0]["state"], "retrying");
+    assert_eq!(retrying[0]["attempts"], 1);
+    assert_eq!(listed("scheduled").as_array().map(Vec::len), Some(1));
+    assert_eq!(listed("dead").as_array().map(Vec::len), Some(1));
+    let out = cli(
+        &["jobs", "list", "routine", "--page-size", "2", "--page", "2"],
+        Some(&url),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).starts_with("JOB  STATE"), "{}", text(&out));
+    let out = cli(&["queues", "--json"], Some(&url));
+    let q = normalized(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        (q[0]["running"].clone(), q[0]["retrying"].clone()),
+        (json(0), json(2)),
+        "{q}"
+    );
+
+    let out = cli(
+        &["jobs", "retry", "routine", "--state", "retrying"],
+        Some(&url),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("2 jobs retried"), "{}", text(&out));
+    assert_eq!(listed("retrying").as_array().map(Vec::len), Some(0));
+    let out = cli(
+        &["jobs", "retry", "routine", "--state", "dead", "--json"],
+        Some(&url),
+    );
+    let pairs = normalized(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(pairs.as_array().map(Vec::len), Some(1), "{pairs}");
+    assert_eq!(pairs[0]["old_id"], 900, "killed jobs stay: {pairs}");
+    assert_eq!(listed("killed").as_array().map(Vec::len), Some(1));
+
+    // Pending now: 1, 3, 4 and the replayed 5; scheduled: 2.
+    let out = cli(&["jobs", "purge", "routine"], Some(&url));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let out = cli(&["jobs", "purge", "routine", "--dry-run"], Some(&url));
+    assert!(
+        text(&out).contains("4 pending jobs would be deleted"),
+        "{}",
+        text(&out)
+    );
+    let out = cli(&["jobs", "purge", "routine", "--yes"], Some(&url));
+    assert!(
+        text(&out).contains("4 pending jobs deleted"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM pgmq.q_routine").await,
+        1
+    );
+
+    let out = cli(&["migrate", "--status"], Some(&url));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("baseline") && text(&out).contains("applied"),
+        "{}",
+        text(&out)
+    );
+    assert!(!text(&out).contains("pending"), "{}", text(&out));
+    let out = cli(&["migrate", "--print-sql"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("-- migration 1 (baseline)"),
+        "{}",
+        text(&out)
+    );
+    assert!(text(&out).contains("CREATE OR REPLACE FUNCTION apalis_pgmq.priority_of"));
+}
+
+fn json(n: i64) -> serde_json::Value {
+    serde_json::json!(n)
 }

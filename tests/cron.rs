@@ -120,3 +120,169 @@ async fn two_replicas_turn_each_tick_into_one_job() {
     .await;
     assert_eq!(jobs, ticks.len() as i64);
 }
+
+fn keyed_storage(pool: &sqlx::PgPool, queue: &str) -> PgmqStorage<Tick> {
+    PgmqStorage::<Tick>::with_config(
+        &Runtime::new(pool),
+        QueueName::new(queue).expect("name"),
+        Config::default().idempotency_window(Some(Duration::from_secs(3600))),
+    )
+    .expect("config")
+}
+
+/// Jobs (queued or archived) that carry `key`.
+async fn jobs_with_key(pool: &sqlx::PgPool, queue: &str, key: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT (SELECT count(*) FROM pgmq.q_{queue} WHERE headers->'apalis'->>'idempotency_key' = $1) \
+              + (SELECT count(*) FROM pgmq.a_{queue} WHERE headers->'apalis'->>'idempotency_key' = $1)"
+    )))
+    .bind(key)
+    .fetch_one(pool)
+    .await
+    .expect("count")
+}
+
+/// The race of the issue, made certain: the previous job's archive is written but not committed
+/// while three replicas push the same tick (they wait on it); then it commits. Every push is a
+/// duplicate, and a plain `pgmq.send` of the key inside the window is refused.
+#[tokio::test]
+async fn a_push_racing_the_archive_of_the_previous_job_is_a_duplicate() {
+    let db = TestDb::setup().await;
+    let queue = "cron_race";
+    let s = keyed_storage(&db.pool, queue);
+    s.create_queue().await.expect("create");
+    for tick in 0..3 {
+        let key = format!("tick:{tick}");
+        let mut conn = db.pool.acquire().await.expect("conn");
+        let first = s
+            .push_task_with(
+                &mut conn,
+                TaskBuilder::new(Tick { at: tick })
+                    .idempotency_key(key.clone())
+                    .build(),
+            )
+            .await
+            .expect("push");
+        assert!(!first.is_duplicate());
+        let mut tx = db.pool.begin().await.expect("tx");
+        s.queue()
+            .archive(&mut *tx, &[first.id])
+            .await
+            .expect("archive");
+        let pushers: Vec<_> = (0..3)
+            .map(|r| {
+                let (s, key, pool) = (s.clone(), key.clone(), db.pool.clone());
+                tokio::spawn(async move {
+                    let mut conn = pool.acquire().await.expect("conn");
+                    s.push_task_with(
+                        &mut conn,
+                        TaskBuilder::new(Tick { at: tick })
+                            .idempotency_key(key)
+                            .build(),
+                    )
+                    .await
+                    .unwrap_or_else(|e| panic!("replica {r}: {e}"))
+                })
+            })
+            .collect();
+        // Commit only once every replica's push waits on the archive's transaction.
+        wait_for(Duration::from_secs(30), "three pushes waiting", || async {
+            (count(
+                &db.pool,
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                   AND datname = current_database()",
+            )
+            .await
+                >= 3)
+                .then_some(())
+        })
+        .await;
+        tx.commit().await.expect("commit");
+        for p in pushers {
+            let pushed = p.await.expect("pusher");
+            assert!(pushed.is_duplicate(), "tick {tick}: {pushed:?}");
+            assert_eq!(pushed.id, first.id, "the holder is the archived job");
+        }
+        assert_eq!(jobs_with_key(&db.pool, queue, &key).await, 1, "tick {tick}");
+        let plain = sqlx::query("SELECT pgmq.send($1, '{\"at\": 0}', $2, 0)")
+            .bind(queue)
+            .bind(serde_json::json!({"apalis": {"idempotency_key": key}}))
+            .execute(&db.pool)
+            .await
+            .expect_err("a plain send of a key inside its window");
+        assert_eq!(
+            plain.as_database_error().and_then(|d| d.code()).as_deref(),
+            Some("23505"),
+            "{plain}"
+        );
+    }
+}
+
+/// Hundreds of ticks: for each, three replicas push the tick while the previous holder of its
+/// key is archived, all released together by a barrier. Each key has one job, ever.
+#[tokio::test]
+async fn replicas_racing_completions_never_enqueue_a_tick_twice() {
+    let db = TestDb::setup().await;
+    let queue = "cron_many";
+    let s = keyed_storage(&db.pool_with(8).await, queue);
+    s.create_queue().await.expect("create");
+    let ticks = 200u64;
+    for tick in 0..ticks {
+        let key = format!("tick:{tick}");
+        let mut conn = db.pool.acquire().await.expect("conn");
+        let first = s
+            .push_task_with(
+                &mut conn,
+                TaskBuilder::new(Tick { at: tick })
+                    .idempotency_key(key.clone())
+                    .build(),
+            )
+            .await
+            .expect("push");
+        drop(conn);
+        let barrier = Arc::new(tokio::sync::Barrier::new(4));
+        let archiver = {
+            let (s, barrier) = (s.clone(), barrier.clone());
+            tokio::spawn(async move {
+                let mut conn = s.pool().acquire().await.expect("conn");
+                barrier.wait().await;
+                s.queue()
+                    .archive(&mut *conn, &[first.id])
+                    .await
+                    .expect("archive");
+            })
+        };
+        let pushers: Vec<_> = (0..3)
+            .map(|_| {
+                let (s, key, barrier) = (s.clone(), key.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    let mut conn = s.pool().acquire().await.expect("conn");
+                    barrier.wait().await;
+                    s.push_task_with(
+                        &mut conn,
+                        TaskBuilder::new(Tick { at: tick })
+                            .idempotency_key(key)
+                            .build(),
+                    )
+                    .await
+                    .expect("push")
+                })
+            })
+            .collect();
+        archiver.await.expect("archiver");
+        for p in pushers {
+            assert!(p.await.expect("pusher").is_duplicate(), "tick {tick}");
+        }
+    }
+    let twice = count(
+        &db.pool,
+        &format!(
+            "SELECT count(*) FROM (SELECT k FROM \
+               (SELECT headers->'apalis'->>'idempotency_key' k FROM pgmq.q_{queue} \
+                UNION ALL SELECT headers->'apalis'->>'idempotency_key' FROM pgmq.a_{queue}) j \
+             GROUP BY k HAVING count(*) > 1) d"
+        ),
+    )
+    .await;
+    assert_eq!(twice, 0, "no tick enqueued twice");
+}

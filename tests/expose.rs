@@ -433,3 +433,60 @@ async fn the_worker_registry_lists_workers_of_two_processes_and_forgets_a_dead_o
     drop(proxy);
     let _ = tokio::time::timeout(Duration::from_secs(30), stop_worker(stop_b, join_b)).await;
 }
+
+/// A queue made by another PGMQ client (`pgmq.create`, no dead-letter queue): the board's
+/// overview counts its jobs and every status filter answers (Failed was an error).
+#[tokio::test]
+async fn a_queue_made_by_pgmq_create_answers_every_board_query() {
+    let db = TestDb::setup().await;
+    sqlx::raw_sql(
+        "SELECT pgmq.create('plain_pgmq'); \
+         SELECT pgmq.send('plain_pgmq', jsonb_build_object('id', i, 'kind', 'sql')) \
+         FROM generate_series(1, 7) i;",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("a queue of another client");
+    let s: PgmqStorage<Job> =
+        PgmqStorage::new(&db.runtime(), QueueName::new("plain_pgmq").expect("name"));
+    let global = s.global().await.expect("overview");
+    let total = global
+        .iter()
+        .find(|st| st.title == "TOTAL_JOBS")
+        .map(|st| st.value.clone());
+    assert_eq!(total.as_deref(), Some("7"), "{global:?}");
+    for status in [
+        None,
+        Some(Status::Pending),
+        Some(Status::Queued),
+        Some(Status::Running),
+        Some(Status::Failed),
+        Some(Status::Done),
+        Some(Status::Killed),
+    ] {
+        let tasks = s
+            .list_tasks(&filter(status.clone(), 1, 20))
+            .await
+            .unwrap_or_else(|e| panic!("{status:?}: {e}"));
+        let want = if matches!(status, None | Some(Status::Pending)) {
+            7
+        } else {
+            0
+        };
+        assert_eq!(tasks.len(), want, "{status:?}");
+        let all = s
+            .list_all_tasks(&filter(status.clone(), 1, 20))
+            .await
+            .unwrap_or_else(|e| panic!("{status:?}: {e}"));
+        assert_eq!(all.len(), want, "{status:?}");
+    }
+    let queues = s.list_queues().await.expect("queues");
+    assert_eq!(queues.len(), 1);
+    let stats = s.fetch_by_queue().await.expect("by queue");
+    assert!(
+        stats
+            .iter()
+            .any(|st| st.title == "DEAD_JOBS" && st.value == "0"),
+        "{stats:?}"
+    );
+}

@@ -88,6 +88,12 @@ async fn outcomes_are_counted_and_latencies_recorded() {
     )
     .await
     .expect("send");
+    // Sent by SQL, as another PGMQ client would: not counted as enqueued by this process, and
+    // its body does not decode as a Job (dead letter `undecodable`).
+    sqlx::query("SELECT pgmq.send('metered', '{\"n\": 1}')")
+        .execute(&db.pool)
+        .await
+        .expect("send by SQL");
     let worker = WorkerBuilder::new("metered")
         .backend(s.clone())
         .build(|job: Job| async move {
@@ -99,7 +105,7 @@ async fn outcomes_are_counted_and_latencies_recorded() {
     let (stop, join) = spawn_worker!(worker);
     wait_for(Duration::from_secs(30), "every outcome", || async {
         (count(&db.pool, "SELECT count(*) FROM pgmq.a_metered").await == 3
-            && count(&db.pool, "SELECT count(*) FROM pgmq.q_metered_dlq").await == 1)
+            && count(&db.pool, "SELECT count(*) FROM pgmq.q_metered_dlq").await == 2)
             .then_some(())
     })
     .await;
@@ -107,7 +113,8 @@ async fn outcomes_are_counted_and_latencies_recorded() {
     let snap = snapshot();
     let queue = [("queue", name)];
     let v = |n: &str, l: &[(&str, &str)]| value(&snap, n, l);
-    assert_eq!(v("apalis_pgmq_jobs_claimed_total", &queue), 5);
+    assert_eq!(v("apalis_pgmq_jobs_enqueued_total", &queue), 5);
+    assert_eq!(v("apalis_pgmq_jobs_claimed_total", &queue), 6);
     assert_eq!(v("apalis_pgmq_jobs_done_total", &queue), 3);
     assert_eq!(v("apalis_pgmq_jobs_retried_total", &queue), 1);
     assert_eq!(
@@ -117,6 +124,24 @@ async fn outcomes_are_counted_and_latencies_recorded() {
         ),
         1
     );
+    assert_eq!(
+        v(
+            "apalis_pgmq_jobs_dead_lettered_total",
+            &[("queue", name), ("reason", "undecodable")]
+        ),
+        1,
+        "every dead letter is counted, whatever its reason"
+    );
+    // Every metric is described: help text and unit (`# HELP` in Prometheus).
+    for (key, unit, help, _) in &snap {
+        if key.key().name().starts_with("apalis_pgmq_") {
+            assert!(
+                help.as_ref().is_some_and(|h| !h.is_empty()) && unit.is_some(),
+                "{} has no description",
+                key.key().name()
+            );
+        }
+    }
     assert_eq!(v("apalis_pgmq_pickup_latency_seconds", &queue), 5);
     assert_eq!(v("apalis_pgmq_job_duration_seconds", &queue), 5);
     wait_for(

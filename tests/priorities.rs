@@ -188,3 +188,94 @@ async fn a_producer_with_only_pgmq_rights_sends_into_a_queue_with_priorities_and
     assert_eq!(run_all(&s, 2).await, vec![1, 3], "priority 2 first");
     common::drop_role(&db, &role).await;
 }
+
+/// Priorities PostgreSQL keeps but serde_json cannot hold (`1e400`, `-1e400`, written by SQL):
+/// the jobs run (priority 0 in the decoder, clamped by the index), none is dead-lettered.
+#[tokio::test]
+async fn out_of_range_priorities_from_sql_never_lose_the_job() {
+    let db = TestDb::setup().await;
+    let queue = "prio_hostile";
+    let s: PgmqStorage<Job> = PgmqStorage::with_config(
+        &db.runtime(),
+        QueueName::new(queue).expect("name"),
+        config(),
+    )
+    .expect("config");
+    s.create_queue().await.expect("create");
+    sqlx::raw_sql(
+        "SELECT pgmq.send('prio_hostile', '{\"id\": 1}', '{\"apalis\": {\"priority\": 1e400}}'::jsonb, 0); \
+         SELECT pgmq.send('prio_hostile', '{\"id\": 2}', '{\"apalis\": {\"priority\": -1e400, \"max_attempts\": 2}}'::jsonb, 0); \
+         SELECT pgmq.send('prio_hostile', '{\"id\": 3}', '{\"apalis\": {\"metadata\": {\"x\": 2e999}}}'::jsonb, 0);",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("hostile headers from SQL");
+    let mut order = run_all(&s, 3).await;
+    order.sort_unstable();
+    assert_eq!(order, vec![1, 2, 3]);
+    assert_eq!(
+        common::count(&db.pool, "SELECT count(*) FROM pgmq.a_prio_hostile").await,
+        3
+    );
+    let dead = sqlx::query_scalar::<_, bool>(
+        "SELECT to_regclass('pgmq.q_prio_hostile_dlq') IS NOT NULL \
+           AND EXISTS (SELECT 1 FROM pgmq.q_prio_hostile_dlq)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("dead letters");
+    assert!(!dead, "no job dead-lettered");
+}
+
+/// A hardened database: PUBLIC's EXECUTE on every function of apalis_pgmq revoked. A producer
+/// with PGMQ's rights only still sends into a queue with priorities and keys (the indexes are
+/// over built-in expressions; the key ledger's triggers run as their owner), and a taken key is
+/// still refused.
+#[tokio::test]
+async fn a_pgmq_producer_keeps_working_when_public_execute_is_revoked() {
+    let db = TestDb::setup().await;
+    let queue = "prio_hardened";
+    let s: PgmqStorage<Job> = PgmqStorage::with_config(
+        &db.runtime(),
+        QueueName::new(queue).expect("name"),
+        config(),
+    )
+    .expect("config");
+    s.create_queue().await.expect("create");
+    sqlx::raw_sql(
+        "REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA apalis_pgmq FROM PUBLIC; \
+         REVOKE EXECUTE ON FUNCTION apalis_pgmq.key_hash(text), apalis_pgmq.priority_of(jsonb) FROM PUBLIC;",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("revoke");
+    let (role, producer) = common::producer_role(&db, queue, "").await;
+    for (id, headers) in [
+        (
+            1,
+            serde_json::json!({"apalis": {"priority": 1, "idempotency_key": "k1"}}),
+        ),
+        (2, serde_json::json!({"apalis": {"priority": 9}})),
+        (3, serde_json::json!({"apalis": {"idempotency_key": "k1"}})),
+    ] {
+        let sent = sqlx::query("SELECT pgmq.send($1, $2, $3, 0)")
+            .bind(queue)
+            .bind(serde_json::json!({ "id": id }))
+            .bind(&headers)
+            .execute(&producer)
+            .await;
+        if id == 3 {
+            let e = sent.expect_err("the key is taken");
+            assert_eq!(
+                e.as_database_error().and_then(|d| d.code()).as_deref(),
+                Some("23505"),
+                "{e}"
+            );
+        } else {
+            sent.unwrap_or_else(|e| panic!("job {id}: {e}"));
+        }
+    }
+    producer.close().await;
+    assert_eq!(run_all(&s, 2).await, vec![2, 1], "priority 9 first");
+    common::drop_role(&db, &role).await;
+}

@@ -203,9 +203,12 @@ async fn a_window_keeps_a_finished_jobs_key_taken() {
         "{again:?}"
     );
     assert_eq!(queued(&db, queue).await, 0);
-    // Once the window has passed (the archive row made 2 hours old), the key is free.
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "UPDATE pgmq.a_{queue} SET archived_at = now() - interval '2 hours'"
+    // Once the window has passed (the archive row and the key's hold made 2 hours old), the
+    // key is free.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "UPDATE pgmq.a_{queue} SET archived_at = now() - interval '2 hours'; \
+         UPDATE apalis_pgmq.job_keys SET held_until = held_until - interval '2 hours' \
+          WHERE queue = '{queue}'"
     )))
     .execute(&db.pool)
     .await
@@ -443,4 +446,62 @@ async fn push_task_with_takes_a_pool_a_connection_or_a_transaction() {
     });
     assert!(!spawned.await.expect("join").expect("push").is_duplicate());
     assert_eq!(queued(&db, queue).await, 3);
+}
+
+/// A key's hold outlives its job by the window, then `prune` deletes it; a key whose job is
+/// still queued is never pruned.
+#[tokio::test]
+async fn prune_deletes_key_holds_that_ended() {
+    let db = TestDb::setup().await;
+    let queue = "unique_prune";
+    let s = storage(
+        &db,
+        queue,
+        Config::default().idempotency_window(Some(Duration::from_secs(3600))),
+    )
+    .await;
+    let mut conn = db.pool.acquire().await.expect("conn");
+    let done = s
+        .push_task_with(&mut conn, keyed(1, "done"))
+        .await
+        .expect("push");
+    s.push_task_with(&mut conn, keyed(2, "queued"))
+        .await
+        .expect("push");
+    s.queue()
+        .archive(&mut *conn, &[done.id()])
+        .await
+        .expect("archive");
+    let holds = format!("SELECT count(*) FROM apalis_pgmq.job_keys WHERE queue = '{queue}'");
+    let name = QueueName::new(queue).expect("name");
+    apalis_pgmq_notify::prune(&db.pool, &name, None, None)
+        .await
+        .expect("prune");
+    assert_eq!(count(&db.pool, &holds).await, 2, "both keys are held");
+    sqlx::raw_sql(
+        "UPDATE apalis_pgmq.job_keys SET held_until = now() - interval '1 second' \
+          WHERE held_until < 'infinity'; \
+         UPDATE pgmq.a_unique_prune SET archived_at = now() - interval '2 hours'",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("age");
+    apalis_pgmq_notify::prune(&db.pool, &name, None, None)
+        .await
+        .expect("prune");
+    assert_eq!(
+        count(&db.pool, &holds).await,
+        1,
+        "the ended hold is gone, the queued job's stays"
+    );
+    let again = s
+        .push_task_with(&mut conn, keyed(3, "queued"))
+        .await
+        .expect("push");
+    assert!(again.is_duplicate());
+    let fresh = s
+        .push_task_with(&mut conn, keyed(4, "done"))
+        .await
+        .expect("push");
+    assert!(!fresh.is_duplicate(), "the window is over");
 }

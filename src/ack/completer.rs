@@ -229,7 +229,10 @@ async fn write_batch(
     let mut failures = 0u32;
     loop {
         match write(ctx, batch, conn).await {
-            Ok(()) => return,
+            Ok(()) => {
+                count_dead_letters(ctx, batch);
+                return;
+            }
             Err(e) if is_data_error(&e) && batch.len() > 1 => {
                 tracing::warn!(error = %e.describe(), outcomes = batch.len(),
                     "an outcome in a batch cannot be written; writing them one by one");
@@ -257,6 +260,20 @@ async fn write_batch(
     }
 }
 
+/// Counts the dead letters of written outcomes, by reason (`failed`, `killed`, `undecodable`,
+/// `outcome_unwritable`): every dead letter is counted once, where it is written.
+fn count_dead_letters(ctx: &CompleterCtx, written: &[Outcome]) {
+    for o in written {
+        if let Action::DeadLetter { info } = &o.action {
+            let reason = info
+                .get("reason")
+                .and_then(Value::as_str)
+                .unwrap_or("failed");
+            crate::obs::dead_lettered(ctx.queue.name().as_str(), reason);
+        }
+    }
+}
+
 /// Writes one outcome; if its data cannot be stored, dead-letters the message with the reason
 /// instead; if even that fails, logs it and leaves the message to be delivered again when its
 /// lease lapses.
@@ -265,7 +282,10 @@ async fn write_one(ctx: &CompleterCtx, c: &Outcome, conn: &mut Option<PoolConnec
     let mut current = c.clone();
     loop {
         match write(ctx, std::slice::from_ref(&current), conn).await {
-            Ok(()) => return,
+            Ok(()) => {
+                count_dead_letters(ctx, std::slice::from_ref(&current));
+                return;
+            }
             Err(e)
                 if is_data_error(&e)
                     && current.result.as_ref().is_some_and(|r| r.value.is_some()) =>

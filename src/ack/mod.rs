@@ -388,8 +388,8 @@ fn log_outcome(queue: &str, action: &Action, error: Option<&BoxDynError>) {
                 .get("reason")
                 .and_then(|r| r.as_str())
                 .unwrap_or("failed");
+            // Counted where the dead letter is written (the completer), with every other reason.
             tracing::warn!(error = %error, reason, "job moved to the dead-letter queue");
-            crate::obs::dead_lettered(queue, reason);
         }
         Action::Archive | Action::Delete if !error.is::<AbortError>() => {
             tracing::warn!(error = %error, "job failed with no attempts left; given up");

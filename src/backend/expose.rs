@@ -21,7 +21,6 @@
 //! `THROUGHPUT_PER_SEC_5_MIN`. Pages are read with bounded index
 //! scans (see `src/queue/inspect.rs`).
 
-use crate::error::Describe;
 use std::time::Duration;
 
 use apalis_codec::json::JsonCodec;
@@ -87,14 +86,7 @@ fn to_task(rec: JobRecord, queue: &QueueName, default_max_attempts: usize) -> Ta
     put("dead_error", rec.dead_letter("error"));
     put("dead_at", rec.dead_letter("at"));
     put("decode_error", rec.message.decode_error.clone());
-    let attempts = match rec.state {
-        JobState::Killed | JobState::Dead => rec
-            .dead_letter("attempts")
-            .and_then(|a| a.parse::<usize>().ok()),
-        _ => meta.attempts,
-    };
-    let read_ct = usize::try_from(rec.message.read_ct.max(0)).unwrap_or(0);
-    let attempt = attempts.unwrap_or(0).max(read_ct);
+    let attempt = usize::try_from(rec.attempts()).unwrap_or(usize::MAX);
     let body = rec.message.message.clone().unwrap_or(Value::Null);
     let mut b = TaskBuilder::new(body)
         .task_id(crate::queue::task_id(rec.id))
@@ -228,18 +220,6 @@ fn sum(all: &[QueueCounts]) -> QueueCounts {
     t
 }
 
-/// Counts of a queue, or none if it cannot be counted (e.g. a queue of another PGMQ client
-/// without a dead-letter queue).
-async fn counts_or_empty(pool: &PgPool, q: &PgmqQueue) -> QueueCounts {
-    match q.counts(pool).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::debug!(queue = %q.name(), error = %e.describe(), "could not count the queue's jobs");
-            QueueCounts::default()
-        }
-    }
-}
-
 /// The running workers of `queue` (all queues: `None`), from the worker registry: those whose
 /// process sent a heartbeat within three intervals. What `ListWorkers` and the CLI's `workers`
 /// show.
@@ -323,11 +303,11 @@ where
             let all_workers = workers(&pool, None).await?;
             for name in app_queues(&pool).await? {
                 let q = PgmqQueue::new(name.clone());
-                let counts = counts_or_empty(&pool, &q).await;
+                // A queue that cannot be counted is an error, never a row of zeros.
+                let counts = q.counts(&pool).await?;
                 let activity = q
                     .daily_done(&pool)
-                    .await
-                    .unwrap_or_default()
+                    .await?
                     .into_iter()
                     .map(|n| usize::try_from(n).unwrap_or(0))
                     .collect();
@@ -418,7 +398,7 @@ where
         async move {
             let mut all = Vec::new();
             for name in app_queues(&pool).await? {
-                all.push(counts_or_empty(&pool, &PgmqQueue::new(name)).await);
+                all.push(PgmqQueue::new(name).counts(&pool).await?);
             }
             // The board shows every overall statistic as a card and knows only its own titles;
             // the finer counts are per queue (`fetch_by_queue`, `PgmqQueue::counts`).

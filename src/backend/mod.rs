@@ -460,6 +460,10 @@ pub async fn drop_queue_and_dead_letters(pool: &PgPool, queue: &QueueName) -> Re
     let mut tx = pool.begin().await?;
     let existed = q.drop_queue(&mut *tx).await?;
     q.dead_letter().drop_queue(&mut *tx).await?;
+    sqlx::query(crate::sql::DROP_KEYS)
+        .bind(queue.as_str())
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(existed)
 }

@@ -2,18 +2,23 @@
 //! library: every command calls a public function applications can call too.
 //!
 //! ```text
-//! apalis-pgmq-notify migrate [--check] [--dry-run]
+//! apalis-pgmq-notify migrate [--check | --dry-run | --status | --print-sql]
 //! apalis-pgmq-notify queues [--json]
+//! apalis-pgmq-notify jobs list <queue> [--state S] [--page N] [--page-size N] [--json]
+//! apalis-pgmq-notify jobs retry <queue> --state retrying|dead [--reset-attempts] [--json]
+//! apalis-pgmq-notify jobs purge <queue> [--scheduled] (--yes | --dry-run)
+//! apalis-pgmq-notify send <queue> <json> [--delay 10m] [--key K] [--priority N] [--max-attempts N] [--json]
 //! apalis-pgmq-notify dlq list <queue> [--page N] [--page-size N] [--json]
 //! apalis-pgmq-notify dlq show <queue> <id> [--json]
-//! apalis-pgmq-notify dlq replay <queue> (<id>... | --all) [--reset-attempts]
-//! apalis-pgmq-notify dlq purge <queue> [--older-than 7d]
-//! apalis-pgmq-notify job show|retry|delete <queue> <id>
-//! apalis-pgmq-notify pause <queue> / resume <queue>
+//! apalis-pgmq-notify dlq replay <queue> (<id>... | --all) [--reset-attempts] [--json]
+//! apalis-pgmq-notify dlq purge <queue> [--older-than 7d] (--yes | --dry-run)
+//! apalis-pgmq-notify job show|retry|delete <queue> <id> [--json]
+//! apalis-pgmq-notify pause <queue> / resume <queue> [--json]
 //! apalis-pgmq-notify workers [--queue Q] [--json]
 //! apalis-pgmq-notify prune [<queue>...] [--archive-retention 7d] [--dead-letter-retention 30d] [--result-retention 1d]
-//! apalis-pgmq-notify create-queue <queue> [--partitioned --partition-interval N --retention-interval N]
-//! apalis-pgmq-notify enable-notify|disable-notify|drop-queue <queue>...
+//! apalis-pgmq-notify create-queue <queue> [--priorities] [--partitioned --partition-interval N --retention-interval N]
+//! apalis-pgmq-notify enable-notify|disable-notify <queue>...
+//! apalis-pgmq-notify drop-queue <queue>... (--yes | --dry-run)
 //! apalis-pgmq-notify generate-migration [<queue>...] / validate <config.toml|config.json>
 //! ```
 //!
@@ -26,10 +31,11 @@ use std::{process::ExitCode, str::FromStr, time::Duration};
 
 use apalis_core::backend::RunningWorker;
 use apalis_pgmq_notify::{
-    Config, Error, HumanDuration, JobRecord, NotifyChannels, NotifyMode, PgmqQueue, PgmqStorage,
-    QueueName, Runtime, disable_notify, drop_queue_and_dead_letters, enable_notify,
-    notify_migration_sql, notify_mode, pause, pending_migrations, prune, prune_results,
-    queues_overview, resume, running_workers, setup,
+    Config, Delay, Error, HumanDuration, JobRecord, JobState, NotifyChannels, NotifyMode,
+    PgmqQueue, PgmqStorage, QueueName, Runtime, disable_notify, drop_queue_and_dead_letters,
+    enable_notify, migration_status, migrations_sql, notify_migration_sql, notify_mode, pause,
+    pending_migrations, pgmq_installed, prune, prune_results, queues_overview, resume,
+    running_workers, setup,
 };
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
@@ -42,8 +48,8 @@ struct Cli {
     /// The database (default: $DATABASE_URL). `sslmode=require`/`verify-full` work (rustls).
     #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
-    /// Give up connecting after this long, reporting why (e.g. "5s").
-    #[arg(long, global = true, default_value = "5s", value_parser = duration)]
+    /// Give up connecting after this long, reporting why (e.g. "5s"; more than zero).
+    #[arg(long, global = true, default_value = "5s", value_parser = positive_duration)]
     connect_timeout: Duration,
     #[command(subcommand)]
     command: Command,
@@ -56,12 +62,42 @@ enum Command {
         /// Only check: exit 1 if migrations are pending.
         #[arg(long)]
         check: bool,
-        /// Print the SQL of the pending migrations instead of running it.
+        /// Print the SQL of the pending migrations instead of running it (and say whether
+        /// PGMQ would be installed first).
         #[arg(long, conflicts_with = "check")]
         dry_run: bool,
+        /// Show every migration: applied or pending, with checksums.
+        #[arg(long, conflicts_with_all = ["check", "dry_run"])]
+        status: bool,
+        /// Print the SQL of every migration of this crate, without connecting.
+        #[arg(long, conflicts_with_all = ["check", "dry_run", "status"])]
+        print_sql: bool,
     },
-    /// Every queue: depth, visible, scheduled, in flight, oldest pending, archive, dead letters,
-    /// notify mode, paused.
+    /// A queue's jobs: list them by state, retry the retrying or dead ones, purge the pending.
+    #[command(subcommand)]
+    Jobs(Jobs),
+    /// Send a job (JSON) to a queue, as a producer would.
+    Send {
+        queue: String,
+        /// The job's body, JSON (e.g. '{"to": "a@example.com"}').
+        body: String,
+        /// Visible after this long (e.g. "10m").
+        #[arg(long, value_parser = duration)]
+        delay: Option<Duration>,
+        /// Idempotency key: refused while a job with this key is queued.
+        #[arg(long)]
+        key: Option<String>,
+        /// Priority (higher first, on queues with priorities).
+        #[arg(long, allow_hyphen_values = true)]
+        priority: Option<i32>,
+        /// Runs before the job is given up.
+        #[arg(long)]
+        max_attempts: Option<u32>,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Every PGMQ queue: depth, visible, scheduled, running, retrying, oldest pending, archive,
+    /// dead letters, notify mode, paused, and why a queue cannot be counted or served.
     Queues {
         #[command(flatten)]
         out: Output,
@@ -73,12 +109,18 @@ enum Command {
     #[command(subcommand)]
     Job(Job),
     /// Stop a queue's workers from claiming jobs (survives restarts).
-    Pause { queue: String },
+    Pause {
+        queue: String,
+        #[command(flatten)]
+        out: Output,
+    },
     /// Let a paused queue's workers claim jobs again (and wake them).
     Resume {
         queue: String,
         #[command(flatten)]
         channels: Channels,
+        #[command(flatten)]
+        out: Output,
     },
     /// Running workers, from the worker registry.
     Workers {
@@ -143,11 +185,16 @@ enum Command {
         /// How far back the archive keeps partitions (same unit as the partition interval).
         #[arg(long, default_value = "100000", requires = "partitioned")]
         retention_interval: String,
+        /// Also create the priority index that workers with priorities claim through.
+        #[arg(long)]
+        priorities: bool,
     },
-    /// Drop queues with their dead-letter queues and archives.
+    /// Drop queues with their dead-letter queues and archives (needs --yes, or --dry-run).
     DropQueue {
         #[arg(required = true)]
         queues: Vec<String>,
+        #[command(flatten)]
+        confirm: Confirm,
     },
 }
 
@@ -181,13 +228,89 @@ enum Dlq {
         /// Give them a full attempt budget again (default: one more run).
         #[arg(long)]
         reset_attempts: bool,
+        #[command(flatten)]
+        out: Output,
     },
-    /// Delete dead letters.
+    /// Delete dead letters (needs --yes, or --dry-run to count them).
     Purge {
         queue: String,
         /// Only those dead for longer than this (e.g. "7d").
         #[arg(long, value_parser = duration)]
         older_than: Option<Duration>,
+        #[command(flatten)]
+        confirm: Confirm,
+    },
+}
+
+/// States a listing can filter on.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum StateArg {
+    Pending,
+    Scheduled,
+    Running,
+    Retrying,
+    Done,
+    Killed,
+    Dead,
+}
+
+impl StateArg {
+    fn state(self) -> JobState {
+        match self {
+            Self::Pending => JobState::Pending,
+            Self::Scheduled => JobState::Scheduled,
+            Self::Running => JobState::Running,
+            Self::Retrying => JobState::Retrying,
+            Self::Done => JobState::Done,
+            Self::Killed => JobState::Killed,
+            Self::Dead => JobState::Dead,
+        }
+    }
+}
+
+/// What `jobs retry` retries.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RetryArg {
+    /// Failed jobs waiting out their backoff: visible now.
+    Retrying,
+    /// Dead jobs (not killed ones): back in the queue.
+    Dead,
+}
+
+#[derive(Subcommand)]
+enum Jobs {
+    /// List jobs, newest first (live ones, then dead, then done), optionally in one state.
+    List {
+        queue: String,
+        #[arg(long, value_enum)]
+        state: Option<StateArg>,
+        #[arg(long, default_value_t = 1)]
+        page: u32,
+        #[arg(long, default_value_t = 20)]
+        page_size: u32,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Retry every retrying or every dead job of the queue, in one statement (all or nothing).
+    Retry {
+        queue: String,
+        #[arg(long, value_enum)]
+        state: RetryArg,
+        /// Dead jobs get a full attempt budget again (default: one more run).
+        #[arg(long)]
+        reset_attempts: bool,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Delete every pending job (visible now), in one statement; running and retrying jobs
+    /// are left alone.
+    Purge {
+        queue: String,
+        /// Also delete scheduled (delayed, never run) jobs.
+        #[arg(long)]
+        scheduled: bool,
+        #[command(flatten)]
+        confirm: Confirm,
     },
 }
 
@@ -201,9 +324,59 @@ enum Job {
         out: Output,
     },
     /// Run a job again now: a waiting or retrying one is made visible; a dead one replayed.
-    Retry { queue: String, id: i64 },
+    Retry {
+        queue: String,
+        id: i64,
+        #[command(flatten)]
+        out: Output,
+    },
     /// Delete a job from the queue or the dead letters.
-    Delete { queue: String, id: i64 },
+    Delete {
+        queue: String,
+        id: i64,
+        #[command(flatten)]
+        out: Output,
+    },
+}
+
+/// What a destructive command needs before it deletes anything.
+#[derive(Args)]
+struct Confirm {
+    /// Delete without asking (required when not run interactively).
+    #[arg(long, conflicts_with = "dry_run")]
+    yes: bool,
+    /// Say what would be deleted, and delete nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+impl Confirm {
+    /// Whether to go ahead: `--yes`, or "yes" typed at a terminal. Without either, a usage
+    /// error that names the flags.
+    fn go_ahead(&self, what: &str) -> Result<bool, Failure> {
+        use std::io::{BufRead, IsTerminal, Write};
+        if self.dry_run {
+            return Ok(false);
+        }
+        if self.yes {
+            return Ok(true);
+        }
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return Err(Failure::Usage(format!(
+                "{what}: pass --yes to confirm, or --dry-run to see what would be deleted"
+            )));
+        }
+        eprint!("{what}? Type \"yes\" to confirm: ");
+        std::io::stderr().flush()?;
+        let mut answer = String::new();
+        stdin.lock().read_line(&mut answer)?;
+        if answer.trim() == "yes" {
+            Ok(true)
+        } else {
+            Err(Failure::Failed("not confirmed: nothing deleted".to_owned()))
+        }
+    }
 }
 
 #[derive(Args)]
@@ -245,6 +418,14 @@ fn defaults() -> Config {
 /// "7d", "30m", "10s", "1h 30m".
 fn duration(s: &str) -> Result<Duration, String> {
     s.parse::<HumanDuration>().map(|d| d.0)
+}
+
+/// A duration that is not zero (a zero timeout would fail every connection).
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match duration(s)? {
+        d if d.is_zero() => Err("must be more than zero".to_owned()),
+        d => Ok(d),
+    }
 }
 
 /// A retention: a duration, or "forever".
@@ -316,6 +497,19 @@ fn queue(name: &str) -> Result<QueueName, Failure> {
     QueueName::new(name).map_err(|e| Failure::Usage(e.to_string()))
 }
 
+/// A queue PGMQ has: a command on a queue that does not exist fails, naming it.
+async fn existing(pool: &sqlx::PgPool, name: &str) -> Result<PgmqQueue, Failure> {
+    let q = PgmqQueue::new(queue(name)?);
+    if q.exists(pool).await? {
+        Ok(q)
+    } else {
+        Err(Error::QueueMissing {
+            queue: name.to_owned(),
+        }
+        .into())
+    }
+}
+
 fn channels(c: &Channels) -> Result<NotifyChannels, Failure> {
     NotifyChannels::with_prefix(&c.prefix)
         .and_then(|ch| ch.namespace_pattern(&c.namespace_pattern, &c.default_namespace))
@@ -334,6 +528,14 @@ async fn pool(cli: &Cli) -> Result<sqlx::PgPool, Failure> {
         .database_url
         .as_deref()
         .ok_or_else(|| Failure::Usage("set DATABASE_URL or pass --database-url".to_owned()))?;
+    let scheme = url.split_once("://").map(|(s, _)| s);
+    if !matches!(scheme, Some("postgres" | "postgresql")) {
+        return Err(Failure::Usage(format!(
+            "the database URL must start with postgres:// or postgresql:// (got {}); this tool \
+             works with PostgreSQL only",
+            scheme.map_or_else(|| "no scheme".to_owned(), |s| format!("{s}://"))
+        )));
+    }
     let options = PgConnectOptions::from_str(url)
         .map_err(|e| Failure::Usage(format!("database URL: {e}")))?;
     match tokio::time::timeout(cli.connect_timeout, options.connect()).await {
@@ -391,6 +593,15 @@ fn age(secs: Option<f64>) -> String {
     }
 }
 
+/// The outcome of a write command: JSON with `--json`, a line of text otherwise.
+fn report(out: &Output, json: &Value, text: &str) {
+    if out.json {
+        print_json(json);
+    } else {
+        println!("{text}");
+    }
+}
+
 fn print_json(v: &Value) {
     println!(
         "{}",
@@ -399,12 +610,13 @@ fn print_json(v: &Value) {
 }
 
 /// A job as JSON: what an operator needs, with stable keys.
-fn job_json(j: &JobRecord) -> Value {
+fn job_json(queue: &str, j: &JobRecord) -> Value {
     json!({
+        "queue": queue,
         "id": j.id,
         "state": j.state.as_str(),
         "read_ct": j.message.read_ct,
-        "attempts": j.apalis_header("attempts").or_else(|| j.dead_letter("attempts")),
+        "attempts": j.attempts(),
         "enqueued_at": j.message.enqueued_at,
         "visible_at": j.message.vt,
         "archived_at": j.archived_at,
@@ -437,12 +649,7 @@ fn show_job(j: &JobRecord) {
         ("id", j.id.to_string()),
         ("state", j.state.as_str().to_owned()),
         ("read count", j.message.read_ct.to_string()),
-        (
-            "attempts",
-            j.apalis_header("attempts")
-                .or_else(|| j.dead_letter("attempts"))
-                .unwrap_or_else(|| j.message.read_ct.to_string()),
-        ),
+        ("attempts", j.attempts().to_string()),
         ("enqueued", j.message.enqueued_at.to_rfc3339()),
         ("visible at", j.message.vt.to_rfc3339()),
     ];
@@ -467,11 +674,52 @@ fn show_job(j: &JobRecord) {
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     match &cli.command {
-        Command::Migrate { check, dry_run } => {
+        Command::Migrate {
+            check,
+            dry_run,
+            status,
+            print_sql,
+        } => {
+            if *print_sql {
+                print!("{}", migrations_sql());
+                return Ok(());
+            }
             let pool = pool(&cli).await?;
+            if *status {
+                let all = migration_status(&pool).await?;
+                let rows: Vec<Vec<String>> = all
+                    .iter()
+                    .map(|m| {
+                        vec![
+                            m.version.to_string(),
+                            m.name.to_owned(),
+                            match m.recorded_checksum {
+                                None => "pending".to_owned(),
+                                Some(c) if c == m.checksum => "applied".to_owned(),
+                                Some(_) => "applied, edited since (checksum differs)".to_owned(),
+                            },
+                            m.checksum.to_string(),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    table(&["VERSION", "NAME", "STATE", "CHECKSUM"], &rows)
+                );
+                return Ok(());
+            }
             if *check || *dry_run {
                 let pending = pending_migrations(&pool).await?;
                 if *dry_run {
+                    if !pgmq_installed(&pool).await? {
+                        println!(
+                            "-- PGMQ is not installed here: `migrate` first installs PGMQ's own SQL \
+                             (the scripts embedded in the pgmq crate), then runs the migrations \
+                             below. That SQL is not printed: to install PGMQ yourself, run \
+                             CREATE EXTENSION pgmq, or PGMQ's pgmq.sql of version {} or later.",
+                            apalis_pgmq_notify::MIN_PGMQ_VERSION
+                        );
+                    }
                     for m in &pending {
                         println!("-- migration {} ({})\n{}", m.version, m.name, m.sql);
                     }
@@ -517,20 +765,23 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 print_json(&serde_json::to_value(&all)?);
                 return Ok(());
             }
+            let n = |v: Option<i64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
             let rows: Vec<Vec<String>> = all
                 .iter()
                 .map(|q| {
                     vec![
                         q.queue.clone(),
-                        q.depth.to_string(),
-                        q.visible.to_string(),
-                        q.scheduled.to_string(),
-                        q.in_flight.to_string(),
+                        n(q.depth),
+                        n(q.visible),
+                        n(q.scheduled),
+                        n(q.running),
+                        n(q.retrying),
                         age(q.oldest_pending_secs),
-                        q.archived.to_string(),
-                        q.dead_letters.to_string(),
+                        n(q.archived),
+                        n(q.dead_letters),
                         q.notify.clone().unwrap_or_else(|| "-".to_owned()),
                         if q.paused { "yes" } else { "no" }.to_owned(),
+                        q.error.clone().unwrap_or_default(),
                     ]
                 })
                 .collect();
@@ -542,12 +793,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         "DEPTH",
                         "VISIBLE",
                         "SCHEDULED",
-                        "IN FLIGHT",
+                        "RUNNING",
+                        "RETRYING",
                         "OLDEST PENDING",
                         "ARCHIVED",
                         "DEAD",
                         "NOTIFY",
-                        "PAUSED"
+                        "PAUSED",
+                        "NOTE"
                     ],
                     &rows
                 )
@@ -555,25 +808,69 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Dlq(cmd) => dlq(&cli, cmd).await,
+        Command::Jobs(cmd) => jobs(&cli, cmd).await,
+        Command::Send {
+            queue: name,
+            body,
+            delay,
+            key,
+            priority,
+            max_attempts,
+            out,
+        } => {
+            queue(name)?;
+            let body: Value = serde_json::from_str(body)
+                .map_err(|e| Failure::Usage(format!("the job's body is not JSON: {e}")))?;
+            let mut meta = serde_json::Map::new();
+            if let Some(k) = key {
+                meta.insert("idempotency_key".into(), json!(k));
+            }
+            if let Some(p) = priority {
+                meta.insert("priority".into(), json!(p));
+            }
+            if let Some(n) = max_attempts {
+                meta.insert("max_attempts".into(), json!(n));
+            }
+            let headers = (!meta.is_empty()).then(|| json!({ "apalis": meta }));
+            let pool = pool(&cli).await?;
+            let q = existing(&pool, name).await?;
+            let at = delay.map_or(Delay::Now, Delay::After);
+            let id = q.send_with(&pool, &body, headers.as_ref(), at).await?;
+            if out.json {
+                print_json(&json!({"queue": name, "id": id}));
+            } else {
+                println!("{name}: sent job {id}");
+            }
+            Ok(())
+        }
         Command::Job(cmd) => job(&cli, cmd).await,
-        Command::Pause { queue: name } => {
+        Command::Pause { queue: name, out } => {
             let q = queue(name)?;
             let pool = pool(&cli).await?;
             let changed = pause(&pool, &q).await?;
-            println!("{q}: {}", if changed { "paused" } else { "already paused" });
+            report(
+                out,
+                &json!({"queue": name, "paused": true, "changed": changed}),
+                &format!("{q}: {}", if changed { "paused" } else { "already paused" }),
+            );
             Ok(())
         }
         Command::Resume {
             queue: name,
             channels: c,
+            out,
         } => {
             let q = queue(name)?;
             let ch = channels(c)?;
             let pool = pool(&cli).await?;
             let changed = resume(&pool, &q, &ch).await?;
-            println!(
-                "{q}: {}",
-                if changed { "resumed" } else { "was not paused" }
+            report(
+                out,
+                &json!({"queue": name, "paused": false, "changed": changed}),
+                &format!(
+                    "{q}: {}",
+                    if changed { "resumed" } else { "was not paused" }
+                ),
             );
             Ok(())
         }
@@ -623,27 +920,62 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             result_retention,
         } => {
             let pool = pool(&cli).await?;
+            // Every queue, or the named ones; a queue that cannot be pruned is reported and
+            // the others are still pruned (exit 1 at the end).
+            let mut failures = Vec::new();
             let targets: Vec<QueueName> = if names.is_empty() {
-                queues_overview(&pool)
-                    .await?
-                    .into_iter()
-                    .filter_map(|q| QueueName::new(&q.queue).ok())
-                    .collect()
+                let mut targets = Vec::new();
+                for q in queues_overview(&pool).await? {
+                    match QueueName::new(&q.queue) {
+                        Ok(name) => targets.push(name),
+                        Err(e) => {
+                            eprintln!(
+                                "{}: skipped: not served by apalis-pgmq-notify ({e})",
+                                q.queue
+                            );
+                            failures.push(q.queue);
+                        }
+                    }
+                }
+                targets
             } else {
                 names.iter().map(|n| queue(n)).collect::<Result<_, _>>()?
             };
             for q in targets {
-                let n = prune(&pool, &q, archive_retention.0, dead_letter_retention.0).await?;
-                let results = match result_retention.0 {
-                    Some(keep) => prune_results(&pool, &q, keep).await?,
-                    None => 0,
-                };
-                println!(
-                    "{q}: {} archived and {} dead jobs deleted, {results} results",
-                    n.archived, n.dead_letters
-                );
+                let done = async {
+                    if !PgmqQueue::new(q.clone()).exists(&pool).await? {
+                        return Err(Error::QueueMissing {
+                            queue: q.as_str().to_owned(),
+                        });
+                    }
+                    let n = prune(&pool, &q, archive_retention.0, dead_letter_retention.0).await?;
+                    let results = match result_retention.0 {
+                        Some(keep) => prune_results(&pool, &q, keep).await?,
+                        None => 0,
+                    };
+                    Ok::<_, Error>((n, results))
+                }
+                .await;
+                match done {
+                    Ok((n, results)) => println!(
+                        "{q}: {} archived and {} dead jobs deleted, {results} results",
+                        n.archived, n.dead_letters
+                    ),
+                    Err(e) => {
+                        eprintln!("{q}: not pruned: {}", explain(&e));
+                        failures.push(q.as_str().to_owned());
+                    }
+                }
             }
-            Ok(())
+            if failures.is_empty() {
+                Ok(())
+            } else {
+                Err(Failure::Failed(format!(
+                    "{} queue(s) not pruned: {}",
+                    failures.len(),
+                    failures.join(", ")
+                )))
+            }
         }
         Command::EnableNotify {
             queues: names,
@@ -728,6 +1060,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             partitioned,
             partition_interval,
             retention_interval,
+            priorities,
         } => {
             let q = queue(name)?;
             let pool = pool(&cli).await?;
@@ -742,12 +1075,48 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 s.create_queue().await?;
                 println!("{q}: created with {q}_dlq");
             }
+            if *priorities {
+                if s.queue().index_priorities(&pool).await? {
+                    println!("{q}: priority index created");
+                } else {
+                    return Err(Failure::Failed(format!(
+                        "{q}: no priority index (a partitioned queue cannot have one)"
+                    )));
+                }
+            }
             Ok(())
         }
-        Command::DropQueue { queues: names } => {
+        Command::DropQueue {
+            queues: names,
+            confirm,
+        } => {
             let queues: Vec<QueueName> =
                 names.iter().map(|n| queue(n)).collect::<Result<_, _>>()?;
             let pool = pool(&cli).await?;
+            let mut what = Vec::new();
+            for q in &queues {
+                let p = PgmqQueue::new(q.clone());
+                what.push(if p.exists(&pool).await? {
+                    let c = p.counts(&pool).await?;
+                    format!(
+                        "{q}: {} jobs in the queue, {} archived, {} dead letters",
+                        c.pending + c.scheduled + c.running + c.retrying,
+                        c.done,
+                        c.dead + c.killed
+                    )
+                } else {
+                    format!("{q}: does not exist")
+                });
+            }
+            if !confirm.go_ahead(&format!(
+                "drop {} with their jobs, archives and dead letters",
+                names.join(", ")
+            ))? {
+                for w in what {
+                    println!("{w} (dry run: would be dropped)");
+                }
+                return Ok(());
+            }
             for q in &queues {
                 let existed = drop_queue_and_dead_letters(&pool, q).await?;
                 println!(
@@ -772,18 +1141,21 @@ async fn dlq(cli: &Cli, cmd: &Dlq) -> Result<(), Failure> {
             page_size,
             out,
         } => {
-            let q = PgmqQueue::new(queue(name)?);
+            queue(name)?;
             if *page == 0 || *page_size == 0 {
                 return Err(Failure::Usage(
                     "--page and --page-size start at 1".to_owned(),
                 ));
             }
             let pool = pool(cli).await?;
+            let q = existing(&pool, name).await?;
             let dead = q
                 .dead_letters(&pool, (page - 1) * page_size, *page_size)
                 .await?;
             if out.json {
-                print_json(&Value::Array(dead.iter().map(job_json).collect()));
+                print_json(&Value::Array(
+                    dead.iter().map(|j| job_json(name, j)).collect(),
+                ));
                 return Ok(());
             }
             let rows: Vec<Vec<String>> = dead
@@ -792,7 +1164,7 @@ async fn dlq(cli: &Cli, cmd: &Dlq) -> Result<(), Failure> {
                     vec![
                         j.id.to_string(),
                         j.dead_letter("reason").unwrap_or_default(),
-                        j.dead_letter("attempts").unwrap_or_default(),
+                        j.attempts().to_string(),
                         j.message
                             .enqueued_at
                             .format("%Y-%m-%d %H:%M:%S")
@@ -815,8 +1187,9 @@ async fn dlq(cli: &Cli, cmd: &Dlq) -> Result<(), Failure> {
             id,
             out,
         } => {
-            let q = PgmqQueue::new(queue(name)?);
+            queue(name)?;
             let pool = pool(cli).await?;
+            let q = existing(&pool, name).await?;
             let found = q
                 .job(&pool, *id)
                 .await?
@@ -827,7 +1200,7 @@ async fn dlq(cli: &Cli, cmd: &Dlq) -> Result<(), Failure> {
                 )));
             };
             if out.json {
-                print_json(&job_json(&j));
+                print_json(&job_json(name, &j));
             } else {
                 show_job(&j);
             }
@@ -838,17 +1211,30 @@ async fn dlq(cli: &Cli, cmd: &Dlq) -> Result<(), Failure> {
             ids,
             all,
             reset_attempts,
+            out,
         } => {
-            let q = PgmqQueue::new(queue(name)?);
+            queue(name)?;
             if ids.is_empty() && !all {
                 return Err(Failure::Usage(
                     "name the job ids to replay, or pass --all".to_owned(),
                 ));
             }
             let pool = pool(cli).await?;
+            let q = existing(&pool, name).await?;
             let which = if *all { None } else { Some(ids.as_slice()) };
             let back = q.replay_dead_letters(&pool, which, *reset_attempts).await?;
-            println!(
+            if out.json {
+                let pairs: Vec<Value> = back
+                    .iter()
+                    .map(|(old, new)| json!({"queue": name, "old_id": old, "new_id": new}))
+                    .collect();
+                print_json(&Value::Array(pairs));
+            } else {
+                for (old, new) in &back {
+                    println!("{name}: dead job {old} -> job {new}");
+                }
+            }
+            eprintln!(
                 "{name}: {} dead letters back in the queue{}",
                 back.len(),
                 if *reset_attempts {
@@ -869,11 +1255,136 @@ async fn dlq(cli: &Cli, cmd: &Dlq) -> Result<(), Failure> {
         Dlq::Purge {
             queue: name,
             older_than,
+            confirm,
         } => {
-            let q = PgmqQueue::new(queue(name)?);
+            queue(name)?;
             let pool = pool(cli).await?;
+            let q = existing(&pool, name).await?;
+            let would = q.count_dead_letters(&pool, *older_than).await?;
+            if !confirm.go_ahead(&format!("delete {would} dead letters of {name}"))? {
+                println!("{name}: {would} dead letters would be deleted (dry run)");
+                return Ok(());
+            }
             let n = q.purge_dead_letters(&pool, *older_than).await?;
             println!("{name}: {n} dead letters deleted");
+            Ok(())
+        }
+    }
+}
+
+async fn jobs(cli: &Cli, cmd: &Jobs) -> Result<(), Failure> {
+    match cmd {
+        Jobs::List {
+            queue: name,
+            state,
+            page,
+            page_size,
+            out,
+        } => {
+            queue(name)?;
+            if *page == 0 || *page_size == 0 {
+                return Err(Failure::Usage(
+                    "--page and --page-size start at 1".to_owned(),
+                ));
+            }
+            let pool = pool(cli).await?;
+            let q = existing(&pool, name).await?;
+            let list = q
+                .jobs(
+                    &pool,
+                    state.map(StateArg::state),
+                    (page - 1) * page_size,
+                    *page_size,
+                )
+                .await?;
+            if out.json {
+                print_json(&Value::Array(
+                    list.iter().map(|j| job_json(name, j)).collect(),
+                ));
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|j| {
+                    vec![
+                        j.id.to_string(),
+                        j.state.as_str().to_owned(),
+                        j.attempts().to_string(),
+                        j.message.vt.format("%Y-%m-%d %H:%M:%S").to_string(),
+                        short(
+                            j.dead_letter("error")
+                                .or_else(|| j.apalis_header("last_error")),
+                            50,
+                        ),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &["JOB", "STATE", "ATTEMPTS", "VISIBLE AT (UTC)", "LAST ERROR"],
+                    &rows
+                )
+            );
+            Ok(())
+        }
+        Jobs::Retry {
+            queue: name,
+            state,
+            reset_attempts,
+            out,
+        } => {
+            queue(name)?;
+            let pool = pool(cli).await?;
+            let q = existing(&pool, name).await?;
+            let pairs: Vec<(i64, i64)> = match state {
+                RetryArg::Retrying => q
+                    .retry_retrying(&pool)
+                    .await?
+                    .into_iter()
+                    .map(|id| (id, id))
+                    .collect(),
+                RetryArg::Dead => q.replay_dead(&pool, *reset_attempts).await?,
+            };
+            if out.json {
+                let v: Vec<Value> = pairs
+                    .iter()
+                    .map(|(old, new)| json!({"queue": name, "old_id": old, "new_id": new}))
+                    .collect();
+                print_json(&Value::Array(v));
+            } else {
+                for (old, new) in &pairs {
+                    if old == new {
+                        println!("{name}: job {old} is visible now");
+                    } else {
+                        println!("{name}: dead job {old} -> job {new}");
+                    }
+                }
+                println!("{name}: {} jobs retried", pairs.len());
+            }
+            Ok(())
+        }
+        Jobs::Purge {
+            queue: name,
+            scheduled,
+            confirm,
+        } => {
+            queue(name)?;
+            let pool = pool(cli).await?;
+            let q = existing(&pool, name).await?;
+            let c = q.counts(&pool).await?;
+            let would = c.pending + if *scheduled { c.scheduled } else { 0 };
+            let what = if *scheduled {
+                "pending and scheduled"
+            } else {
+                "pending"
+            };
+            if !confirm.go_ahead(&format!("delete {would} {what} jobs of {name}"))? {
+                println!("{name}: {would} {what} jobs would be deleted (dry run)");
+                return Ok(());
+            }
+            let n = q.purge_waiting(&pool, *scheduled).await?;
+            println!("{name}: {n} {what} jobs deleted");
             Ok(())
         }
     }
@@ -886,29 +1397,43 @@ async fn job(cli: &Cli, cmd: &Job) -> Result<(), Failure> {
             id,
             out,
         } => {
-            let q = PgmqQueue::new(queue(name)?);
+            queue(name)?;
             let pool = pool(cli).await?;
+            let q = existing(&pool, name).await?;
             let Some(j) = q.job(&pool, *id).await? else {
                 return Err(Failure::Failed(format!("no job {id} in {name}")));
             };
             if out.json {
-                print_json(&job_json(&j));
+                print_json(&job_json(name, &j));
             } else {
                 show_job(&j);
             }
             Ok(())
         }
-        Job::Retry { queue: name, id } => {
-            let q = PgmqQueue::new(queue(name)?);
+        Job::Retry {
+            queue: name,
+            id,
+            out,
+        } => {
+            queue(name)?;
             let pool = pool(cli).await?;
+            let q = existing(&pool, name).await?;
             if q.retry_now(&pool, *id).await? {
-                println!("{name}: job {id} is visible now");
+                report(
+                    out,
+                    &json!({"queue": name, "old_id": id, "new_id": id}),
+                    &format!("{name}: job {id} is visible now"),
+                );
                 return Ok(());
             }
             let back = q.replay_dead_letters(&pool, Some(&[*id]), false).await?;
             match back.first() {
-                Some(new_id) => {
-                    println!("{name}: dead job {id} replayed as job {new_id}");
+                Some((_, new_id)) => {
+                    report(
+                        out,
+                        &json!({"queue": name, "old_id": id, "new_id": new_id}),
+                        &format!("{name}: dead job {id} -> job {new_id}"),
+                    );
                     Ok(())
                 }
                 None => Err(Failure::Failed(format!(
@@ -916,11 +1441,20 @@ async fn job(cli: &Cli, cmd: &Job) -> Result<(), Failure> {
                 ))),
             }
         }
-        Job::Delete { queue: name, id } => {
-            let q = PgmqQueue::new(queue(name)?);
+        Job::Delete {
+            queue: name,
+            id,
+            out,
+        } => {
+            queue(name)?;
             let pool = pool(cli).await?;
+            let q = existing(&pool, name).await?;
             if q.delete_job(&pool, *id).await? {
-                println!("{name}: job {id} deleted");
+                report(
+                    out,
+                    &json!({"queue": name, "deleted": id}),
+                    &format!("{name}: job {id} deleted"),
+                );
                 Ok(())
             } else {
                 Err(Failure::Failed(format!("no job {id} in {name}")))

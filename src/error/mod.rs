@@ -418,7 +418,7 @@ impl From<sqlx::Error> for Error {
                 let constraint = db.constraint().map(str::to_owned);
                 let what = match constraint.as_deref() {
                     Some(c) if c.ends_with("_key_idx") => format!(
-                        "a job with the same idempotency key is already pending, scheduled, running or waiting for a retry ({message}); nothing was written"
+                        "a job with the same idempotency key is already pending, scheduled, running, waiting for a retry or finished within its idempotency window ({message}); nothing was written"
                     ),
                     _ => format!("{message}; nothing was written"),
                 };

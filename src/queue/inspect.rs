@@ -114,6 +114,30 @@ impl JobRecord {
         header_text(self.message.headers.as_ref(), &["apalis", key])
     }
 
+    /// Runs so far: the one attempt count every view shows. For a dead or killed job, the count
+    /// recorded when it was dead-lettered (`headers.apalis_dead_letter.attempts`); for a job in
+    /// the queue, the larger of the runs its last failed delivery recorded
+    /// (`headers.apalis.attempts`, in-process retries included) and PGMQ's `read_ct`.
+    #[must_use]
+    pub fn attempts(&self) -> u64 {
+        let num = |path: &[&str]| {
+            let mut v = self.message.headers.as_ref()?;
+            for p in path {
+                v = v.get(p)?;
+            }
+            v.as_u64()
+        };
+        let recorded = num(&["apalis", "attempts"]);
+        match self.state {
+            JobState::Dead | JobState::Killed => num(&["apalis_dead_letter", "attempts"])
+                .or(recorded)
+                .unwrap_or(0),
+            _ => recorded
+                .unwrap_or(0)
+                .max(u64::try_from(self.message.read_ct).unwrap_or(0)),
+        }
+    }
+
     /// `headers.apalis_dead_letter.<key>` as text, if present.
     #[must_use]
     pub fn dead_letter(&self, key: &str) -> Option<String> {
@@ -172,6 +196,13 @@ pub(super) struct InspectSql {
     pub(super) find_archive: Arc<str>,
     pub(super) find_dead: Arc<str>,
     pub(super) counts: Arc<str>,
+    /// `counts` for a queue without a dead-letter queue (made by another PGMQ client): no dead
+    /// letters yet.
+    pub(super) counts_no_dlq: Arc<str>,
+    /// Whether the dead-letter queue's tables exist.
+    pub(super) dlq_exists: Arc<str>,
+    /// Dead letters older than `$1` seconds (NULL: all): what a purge would delete.
+    pub(super) count_dead: Arc<str>,
     pub(super) activity: Arc<str>,
     pub(super) update_waiting: Arc<str>,
     pub(super) prune_archive: Arc<str>,
@@ -180,6 +211,10 @@ pub(super) struct InspectSql {
     pub(super) prune_dead_elected: Arc<str>,
     pub(super) replay: Arc<str>,
     pub(super) retry_now: Arc<str>,
+    /// Every retrying job visible now, in one statement.
+    pub(super) retry_retrying: Arc<str>,
+    /// Every pending job (and, with `$1`, every scheduled one) deleted, in one statement.
+    pub(super) purge_waiting: Arc<str>,
     pub(super) delete_queued: Arc<str>,
     pub(super) delete_dead: Arc<str>,
 }
@@ -249,22 +284,16 @@ impl InspectSql {
                  ORDER BY m.msg_id DESC LIMIT 1"
             )
             .into(),
-            counts: format!(
-                "SELECT count(*) FILTER (WHERE s.state = 'pending'), \
-                        count(*) FILTER (WHERE s.state = 'scheduled'), \
-                        count(*) FILTER (WHERE s.state = 'running'), \
-                        count(*) FILTER (WHERE s.state = 'retrying'), \
-                        (SELECT CASE WHEN c.reltuples < 100000 THEN (SELECT count(*) FROM {a}) \
-                                     ELSE c.reltuples::bigint END \
-                           FROM pg_class c WHERE c.oid = '{a_lit}'::regclass), \
-                        (SELECT count(*) FROM {d} m WHERE {DEAD_STATE} = 'dead'), \
-                        (SELECT count(*) FROM {d} m WHERE {DEAD_STATE} = 'killed'), \
-                        extract(epoch FROM clock_timestamp() \
-                                - min(m.enqueued_at) FILTER (WHERE s.state = 'pending'))::float8, \
-                        (SELECT count(*) FROM {a} WHERE archived_at > clock_timestamp() - interval '5 minutes'), \
-                        (SELECT count(*) FROM {a} WHERE archived_at > clock_timestamp() - interval '1 hour') \
-                 FROM {q} m CROSS JOIN LATERAL (SELECT {QUEUE_STATE} AS state) s",
-                a_lit = a.replace('\'', "''")
+            counts: counts_sql(&q, &a, Some(&d)),
+            counts_no_dlq: counts_sql(&q, &a, None),
+            count_dead: format!(
+                "SELECT count(*) FROM {d} WHERE $1::float8 IS NULL \
+                    OR enqueued_at < clock_timestamp() - make_interval(secs => $1)"
+            )
+            .into(),
+            dlq_exists: format!(
+                "SELECT to_regclass('{d_lit}') IS NOT NULL",
+                d_lit = d.replace('\'', "''")
             )
             .into(),
             // Only a waiting job: visible, or delayed and never read (not leased).
@@ -282,18 +311,37 @@ impl InspectSql {
             // every one), $2 reset the attempts. Returns the new message ids.
             replay: format!(
                 "WITH dead AS (DELETE FROM {d} m \
-                               WHERE $1::bigint[] IS NULL OR {DEAD_JOB_ID} = ANY($1) \
-                               RETURNING m.msg_id, m.message, m.headers), \
-                      back AS (INSERT INTO {q} (vt, message, headers) \
-                               SELECT clock_timestamp(), message, \
+                               WHERE ($1::bigint[] IS NULL OR {DEAD_JOB_ID} = ANY($1)) \
+                                 AND ($3::text IS NULL OR {DEAD_STATE} = $3) \
+                               RETURNING m.msg_id, {DEAD_JOB_ID} AS job_id, m.message, m.headers), \
+                      numbered AS (SELECT dead.*, \
+                                          nextval(pg_get_serial_sequence('{q_lit}', 'msg_id')) AS new_id \
+                                   FROM dead), \
+                      back AS (INSERT INTO {q} (msg_id, vt, message, headers) OVERRIDING SYSTEM VALUE \
+                               SELECT new_id, clock_timestamp(), message, \
                                       apalis_pgmq.replay_headers(headers, $2::boolean) \
-                               FROM dead ORDER BY msg_id RETURNING msg_id) \
-                 SELECT msg_id FROM back ORDER BY msg_id"
+                               FROM numbered ORDER BY msg_id RETURNING msg_id) \
+                 SELECT n.job_id, n.new_id FROM numbered n JOIN back b ON b.msg_id = n.new_id \
+                 ORDER BY n.new_id",
+                q_lit = q.replace('\'', "''")
             )
             .into(),
             // A job in the queue table visible now (a retry without waiting for the backoff).
             retry_now: format!(
                 "UPDATE {q} SET vt = clock_timestamp() WHERE msg_id = $1 RETURNING msg_id"
+            )
+            .into(),
+            retry_retrying: format!(
+                "UPDATE {q} m SET vt = clock_timestamp() \
+                 WHERE m.vt > clock_timestamp() AND ({QUEUE_STATE}) = 'retrying' \
+                 RETURNING m.msg_id"
+            )
+            .into(),
+            purge_waiting: format!(
+                "WITH gone AS (DELETE FROM {q} m \
+                               WHERE m.vt <= clock_timestamp() OR ($1::boolean AND m.read_ct = 0) \
+                               RETURNING 1) \
+                 SELECT count(*) FROM gone"
             )
             .into(),
             delete_queued: format!("DELETE FROM {q} WHERE msg_id = $1 RETURNING msg_id").into(),
@@ -314,6 +362,38 @@ impl InspectSql {
             .into(),
         }
     }
+}
+
+/// Counts of every state in one statement; without a dead-letter table (`dead: None`), no dead
+/// letters.
+fn counts_sql(q: &str, a: &str, dead: Option<&str>) -> Arc<str> {
+    let (dead, killed) = dead.map_or_else(
+        || ("0::bigint".to_owned(), "0::bigint".to_owned()),
+        |d| {
+            (
+                format!("(SELECT count(*) FROM {d} m WHERE {DEAD_STATE} = 'dead')"),
+                format!("(SELECT count(*) FROM {d} m WHERE {DEAD_STATE} = 'killed')"),
+            )
+        },
+    );
+    format!(
+        "SELECT count(*) FILTER (WHERE s.state = 'pending'), \
+                count(*) FILTER (WHERE s.state = 'scheduled'), \
+                count(*) FILTER (WHERE s.state = 'running'), \
+                count(*) FILTER (WHERE s.state = 'retrying'), \
+                (SELECT CASE WHEN c.reltuples < 100000 THEN (SELECT count(*) FROM {a}) \
+                             ELSE c.reltuples::bigint END \
+                   FROM pg_class c WHERE c.oid = '{a_lit}'::regclass), \
+                {dead}, \
+                {killed}, \
+                extract(epoch FROM clock_timestamp() \
+                        - min(m.enqueued_at) FILTER (WHERE s.state = 'pending'))::float8, \
+                (SELECT count(*) FROM {a} WHERE archived_at > clock_timestamp() - interval '5 minutes'), \
+                (SELECT count(*) FROM {a} WHERE archived_at > clock_timestamp() - interval '1 hour') \
+         FROM {q} m CROSS JOIN LATERAL (SELECT {QUEUE_STATE} AS state) s",
+        a_lit = a.replace('\'', "''")
+    )
+    .into()
 }
 
 /// One batch (`$2` rows, oldest first) of `table`'s rows whose `time_col` is older than `$1`
@@ -388,6 +468,9 @@ impl PgmqQueue {
         let filter = state.map(JobState::as_str);
         let mut all = Vec::new();
         for t in tables {
+            if t == Table::DeadLetters && !self.has_dead_letter_queue(pool).await? {
+                continue;
+            }
             let rows = match t {
                 Table::Queue => {
                     sqlx::query(AssertSqlSafe(s.list_queue.clone()))
@@ -441,6 +524,9 @@ impl PgmqQueue {
     pub async fn job(&self, pool: &PgPool, id: i64) -> crate::error::Result<Option<JobRecord>> {
         let s = &self.sql.inspect;
         for sql in [&s.find_queue, &s.find_archive, &s.find_dead] {
+            if Arc::ptr_eq(sql, &s.find_dead) && !self.has_dead_letter_queue(pool).await? {
+                continue;
+            }
             if let Some(row) = sqlx::query(AssertSqlSafe(sql.clone()))
                 .bind(id)
                 .fetch_optional(pool)
@@ -456,8 +542,9 @@ impl PgmqQueue {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`](crate::Error::Database) if a statement fails (e.g. the queue or its
-    /// dead-letter queue does not exist).
+    /// [`Error::Database`](crate::Error::Database) if a statement fails (e.g. the queue does not
+    /// exist). A queue without a dead-letter queue (one made by another PGMQ client, before its
+    /// first dead letter) has no dead letters.
     ///
     /// # Example
     ///
@@ -469,10 +556,37 @@ impl PgmqQueue {
     /// # Ok(()) }
     /// ```
     pub async fn counts(&self, pool: &PgPool) -> crate::error::Result<QueueCounts> {
-        let row = sqlx::query(AssertSqlSafe(self.sql.inspect.counts.clone()))
-            .fetch_one(pool)
-            .await?;
+        let sql = self.counts_sql(pool).await?;
+        let row = sqlx::query(AssertSqlSafe(sql)).fetch_one(pool).await?;
         counts_from(&row)
+    }
+
+    /// Whether this queue's dead-letter queue exists. A queue made by another PGMQ client has
+    /// none until its first dead letter (the worker creates it then); until then it is empty.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`](crate::Error::Database) if the statement fails.
+    pub async fn has_dead_letter_queue<'c, E: sqlx::PgExecutor<'c>>(
+        &self,
+        executor: E,
+    ) -> crate::error::Result<bool> {
+        let exists: bool = sqlx::query_scalar(AssertSqlSafe(self.sql.inspect.dlq_exists.clone()))
+            .fetch_one(executor)
+            .await?;
+        Ok(exists)
+    }
+
+    /// The counting statement for the tables that exist.
+    async fn counts_sql<'c, E: sqlx::PgExecutor<'c>>(
+        &self,
+        executor: E,
+    ) -> crate::error::Result<Arc<str>> {
+        Ok(if self.has_dead_letter_queue(executor).await? {
+            self.sql.inspect.counts.clone()
+        } else {
+            self.sql.inspect.counts_no_dlq.clone()
+        })
     }
 }
 
@@ -557,6 +671,9 @@ impl PgmqQueue {
         dead_letters: bool,
         older_than: std::time::Duration,
     ) -> crate::error::Result<Option<i64>> {
+        if dead_letters && !self.has_dead_letter_queue(pool).await? {
+            return Ok(Some(0));
+        }
         let sql = if dead_letters {
             &self.sql.inspect.prune_dead_elected
         } else {
@@ -575,7 +692,8 @@ impl PgmqQueue {
     /// Moves dead letters back into the queue (`ids`: their job ids; `None`: every one) in one
     /// statement, so an interruption moves all or nothing. With `reset_attempts` they get a full
     /// attempt budget again; without, their attempts continue from where they died (one more
-    /// run). Returns the new message ids (a replayed job gets a new id).
+    /// run). Returns each replayed job's old id and its new one (a replayed job is a new
+    /// message, with a new id), in the order they were put back.
     ///
     /// # Errors
     ///
@@ -587,8 +705,9 @@ impl PgmqQueue {
     /// # use apalis_pgmq_notify::{PgmqQueue, QueueName};
     /// # async fn run(pool: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
     /// let q = PgmqQueue::new(QueueName::new("email")?);
-    /// let back = q.replay_dead_letters(&pool, None, true).await?;
-    /// println!("{} jobs back in the queue", back.len());
+    /// for (old, new) in q.replay_dead_letters(&pool, None, true).await? {
+    ///     println!("dead job {old} is job {new} again");
+    /// }
     /// # Ok(()) }
     /// ```
     pub async fn replay_dead_letters(
@@ -596,10 +715,14 @@ impl PgmqQueue {
         pool: &PgPool,
         ids: Option<&[i64]>,
         reset_attempts: bool,
-    ) -> crate::error::Result<Vec<i64>> {
-        let ids: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(self.sql.inspect.replay.clone()))
+    ) -> crate::error::Result<Vec<(i64, i64)>> {
+        if !self.has_dead_letter_queue(pool).await? {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<(i64, i64)> = sqlx::query_as(AssertSqlSafe(self.sql.inspect.replay.clone()))
             .bind(ids)
             .bind(reset_attempts)
+            .bind(None::<&str>)
             .fetch_all(pool)
             .await?;
         Ok(ids)
@@ -616,8 +739,85 @@ impl PgmqQueue {
         pool: &PgPool,
         older_than: Option<std::time::Duration>,
     ) -> crate::error::Result<usize> {
+        if !self.has_dead_letter_queue(pool).await? {
+            return Ok(0);
+        }
         self.prune_in_batches(pool, &self.sql.inspect.prune_dead, older_than)
             .await
+    }
+
+    /// Moves every dead job (attempts used up, undecodable, outcome unwritable; not killed
+    /// ones) back into the queue in one statement, all or nothing. Returns old and new ids, as
+    /// [`replay_dead_letters`](Self::replay_dead_letters) does.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`](crate::Error::Database) if the statement fails (nothing moved).
+    pub async fn replay_dead(
+        &self,
+        pool: &PgPool,
+        reset_attempts: bool,
+    ) -> crate::error::Result<Vec<(i64, i64)>> {
+        if !self.has_dead_letter_queue(pool).await? {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<(i64, i64)> = sqlx::query_as(AssertSqlSafe(self.sql.inspect.replay.clone()))
+            .bind(None::<Vec<i64>>)
+            .bind(reset_attempts)
+            .bind(JobState::Dead.as_str())
+            .fetch_all(pool)
+            .await?;
+        Ok(ids)
+    }
+
+    /// Makes every retrying job (failed, waiting out its backoff) visible now, in one
+    /// statement; returns their ids. Running jobs are left alone.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`](crate::Error::Database) if the statement fails (nothing changed).
+    pub async fn retry_retrying(&self, pool: &PgPool) -> crate::error::Result<Vec<i64>> {
+        let mut ids: Vec<i64> =
+            sqlx::query_scalar(AssertSqlSafe(self.sql.inspect.retry_retrying.clone()))
+                .fetch_all(pool)
+                .await?;
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// Deletes every pending job (visible now) and, with `scheduled`, every delayed job never
+    /// run yet, in one statement; returns how many. Running and retrying jobs are left alone.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`](crate::Error::Database) if the statement fails (nothing deleted).
+    pub async fn purge_waiting(&self, pool: &PgPool, scheduled: bool) -> crate::error::Result<i64> {
+        let n: i64 = sqlx::query_scalar(AssertSqlSafe(self.sql.inspect.purge_waiting.clone()))
+            .bind(scheduled)
+            .fetch_one(pool)
+            .await?;
+        Ok(n)
+    }
+
+    /// How many dead letters [`purge_dead_letters`](Self::purge_dead_letters) would delete now
+    /// with the same `older_than` (a dry run).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`](crate::Error::Database) if the statement fails.
+    pub async fn count_dead_letters(
+        &self,
+        pool: &PgPool,
+        older_than: Option<std::time::Duration>,
+    ) -> crate::error::Result<i64> {
+        if !self.has_dead_letter_queue(pool).await? {
+            return Ok(0);
+        }
+        let n: i64 = sqlx::query_scalar(AssertSqlSafe(self.sql.inspect.count_dead.clone()))
+            .bind(older_than.map(|d| d.as_secs_f64().min(1e11)))
+            .fetch_one(pool)
+            .await?;
+        Ok(n)
     }
 
     /// Makes a waiting, retrying or leased job visible now; `false` if it is not in the queue.
@@ -645,6 +845,11 @@ impl PgmqQueue {
             &self.sql.inspect.delete_queued,
             &self.sql.inspect.delete_dead,
         ] {
+            if Arc::ptr_eq(sql, &self.sql.inspect.delete_dead)
+                && !self.has_dead_letter_queue(pool).await?
+            {
+                continue;
+            }
             let row: Option<i64> = sqlx::query_scalar(AssertSqlSafe(sql.clone()))
                 .bind(id)
                 .fetch_optional(pool)
@@ -667,6 +872,9 @@ impl PgmqQueue {
         offset: u32,
         limit: u32,
     ) -> crate::error::Result<Vec<JobRecord>> {
+        if !self.has_dead_letter_queue(pool).await? {
+            return Ok(Vec::new());
+        }
         let want = i64::from(offset) + i64::from(limit);
         let rows = sqlx::query(AssertSqlSafe(self.sql.inspect.list_dead.clone()))
             .bind(None::<&str>)
@@ -693,9 +901,8 @@ impl PgmqQueue {
         if !elected {
             return Ok(None);
         }
-        let row = sqlx::query(AssertSqlSafe(self.sql.inspect.counts.clone()))
-            .fetch_one(&mut *tx)
-            .await?;
+        let sql = self.counts_sql(&mut *tx).await?;
+        let row = sqlx::query(AssertSqlSafe(sql)).fetch_one(&mut *tx).await?;
         tx.commit().await?;
         Ok(Some(counts_from(&row)?))
     }

@@ -91,7 +91,14 @@ impl Message {
             })
         };
         let message = parse("message", body);
-        let headers = parse("headers", headers);
+        // Headers are written by any producer: a value serde_json cannot hold (a number out of
+        // f64's range, such as a priority of 1e400) is read as null, and headers that still
+        // cannot be read are ignored; only the body decides whether the job decodes.
+        let headers = headers.and_then(|t| {
+            serde_json::from_str::<Value>(&t)
+                .or_else(|_| serde_json::from_str::<Value>(&null_out_of_range_numbers(&t)))
+                .ok()
+        });
         let (message, headers) = if decode_error.is_some() {
             (None, None)
         } else {
@@ -109,6 +116,51 @@ impl Message {
             visible_since: None,
         })
     }
+}
+
+/// `json` with every number that does not fit an `f64` (e.g. `1e400`, `-1e400`) replaced by
+/// `null`; strings are copied untouched. PostgreSQL's `jsonb` keeps such numbers (they are
+/// `numeric`), serde_json refuses them.
+fn null_out_of_range_numbers(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    let mut chars = json.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => {
+                out.push(c);
+                let mut escaped = false;
+                for (_, c) in chars.by_ref() {
+                    out.push(c);
+                    if escaped {
+                        escaped = false;
+                    } else if c == '\\' {
+                        escaped = true;
+                    } else if c == '"' {
+                        break;
+                    }
+                }
+            }
+            '-' | '0'..='9' => {
+                let mut end = i + c.len_utf8();
+                while let Some(&(j, d)) = chars.peek() {
+                    if d.is_ascii_digit() || matches!(d, '.' | 'e' | 'E' | '+' | '-') {
+                        end = j + d.len_utf8();
+                        chars.next();
+                    } else {
+                        break;
+                    }
+                }
+                let number = &json[i..end];
+                if number.parse::<f64>().is_ok_and(f64::is_finite) {
+                    out.push_str(number);
+                } else {
+                    out.push_str("null");
+                }
+            }
+            _ => out.push(c),
+        }
+    }
+    out
 }
 
 /// A message to send: body, optional headers, and when it becomes visible.
@@ -309,3 +361,22 @@ pub fn msg_id(task_id: &TaskId) -> Option<i64> {
 /// store times far beyond it (a `RetryAfterError` of 10^13 s would fail with "timestamp out of
 /// range"), so longer ones are clamped to it.
 pub(crate) const MAX_DELAY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+#[cfg(test)]
+mod tests {
+    use super::null_out_of_range_numbers;
+    use serde_json::{Value, json};
+
+    #[test]
+    fn out_of_range_numbers_become_null_and_strings_stay() {
+        let text = r#"{"apalis": {"priority": 1e400, "max_attempts": 3, "x": -1E+400},
+                       "s": "1e400 \"2e999\"", "n": [-0.5, 12]}"#;
+        assert!(serde_json::from_str::<Value>(text).is_err());
+        let v: Value = serde_json::from_str(&null_out_of_range_numbers(text)).expect("parses");
+        assert_eq!(
+            v,
+            json!({"apalis": {"priority": null, "max_attempts": 3, "x": null},
+                   "s": "1e400 \"2e999\"", "n": [-0.5, 12]})
+        );
+    }
+}

@@ -132,6 +132,9 @@ impl PgmqQueue {
             ("find_archive", s.inspect.find_archive.clone()),
             ("find_dead", s.inspect.find_dead.clone()),
             ("counts", s.inspect.counts.clone()),
+            ("counts_no_dlq", s.inspect.counts_no_dlq.clone()),
+            ("dlq_exists", s.inspect.dlq_exists.clone()),
+            ("count_dead", s.inspect.count_dead.clone()),
             ("activity", s.inspect.activity.clone()),
             ("update_waiting", s.inspect.update_waiting.clone()),
             ("prune_archive", s.inspect.prune_archive.clone()),
@@ -143,6 +146,8 @@ impl PgmqQueue {
             ("prune_dead_elected", s.inspect.prune_dead_elected.clone()),
             ("replay", s.inspect.replay.clone()),
             ("retry_now", s.inspect.retry_now.clone()),
+            ("retry_retrying", s.inspect.retry_retrying.clone()),
+            ("purge_waiting", s.inspect.purge_waiting.clone()),
             ("delete_queued", s.inspect.delete_queued.clone()),
             ("delete_dead", s.inspect.delete_dead.clone()),
         ]

@@ -194,6 +194,7 @@ impl PgmqQueue {
             .bind(secs)
             .fetch_all(executor)
             .await?;
+        crate::obs::enqueued(self.name.as_str(), ids.len());
         ids.sort_unstable();
         Ok(ids)
     }
@@ -383,6 +384,7 @@ impl PgmqQueue {
             .bind(m.secs)
             .fetch_one(executor)
             .await?;
+        crate::obs::enqueued(self.name.as_str(), 1);
         Ok(id)
     }
 
@@ -411,6 +413,7 @@ impl PgmqQueue {
             .bind(secs)
             .fetch_all(executor)
             .await?;
+        crate::obs::enqueued(self.name.as_str(), ids.len());
         ids.sort_unstable();
         Ok(ids)
     }
@@ -440,6 +443,9 @@ impl PgmqQueue {
                     .await
                     .map_err(|e| unique_index_missing(e, &self.name))?;
             if let Some((id, duplicate)) = row {
+                if !duplicate {
+                    crate::obs::enqueued(self.name.as_str(), 1);
+                }
                 return Ok(Pushed { id, duplicate });
             }
         }
@@ -494,6 +500,7 @@ impl PgmqQueue {
             .bind(msg_ids)
             .fetch_all(executor)
             .await?;
+        crate::obs::enqueued(self.name.as_str(), ids.len());
         ids.sort_unstable();
         Ok(ids)
     }

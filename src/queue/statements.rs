@@ -63,7 +63,7 @@ enum Pick {
     /// up to `now()` (stable, so it bounds the scan), so messages scheduled for later, claimed
     /// by other workers or waiting in a retry's backoff are never visited.
     Visibility,
-    /// A worker's claim with priorities: highest `apalis_pgmq.priority_of(headers)` first, then
+    /// A worker's claim with priorities: highest priority (`PRIORITY_OF`) first, then
     /// visible longest, from the `(priority DESC, vt)` index.
     Priority,
 }
@@ -80,10 +80,13 @@ fn read_sql(q: &str, also: &str, visible_since: bool, pick_by: Pick) -> Arc<str>
     let (visible, order) = match pick_by {
         Pick::Id => ("vt <= clock_timestamp()", "msg_id ASC"),
         Pick::Visibility => ("vt <= now()", "vt ASC"),
-        Pick::Priority => (
-            "vt <= now()",
-            "apalis_pgmq.priority_of(headers) DESC, vt ASC",
-        ),
+        Pick::Priority => ("vt <= now()", ""),
+    };
+    let by_priority = format!("{PRIORITY_OF} DESC, vt ASC");
+    let order = if order.is_empty() {
+        by_priority.as_str()
+    } else {
+        order
     };
     format!(
         "WITH cte AS (SELECT msg_id{pick} FROM {q} WHERE {visible} {also} \
@@ -99,16 +102,29 @@ fn read_sql(q: &str, also: &str, visible_since: bool, pick_by: Pick) -> Arc<str>
 }
 
 /// A job's idempotency key in its headers (`alias`: `""`, `"a."`). The unique index
-/// (`apalis_pgmq.index_unique_keys`) is on `apalis_pgmq.key_hash` of it, so statements that use
-/// the index compare the hash, then the key itself.
+/// (`apalis_pgmq.index_unique_keys`) is on [`key_hash_sql`] of it, so statements that use the
+/// index compare the hash, then the key itself.
 fn key_of(alias: &str) -> String {
     format!("({alias}headers->'apalis'->>'idempotency_key')")
 }
 
-/// `apalis_pgmq.key_hash` of [`key_of`].
-fn key_hash_of(alias: &str) -> String {
-    format!("apalis_pgmq.key_hash({})", key_of(alias))
+/// The SHA-256 of a key's bytes, written with built-in immutable functions only (the indexes
+/// use it, and a producer then needs no right on this crate's functions): escaping every
+/// backslash makes the `bytea` input the text's bytes. Migration 0003 writes the same.
+fn key_hash_sql(key: &str) -> String {
+    format!("sha256(replace({key}, '\\', '\\\\')::bytea)")
 }
+
+/// [`key_hash_sql`] of [`key_of`].
+fn key_hash_of(alias: &str) -> String {
+    key_hash_sql(&key_of(alias))
+}
+
+/// A job's priority, as `apalis_pgmq.priority_of` computes it, written with built-in immutable
+/// functions only (the priority index of migration 0003 is on this exact expression).
+const PRIORITY_OF: &str = "(CASE WHEN jsonb_typeof(headers->'apalis'->'priority') = 'number' \
+     THEN least(greatest((headers->'apalis'->>'priority')::numeric, -1000000), 1000000)::integer \
+     ELSE 0 END)";
 
 /// The statement that applies a batch of outcomes (see `delivery.rs`): archive, delete, retry
 /// (visible after `delay`, the runs and error recorded in the headers) or dead-letter (with
@@ -257,26 +273,38 @@ impl QueueSql {
                  RETURNING msg_id"
             )
             .into(),
-            // $5: the key; $6: how long a finished job keeps its key (NULL: not at all). The key
-            // is taken by a message in the queue table (the partial unique index on its hash
-            // settles races)
-            // or by one archived within the window. Zero rows: the conflicting row was committed
-            // after this statement's snapshot; the caller runs it again.
+            // $5: the key; $6: how long a finished job keeps its key (NULL: not at all), written
+            // to its headers as `idempotency_window` for the key ledger (migration 0003). The
+            // ledger's trigger takes the key in this statement, atomically with the insert,
+            // whatever the timing of the previous holder's completion; `apalis_pgmq.skip_key`
+            // makes it skip this row instead of raising when the key is taken, and the holder
+            // is reported. A job archived before the ledger existed is found in the archive
+            // (`prior`). Zero rows: the holder's row was committed after this statement's
+            // snapshot and is gone again; the caller runs it again.
             send_unique: format!(
                 "WITH prior AS (SELECT a.msg_id FROM {a} a \
                    WHERE $6::float8 IS NOT NULL \
-                     AND {key_hash_a} = apalis_pgmq.key_hash($5::text) AND {key_a} = $5::text \
+                     AND {key_hash_a} = {key_hash_5} AND {key_a} = $5::text \
                      AND a.archived_at > clock_timestamp() - make_interval(secs => $6::float8) \
                    ORDER BY a.archived_at DESC LIMIT 1), \
+                 skip_key AS (SELECT set_config('apalis_pgmq.skip_key', encode({key_hash_5}, 'hex'), true) \
+                   WHERE NOT EXISTS (SELECT 1 FROM prior)), \
                  ins AS (INSERT INTO {q} (vt, message, headers) \
-                   SELECT {vt}, $1::text::jsonb, $2::text::jsonb WHERE NOT EXISTS (SELECT 1 FROM prior) \
+                   SELECT {vt}, $1::text::jsonb, \
+                          CASE WHEN $6::float8 IS NULL THEN $2::text::jsonb \
+                               ELSE jsonb_set($2::text::jsonb, '{{apalis,idempotency_window}}', \
+                                              to_jsonb($6::float8)) END \
+                   FROM skip_key \
                    ON CONFLICT ({key_hash}) WHERE {key} IS NOT NULL DO NOTHING \
-                   RETURNING msg_id) \
+                   RETURNING msg_id), \
+                 holder AS (SELECT apalis_pgmq.key_holder('{source}', {key_hash_5}) AS msg_id \
+                   WHERE NOT EXISTS (SELECT 1 FROM ins) AND NOT EXISTS (SELECT 1 FROM prior)) \
                  SELECT msg_id, false FROM ins \
                  UNION ALL SELECT msg_id, true FROM prior \
+                 UNION ALL SELECT msg_id, true FROM holder WHERE msg_id IS NOT NULL \
                  UNION ALL SELECT q.msg_id, true FROM {q} q \
                    WHERE NOT EXISTS (SELECT 1 FROM ins) AND NOT EXISTS (SELECT 1 FROM prior) \
-                     AND {key_hash_q} = apalis_pgmq.key_hash($5::text) AND {key_q} = $5::text \
+                     AND {key_hash_q} = {key_hash_5} AND {key_q} = $5::text \
                  LIMIT 1",
                 key = key_of(""),
                 key_hash = key_hash_of(""),
@@ -284,6 +312,7 @@ impl QueueSql {
                 key_hash_a = key_hash_of("a."),
                 key_q = key_of("q."),
                 key_hash_q = key_hash_of("q."),
+                key_hash_5 = key_hash_sql("$5::text"),
             )
             .into(),
             // A worker's claim is PGMQ's read plus three things: nothing while the queue is

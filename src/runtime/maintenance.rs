@@ -467,6 +467,16 @@ async fn heartbeat_round(inner: &Inner, interval: Duration, next_prune: &mut Ins
                 }
             }
         }
+        // Job keys whose hold ended (their job gone, its idempotency window over).
+        match crate::ops::prune_keys(pool, queue.name(), PRUNE_BATCHES_PER_ROUND).await {
+            Ok(n) if n > 0 => {
+                tracing::debug!(queue = %queue.name(), deleted = n, "pruned job keys past their hold");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(queue = %queue.name(), error = %e.describe(), "pruning job keys failed");
+            }
+        }
     }
 }
 

@@ -221,6 +221,7 @@ impl Runtime {
     /// A runtime for the database `pool` talks to. Starts nothing until something needs it.
     #[must_use]
     pub fn new(pool: &PgPool) -> Self {
+        crate::obs::describe();
         let (phase, _) = watch::channel(Phase::Running);
         Self {
             inner: Arc::new(Inner {

@@ -173,6 +173,7 @@ mod sql_check;
 #[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod testing;
+mod topology;
 mod util;
 
 pub use ack::{AckLayer, AckService, HandlerPanicked, LeaseLost};
@@ -193,6 +194,7 @@ pub use notify::{
 };
 pub use ops::{
     Pruned, QueueOverview, pause, paused_queues, prune, prune_results, queues_overview, resume,
+    sample_queue_gauges,
 };
 pub use queue::{
     DEAD_LETTER_SUFFIX, DEFAULT_MAX_PAYLOAD_BYTES, Delay, HEADERS_KEY, JobRecord, JobState,
@@ -204,3 +206,4 @@ pub use runtime::{
     events::{EventStream, QueueEvents},
 };
 pub use sql_check::prepare_every_statement;
+pub use topology::{MultiHost, TargetSessionAttrs, check_session_pooling, check_writable};

@@ -1,0 +1,691 @@
+//! Production topologies (issue 22): PgBouncer in front of the server, a read replica.
+//!
+//! These tests need the servers the project's scripts start, and say so and pass without them:
+//! `scripts/test.sh` runs the suite under `scripts/with-pgbouncer.sh` and
+//! `scripts/with-replica.sh`, which export `APALIS_PGBOUNCER_*` and `APALIS_REPLICA_URL`. Each
+//! test makes its own database and reaches it through PgBouncer under aliases of its own
+//! (appended to PgBouncer's included databases file, then RELOAD), one per pool mode.
+
+mod common;
+
+use std::{
+    io::Write,
+    process::Command,
+    str::FromStr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use apalis::prelude::*;
+use apalis_pgmq_notify::{Config, Error, PgmqStorage, QueueName, Runtime};
+use common::{TestDb, count, drained, stop_worker, wait_for};
+use serde::{Deserialize, Serialize};
+use sqlx::{
+    Connection, PgConnection, PgPool, Row,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+const WAIT: Duration = Duration::from_secs(60);
+/// Far below the workers' 60 s fallback poll: a pickup this quick came from a notification.
+const QUICK: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Job {
+    id: u32,
+}
+
+type Log = Arc<Mutex<Vec<u32>>>;
+
+fn slow_poll() -> Config {
+    Config::default().poll_interval(Duration::from_secs(60))
+}
+
+fn storage_on(runtime: &Runtime, queue: &str, config: Config) -> PgmqStorage<Job> {
+    PgmqStorage::with_config(runtime, QueueName::new(queue).expect("name"), config).expect("config")
+}
+
+async fn record(job: Job, log: Data<Log>) -> Result<(), BoxDynError> {
+    log.lock().expect("lock").push(job.id);
+    if job.id.is_multiple_of(3) {
+        return Err("ids divisible by 3 fail".into());
+    }
+    Ok(())
+}
+
+async fn succeed(job: Job, log: Data<Log>) -> Result<(), BoxDynError> {
+    log.lock().expect("lock").push(job.id);
+    Ok(())
+}
+
+fn handled(log: &Log, id: u32) -> bool {
+    log.lock().expect("lock").contains(&id)
+}
+
+async fn wait_handled(log: &Log, id: u32, within: Duration) {
+    wait_for(within, &format!("job {id} to be handled"), || async {
+        handled(log, id).then_some(())
+    })
+    .await;
+}
+
+/// Waits until a worker has armed its wake-up on `queue` with an arming newer than `arm_id`.
+async fn armed_after(pool: &PgPool, queue: &str, arm_id: i64) -> i64 {
+    let sql = format!(
+        "SELECT coalesce(max(arm_id), -1) FROM apalis_pgmq.listeners \
+         WHERE channel = 'apq.q.{queue}' AND armed AND NOT persistent AND arm_id > {arm_id}"
+    );
+    wait_for(WAIT, &format!("a worker of {queue} to arm"), || async {
+        let id = count(pool, &sql).await;
+        (id >= 0).then_some(id)
+    })
+    .await
+}
+
+/// The PgBouncer of `scripts/with-pgbouncer.sh`.
+struct Bouncer {
+    /// Any pooled URL: its host, port and user.
+    base: PgConnectOptions,
+    admin: PgConnectOptions,
+    /// The included `[databases]` file.
+    databases: String,
+    /// `host=.. port=..` of the server.
+    server: String,
+}
+
+/// Serialises appends to PgBouncer's databases file (the tests of this binary run in threads).
+static DATABASES: Mutex<()> = Mutex::new(());
+
+fn bouncer() -> Option<Bouncer> {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let (Some(url), Some(admin), Some(databases), Some(server)) = (
+        var("APALIS_PGBOUNCER_SESSION_URL"),
+        var("APALIS_PGBOUNCER_ADMIN_URL"),
+        var("APALIS_PGBOUNCER_DATABASES_INI"),
+        var("APALIS_PGBOUNCER_SERVER"),
+    ) else {
+        eprintln!(
+            "skipped: no PgBouncer (run under scripts/with-pgbouncer.sh, as scripts/test.sh does)"
+        );
+        return None;
+    };
+    Some(Bouncer {
+        base: PgConnectOptions::from_str(&url).expect("pooled URL parses"),
+        admin: PgConnectOptions::from_str(&admin).expect("admin URL parses"),
+        databases,
+        server,
+    })
+}
+
+impl Bouncer {
+    /// Connect options reaching `db` through PgBouncer in `mode` (session or transaction),
+    /// with `pool_size` server connections for the alias.
+    async fn alias(&self, db: &TestDb, mode: &str, pool_size: u32) -> PgConnectOptions {
+        let alias = format!("{}_{}", db.name, &mode[..1]);
+        {
+            let _guard = DATABASES.lock().expect("lock");
+            let mut file = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&self.databases)
+                .expect("open PgBouncer's databases file");
+            writeln!(
+                file,
+                "{alias} = {} dbname={} pool_mode={mode} pool_size={pool_size}",
+                self.server, db.name
+            )
+            .expect("append a database");
+        }
+        self.admin_command("RELOAD").await;
+        self.base.clone().database(&alias)
+    }
+
+    /// Runs a command on PgBouncer's admin console (simple protocol only).
+    async fn admin_command(&self, sql: &str) -> Vec<sqlx::postgres::PgRow> {
+        let mut admin = PgConnection::connect_with(&self.admin)
+            .await
+            .expect("connect to PgBouncer's admin console");
+        let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+            .fetch_all(&mut admin)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let _ = admin.close().await;
+        rows
+    }
+}
+
+async fn pool_on(options: PgConnectOptions, max: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(options)
+        .await
+        .expect("connect through PgBouncer")
+}
+
+#[tokio::test]
+async fn through_a_session_pooler_producers_workers_outcomes_and_wakeups_work() {
+    let Some(b) = bouncer() else { return };
+    let db = TestDb::fresh().await;
+    // Room for the pool (6), the listener, and setup's two short-lived connections.
+    let pool = pool_on(b.alias(&db, "session", 10).await, 6).await;
+    apalis_pgmq_notify::setup(&pool)
+        .await
+        .expect("setup through a session pooler");
+    let runtime = Runtime::new(&pool);
+    let queue = "pooled";
+    let mut s = storage_on(&runtime, queue, slow_poll().max_attempts(1));
+    s.create_queue().await.expect("create");
+    s.push(Job { id: 1 }).await.expect("push");
+    s.push_bulk((2..=9).map(|id| Job { id }).collect())
+        .await
+        .expect("push_bulk");
+    let mut tx = pool.begin().await.expect("begin");
+    s.push_with(&mut *tx, &Job { id: 10 })
+        .await
+        .expect("push_with");
+    tx.commit().await.expect("commit");
+    let mut tx = pool.begin().await.expect("begin");
+    s.push_with(&mut *tx, &Job { id: 11 })
+        .await
+        .expect("push_with");
+    tx.rollback().await.expect("rollback");
+
+    let log: Log = Arc::default();
+    let worker = WorkerBuilder::new("pooled")
+        .backend(s.clone())
+        .data(log.clone())
+        .concurrency(4)
+        .build(record);
+    let (stop, join) = spawn_worker!(worker);
+    drained(&db.pool, queue).await;
+    // Every job ran once; the failures (no attempts left) are dead letters, the rest archived.
+    let archived = || count(&db.pool, "SELECT count(*) FROM pgmq.a_pooled");
+    let dead = || count(&db.pool, "SELECT count(*) FROM pgmq.q_pooled_dlq");
+    wait_for(WAIT, "every outcome written", || async {
+        (archived().await == 7 && dead().await == 3).then_some(())
+    })
+    .await;
+    let mut ran = log.lock().expect("lock").clone();
+    ran.sort_unstable();
+    assert_eq!(
+        ran,
+        (1..=10).collect::<Vec<_>>(),
+        "the rolled-back push never ran"
+    );
+
+    // The listener LISTENs through the pooler (a session of its own there): a job pushed
+    // while the worker waits is picked up long before the 60 s fallback poll.
+    let arm = armed_after(&db.pool, queue, 0).await;
+    s.push(Job { id: 13 }).await.expect("push");
+    wait_handled(&log, 13, QUICK).await;
+    assert!(arm > 0);
+    assert!(
+        runtime.listener_stats().received > 0,
+        "{:?}",
+        runtime.listener_stats()
+    );
+    stop_worker(stop, join).await;
+    runtime.shutdown().await.expect("shutdown");
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn the_listener_can_have_a_direct_connection_beside_a_pooled_pool() {
+    let Some(b) = bouncer() else { return };
+    let db = TestDb::setup().await;
+    let pool = pool_on(b.alias(&db, "session", 8).await, 4).await;
+    // The README's example: the pool through PgBouncer, the listener straight to PostgreSQL.
+    let direct = db.options.clone().application_name("apq-direct-listener");
+    let runtime = Runtime::new(&pool).listener_connect_options(direct);
+    let queue = "beside";
+    let mut s = storage_on(&runtime, queue, slow_poll());
+    s.create_queue().await.expect("create");
+    let log: Log = Arc::default();
+    let worker = WorkerBuilder::new("beside")
+        .backend(s.clone())
+        .data(log.clone())
+        .build(succeed);
+    let (stop, join) = spawn_worker!(worker);
+    let mut arm = 0;
+    for id in 1..=3 {
+        arm = armed_after(&db.pool, queue, arm).await;
+        s.push(Job { id }).await.expect("push");
+        wait_handled(&log, id, QUICK).await;
+    }
+    // The LISTEN session is the direct one: PostgreSQL sees it, PgBouncer has no such client.
+    let direct_sessions = count(
+        &db.pool,
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'apq-direct-listener'",
+    )
+    .await;
+    assert_eq!(direct_sessions, 1, "one direct listener session");
+    let clients = b.admin_command("SHOW CLIENTS").await;
+    let through_bouncer = clients
+        .iter()
+        .filter(|r| {
+            r.try_get::<String, _>("application_name").ok().as_deref()
+                == Some("apq-direct-listener")
+        })
+        .count();
+    assert_eq!(
+        through_bouncer, 0,
+        "the listener did not go through PgBouncer"
+    );
+    stop_worker(stop, join).await;
+    runtime.shutdown().await.expect("shutdown");
+    pool.close().await;
+}
+
+fn is_transaction_pooler(e: &Error) -> bool {
+    matches!(e, Error::TransactionPooler { .. }) && e.to_string().contains("pool_mode = session")
+}
+
+#[tokio::test]
+async fn a_transaction_pooler_is_refused_at_start_saying_what_to_change() {
+    let Some(b) = bouncer() else { return };
+    let db = TestDb::setup().await;
+    let tx_options = b.alias(&db, "transaction", 2).await;
+    let session_options = b.alias(&db, "session", 4).await;
+
+    // The check itself: direct and session mode pass, transaction mode does not.
+    apalis_pgmq_notify::check_session_pooling(&db.options)
+        .await
+        .expect("a direct connection passes");
+    apalis_pgmq_notify::check_session_pooling(&session_options)
+        .await
+        .expect("a session pooler passes");
+    let e = apalis_pgmq_notify::check_session_pooling(&tx_options)
+        .await
+        .expect_err("a transaction pooler is refused");
+    assert!(is_transaction_pooler(&e), "{e}");
+
+    // setup() refuses it before taking its session lock.
+    let tx_pool = pool_on(tx_options.clone(), 2).await;
+    let e = apalis_pgmq_notify::setup(&tx_pool)
+        .await
+        .expect_err("setup refuses a transaction pooler");
+    assert!(is_transaction_pooler(&e), "{e}");
+
+    // A worker whose pool, or whose listener, goes through it stops at start with the error.
+    let queue = "refused";
+    storage_on(&db.runtime(), queue, slow_poll())
+        .create_queue()
+        .await
+        .expect("create");
+    for (runtime, what) in [
+        (Runtime::new(&tx_pool), "the pool's connection"),
+        (
+            Runtime::new(&db.pool).listener_connect_options(tx_options.clone()),
+            "the listener's connection",
+        ),
+    ] {
+        let worker = WorkerBuilder::new("refused")
+            .backend(storage_on(&runtime, queue, slow_poll()))
+            .data(Log::default())
+            .build(record);
+        let err = tokio::time::timeout(WAIT, worker.run())
+            .await
+            .expect("the worker stops at start")
+            .expect_err("the worker refuses a transaction pooler");
+        let text = err.to_string();
+        assert!(
+            text.contains(what) && text.contains("pool_mode = session"),
+            "{text}"
+        );
+        // The runtime's rows are deleted through the same pool: through the transaction
+        // pooler this can fail (another client's prepared statement), which is the point.
+        let _ = runtime.shutdown().await;
+    }
+    tx_pool.close().await;
+
+    // The CLI too, and it works through session mode.
+    let url = |o: &PgConnectOptions| {
+        format!(
+            "postgres://{}@{}:{}/{}?sslmode=disable",
+            o.get_username(),
+            o.get_host(),
+            o.get_port(),
+            o.get_database().expect("database")
+        )
+    };
+    let out = cli(&["queues"], &url(&tx_options));
+    assert_eq!(out.0, Some(1), "{out:?}");
+    assert!(out.2.contains("pool_mode = session"), "{out:?}");
+    let out = cli(&["queues"], &url(&session_options));
+    assert_eq!(out.0, Some(0), "{out:?}");
+    assert!(out.1.contains("refused"), "{out:?}");
+}
+
+/// Runs the CLI: (exit code, stdout, stderr).
+fn cli(args: &[&str], database_url: &str) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_apalis-pgmq-notify"))
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .output()
+        .expect("run the CLI");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The insert trigger's per-session cache ("this session already notified for arming N",
+/// "nothing to do at listeners version V", in session settings) is a fact about the server
+/// session's own committed transactions, whichever client sent them: sharing a server session
+/// between clients (a transaction pooler, or a session pooler handing a session to the next
+/// client after DISCARD ALL, which clears it) must never cost a wake-up. Here every push
+/// comes from a new client on a pool of one server session, in both modes, and an idle
+/// worker with a 60 s fallback poll must wake for each.
+#[tokio::test]
+async fn the_nobody_waits_cache_stays_correct_when_clients_share_server_sessions() {
+    let Some(b) = bouncer() else { return };
+    let db = TestDb::setup().await;
+    let queue = "shared_sessions";
+    let s = storage_on(&db.runtime(), queue, slow_poll());
+    s.create_queue().await.expect("create");
+    let modes = [
+        b.alias(&db, "transaction", 1).await,
+        b.alias(&db, "session", 1).await,
+    ];
+    let log: Log = Arc::default();
+    let worker = WorkerBuilder::new("shared")
+        .backend(s.clone())
+        .data(log.clone())
+        .build(succeed);
+    let (stop, join) = spawn_worker!(worker);
+    let mut arm = 0;
+    let mut server_sessions = std::collections::HashSet::new();
+    for id in 1..=12u32 {
+        arm = armed_after(&db.pool, queue, arm).await;
+        // As a client in any language would: simple protocol, one statement.
+        let mut client = PgConnection::connect_with(&modes[(id % 2) as usize])
+            .await
+            .expect("connect through PgBouncer");
+        let row = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "SELECT pgmq.send('{queue}', '{{\"id\": {id}}}'::jsonb), pg_backend_pid()"
+        )))
+        .fetch_one(&mut client)
+        .await
+        .expect("send");
+        server_sessions.insert((id % 2, row.try_get::<i32, _>(1).expect("pid")));
+        client.close().await.expect("close");
+        wait_handled(&log, id, QUICK).await;
+    }
+    assert_eq!(
+        server_sessions.len(),
+        2,
+        "one server session per mode, shared by six clients each: {server_sessions:?}"
+    );
+    stop_worker(stop, join).await;
+}
+
+/// The replica of `scripts/with-replica.sh`, on `db`'s database once it has been replicated
+/// with `ready` (a query returning one bigint) at `want`.
+async fn replica_of(db: &TestDb, ready: &str, want: i64) -> Option<(PgPool, String)> {
+    let Some(url) = std::env::var("APALIS_REPLICA_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    else {
+        eprintln!(
+            "skipped: no replica (run under scripts/with-replica.sh, as scripts/test.sh does)"
+        );
+        return None;
+    };
+    let options = PgConnectOptions::from_str(&url)
+        .expect("replica URL parses")
+        .database(&db.name);
+    let pool = wait_for(WAIT, "the database on the replica", || {
+        let options = options.clone();
+        async move {
+            let pool = PgPoolOptions::new()
+                .max_connections(4)
+                .connect_with(options)
+                .await
+                .ok()?;
+            let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(ready.to_owned()))
+                .fetch_one(&pool)
+                .await
+                .ok()?;
+            (n == want).then_some(pool)
+        }
+    })
+    .await;
+    let cli_url = format!(
+        "postgres://{}@{}:{}/{}?sslmode=disable",
+        options.get_username(),
+        options.get_host(),
+        options.get_port(),
+        db.name
+    );
+    Some((pool, cli_url))
+}
+
+#[tokio::test]
+async fn a_replica_serves_reads_and_refuses_writes_saying_it_is_a_replica() {
+    use apalis_core::backend::{Filter, ListQueues, ListTasks, ListWorkers, Metrics};
+
+    let db = TestDb::setup().await;
+    let queue = "replicated";
+    let mut s = storage_on(&db.runtime(), queue, slow_poll());
+    s.create_queue().await.expect("create");
+    s.push_bulk((1..=3).map(|id| Job { id }).collect())
+        .await
+        .expect("push");
+    let Some((replica, url)) = replica_of(&db, "SELECT count(*) FROM pgmq.q_replicated", 3).await
+    else {
+        return;
+    };
+    let name = QueueName::new(queue).expect("name");
+
+    // Reads: the overview, the gauges, the board's API (apalis' introspection traits).
+    let overview = apalis_pgmq_notify::queues_overview(&replica)
+        .await
+        .expect("overview on the replica");
+    assert_eq!(overview.len(), 1);
+    assert_eq!(overview[0].visible, 3);
+    let gauges = apalis_pgmq_notify::sample_queue_gauges(&replica)
+        .await
+        .expect("gauges on the replica");
+    assert_eq!(gauges.len(), 1);
+    assert_eq!((gauges[0].0.as_str(), gauges[0].1.pending), (queue, 3));
+    let board = storage_on(&Runtime::new(&replica), queue, slow_poll());
+    let queues = board
+        .list_queues()
+        .await
+        .expect("list_queues on the replica");
+    assert_eq!(queues.len(), 1);
+    let tasks = board
+        .list_tasks(&Filter {
+            status: None,
+            page: 1,
+            page_size: Some(10),
+        })
+        .await
+        .expect("list_tasks on the replica");
+    assert_eq!(tasks.len(), 3);
+    let global = board.global().await.expect("global on the replica");
+    assert!(
+        global
+            .iter()
+            .any(|st| st.title == "TOTAL_JOBS" && st.value == "3"),
+        "{global:?}"
+    );
+
+    // Writes: refused, saying it is a replica.
+    let e = apalis_pgmq_notify::pause(&replica, &name)
+        .await
+        .expect_err("pause writes");
+    assert!(
+        matches!(e, Error::ReadOnly { .. }) && e.to_string().contains("connect to the primary"),
+        "{e}"
+    );
+
+    // The CLI: read commands work, write commands refuse before doing anything.
+    assert!(
+        board.list_workers().await.expect("list_workers").is_empty(),
+        "the board shows no workers on a standby"
+    );
+    let out = cli(&["workers"], &url);
+    assert_eq!(out.0, Some(1), "{out:?}");
+    assert!(out.2.contains("list the workers on the primary"), "{out:?}");
+    for args in [
+        vec!["queues"],
+        vec!["queues", "--json"],
+        vec!["dlq", "list", queue],
+        vec!["migrate", "--check"],
+    ] {
+        let out = cli(&args, &url);
+        assert_eq!(out.0, Some(0), "{args:?}: {out:?}");
+    }
+    let id = count(&db.pool, "SELECT min(msg_id) FROM pgmq.q_replicated").await;
+    let out = cli(&["job", "show", queue, &id.to_string()], &url);
+    assert_eq!(out.0, Some(0), "{out:?}");
+    for args in [
+        vec!["pause", queue],
+        vec!["migrate"],
+        vec!["create-queue", "another"],
+        vec!["prune"],
+        vec!["job", "delete", queue, "1"],
+    ] {
+        let out = cli(&args, &url);
+        assert_eq!(out.0, Some(1), "{args:?}: {out:?}");
+        assert!(
+            out.2.contains("read-only") && out.2.contains("hot standby"),
+            "{args:?}: {out:?}"
+        );
+    }
+    // Nothing changed on the primary.
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM pgmq.q_replicated").await,
+        3
+    );
+    replica.close().await;
+}
+
+/// Two servers, one a standby: a multi-host string with `target_session_attrs` chooses as
+/// libpq does, the pool refuses connections that land on the wrong one, and a runtime given
+/// the hosts moves its pool back to the primary when its listener connects.
+#[tokio::test]
+async fn a_multi_host_string_chooses_the_writable_server_and_follows_it() {
+    use apalis_pgmq_notify::{MultiHost, TargetSessionAttrs};
+
+    let db = TestDb::setup().await;
+    let queue = "multi";
+    storage_on(&db.runtime(), queue, slow_poll())
+        .create_queue()
+        .await
+        .expect("create");
+    let Some((replica, _)) = replica_of(
+        &db,
+        "SELECT count(*) FROM pg_tables WHERE schemaname = 'pgmq' AND tablename = 'q_multi'",
+        1,
+    )
+    .await
+    else {
+        return;
+    };
+    let standby = replica.connect_options();
+    let (sp, pp) = (standby.get_port(), db.options.get_port());
+    let user = db.options.get_username();
+    let name = &db.name;
+    // Nothing listens on the first host: it is skipped as libpq skips it.
+    let dead = 1;
+    let url = |attrs: &str| {
+        format!(
+            "postgres://{user}@127.0.0.1:{dead},127.0.0.1:{sp},127.0.0.1:{pp}/{name}?sslmode=disable&target_session_attrs={attrs}"
+        )
+    };
+    for (attrs, want) in [
+        ("read-write", pp),
+        ("primary", pp),
+        ("standby", sp),
+        ("read-only", sp),
+        ("any", sp),
+        ("prefer-standby", sp),
+    ] {
+        let hosts = MultiHost::parse(&url(attrs)).expect("parses");
+        let chosen = hosts.choose().await.expect("a host fits");
+        assert_eq!(chosen.get_port(), want, "{attrs}");
+    }
+    let keywords = format!(
+        "host=127.0.0.1,127.0.0.1 port={sp},{pp} user={user} dbname={name} sslmode=disable target_session_attrs=read-write"
+    );
+    let hosts = MultiHost::parse(&keywords).expect("parses");
+    assert_eq!(hosts.target(), TargetSessionAttrs::ReadWrite);
+    assert_eq!(hosts.choose().await.expect("chosen").get_port(), pp);
+    let only_standby = MultiHost::parse(&format!(
+        "postgres://{user}@127.0.0.1:{sp}/{name}?sslmode=disable&target_session_attrs=read-write"
+    ))
+    .expect("parses");
+    let e = only_standby.choose().await.expect_err("no primary");
+    assert!(e.to_string().contains("hot standby"), "{e}");
+
+    // The pool: on the primary; pointed at the standby (a stale choice), it refuses the
+    // connection instead of handing it out; follow() moves it back.
+    let hosts = MultiHost::parse(&url("read-write")).expect("parses");
+    let pool = hosts
+        .connect_pool(
+            PgPoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(Duration::from_secs(2)),
+        )
+        .await
+        .expect("pool");
+    let port: i32 = sqlx::query_scalar("SELECT inet_server_port()")
+        .fetch_one(&pool)
+        .await
+        .expect("query");
+    assert_eq!(port, i32::from(pp));
+    pool.set_connect_options((*standby).clone());
+    pool.close().await;
+    let pool = hosts
+        .connect_pool(
+            PgPoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(Duration::from_secs(2)),
+        )
+        .await
+        .expect("pool");
+    pool.set_connect_options((*standby).clone());
+    assert!(
+        pool.acquire().await.is_err(),
+        "a connection to the standby is refused"
+    );
+    hosts.follow(&pool).await.expect("follow");
+    assert_eq!(pool.connect_options().get_port(), pp);
+
+    // A runtime given the hosts: its listener's connect moves a stale pool to the primary,
+    // and the worker runs what is pushed.
+    pool.set_connect_options((*standby).clone());
+    let runtime = Runtime::new(&pool).hosts(hosts.clone());
+    let s = storage_on(&runtime, queue, slow_poll());
+    let log: Log = Arc::default();
+    let worker = WorkerBuilder::new("multi")
+        .backend(s.clone())
+        .data(log.clone())
+        .build(succeed);
+    let (stop, join) = spawn_worker!(worker);
+    let producer = storage_on(&db.runtime(), queue, slow_poll());
+    producer
+        .push_with(&db.pool, &Job { id: 1 })
+        .await
+        .expect("push");
+    wait_handled(&log, 1, WAIT).await;
+    assert_eq!(pool.connect_options().get_port(), pp);
+    stop_worker(stop, join).await;
+    runtime.shutdown().await.expect("shutdown");
+    pool.close().await;
+
+    // The CLI takes the same strings: a write command goes to the primary.
+    let out = cli(&["pause", queue], &url("read-write"));
+    assert_eq!(out.0, Some(0), "{out:?}");
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM apalis_pgmq.paused WHERE queue = 'multi'"
+        )
+        .await,
+        1
+    );
+    replica.close().await;
+}

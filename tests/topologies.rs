@@ -212,10 +212,14 @@ async fn through_a_session_pooler_producers_workers_outcomes_and_wakeups_work() 
         "the rolled-back push never ran"
     );
 
-    // The listener LISTENs through the pooler (a session of its own there): a job pushed
-    // while the worker waits is picked up long before the 60 s fallback poll.
+    // The listener LISTENs through the pooler (a session of its own there): a job another
+    // client sends while the worker waits (no in-process wake-up) is picked up long before
+    // the 60 s fallback poll, by the notification.
     let arm = armed_after(&db.pool, queue, 0).await;
-    s.push(Job { id: 13 }).await.expect("push");
+    sqlx::raw_sql("SELECT pgmq.send('pooled', '{\"id\": 13}'::jsonb)")
+        .execute(&db.pool)
+        .await
+        .expect("send");
     wait_handled(&log, 13, QUICK).await;
     assert!(arm > 0);
     assert!(
@@ -688,4 +692,325 @@ async fn a_multi_host_string_chooses_the_writable_server_and_follows_it() {
         1
     );
     replica.close().await;
+}
+
+/// Figures for BENCHMARKS.md, not a check: burn-down and idle pickup through PgBouncer
+/// (session mode, listener included) against direct, in one run on one server.
+/// `scripts/with-pg.sh scripts/with-pgbouncer.sh --mode session -- cargo test --all-features
+/// --test topologies -- --ignored --nocapture measure`
+#[tokio::test]
+#[ignore = "a measurement: run it by name"]
+async fn measure_burn_down_and_pickup_through_pgbouncer_against_direct() {
+    let Some(b) = bouncer() else { return };
+    const JOBS: u32 = 20_000;
+    const PICKUPS: usize = 40;
+    for round in 0..2 {
+        for through in ["direct", "pgbouncer"] {
+            let db = TestDb::setup().await;
+            let options = if through == "direct" {
+                db.options.clone()
+            } else {
+                b.alias(&db, "session", 40).await
+            };
+            let pool = pool_on(options, 20).await;
+            let runtime = Runtime::new(&pool);
+            let queue = "measured";
+            let s = storage_on(&runtime, queue, slow_poll());
+            s.create_queue().await.expect("create");
+            let ids: Vec<u32> = (1..=JOBS).collect();
+            for chunk in ids.chunks(1000) {
+                s.push_bulk_with(&db.pool, chunk.iter().map(|&id| Job { id }))
+                    .await
+                    .expect("push");
+            }
+            let started: Arc<Mutex<Vec<(u32, std::time::Instant)>>> = Arc::default();
+            let log = started.clone();
+            let worker = WorkerBuilder::new("measured")
+                .backend(s.clone())
+                .data(log)
+                .concurrency(32)
+                .build(
+                    |job: Job, log: Data<Arc<Mutex<Vec<(u32, std::time::Instant)>>>>| async move {
+                        log.lock()
+                            .expect("lock")
+                            .push((job.id, std::time::Instant::now()));
+                        Ok::<(), BoxDynError>(())
+                    },
+                );
+            let t0 = std::time::Instant::now();
+            let (stop, join) = spawn_worker!(worker);
+            wait_for(Duration::from_secs(600), "the burn-down", || async {
+                (count(&db.pool, "SELECT count(*) FROM pgmq.a_measured").await == i64::from(JOBS))
+                    .then_some(())
+            })
+            .await;
+            let burn = f64::from(JOBS) / t0.elapsed().as_secs_f64();
+            let mut pickups = Vec::new();
+            let mut arm = 0;
+            for i in 0..PICKUPS {
+                let id = JOBS + 1 + i as u32;
+                arm = armed_after(&db.pool, queue, arm).await;
+                let pushed = std::time::Instant::now();
+                s.push_with(&pool, &Job { id }).await.expect("push");
+                let at = wait_for(QUICK, "the pickup", || async {
+                    started
+                        .lock()
+                        .expect("lock")
+                        .iter()
+                        .find(|(j, _)| *j == id)
+                        .map(|(_, t)| *t)
+                })
+                .await;
+                pickups.push(at.duration_since(pushed).as_secs_f64() * 1000.0);
+            }
+            pickups.sort_by(f64::total_cmp);
+            let pct = |p: f64| pickups[((pickups.len() - 1) as f64 * p).round() as usize];
+            println!(
+                "MEASURE round {round} {through:9}: burn-down {burn:.0} jobs/s; idle pickup p50 {:.2} ms, p95 {:.2} ms, max {:.2} ms ({PICKUPS} pickups)",
+                pct(0.5),
+                pct(0.95),
+                pct(1.0)
+            );
+            stop_worker(stop, join).await;
+            runtime.shutdown().await.expect("shutdown");
+            pool.close().await;
+        }
+    }
+}
+
+type Runs = Arc<Mutex<Vec<(u32, std::time::Instant, std::time::Instant)>>>;
+
+/// The longest time without an event among `times` (sorted) from `from` on, and when the
+/// first event after `from` came.
+fn longest_gap(times: &[std::time::Instant], from: std::time::Instant) -> Duration {
+    let mut last = from;
+    let mut longest = Duration::ZERO;
+    for &t in times.iter().filter(|&&t| t >= from) {
+        longest = longest.max(t.duration_since(last));
+        last = t;
+    }
+    longest
+}
+
+/// A pg_auto_failover formation (monitor, primary, synchronous secondary) under a steady
+/// load of pushes and runs: `perform failover`, `perform switchover` back, then the primary's
+/// postmaster SIGKILLed. The runtime connects with the formation's multi-host URL and follows
+/// the primary. Checks that every acknowledged push ran and was archived exactly once, that
+/// no job ran twice at once, and prints how long producers and workers went without progress
+/// after each action. Run by `scripts/topo-tests.sh` (it needs `scripts/with-formation.sh`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a pg_auto_failover formation: scripts/topo-tests.sh"]
+async fn failover_under_load_loses_no_acknowledged_push() {
+    use apalis_pgmq_notify::MultiHost;
+    let (Some(url), Some(ctl)) = (
+        std::env::var("APALIS_FORMATION_URL").ok(),
+        std::env::var("APALIS_FORMATION_CTL").ok(),
+    ) else {
+        eprintln!("skipped: no formation (run scripts/topo-tests.sh)");
+        return;
+    };
+    let hosts = MultiHost::parse(&url).expect("the formation's URL parses");
+    let pool = hosts
+        .connect_pool(
+            PgPoolOptions::new()
+                .max_connections(10)
+                .acquire_timeout(Duration::from_secs(3)),
+        )
+        .await
+        .expect("pool");
+    apalis_pgmq_notify::setup(&pool).await.expect("setup");
+    let runtime = Runtime::new(&pool).hosts(hosts.clone());
+    let queue = format!("failover_{}", std::process::id());
+    let config = Config::default()
+        .poll_interval(Duration::from_secs(2))
+        .visibility_timeout(Duration::from_secs(30))
+        .listener_health_check(Duration::from_secs(2));
+    let s = storage_on(&runtime, &queue, config);
+    s.create_queue().await.expect("create");
+
+    let runs: Runs = Arc::default();
+    let worker = WorkerBuilder::new("failover")
+        .backend(s.clone())
+        .data(runs.clone())
+        .concurrency(8)
+        .build(|job: Job, runs: Data<Runs>| async move {
+            let start = std::time::Instant::now();
+            runs.lock()
+                .expect("lock")
+                .push((job.id, start, std::time::Instant::now()));
+            Ok::<(), BoxDynError>(())
+        });
+    let (stop_worker_tx, worker_join) = spawn_worker!(worker);
+
+    // One producer, a push every 10 ms (the load's pace), acknowledged ids recorded.
+    let acked: Arc<Mutex<Vec<(u32, i64, std::time::Instant)>>> = Arc::default();
+    let push_errors = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producer = {
+        let (s, pool, acked, errors, stop) = (
+            s.clone(),
+            pool.clone(),
+            acked.clone(),
+            push_errors.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let mut id = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tick.tick().await;
+                id += 1;
+                match s.push_with(&pool, &Job { id }).await {
+                    Ok(msg_id) => {
+                        acked
+                            .lock()
+                            .expect("lock")
+                            .push((id, msg_id, std::time::Instant::now()))
+                    }
+                    Err(_) => {
+                        errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+        })
+    };
+    let progress = |since: std::time::Instant| {
+        let pushes = acked
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|a| a.2 > since)
+            .count();
+        let ran = runs
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|r| r.1 > since)
+            .count();
+        (pushes, ran)
+    };
+    let began = std::time::Instant::now();
+    wait_for(WAIT, "a warm-up", || async {
+        let (p, r) = progress(began);
+        (p >= 100 && r >= 100).then_some(())
+    })
+    .await;
+
+    let mut report = Vec::new();
+    for action in ["failover", "switchover", "kill-postgres"] {
+        let t = std::time::Instant::now();
+        let out = tokio::process::Command::new(&ctl)
+            .arg(action)
+            .output()
+            .await
+            .expect("run formation-ctl");
+        assert!(out.status.success(), "{action}: {out:?}");
+        let ctl_ms = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        // Resumed: 50 pushes acknowledged and 50 jobs started after the action.
+        wait_for(
+            Duration::from_secs(120),
+            &format!("progress after {action}"),
+            || async {
+                let (p, r) = progress(t);
+                (p >= 50 && r >= 50).then_some(())
+            },
+        )
+        .await;
+        let ack_times: Vec<_> = acked.lock().expect("lock").iter().map(|a| a.2).collect();
+        let mut run_times: Vec<_> = runs.lock().expect("lock").iter().map(|r| r.1).collect();
+        run_times.sort_unstable();
+        report.push(format!(
+            "{action}: formation-ctl {ctl_ms} ms until the URL took writes; longest without an acknowledged push {:.2} s, without a job started {:.2} s; pool on port {}",
+            longest_gap(&ack_times, t).as_secs_f64(),
+            longest_gap(&run_times, t).as_secs_f64(),
+            pool.connect_options().get_port()
+        ));
+        let stable = tokio::process::Command::new(&ctl)
+            .args(["wait-stable", "120"])
+            .output()
+            .await
+            .expect("run formation-ctl");
+        assert!(
+            stable.status.success(),
+            "wait-stable after {action}: {stable:?}"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    producer.await.expect("producer");
+
+    // Every acknowledged push ran and is archived once; none ran twice at once.
+    let acked = acked.lock().expect("lock").clone();
+    let msg_ids: Vec<i64> = acked.iter().map(|a| a.1).collect();
+    let archived_sql = format!("SELECT count(*) FROM pgmq.a_{queue} WHERE msg_id = ANY($1)");
+    let archived = wait_for(
+        Duration::from_secs(120),
+        "every acknowledged push archived",
+        || {
+            let (pool, sql, ids) = (pool.clone(), archived_sql.clone(), msg_ids.clone());
+            async move {
+                let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                    .bind(ids.clone())
+                    .fetch_one(&pool)
+                    .await
+                    .ok()?;
+                (n == ids.len() as i64).then_some(n)
+            }
+        },
+    )
+    .await;
+    let still_queued: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM pgmq.q_{queue} WHERE msg_id = ANY($1)"
+    )))
+    .bind(msg_ids.clone())
+    .fetch_one(&pool)
+    .await
+    .expect("count");
+    assert_eq!(
+        still_queued, 0,
+        "an acknowledged job is both archived and queued"
+    );
+    let runs = runs.lock().expect("lock").clone();
+    let mut by_id: std::collections::HashMap<u32, Vec<(std::time::Instant, std::time::Instant)>> =
+        std::collections::HashMap::new();
+    for (id, start, end) in &runs {
+        by_id.entry(*id).or_default().push((*start, *end));
+    }
+    let mut overlaps = 0;
+    let mut twice = 0;
+    for spans in by_id.values_mut() {
+        spans.sort();
+        twice += usize::from(spans.len() > 1);
+        overlaps += spans.windows(2).filter(|w| w[1].0 < w[0].1).count();
+    }
+    let never_ran = acked.iter().filter(|a| !by_id.contains_key(&a.0)).count();
+    let worst_pickup = acked
+        .iter()
+        .filter_map(|a| {
+            by_id
+                .get(&a.0)
+                .and_then(|s| s.first())
+                .map(|s| s.0.saturating_duration_since(a.2))
+        })
+        .max()
+        .unwrap_or_default();
+    for line in &report {
+        println!("FAILOVER {line}");
+    }
+    println!(
+        "FAILOVER totals: {} acknowledged pushes ({} failed pushes, retried by nobody), {archived} archived, {} jobs ran more than once (sequentially), {overlaps} overlapping runs, {never_ran} never ran; the slowest pickup {:.2} s",
+        acked.len(),
+        push_errors.load(std::sync::atomic::Ordering::Relaxed),
+        twice,
+        worst_pickup.as_secs_f64()
+    );
+    assert_eq!(never_ran, 0, "every acknowledged push ran");
+    assert_eq!(overlaps, 0, "no job ran twice at once");
+    stop_worker(stop_worker_tx, worker_join).await;
+    runtime.shutdown().await.expect("shutdown");
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT pgmq.drop_queue('{queue}')"
+    )))
+    .execute(&pool)
+    .await;
+    pool.close().await;
 }

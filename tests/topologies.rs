@@ -694,6 +694,9 @@ async fn a_multi_host_string_chooses_the_writable_server_and_follows_it() {
     replica.close().await;
 }
 
+/// When each job started.
+type Starts = Arc<Mutex<Vec<(u32, std::time::Instant)>>>;
+
 /// Figures for BENCHMARKS.md, not a check: burn-down and idle pickup through PgBouncer
 /// (session mode, listener included) against direct, in one run on one server.
 /// `scripts/with-pg.sh scripts/with-pgbouncer.sh --mode session -- cargo test --all-features
@@ -723,20 +726,18 @@ async fn measure_burn_down_and_pickup_through_pgbouncer_against_direct() {
                     .await
                     .expect("push");
             }
-            let started: Arc<Mutex<Vec<(u32, std::time::Instant)>>> = Arc::default();
+            let started: Starts = Arc::default();
             let log = started.clone();
             let worker = WorkerBuilder::new("measured")
                 .backend(s.clone())
                 .data(log)
                 .concurrency(32)
-                .build(
-                    |job: Job, log: Data<Arc<Mutex<Vec<(u32, std::time::Instant)>>>>| async move {
-                        log.lock()
-                            .expect("lock")
-                            .push((job.id, std::time::Instant::now()));
-                        Ok::<(), BoxDynError>(())
-                    },
-                );
+                .build(|job: Job, log: Data<Starts>| async move {
+                    log.lock()
+                        .expect("lock")
+                        .push((job.id, std::time::Instant::now()));
+                    Ok::<(), BoxDynError>(())
+                });
             let t0 = std::time::Instant::now();
             let (stop, join) = spawn_worker!(worker);
             wait_for(Duration::from_secs(600), "the burn-down", || async {

@@ -142,6 +142,16 @@
 //! [`Config::archive_retention`] and [`Config::dead_letter_retention`]. Each job runs in a
 //! `tracing` span; the `metrics` feature exports counters, histograms and gauges.
 //!
+//! # Production topologies
+//!
+//! PgBouncer in session mode works as is; a pooler in transaction mode is refused at start
+//! with [`Error::TransactionPooler`] ([`check_session_pooling`]), and the listener can have a
+//! direct connection of its own ([`Runtime::listener_connect_options`]). On a read replica
+//! reads work (the overview, the board's API, [`sample_queue_gauges`]) and writes fail with
+//! [`Error::ReadOnly`] ([`check_writable`]). [`MultiHost`] parses multi-host connection
+//! strings with `target_session_attrs`, builds a pool on the host that fits, and
+//! [`Runtime::hosts`] keeps the pool and the listener on it across failovers.
+//!
 //! # The queue layer
 //!
 //! [`PgmqQueue`] wraps one PGMQ queue for direct use: send, read, archive, metrics, … Every

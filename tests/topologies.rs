@@ -68,7 +68,9 @@ async fn wait_handled(log: &Log, id: u32, within: Duration) {
     .await;
 }
 
-/// Waits until a worker has armed its wake-up on `queue` with an arming newer than `arm_id`.
+/// Waits until a worker has armed its wake-up on `queue` with an arming newer than `arm_id`
+/// (0: any arming). A worker that found a job by its read right after arming keeps that
+/// arming, so a loop waits for any arming, not a newer one: an answered arming is disarmed.
 async fn armed_after(pool: &PgPool, queue: &str, arm_id: i64) -> i64 {
     let sql = format!(
         "SELECT coalesce(max(arm_id), -1) FROM apalis_pgmq.listeners \
@@ -241,7 +243,7 @@ async fn the_listener_can_have_a_direct_connection_beside_a_pooled_pool() {
     let direct = db.options.clone().application_name("apq-direct-listener");
     let runtime = Runtime::new(&pool).listener_connect_options(direct);
     let queue = "beside";
-    let mut s = storage_on(&runtime, queue, slow_poll());
+    let s = storage_on(&runtime, queue, slow_poll());
     s.create_queue().await.expect("create");
     let log: Log = Arc::default();
     let worker = WorkerBuilder::new("beside")
@@ -249,10 +251,12 @@ async fn the_listener_can_have_a_direct_connection_beside_a_pooled_pool() {
         .data(log.clone())
         .build(succeed);
     let (stop, join) = spawn_worker!(worker);
-    let mut arm = 0;
+    // Pushed from another runtime (as another process would: no in-process wake-up), so each
+    // pickup is the listener's doing.
+    let producer = storage_on(&Runtime::new(&pool), queue, slow_poll());
     for id in 1..=3 {
-        arm = armed_after(&db.pool, queue, arm).await;
-        s.push(Job { id }).await.expect("push");
+        armed_after(&db.pool, queue, 0).await;
+        producer.push_with(&pool, &Job { id }).await.expect("push");
         wait_handled(&log, id, QUICK).await;
     }
     // The LISTEN session is the direct one: PostgreSQL sees it, PgBouncer has no such client.
@@ -397,10 +401,9 @@ async fn the_nobody_waits_cache_stays_correct_when_clients_share_server_sessions
         .data(log.clone())
         .build(succeed);
     let (stop, join) = spawn_worker!(worker);
-    let mut arm = 0;
     let mut server_sessions = std::collections::HashSet::new();
     for id in 1..=12u32 {
-        arm = armed_after(&db.pool, queue, arm).await;
+        armed_after(&db.pool, queue, 0).await;
         // As a client in any language would: simple protocol, one statement.
         let mut client = PgConnection::connect_with(&modes[(id % 2) as usize])
             .await
@@ -746,13 +749,47 @@ async fn measure_burn_down_and_pickup_through_pgbouncer_against_direct() {
             })
             .await;
             let burn = f64::from(JOBS) / t0.elapsed().as_secs_f64();
+            stop_worker(stop, join).await;
+            // Idle pickup on a queue of its own, whose worker has only ever waited.
+            let idle = storage_on(&runtime, "idle", slow_poll());
+            idle.create_queue().await.expect("create");
+            let log = started.clone();
+            let worker = WorkerBuilder::new("idle")
+                .backend(idle.clone())
+                .data(log)
+                .build(|job: Job, log: Data<Starts>| async move {
+                    log.lock()
+                        .expect("lock")
+                        .push((job.id, std::time::Instant::now()));
+                    Ok::<(), BoxDynError>(())
+                });
+            let (stop, join) = spawn_worker!(worker);
+            // Pushed as another process would (another runtime: no in-process wake-up), so
+            // every pickup is a notification's, through the pooler or not.
+            let producer_runtime = Runtime::new(&pool);
+            let producer = storage_on(&producer_runtime, "idle", slow_poll());
             let mut pickups = Vec::new();
-            let mut arm = 0;
             for i in 0..PICKUPS {
                 let id = JOBS + 1 + i as u32;
-                arm = armed_after(&db.pool, queue, arm).await;
+                let armed =
+                    tokio::time::timeout(Duration::from_secs(20), armed_after(&db.pool, "idle", 0))
+                        .await;
+                if armed.is_err() {
+                    {
+                        let rows: Vec<(String, String, bool, bool, i64, i64)> = sqlx::query_as(
+                            "SELECT channel, owner, armed, persistent, arm_id, gen FROM apalis_pgmq.listeners",
+                        )
+                        .fetch_all(&db.pool)
+                        .await
+                        .expect("listeners");
+                        panic!(
+                            "{through} pickup {i}: the idle worker did not arm within 20 s; listeners: {rows:?}; stats {:?}",
+                            runtime.listener_stats()
+                        );
+                    }
+                }
                 let pushed = std::time::Instant::now();
-                s.push_with(&pool, &Job { id }).await.expect("push");
+                producer.push_with(&pool, &Job { id }).await.expect("push");
                 let at = wait_for(QUICK, "the pickup", || async {
                     started
                         .lock()

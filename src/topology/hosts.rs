@@ -352,7 +352,9 @@ impl MultiHost {
 
     /// Chooses again and, if another host fits now, points `pool` at it (connections already
     /// open stay as they are: those to a demoted or dead server fail and are replaced).
-    /// Returns the chosen host's options.
+    /// Returns the chosen host's options. A runtime given the hosts calls this at every
+    /// reconnect of its listener; a process without a listener (one that only pushes) calls
+    /// it when a push fails with [`Error::Unreachable`].
     ///
     /// # Errors
     ///

@@ -694,6 +694,17 @@ async fn a_multi_host_string_chooses_the_writable_server_and_follows_it() {
         .await,
         1
     );
+    // And the keyword form, standby first: the write goes to the primary.
+    let out = cli(&["resume", queue], &keywords);
+    assert_eq!(out.0, Some(0), "{out:?}");
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM apalis_pgmq.paused WHERE queue = 'multi'"
+        )
+        .await,
+        0
+    );
     replica.close().await;
 }
 

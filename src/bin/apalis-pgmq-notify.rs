@@ -27,9 +27,10 @@ use std::{process::ExitCode, str::FromStr, time::Duration};
 use apalis_core::backend::RunningWorker;
 use apalis_pgmq_notify::{
     Config, Error, HumanDuration, JobRecord, MultiHost, NotifyChannels, NotifyMode, PgmqQueue,
-    PgmqStorage, QueueName, Runtime, check_session_pooling, check_writable, disable_notify,
-    drop_queue_and_dead_letters, enable_notify, notify_migration_sql, notify_mode, pause,
-    pending_migrations, prune, prune_results, queues_overview, resume, running_workers, setup,
+    PgmqStorage, QueueName, Runtime, TargetSessionAttrs, check_session_pooling, check_writable,
+    disable_notify, drop_queue_and_dead_letters, enable_notify, notify_migration_sql, notify_mode,
+    pause, pending_migrations, prune, prune_results, queues_overview, resume, running_workers,
+    setup,
 };
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
@@ -336,19 +337,31 @@ async fn pool(cli: &Cli) -> Result<sqlx::PgPool, Failure> {
         .ok_or_else(|| Failure::Usage("set DATABASE_URL or pass --database-url".to_owned()))?;
     // Several hosts (`postgres://h1,h2/db?target_session_attrs=read-write`, or the keyword
     // form): the first that fits, as libpq chooses.
-    let hosts = MultiHost::parse(url).map_err(|e| Failure::Usage(e.to_string()))?;
-    let options = if hosts.hosts().len() > 1 {
-        match tokio::time::timeout(cli.connect_timeout, hosts.choose()).await {
-            Ok(chosen) => chosen?,
-            Err(_) => {
-                return Err(Failure::Failed(format!(
-                    "cannot reach the database: no host fits within {}",
-                    HumanDuration(cli.connect_timeout)
-                )));
+    let several = url.contains(',') || url.contains("target_session_attrs") || !url.contains("://");
+    let hosts = if several {
+        Some(MultiHost::parse(url).map_err(|e| Failure::Usage(e.to_string()))?)
+    } else {
+        None
+    };
+    let options = match hosts {
+        Some(hosts) if hosts.hosts().len() > 1 || hosts.target() != TargetSessionAttrs::Any => {
+            match tokio::time::timeout(cli.connect_timeout, hosts.choose()).await {
+                Ok(chosen) => chosen?,
+                Err(_) => {
+                    return Err(Failure::Failed(format!(
+                        "cannot reach the database: no host fits within {}",
+                        HumanDuration(cli.connect_timeout)
+                    )));
+                }
             }
         }
-    } else {
-        PgConnectOptions::from_str(url).map_err(|e| Failure::Usage(format!("database URL: {e}")))?
+        Some(hosts) => hosts
+            .hosts()
+            .first()
+            .cloned()
+            .ok_or_else(|| Failure::Usage("database URL: no host".to_owned()))?,
+        None => PgConnectOptions::from_str(url)
+            .map_err(|e| Failure::Usage(format!("database URL: {e}")))?,
     };
     match tokio::time::timeout(cli.connect_timeout, options.connect()).await {
         Ok(Ok(mut conn)) => {

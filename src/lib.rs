@@ -169,6 +169,16 @@
 //! Jobs pushed by other PGMQ clients (SQL, Python, ...) are not in the enqueue counter; the
 //! `apalis_pgmq_queue_jobs` gauge counts them.
 //!
+//! # Production topologies
+//!
+//! PgBouncer in session mode works as is; a pooler in transaction mode is refused at start
+//! with [`Error::TransactionPooler`] ([`check_session_pooling`]), and the listener can have a
+//! direct connection of its own ([`Runtime::listener_connect_options`]). On a read replica
+//! reads work (the overview, the board's API, [`sample_queue_gauges`]) and writes fail with
+//! [`Error::ReadOnly`] ([`check_writable`]). [`MultiHost`] parses multi-host connection
+//! strings with `target_session_attrs`, builds a pool on the host that fits, and
+//! [`Runtime::hosts`] keeps the pool and the listener on it across failovers.
+//!
 //! # The queue layer
 //!
 //! [`PgmqQueue`] wraps one PGMQ queue for direct use: send, read, archive, metrics, … Every
@@ -200,6 +210,7 @@ mod sql_check;
 #[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod testing;
+mod topology;
 mod util;
 
 pub use ack::{AckLayer, AckService, HandlerPanicked, LeaseLost};
@@ -221,6 +232,7 @@ pub use notify::{
 };
 pub use ops::{
     Pruned, QueueOverview, pause, paused_queues, prune, prune_results, queues_overview, resume,
+    sample_queue_gauges,
 };
 pub use queue::{
     DEAD_LETTER_SUFFIX, DEFAULT_MAX_PAYLOAD_BYTES, Delay, HEADERS_KEY, JobRecord, JobState,
@@ -232,3 +244,4 @@ pub use runtime::{
     events::{EventStream, QueueEvents},
 };
 pub use sql_check::prepare_every_statement;
+pub use topology::{MultiHost, TargetSessionAttrs, check_session_pooling, check_writable};

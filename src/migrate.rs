@@ -128,7 +128,10 @@ impl fmt::Display for PgmqSource {
 ///
 /// # Errors
 ///
-/// [`Error::PgmqTooOld`], [`Error::PgmqInstall`], [`Error::Migration`] or [`Error::Database`].
+/// [`Error::PgmqTooOld`], [`Error::PgmqInstall`], [`Error::Migration`] or [`Error::Database`];
+/// [`Error::TransactionPooler`] when `pool` goes through a pooler in transaction mode (checked
+/// first, see [`check_session_pooling`](crate::check_session_pooling)); [`Error::ReadOnly`] on a
+/// replica.
 ///
 /// # Example
 ///
@@ -141,6 +144,18 @@ impl fmt::Display for PgmqSource {
 /// ```
 pub async fn setup(pool: &PgPool) -> Result<SetupReport> {
     let mut lock_conn = pool.connect_options().connect().await?;
+    // Before the session lock: behind a transaction pooler it would be taken and released on
+    // different server sessions.
+    if let Err(e) = crate::topology::check_session_pooling_on(
+        &mut lock_conn,
+        &pool.connect_options(),
+        "the pool's connection",
+    )
+    .await
+    {
+        let _ = lock_conn.close().await;
+        return Err(e);
+    }
     sqlx::query(crate::sql::ADVISORY_LOCK)
         .bind(SETUP_LOCK_KEY)
         .execute(&mut lock_conn)

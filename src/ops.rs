@@ -111,6 +111,49 @@ pub struct QueueOverview {
     pub error: Option<String>,
 }
 
+/// Samples the `apalis_pgmq_queue_jobs` gauges (jobs by state, feature `metrics`) of every
+/// queue once, from this process, and returns the counts it set. Reads only: a dashboard or
+/// exporter process may run it on a read replica, where workers (whose heartbeat samples the
+/// gauges otherwise) cannot run. Without the `metrics` feature it only counts.
+///
+/// # Errors
+///
+/// [`Error::Database`](crate::Error::Database) if the queues cannot be listed.
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn run(replica: sqlx::PgPool) -> Result<(), apalis_pgmq_notify::Error> {
+/// for (queue, counts) in apalis_pgmq_notify::sample_queue_gauges(&replica).await? {
+///     println!("{queue}: {} pending", counts.pending);
+/// }
+/// # Ok(()) }
+/// ```
+pub async fn sample_queue_gauges(
+    pool: &PgPool,
+) -> Result<Vec<(QueueName, crate::queue::QueueCounts)>> {
+    let all = list_queues(pool).await?;
+    let names: std::collections::HashSet<&str> =
+        all.iter().map(|q| q.queue_name.as_str()).collect();
+    let mut out = Vec::new();
+    for info in &all {
+        let is_dlq = info
+            .queue_name
+            .strip_suffix(crate::queue::DEAD_LETTER_SUFFIX)
+            .is_some_and(|base| names.contains(base));
+        let Ok(name) = QueueName::new(&info.queue_name) else {
+            continue;
+        };
+        if is_dlq {
+            continue;
+        }
+        let counts = PgmqQueue::new(name.clone()).counts(pool).await?;
+        crate::obs::queue_jobs(name.as_str(), &counts);
+        out.push((name, counts));
+    }
+    Ok(out)
+}
+
 impl QueueOverview {
     fn failed(queue: &str, paused: bool, error: String) -> Self {
         Self {

@@ -226,7 +226,8 @@ fn sum(all: &[QueueCounts]) -> QueueCounts {
 ///
 /// # Errors
 ///
-/// [`Error::Database`] if the statement fails.
+/// [`Error::Database`] if the statement fails; [`Error::ReadOnly`] on a hot standby, where
+/// the registry (an unlogged table) is not replicated.
 ///
 /// # Example
 ///
@@ -244,6 +245,15 @@ pub async fn running_workers(
     workers(pool, queue.map(QueueName::as_str)).await
 }
 
+/// The workers for the board: none on a hot standby, where the registry is not replicated
+/// (the board's other pages work there).
+async fn known_workers(pool: &PgPool, queue: Option<&str>) -> Result<Vec<RunningWorker>> {
+    match workers(pool, queue).await {
+        Err(Error::ReadOnly { .. }) => Ok(Vec::new()),
+        other => other,
+    }
+}
+
 async fn workers(pool: &PgPool, queue: Option<&str>) -> Result<Vec<RunningWorker>> {
     type Row = (
         String,
@@ -256,10 +266,21 @@ async fn workers(pool: &PgPool, queue: Option<&str>) -> Result<Vec<RunningWorker
         Option<i32>,
         i32,
     );
-    let rows: Vec<Row> = sqlx::query_as(crate::sql::LIST_WORKERS)
+    let rows: Vec<Row> = match sqlx::query_as(crate::sql::LIST_WORKERS)
         .bind(queue)
         .fetch_all(pool)
-        .await?;
+        .await
+    {
+        Ok(rows) => rows,
+        Err(e) if crate::error::pg::is_unlogged_on_standby(&e) => {
+            return Err(Error::ReadOnly {
+                reason: "it is a hot standby, and the worker registry (an unlogged table) is not \
+                         replicated: list the workers on the primary"
+                    .to_owned(),
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
     Ok(rows
         .into_iter()
         .map(
@@ -300,7 +321,7 @@ where
         let pool = self.shared.pool.clone();
         async move {
             let mut out = Vec::new();
-            let all_workers = workers(&pool, None).await?;
+            let all_workers = known_workers(&pool, None).await?;
             for name in app_queues(&pool).await? {
                 let q = PgmqQueue::new(name.clone());
                 // A queue that cannot be counted is an error, never a row of zeros.
@@ -335,12 +356,12 @@ where
     fn list_workers(&self) -> impl Future<Output = Result<Vec<RunningWorker>>> + Send {
         let pool = self.shared.pool.clone();
         let queue = self.shared.queue.name().as_str().to_owned();
-        async move { workers(&pool, Some(&queue)).await }
+        async move { known_workers(&pool, Some(&queue)).await }
     }
 
     fn list_all_workers(&self) -> impl Future<Output = Result<Vec<RunningWorker>>> + Send {
         let pool = self.shared.pool.clone();
-        async move { workers(&pool, None).await }
+        async move { known_workers(&pool, None).await }
     }
 }
 

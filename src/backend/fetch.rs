@@ -874,6 +874,7 @@ fn is_fatal(e: &Error) -> bool {
             | Error::NoTokioRuntime
             | Error::NotSetUp { .. }
             | Error::ConnectionRejected { .. }
+            | Error::TransactionPooler { .. }
             | Error::Stopped(_)
     )
 }
@@ -925,6 +926,9 @@ async fn ensure_queue(
     worker: &str,
     service: &str,
 ) -> Result<Registration> {
+    // Behind a transaction pooler every statement below could run on another client's
+    // session: refuse it before anything else (once per runtime).
+    shared.runtime.check_sessions().await?;
     for q in [&shared.queue, &shared.dlq] {
         if !q.tables_exist(&shared.pool).await? {
             q.create(&shared.pool).await?;

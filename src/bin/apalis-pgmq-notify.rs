@@ -31,8 +31,9 @@ use std::{process::ExitCode, str::FromStr, time::Duration};
 
 use apalis_core::backend::RunningWorker;
 use apalis_pgmq_notify::{
-    Config, Delay, Error, HumanDuration, JobRecord, JobState, NotifyChannels, NotifyMode,
-    PgmqQueue, PgmqStorage, QueueName, Runtime, disable_notify, drop_queue_and_dead_letters,
+    Config, Delay, Error, HumanDuration, JobRecord, JobState, MultiHost, NotifyChannels,
+    NotifyMode, PgmqQueue, PgmqStorage, QueueName, Runtime, TargetSessionAttrs,
+    check_session_pooling, check_writable, disable_notify, drop_queue_and_dead_letters,
     enable_notify, migration_status, migrations_sql, notify_migration_sql, notify_mode, pause,
     pending_migrations, pgmq_installed, prune, prune_results, queues_overview, resume,
     running_workers, setup,
@@ -528,19 +529,50 @@ async fn pool(cli: &Cli) -> Result<sqlx::PgPool, Failure> {
         .database_url
         .as_deref()
         .ok_or_else(|| Failure::Usage("set DATABASE_URL or pass --database-url".to_owned()))?;
-    let scheme = url.split_once("://").map(|(s, _)| s);
-    if !matches!(scheme, Some("postgres" | "postgresql")) {
-        return Err(Failure::Usage(format!(
-            "the database URL must start with postgres:// or postgresql:// (got {}); this tool \
-             works with PostgreSQL only",
-            scheme.map_or_else(|| "no scheme".to_owned(), |s| format!("{s}://"))
-        )));
+    // A URL names its scheme; the keyword form (`host=a,b dbname=...`) has none.
+    if url.contains("://") {
+        let scheme = url.split_once("://").map(|(s, _)| s);
+        if !matches!(scheme, Some("postgres" | "postgresql")) {
+            return Err(Failure::Usage(format!(
+                "the database URL must start with postgres:// or postgresql:// (got {}); this \
+                 tool works with PostgreSQL only",
+                scheme.map_or_else(|| "no scheme".to_owned(), |s| format!("{s}://"))
+            )));
+        }
     }
-    let options = PgConnectOptions::from_str(url)
-        .map_err(|e| Failure::Usage(format!("database URL: {e}")))?;
+    // Several hosts (`postgres://h1,h2/db?target_session_attrs=read-write`, or the keyword
+    // form): the first that fits, as libpq chooses.
+    let several = url.contains(',') || url.contains("target_session_attrs") || !url.contains("://");
+    let hosts = if several {
+        Some(MultiHost::parse(url).map_err(|e| Failure::Usage(e.to_string()))?)
+    } else {
+        None
+    };
+    let options = match hosts {
+        Some(hosts) if hosts.hosts().len() > 1 || hosts.target() != TargetSessionAttrs::Any => {
+            match tokio::time::timeout(cli.connect_timeout, hosts.choose()).await {
+                Ok(chosen) => chosen?,
+                Err(_) => {
+                    return Err(Failure::Failed(format!(
+                        "cannot reach the database: no host fits within {}",
+                        HumanDuration(cli.connect_timeout)
+                    )));
+                }
+            }
+        }
+        Some(hosts) => hosts
+            .hosts()
+            .first()
+            .cloned()
+            .ok_or_else(|| Failure::Usage("database URL: no host".to_owned()))?,
+        None => PgConnectOptions::from_str(url)
+            .map_err(|e| Failure::Usage(format!("database URL: {e}")))?,
+    };
     match tokio::time::timeout(cli.connect_timeout, options.connect()).await {
-        Ok(Ok(conn)) => {
+        Ok(Ok(mut conn)) => {
+            let checked = check_connection(cli, &mut conn, &options).await;
             let _ = conn.close().await;
+            checked?;
         }
         Ok(Err(e)) => return Err(Error::from(e).into()),
         Err(_) => {
@@ -554,6 +586,75 @@ async fn pool(cli: &Cli) -> Result<sqlx::PgPool, Failure> {
         .max_connections(2)
         .acquire_timeout(cli.connect_timeout)
         .connect_lazy_with(options))
+}
+
+/// Refuses a connection through a transaction pooler, and a read-only server (a replica)
+/// for a command that writes, each with what to change.
+async fn check_connection(
+    cli: &Cli,
+    conn: &mut sqlx::PgConnection,
+    options: &PgConnectOptions,
+) -> Result<(), Failure> {
+    let checks = async {
+        check_session_pooling(options).await?;
+        if let Some(command) = writes(&cli.command) {
+            check_writable(conn, &format!("`{command}`")).await?;
+        }
+        Ok::<(), Error>(())
+    };
+    match tokio::time::timeout(cli.connect_timeout, checks).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(Failure::Failed(format!(
+            "cannot reach the database: no answer within {}",
+            HumanDuration(cli.connect_timeout)
+        ))),
+    }
+}
+
+/// The command's name if it writes to the database (a read-only replica refuses it).
+fn writes(command: &Command) -> Option<&'static str> {
+    Some(match command {
+        Command::Migrate {
+            check,
+            dry_run,
+            status,
+            print_sql,
+        } => {
+            if *check || *dry_run || *status || *print_sql {
+                return None;
+            }
+            "migrate"
+        }
+        // A dry run deletes nothing: it may look at a replica.
+        Command::Dlq(Dlq::Purge { confirm, .. })
+        | Command::Jobs(Jobs::Purge { confirm, .. })
+        | Command::DropQueue { confirm, .. }
+            if confirm.dry_run =>
+        {
+            return None;
+        }
+        Command::Jobs(Jobs::List { .. }) => return None,
+        Command::Jobs(Jobs::Retry { .. }) => "jobs retry",
+        Command::Jobs(Jobs::Purge { .. }) => "jobs purge",
+        Command::Send { .. } => "send",
+        Command::Queues { .. }
+        | Command::Workers { .. }
+        | Command::GenerateMigration { .. }
+        | Command::Validate { .. }
+        | Command::Dlq(Dlq::List { .. } | Dlq::Show { .. })
+        | Command::Job(Job::Show { .. }) => return None,
+        Command::Dlq(Dlq::Replay { .. }) => "dlq replay",
+        Command::Dlq(Dlq::Purge { .. }) => "dlq purge",
+        Command::Job(Job::Retry { .. }) => "job retry",
+        Command::Job(Job::Delete { .. }) => "job delete",
+        Command::Pause { .. } => "pause",
+        Command::Resume { .. } => "resume",
+        Command::Prune { .. } => "prune",
+        Command::EnableNotify { .. } => "enable-notify",
+        Command::DisableNotify { .. } => "disable-notify",
+        Command::CreateQueue { .. } => "create-queue",
+        Command::DropQueue { .. } => "drop-queue",
+    })
 }
 
 /// Rows as aligned columns under a header.

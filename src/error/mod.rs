@@ -17,7 +17,7 @@ pub type BoxDynError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// | retries (see [`Error::is_retryable`]) | [`Conflict`](Error::Conflict), [`Unreachable`](Error::Unreachable) |
 /// | fixes a setting or its code | [`Config`](Error::Config), [`ConfigFile`](Error::ConfigFile), [`InvalidQueueName`](Error::InvalidQueueName), [`NoTokioRuntime`](Error::NoTokioRuntime), [`PayloadTooLarge`](Error::PayloadTooLarge) |
 /// | fixes the data (a value does not encode or decode) | [`Codec`](Error::Codec), [`ResultType`](Error::ResultType) |
-/// | fixes the connection settings | [`ConnectionRejected`](Error::ConnectionRejected) |
+/// | fixes the connection settings | [`ConnectionRejected`](Error::ConnectionRejected), [`TransactionPooler`](Error::TransactionPooler), [`ReadOnly`](Error::ReadOnly) |
 /// | sets the database up | [`NotSetUp`](Error::NotSetUp), [`QueueMissing`](Error::QueueMissing), [`SchemaMismatch`](Error::SchemaMismatch), [`PgmqTooOld`](Error::PgmqTooOld), [`PgmqInstall`](Error::PgmqInstall), [`Migration`](Error::Migration) |
 /// | grants a right | [`MissingPrivilege`](Error::MissingPrivilege), [`PermissionDenied`](Error::PermissionDenied), [`ResultsUnreadable`](Error::ResultsUnreadable) |
 /// | takes the answer | [`Duplicate`](Error::Duplicate), [`NotFound`](Error::NotFound), [`Timeout`](Error::Timeout), [`Stopped`](Error::Stopped) |
@@ -100,6 +100,33 @@ pub enum Error {
     ConnectionRejected {
         /// The server's reason.
         cause: String,
+    },
+
+    /// The connection goes through a pooler that shares server sessions between clients from
+    /// one transaction to the next (PgBouncer `pool_mode = transaction` or `statement`), where
+    /// sqlx's prepared statements can run on another client's session (wrong results), LISTEN
+    /// receives nothing and session locks leak. Nothing ran. See
+    /// [`check_session_pooling`](crate::check_session_pooling).
+    #[error(
+        "{what} goes through a connection pooler in transaction or statement mode (e.g. PgBouncer \
+         pool_mode = transaction), which shares server sessions between clients: this crate's \
+         prepared statements would run on other clients' sessions. Set pool_mode = session for \
+         this database in pgbouncer.ini, or connect directly to PostgreSQL (the listener alone \
+         can be given a direct connection with Runtime::listener_connect_options)"
+    )]
+    TransactionPooler {
+        /// Which connection: the pool's, the listener's, the CLI's.
+        what: String,
+    },
+
+    /// The server does not take writes: a hot standby (a read replica) or a server or role
+    /// with `default_transaction_read_only` on (SQLSTATE 25006). Connect to the primary.
+    #[error(
+        "the database is read-only: {reason}; connect to the primary (a replica serves reads only)"
+    )]
+    ReadOnly {
+        /// Why, and what would have written.
+        reason: String,
     },
 
     /// The database has not been prepared: PGMQ or this crate's SQL is missing.
@@ -414,6 +441,11 @@ impl From<sqlx::Error> for Error {
             pg::Class::Unreachable => Self::Unreachable { cause: message },
             pg::Class::Rejected => Self::ConnectionRejected { cause: message },
             pg::Class::Privilege => Self::PermissionDenied { what: message },
+            pg::Class::ReadOnly => Self::ReadOnly {
+                reason: format!(
+                    "{message} (a hot standby, or default_transaction_read_only is on)"
+                ),
+            },
             pg::Class::Duplicate => {
                 let constraint = db.constraint().map(str::to_owned);
                 let what = match constraint.as_deref() {

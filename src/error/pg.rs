@@ -33,6 +33,11 @@ pub(crate) const ADMIN_SHUTDOWN: &str = "57P01";
 pub(crate) const CRASH_SHUTDOWN: &str = "57P02";
 /// `cannot_connect_now`: the server is starting up or in recovery.
 pub(crate) const CANNOT_CONNECT_NOW: &str = "57P03";
+/// `read_only_sql_transaction`: a write on a hot standby or in a read-only transaction.
+pub(crate) const READ_ONLY_SQL_TRANSACTION: &str = "25006";
+/// `feature_not_supported`: here, an unlogged table read on a hot standby (its rows are not
+/// replicated).
+pub(crate) const FEATURE_NOT_SUPPORTED: &str = "0A000";
 /// Class 08, connection exception.
 const CONNECTION_EXCEPTION: &str = "08";
 /// Class 28, invalid authorization (wrong password, unknown role, `pg_hba.conf`).
@@ -59,6 +64,8 @@ pub(crate) enum Class {
     Undefined,
     /// The values of the statement cannot be written: retrying them cannot succeed.
     Data,
+    /// The server does not take writes (a hot standby, `default_transaction_read_only`).
+    ReadOnly,
     /// Anything else.
     Other,
 }
@@ -74,6 +81,7 @@ pub(crate) fn classify(code: &str) -> Class {
         INVALID_CATALOG_NAME => Class::Rejected,
         c if c.starts_with(INVALID_AUTHORIZATION) => Class::Rejected,
         INSUFFICIENT_PRIVILEGE => Class::Privilege,
+        READ_ONLY_SQL_TRANSACTION => Class::ReadOnly,
         UNIQUE_VIOLATION => Class::Duplicate,
         UNDEFINED_TABLE | UNDEFINED_FUNCTION | INVALID_SCHEMA_NAME => Class::Undefined,
         c if c.starts_with(DATA_EXCEPTION) || c.starts_with(PROGRAM_LIMIT_EXCEEDED) => Class::Data,
@@ -106,6 +114,11 @@ pub(crate) fn is_data_error(e: &sqlx::Error) -> bool {
     class_of(e) == Class::Data
 }
 
+/// An unlogged table (the worker registry) was read on a hot standby.
+pub(crate) fn is_unlogged_on_standby(e: &sqlx::Error) -> bool {
+    code(e).as_deref() == Some(FEATURE_NOT_SUPPORTED)
+}
+
 /// No unique index matches an `ON CONFLICT` target.
 pub(crate) fn is_missing_unique_index(e: &sqlx::Error) -> bool {
     code(e).as_deref() == Some(INVALID_COLUMN_REFERENCE)
@@ -133,6 +146,7 @@ mod tests {
             ("3F000", Class::Undefined),
             ("22P02", Class::Data),
             ("54000", Class::Data),
+            ("25006", Class::ReadOnly),
             ("42601", Class::Other),
         ] {
             assert_eq!(classify(code), class, "{code}");

@@ -33,8 +33,9 @@ use crate::util::{Stop, error_backoff};
 
 /// What the listener does with what it hears: implemented by the runtime.
 pub(crate) trait Dispatch: Send + Sync + 'static {
-    /// Where to connect (asked again for every connection: it may change).
-    fn connect_options(&self) -> PgConnectOptions;
+    /// Where to connect (asked again for every connection: it may change, e.g. to a new
+    /// primary after a failover).
+    fn connect_options(self: &Arc<Self>) -> impl Future<Output = PgConnectOptions> + Send;
     /// How often the connection must prove it still delivers.
     fn health_interval(&self) -> Duration;
     /// The connection is (re)established: notifications may have been lost.
@@ -102,12 +103,15 @@ pub(crate) async fn run<D: Dispatch>(
             }
             continue;
         }
-        let Some((health, options)) = owner
-            .upgrade()
-            .map(|o| (o.health_interval(), o.connect_options()))
-        else {
+        let Some(dispatch) = owner.upgrade() else {
             return;
         };
+        let health = dispatch.health_interval();
+        let options = tokio::select! {
+            options = dispatch.connect_options() => options,
+            () = stop.requested() => return,
+        };
+        drop(dispatch);
         let pool = private_pool(&options, health);
         let connect = async {
             let mut l = PgListener::connect_with(&pool).await?;

@@ -215,6 +215,12 @@ pub(crate) struct Inner {
     listener_options: Mutex<Option<PgConnectOptions>>,
     /// The maintenance service's state and its commands, once it is started.
     pub(crate) maintenance: Maintenance,
+    /// The hosts of a multi-host connection string, when the pool was made from one: the
+    /// listener chooses among them at every (re)connect, and moves the pool.
+    hosts: Mutex<Option<crate::topology::MultiHost>>,
+    /// Set once the pool's (and the listener's) connections were seen to keep a server
+    /// session each (no transaction pooler): checked at the first worker's start.
+    sessions_checked: tokio::sync::OnceCell<()>,
 }
 
 impl Runtime {
@@ -245,6 +251,8 @@ impl Runtime {
                 listener: Mutex::default(),
                 listener_options: Mutex::default(),
                 maintenance: Maintenance::default(),
+                hosts: Mutex::default(),
+                sessions_checked: tokio::sync::OnceCell::new(),
             }),
         }
     }
@@ -267,6 +275,64 @@ impl Runtime {
     #[must_use]
     pub fn listener_connect_options(self, options: PgConnectOptions) -> Self {
         *lock(&self.inner.listener_options) = Some(options);
+        self
+    }
+
+    /// Checks, once per runtime (again after a failed check), that neither the pool nor the
+    /// listener goes through a pooler in transaction mode
+    /// ([`check_session_pooling`](crate::check_session_pooling)); bounded in time, a server out
+    /// of reach is [`Error::Unreachable`].
+    pub(crate) async fn check_sessions(&self) -> Result<()> {
+        const BOUND: Duration = Duration::from_secs(15);
+        let check = async {
+            let pool_options = self.inner.pool.connect_options();
+            crate::topology::check_named(&pool_options, "the pool's connection").await?;
+            let listener = lock(&self.inner.listener_options).clone();
+            if let Some(options) = listener {
+                crate::topology::check_named(&options, "the listener's connection").await?;
+            }
+            Ok::<(), Error>(())
+        };
+        self.inner
+            .sessions_checked
+            .get_or_try_init(|| async {
+                tokio::time::timeout(BOUND, check)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Error::Unreachable {
+                            cause: format!(
+                                "checking the connections' sessions took longer than {}",
+                                crate::HumanDuration(BOUND)
+                            ),
+                        })
+                    })
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// The hosts of the multi-host connection string the pool was made from
+    /// ([`MultiHost::connect_pool`](crate::MultiHost::connect_pool)): every time the listener
+    /// (re)connects, the runtime chooses the host that fits the string's
+    /// `target_session_attrs` again, points the pool there
+    /// ([`MultiHost::follow`](crate::MultiHost::follow)) and LISTENs there (unless
+    /// [`listener_connect_options`](Self::listener_connect_options) says otherwise). After a
+    /// failover the listener's connection breaks, and both follow the new primary.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), apalis_pgmq_notify::Error> {
+    /// use apalis_pgmq_notify::{MultiHost, Runtime};
+    /// let hosts: MultiHost =
+    ///     "postgres://app@db1:5432,db2:5432/app?target_session_attrs=read-write".parse()?;
+    /// let pool = hosts.connect_pool(sqlx::postgres::PgPoolOptions::new()).await?;
+    /// let runtime = Runtime::new(&pool).hosts(hosts);
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn hosts(self, hosts: crate::topology::MultiHost) -> Self {
+        *lock(&self.inner.hosts) = Some(hosts);
         self
     }
 
@@ -521,7 +587,20 @@ impl Inner {
 }
 
 impl Dispatch for Inner {
-    fn connect_options(&self) -> PgConnectOptions {
+    async fn connect_options(self: &Arc<Self>) -> PgConnectOptions {
+        let hosts = lock(&self.hosts).clone();
+        if let Some(hosts) = hosts {
+            // Every (re)connect of the listener chooses the host again and moves the pool
+            // there too: after a failover both follow the new primary.
+            match hosts.follow(&self.pool).await {
+                Ok(chosen) => {
+                    return lock(&self.listener_options).clone().unwrap_or(chosen);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "choosing a host for the listener failed; trying the pool's current one");
+                }
+            }
+        }
         lock(&self.listener_options)
             .clone()
             .unwrap_or_else(|| (*self.pool.connect_options()).clone())

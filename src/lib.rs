@@ -160,6 +160,7 @@
 mod ack;
 mod backend;
 mod config;
+mod deadline;
 mod error;
 mod lease;
 mod migrate;

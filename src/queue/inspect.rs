@@ -551,9 +551,9 @@ impl PgmqQueue {
 
     /// One batch of pruning (the archive or the dead letters) while holding this queue's
     /// pruning lock, so one process at a time prunes a queue; `None` if another holds it.
-    pub(crate) async fn prune_batch_elected(
+    pub(crate) async fn prune_batch_elected<'c, E: sqlx::PgExecutor<'c>>(
         &self,
-        pool: &PgPool,
+        executor: E,
         dead_letters: bool,
         older_than: std::time::Duration,
     ) -> crate::Result<Option<i64>> {
@@ -567,7 +567,7 @@ impl PgmqQueue {
         let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql.clone()))
             .bind(older_than.as_secs_f64().min(1e11))
             .bind(PRUNE_BATCH)
-            .fetch_one(pool)
+            .fetch_one(executor)
             .await?;
         Ok(Some(n))
     }
@@ -681,8 +681,11 @@ impl PgmqQueue {
 
     /// [`counts`](Self::counts), if this process holds the queue's sampling lock (one process
     /// per queue at a time); `None` otherwise.
-    pub(crate) async fn counts_elected(&self, pool: &PgPool) -> crate::Result<Option<QueueCounts>> {
-        let mut tx = pool.begin().await?;
+    pub(crate) async fn counts_elected(
+        &self,
+        conn: &mut sqlx::PgConnection,
+    ) -> crate::Result<Option<QueueCounts>> {
+        let mut tx = sqlx::Connection::begin(conn).await?;
         let elected: bool = sqlx::query_scalar(crate::sql::TRY_SAMPLE_LOCK)
             .bind(self.name.as_str())
             .fetch_one(&mut *tx)

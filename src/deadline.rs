@@ -91,7 +91,7 @@ impl Conn {
         let limit = by.saturating_duration_since(Instant::now());
         let Self { conn, suspect } = self;
         *suspect = true;
-        match timeout_at(by, statement(&mut **conn)).await {
+        match timeout_at(by, statement(conn)).await {
             Ok(Ok(v)) => {
                 *suspect = false;
                 Ok(v)

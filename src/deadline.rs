@@ -11,6 +11,8 @@
 //! with no bound of its own, which on a silent connection never returns, and the pool would
 //! lose that slot for good. `PoolConnection::close_on_drop` closes it within sqlx's own bound
 //! (5 s) and frees the slot; the pool opens a new connection when one is next needed.
+//! A connection whose statement ended is handed back with the same check, bounded (a network
+//! may freeze between the answer and the check).
 //!
 //! The deadlines ([`Config::statement_deadline`](crate::Config) for a storage's work, the
 //! maintenance deadline for the runtime's) are long enough for a statement slowed by load, and
@@ -108,11 +110,27 @@ impl Conn {
     }
 }
 
+/// The longest a connection handed back to the pool may take to answer sqlx's check (one
+/// round trip); past it the connection is closed and its slot freed.
+const RETURN_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Drop for Conn {
     fn drop(&mut self) {
         if self.suspect {
             // Closed within sqlx's bound instead of pinged for ever; the slot is freed.
             self.conn.close_on_drop();
+            return;
+        }
+        // Handed back: sqlx checks the connection with a `ping` first, which a network that
+        // froze since the last answer never answers. The same hand-back, bounded: past
+        // `RETURN_TIMEOUT` the future is dropped, which closes the connection and frees its
+        // slot. (sqlx spawns this task itself when a connection is dropped; this one only adds
+        // the bound. Without a runtime the connection drops as sqlx would have it.)
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let back = self.conn.return_to_pool();
+            rt.spawn(async move {
+                let _ = tokio::time::timeout(RETURN_TIMEOUT, back).await;
+            });
         }
     }
 }

@@ -755,15 +755,9 @@ impl Loop {
 
     /// Releases what a full worker handed back.
     async fn release_requested(&mut self) {
-        // Taken from the list only once written: a release abandoned on stop leaves them for
-        // `finish` (the list only grows at its end meanwhile).
-        let held = self.io.lock().to_release.clone();
+        let held = std::mem::take(&mut self.io.lock().to_release);
         if !held.is_empty() {
-            let n = held.len();
             self.release(held).await;
-            let mut s = self.io.lock();
-            let n = n.min(s.to_release.len());
-            s.to_release.drain(..n);
         }
     }
 

@@ -476,6 +476,21 @@ impl Drop for Fetcher {
     }
 }
 
+/// Deliveries taken from `to_release` for a release that has not ended: put back if it is
+/// abandoned.
+struct PutBack<'a> {
+    io: &'a Io,
+    held: Option<Vec<Delivery>>,
+}
+
+impl Drop for PutBack<'_> {
+    fn drop(&mut self) {
+        if let Some(held) = self.held.take() {
+            self.io.lock().to_release.extend(held);
+        }
+    }
+}
+
 /// A claim that came back.
 struct ReadDone {
     requested: usize,
@@ -756,13 +771,17 @@ impl Loop {
     /// Releases what a full worker handed back.
     async fn release_requested(&mut self) {
         let held = std::mem::take(&mut self.io.lock().to_release);
-        if !held.is_empty() {
-            self.release(held).await;
+        if held.is_empty() {
+            return;
         }
-    }
-
-    async fn release(&mut self, held: Vec<Delivery>) {
+        // Abandoned (the loop stops while the release waits on the database), they go back
+        // to the list, which `finish` releases.
+        let mut back = PutBack {
+            io: &self.io,
+            held: Some(held.clone()),
+        };
         release_held(&self.shared, held).await;
+        back.held = None;
     }
 
     /// Sends a claim of `qty` on a kept connection (or one from the pool).

@@ -30,6 +30,7 @@ use sqlx::PgPool;
 use tokio::{sync::Notify, time::Instant};
 
 use crate::{
+    deadline::Conn,
     notify::{
         WakeSignal,
         wakeup::{WakeTarget, wake_others},
@@ -234,25 +235,43 @@ impl LeaseTable {
 }
 
 /// Makes messages a worker held but did not start visible now, and wakes idle workers of this
-/// runtime and of other processes. On failure they become visible when their lease lapses.
+/// runtime and of other processes, each statement within `deadline` (see `src/deadline.rs`).
+/// On failure they become visible when their lease lapses.
 pub(crate) async fn release(
     pool: &PgPool,
     queue: &PgmqQueue,
     held: &[Delivery],
     signal: &WakeSignal,
     wake: Option<&WakeTarget>,
+    deadline: Duration,
 ) {
     if held.is_empty() {
         return;
     }
     let count = held.len();
-    match queue.release(pool, held).await {
+    let by = Instant::now() + deadline;
+    let mut conn = match Conn::acquire(pool, by).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(queue = %queue.name(), error = %crate::Error::from(e).describe(), count,
+                "could not release held messages; they become visible when their lease lapses");
+            return;
+        }
+    };
+    match conn
+        .run(by, "releasing held messages", |c| queue.release(c, held))
+        .await
+    {
         Ok(_) => {
             tracing::debug!(queue = %queue.name(), count, "released claimed messages");
             crate::obs::released(queue.name().as_str(), count);
             signal.wake();
             if let Some(target) = wake
-                && let Err(e) = wake_others(pool, target, Duration::ZERO).await
+                && let Err(e) = conn
+                    .run(by, "waking other processes' workers", |c| {
+                        wake_others(c, target, Duration::ZERO)
+                    })
+                    .await
             {
                 tracing::debug!(queue = %queue.name(), error = %e.describe(),
                     "could not wake other processes' workers; they find the messages at their next poll");
@@ -321,17 +340,22 @@ pub(crate) async fn keeper(
         if batch.is_empty() {
             continue;
         }
-        // A renewal that hangs (a frozen connection) must not keep us past the deadline.
+        // A renewal that hangs (a frozen connection) must not keep us past the deadline; its
+        // connection is then closed, not handed back to the pool (see `src/deadline.rs`).
         let give_up_at = table
             .next_expiry()
             .map_or(started + vt, |e| e - margin)
             .max(started + Duration::from_millis(10));
-        let renewal = tokio::select! {
-            r = queue.renew(&pool, &batch, vt) => Some(r),
-            () = tokio::time::sleep_until(give_up_at) => None,
-        };
+        let renewal = async {
+            let mut conn = Conn::acquire(&pool, give_up_at).await?;
+            conn.run(give_up_at, "renewing leases", |c| {
+                queue.renew(c, &batch, vt)
+            })
+            .await
+        }
+        .await;
         match renewal {
-            Some(Ok(Renewal { renewed, busy })) => {
+            Ok(Renewal { renewed, busy }) => {
                 failures = 0;
                 crate::obs::renewed(queue.name().as_str(), renewed.len());
                 let gone = batch.len() - renewed.len() - busy.len();
@@ -350,17 +374,12 @@ pub(crate) async fn keeper(
                     tokio::time::sleep_until(again.min(give_up_at)).await;
                 }
             }
-            Some(Err(e)) => {
+            Err(e) => {
                 failures += 1;
                 crate::obs::renewal_failed(queue.name().as_str());
                 tracing::warn!(error = %e.describe(), leases = batch.len(), "lease renewal failed; retrying");
                 let retry_at = Instant::now() + crate::util::error_backoff(failures).min(vt / 10);
                 tokio::time::sleep_until(retry_at.min(give_up_at)).await;
-            }
-            None => {
-                failures += 1;
-                crate::obs::renewal_failed(queue.name().as_str());
-                tracing::warn!(leases = batch.len(), "lease renewal did not answer in time");
             }
         }
     }

@@ -197,6 +197,7 @@
 mod ack;
 mod backend;
 mod config;
+mod deadline;
 mod error;
 mod lease;
 mod migrate;

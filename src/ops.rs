@@ -321,7 +321,7 @@ pub async fn prune(
     let q = PgmqQueue::new(queue.clone());
     let mut pruned = Pruned::default();
     if q.is_partitioned(pool).await? {
-        pruned.archive_partitions = q.maintain_partitions(pool).await?;
+        pruned.archive_partitions = q.maintain_partitions(&mut *pool.acquire().await?).await?;
     } else if let Some(keep) = archive_retention {
         pruned.archived = q.prune_archive(pool, Some(keep)).await?;
     }
@@ -371,13 +371,20 @@ pub(crate) async fn prune_keys(pool: &PgPool, queue: &QueueName, batches: usize)
 /// # Ok(()) }
 /// ```
 pub async fn prune_results(pool: &PgPool, queue: &QueueName, older_than: Duration) -> Result<u64> {
-    prune_results_batches(pool, queue, older_than, false, usize::MAX).await
+    prune_results_batches(
+        &mut *pool.acquire().await?,
+        queue,
+        older_than,
+        false,
+        usize::MAX,
+    )
+    .await
 }
 
 /// Up to `batches` batches of [`prune_results`]; with `elected`, only while this session holds
 /// the queue's result-pruning lock (one process at a time).
 pub(crate) async fn prune_results_batches(
-    pool: &PgPool,
+    conn: &mut sqlx::PgConnection,
     queue: &QueueName,
     older_than: Duration,
     elected: bool,
@@ -390,7 +397,7 @@ pub(crate) async fn prune_results_batches(
             .bind(older_than.as_secs_f64().min(1e11))
             .bind(crate::queue::PRUNE_BATCH)
             .bind(elected)
-            .fetch_one(pool)
+            .fetch_one(&mut *conn)
             .await?;
         total += u64::try_from(n).unwrap_or(0);
         if n < crate::queue::PRUNE_BATCH {

@@ -13,10 +13,11 @@ use std::{sync::Arc, time::Duration};
 use futures::future::BoxFuture;
 
 use serde_json::Value;
-use sqlx::{PgPool, Postgres, pool::PoolConnection};
+use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
+    deadline::Conn,
     error::pg::{is_data_error, is_privilege as is_privilege_error, is_undefined_table},
     lease::LeaseTable,
     notify::{
@@ -72,6 +73,9 @@ pub(crate) struct CompleterCtx {
     pub(crate) flush_interval: Duration,
     /// Where stored results are announced.
     pub(crate) results_channel: String,
+    /// The deadline of each write (see `src/deadline.rs`): a write that passes it fails like
+    /// a lost connection, and is tried again with backoff on a new connection.
+    pub(crate) deadline: Duration,
 }
 
 /// How long a completer asked to stop keeps trying to write what it has.
@@ -108,7 +112,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx, mut st
     let mut open = true;
     // Held while outcomes keep coming, so each flush is one round trip (a pool's
     // `test_before_acquire` ping would be another); given back when nothing is pending.
-    let mut conn: Option<PoolConnection<Postgres>> = None;
+    let mut conn: Option<Conn> = None;
 
     let absorb = |cmd: Command,
                   pending: &mut Vec<Outcome>,
@@ -208,7 +212,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx, mut st
             None => {}
         }
         if let (Some(d), Some(target)) = (soonest_retry, &ctx.wake_target)
-            && let Err(e) = wakeup::wake_others(&ctx.pool, target, d).await
+            && let Err(e) = wake_others(&ctx.pool, target, d, ctx.deadline).await
         {
             tracing::debug!(error = %e.describe(),
                 "could not wake other processes' workers for a retry; they find it at their next poll");
@@ -221,11 +225,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Command>, ctx: CompleterCtx, mut st
 /// retried with backoff; a failure caused by the data of one outcome (a value PostgreSQL will
 /// not store) is isolated: the outcomes are written one by one and the offending one is
 /// replaced by a dead letter that says why, so one bad outcome never blocks the others.
-async fn write_batch(
-    ctx: &CompleterCtx,
-    batch: &[Outcome],
-    conn: &mut Option<PoolConnection<Postgres>>,
-) {
+async fn write_batch(ctx: &CompleterCtx, batch: &[Outcome], conn: &mut Option<Conn>) {
     let mut failures = 0u32;
     loop {
         match write(ctx, batch, conn).await {
@@ -277,7 +277,7 @@ fn count_dead_letters(ctx: &CompleterCtx, written: &[Outcome]) {
 /// Writes one outcome; if its data cannot be stored, dead-letters the message with the reason
 /// instead; if even that fails, logs it and leaves the message to be delivered again when its
 /// lease lapses.
-async fn write_one(ctx: &CompleterCtx, c: &Outcome, conn: &mut Option<PoolConnection<Postgres>>) {
+async fn write_one(ctx: &CompleterCtx, c: &Outcome, conn: &mut Option<Conn>) {
     let mut failures = 0u32;
     let mut current = c.clone();
     loop {
@@ -344,7 +344,7 @@ async fn write_one(ctx: &CompleterCtx, c: &Outcome, conn: &mut Option<PoolConnec
 async fn write(
     ctx: &CompleterCtx,
     batch: &[Outcome],
-    conn: &mut Option<PoolConnection<Postgres>>,
+    conn: &mut Option<Conn>,
 ) -> Result<(), sqlx::Error> {
     match write_outcomes(ctx, batch, conn, true).await {
         Err(e) if is_privilege_error(&e) && batch.iter().any(|c| c.result.is_some()) => {
@@ -359,22 +359,27 @@ async fn write(
 async fn write_outcomes(
     ctx: &CompleterCtx,
     batch: &[Outcome],
-    conn: &mut Option<PoolConnection<Postgres>>,
+    conn: &mut Option<Conn>,
     with_results: bool,
 ) -> Result<(), sqlx::Error> {
+    let by = tokio::time::Instant::now() + ctx.deadline;
     let mut c = match conn.take() {
         Some(c) => c,
-        None => ctx.pool.acquire().await?,
+        None => Conn::acquire(&ctx.pool, by).await?,
     };
-    let written = ctx
-        .queue
-        .complete(&mut *c, batch, with_results, &ctx.results_channel)
+    let written = c
+        .run(by, "writing job outcomes", |x| {
+            ctx.queue
+                .complete(x, batch, with_results, &ctx.results_channel)
+        })
         .await;
     if written.as_ref().is_ok()
         || written
             .as_ref()
             .is_err_and(|e| is_data_error(e) || is_privilege_error(e))
     {
+        // The server answered: the connection is fine for the next write.
+        c.trust();
         *conn = Some(c);
     }
     let matched = written?;
@@ -385,4 +390,19 @@ async fn write_outcomes(
         );
     }
     Ok(())
+}
+
+/// [`wakeup::wake_others`] on a connection of its own, within `deadline`.
+async fn wake_others(
+    pool: &PgPool,
+    target: &WakeTarget,
+    delay: Duration,
+    deadline: Duration,
+) -> crate::error::Result<()> {
+    let by = tokio::time::Instant::now() + deadline;
+    let mut conn = Conn::acquire(pool, by).await?;
+    conn.run(by, "waking other processes' workers", |c| {
+        wakeup::wake_others(c, target, delay)
+    })
+    .await
 }

@@ -28,6 +28,14 @@
 //! loop stops claiming, sees its claims in flight through and releases every message it holds;
 //! then the close step waits until the worker's outcomes are written, removes the runtime's
 //! wake-up row if it was the queue's last worker, and deletes the worker's registry row.
+//!
+//! Deadlines: every step that waits on the database (a claim, arming, the settle check, the
+//! probe, a release) runs its statements on connections of its own within the storage's
+//! statement deadline (`Config::statement_deadline`, the visibility timeout), and is abandoned
+//! as soon as the loop must stop; a connection whose statement did not end is closed, never
+//! handed back to the pool (`src/deadline.rs`). A step that passes its deadline fails like a
+//! lost connection: the loop backs off (at most the fallback poll interval) and tries again,
+//! so after the network heals a worker reads within a poll interval plus one deadline.
 
 use crate::error::Describe;
 use std::{
@@ -39,7 +47,6 @@ use std::{
 
 use apalis_core::worker::context::WorkerContext;
 use futures::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesUnordered};
-use sqlx::{Postgres, pool::PoolConnection};
 use tokio::{
     sync::{Notify, oneshot, watch},
     time::{Instant, sleep_until},
@@ -47,6 +54,7 @@ use tokio::{
 
 use super::{Shared, claims::Claims};
 use crate::{
+    deadline::Conn,
     error::{Error, Result},
     lease::Lease,
     notify::{
@@ -64,6 +72,9 @@ use crate::{
 /// The longest a worker's shutdown waits for the database (releasing held messages, writing
 /// pending outcomes).
 pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Preparing a queue for a worker is bounded by this many statement deadlines.
+const PREPARE_DEADLINES: u32 = 4;
 
 /// The longest a closing worker spends removing its rows (they expire by themselves).
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -116,6 +127,9 @@ pub(crate) struct Io {
     state: Mutex<IoState>,
     /// Raised when the worker takes a message, is found full, or closes: the loop looks again.
     changed: Notify,
+    /// Raised (to every waiter) when the worker closes: a step waiting on the database is
+    /// abandoned. Apart from `changed` so that waiting for it takes no wake-up from the loop.
+    closing: Notify,
 }
 
 struct IoState {
@@ -257,6 +271,7 @@ impl Fetcher {
                 stats: None,
             }),
             changed: Notify::new(),
+            closing: Notify::new(),
         });
         let run = Loop {
             plan: Plan::new(
@@ -404,6 +419,7 @@ impl Fetcher {
                     if let Some(io) = &self.io {
                         io.lock().close = true;
                         io.changed.notify_one();
+                        io.closing.notify_waiters();
                     }
                     match run.poll_unpin(cx) {
                         Poll::Pending => return Poll::Pending,
@@ -460,6 +476,21 @@ impl Drop for Fetcher {
     }
 }
 
+/// Deliveries taken from `to_release` for a release that has not ended: put back if it is
+/// abandoned.
+struct PutBack<'a> {
+    io: &'a Io,
+    held: Option<Vec<Delivery>>,
+}
+
+impl Drop for PutBack<'_> {
+    fn drop(&mut self) {
+        if let Some(held) = self.held.take() {
+            self.io.lock().to_release.extend(held);
+        }
+    }
+}
+
 /// A claim that came back.
 struct ReadDone {
     requested: usize,
@@ -468,7 +499,7 @@ struct ReadDone {
     latency: Duration,
     result: Result<Vec<Message>>,
     /// The connection it ran on, unless it failed.
-    conn: Option<PoolConnection<Postgres>>,
+    conn: Option<Conn>,
 }
 
 /// A worker's loop: the state it keeps between steps.
@@ -482,7 +513,7 @@ struct Loop {
     pending: usize,
     /// The connections the last claims ran on, kept while claims follow each other (each pool
     /// checkout may cost a round trip: sqlx pings a connection before handing it out).
-    conns: Vec<PoolConnection<Postgres>>,
+    conns: Vec<Conn>,
     /// Consecutive infrastructure errors, for backoff.
     failures: u32,
     phase: watch::Receiver<Phase>,
@@ -494,6 +525,26 @@ async fn poked(io: &Io, phase: &mut watch::Receiver<Phase>) {
     tokio::select! {
         () = io.changed.notified() => {}
         _ = phase.changed() => {}
+    }
+}
+
+/// Resolves once the loop must stop (the worker closes, or the runtime shuts down or is gone):
+/// a step waiting on the database is then abandoned, its connection closed (see
+/// `src/deadline.rs`).
+async fn stop_requested(io: &Io, phase: &mut watch::Receiver<Phase>) {
+    loop {
+        let notified = io.closing.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if io.lock().close || *phase.borrow() != Phase::Running {
+            return;
+        }
+        tokio::select! {
+            () = notified => {}
+            changed = phase.changed() => if changed.is_err() {
+                return;
+            },
+        }
     }
 }
 
@@ -530,8 +581,15 @@ impl Loop {
         };
         self.io.lock().stats = Some(registration.stats.clone());
         self.plan.on_recovered();
+        // Every step that waits on the database is bounded by its statements' deadline and
+        // abandoned as soon as the loop must stop, whatever the network does.
+        let io = self.io.clone();
+        let mut stop_phase = self.phase.clone();
         while !self.stopping() {
-            self.release_requested().await;
+            tokio::select! {
+                () = self.release_requested() => {}
+                () = stop_requested(&io, &mut stop_phase) => continue,
+            }
             // A new claim only once the worker took everything held.
             if !self.io.lock().held.is_empty() {
                 let _ = poked(&self.io, &mut self.phase).await;
@@ -545,13 +603,22 @@ impl Loop {
             let step = self.next_step();
             let now = Instant::now();
             match step {
-                Step::Read => match self.read_cycle().await {
-                    Ok(found) => {
-                        self.failures = 0;
-                        self.plan.on_read(now, found);
+                Step::Read => {
+                    // Abandoned on stop: the claims in flight stay in `reads`, and `finish`
+                    // sees them through (within their deadline and the shutdown's bound).
+                    let read = tokio::select! {
+                        read = self.read_cycle() => Some(read),
+                        () = stop_requested(&io, &mut stop_phase) => None,
+                    };
+                    match read {
+                        Some(Ok(found)) => {
+                            self.failures = 0;
+                            self.plan.on_read(now, found);
+                        }
+                        Some(Err(e)) => self.backoff("reading the queue", &e).await,
+                        None => {}
                     }
-                    Err(e) => self.backoff("reading the queue", &e).await,
-                },
+                }
                 Step::AwaitOutcomes => {
                     // Until half the bound is written (a full flush would idle the worker for
                     // no gain).
@@ -563,7 +630,10 @@ impl Loop {
                     }
                 }
                 Step::Arm => {
-                    let armed = arm(&self.shared).await;
+                    let armed = tokio::select! {
+                        armed = arm(&self.shared) => armed,
+                        () = stop_requested(&io, &mut stop_phase) => continue,
+                    };
                     if let Err(e) = &armed {
                         tracing::warn!(queue = %self.shared.queue.name(), error = %e.describe(),
                             "could not arm the wake-up; relying on polling until the next try");
@@ -571,20 +641,30 @@ impl Loop {
                     self.plan.on_armed(Instant::now(), armed.is_ok());
                 }
                 Step::CheckSettled => {
-                    let queue = self.shared.queue.name().as_str();
-                    match wakeup::inserts_settled(&self.shared.pool, queue).await {
+                    let settled = tokio::select! {
+                        settled = inserts_settled(&self.shared) => settled,
+                        () = stop_requested(&io, &mut stop_phase) => continue,
+                    };
+                    match settled {
                         Ok(settled) => self.plan.on_settled(Instant::now(), settled),
                         Err(e) => {
+                            let queue = self.shared.queue.name().as_str();
                             tracing::warn!(%queue, error = %e.describe(),
                                 "could not check for in-flight inserts; relying on polling");
                             self.plan.on_settle_failed();
                         }
                     }
                 }
-                Step::Probe => match self.shared.queue.next_visible_in(&self.shared.pool).await {
-                    Ok(next) => self.plan.on_probed(Instant::now(), next),
-                    Err(e) => self.backoff("reading the queue", &e).await,
-                },
+                Step::Probe => {
+                    let probed = tokio::select! {
+                        probed = next_visible_in(&self.shared) => probed,
+                        () = stop_requested(&io, &mut stop_phase) => continue,
+                    };
+                    match probed {
+                        Ok(next) => self.plan.on_probed(Instant::now(), next),
+                        Err(e) => self.backoff("reading the queue", &e).await,
+                    }
+                }
                 Step::Sleep(until) => {
                     // Not claiming back to back: give the connections back to the pool.
                     self.conns.clear();
@@ -641,7 +721,17 @@ impl Loop {
             if self.stopping() {
                 return Ok(None);
             }
-            match ensure_queue(&self.shared, listening.take(), worker, service).await {
+            // Bounded, and abandoned when asked to stop: preparing runs a few statements (and
+            // may create a queue and its indexes), so it gets a few statement deadlines. (The
+            // registration's own statement has the maintenance deadline.)
+            let by = Instant::now() + self.shared.config.statement_deadline() * PREPARE_DEADLINES;
+            let io = self.io.clone();
+            let mut phase = self.phase.clone();
+            let prepared = tokio::select! {
+                prepared = ensure_queue(&self.shared, listening.take(), worker, service, by) => prepared,
+                () = stop_requested(&io, &mut phase) => return Ok(None),
+            };
+            match prepared {
                 Ok(r) => return Ok(Some(r)),
                 Err(e) if is_fatal(&e) => return Err(e),
                 Err(e) => {
@@ -660,7 +750,9 @@ impl Loop {
     /// asked to stop meanwhile.
     async fn backoff(&mut self, what: &str, e: &Error) {
         self.failures += 1;
-        let wait = error_backoff(self.failures);
+        // Never longer than the fallback poll: once the database answers again, the worker
+        // reads within a poll interval (plus the deadline of the step in flight).
+        let wait = error_backoff(self.failures).min(self.shared.config.wakeups.poll_interval);
         if self.failures == 1 || self.failures.is_power_of_two() {
             tracing::error!(queue = %self.shared.queue.name(), error = %e.describe(), failures = self.failures,
                 retry_in = ?wait, "worker backend: {what} failed");
@@ -679,13 +771,17 @@ impl Loop {
     /// Releases what a full worker handed back.
     async fn release_requested(&mut self) {
         let held = std::mem::take(&mut self.io.lock().to_release);
-        if !held.is_empty() {
-            self.release(held).await;
+        if held.is_empty() {
+            return;
         }
-    }
-
-    async fn release(&mut self, held: Vec<Delivery>) {
+        // Abandoned (the loop stops while the release waits on the database), they go back
+        // to the list, which `finish` releases.
+        let mut back = PutBack {
+            io: &self.io,
+            held: Some(held.clone()),
+        };
         release_held(&self.shared, held).await;
+        back.held = None;
     }
 
     /// Sends a claim of `qty` on a kept connection (or one from the pool).
@@ -860,8 +956,44 @@ async fn release_held(shared: &Shared, held: Vec<Delivery>) {
         &held,
         &shared.signal,
         shared.wake_target().as_ref(),
+        shared.config.statement_deadline(),
     )
     .await;
+}
+
+/// Whether inserts into the queue have settled (see `wakeup.rs`), by the statement deadline.
+async fn inserts_settled(shared: &Shared) -> Result<bool> {
+    let by = Instant::now() + shared.config.statement_deadline();
+    let mut conn = Conn::acquire(&shared.pool, by).await?;
+    let queue = shared.queue.name().as_str();
+    conn.run(by, "checking for in-flight inserts", |c| {
+        wakeup::inserts_settled(c, queue)
+    })
+    .await
+}
+
+/// How long until the queue's next message becomes visible, by the statement deadline.
+async fn next_visible_in(shared: &Shared) -> Result<Option<Duration>> {
+    let by = Instant::now() + shared.config.statement_deadline();
+    let mut conn = Conn::acquire(&shared.pool, by).await?;
+    conn.run(by, "probing the queue", |c| shared.queue.next_visible_in(c))
+        .await
+}
+
+/// An arming begun and not yet written: if the step ends any other way (an error, the
+/// deadline, the loop stopping), the signal learns it failed, so it is tried again.
+struct PendingArm<'a> {
+    signal: &'a WakeSignal,
+    generation: u64,
+    written: bool,
+}
+
+impl Drop for PendingArm<'_> {
+    fn drop(&mut self) {
+        if !self.written {
+            self.signal.arm_failed(self.generation);
+        }
+    }
 }
 
 /// Errors that retrying cannot fix: the worker stops with them.
@@ -889,14 +1021,24 @@ async fn arm(shared: &Shared) -> Result<()> {
         .channels
         .queue_channel(shared.queue.name());
     let generation = shared.signal.begin_arm(ttl);
+    let mut pending = PendingArm {
+        signal: &shared.signal,
+        generation,
+        written: false,
+    };
     let owner = &shared.runtime.inner.owner;
-    let armed = wakeup::arm(&shared.pool, &channel, owner, ttl, generation).await;
-    if armed.is_err() {
-        shared.signal.arm_failed(generation);
-        return armed;
-    }
+    let by = Instant::now() + shared.config.statement_deadline();
+    let mut conn = Conn::acquire(&shared.pool, by).await?;
+    conn.run(by, "arming the wake-up", |c| {
+        wakeup::arm(c, &channel, owner, ttl, generation)
+    })
+    .await?;
+    pending.written = true;
     // Committed: now make producers that cached "nobody waits" look again.
-    wakeup::listeners_changed(&shared.pool).await
+    conn.run(by, "announcing the wake-up", |c| {
+        wakeup::listeners_changed(c)
+    })
+    .await
 }
 
 /// The last worker of the queue in this runtime stopped: remove its arming row.
@@ -911,7 +1053,16 @@ async fn remove_arming(shared: &Shared) {
         .channels
         .queue_channel(shared.queue.name());
     let owner = &shared.runtime.inner.owner;
-    if let Err(e) = crate::notify::unwant(&shared.pool, &channel, owner).await {
+    let by = Instant::now() + shared.config.statement_deadline();
+    let removed = async {
+        let mut conn = Conn::acquire(&shared.pool, by).await?;
+        conn.run(by, "removing the wake-up row", |c| {
+            crate::notify::unwant(c, &channel, owner)
+        })
+        .await
+    }
+    .await;
+    if let Err(e) = removed {
         tracing::debug!(queue = %shared.queue.name(), error = %e.describe(),
             "could not remove the wake-up row; it expires by itself");
     }
@@ -919,62 +1070,26 @@ async fn remove_arming(shared: &Shared) {
 
 /// Creates the queue and its dead-letter queue if either is missing, installs the queue's
 /// notification trigger when listening, waits (briefly) for the LISTEN to be active so no
-/// notification sent after the first read is missed, and registers the worker.
+/// notification sent after the first read is missed, and registers the worker. The statements
+/// run on one connection by `by` (see `src/deadline.rs`).
 async fn ensure_queue(
     shared: &Arc<Shared>,
     listening: Option<oneshot::Receiver<()>>,
     worker: &str,
     service: &str,
+    by: Instant,
 ) -> Result<Registration> {
     // Behind a transaction pooler every statement below could run on another client's
-    // session: refuse it before anything else (once per runtime).
-    shared.runtime.check_sessions().await?;
-    for q in [&shared.queue, &shared.dlq] {
-        if !q.tables_exist(&shared.pool).await? {
-            q.create(&shared.pool).await?;
-        }
+    // session: refuse it before anything else (once per runtime). Bounded like the rest: when
+    // the check gets no answer by `by`, the preparation below meets the same silence and fails.
+    if let Ok(checked) = tokio::time::timeout_at(by, shared.runtime.check_sessions()).await {
+        checked?;
     }
-    // Best effort: creating an index needs the table's owner, which a worker need not be.
-    if let Err(e) = shared.queue.index_dead_letters(&shared.pool).await {
-        tracing::debug!(queue = %shared.queue.name(), error = %e.describe(),
-            "could not index the dead letters by job id; finding a dead job by id scans them");
-    }
-    if shared.config.claims.priorities
-        && let Err(e) = shared.queue.index_priorities(&shared.pool).await
-    {
-        tracing::warn!(queue = %shared.queue.name(), error = %e.describe(),
-            "could not create the priority index; priority claims scan the queue until the queue's owner calls create_queue");
-    }
-    if let Err(e) = shared.queue.index_unique_keys(&shared.pool).await {
-        tracing::debug!(queue = %shared.queue.name(), error = %e.describe(),
-            "could not create the unique index on idempotency keys; pushes with a key fail until the queue's owner calls create_queue");
-    }
-    if let Some(missing) = shared
-        .queue
-        .missing_worker_right(
-            &shared.pool,
-            &shared.dlq,
-            shared.announces(),
-            shared.config.results.store,
-        )
-        .await?
-    {
-        return Err(missing);
-    }
-    if shared.config.wakeups.listen {
-        let c = &shared.config;
-        if let Err(e) = crate::notify::ensure_notify(
-            &shared.pool,
-            shared.queue.name(),
-            &c.wakeups.channels,
-            c.wakeups.mode,
-        )
-        .await
-        {
-            tracing::warn!(queue = %shared.queue.name(), error = %e.describe(),
-                "could not install the notification trigger; relying on polling and other producers' notifications");
-        }
-    }
+    let mut conn = Conn::acquire(&shared.pool, by).await?;
+    let partitioned = conn
+        .run(by, "preparing the queue", |c| prepare_queue(c, shared))
+        .await?;
+    drop(conn);
     if let Some(ack) = listening
         && tokio::time::timeout(Duration::from_secs(5), ack)
             .await
@@ -987,7 +1102,7 @@ async fn ensure_queue(
         archive: shared.config.retention.archive,
         dead_letters: shared.config.retention.dead_letters,
         results: shared.config.results.retention,
-        partitioned: shared.queue.is_partitioned(&shared.pool).await?,
+        partitioned,
     };
     Ok(shared
         .runtime
@@ -996,19 +1111,72 @@ async fn ensure_queue(
         .await)
 }
 
+/// The statements of [`ensure_queue`], on `conn`: whether the queue is partitioned.
+async fn prepare_queue(conn: &mut sqlx::PgConnection, shared: &Arc<Shared>) -> Result<bool> {
+    for q in [&shared.queue, &shared.dlq] {
+        if !q.tables_exist(&mut *conn).await? {
+            q.create(&mut *conn).await?;
+        }
+    }
+    // Best effort: creating an index needs the table's owner, which a worker need not be.
+    if let Err(e) = shared.queue.index_dead_letters(&mut *conn).await {
+        tracing::debug!(queue = %shared.queue.name(), error = %e.describe(),
+            "could not index the dead letters by job id; finding a dead job by id scans them");
+    }
+    if shared.config.claims.priorities
+        && let Err(e) = shared.queue.index_priorities(&mut *conn).await
+    {
+        tracing::warn!(queue = %shared.queue.name(), error = %e.describe(),
+            "could not create the priority index; priority claims scan the queue until the queue's owner calls create_queue");
+    }
+    if let Err(e) = shared.queue.index_unique_keys(&mut *conn).await {
+        tracing::debug!(queue = %shared.queue.name(), error = %e.describe(),
+            "could not create the unique index on idempotency keys; pushes with a key fail until the queue's owner calls create_queue");
+    }
+    if let Some(missing) = shared
+        .queue
+        .missing_worker_right(
+            &mut *conn,
+            &shared.dlq,
+            shared.announces(),
+            shared.config.results.store,
+        )
+        .await?
+    {
+        return Err(missing);
+    }
+    if shared.config.wakeups.listen {
+        let c = &shared.config;
+        if let Err(e) = crate::notify::ensure_notify(
+            &mut *conn,
+            shared.queue.name(),
+            &c.wakeups.channels,
+            c.wakeups.mode,
+        )
+        .await
+        {
+            tracing::warn!(queue = %shared.queue.name(), error = %e.describe(),
+                "could not install the notification trigger; relying on polling and other producers' notifications");
+        }
+    }
+    shared.queue.is_partitioned(&mut *conn).await
+}
+
 /// One claim: on `conn` (or one from the pool); the claimed messages are leased in the lease
 /// table before they are returned.
 async fn fetch(
     shared: &Shared,
-    conn: Option<PoolConnection<Postgres>>,
+    conn: Option<Conn>,
     qty: usize,
     by_priority: bool,
-) -> (Result<Vec<Message>>, Option<PoolConnection<Postgres>>) {
+) -> (Result<Vec<Message>>, Option<Conn>) {
     let started = Instant::now();
     let vt = shared.config.leases.visibility_timeout;
+    // The claim and, without a kept connection, taking one from the pool.
+    let by = started + shared.config.statement_deadline();
     let mut conn = match conn {
         Some(c) => c,
-        None => match shared.pool.acquire().await {
+        None => match Conn::acquire(&shared.pool, by).await {
             Ok(c) => c,
             Err(e) => {
                 let e = crate::util::explain_pool_error(&shared.pool, e.into()).await;
@@ -1016,9 +1184,14 @@ async fn fetch(
             }
         },
     };
-    let messages = match shared.queue.claim(&mut *conn, vt, qty, by_priority).await {
+    let messages = match conn
+        .run(by, "claiming messages", |c| {
+            shared.queue.claim(c, vt, qty, by_priority)
+        })
+        .await
+    {
         Ok(m) => m,
-        // The connection may be broken: let it go.
+        // The connection may be broken (or silent): it is closed, not reused.
         Err(e) => return (Err(e), None),
     };
     if !messages.is_empty() {

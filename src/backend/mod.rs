@@ -100,6 +100,7 @@ impl Shared {
                     .wakeups
                     .channels
                     .results_channel(self.queue.name()),
+                deadline: self.config.statement_deadline(),
             });
             inner.spawn_queue_service(run);
             handle
@@ -376,7 +377,7 @@ impl<Args, C> PgmqStorage<Args, C> {
             return Ok(());
         }
         notify::ensure_notify(
-            &self.shared.pool,
+            &mut *self.shared.pool.acquire().await?,
             self.shared.queue.name(),
             &c.wakeups.channels,
             c.wakeups.mode,

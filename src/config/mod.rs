@@ -187,6 +187,9 @@ impl Backoff {
     }
 }
 
+/// The longest deadline of a storage's statements, in seconds (see `Config::statement_deadline`).
+const STATEMENT_DEADLINE_MAX_SECS: u64 = 60;
+
 /// Leases: how long a claimed job stays invisible to other workers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -726,6 +729,17 @@ impl Config {
     pub fn dead_letter_retention(mut self, keep: Option<Duration>) -> Self {
         self.retention.dead_letters = keep;
         self
+    }
+
+    /// The deadline of each statement of a storage's background work (a worker's claims and
+    /// wake-up steps, outcome writes, releases): the visibility timeout, at most a minute. A statement slower
+    /// than that is of no use (a claim's leases have lapsed by then; the keeper gives a lease
+    /// up before it) and most likely waits on a connection that lost its request; its
+    /// connection is closed and the step tried again (see `src/deadline.rs`).
+    pub(crate) fn statement_deadline(&self) -> Duration {
+        self.leases
+            .visibility_timeout
+            .min(Duration::from_secs(STATEMENT_DEADLINE_MAX_SECS))
     }
 
     /// Re-reads while lingering.

@@ -12,7 +12,7 @@ mod signal;
 mod triggers;
 pub(crate) mod wakeup;
 
-use sqlx::PgPool;
+use sqlx::{PgExecutor, PgPool};
 
 pub(crate) use channel::check_part;
 pub use channel::{
@@ -31,8 +31,8 @@ pub(crate) const DEFAULT_HEALTH_CHECK_MS: u64 = 10_000;
 
 /// Registers `owner` on `channel` for `secs` seconds: inserts notify while it is armed (every
 /// insert, when `persistent`: event subscribers).
-pub(crate) async fn want(
-    pool: &PgPool,
+pub(crate) async fn want<'c, E: PgExecutor<'c>>(
+    executor: E,
     channel: &str,
     owner: &str,
     secs: f64,
@@ -43,18 +43,22 @@ pub(crate) async fn want(
         .bind(owner)
         .bind(secs)
         .bind(persistent)
-        .execute(pool)
+        .execute(executor)
         .await?;
     Ok(())
 }
 
 /// Removes `owner`'s row on `channel` (an event subscription ending, the last worker of a queue
 /// in this process stopping).
-pub(crate) async fn unwant(pool: &PgPool, channel: &str, owner: &str) -> crate::error::Result<()> {
+pub(crate) async fn unwant<'c, E: PgExecutor<'c>>(
+    executor: E,
+    channel: &str,
+    owner: &str,
+) -> crate::error::Result<()> {
     sqlx::query(crate::sql::UNWANT_NOTIFY)
         .bind(channel)
         .bind(owner)
-        .execute(pool)
+        .execute(executor)
         .await?;
     Ok(())
 }

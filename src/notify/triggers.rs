@@ -1,6 +1,6 @@
 //! Installing the notification triggers.
 
-use sqlx::{PgExecutor, PgPool, Row};
+use sqlx::{PgExecutor, Row};
 
 use super::NotifyChannels;
 use crate::{
@@ -251,7 +251,7 @@ pub async fn enable_created_notify<'c, E: PgExecutor<'c>>(
 
 /// Installs the trigger unless the same one is already there (avoids DDL on a busy table).
 pub(crate) async fn ensure_notify(
-    pool: &PgPool,
+    conn: &mut sqlx::PgConnection,
     queue: &QueueName,
     channels: &NotifyChannels,
     mode: NotifyMode,
@@ -260,9 +260,9 @@ pub(crate) async fn ensure_notify(
         channels.queue_channel(queue),
         channels.namespace_channel(&channels.namespace(queue)),
     ];
-    match notify_mode(pool, queue).await? {
+    match notify_mode(&mut *conn, queue).await? {
         Some((m, c)) if m == mode && c == wanted => Ok(()),
-        _ => enable_notify(pool, queue, channels, mode).await,
+        _ => enable_notify(&mut *conn, queue, channels, mode).await,
     }
 }
 

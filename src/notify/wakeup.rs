@@ -120,7 +120,7 @@
 
 use std::time::Duration;
 
-use sqlx::PgPool;
+use sqlx::PgExecutor;
 use tokio::time::Instant;
 
 use crate::error::Result;
@@ -467,8 +467,8 @@ impl Arming {
 }
 
 /// Arms `owner`'s wake-up on `channel` as generation `gen` for `ttl`.
-pub(crate) async fn arm(
-    pool: &PgPool,
+pub(crate) async fn arm<'c, E: PgExecutor<'c>>(
+    executor: E,
     channel: &str,
     owner: &str,
     ttl: Duration,
@@ -479,7 +479,7 @@ pub(crate) async fn arm(
         .bind(owner)
         .bind(ttl.as_secs_f64())
         .bind(i64::try_from(generation).unwrap_or(i64::MAX))
-        .execute(pool)
+        .execute(executor)
         .await?;
     Ok(())
 }
@@ -487,16 +487,16 @@ pub(crate) async fn arm(
 /// Tells producers' sessions that cached "nobody waits" to look again: bumps the listeners
 /// version. Called after an arming (or a subscription) has committed, so a producer that reads
 /// the new version also sees the row.
-pub(crate) async fn listeners_changed(pool: &PgPool) -> Result<()> {
+pub(crate) async fn listeners_changed<'c, E: PgExecutor<'c>>(executor: E) -> Result<()> {
     sqlx::query(crate::sql::LISTENERS_CHANGED)
-        .execute(pool)
+        .execute(executor)
         .await?;
     Ok(())
 }
 
 /// Clears generation `gen` of `owner`'s arming on `channel` (a newer one stays).
-pub(crate) async fn disarm(
-    pool: &PgPool,
+pub(crate) async fn disarm<'c, E: PgExecutor<'c>>(
+    executor: E,
     channel: &str,
     owner: &str,
     generation: u64,
@@ -505,16 +505,19 @@ pub(crate) async fn disarm(
         .bind(channel)
         .bind(owner)
         .bind(i64::try_from(generation).unwrap_or(i64::MAX))
-        .execute(pool)
+        .execute(executor)
         .await?;
     Ok(())
 }
 
 /// Whether no transaction other than ours holds `RowExclusiveLock` on the queue table.
-pub(crate) async fn inserts_settled(pool: &PgPool, queue: &str) -> Result<bool> {
+pub(crate) async fn inserts_settled<'c, E: PgExecutor<'c>>(
+    executor: E,
+    queue: &str,
+) -> Result<bool> {
     let settled: bool = sqlx::query_scalar(crate::sql::INSERTS_SETTLED)
         .bind(queue)
-        .fetch_one(pool)
+        .fetch_one(executor)
         .await?;
     Ok(settled)
 }
@@ -531,14 +534,18 @@ pub(crate) struct WakeTarget {
 
 /// Tells idle workers of other processes that messages become visible in `delay` (after an
 /// update no insert trigger sees). Sends nothing when no other process waits.
-pub(crate) async fn wake_others(pool: &PgPool, target: &WakeTarget, delay: Duration) -> Result<()> {
+pub(crate) async fn wake_others<'c, E: PgExecutor<'c>>(
+    executor: E,
+    target: &WakeTarget,
+    delay: Duration,
+) -> Result<()> {
     sqlx::query(crate::sql::WAKE_OTHERS)
         .bind(&target.queue)
         .bind(&target.queue_channel)
         .bind(&target.namespace_channel)
         .bind(delay.as_secs_f64())
         .bind(&target.owner)
-        .execute(pool)
+        .execute(executor)
         .await?;
     Ok(())
 }

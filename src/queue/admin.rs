@@ -133,10 +133,10 @@ impl PgmqQueue {
     /// # Errors
     ///
     /// [`Error::Database`] if the statement fails.
-    pub async fn is_partitioned(&self, pool: &sqlx::PgPool) -> Result<bool> {
+    pub async fn is_partitioned<'c, E: PgExecutor<'c>>(&self, executor: E) -> Result<bool> {
         let p: Option<bool> = sqlx::query_scalar(crate::sql::QUEUE_IS_PARTITIONED)
             .bind(self.name.as_str())
-            .fetch_optional(pool)
+            .fetch_optional(executor)
             .await?;
         Ok(p.unwrap_or(false))
     }
@@ -146,33 +146,36 @@ impl PgmqQueue {
     /// creation are dropped. Returns how many archive partitions went. Run it often (a worker
     /// process does, on each heartbeat): rows beyond the partitions made ahead land in the
     /// default partition, which blocks making their partition later.
-    pub(crate) async fn maintain_partitions(&self, pool: &sqlx::PgPool) -> Result<usize> {
+    pub(crate) async fn maintain_partitions(&self, conn: &mut sqlx::PgConnection) -> Result<usize> {
         sqlx::query(crate::sql::RUN_PARTMAN_MAINTENANCE)
             .bind(format!("pgmq.q_{}", self.name.as_str()))
-            .execute(pool)
+            .execute(&mut *conn)
             .await?;
         let table = format!("pgmq.a_{}", self.name.as_str());
         let before: i64 = sqlx::query_scalar(crate::sql::COUNT_PARTITIONS)
             .bind(&table)
-            .fetch_one(pool)
+            .fetch_one(&mut *conn)
             .await?;
         sqlx::query(crate::sql::RUN_PARTMAN_MAINTENANCE)
             .bind(&table)
-            .execute(pool)
+            .execute(&mut *conn)
             .await?;
         let after: i64 = sqlx::query_scalar(crate::sql::COUNT_PARTITIONS)
             .bind(&table)
-            .fetch_one(pool)
+            .fetch_one(&mut *conn)
             .await?;
         Ok(usize::try_from(before - after).unwrap_or(0))
     }
 
     /// Indexes the dead letters of this queue by job id (idempotent; the dead-letter queue must
     /// exist), so a dead job is found by id without a scan.
-    pub(crate) async fn index_dead_letters(&self, pool: &sqlx::PgPool) -> Result<()> {
+    pub(crate) async fn index_dead_letters<'c, E: PgExecutor<'c>>(
+        &self,
+        executor: E,
+    ) -> Result<()> {
         sqlx::query(crate::sql::INDEX_DEAD_LETTERS)
             .bind(self.name.as_str())
-            .execute(pool)
+            .execute(executor)
             .await?;
         Ok(())
     }
@@ -213,9 +216,9 @@ impl PgmqQueue {
 
     /// The first right a worker of this queue needs and lacks (`None`: it has them all).
     /// `dlq` is the queue's dead-letter queue; `listeners`: whether the worker arms wake-ups.
-    pub(crate) async fn missing_worker_right(
+    pub(crate) async fn missing_worker_right<'c, E: PgExecutor<'c>>(
         &self,
-        pool: &sqlx::PgPool,
+        executor: E,
         dlq: &PgmqQueue,
         listeners: bool,
         results: bool,
@@ -294,7 +297,7 @@ impl PgmqQueue {
             .bind(objects)
             .bind(rights)
             .bind(kinds)
-            .fetch_optional(pool)
+            .fetch_optional(executor)
             .await?;
         let Some((i, role)) = missing else {
             return Ok(None);

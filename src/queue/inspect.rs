@@ -667,11 +667,11 @@ impl PgmqQueue {
     /// pruning lock, so one process at a time prunes a queue; `None` if another holds it.
     pub(crate) async fn prune_batch_elected(
         &self,
-        pool: &PgPool,
+        conn: &mut sqlx::PgConnection,
         dead_letters: bool,
         older_than: std::time::Duration,
     ) -> crate::error::Result<Option<i64>> {
-        if dead_letters && !self.has_dead_letter_queue(pool).await? {
+        if dead_letters && !self.has_dead_letter_queue(&mut *conn).await? {
             return Ok(Some(0));
         }
         let sql = if dead_letters {
@@ -684,7 +684,7 @@ impl PgmqQueue {
         let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql.clone()))
             .bind(older_than.as_secs_f64().min(1e11))
             .bind(PRUNE_BATCH)
-            .fetch_one(pool)
+            .fetch_one(conn)
             .await?;
         Ok(Some(n))
     }
@@ -891,9 +891,9 @@ impl PgmqQueue {
     /// per queue at a time); `None` otherwise.
     pub(crate) async fn counts_elected(
         &self,
-        pool: &PgPool,
+        conn: &mut sqlx::PgConnection,
     ) -> crate::error::Result<Option<QueueCounts>> {
-        let mut tx = pool.begin().await?;
+        let mut tx = sqlx::Connection::begin(conn).await?;
         let elected: bool = sqlx::query_scalar(crate::sql::TRY_SAMPLE_LOCK)
             .bind(self.name.as_str())
             .fetch_one(&mut *tx)

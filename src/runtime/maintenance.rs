@@ -18,6 +18,11 @@
 //!   notification answering an arming, a worker dropped without closing, an event stream
 //!   dropped): disarming, releasing held messages, deleting rows. They run in order, and those
 //!   still queued when the runtime stops run before the service ends.
+//!
+//! Every statement has a deadline (`src/deadline.rs`): the heartbeat interval, at least 10 s,
+//! for a whole round, and the same for each chore. A statement that passes it gives its
+//! connection up (closed, not handed back to the pool); the round ends and the next one tries
+//! again.
 
 use crate::error::Describe;
 use std::{
@@ -30,11 +35,12 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgExecutor, PgPool};
 use tokio::{sync::mpsc, time::Instant};
 
 use super::{Inner, lock};
 use crate::{
+    deadline::Conn,
     notify::{WakeSignal, wakeup::WakeTarget},
     queue::{Delivery, PgmqQueue},
     util::Stop,
@@ -186,8 +192,8 @@ fn host() -> String {
 }
 
 /// Writes the rows of `entries` (one statement) with a lifetime of three `interval`s.
-async fn beat(
-    pool: &PgPool,
+async fn beat<'c, E: PgExecutor<'c>>(
+    executor: E,
     owner: &str,
     interval: Duration,
     entries: &[(String, Entry)],
@@ -221,7 +227,7 @@ async fn beat(
         .bind(in_flight)
         .bind(started)
         .bind((interval * 3).as_secs_f64())
-        .execute(pool)
+        .execute(executor)
         .await?;
     Ok(())
 }
@@ -276,14 +282,18 @@ impl Inner {
         };
         {
             let _beat = m.beat_lock.lock().await;
-            if let Err(e) = beat(
-                &self.pool,
-                &self.owner,
-                m.interval(),
-                &[(id.clone(), entry.clone())],
-            )
-            .await
-            {
+            let interval = m.interval();
+            let by = Instant::now() + crate::deadline::maintenance(interval);
+            let one = [(id.clone(), entry.clone())];
+            let written = async {
+                let mut conn = Conn::acquire(&self.pool, by).await?;
+                conn.run(by, "registering a worker", |c| {
+                    beat(c, &self.owner, interval, &one)
+                })
+                .await
+            }
+            .await;
+            if let Err(e) = written {
                 tracing::warn!(worker = name, queue = %queue.name(), error = %e.describe(),
                     "could not register the worker; it runs, but is not listed until the next heartbeat");
             }
@@ -308,14 +318,23 @@ impl Registration {
         };
         let _beat = inner.maintenance.beat_lock.lock().await;
         lock(&inner.maintenance.workers).remove(&self.id);
-        if let Err(e) = sqlx::query(crate::sql::UNREGISTER_WORKER)
-            .bind(&self.id)
-            .execute(&inner.pool)
-            .await
-        {
+        let by = Instant::now() + crate::deadline::maintenance(inner.maintenance.interval());
+        if let Err(e) = unregister(&inner.pool, &self.id, by).await {
             tracing::debug!(error = %e.describe(), "could not remove the worker's row; it expires by itself");
         }
     }
+}
+
+/// Deletes a worker's row, by `by`.
+async fn unregister(pool: &PgPool, id: &str, by: Instant) -> crate::error::Result<()> {
+    let mut conn = Conn::acquire(pool, by).await?;
+    conn.run(by, "removing a worker's row", |c| {
+        sqlx::query(crate::sql::UNREGISTER_WORKER)
+            .bind(id)
+            .execute(c)
+    })
+    .await?;
+    Ok(())
 }
 
 impl Drop for Registration {
@@ -375,6 +394,8 @@ pub(crate) async fn run(
 
 async fn do_chore(inner: &Inner, chore: Chore) {
     let pool = &inner.pool;
+    let deadline = crate::deadline::maintenance(inner.maintenance.interval());
+    let by = Instant::now() + deadline;
     match chore {
         Chore::Wake => {}
         Chore::Disarm {
@@ -382,8 +403,15 @@ async fn do_chore(inner: &Inner, chore: Chore) {
             owner,
             generation,
         } => {
-            if let Err(e) = crate::notify::wakeup::disarm(pool, &channel, &owner, generation).await
-            {
+            let disarmed = async {
+                let mut conn = Conn::acquire(pool, by).await?;
+                conn.run(by, "disarming a wake-up", |c| {
+                    crate::notify::wakeup::disarm(c, &channel, &owner, generation)
+                })
+                .await
+            }
+            .await;
+            if let Err(e) = disarmed {
                 tracing::debug!(%channel, error = %e.describe(),
                     "could not disarm an answered wake-up; producers notify until it expires");
             }
@@ -393,20 +421,16 @@ async fn do_chore(inner: &Inner, chore: Chore) {
             held,
             signal,
             wake,
-        } => crate::lease::release(pool, &queue, &held, &signal, wake.as_ref()).await,
+        } => crate::lease::release(pool, &queue, &held, &signal, wake.as_ref(), deadline).await,
         Chore::Unregister(id) => {
             let _beat = inner.maintenance.beat_lock.lock().await;
-            if let Err(e) = sqlx::query(crate::sql::UNREGISTER_WORKER)
-                .bind(&id)
-                .execute(pool)
-                .await
-            {
+            if let Err(e) = unregister(pool, &id, by).await {
                 tracing::debug!(error = %e.describe(), "could not remove a worker's row; it expires by itself");
             }
         }
         Chore::Unwant { owner, channels } => {
             for c in &channels {
-                if let Err(e) = crate::notify::unwant(pool, c, &owner).await {
+                if let Err(e) = unwant(pool, c, &owner, by).await {
                     tracing::debug!(channel = %c, error = %e.describe(),
                         "could not remove an event subscription's row; it expires by itself");
                 }
@@ -415,28 +439,52 @@ async fn do_chore(inner: &Inner, chore: Chore) {
     }
 }
 
+/// Removes `owner`'s row on `channel`, by `by`.
+async fn unwant(
+    pool: &PgPool,
+    channel: &str,
+    owner: &str,
+    by: Instant,
+) -> crate::error::Result<()> {
+    let mut conn = Conn::acquire(pool, by).await?;
+    conn.run(by, "removing a subscription's row", |c| {
+        crate::notify::unwant(c, channel, owner)
+    })
+    .await
+}
+
 /// One heartbeat for every worker of the runtime (none: no statement), then partition upkeep,
 /// gauges and, when due, retention.
 async fn heartbeat_round(inner: &Inner, interval: Duration, next_prune: &mut Instant) {
     let m = &inner.maintenance;
     let pool = &inner.pool;
+    // One deadline for the whole round: whatever the network does, the round ends by then.
+    let by = Instant::now() + crate::deadline::maintenance(interval);
     {
         let _beat = m.beat_lock.lock().await;
         let entries = m.snapshot();
         if entries.is_empty() {
             return;
         }
-        if let Err(e) = beat(pool, &inner.owner, interval, &entries).await {
+        let written = async {
+            let mut conn = Conn::acquire(pool, by).await?;
+            conn.run(by, "the worker heartbeat", |c| {
+                beat(c, &inner.owner, interval, &entries)
+            })
+            .await
+        }
+        .await;
+        if let Err(e) = written {
             tracing::warn!(error = %e.describe(), workers = entries.len(), "worker heartbeat failed");
         }
     }
     let queues: Vec<_> = lock(&m.retention).values().cloned().collect();
     for (queue, _) in queues.iter().filter(|(_, r)| r.partitioned) {
-        maintain_elected(pool, queue).await;
+        maintain_elected(pool, queue, by).await;
     }
     if crate::obs::SAMPLES_GAUGES {
         for (queue, _) in &queues {
-            sample_gauges(pool, queue).await;
+            sample_gauges(pool, queue, by).await;
         }
     }
     if Instant::now() < *next_prune {
@@ -446,18 +494,24 @@ async fn heartbeat_round(inner: &Inner, interval: Duration, next_prune: &mut Ins
     for (queue, retention) in queues {
         for (dead_letters, keep) in [(false, retention.archive), (true, retention.dead_letters)] {
             let Some(keep) = keep else { continue };
-            prune_elected(pool, &queue, dead_letters, keep).await;
+            prune_elected(pool, &queue, dead_letters, keep, by).await;
         }
         if let Some(keep) = retention.results {
-            match crate::ops::prune_results_batches(
-                pool,
-                queue.name(),
-                keep,
-                true,
-                PRUNE_BATCHES_PER_ROUND,
-            )
-            .await
-            {
+            let pruned = async {
+                let mut conn = Conn::acquire(pool, by).await?;
+                conn.run(by, "pruning job results", |c| {
+                    crate::ops::prune_results_batches(
+                        c,
+                        queue.name(),
+                        keep,
+                        true,
+                        PRUNE_BATCHES_PER_ROUND,
+                    )
+                })
+                .await
+            }
+            .await;
+            match pruned {
                 Ok(n) if n > 0 => {
                     tracing::debug!(queue = %queue.name(), deleted = n, "pruned job results past retention");
                 }
@@ -486,35 +540,30 @@ async fn refresh_subscriptions(inner: &Inner) {
         .iter()
         .map(|(o, c)| (o.clone(), c.clone()))
         .collect();
+    let by = Instant::now() + crate::deadline::maintenance(inner.maintenance.interval());
     for (owner, channels) in subs {
         for c in &channels {
-            if let Err(e) =
-                crate::notify::want(&inner.pool, c, &owner, SUBSCRIPTION_TTL.as_secs_f64(), true)
-                    .await
-            {
+            let refreshed = async {
+                let mut conn = Conn::acquire(&inner.pool, by).await?;
+                conn.run(by, "refreshing a subscription", |x| {
+                    crate::notify::want(x, c, &owner, SUBSCRIPTION_TTL.as_secs_f64(), true)
+                })
+                .await
+            }
+            .await;
+            if let Err(e) = refreshed {
                 tracing::debug!(error = %e.describe(), "could not refresh an event subscription");
             }
         }
     }
 }
 
-/// pg_partman's maintenance of a partitioned queue, by one process at a time.
-async fn maintain_elected(pool: &PgPool, queue: &PgmqQueue) {
+/// pg_partman's maintenance of a partitioned queue, by one process at a time, by `by`.
+async fn maintain_elected(pool: &PgPool, queue: &PgmqQueue, by: Instant) {
     let elected = async {
-        let mut conn = pool.acquire().await?;
-        let got: bool = sqlx::query_scalar(crate::sql::TRY_MAINTAIN_LOCK)
-            .bind(queue.name().as_str())
-            .fetch_one(&mut *conn)
-            .await?;
-        if !got {
-            return Ok::<_, crate::error::Error>(None);
-        }
-        let result = queue.maintain_partitions(pool).await;
-        let _ = sqlx::query(crate::sql::MAINTAIN_UNLOCK)
-            .bind(queue.name().as_str())
-            .execute(&mut *conn)
-            .await;
-        result.map(Some)
+        let mut conn = Conn::acquire(pool, by).await?;
+        conn.run(by, "partition maintenance", |c| maintain_on(c, queue))
+            .await
     };
     match elected.await {
         Ok(Some(dropped)) if dropped > 0 => {
@@ -527,10 +576,36 @@ async fn maintain_elected(pool: &PgPool, queue: &PgmqQueue) {
     }
 }
 
+/// Partition maintenance on `conn` while it holds the queue's maintenance lock; `None` if
+/// another session holds it.
+async fn maintain_on(
+    conn: &mut PgConnection,
+    queue: &PgmqQueue,
+) -> crate::error::Result<Option<usize>> {
+    let got: bool = sqlx::query_scalar(crate::sql::TRY_MAINTAIN_LOCK)
+        .bind(queue.name().as_str())
+        .fetch_one(&mut *conn)
+        .await?;
+    if !got {
+        return Ok(None);
+    }
+    let result = queue.maintain_partitions(&mut *conn).await;
+    let _ = sqlx::query(crate::sql::MAINTAIN_UNLOCK)
+        .bind(queue.name().as_str())
+        .execute(&mut *conn)
+        .await;
+    result.map(Some)
+}
+
 /// Counts a queue's jobs for the metrics gauges, if this process holds the queue's sampling
 /// lock (one process per queue samples).
-async fn sample_gauges(pool: &PgPool, queue: &PgmqQueue) {
-    match queue.counts_elected(pool).await {
+async fn sample_gauges(pool: &PgPool, queue: &PgmqQueue, by: Instant) {
+    let counted = async {
+        let mut conn = Conn::acquire(pool, by).await?;
+        conn.run(by, "sampling the queue", |c| queue.counts_elected(c))
+            .await
+    };
+    match counted.await {
         Ok(Some(c)) => crate::obs::queue_jobs(queue.name().as_str(), &c),
         Ok(None) => {}
         Err(e) => {
@@ -539,8 +614,14 @@ async fn sample_gauges(pool: &PgPool, queue: &PgmqQueue) {
     }
 }
 
-/// Up to a few batches of pruning, while this process holds the queue's pruning lock.
-async fn prune_elected(pool: &PgPool, queue: &PgmqQueue, dead_letters: bool, keep: Duration) {
+/// Up to a few batches of pruning, while this process holds the queue's pruning lock, by `by`.
+async fn prune_elected(
+    pool: &PgPool,
+    queue: &PgmqQueue,
+    dead_letters: bool,
+    keep: Duration,
+    by: Instant,
+) {
     let what = if dead_letters {
         "dead letters"
     } else {
@@ -548,7 +629,14 @@ async fn prune_elected(pool: &PgPool, queue: &PgmqQueue, dead_letters: bool, kee
     };
     let mut total = 0i64;
     for _ in 0..PRUNE_BATCHES_PER_ROUND {
-        match queue.prune_batch_elected(pool, dead_letters, keep).await {
+        let batch = async {
+            let mut conn = Conn::acquire(pool, by).await?;
+            conn.run(by, "pruning", |c| {
+                queue.prune_batch_elected(c, dead_letters, keep)
+            })
+            .await
+        };
+        match batch.await {
             Ok(Some(n)) => {
                 total += n;
                 if n < crate::queue::PRUNE_BATCH {

@@ -43,6 +43,9 @@ struct State {
     /// Extra wait, in microseconds, before each chunk is forwarded (a slow network), in each
     /// direction; 0: none.
     slow_us: AtomicU64,
+    /// Requests (chunks from a client) that arrived on a silent connection and were never
+    /// forwarded: how a test knows a client is waiting on a frozen connection.
+    swallowed: AtomicUsize,
 }
 
 /// A running proxy; stopped (every connection closed) when dropped.
@@ -150,6 +153,12 @@ impl Proxy {
         self.state.slow_us.store(us, Ordering::SeqCst);
     }
 
+    /// Requests from clients swallowed by silent (frozen) connections so far: each is a
+    /// client waiting for an answer that never comes.
+    pub fn swallowed(&self) -> usize {
+        self.state.swallowed.load(Ordering::SeqCst)
+    }
+
     /// Connections accepted so far.
     pub fn accepted(&self) -> usize {
         self.state.accepted.load(Ordering::SeqCst)
@@ -209,6 +218,9 @@ async fn pipe(
             conn.listens.store(true, Ordering::SeqCst);
         }
         if conn.silent.load(Ordering::SeqCst) {
+            if client_to_server {
+                state.swallowed.fetch_add(1, Ordering::SeqCst);
+            }
             // Half-open: hold both sockets, forward nothing, until the proxy is dropped.
             std::future::pending::<()>().await;
         }

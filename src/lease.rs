@@ -246,7 +246,7 @@ pub(crate) async fn release(
         return;
     }
     let count = held.len();
-    match queue.release(pool, held).await {
+    match queue.release_pooled(pool, held).await {
         Ok(_) => {
             tracing::debug!(queue = %queue.name(), count, "released claimed messages");
             crate::obs::released(queue.name().as_str(), count);
@@ -327,7 +327,7 @@ pub(crate) async fn keeper(
             .map_or(started + vt, |e| e - margin)
             .max(started + Duration::from_millis(10));
         let renewal = tokio::select! {
-            r = queue.renew(&pool, &batch, vt) => Some(r),
+            r = queue.renew_pooled(&pool, &batch, vt) => Some(r),
             () = tokio::time::sleep_until(give_up_at) => None,
         };
         match renewal {

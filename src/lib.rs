@@ -142,6 +142,15 @@
 //! [`Config::archive_retention`] and [`Config::dead_letter_retention`]. Each job runs in a
 //! `tracing` span; the `metrics` feature exports counters, histograms and gauges.
 //!
+//! A transaction held open anywhere in the database (a forgotten `BEGIN`, `pg_dump`, a
+//! replication slot) keeps vacuum from removing the row versions claims and outcomes leave:
+//! the queue tables grow and claims slow down while it stays. A process running workers looks
+//! on every heartbeat round and logs a `WARN` naming each holder older than a minute (kind,
+//! pid, age, `application_name`, query), at most every five minutes per holder;
+//! [`snapshot_holders`] lists them on demand. The statements of the lease protocol never
+//! depend on the queue table's statistics (one index probe per row, whatever `ANALYZE` last
+//! saw). See the README, "Old snapshots".
+//!
 //! # The queue layer
 //!
 //! [`PgmqQueue`] wraps one PGMQ queue for direct use: send, read, archive, metrics, … Every
@@ -161,6 +170,7 @@ mod ack;
 mod backend;
 mod config;
 mod error;
+mod horizon;
 mod lease;
 mod migrate;
 mod notify;
@@ -183,6 +193,7 @@ pub use config::{
     WakeupConfig, human::HumanDuration,
 };
 pub use error::{BoxDynError, Error, QueueNameError, Result};
+pub use horizon::{SnapshotHolder, SnapshotHolders, snapshot_holders};
 pub use migrate::{
     MIN_PGMQ_VERSION, PendingMigration, PgmqSource, SCHEMA, SetupReport, pending_migrations, setup,
 };

@@ -18,6 +18,8 @@
 //! | `apalis_pgmq_pickup_latency_seconds` | histogram | `queue` | from visible to handler start |
 //! | `apalis_pgmq_job_duration_seconds` | histogram | `queue` | handler run time |
 //! | `apalis_pgmq_queue_jobs` | gauge | `queue`, `state` | jobs by state, sampled by one process per queue on each heartbeat |
+//! | `apalis_pgmq_oldest_snapshot_seconds` | gauge | – | how long the oldest transaction holding back vacuum of the database has been open (0: none, or its start is not visible to this role), sampled on each heartbeat |
+//! | `apalis_pgmq_oldest_snapshot_xids` | gauge | – | how many transactions ago that oldest snapshot was taken (`age(xmin)`) |
 
 #![cfg_attr(not(feature = "metrics"), allow(unused_variables))]
 
@@ -116,5 +118,20 @@ pub(crate) fn queue_jobs(queue: &str, c: &crate::queue::QueueCounts) {
             "state" => state
         )
         .set(n as f64);
+    }
+}
+
+pub(crate) fn oldest_snapshot(found: &crate::horizon::SnapshotHolders) {
+    #[cfg(feature = "metrics")]
+    {
+        let secs = found
+            .holders
+            .iter()
+            .filter_map(|h| h.held)
+            .max()
+            .map_or(0.0, |d| d.as_secs_f64());
+        let xids = found.holders.iter().map(|h| h.xids).max().unwrap_or(0);
+        metrics::gauge!("apalis_pgmq_oldest_snapshot_seconds").set(secs);
+        metrics::gauge!("apalis_pgmq_oldest_snapshot_xids").set(xids as f64);
     }
 }

@@ -348,7 +348,7 @@ async fn write_outcomes(
     };
     let written = ctx
         .queue
-        .complete(&mut *c, batch, with_results, &ctx.results_channel)
+        .complete(&mut c, batch, with_results, &ctx.results_channel)
         .await;
     if written.as_ref().is_ok()
         || written

@@ -1012,7 +1012,7 @@ async fn fetch(
             }
         },
     };
-    let messages = match shared.queue.claim(&mut *conn, vt, qty, by_priority).await {
+    let messages = match shared.queue.claim(&mut conn, vt, qty, by_priority).await {
         Ok(m) => m,
         // The connection may be broken: let it go.
         Err(e) => return (Err(e), None),

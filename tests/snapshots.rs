@@ -12,11 +12,10 @@ use sqlx::{Connection, Executor, PgConnection};
 #[tokio::test]
 async fn a_held_snapshot_is_found_with_its_pid_age_and_query() {
     let db = TestDb::setup().await;
-    let mut holder = PgConnection::connect_with(
-        &db.options.clone().application_name("forgotten-psql"),
-    )
-    .await
-    .expect("connect");
+    let mut holder =
+        PgConnection::connect_with(&db.options.clone().application_name("forgotten-psql"))
+            .await
+            .expect("connect");
     let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
         .fetch_one(&mut holder)
         .await
@@ -29,15 +28,19 @@ async fn a_held_snapshot_is_found_with_its_pid_age_and_query() {
         .fetch_one(&mut holder)
         .await
         .expect("take the snapshot");
-    let found = wait_for(Duration::from_secs(10), "the holder to be listed", || async {
-        let found = snapshot_holders(&db.pool).await.expect("snapshot_holders");
-        found
-            .holders
-            .iter()
-            .find(|h| h.pid == Some(pid) && h.held.is_some_and(|d| d > Duration::ZERO))
-            .cloned()
-            .map(|h| (h, found.sees_all))
-    })
+    let found = wait_for(
+        Duration::from_secs(10),
+        "the holder to be listed",
+        || async {
+            let found = snapshot_holders(&db.pool).await.expect("snapshot_holders");
+            found
+                .holders
+                .iter()
+                .find(|h| h.pid == Some(pid) && h.held.is_some_and(|d| d > Duration::ZERO))
+                .cloned()
+                .map(|h| (h, found.sees_all))
+        },
+    )
     .await;
     let (h, sees_all) = found;
     assert_eq!(h.kind, "session");

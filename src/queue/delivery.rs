@@ -152,6 +152,7 @@ macro_rules! lease_settings {
 /// JIT is turned off too (it compiled each outcome statement for 2.2 s, measured). The cost:
 /// the statement runs in a transaction of its own, one more round trip (`BEGIN` and the
 /// settings go in one message).
+#[cfg_attr(not(feature = "testing"), allow(dead_code))]
 pub(crate) const LEASE_SETTINGS: &str = lease_settings!();
 
 /// `BEGIN` with [`LEASE_SETTINGS`], in one round trip.

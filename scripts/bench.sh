@@ -7,7 +7,9 @@
 #
 # --baseline REV builds this repository's harness as it was at commit REV (from `git archive`,
 # in target/baseline) and runs it as the `baseline` system of the `growth` workload: this
-# crate's burn-down then and now, in one run against one server.
+# crate's burn-down then and now, in one run against one server. With --baseline-harness
+# current, the crate at REV is built with today's harness (bench/), for workloads REV's
+# harness did not have yet (`held_snapshot`); the harness uses only API both have.
 #
 # Without DATABASE_URL a throwaway cluster is started with durable settings (fsync and
 # synchronous_commit on) and pg_stat_statements preloaded, so idle cost counts statements.
@@ -15,9 +17,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 args=()
 baseline=""
+harness="then"
 while [ $# -gt 0 ]; do
   case "$1" in
     --baseline) baseline="$2"; shift 2 ;;
+    --baseline-harness) harness="$2"; shift 2 ;;
     *) args+=("$1"); shift ;;
   esac
 done
@@ -28,10 +32,13 @@ case "$peer_target" in /*) ;; *) peer_target="$PWD/bench/pgmq-peer/$peer_target"
 export APQ_PEER_BIN="$peer_target/release/apalis-pgmq-peer-bench"
 if [ -n "$baseline" ]; then
   rev="$(git rev-parse --short "$baseline")"
-  src="$PWD/target/baseline/src-$rev"
+  src="$PWD/target/baseline/src-$rev-$harness"
   if [ ! -f "$src/Cargo.toml" ]; then
     rm -rf "$src" && mkdir -p "$src"
     git archive "$rev" | tar -x -C "$src"
+  fi
+  if [ "$harness" = current ]; then
+    rm -rf "$src/bench/src" && cp -r bench/src "$src/bench/src" && cp bench/Cargo.toml "$src/bench/"
   fi
   (cd "$src" && CARGO_TARGET_DIR="$PWD/../target" cargo build --release -q -p apalis-pgmq-notify-bench)
   export APQ_BASELINE_BIN="$PWD/target/baseline/target/release/apalis-pgmq-notify-bench"

@@ -165,6 +165,8 @@
 //! | `apalis_pgmq_pickup_latency_seconds` | histogram | `queue` | from visible to handler start |
 //! | `apalis_pgmq_job_duration_seconds` | histogram | `queue` | handler run time |
 //! | `apalis_pgmq_queue_jobs` | gauge | `queue`, `state` | jobs by state, sampled by one process per queue on each heartbeat |
+//! | `apalis_pgmq_oldest_snapshot_seconds` | gauge | – | how long the oldest transaction holding back vacuum of the database has been open (0: none, or its start is unknown) |
+//! | `apalis_pgmq_oldest_snapshot_xids` | gauge | – | how many transactions ago that oldest snapshot was taken (`age(xmin)`) |
 //!
 //! Jobs pushed by other PGMQ clients (SQL, Python, ...) are not in the enqueue counter; the
 //! `apalis_pgmq_queue_jobs` gauge counts them.
@@ -178,6 +180,17 @@
 //! [`Error::ReadOnly`] ([`check_writable`]). [`MultiHost`] parses multi-host connection
 //! strings with `target_session_attrs`, builds a pool on the host that fits, and
 //! [`Runtime::hosts`] keeps the pool and the listener on it across failovers.
+//!
+//! # Old snapshots
+//!
+//! A transaction held open anywhere in the database (a forgotten `BEGIN`, `pg_dump`, a
+//! replication slot) keeps vacuum from removing the row versions claims and outcomes leave:
+//! the queue tables grow and claims slow down while it stays. A process running workers looks
+//! on every heartbeat round and logs a `WARN` naming each holder older than a minute (kind,
+//! pid, age, `application_name`, query), at most every five minutes per holder;
+//! [`snapshot_holders`] lists them on demand. The statements of the lease protocol never
+//! depend on the queue table's statistics (one index probe per row, whatever `ANALYZE` last
+//! saw). See the README, "Old snapshots".
 //!
 //! # The queue layer
 //!
@@ -199,6 +212,7 @@ mod backend;
 mod config;
 mod deadline;
 mod error;
+mod horizon;
 mod lease;
 mod migrate;
 mod notify;
@@ -222,6 +236,7 @@ pub use config::{
     WakeupConfig, human::HumanDuration,
 };
 pub use error::{BoxDynError, Error, QueueNameError, Result};
+pub use horizon::{SnapshotHolder, SnapshotHolders, snapshot_holders};
 pub use migrate::{
     MIN_PGMQ_VERSION, MigrationStatus, PendingMigration, PgmqSource, SCHEMA, SetupReport,
     migration_status, migrations_sql, pending_migrations, pgmq_installed, setup,

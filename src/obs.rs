@@ -91,6 +91,16 @@ pub(crate) fn describe() {
             Unit::Count,
             "Jobs by state, sampled by one process per queue on each heartbeat"
         );
+        describe_gauge!(
+            "apalis_pgmq_oldest_snapshot_seconds",
+            Unit::Seconds,
+            "How long the oldest transaction holding back vacuum of the database has been open"
+        );
+        describe_gauge!(
+            "apalis_pgmq_oldest_snapshot_xids",
+            Unit::Count,
+            "How many transactions ago the oldest snapshot holding back vacuum was taken"
+        );
     }
 }
 
@@ -196,5 +206,20 @@ pub(crate) fn queue_jobs(queue: &str, c: &crate::queue::QueueCounts) {
             "state" => state
         )
         .set(n as f64);
+    }
+}
+
+pub(crate) fn oldest_snapshot(found: &crate::horizon::SnapshotHolders) {
+    #[cfg(feature = "metrics")]
+    {
+        let secs = found
+            .holders
+            .iter()
+            .filter_map(|h| h.held)
+            .max()
+            .map_or(0.0, |d| d.as_secs_f64());
+        let xids = found.holders.iter().map(|h| h.xids).max().unwrap_or(0);
+        metrics::gauge!("apalis_pgmq_oldest_snapshot_seconds").set(secs);
+        metrics::gauge!("apalis_pgmq_oldest_snapshot_xids").set(xids as f64);
     }
 }

@@ -1,6 +1,7 @@
 //! Hooks for the tests, only with the `testing` feature; not part of the API: the statements that
 //! write about claimed messages, callable on their own, for the tests that race them against each
-//! other on a real database (tests/locks.rs), and the migration checksum (tests/migrations.rs).
+//! other on a real database (tests/locks.rs), their SQL text for the plan tests (tests/plans.rs),
+//! and the migration checksum (tests/migrations.rs).
 
 use std::time::Duration;
 
@@ -33,7 +34,7 @@ pub async fn renew(
     secs: f64,
 ) -> Result<Renewal> {
     queue
-        .renew(pool, &deliveries(batch), Duration::from_secs_f64(secs))
+        .renew_pooled(pool, &deliveries(batch), Duration::from_secs_f64(secs))
         .await
 }
 
@@ -43,7 +44,7 @@ pub async fn renew(
 ///
 /// [`Error::Database`](crate::Error::Database) if the statement fails.
 pub async fn release(pool: &PgPool, queue: &PgmqQueue, batch: &[(i64, i32)]) -> Result<Vec<i64>> {
-    queue.release(pool, &deliveries(batch)).await
+    queue.release_pooled(pool, &deliveries(batch)).await
 }
 
 /// Writes "done, archive" for every delivery of `batch` in one outcome statement, as the
@@ -67,8 +68,26 @@ pub async fn archive_outcomes(
             result: None,
         })
         .collect();
-    Ok(queue.complete(pool, &outcomes, false, "").await?)
+    let mut conn = pool.acquire().await?;
+    Ok(queue.complete(&mut conn, &outcomes, false, "").await?)
 }
+
+/// The SQL text of the lease protocol's statements on `queue`, by name (`claim`,
+/// `claim_priority`, `read`, `complete`, `complete_results`, `renew`, `release`,
+/// `set_vt_many`, `archive`, `delete`), exactly as the crate sends them, for the tests that
+/// `EXPLAIN` them (tests/plans.rs).
+#[must_use]
+pub fn lease_statements(queue: &PgmqQueue) -> Vec<(&'static str, String)> {
+    queue
+        .lease_statements()
+        .into_iter()
+        .map(|(name, sql)| (name, sql.to_string()))
+        .collect()
+}
+
+/// The planner settings the lease protocol's statements run with (`SET LOCAL` statements, each
+/// in a transaction of its own), to `EXPLAIN` them as they run.
+pub const LEASE_SETTINGS: &str = crate::queue::LEASE_SETTINGS;
 
 /// The checksum `setup` records for a migration's text (for the tests of the migration
 /// history).

@@ -13,6 +13,7 @@ mod proxy;
 mod results;
 #[path = "shared.rs"]
 mod shared;
+mod snapshot;
 mod throughput;
 mod wakeups;
 
@@ -76,6 +77,7 @@ const ALL_WORKLOADS: &[&str] = &[
     "results",
     "producers",
     "burst",
+    "held_snapshot",
 ];
 
 pub(crate) type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -228,6 +230,10 @@ async fn run_ours(bench: &mut Bench, workload: &str) -> Res<()> {
         }
     } else if workload == "burst" {
         for r in wakeups::burst(&pool, &p, OURS).await? {
+            bench.emit(r);
+        }
+    } else if workload == "held_snapshot" {
+        for r in snapshot::held_snapshot(&opts, &pool, &s, &p, OURS).await? {
             bench.emit(r);
         }
     } else if workload == "retention" {
@@ -493,7 +499,7 @@ fn growth_value(rec: &mut Record, n: u64, burn: Option<&Record>) {
 async fn run_apalis_pg(bench: &mut Bench, system: &str, workload: &str) -> Res<()> {
     if matches!(
         workload,
-        "retention" | "breakdown" | "delayed_pickup" | "far"
+        "retention" | "breakdown" | "delayed_pickup" | "far" | "held_snapshot"
     ) {
         return Ok(()); // this crate only
     }
@@ -826,7 +832,10 @@ async fn run_earlier(bin: &str, workload: &str, sets: &[(&str, String)]) -> Res<
 /// own harness against the same server: `growth` as its burn-down with one worker at each size
 /// (the default claim size of the time), and the workloads it knows with the same parameters.
 async fn run_baseline(bench: &mut Bench, workload: &str) -> Res<()> {
-    if !matches!(workload, "growth" | "pickup" | "idle_cost" | "burn_down") {
+    if !matches!(
+        workload,
+        "growth" | "pickup" | "idle_cost" | "burn_down" | "held_snapshot"
+    ) {
         return Ok(());
     }
     let Some(bin) = bench.baseline_bin.clone() else {
@@ -839,6 +848,12 @@ async fn run_baseline(bench: &mut Bench, workload: &str) -> Res<()> {
             ("burn_jobs", p.burn_jobs.to_string()),
             ("pickup_samples", p.pickup_samples.to_string()),
             ("idle_secs", p.idle_secs.to_string()),
+            ("snapshot_rate", p.snapshot_rate.to_string()),
+            ("snapshot_concurrency", p.snapshot_concurrency.to_string()),
+            ("snapshot_before_secs", p.snapshot_before_secs.to_string()),
+            ("snapshot_hold_secs", p.snapshot_hold_secs.to_string()),
+            ("snapshot_after_secs", p.snapshot_after_secs.to_string()),
+            ("snapshot_window_secs", p.snapshot_window_secs.to_string()),
         ];
         for mut r in run_earlier(&bin, workload, &sets).await? {
             r.system = BASELINE.to_owned();
@@ -876,6 +891,7 @@ async fn run_peer(bench: &mut Bench, system: &str, workload: &str) -> Res<()> {
             | "unique_enqueue"
             | "priorities"
             | "results"
+            | "held_snapshot"
     ) {
         // This crate only; apalis-pgmq is 4-8x slower than apalis-postgres in every run, so the
         // growth comparison is against apalis-postgres.

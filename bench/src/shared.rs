@@ -189,6 +189,36 @@ pub struct Params {
     pub result_calls: usize,
     #[serde(default = "default_result_waiters")]
     pub result_waiters: usize,
+    /// `held_snapshot`: arrival rate (jobs/s), the worker's concurrency, seconds before the
+    /// snapshot, held, and after, and the reporting window.
+    #[serde(default = "default_snapshot_rate")]
+    pub snapshot_rate: u64,
+    #[serde(default = "default_snapshot_concurrency")]
+    pub snapshot_concurrency: usize,
+    #[serde(default = "default_snapshot_before")]
+    pub snapshot_before_secs: u64,
+    #[serde(default = "default_snapshot_hold")]
+    pub snapshot_hold_secs: u64,
+    #[serde(default = "default_snapshot_before")]
+    pub snapshot_after_secs: u64,
+    #[serde(default = "default_snapshot_window")]
+    pub snapshot_window_secs: u64,
+}
+
+fn default_snapshot_rate() -> u64 {
+    2_000
+}
+fn default_snapshot_concurrency() -> usize {
+    50
+}
+fn default_snapshot_before() -> u64 {
+    20
+}
+fn default_snapshot_hold() -> u64 {
+    80
+}
+fn default_snapshot_window() -> u64 {
+    10
 }
 
 fn default_result_calls() -> usize {
@@ -250,6 +280,12 @@ impl Default for Params {
             far_secs: default_far_secs(),
             result_calls: default_result_calls(),
             result_waiters: default_result_waiters(),
+            snapshot_rate: default_snapshot_rate(),
+            snapshot_concurrency: default_snapshot_concurrency(),
+            snapshot_before_secs: default_snapshot_before(),
+            snapshot_hold_secs: default_snapshot_hold(),
+            snapshot_after_secs: default_snapshot_before(),
+            snapshot_window_secs: default_snapshot_window(),
         }
     }
 }
@@ -272,6 +308,11 @@ impl Params {
             far_secs: 3,
             result_calls: 30,
             result_waiters: 100,
+            snapshot_rate: 500,
+            snapshot_before_secs: 5,
+            snapshot_hold_secs: 10,
+            snapshot_after_secs: 5,
+            snapshot_window_secs: 5,
             ..Self::default()
         }
     }

@@ -1256,6 +1256,99 @@ async fn open_producer(ctx: &Ctx) -> Res<Row> {
     Ok(finish(row, &sent, &o, &BTreeSet::new()))
 }
 
+/// Scenario 13: `pg_dump` of a large table runs (one `REPEATABLE READ` snapshot for the whole
+/// dump, read slowly, as a dump to a slow disk or network is) while jobs flow at 100/s: vacuum
+/// of the queue is held back for the dump's duration. No job may be lost or run twice, and
+/// pickups must go on.
+async fn pg_dump_running(ctx: &Ctx) -> Res<Row> {
+    let db = ctx.fresh("pg_dump").await?;
+    let rows = if ctx.quick { 100_000 } else { 400_000 };
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE big AS SELECT g AS id, repeat(md5(g::text), 6) AS pad \
+         FROM generate_series(1, {rows}) g"
+    )))
+    .execute(&db.pool)
+    .await?;
+    let big_mb: f64 = sqlx::query_scalar("SELECT pg_total_relation_size('big')::float8 / 1048576")
+        .fetch_one(&db.pool)
+        .await?;
+    let w1 = ctx.spawn_worker(&db, "pg_dump", "w1", 10, 10_000, 5)?;
+    let w2 = ctx.spawn_worker(&db, "pg_dump", "w2", 10, 10_000, 5)?;
+    let bin = std::env::var("APALIS_PG_BINDIR")
+        .map(|d| format!("{d}/pg_dump"))
+        .unwrap_or_else(|_| "pg_dump".into());
+    let mut dump = tokio::process::Command::new(&bin)
+        .args(["--table", "big", "--dbname", &db.url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut out = dump.stdout.take().ok_or("pg_dump without stdout")?;
+    // Read the dump at about 4 MB/s, so it lasts (and holds its snapshot) for a while.
+    let reader = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0u64;
+        loop {
+            match out.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n as u64,
+            }
+            tokio::time::sleep(Duration::from_millis(16)).await;
+        }
+        total
+    });
+    let started = Instant::now();
+    // Jobs flow for as long as the dump runs (at least 5 s), 100/s.
+    let mut pushed = Vec::new();
+    let mut next = 0u64;
+    let mut held_snapshot = 0.0f64;
+    while !reader.is_finished() || started.elapsed() < Duration::from_secs(5) {
+        pushed.extend(push_paced(&db.pool, db.queue.name(), next..next + 100, 100).await?);
+        next += 100;
+        let age: Option<f64> = sqlx::query_scalar(
+            "SELECT max(extract(epoch FROM clock_timestamp() - xact_start))::float8 \
+             FROM pg_stat_activity WHERE application_name = 'pg_dump' AND backend_xmin IS NOT NULL",
+        )
+        .fetch_one(&db.pool)
+        .await?;
+        held_snapshot = held_snapshot.max(age.unwrap_or(0.0));
+        if started.elapsed() > Duration::from_secs(600) {
+            break;
+        }
+    }
+    let dumped = reader.await.unwrap_or(0);
+    let dump_ok = dump.wait().await.map(|s| s.success()).unwrap_or(false);
+    let dump_secs = started.elapsed().as_secs_f64();
+    let sent: BTreeSet<u64> = pushed.iter().map(|(id, _)| *id).collect();
+    wait_drained(&db, &sent, 0, Duration::from_secs(60)).await;
+    let stopped = stop_worker(w1) & stop_worker(w2);
+    let execs = read_logs(&ctx.dir, "pg_dump");
+    let lat = pickups(&execs, &pushed);
+    let p = |q: f64| lat.get(((lat.len() as f64 - 1.0) * q) as usize).copied();
+    let max = lat.last().copied().unwrap_or(f64::NAN);
+    let mut row = Row {
+        scenario: format!("13. pg_dump of a {big_mb:.0} MB table while jobs flow at 100/s"),
+        // The dump really held a snapshot, and pickups went on (none waited a poll interval).
+        ok: stopped && dump_ok && held_snapshot > 1.0 && max < 5.0,
+        ..Row::default()
+    };
+    analyse(&execs, &[], &mut row);
+    row.recovery = format!(
+        "pickup p50 {:.1} ms, p99 {:.1} ms, max {:.0} ms during the dump",
+        p(0.5).unwrap_or(f64::NAN) * 1e3,
+        p(0.99).unwrap_or(f64::NAN) * 1e3,
+        max * 1e3
+    );
+    row.notes = format!(
+        "dump {:.0} MB in {dump_secs:.0} s, its snapshot seen {held_snapshot:.0} s old; {} jobs",
+        dumped as f64 / 1048576.0,
+        sent.len()
+    );
+    let o = outcome(&db).await?;
+    Ok(finish(row, &sent, &o, &BTreeSet::new()))
+}
+
 /// 10. Transactions insert into two queues in opposite orders while workers of both wait.
 async fn opposite_orders(ctx: &Ctx) -> Res<Row> {
     let db = ctx.fresh("opposite").await?;
@@ -1517,6 +1610,7 @@ async fn run(quick: bool, only: Option<Vec<String>>) -> Res<bool> {
         ("opposite orders", Box::pin(opposite_orders(&ctx))),
         ("poison outcomes", Box::pin(poison_outcomes(&ctx))),
         ("frozen worker", Box::pin(frozen(&ctx))),
+        ("pg_dump", Box::pin(pg_dump_running(&ctx))),
     ];
     for (name, fut) in scenarios {
         if only.as_ref().is_some_and(|o| !o.iter().any(|n| n == name)) {

@@ -15,6 +15,7 @@
 //! apalis-pgmq-notify job show|retry|delete <queue> <id> [--json]
 //! apalis-pgmq-notify pause <queue> / resume <queue> [--json]
 //! apalis-pgmq-notify workers [--queue Q] [--json]
+//! apalis-pgmq-notify snapshots [--json]
 //! apalis-pgmq-notify prune [<queue>...] [--archive-retention 7d] [--dead-letter-retention 30d] [--result-retention 1d]
 //! apalis-pgmq-notify create-queue <queue> [--priorities] [--partitioned --partition-interval N --retention-interval N]
 //! apalis-pgmq-notify enable-notify|disable-notify <queue>...
@@ -128,6 +129,12 @@ enum Command {
         /// Only this queue's.
         #[arg(long)]
         queue: Option<String>,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Who holds back vacuum of the database's tables (queues included): sessions with an old
+    /// snapshot, prepared transactions, replication slots, standbys; oldest first.
+    Snapshots {
         #[command(flatten)]
         out: Output,
     },
@@ -633,7 +640,7 @@ fn writes(command: &Command) -> Option<&'static str> {
         {
             return None;
         }
-        Command::Jobs(Jobs::List { .. }) => return None,
+        Command::Jobs(Jobs::List { .. }) | Command::Snapshots { .. } => return None,
         Command::Jobs(Jobs::Retry { .. }) => "jobs retry",
         Command::Jobs(Jobs::Purge { .. }) => "jobs purge",
         Command::Send { .. } => "send",
@@ -1012,6 +1019,69 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     &rows
                 )
             );
+            Ok(())
+        }
+        Command::Snapshots { out } => {
+            let pool = pool(&cli).await?;
+            let found = apalis_pgmq_notify::snapshot_holders(&pool).await?;
+            let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
+            if out.json {
+                let holders: Vec<Value> = found
+                    .holders
+                    .iter()
+                    .map(|h| {
+                        json!({
+                            "kind": h.kind, "pid": h.pid, "name": h.name, "role": h.role,
+                            "application_name": h.application, "state": h.state,
+                            "query": h.query, "xids": h.xids, "xmin": h.xmin,
+                            "held_secs": h.held.map(|d| d.as_secs_f64()),
+                        })
+                    })
+                    .collect();
+                print_json(&json!({ "sees_all": found.sees_all, "holders": holders }));
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = found
+                .holders
+                .iter()
+                .map(|h| {
+                    vec![
+                        h.kind.clone(),
+                        h.name
+                            .clone()
+                            .or_else(|| h.pid.map(|p| p.to_string()))
+                            .unwrap_or_else(|| "-".to_owned()),
+                        h.held.map_or_else(
+                            || "-".to_owned(),
+                            |d| HumanDuration(Duration::from_secs(d.as_secs())).to_string(),
+                        ),
+                        h.xids.to_string(),
+                        opt(&h.application),
+                        opt(&h.state),
+                        opt(&h.query).chars().take(60).collect(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &[
+                        "KIND",
+                        "PID/NAME",
+                        "OPEN FOR",
+                        "XIDS",
+                        "APPLICATION",
+                        "STATE",
+                        "QUERY"
+                    ],
+                    &rows
+                )
+            );
+            if !found.sees_all {
+                println!(
+                    "(this role cannot see other roles' start times and queries: grant pg_read_all_stats)"
+                );
+            }
             Ok(())
         }
         Command::Prune {

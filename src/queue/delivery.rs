@@ -9,7 +9,7 @@
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use serde_json::Value;
-use sqlx::{AssertSqlSafe, PgExecutor, Row};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgExecutor, PgPool, Row};
 
 use super::{MAX_DELAY, Message, PgmqQueue};
 use crate::error::Result;
@@ -128,29 +128,95 @@ pub struct Renewal {
     pub busy: Vec<i64>,
 }
 
-/// The columns the batch statements bind: `$1` message ids, `$2` their `read_ct`.
+/// [`LEASE_SETTINGS`] as a literal, so [`LEASE_BEGIN`] is written from it.
+macro_rules! lease_settings {
+    () => {
+        "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
+         SET LOCAL enable_sort = off; SET LOCAL jit = off"
+    };
+}
+
+/// The planner settings of the lease protocol's transactions (claim, outcomes, renewal,
+/// release): the queue table is read through its indexes only, a claim's rows in index order.
+///
+/// Why: the statements are written so that the planner has little choice (see
+/// `statements.rs`), but the choice it keeps still follows the table's statistics of one
+/// moment. Measured with a backlog of 200 000 jobs in a table vacuumed after a burst while it
+/// held 100 (a queue that keeps up looks like that to autovacuum): the outcome statement was
+/// planned as four sequential scans of the whole table (800 000 rows read, 200 ms per batch),
+/// because 50 probes of an index vacuumed nearly empty looked dearer; and with statistics
+/// recorded at about 100 rows, a claim was planned as a bitmap scan of every visible row and a
+/// sort. PostgreSQL has no per-statement hint; `SET LOCAL` ends with the transaction, so the
+/// pooled connection keeps the user's settings. A path the settings turn off costs 10^10 more,
+/// which crosses `jit_above_cost` where the only plan has a sort (the dead letters' insert):
+/// JIT is turned off too (it compiled each outcome statement for 2.2 s, measured). The cost:
+/// the statement runs in a transaction of its own, one more round trip (`BEGIN` and the
+/// settings go in one message).
+#[cfg_attr(not(feature = "testing"), allow(dead_code))]
+pub(crate) const LEASE_SETTINGS: &str = lease_settings!();
+
+/// `BEGIN` with [`LEASE_SETTINGS`], in one round trip.
+const LEASE_BEGIN: &str = concat!("BEGIN; ", lease_settings!());
+
+/// The columns the batch statements bind: `$1` message ids, `$2` their `read_ct`. Each message
+/// once (its last delivery in `batch`): the statements read a row's `read_ct` at the position
+/// of its id (see `statements.rs`).
 fn fence_columns(batch: &[Delivery]) -> (Vec<i64>, Vec<i32>) {
-    batch.iter().map(|d| (d.msg_id, d.read_ct)).unzip()
+    let mut seen = HashSet::new();
+    let mut pairs: Vec<(i64, i32)> = batch
+        .iter()
+        .rev()
+        .filter(|d| seen.insert(d.msg_id))
+        .map(|d| (d.msg_id, d.read_ct))
+        .collect();
+    pairs.reverse();
+    pairs.into_iter().unzip()
 }
 
 impl PgmqQueue {
+    /// The statements of the lease protocol by name (claims, outcomes, renewal, release, and
+    /// PGMQ's batch calls on ids), for the tests that check their plans (`tests/plans.rs`).
+    #[cfg(feature = "testing")]
+    pub(crate) fn lease_statements(&self) -> Vec<(&'static str, Arc<str>)> {
+        let s = &self.sql;
+        vec![
+            ("claim", s.claim.clone()),
+            ("claim_priority", s.claim_priority.clone()),
+            ("read", s.read.clone()),
+            ("complete", s.complete.clone()),
+            ("complete_results", s.complete_results.clone()),
+            ("renew", s.renew.clone()),
+            ("release", s.release.clone()),
+            ("set_vt_many", s.set_vt_many.clone()),
+            ("archive", s.archive.clone()),
+            ("delete", s.delete.clone()),
+        ]
+    }
+
     /// A worker's claim: up to `qty` visible messages, leased for `vt`, like
     /// [`read`](Self::read) but the messages visible longest first (or by priority), with when
     /// each had become visible, and nothing while the queue is paused
     /// ([`pause`](crate::pause)).
-    pub(crate) async fn claim<'c, E: PgExecutor<'c>>(
+    /// In a transaction of its own with [`LEASE_SETTINGS`].
+    pub(crate) async fn claim(
         &self,
-        executor: E,
+        conn: &mut PgConnection,
         vt: Duration,
         qty: usize,
         by_priority: bool,
     ) -> Result<Vec<Message>> {
+        if qty == 0 {
+            return Ok(Vec::new());
+        }
         let sql = if by_priority {
             &self.sql.claim_priority
         } else {
             &self.sql.claim
         };
-        self.read_with(executor, sql, vt, qty).await
+        let mut tx = conn.begin_with(LEASE_BEGIN).await?;
+        let claimed = self.read_with(&mut *tx, sql, vt, qty).await?;
+        tx.commit().await?;
+        Ok(claimed)
     }
 
     /// How long until the earliest message becomes visible (zero: one is visible now), by the
@@ -167,19 +233,22 @@ impl PgmqQueue {
 
     /// Renews the leases of `batch` to now + `vt`, never waiting for a row lock: a row another
     /// transaction holds is reported busy (see [`Renewal`]).
-    pub(crate) async fn renew<'c, E: PgExecutor<'c>>(
+    /// In a transaction of its own with [`LEASE_SETTINGS`].
+    pub(crate) async fn renew(
         &self,
-        executor: E,
+        conn: &mut PgConnection,
         batch: &[Delivery],
         vt: Duration,
     ) -> Result<Renewal> {
         let (ids, cts) = fence_columns(batch);
+        let mut tx = conn.begin_with(LEASE_BEGIN).await?;
         let rows: Vec<(i64, bool)> = sqlx::query_as(AssertSqlSafe(self.sql.renew.clone()))
             .bind(ids)
             .bind(cts)
             .bind(vt.as_secs_f64())
-            .fetch_all(executor)
+            .fetch_all(&mut *tx)
             .await?;
+        tx.commit().await?;
         let (mut renewed, mut busy) = (Vec::new(), Vec::new());
         for (id, done) in rows {
             if done {
@@ -193,22 +262,49 @@ impl PgmqQueue {
         Ok(Renewal { renewed, busy })
     }
 
+    /// [`renew`](Self::renew) on a connection of `pool`.
+    pub(crate) async fn renew_pooled(
+        &self,
+        pool: &PgPool,
+        batch: &[Delivery],
+        vt: Duration,
+    ) -> Result<Renewal> {
+        let mut conn = pool.acquire().await?;
+        self.renew(&mut conn, batch, vt).await
+    }
+
+    /// [`release`](Self::release) on a connection of `pool`.
+    pub(crate) async fn release_pooled(
+        &self,
+        pool: &PgPool,
+        batch: &[Delivery],
+    ) -> Result<Vec<i64>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = pool.acquire().await?;
+        self.release(&mut conn, batch).await
+    }
+
     /// Makes claimed-but-unstarted messages visible now and gives back the read they cost, so
     /// a release is not an attempt; the ids released, sorted.
-    pub(crate) async fn release<'c, E: PgExecutor<'c>>(
+    /// In a transaction of its own with [`LEASE_SETTINGS`].
+    pub(crate) async fn release(
         &self,
-        executor: E,
+        conn: &mut PgConnection,
         batch: &[Delivery],
     ) -> Result<Vec<i64>> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
         let (ids, cts) = fence_columns(batch);
+        let mut tx = conn.begin_with(LEASE_BEGIN).await?;
         let mut done: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(self.sql.release.clone()))
             .bind(ids)
             .bind(cts)
-            .fetch_all(executor)
+            .fetch_all(&mut *tx)
             .await?;
+        tx.commit().await?;
         done.sort_unstable();
         Ok(done)
     }
@@ -217,9 +313,11 @@ impl PgmqQueue {
     /// (`with_results`; announced on `results_channel`). The same message twice keeps its last
     /// outcome (one statement cannot write a row twice). Returns the ids that matched (a stale
     /// delivery's outcome matches nothing), sorted.
-    pub(crate) async fn complete<'c, E: PgExecutor<'c>>(
+    ///
+    /// In a transaction of its own with [`LEASE_SETTINGS`].
+    pub(crate) async fn complete(
         &self,
-        executor: E,
+        conn: &mut PgConnection,
         batch: &[Outcome],
         with_results: bool,
         results_channel: &str,
@@ -289,7 +387,9 @@ impl PgmqQueue {
         } else {
             query
         };
-        let row = query.fetch_one(executor).await?;
+        let mut tx = conn.begin_with(LEASE_BEGIN).await?;
+        let row = query.fetch_one(&mut *tx).await?;
+        tx.commit().await?;
         let mut matched: Vec<i64> = row.try_get(0)?;
         matched.sort_unstable();
         Ok(matched)

@@ -17,12 +17,36 @@ use super::{
 const ARCHIVE_COLS: &str = "msg_id, read_ct, enqueued_at, last_read_at, vt, message, headers";
 
 /// The fence of every write about a claimed message: the row must still carry the `read_ct`
-/// of our delivery (`m` the queue table, `t` the batch), so a stale holder's writes match no row
-/// once the message was delivered again.
-const FENCE: &str = "m.msg_id = t.msg_id AND m.read_ct = t.read_ct";
+/// of our delivery, so a stale holder's writes match no row once the message was delivered
+/// again. `$1` holds the batch's message ids (each once), `$2` their `read_ct` at the same
+/// position.
+///
+/// Why positions and not a join with `unnest($1, $2)`: no statement on the queue table joins it
+/// to anything. A join gives the planner a choice that depends on the table's statistics of one
+/// moment: after the table was analysed (or vacuumed) while momentarily empty, PostgreSQL plans
+/// the join as a nested loop or merge join over the *whole* primary key, and once a backlog
+/// builds up every outcome, renewal and claim walks it (measured: 23 s per outcome batch with
+/// 200 000 rows; 1 job/s). A restriction `msg_id = ANY(<array>)` leaves only one index probe
+/// per id, or a sequential scan that PostgreSQL costs on the table's real current size, never on
+/// its last statistics (see `tests/plans.rs`).
+const FENCE: &str = "m.msg_id = ANY($1::bigint[]) \
+                     AND m.read_ct = ($2::int[])[array_position($1::bigint[], m.msg_id)]";
 
-/// A CTE `locked` that locks the rows of the batch `pairs` (a `FROM` item named `t` with
-/// `msg_id` and `read_ct`) still carrying our `read_ct`, one at a time in `msg_id` order
+/// The `i`-th parameter's element (an array of `typ`) at the position of the row's `msg_id` in
+/// `$1`: the per-row values of a batch, read without a join (see [`FENCE`]).
+fn at(i: u8, typ: &str) -> String {
+    format!("(${i}::{typ}[])[array_position($1::bigint[], m.msg_id)]")
+}
+
+/// The rows of the queue table `m` whose ids a CTE returned: `m.msg_id = ANY(ARRAY(...))`, an
+/// uncorrelated subquery run once, so the statement probes the primary key per id whatever the
+/// statistics say (see [`FENCE`]).
+fn ids_of(cte: &str) -> String {
+    format!("m.msg_id = ANY(ARRAY(SELECT msg_id FROM {cte}))")
+}
+
+/// A CTE `locked` that locks the rows of the batch (`$1`, `$2`, see [`FENCE`]) still carrying
+/// our `read_ct`, one at a time in `msg_id` order
 /// (`wait`) or skipping those another transaction holds (`!wait`), and returns their
 /// `msg_id`. The statement then writes only rows it locked, found through `locked`.
 ///
@@ -35,13 +59,13 @@ const FENCE: &str = "m.msg_id = t.msg_id AND m.read_ct = t.read_ct";
 /// claims skip locked rows. The outcome statement, the one on every job's path, waits in
 /// whatever order its plan visits rows: nothing it can meet waits on it in turn (see
 /// `complete_sql`).
-fn locked_cte(q: &str, pairs: &str, wait: bool) -> String {
+fn locked_cte(q: &str, wait: bool) -> String {
     let lock = if wait {
         "ORDER BY m.msg_id FOR UPDATE OF m"
     } else {
         "FOR UPDATE OF m SKIP LOCKED"
     };
-    format!("locked AS MATERIALIZED (SELECT m.msg_id FROM {q} m JOIN {pairs} ON {FENCE} {lock})")
+    format!("locked AS MATERIALIZED (SELECT m.msg_id FROM {q} m WHERE {FENCE} {lock})")
 }
 
 /// As [`locked_cte`], for a batch of ids without fence (`$1`).
@@ -73,7 +97,10 @@ enum Pick {
 /// had before the claim as an eighth column.
 fn read_sql(q: &str, also: &str, visible_since: bool, pick_by: Pick) -> Arc<str> {
     let (pick, ret) = if visible_since {
-        (", vt AS visible_since", ", cte.visible_since")
+        (
+            ", vt AS visible_since",
+            ", (SELECT c.visible_since FROM cte c WHERE c.msg_id = m.msg_id)",
+        )
     } else {
         ("", "")
     };
@@ -94,9 +121,10 @@ fn read_sql(q: &str, also: &str, visible_since: bool, pick_by: Pick) -> Arc<str>
          UPDATE {q} m SET last_read_at = clock_timestamp(), \
                           vt = clock_timestamp() + make_interval(secs => $2::float8), \
                           read_ct = read_ct + 1 \
-         FROM cte WHERE m.msg_id = cte.msg_id \
+         WHERE {claimed} \
          RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.vt, \
-                   m.message::text, m.headers::text{ret}"
+                   m.message::text, m.headers::text{ret}",
+        claimed = ids_of("cte"),
     )
     .into()
 }
@@ -147,6 +175,11 @@ const PRIORITY_OF: &str = "(CASE WHEN jsonb_typeof(headers->'apalis'->'priority'
 /// completer writes its batch again.
 fn complete_sql(q: &str, a: &str, d: &str, m_cols: &str, source: &str, results: bool) -> Arc<str> {
     const COLS: &str = ARCHIVE_COLS;
+    // The rows of one action: their ids from the batch, then the fence (see `FENCE`: no join,
+    // the per-row values are read by position; the completer sends each message once).
+    let of_action = |code: i16| {
+        format!("m.msg_id = ANY(ARRAY(SELECT msg_id FROM t WHERE action = {code})) AND {FENCE}")
+    };
     // With results, each outcome's row of `t` also carries its result (status NULL: none).
     let (result_arrays, result_cols, stored, select_more) = if results {
         (
@@ -183,17 +216,18 @@ fn complete_sql(q: &str, a: &str, d: &str, m_cols: &str, source: &str, results: 
                                 $5::text[], $6::int[], $7::text[]{result_arrays}) \
              AS u(msg_id, read_ct, action, delay, info, attempts, err{result_cols})), \
          archived AS ( \
-           DELETE FROM {q} m USING t WHERE {FENCE} AND t.action = {ARCHIVE} RETURNING {m_cols}), \
+           DELETE FROM {q} m WHERE {archive} RETURNING {m_cols}), \
          archive_rows AS (INSERT INTO {a} ({COLS}) SELECT {COLS} FROM archived RETURNING msg_id), \
          deleted AS ( \
-           DELETE FROM {q} m USING t WHERE {FENCE} AND t.action = {DELETE} RETURNING m.msg_id), \
+           DELETE FROM {q} m WHERE {delete} RETURNING m.msg_id), \
          retried AS ( \
-           UPDATE {q} m SET vt = clock_timestamp() + make_interval(secs => t.delay), \
-                            headers = apalis_pgmq.retry_headers(m.headers, t.attempts, t.err) \
-           FROM t WHERE {FENCE} AND t.action = {RETRY} RETURNING m.msg_id), \
+           UPDATE {q} m SET vt = clock_timestamp() + make_interval(secs => {delay}), \
+                            headers = apalis_pgmq.retry_headers(m.headers, {attempts}, {err}) \
+           WHERE {retry} RETURNING m.msg_id), \
          dead AS ( \
-           DELETE FROM {q} m USING t WHERE {FENCE} AND t.action = {DEAD_LETTER} \
-           RETURNING m.msg_id, greatest(m.read_ct, t.attempts) AS runs, m.message, m.headers, t.info), \
+           DELETE FROM {q} m WHERE {dead} \
+           RETURNING m.msg_id, greatest(m.read_ct, {attempts}) AS runs, m.message, m.headers, \
+                     {info} AS info), \
          dead_rows AS ( \
            INSERT INTO {d} (vt, message, headers) \
            SELECT clock_timestamp(), message, apalis_pgmq.dead_letter_headers(headers, \
@@ -202,7 +236,15 @@ fn complete_sql(q: &str, a: &str, d: &str, m_cols: &str, source: &str, results: 
            FROM dead ORDER BY msg_id RETURNING msg_id){stored} \
          SELECT ARRAY(SELECT msg_id FROM archived) || ARRAY(SELECT msg_id FROM deleted) \
              || ARRAY(SELECT msg_id FROM retried) || ARRAY(SELECT msg_id FROM dead), \
-                (SELECT count(*) FROM archive_rows) + (SELECT count(*) FROM dead_rows){select_more}"
+                (SELECT count(*) FROM archive_rows) + (SELECT count(*) FROM dead_rows){select_more}",
+        archive = of_action(ARCHIVE),
+        delete = of_action(DELETE),
+        retry = of_action(RETRY),
+        dead = of_action(DEAD_LETTER),
+        delay = at(4, "float8"),
+        info = at(5, "text"),
+        attempts = at(6, "int"),
+        err = at(7, "text"),
     )
     .into()
 }
@@ -254,9 +296,9 @@ impl QueueSql {
             .join(", ");
         let vt = "COALESCE($3::timestamptz, clock_timestamp() + make_interval(secs => $4::float8))";
         let locked_ids = locked_ids_cte(&q);
-        let batch = "unnest($1::bigint[], $2::int[]) AS t(msg_id, read_ct)";
-        let locked_batch = locked_cte(&q, batch, true);
-        let locked_free = locked_cte(&q, batch, false);
+        let locked_batch = locked_cte(&q, true);
+        let locked_free = locked_cte(&q, false);
+        let locked = ids_of("locked");
         Self {
             send_one: format!(
                 "INSERT INTO {q} (vt, message, headers) VALUES ({vt}, $1::text::jsonb, $2::text::jsonb) \
@@ -343,18 +385,18 @@ impl QueueSql {
             set_vt_many: format!(
                 "WITH {locked_ids} \
                  UPDATE {q} m SET vt = COALESCE($2::timestamptz, clock_timestamp() + make_interval(secs => $3::float8)) \
-                 FROM locked l WHERE m.msg_id = l.msg_id RETURNING m.msg_id"
+                 WHERE {locked} RETURNING m.msg_id"
             )
             .into(),
             archive: format!(
                 "WITH {locked_ids}, \
-                 archived AS (DELETE FROM {q} m USING locked l WHERE m.msg_id = l.msg_id RETURNING {m_cols}) \
+                 archived AS (DELETE FROM {q} m WHERE {locked} RETURNING {m_cols}) \
                  INSERT INTO {a} ({COLS}) SELECT {COLS} FROM archived RETURNING msg_id"
             )
             .into(),
             delete: format!(
                 "WITH {locked_ids} \
-                 DELETE FROM {q} m USING locked l WHERE m.msg_id = l.msg_id RETURNING m.msg_id"
+                 DELETE FROM {q} m WHERE {locked} RETURNING m.msg_id"
             )
             .into(),
             next_visible: format!("SELECT min(vt) FROM {q} WHERE vt > clock_timestamp()").into(),
@@ -378,18 +420,18 @@ impl QueueSql {
             renew: format!(
                 "WITH {locked_free}, \
                  renewed AS (UPDATE {q} m SET vt = clock_timestamp() + make_interval(secs => $3::float8) \
-                             FROM locked l WHERE m.msg_id = l.msg_id RETURNING m.msg_id) \
+                             WHERE {locked} RETURNING m.msg_id) \
                  SELECT msg_id, true FROM renewed \
                  UNION ALL \
-                 SELECT m.msg_id, false FROM {q} m JOIN {batch} ON {FENCE} \
-                 WHERE (SELECT count(*) FROM locked) < cardinality($1::bigint[]) \
-                   AND m.msg_id NOT IN (SELECT msg_id FROM locked)"
+                 SELECT m.msg_id, false FROM {q} m \
+                 WHERE {FENCE} AND (SELECT count(*) FROM locked) < cardinality($1::bigint[]) \
+                   AND m.msg_id <> ALL(ARRAY(SELECT msg_id FROM locked))"
             )
             .into(),
             release: format!(
                 "WITH {locked_batch} \
                  UPDATE {q} m SET vt = clock_timestamp(), read_ct = m.read_ct - 1 \
-                 FROM locked l WHERE m.msg_id = l.msg_id RETURNING m.msg_id"
+                 WHERE {locked} RETURNING m.msg_id"
             )
             .into(),
             complete: complete_sql(&q, &a, &d, &m_cols, source, false),

@@ -123,6 +123,8 @@ pub(crate) struct Maintenance {
     next_id: AtomicU64,
     /// Event subscriptions' rows to refresh: owner → channels.
     subscriptions: Mutex<HashMap<String, Vec<String>>>,
+    /// The old-snapshot watch's memory (see `snapshots.rs`).
+    snapshots: Mutex<super::snapshots::SnapshotWatch>,
     /// Held across a heartbeat and across an unregistration, so a heartbeat in flight cannot
     /// write back the row of a worker that just stopped.
     beat_lock: tokio::sync::Mutex<()>,
@@ -479,6 +481,7 @@ async fn heartbeat_round(inner: &Inner, interval: Duration, next_prune: &mut Ins
         }
     }
     let queues: Vec<_> = lock(&m.retention).values().cloned().collect();
+    watch_snapshots(inner, &queues, by).await;
     for (queue, _) in queues.iter().filter(|(_, r)| r.partitioned) {
         maintain_elected(pool, queue, by).await;
     }
@@ -555,6 +558,41 @@ async fn refresh_subscriptions(inner: &Inner) {
                 tracing::debug!(error = %e.describe(), "could not refresh an event subscription");
             }
         }
+    }
+}
+
+/// One look at who holds back vacuum of the database (see `snapshots.rs`).
+async fn watch_snapshots(inner: &Inner, queues: &[(PgmqQueue, Retention)], by: Instant) {
+    let looked = async {
+        let mut conn = Conn::acquire(&inner.pool, by).await?;
+        conn.run(by, "looking for old snapshots", |c| {
+            crate::horizon::snapshot_holders(c)
+        })
+        .await
+    };
+    let found = match looked.await {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::debug!(error = %e.describe(), "could not look for old snapshots");
+            return;
+        }
+    };
+    crate::obs::oldest_snapshot(&found);
+    let (reports, partial) = {
+        let mut watch = lock(&inner.maintenance.snapshots);
+        let partial = watch.say_partial(&found);
+        (watch.observe(Instant::now(), &found), partial)
+    };
+    if partial {
+        tracing::info!(
+            "this role cannot see other roles' transaction start times and queries \
+             (grant pg_read_all_stats): old snapshots are still found by their xmin and pid, \
+             their age counted from when this process first saw them"
+        );
+    }
+    if !reports.is_empty() {
+        let names: Vec<&str> = queues.iter().map(|(q, _)| q.name().as_str()).collect();
+        super::snapshots::log(reports, &names.join(","));
     }
 }
 

@@ -34,6 +34,7 @@
 pub(crate) mod events;
 pub(crate) mod maintenance;
 pub(crate) mod results;
+pub(crate) mod snapshots;
 
 use std::{
     collections::HashMap,

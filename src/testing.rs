@@ -33,8 +33,9 @@ pub async fn renew(
     batch: &[(i64, i32)],
     secs: f64,
 ) -> Result<Renewal> {
+    let mut conn = pool.acquire().await?;
     queue
-        .renew_pooled(pool, &deliveries(batch), Duration::from_secs_f64(secs))
+        .renew(&mut conn, &deliveries(batch), Duration::from_secs_f64(secs))
         .await
 }
 
@@ -44,7 +45,8 @@ pub async fn renew(
 ///
 /// [`Error::Database`](crate::Error::Database) if the statement fails.
 pub async fn release(pool: &PgPool, queue: &PgmqQueue, batch: &[(i64, i32)]) -> Result<Vec<i64>> {
-    queue.release_pooled(pool, &deliveries(batch)).await
+    let mut conn = pool.acquire().await?;
+    queue.release(&mut conn, &deliveries(batch)).await
 }
 
 /// Writes "done, archive" for every delivery of `batch` in one outcome statement, as the

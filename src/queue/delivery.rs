@@ -9,7 +9,7 @@
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use serde_json::Value;
-use sqlx::{AssertSqlSafe, Connection, PgConnection, PgExecutor, PgPool, Row};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgExecutor, Row};
 
 use super::{MAX_DELAY, Message, PgmqQueue};
 use crate::error::Result;
@@ -260,30 +260,6 @@ impl PgmqQueue {
         renewed.sort_unstable();
         busy.sort_unstable();
         Ok(Renewal { renewed, busy })
-    }
-
-    /// [`renew`](Self::renew) on a connection of `pool`.
-    pub(crate) async fn renew_pooled(
-        &self,
-        pool: &PgPool,
-        batch: &[Delivery],
-        vt: Duration,
-    ) -> Result<Renewal> {
-        let mut conn = pool.acquire().await?;
-        self.renew(&mut conn, batch, vt).await
-    }
-
-    /// [`release`](Self::release) on a connection of `pool`.
-    pub(crate) async fn release_pooled(
-        &self,
-        pool: &PgPool,
-        batch: &[Delivery],
-    ) -> Result<Vec<i64>> {
-        if batch.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut conn = pool.acquire().await?;
-        self.release(&mut conn, batch).await
     }
 
     /// Makes claimed-but-unstarted messages visible now and gives back the read they cost, so

@@ -253,7 +253,7 @@ pub(crate) async fn release(
     let mut conn = match Conn::acquire(pool, by).await {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(queue = %queue.name(), error = %crate::Error::from(e).describe(), count,
+            tracing::warn!(queue = %queue.name(), error = %crate::error::Error::from(e).describe(), count,
                 "could not release held messages; they become visible when their lease lapses");
             return;
         }

@@ -204,7 +204,10 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::{DoneAction, ExhaustedAction, KilledAction, NotifyMode};
+    use crate::{
+        config::{DoneAction, ExhaustedAction, KilledAction},
+        notify::NotifyMode,
+    };
 
     #[test]
     fn the_default_round_trips_through_toml_and_json() {

@@ -303,7 +303,7 @@ impl Runtime {
                         Err(Error::Unreachable {
                             cause: format!(
                                 "checking the connections' sessions took longer than {}",
-                                crate::HumanDuration(BOUND)
+                                crate::config::human::HumanDuration(BOUND)
                             ),
                         })
                     })

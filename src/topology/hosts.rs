@@ -287,7 +287,7 @@ impl MultiHost {
                 Err(_) => why.push(format!(
                     "{}: no answer within {}",
                     host_of(host),
-                    crate::HumanDuration(self.connect_timeout)
+                    crate::config::human::HumanDuration(self.connect_timeout)
                 )),
             }
         }

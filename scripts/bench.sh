@@ -37,6 +37,11 @@ if [ -n "$baseline" ]; then
     rm -rf "$src" && mkdir -p "$src"
     git archive "$rev" | tar -x -C "$src"
   fi
+  # Cargo decides what to rebuild by modification times, and target/baseline/target is shared by
+  # every baseline: with the commit's times (or an earlier extraction's), this revision's sources
+  # look older than the last baseline built there, and that baseline's binary would run under
+  # this one's name. Touched, the workspace's crates are built again from these sources.
+  find "$src" -type f -exec touch {} +
   if [ "$harness" = current ]; then
     rm -rf "$src/bench/src" && cp -r bench/src "$src/bench/src" && cp bench/Cargo.toml "$src/bench/"
   fi

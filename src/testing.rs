@@ -87,10 +87,6 @@ pub fn lease_statements(queue: &PgmqQueue) -> Vec<(&'static str, String)> {
         .collect()
 }
 
-/// The planner settings the lease protocol's statements run with (`SET LOCAL` statements, each
-/// in a transaction of its own), to `EXPLAIN` them as they run.
-pub const LEASE_SETTINGS: &str = crate::queue::LEASE_SETTINGS;
-
 /// The checksum `setup` records for a migration's text (for the tests of the migration
 /// history).
 #[must_use]

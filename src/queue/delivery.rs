@@ -128,34 +128,27 @@ pub struct Renewal {
     pub busy: Vec<i64>,
 }
 
-/// Planner settings that make every lease-protocol statement use its indexes whatever the
-/// queue table's statistics say. **Not applied** by the crate (the tests use them to show the
-/// difference): running each statement in a transaction of its own with `SET LOCAL` costs two
-/// more round trips per claim, outcome batch, renewal and release, and measured in one bench
-/// run (`growth`, one worker x 100, a loaded two-core machine) that cut the burn-down from
-/// 33 000-35 000 to 10 000-12 000 jobs/s. Without them the statements are written so that the
-/// planner has little choice (ids by array position, no join of the table to its batch; see
-/// `statements.rs`), which holds for a queue analysed empty, with or without a held snapshot;
-/// it does not hold for a table vacuumed while it held about 100 rows and then given a large
-/// backlog: the outcome statement is then planned as sequential scans until the next
-/// autovacuum (`tests/plans.rs`, the ignored scenario; issue 23 stays open on it).
-#[cfg_attr(not(feature = "testing"), allow(dead_code))]
-pub(crate) const LEASE_SETTINGS: &str = "SET LOCAL enable_seqscan = off; SET LOCAL \
-     enable_bitmapscan = off; SET LOCAL enable_sort = off; SET LOCAL jit = off";
-
-/// The columns the batch statements bind: `$1` message ids, `$2` their `read_ct`. Each message
-/// once (its last delivery in `batch`): the statements read a row's `read_ct` at the position
-/// of its id (see `statements.rs`).
-fn fence_columns(batch: &[Delivery]) -> (Vec<i64>, Vec<i32>) {
+/// The last of `items` for each message id, sorted by id ascending: the batch statements read a
+/// row's values at the position of its id in `$1` by binary search, so they bind each message
+/// once, in id order (see `statements.rs`). One statement cannot write a row twice either.
+fn last_per_message<T>(items: &[T], msg_id: impl Fn(&T) -> i64) -> Vec<&T> {
     let mut seen = HashSet::new();
-    let mut pairs: Vec<(i64, i32)> = batch
+    let mut last: Vec<&T> = items
         .iter()
         .rev()
-        .filter(|d| seen.insert(d.msg_id))
-        .map(|d| (d.msg_id, d.read_ct))
+        .filter(|item| seen.insert(msg_id(item)))
         .collect();
-    pairs.reverse();
-    pairs.into_iter().unzip()
+    last.sort_unstable_by_key(|item| msg_id(item));
+    last
+}
+
+/// The columns the batch statements bind: `$1` message ids, `$2` their `read_ct`, each message
+/// once (its last delivery in `batch`), by id ascending (see [`last_per_message`]).
+fn fence_columns(batch: &[Delivery]) -> (Vec<i64>, Vec<i32>) {
+    last_per_message(batch, |d| d.msg_id)
+        .into_iter()
+        .map(|d| (d.msg_id, d.read_ct))
+        .unzip()
 }
 
 impl PgmqQueue {
@@ -182,7 +175,8 @@ impl PgmqQueue {
     /// [`read`](Self::read) but the messages visible longest first (or by priority), with when
     /// each had become visible, and nothing while the queue is paused
     /// ([`pause`](crate::pause)).
-    /// One statement, one round trip (see [`LEASE_SETTINGS`] for why without planner settings).
+    /// One statement, one round trip: its plan holds whatever the table's statistics say (see
+    /// `statements.rs`), so it needs no planner settings of its own.
     pub(crate) async fn claim(
         &self,
         conn: &mut PgConnection,
@@ -215,7 +209,8 @@ impl PgmqQueue {
 
     /// Renews the leases of `batch` to now + `vt`, never waiting for a row lock: a row another
     /// transaction holds is reported busy (see [`Renewal`]).
-    /// One statement, one round trip (see [`LEASE_SETTINGS`] for why without planner settings).
+    /// One statement, one round trip: its plan holds whatever the table's statistics say (see
+    /// `statements.rs`), so it needs no planner settings of its own.
     pub(crate) async fn renew(
         &self,
         conn: &mut PgConnection,
@@ -244,7 +239,8 @@ impl PgmqQueue {
 
     /// Makes claimed-but-unstarted messages visible now and gives back the read they cost, so
     /// a release is not an attempt; the ids released, sorted.
-    /// One statement, one round trip (see [`LEASE_SETTINGS`] for why without planner settings).
+    /// One statement, one round trip: its plan holds whatever the table's statistics say (see
+    /// `statements.rs`), so it needs no planner settings of its own.
     pub(crate) async fn release(
         &self,
         conn: &mut PgConnection,
@@ -268,7 +264,8 @@ impl PgmqQueue {
     /// outcome (one statement cannot write a row twice). Returns the ids that matched (a stale
     /// delivery's outcome matches nothing), sorted.
     ///
-    /// One statement, one round trip (see [`LEASE_SETTINGS`] for why without planner settings).
+    /// One statement, one round trip: its plan holds whatever the table's statistics say (see
+    /// `statements.rs`), so it needs no planner settings of its own.
     pub(crate) async fn complete(
         &self,
         conn: &mut PgConnection,
@@ -276,12 +273,7 @@ impl PgmqQueue {
         with_results: bool,
         results_channel: &str,
     ) -> Result<Vec<i64>, sqlx::Error> {
-        let mut seen = HashSet::new();
-        let batch: Vec<&Outcome> = batch
-            .iter()
-            .rev()
-            .filter(|o| seen.insert(o.delivery.msg_id))
-            .collect();
+        let batch = last_per_message(batch, |o| o.delivery.msg_id);
         let with_results = with_results && batch.iter().any(|o| o.result.is_some());
         let n = batch.len();
         let (mut ids, mut cts, mut actions) = (

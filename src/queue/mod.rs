@@ -24,8 +24,6 @@ mod statements;
 
 use std::sync::Arc;
 
-#[cfg(feature = "testing")]
-pub(crate) use delivery::LEASE_SETTINGS;
 pub use delivery::Renewal;
 pub(crate) use delivery::{Action, Delivery, Outcome, StoredResult};
 pub use headers::HEADERS_KEY;

@@ -1,6 +1,7 @@
 //! The apalis backend: [`PgmqStorage`].
 
 mod claims;
+mod combine;
 pub use claims::FAIR_EVERY;
 mod expose;
 pub use expose::running_workers;
@@ -58,6 +59,8 @@ pub(crate) struct Shared {
     pub(crate) runtime: Runtime,
     /// Wakes this queue's workers: notifications, retries written, messages released.
     pub(crate) signal: Arc<WakeSignal>,
+    /// Pushes without a key through the pool, written together (see `combine.rs`).
+    pub(crate) pushes: Arc<combine::Combiner>,
 }
 
 impl Drop for Shared {
@@ -294,6 +297,7 @@ impl<Args, C> PgmqStorage<Args, C> {
                 ack,
                 runtime: runtime.clone(),
                 signal,
+                pushes: Arc::default(),
             }),
             codec,
             local: Mutex::new(Local::default()),

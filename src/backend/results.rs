@@ -206,15 +206,7 @@ where
         let chosen = task.task_id().cloned();
         let task = task.try_map_args(|a| self.encode_args(&a))?;
         let encoded = super::sink::encode_task(&self.shared.queue, &task, true)?;
-        let pushed = {
-            let mut conn = match self.shared.pool.acquire().await {
-                Ok(c) => c,
-                Err(e) => {
-                    return Err(crate::util::explain_pool_error(&self.shared.pool, e.into()).await);
-                }
-            };
-            super::sink::push_encoded(&self.shared, &mut conn, &encoded).await?
-        };
+        let pushed = super::sink::push_autonomous(&self.shared, encoded).await?;
         // Wait by message id: unambiguous, and announced with every stored result.
         let by_msg = pushed.task_id();
         let own = chosen.filter(|_| !pushed.duplicate);

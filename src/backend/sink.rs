@@ -3,6 +3,7 @@
 
 use std::{
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -12,7 +13,7 @@ use futures::{FutureExt, Sink, future::BoxFuture};
 use serde_json::Value;
 use sqlx::{Acquire, PgExecutor, Postgres};
 
-use super::{JobMeta, PgmqStorage};
+use super::{JobMeta, PgmqStorage, Shared};
 use crate::{
     error::{Error, Result},
     queue::{Delay, EncodedMessage, PgmqQueue, Pushed},
@@ -28,16 +29,18 @@ pub(crate) struct SinkState {
     flushing: Option<BoxFuture<'static, Result<()>>>,
 }
 
-/// Writes buffered tasks: those without a key in one statement, each with a key on its own
-/// (skipped when the key is taken), in one transaction so the push stays all or nothing.
+/// Writes buffered tasks: without keys through the storage's shared writer (one statement,
+/// shared with other pushes arriving at the same moment, see `combine.rs`); with keys, those
+/// without a key in one statement and each with a key on its own (skipped when the key is
+/// taken), in one transaction so the push stays all or nothing.
 async fn send_all(
-    queue: &PgmqQueue,
-    pool: &sqlx::PgPool,
+    shared: &Shared,
     batch: Vec<EncodedMessage>,
     window: Option<Duration>,
 ) -> Result<()> {
+    let (queue, pool) = (&shared.queue, &shared.pool);
     if batch.iter().all(|m| m.key.is_none()) {
-        queue.send_encoded(pool, &batch).await?;
+        shared.pushes.push(queue, pool, batch).await?;
         return Ok(());
     }
     let mut tx = pool.begin().await?;
@@ -94,13 +97,7 @@ fn delay_until(run_at: u64, now: SystemTime) -> Delay {
 }
 
 impl SinkState {
-    fn poll_flush(
-        &mut self,
-        cx: &mut Context<'_>,
-        queue: &PgmqQueue,
-        pool: &sqlx::PgPool,
-        window: Option<Duration>,
-    ) -> Poll<Result<()>> {
+    fn poll_flush(&mut self, cx: &mut Context<'_>, shared: &Arc<Shared>) -> Poll<Result<()>> {
         loop {
             if let Some(fut) = &mut self.flushing {
                 let result = futures::ready!(fut.poll_unpin(cx));
@@ -111,12 +108,12 @@ impl SinkState {
                 return Poll::Ready(Ok(()));
             }
             let batch = std::mem::take(&mut self.buffer);
-            let queue = queue.clone();
-            let pool = pool.clone();
+            let shared = shared.clone();
             self.flushing = Some(Box::pin(async move {
-                match send_all(&queue, &pool, batch, window).await {
+                let window = shared.config.pushes.idempotency_window;
+                match send_all(&shared, batch, window).await {
                     Ok(()) => Ok(()),
-                    Err(e) => Err(crate::util::explain_pool_error(&pool, e).await),
+                    Err(e) => Err(crate::util::explain_pool_error(&shared.pool, e).await),
                 }
             }));
         }
@@ -131,12 +128,7 @@ impl<Args, C: Unpin> Sink<Task<Value>> for PgmqStorage<Args, C> {
         let shared = this.shared.clone();
         let sink = &mut this.local().sink;
         if sink.flushing.is_some() || sink.buffer.len() >= MAX_BUFFERED {
-            return sink.poll_flush(
-                cx,
-                &shared.queue,
-                &shared.pool,
-                shared.config.pushes.idempotency_window,
-            );
+            return sink.poll_flush(cx, &shared);
         }
         Poll::Ready(Ok(()))
     }
@@ -160,12 +152,7 @@ impl<Args, C: Unpin> Sink<Task<Value>> for PgmqStorage<Args, C> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let this = self.get_mut();
         let shared = this.shared.clone();
-        this.local().sink.poll_flush(
-            cx,
-            &shared.queue,
-            &shared.pool,
-            shared.config.pushes.idempotency_window,
-        )
+        this.local().sink.poll_flush(cx, &shared)
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
@@ -280,6 +267,29 @@ where
             push_encoded(&shared, &mut conn, &encoded).await
         }
     }
+}
+
+/// Writes one encoded task with the storage's pool: without a key through the shared writer
+/// (see `combine.rs`), with a key on a connection of its own, unless the key is taken.
+pub(super) async fn push_autonomous(shared: &Shared, encoded: EncodedMessage) -> Result<Pushed> {
+    if encoded.key.is_none() {
+        let ids = shared
+            .pushes
+            .push(&shared.queue, &shared.pool, vec![encoded])
+            .await?;
+        return ids
+            .first()
+            .map(|&id| Pushed {
+                id,
+                duplicate: false,
+            })
+            .ok_or(Error::Database(sqlx::Error::RowNotFound));
+    }
+    let mut conn = match shared.pool.acquire().await {
+        Ok(c) => c,
+        Err(e) => return Err(crate::util::explain_pool_error(&shared.pool, e.into()).await),
+    };
+    push_encoded(shared, &mut conn, &encoded).await
 }
 
 /// Writes one encoded task on `conn`: with its key, unless the key is taken.

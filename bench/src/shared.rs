@@ -165,6 +165,13 @@ pub struct Params {
     /// with this concurrency, the way an application runs it.
     #[serde(default = "default_one_worker_concurrency")]
     pub one_worker_concurrency: usize,
+    /// The numbers of pgbench clients the `producers` workload measures (empty: 8, 64 and 200;
+    /// 8 alone with `--quick`).
+    #[serde(default)]
+    pub producers_clients: Vec<usize>,
+    /// Alternating repetitions of each `producers` measurement.
+    #[serde(default = "default_producers_reps")]
+    pub producers_reps: usize,
     /// Backlogs the `growth` workload burns down, each from a fresh queue.
     #[serde(default = "default_growth_jobs")]
     pub growth_jobs: Vec<u64>,
@@ -231,6 +238,9 @@ fn default_result_waiters() -> usize {
 fn default_one_worker_concurrency() -> usize {
     100
 }
+fn default_producers_reps() -> usize {
+    2
+}
 fn default_growth_jobs() -> Vec<u64> {
     vec![20_000, 200_000]
 }
@@ -271,6 +281,8 @@ impl Default for Params {
             notify_secs: 5,
             poll_ms: 1_000,
             one_worker_concurrency: default_one_worker_concurrency(),
+            producers_clients: Vec::new(),
+            producers_reps: default_producers_reps(),
             growth_jobs: default_growth_jobs(),
             breakdown_claims: default_breakdown_claims(),
             delayed_jobs: default_delayed_jobs(),

@@ -282,7 +282,9 @@ pub async fn producers(
     apalis_pgmq_notify::PgmqQueue::new(name.clone())
         .create(pool)
         .await?;
-    let clients: Vec<usize> = if p.notify_producers <= 8 && p.notify_secs <= 2 {
+    let clients: Vec<usize> = if !p.producers_clients.is_empty() {
+        p.producers_clients.clone()
+    } else if p.notify_producers <= 8 && p.notify_secs <= 2 {
         vec![8]
     } else {
         vec![8, 64, 200]
@@ -297,7 +299,7 @@ pub async fn producers(
         (Trigger::Before, Situation::Worker),
         (Trigger::Current, Situation::Worker),
     ];
-    let reps = 2;
+    let reps = p.producers_reps.max(1);
     let mut records = Vec::new();
     for &k in &clients {
         // (trigger, situation) -> per repetition (ratio, tps, notifications, armings)

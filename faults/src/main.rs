@@ -136,15 +136,8 @@ fn arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
         .map(String::as_str)
 }
 
-fn worker_main(args: &[String]) -> Res<()> {
-    let url = arg(args, "--url").ok_or("--url")?.to_owned();
-    let queue = QueueName::new(arg(args, "--queue").ok_or("--queue")?)?;
-    let name = arg(args, "--name").unwrap_or("fault-worker").to_owned();
-    let concurrency: usize = arg(args, "--concurrency").unwrap_or("10").parse()?;
-    let vt_ms: u64 = arg(args, "--vt-ms").unwrap_or("10000").parse()?;
-    let attempts: u32 = arg(args, "--max-attempts").unwrap_or("5").parse()?;
-    let log_path = PathBuf::from(arg(args, "--log").ok_or("--log")?);
-    // Warnings and errors of the backend go to the worker's stderr file, kept with its log.
+/// Warnings and errors of the backend go to the process's stderr file, kept with its log.
+fn log_to_stderr() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(false)
@@ -153,6 +146,115 @@ fn worker_main(args: &[String]) -> Res<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
+}
+
+/// Resolves when the orchestrator closes our stdin (a graceful stop).
+fn stdin_closed() -> tokio::sync::oneshot::Receiver<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while std::io::stdin()
+            .lock()
+            .read_line(&mut sink)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {}
+        let _ = tx.send(());
+    });
+    rx
+}
+
+/// A cron replica as `examples/cron_once.rs` runs one: an `apalis-cron` schedule firing every
+/// second, each tick pushed (after `--lag-ms`) as a job whose id is the tick's timestamp, with
+/// the key `tick:<timestamp>` and a one-hour idempotency window, and a worker on the same queue.
+fn cron_main(args: &[String]) -> Res<()> {
+    let url = arg(args, "--url").ok_or("--url")?.to_owned();
+    let queue = QueueName::new(arg(args, "--queue").ok_or("--queue")?)?;
+    let name = arg(args, "--name").unwrap_or("fault-cron").to_owned();
+    let lag = Duration::from_millis(arg(args, "--lag-ms").unwrap_or("0").parse()?);
+    let log_path = PathBuf::from(arg(args, "--log").ok_or("--log")?);
+    log_to_stderr();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let opts = PgConnectOptions::from_str(&url)?.application_name(&name);
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(opts);
+        let config = Config::default()
+            .visibility_timeout(Duration::from_secs(2))
+            .idempotency_window(Some(Duration::from_secs(3600)));
+        let runtime = Runtime::new(&pool);
+        let storage = PgmqStorage::<FaultJob>::with_config(&runtime, queue, config)?;
+        let log = Arc::new(ExecLog {
+            file: Mutex::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log_path)?,
+            ),
+        });
+        let rx = stdin_closed();
+        let scheduler = tokio::spawn(push_ticks(storage.clone(), lag, log.clone()));
+        let worker = WorkerBuilder::new(name.clone())
+            .backend(storage)
+            .data(log)
+            .concurrency(4)
+            .build(handle);
+        worker
+            .run_until(async move {
+                let _ = rx.await;
+                Ok::<(), std::io::Error>(())
+            })
+            .await?;
+        scheduler.abort();
+        if let Err(e) = runtime.shutdown().await {
+            eprintln!("runtime shutdown: {e}");
+        }
+        Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+    })
+}
+
+/// Every tick of an every-second schedule, pushed with its key and logged (`P`: this push
+/// enqueued the tick's job, `K`: its key was taken, another replica's push was first); a push
+/// that fails is said on stderr (the tick is then another replica's to enqueue).
+async fn push_ticks(storage: PgmqStorage<FaultJob>, lag: Duration, log: Arc<ExecLog>) -> Res<()> {
+    use futures::StreamExt;
+    let every_second = cron::Schedule::from_str("* * * * * *")?;
+    let mut ticks = Box::pin(apalis_cron::CronScheduler::new(every_second).into_stream());
+    while let Some(tick) = ticks.next().await {
+        let at = tick?.get_timestamp();
+        tokio::time::sleep(lag).await;
+        let job = FaultJob {
+            id: at,
+            ms: 50,
+            panic: false,
+            note: None,
+            outcome: None,
+        };
+        let task = TaskBuilder::new(job)
+            .idempotency_key(format!("tick:{at}"))
+            .build();
+        match storage.push_task_with(storage.pool(), task).await {
+            Ok(p) => log.line(if p.is_duplicate() { 'K' } else { 'P' }, at, p.id()),
+            Err(e) => eprintln!("tick {at}: push failed: {e}"),
+        }
+    }
+    Ok(())
+}
+
+fn worker_main(args: &[String]) -> Res<()> {
+    let url = arg(args, "--url").ok_or("--url")?.to_owned();
+    let queue = QueueName::new(arg(args, "--queue").ok_or("--queue")?)?;
+    let name = arg(args, "--name").unwrap_or("fault-worker").to_owned();
+    let concurrency: usize = arg(args, "--concurrency").unwrap_or("10").parse()?;
+    let vt_ms: u64 = arg(args, "--vt-ms").unwrap_or("10000").parse()?;
+    let attempts: u32 = arg(args, "--max-attempts").unwrap_or("5").parse()?;
+    let log_path = PathBuf::from(arg(args, "--log").ok_or("--log")?);
+    log_to_stderr();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -181,18 +283,7 @@ fn worker_main(args: &[String]) -> Res<()> {
                     .open(&log_path)?,
             ),
         });
-        // Stop gracefully when the orchestrator closes our stdin.
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        std::thread::spawn(move || {
-            let mut sink = String::new();
-            while std::io::stdin()
-                .lock()
-                .read_line(&mut sink)
-                .map(|n| n > 0)
-                .unwrap_or(false)
-            {}
-            let _ = tx.send(());
-        });
+        let rx = stdin_closed();
         let worker = WorkerBuilder::new(name.clone())
             .backend(storage)
             .data(log)
@@ -370,6 +461,30 @@ impl Ctx {
                 &vt_ms.to_string(),
                 "--max-attempts",
                 &attempts.to_string(),
+                "--log",
+                log.to_str().ok_or("log path")?,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(err))
+            .spawn()?)
+    }
+
+    /// A cron replica process (see `cron_main`).
+    fn spawn_cron(&self, db: &Db, scenario: &str, name: &str, lag_ms: u64) -> Res<Child> {
+        let log = self.dir.join(format!("{scenario}-{name}.log"));
+        let err = std::fs::File::create(self.dir.join(format!("{scenario}-{name}.stderr")))?;
+        Ok(Command::new(&self.exe)
+            .args([
+                "cron",
+                "--url",
+                &db.url,
+                "--queue",
+                db.queue.name().as_str(),
+                "--name",
+                &format!("fault-{scenario}-{name}"),
+                "--lag-ms",
+                &lag_ms.to_string(),
                 "--log",
                 log.to_str().ok_or("log path")?,
             ])
@@ -1560,6 +1675,110 @@ async fn frozen(ctx: &Ctx) -> Res<Row> {
     Ok(finish(row, &sent, &o, &BTreeSet::new()))
 }
 
+/// Distinct ticks enqueued so far (queue and archive).
+async fn ticks_enqueued(db: &Db) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT message->>'id' FROM pgmq.q_faults \
+                               UNION SELECT message->>'id' FROM pgmq.a_faults) t",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap_or(0)
+}
+
+/// Waits (at most `secs` seconds) until at least `n` distinct ticks were enqueued.
+async fn wait_ticks(db: &Db, n: i64, secs: u64) -> i64 {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let got = ticks_enqueued(db).await;
+        if got >= n || Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// 14. Three cron replicas (real processes running `apalis-cron` every second, each tick
+/// pushed with the key `tick:<timestamp>` and a one-hour window, the replicas lagging each
+/// other by 0, 8 and 16 ms, each also a worker); one is SIGKILLed mid-run and another started
+/// in its place. Every tick must become one job (never two), no tick may be missing while
+/// replicas run, and every job runs once (a second run only for a job the killed replica held).
+async fn cron_replicas(ctx: &Ctx) -> Res<Row> {
+    let db = ctx.fresh("cron").await?;
+    let phase = if ctx.quick { 3 } else { 6 };
+    let a = ctx.spawn_cron(&db, "cron", "a", 0)?;
+    let b = ctx.spawn_cron(&db, "cron", "b", 8)?;
+    let c = ctx.spawn_cron(&db, "cron", "c", 16)?;
+    wait_ticks(&db, phase, 60).await;
+    let victim_pid = b.id();
+    let mut b = b;
+    b.kill()?;
+    let killed_at = now_micros();
+    b.wait()?;
+    let at_kill = ticks_enqueued(&db).await;
+    wait_ticks(&db, at_kill + phase, 60).await;
+    let b2 = ctx.spawn_cron(&db, "cron", "b2", 8)?;
+    let at_restart = ticks_enqueued(&db).await;
+    wait_ticks(&db, at_restart + phase, 60).await;
+    let stopped = stop_worker(a) & stop_worker(b2) & stop_worker(c);
+    // The jobs of the last ticks, if their replicas stopped first, are run by a plain worker.
+    let drainer = ctx.spawn_worker(&db, "cron", "drain", 4, 2_000, 5)?;
+    let per_tick: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT (message->>'id')::bigint, count(*) FROM ( \
+           SELECT message FROM pgmq.q_faults UNION ALL SELECT message FROM pgmq.a_faults \
+           UNION ALL SELECT message FROM pgmq.q_faults_dlq) m GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    let sent: BTreeSet<u64> = per_tick
+        .iter()
+        .filter_map(|(t, _)| u64::try_from(*t).ok())
+        .collect();
+    wait_drained(&db, &sent, 0, Duration::from_secs(60)).await;
+    let drained = stop_worker(drainer);
+    let twice = per_tick.iter().filter(|(_, n)| *n > 1).count();
+    let span = match (sent.first(), sent.last()) {
+        (Some(first), Some(last)) => last - first + 1,
+        _ => 0,
+    };
+    let missing = span.saturating_sub(sent.len() as u64);
+    let execs = read_logs(&ctx.dir, "cron");
+    // How the replicas' pushes of each tick went: how many pushed it, how many enqueued it.
+    let mut pushes: BTreeMap<u64, (usize, usize)> = BTreeMap::new();
+    for e in execs.iter().filter(|e| e.kind == 'P' || e.kind == 'K') {
+        let p = pushes.entry(e.job).or_default();
+        p.0 += 1;
+        p.1 += usize::from(e.kind == 'P');
+    }
+    let raced = pushes.values().filter(|p| p.0 >= 2).count();
+    let enqueued_twice = pushes.values().filter(|p| p.1 > 1).count();
+    let mut row = Row {
+        scenario: "14. three cron replicas (apalis-cron, keyed ticks, 0/8/16 ms apart), one \
+                   SIGKILLed and replaced"
+            .into(),
+        ok: stopped
+            && drained
+            && twice == 0
+            && enqueued_twice == 0
+            && missing == 0
+            && raced * 2 >= sent.len()
+            && sent.len() as i64 >= 3 * phase,
+        ..Row::default()
+    };
+    analyse(&execs, &[(victim_pid, killed_at)], &mut row);
+    row.recovery = format!(
+        "{} ticks in a row, {twice} enqueued twice, {missing} missing",
+        sent.len()
+    );
+    row.notes = format!(
+        "{raced} of {} ticks pushed by two or three replicas, {enqueued_twice} enqueued by more \
+         than one push; killed after {at_kill} ticks, replacement started after {at_restart}",
+        sent.len()
+    );
+    let o = outcome(&db).await?;
+    Ok(finish(row, &sent, &o, &BTreeSet::new()))
+}
+
 fn print_table(rows: &[Row]) {
     println!(
         "\n| scenario | jobs in | completed | dead-lettered | run twice (explained by a crash) | two workers at once | lost | recovery | notes |"
@@ -1611,6 +1830,7 @@ async fn run(quick: bool, only: Option<Vec<String>>) -> Res<bool> {
         ("poison outcomes", Box::pin(poison_outcomes(&ctx))),
         ("frozen worker", Box::pin(frozen(&ctx))),
         ("pg_dump", Box::pin(pg_dump_running(&ctx))),
+        ("cron", Box::pin(cron_replicas(&ctx))),
     ];
     for (name, fut) in scenarios {
         if only.as_ref().is_some_and(|o| !o.iter().any(|n| n == name)) {
@@ -1652,6 +1872,7 @@ fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("worker") => worker_main(&args[1..]).map(|()| true),
+        Some("cron") => cron_main(&args[1..]).map(|()| true),
         Some("camp-worker") => campaign::worker_main(&args[1..]).map(|()| true),
         Some(cmd @ ("campaign" | "check")) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -1677,7 +1898,7 @@ fn main() -> std::process::ExitCode {
             }),
         _ => Err(
             "usage: apalis-pgmq-notify-faults run [--quick] [--only names] | campaign \
-                  [--minutes M] [--seed N] [--dir D] | check --dir D | worker ... | camp-worker ..."
+                  [--minutes M] [--seed N] [--dir D] | check --dir D | worker ... | cron ... | camp-worker ..."
                 .into(),
         ),
     };

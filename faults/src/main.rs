@@ -1698,7 +1698,7 @@ async fn wait_ticks(db: &Db, n: i64, secs: u64) -> i64 {
     }
 }
 
-/// 14. Three cron replicas (real processes running `apalis-cron` every second, each tick
+/// Scenario 14: three cron replicas (real processes running `apalis-cron` every second, each tick
 /// pushed with the key `tick:<timestamp>` and a one-hour window, the replicas lagging each
 /// other by 0, 8 and 16 ms, each also a worker); one is SIGKILLed mid-run and another started
 /// in its place. Every tick must become one job (never two), no tick may be missing while

@@ -264,7 +264,7 @@ pub(crate) async fn release(
     {
         Ok(_) => {
             tracing::debug!(queue = %queue.name(), count, "released claimed messages");
-            crate::obs::released(queue.name().as_str(), count);
+            crate::obs::released(queue.name().as_str(), queue.metrics_kind(), count);
             signal.wake();
             if let Some(target) = wake
                 && let Err(e) = conn
@@ -357,7 +357,7 @@ pub(crate) async fn keeper(
         match renewal {
             Ok(Renewal { renewed, busy }) => {
                 failures = 0;
-                crate::obs::renewed(queue.name().as_str(), renewed.len());
+                crate::obs::renewed(queue.name().as_str(), queue.metrics_kind(), renewed.len());
                 let gone = batch.len() - renewed.len() - busy.len();
                 if gone > 0 {
                     tracing::debug!(gone, "some leases were not renewed (completed or gone)");
@@ -376,7 +376,7 @@ pub(crate) async fn keeper(
             }
             Err(e) => {
                 failures += 1;
-                crate::obs::renewal_failed(queue.name().as_str());
+                crate::obs::renewal_failed(queue.name().as_str(), queue.metrics_kind());
                 tracing::warn!(error = %e.describe(), leases = batch.len(), "lease renewal failed; retrying");
                 let retry_at = Instant::now() + crate::util::error_backoff(failures).min(vt / 10);
                 tokio::time::sleep_until(retry_at.min(give_up_at)).await;

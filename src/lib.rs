@@ -171,6 +171,11 @@
 //! Jobs pushed by other PGMQ clients (SQL, Python, ...) are not in the enqueue counter; the
 //! `apalis_pgmq_queue_jobs` gauge counts them.
 //!
+//! With [`Config::metrics_kind`] (`metrics.kind` in a configuration file), every metric above
+//! labelled `queue`, except the `apalis_pgmq_queue_jobs` gauge, also carries `kind = <kind>`
+//! for that storage's jobs: a job-type dimension when several storages share a queue, or for
+//! dashboards that group by job type.
+//!
 //! # Production topologies
 //!
 //! PgBouncer in session mode works as is; a pooler in transaction mode is refused at start
@@ -232,8 +237,8 @@ pub use ack::{AckLayer, AckService, HandlerPanicked, LeaseLost};
 pub use backend::{FAIR_EVERY, PgmqStorage, drop_queue_and_dead_letters, running_workers};
 pub use config::{
     Backoff, ClaimConfig, Config, DoneAction, ExhaustedAction, KilledAction, LeaseConfig,
-    OutcomeConfig, ProcessConfig, PushConfig, ResultConfig, RetentionConfig, RetryConfig,
-    WakeupConfig, human::HumanDuration,
+    MetricsConfig, OutcomeConfig, ProcessConfig, PushConfig, ResultConfig, RetentionConfig,
+    RetryConfig, WakeupConfig, human::HumanDuration,
 };
 pub use error::{BoxDynError, Error, QueueNameError, Result};
 pub use horizon::{SnapshotHolder, SnapshotHolders, snapshot_holders};

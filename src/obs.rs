@@ -104,66 +104,71 @@ pub(crate) fn describe() {
     }
 }
 
-pub(crate) fn enqueued(queue: &str, n: usize) {
+pub(crate) fn enqueued(queue: &str, kind: Option<&str>, n: usize) {
     #[cfg(feature = "metrics")]
     if n > 0 {
-        metrics::counter!("apalis_pgmq_jobs_enqueued_total", &q(queue)).increment(n as u64);
+        metrics::counter!("apalis_pgmq_jobs_enqueued_total", &q(queue, kind)).increment(n as u64);
     }
 }
 
+/// The labels of a job metric: the queue, and the storage's job kind when it has one
+/// (`Config::metrics.kind`).
 #[cfg(feature = "metrics")]
-fn q(queue: &str) -> [(&'static str, String); 1] {
-    [("queue", queue.to_owned())]
+fn q(queue: &str, kind: Option<&str>) -> Vec<(&'static str, String)> {
+    let mut labels = vec![("queue", queue.to_owned())];
+    if let Some(kind) = kind {
+        labels.push(("kind", kind.to_owned()));
+    }
+    labels
 }
 
-pub(crate) fn claimed(queue: &str, n: usize) {
+pub(crate) fn claimed(queue: &str, kind: Option<&str>, n: usize) {
     #[cfg(feature = "metrics")]
-    metrics::counter!("apalis_pgmq_jobs_claimed_total", &q(queue)).increment(n as u64);
+    metrics::counter!("apalis_pgmq_jobs_claimed_total", &q(queue, kind)).increment(n as u64);
 }
 
-pub(crate) fn done(queue: &str) {
+pub(crate) fn done(queue: &str, kind: Option<&str>) {
     #[cfg(feature = "metrics")]
-    metrics::counter!("apalis_pgmq_jobs_done_total", &q(queue)).increment(1);
+    metrics::counter!("apalis_pgmq_jobs_done_total", &q(queue, kind)).increment(1);
 }
 
-pub(crate) fn retried(queue: &str) {
+pub(crate) fn retried(queue: &str, kind: Option<&str>) {
     #[cfg(feature = "metrics")]
-    metrics::counter!("apalis_pgmq_jobs_retried_total", &q(queue)).increment(1);
+    metrics::counter!("apalis_pgmq_jobs_retried_total", &q(queue, kind)).increment(1);
 }
 
-pub(crate) fn dead_lettered(queue: &str, reason: &str) {
+pub(crate) fn dead_lettered(queue: &str, kind: Option<&str>, reason: &str) {
     #[cfg(feature = "metrics")]
-    metrics::counter!(
-        "apalis_pgmq_jobs_dead_lettered_total",
-        "queue" => queue.to_owned(),
-        "reason" => reason.to_owned()
-    )
-    .increment(1);
+    {
+        let mut labels = q(queue, kind);
+        labels.push(("reason", reason.to_owned()));
+        metrics::counter!("apalis_pgmq_jobs_dead_lettered_total", &labels).increment(1);
+    }
 }
 
-pub(crate) fn killed(queue: &str) {
+pub(crate) fn killed(queue: &str, kind: Option<&str>) {
     #[cfg(feature = "metrics")]
-    metrics::counter!("apalis_pgmq_jobs_killed_total", &q(queue)).increment(1);
+    metrics::counter!("apalis_pgmq_jobs_killed_total", &q(queue, kind)).increment(1);
 }
 
-pub(crate) fn released(queue: &str, n: usize) {
+pub(crate) fn released(queue: &str, kind: Option<&str>, n: usize) {
     #[cfg(feature = "metrics")]
-    metrics::counter!("apalis_pgmq_jobs_released_total", &q(queue)).increment(n as u64);
+    metrics::counter!("apalis_pgmq_jobs_released_total", &q(queue, kind)).increment(n as u64);
 }
 
-pub(crate) fn renewed(queue: &str, n: usize) {
+pub(crate) fn renewed(queue: &str, kind: Option<&str>, n: usize) {
     #[cfg(feature = "metrics")]
-    metrics::counter!("apalis_pgmq_lease_renewals_total", &q(queue)).increment(n as u64);
+    metrics::counter!("apalis_pgmq_lease_renewals_total", &q(queue, kind)).increment(n as u64);
 }
 
-pub(crate) fn renewal_failed(queue: &str) {
+pub(crate) fn renewal_failed(queue: &str, kind: Option<&str>) {
     #[cfg(feature = "metrics")]
-    metrics::counter!("apalis_pgmq_lease_renewal_failures_total", &q(queue)).increment(1);
+    metrics::counter!("apalis_pgmq_lease_renewal_failures_total", &q(queue, kind)).increment(1);
 }
 
-pub(crate) fn leases_lost(queue: &str, n: usize) {
+pub(crate) fn leases_lost(queue: &str, kind: Option<&str>, n: usize) {
     #[cfg(feature = "metrics")]
-    metrics::counter!("apalis_pgmq_leases_lost_total", &q(queue)).increment(n as u64);
+    metrics::counter!("apalis_pgmq_leases_lost_total", &q(queue, kind)).increment(n as u64);
 }
 
 pub(crate) fn notification() {
@@ -176,14 +181,14 @@ pub(crate) fn reconnect() {
     metrics::counter!("apalis_pgmq_listener_reconnects_total").increment(1);
 }
 
-pub(crate) fn pickup_latency(queue: &str, secs: f64) {
+pub(crate) fn pickup_latency(queue: &str, kind: Option<&str>, secs: f64) {
     #[cfg(feature = "metrics")]
-    metrics::histogram!("apalis_pgmq_pickup_latency_seconds", &q(queue)).record(secs);
+    metrics::histogram!("apalis_pgmq_pickup_latency_seconds", &q(queue, kind)).record(secs);
 }
 
-pub(crate) fn job_duration(queue: &str, secs: f64) {
+pub(crate) fn job_duration(queue: &str, kind: Option<&str>, secs: f64) {
     #[cfg(feature = "metrics")]
-    metrics::histogram!("apalis_pgmq_job_duration_seconds", &q(queue)).record(secs);
+    metrics::histogram!("apalis_pgmq_job_duration_seconds", &q(queue, kind)).record(secs);
 }
 
 /// Whether queue gauges are sampled at all (only with the feature: it costs a statement).

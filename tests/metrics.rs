@@ -70,7 +70,8 @@ async fn outcomes_are_counted_and_latencies_recorded() {
         Config::default()
             .max_attempts(2)
             .backoff(Backoff::default().base(Duration::from_secs(3600)))
-            .heartbeat_interval(Duration::from_secs(1)),
+            .heartbeat_interval(Duration::from_secs(1))
+            .metrics_kind("report"),
     )
     .expect("config");
     s.create_queue().await.expect("create");
@@ -111,7 +112,8 @@ async fn outcomes_are_counted_and_latencies_recorded() {
     .await;
     // One snapshot for counters and histograms (a snapshot drains what it reports).
     let snap = snapshot();
-    let queue = [("queue", name)];
+    // Every job metric of the storage carries its kind (`Config::metrics_kind`).
+    let queue = [("queue", name), ("kind", "report")];
     let v = |n: &str, l: &[(&str, &str)]| value(&snap, n, l);
     assert_eq!(v("apalis_pgmq_jobs_enqueued_total", &queue), 5);
     assert_eq!(v("apalis_pgmq_jobs_claimed_total", &queue), 6);
@@ -120,14 +122,18 @@ async fn outcomes_are_counted_and_latencies_recorded() {
     assert_eq!(
         v(
             "apalis_pgmq_jobs_dead_lettered_total",
-            &[("queue", name), ("reason", "failed")]
+            &[("queue", name), ("kind", "report"), ("reason", "failed")]
         ),
         1
     );
     assert_eq!(
         v(
             "apalis_pgmq_jobs_dead_lettered_total",
-            &[("queue", name), ("reason", "undecodable")]
+            &[
+                ("queue", name),
+                ("kind", "report"),
+                ("reason", "undecodable")
+            ]
         ),
         1,
         "every dead letter is counted, whatever its reason"

@@ -269,7 +269,7 @@ fn count_dead_letters(ctx: &CompleterCtx, written: &[Outcome]) {
                 .get("reason")
                 .and_then(Value::as_str)
                 .unwrap_or("failed");
-            crate::obs::dead_lettered(ctx.queue.name().as_str(), reason);
+            crate::obs::dead_lettered(ctx.queue.name().as_str(), ctx.queue.metrics_kind(), reason);
         }
     }
 }

@@ -249,6 +249,7 @@ where
             .map(|w| w.name().to_owned())
             .unwrap_or_default();
         let queue_name = self.shared.queue.as_str().to_owned();
+        let kind = Some(self.shared.config.metrics.kind.clone()).filter(|k| !k.is_empty());
         let span = tracing::info_span!(
             "job",
             queue = %queue_name,
@@ -260,7 +261,7 @@ where
             let waited = (chrono::Utc::now() - m.visible_since)
                 .num_microseconds()
                 .unwrap_or(0);
-            crate::obs::pickup_latency(&queue_name, waited.max(0) as f64 / 1e6);
+            crate::obs::pickup_latency(&queue_name, kind.as_deref(), waited.max(0) as f64 / 1e6);
         }
         let started = std::time::Instant::now();
         let max_attempts = task
@@ -306,7 +307,7 @@ where
                                 // write nothing; the message is delivered again.
                                 tracing::error!(queue = %shared.queue, msg_id, attempt = read_ct,
                                     "lease lost while the job ran; the job was stopped");
-                                crate::obs::leases_lost(shared.queue.as_str(), 1);
+                                crate::obs::leases_lost(shared.queue.as_str(), Some(shared.config.metrics.kind.as_str()).filter(|k| !k.is_empty()), 1);
                                 if let Some(g) = guard.as_mut() {
                                     g.armed = false;
                                 }
@@ -331,8 +332,12 @@ where
                             max_attempts,
                             random_unit(),
                         );
-                        crate::obs::job_duration(&queue_name, started.elapsed().as_secs_f64());
-                        log_outcome(&queue_name, &action, result.as_ref().err());
+                        crate::obs::job_duration(
+                            &queue_name,
+                            kind.as_deref(),
+                            started.elapsed().as_secs_f64(),
+                        );
+                        log_outcome(&queue_name, kind.as_deref(), &action, result.as_ref().err());
                         let error = match (&action, result.as_ref().err()) {
                             (Action::Retry { .. }, Some(e)) => Some(error_text(&**e)),
                             _ => None,
@@ -368,20 +373,20 @@ where
 }
 
 /// Logs (in the job's span) and counts what became of a delivery.
-fn log_outcome(queue: &str, action: &Action, error: Option<&BoxDynError>) {
+fn log_outcome(queue: &str, kind: Option<&str>, action: &Action, error: Option<&BoxDynError>) {
     let Some(error) = error else {
         tracing::debug!("job done");
-        crate::obs::done(queue);
+        crate::obs::done(queue, kind);
         return;
     };
     if error.is::<AbortError>() {
         tracing::info!(error = %error, "job killed");
-        crate::obs::killed(queue);
+        crate::obs::killed(queue, kind);
     }
     match action {
         Action::Retry { delay } => {
             tracing::debug!(error = %error, retry_in = ?delay, "job failed; retry scheduled");
-            crate::obs::retried(queue);
+            crate::obs::retried(queue, kind);
         }
         Action::DeadLetter { info } => {
             let reason = info

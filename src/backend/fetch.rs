@@ -1195,7 +1195,11 @@ async fn fetch(
         Err(e) => return (Err(e), None),
     };
     if !messages.is_empty() {
-        crate::obs::claimed(shared.queue.name().as_str(), messages.len());
+        crate::obs::claimed(
+            shared.queue.name().as_str(),
+            shared.queue.metrics_kind(),
+            messages.len(),
+        );
         shared.leases.insert_many(messages.iter().map(|m| {
             (
                 m.msg_id,

@@ -259,6 +259,8 @@ mod tests {
             [process]
             heartbeat_interval = "5s"
             listener_health_check = "3s"
+            [metrics]
+            kind = "report"
         "#;
         let json = r#"{
             "leases": {"visibility_timeout": "2m"},
@@ -274,7 +276,8 @@ mod tests {
             "pushes": {"max_payload_bytes": 4096, "idempotency_window": "1h"},
             "retention": {"archive": "2d", "dead_letters": "forever"},
             "results": {"store": true, "retention": "forever"},
-            "process": {"heartbeat_interval": "5s", "listener_health_check": "3s"}
+            "process": {"heartbeat_interval": "5s", "listener_health_check": "3s"},
+            "metrics": {"kind": "report"}
         }"#;
         let channels = crate::notify::NotifyChannels::with_prefix("app.")
             .and_then(|c| c.namespace_pattern("(?P<namespace>[a-z]+)_jobs", "misc"))
@@ -314,7 +317,8 @@ mod tests {
             .store_results(true)
             .result_retention(None)
             .heartbeat_interval(Duration::from_secs(5))
-            .listener_health_check(Duration::from_secs(3));
+            .listener_health_check(Duration::from_secs(3))
+            .metrics_kind("report");
         // Every setting differs from its default: a key the parser ignored would show.
         let defaults = Config::default().settings();
         for (key, value) in expected.settings() {

@@ -15,6 +15,7 @@
 //! | [`retention`](RetentionConfig) | how long the archive and the dead letters are kept |
 //! | [`results`](ResultConfig) | whether job results are kept, and for how long |
 //! | [`process`](ProcessConfig) | per-process services every storage shares (heartbeat, listener health check): the shortest value among a process's storages applies |
+//! | [`metrics`](MetricsConfig) | an optional `kind` label on the storage's job metrics |
 
 pub(crate) mod file;
 pub(crate) mod human;
@@ -426,6 +427,17 @@ impl Default for ProcessConfig {
     }
 }
 
+/// Metrics (feature `metrics`; see the crate docs' "Metrics").
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct MetricsConfig {
+    /// A `kind` label on this storage's job metrics, beside `queue` (default `""`: no label): a
+    /// name for the job type, e.g. `"email"`, when several storages share a queue or dashboards
+    /// group by job type. At most 64 characters, no control characters.
+    pub kind: String,
+}
+
 /// Configuration of a [`PgmqStorage`](crate::PgmqStorage), grouped by what each setting
 /// governs (see the [module docs](self) and the README's "Configuration").
 ///
@@ -480,6 +492,8 @@ pub struct Config {
     pub results: ResultConfig,
     /// Per-process services shared by every storage of a runtime.
     pub process: ProcessConfig,
+    /// Labels of the metrics.
+    pub metrics: MetricsConfig,
 }
 
 impl Config {
@@ -713,6 +727,15 @@ impl Config {
         self
     }
 
+    /// A `kind` label on this storage's job metrics (`metrics.kind`; default `""`, none; feature
+    /// `metrics`): jobs enqueued, claimed, done, retried, killed, dead-lettered, released, lease
+    /// renewals and losses, pickup latency and duration carry `kind = <kind>` beside `queue`.
+    #[must_use]
+    pub fn metrics_kind(mut self, kind: impl Into<String>) -> Self {
+        self.metrics.kind = kind.into();
+        self
+    }
+
     /// How long done (archived) jobs are kept (`retention.archive`; default 7 days; `None`
     /// keeps everything). A worker process prunes older ones after its heartbeats, in batches
     /// of 10 000, one process per queue at a time; `apalis-pgmq-notify prune` and
@@ -889,6 +912,13 @@ impl Config {
             Duration::ZERO,
             SECOND,
         )?;
+        let kind = &self.metrics.kind;
+        if kind.chars().count() > 64 || kind.chars().any(char::is_control) {
+            return bad(
+                "metrics.kind",
+                format!("must be at most 64 characters without control characters, got {kind:?}"),
+            );
+        }
         if !(1..=256 * 1024 * 1024).contains(&self.pushes.max_payload_bytes) {
             return bad(
                 "pushes.max_payload_bytes",
@@ -1059,6 +1089,19 @@ mod tests {
             Config::default().listener_health_check(Duration::from_secs(7200)),
             "process.listener_health_check",
         );
+        named(Config::default().metrics_kind("a\nb"), "metrics.kind");
+        named(
+            Config::default().metrics_kind("k".repeat(65)),
+            "metrics.kind",
+        );
+        Config::default()
+            .metrics_kind("k".repeat(64))
+            .validate()
+            .expect("64 characters are accepted");
+        Config::default()
+            .metrics_kind("")
+            .validate()
+            .expect("empty: no label");
     }
 
     #[test]
@@ -1076,6 +1119,7 @@ mod tests {
                 "claims.max_batch_size",
                 "claims.priorities",
                 "leases.visibility_timeout",
+                "metrics.kind",
                 "outcomes.batch_size",
                 "outcomes.flush_interval",
                 "outcomes.on_done",

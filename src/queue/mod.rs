@@ -65,6 +65,8 @@ pub struct PgmqQueue {
     name: QueueName,
     sql: Arc<QueueSql>,
     max_payload_bytes: usize,
+    /// The `kind` label of this handle's job metrics (feature `metrics`).
+    metrics_kind: Option<Arc<str>>,
 }
 
 impl PgmqQueue {
@@ -76,7 +78,23 @@ impl PgmqQueue {
             name,
             sql,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            metrics_kind: None,
         }
+    }
+
+    /// Labels this handle's job metrics (feature `metrics`: jobs enqueued through it, and,
+    /// for a storage's queue, claimed, finished, dead-lettered, released, leases) with
+    /// `kind = <kind>` beside `queue`; a storage sets it from `Config::metrics.kind`.
+    #[must_use]
+    pub fn with_metrics_kind(mut self, kind: Option<&str>) -> Self {
+        self.metrics_kind = kind.map(Arc::from);
+        self
+    }
+
+    /// The `kind` label of this handle's job metrics, if any.
+    #[must_use]
+    pub fn metrics_kind(&self) -> Option<&str> {
+        self.metrics_kind.as_deref()
     }
 
     /// Sets the largest accepted payload (message plus headers, encoded), in bytes.

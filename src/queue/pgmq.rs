@@ -194,7 +194,7 @@ impl PgmqQueue {
             .bind(secs)
             .fetch_all(executor)
             .await?;
-        crate::obs::enqueued(self.name.as_str(), ids.len());
+        crate::obs::enqueued(self.name.as_str(), self.metrics_kind(), ids.len());
         ids.sort_unstable();
         Ok(ids)
     }
@@ -384,7 +384,7 @@ impl PgmqQueue {
             .bind(m.secs)
             .fetch_one(executor)
             .await?;
-        crate::obs::enqueued(self.name.as_str(), 1);
+        crate::obs::enqueued(self.name.as_str(), self.metrics_kind(), 1);
         Ok(id)
     }
 
@@ -413,7 +413,7 @@ impl PgmqQueue {
             .bind(secs)
             .fetch_all(executor)
             .await?;
-        crate::obs::enqueued(self.name.as_str(), ids.len());
+        crate::obs::enqueued(self.name.as_str(), self.metrics_kind(), ids.len());
         ids.sort_unstable();
         Ok(ids)
     }
@@ -444,7 +444,7 @@ impl PgmqQueue {
                     .map_err(|e| unique_index_missing(e, &self.name))?;
             if let Some((id, duplicate)) = row {
                 if !duplicate {
-                    crate::obs::enqueued(self.name.as_str(), 1);
+                    crate::obs::enqueued(self.name.as_str(), self.metrics_kind(), 1);
                 }
                 return Ok(Pushed { id, duplicate });
             }
@@ -500,7 +500,7 @@ impl PgmqQueue {
             .bind(msg_ids)
             .fetch_all(executor)
             .await?;
-        crate::obs::enqueued(self.name.as_str(), ids.len());
+        crate::obs::enqueued(self.name.as_str(), self.metrics_kind(), ids.len());
         ids.sort_unstable();
         Ok(ids)
     }

@@ -19,14 +19,17 @@
 //! - Nothing of a caller's transaction is involved: pushes with the caller's executor
 //!   (`push_with`, `push_task_with`, `push_bulk_with`) and pushes with an idempotency key (one
 //!   statement each, see `send_unique`) do not come here.
-//! - The writer is a task of its own, so a caller that stops waiting (a timeout around its
-//!   push) does not stop the others' statement; its own messages may then still be written,
-//!   as when a single push's statement had already been sent.
+//! - The writer is a task of its own, a service of the storage's [`Runtime`](crate::Runtime)
+//!   (its shutdown waits for it, as for the completers), so a caller that stops waiting (a
+//!   timeout around its push) does not stop the others' statement; its own messages may then
+//!   still be written, as when a single push's statement had already been sent. The writer
+//!   ends when nothing is waiting.
 
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
+use super::Shared;
 use crate::{
     error::{Error, Result},
     queue::{EncodedMessage, PgmqQueue},
@@ -59,8 +62,7 @@ impl Combiner {
     /// Writes `messages` (none with a key) through the shared writer; their ids, in order.
     pub(crate) async fn push(
         self: &Arc<Self>,
-        queue: &PgmqQueue,
-        pool: &sqlx::PgPool,
+        shared: &Shared,
         messages: Vec<EncodedMessage>,
     ) -> Result<Vec<i64>> {
         if messages.is_empty() {
@@ -73,7 +75,11 @@ impl Combiner {
             !std::mem::replace(&mut state.writing, true)
         };
         if start {
-            tokio::spawn(write_all(self.clone(), queue.clone(), pool.clone()));
+            let (combiner, queue, pool) = (self.clone(), shared.queue.clone(), shared.pool.clone());
+            shared
+                .runtime
+                .inner
+                .spawn_queue_service(move |_stop| write_all(combiner, queue, pool));
         }
         answer
             .await

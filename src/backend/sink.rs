@@ -40,7 +40,7 @@ async fn send_all(
 ) -> Result<()> {
     let (queue, pool) = (&shared.queue, &shared.pool);
     if batch.iter().all(|m| m.key.is_none()) {
-        shared.pushes.push(queue, pool, batch).await?;
+        shared.pushes.push(shared, batch).await?;
         return Ok(());
     }
     let mut tx = pool.begin().await?;
@@ -273,10 +273,7 @@ where
 /// (see `combine.rs`), with a key on a connection of its own, unless the key is taken.
 pub(super) async fn push_autonomous(shared: &Shared, encoded: EncodedMessage) -> Result<Pushed> {
     if encoded.key.is_none() {
-        let ids = shared
-            .pushes
-            .push(&shared.queue, &shared.pool, vec![encoded])
-            .await?;
+        let ids = shared.pushes.push(shared, vec![encoded]).await?;
         return ids
             .first()
             .map(|&id| Pushed {

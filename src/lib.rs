@@ -171,10 +171,12 @@
 //! Jobs pushed by other PGMQ clients (SQL, Python, ...) are not in the enqueue counter; the
 //! `apalis_pgmq_queue_jobs` gauge counts them.
 //!
-//! With [`Config::metrics_kind`] (`metrics.kind` in a configuration file), every metric above
-//! labelled `queue`, except the `apalis_pgmq_queue_jobs` gauge, also carries `kind = <kind>`
-//! for that storage's jobs: a job-type dimension when several storages share a queue, or for
-//! dashboards that group by job type.
+//! Every metric above labelled `queue`, except the `apalis_pgmq_queue_jobs` gauge, also
+//! carries `kind`: empty (Prometheus treats it as absent) unless the storage sets one with
+//! [`Config::metrics_kind`] (`metrics.kind` in a configuration file), a name for the jobs of
+//! that storage (for dashboards that group by job type). It is the label of the storage that
+//! claims, pushes or finishes the job, not of the message itself: an undecodable message sent
+//! by SQL is counted with the consuming storage's kind.
 //!
 //! # Production topologies
 //!

@@ -111,15 +111,15 @@ pub(crate) fn enqueued(queue: &str, kind: Option<&str>, n: usize) {
     }
 }
 
-/// The labels of a job metric: the queue, and the storage's job kind when it has one
-/// (`Config::metrics.kind`).
+/// The labels of a job metric: the queue, and the storage's job kind (`Config::metrics.kind`),
+/// empty when it has none. Always both, so a metric has one label set whatever its storages
+/// say (some recorders refuse a name with two; Prometheus treats an empty label as absent).
 #[cfg(feature = "metrics")]
 fn q(queue: &str, kind: Option<&str>) -> Vec<(&'static str, String)> {
-    let mut labels = vec![("queue", queue.to_owned())];
-    if let Some(kind) = kind {
-        labels.push(("kind", kind.to_owned()));
-    }
-    labels
+    vec![
+        ("queue", queue.to_owned()),
+        ("kind", kind.unwrap_or_default().to_owned()),
+    ]
 }
 
 pub(crate) fn claimed(queue: &str, kind: Option<&str>, n: usize) {

@@ -13,9 +13,12 @@
 //! `INSERT ... SELECT FROM unnest(...)` and one commit for all of them, at most
 //! [`MAX_MESSAGES`] messages each. Every caller gets its own ids, in the order of its messages.
 //!
-//! - All or nothing per caller: a statement that fails is written again caller by caller, so a
-//!   message PostgreSQL refuses (a JSON string with `\u0000`), a failed connection or any other
-//!   error reaches only the callers it belongs to, each with its own error.
+//! - All or nothing per caller. A shared statement the server refused (so it rolled back) is
+//!   written again caller by caller, so a message PostgreSQL refuses (a JSON string with
+//!   `\u0000`) fails only its own push. A statement whose answer never came (the connection
+//!   broke, the pool gave none) is not written again: it may have committed, so every caller
+//!   of it gets an error that says so, as a single push would (writing it again could write
+//!   the jobs twice).
 //! - Nothing of a caller's transaction is involved: pushes with the caller's executor
 //!   (`push_with`, `push_task_with`, `push_bulk_with`) and pushes with an idempotency key (one
 //!   statement each, see `send_unique`) do not come here.
@@ -23,7 +26,9 @@
 //!   (its shutdown waits for it, as for the completers), so a caller that stops waiting (a
 //!   timeout around its push) does not stop the others' statement; its own messages may then
 //!   still be written, as when a single push's statement had already been sent. The writer
-//!   ends when nothing is waiting.
+//!   ends when nothing is waiting; if it is stopped (aborted by a shutdown that outlasted its
+//!   grace), the callers still waiting get [`Error::Stopped`] and the next push starts a new
+//!   writer.
 
 use std::sync::{Arc, Mutex};
 
@@ -87,13 +92,32 @@ impl Combiner {
     }
 }
 
+/// Clears the writer's flag when the writer ends however it ends, and fails the requests still
+/// waiting if it ended without taking them (aborted), so no push waits for a writer that is
+/// gone.
+struct Writing(Arc<Combiner>);
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        let left = {
+            let mut state = lock(&self.0.state);
+            state.writing = false;
+            std::mem::take(&mut state.waiting)
+        };
+        // Dropping their reply senders answers them with `Error::Stopped`.
+        drop(left);
+    }
+}
+
 /// Writes what is waiting, statement after statement, until nothing is.
 async fn write_all(combiner: Arc<Combiner>, queue: PgmqQueue, pool: sqlx::PgPool) {
+    let _writing = Writing(combiner.clone());
     loop {
         let batch = {
             let mut state = lock(&combiner.state);
             if state.waiting.is_empty() {
-                state.writing = false;
+                // `Writing` clears the flag, under this same lock order (never held across
+                // an await): a push that adds itself after this finds no writer and starts one.
                 return;
             }
             take_batch(&mut state.waiting)
@@ -128,7 +152,7 @@ async fn write(queue: &PgmqQueue, pool: &sqlx::PgPool, batch: Vec<Request>) {
         .iter()
         .flat_map(|r| r.messages.iter().cloned())
         .collect();
-    match queue.send_encoded(pool, &all).await {
+    match queue.send_encoded_raw(pool, &all).await {
         Ok(ids) if ids.len() == all.len() => {
             let mut ids = ids.into_iter();
             for r in batch {
@@ -136,13 +160,74 @@ async fn write(queue: &PgmqQueue, pool: &sqlx::PgPool, batch: Vec<Request>) {
                 let _ = r.reply.send(Ok(own));
             }
         }
-        // Anything else: each caller's messages on their own, so each gets its own outcome.
-        _ => {
+        Ok(ids) => {
+            // Committed, but not one row per message: nothing can be handed back safely.
+            for r in batch {
+                let _ = r
+                    .reply
+                    .send(Err(Error::Database(sqlx::Error::Protocol(format!(
+                        "a shared push statement returned {} ids for {} messages",
+                        ids.len(),
+                        all.len()
+                    )))));
+            }
+        }
+        // The server refused the statement: nothing was written. Each caller's messages on
+        // their own, so each gets its own outcome.
+        Err(e) if e.as_database_error().is_some() => {
             for r in batch {
                 let result = write_one(queue, pool, &r.messages).await;
                 let _ = r.reply.send(result);
             }
         }
+        // No answer: it may have committed (unless no connection was had at all). Every caller
+        // gets the error, none is written again.
+        Err(e) => {
+            let sent = !matches!(e, sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed);
+            let first = crate::util::explain_pool_error(pool, e.into()).await;
+            for r in batch {
+                let _ = r.reply.send(Err(same_again(&first, sent)));
+            }
+        }
+    }
+}
+
+/// `e` again for another caller of the same statement (errors are not `Clone`); with `sent`,
+/// saying that the push may have been written.
+fn same_again(e: &Error, sent: bool) -> Error {
+    let maybe = |cause: &str| {
+        if sent {
+            format!(
+                "{cause} (the push shared a statement with others whose answer was lost: it may \
+                 or may not have been written)"
+            )
+        } else {
+            cause.to_owned()
+        }
+    };
+    match e {
+        Error::Unreachable { cause } => Error::Unreachable {
+            cause: maybe(cause),
+        },
+        Error::ConnectionRejected { cause } => Error::ConnectionRejected {
+            cause: cause.clone(),
+        },
+        Error::Database(inner) => Error::Database(copy_error(inner)),
+        other => Error::Unreachable {
+            cause: maybe(&other.to_string()),
+        },
+    }
+}
+
+/// The same sqlx error again for another caller (sqlx's error is not `Clone`): the kind of an
+/// I/O error and the pool's errors kept, anything else by its text.
+fn copy_error(e: &sqlx::Error) -> sqlx::Error {
+    match e {
+        sqlx::Error::Io(io) => sqlx::Error::Io(std::io::Error::new(io.kind(), io.to_string())),
+        sqlx::Error::PoolTimedOut => sqlx::Error::PoolTimedOut,
+        sqlx::Error::PoolClosed => sqlx::Error::PoolClosed,
+        sqlx::Error::WorkerCrashed => sqlx::Error::WorkerCrashed,
+        other => sqlx::Error::Protocol(other.to_string()),
     }
 }
 
@@ -187,6 +272,29 @@ mod tests {
         let batch = take_batch(&mut waiting);
         assert_eq!(batch.len(), 2);
         assert!(waiting.is_empty());
+    }
+
+    #[test]
+    fn a_writer_that_is_gone_answers_what_waits_and_lets_the_next_push_start_one() {
+        let combiner = Arc::new(Combiner::default());
+        let (reply, mut answer) = oneshot::channel();
+        {
+            let mut state = lock(&combiner.state);
+            state.writing = true;
+            state.waiting.push(Request {
+                messages: Vec::new(),
+                reply,
+            });
+        }
+        // The writer's task ends without taking the request (as when a shutdown aborts it).
+        drop(Writing(combiner.clone()));
+        assert!(
+            matches!(answer.try_recv(), Err(oneshot::error::TryRecvError::Closed)),
+            "the waiting push is answered (Error::Stopped), not left waiting"
+        );
+        let state = lock(&combiner.state);
+        assert!(!state.writing, "the next push starts a writer");
+        assert!(state.waiting.is_empty());
     }
 
     #[test]

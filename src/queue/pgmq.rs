@@ -194,7 +194,6 @@ impl PgmqQueue {
             .bind(secs)
             .fetch_all(executor)
             .await?;
-        crate::obs::enqueued(self.name.as_str(), self.metrics_kind(), ids.len());
         ids.sort_unstable();
         Ok(ids)
     }
@@ -393,6 +392,16 @@ impl PgmqQueue {
         executor: E,
         messages: &[EncodedMessage],
     ) -> Result<Vec<i64>> {
+        Ok(self.send_encoded_raw(executor, messages).await?)
+    }
+
+    /// As [`send_encoded`](Self::send_encoded), with sqlx's error as it came (the shared push
+    /// writer tells a statement the server refused from one whose answer was lost).
+    pub(crate) async fn send_encoded_raw<'c, E: PgExecutor<'c>>(
+        &self,
+        executor: E,
+        messages: &[EncodedMessage],
+    ) -> std::result::Result<Vec<i64>, sqlx::Error> {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
@@ -500,7 +509,6 @@ impl PgmqQueue {
             .bind(msg_ids)
             .fetch_all(executor)
             .await?;
-        crate::obs::enqueued(self.name.as_str(), self.metrics_kind(), ids.len());
         ids.sort_unstable();
         Ok(ids)
     }

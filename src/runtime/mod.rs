@@ -11,6 +11,7 @@
 //! | result watch, per queue (`results.rs`) | reads stored results for waiters | the first waiter of the queue |
 //! | completer, per storage (`ack/completer.rs`) | writes job outcomes in batches | the storage's first worker |
 //! | lease keeper, per storage (`lease.rs`) | renews the leases of running jobs | the storage's first worker |
+//! | push writer, per storage (`backend/combine.rs`) | writes pushes that arrive together in one statement; ends when none waits | a push through the storage's pool |
 //!
 //! Services run as tasks of the runtime's own task sets, never detached: shutdown asks them to
 //! stop and awaits them; a runtime dropped without shutdown aborts them (the last resort).
@@ -22,14 +23,17 @@
 //! 1. Workers: every worker's stream ends (apalis then lets its running jobs finish), each
 //!    releases the messages it claimed but did not start, and waits until its outcomes are
 //!    written; new workers and waiters are refused. Bounded by the grace period.
-//! 2. Per-storage services: the completers write what is left and stop; the keepers stop.
+//! 2. Per-storage services: the completers write what is left and stop; the keepers stop; a
+//!    push writer finishes its statement.
 //! 3. Process services: the maintenance service does its queued chores, the listener closes
 //!    its connection, waiters and event streams end.
 //! 4. This runtime's rows: its workers' rows in `apalis_pgmq.workers` and its wake-up and
 //!    subscription rows in `apalis_pgmq.listeners` are deleted.
 //!
 //! When it returns, no task of the runtime runs and every connection it took from the pool is
-//! back in the pool (closing the pool is the application's: it may share it).
+//! back in the pool (closing the pool is the application's: it may share it). A push through a
+//! storage's pool after that still works (pushes do not need the runtime): its writer is a task
+//! of its own that ends with the push.
 
 pub(crate) mod events;
 pub(crate) mod maintenance;
@@ -401,7 +405,7 @@ impl Runtime {
         if aborted > 0 {
             tracing::error!(
                 aborted,
-                "completers or lease keepers did not stop in time; outcomes not written are delivered again"
+                "completers, lease keepers or push writers did not stop in time; outcomes not written are delivered again, pushes in flight got an error"
             );
         }
         // 3. Listener, maintenance (its queued chores first), result watches.

@@ -428,6 +428,9 @@ async fn the_nobody_waits_cache_stays_correct_when_clients_share_server_sessions
 
 /// The replica of `scripts/with-replica.sh`, on `db`'s database once it has been replicated
 /// with `ready` (a query returning one bigint) at `want`.
+/// How long a test waits for the replica to replay its database.
+const REPLAY_WAIT: Duration = Duration::from_secs(300);
+
 async fn replica_of(db: &TestDb, ready: &str, want: i64) -> Option<(PgPool, String)> {
     let Some(url) = std::env::var("APALIS_REPLICA_URL")
         .ok()
@@ -441,7 +444,9 @@ async fn replica_of(db: &TestDb, ready: &str, want: i64) -> Option<(PgPool, Stri
     let options = PgConnectOptions::from_str(&url)
         .expect("replica URL parses")
         .database(&db.name);
-    let pool = wait_for(WAIT, "the database on the replica", || {
+    // The replica replays everything the suite wrote before (the plan tests alone write some
+    // 600 000 rows): on a loaded two-core machine it was seen more than 60 s behind.
+    let pool = wait_for(REPLAY_WAIT, "the database on the replica", || {
         let options = options.clone();
         async move {
             let pool = PgPoolOptions::new()

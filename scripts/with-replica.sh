@@ -70,6 +70,11 @@ cleanup() {
   if [ "$failed" -eq 1 ]; then
     topo_log "the replica did not come up; logs in $WORK:"
     for f in "$WORK"/*.log; do [ -f "$f" ] && { echo "  == $f" >&2; tail -n 40 "$f" | sed 's/^/  | /' >&2; }; done
+  elif [ "$status" -ne 0 ] && [ -f "$LOGFILE" ]; then
+    # The command failed: what the standby said (a replication that stopped, a replay that
+    # waited on a conflict) is part of why.
+    topo_log "the command failed (exit $status); the end of the replica's log:"
+    tail -n 60 "$LOGFILE" | sed 's/^/  | /' >&2
   fi
   if [ "${APALIS_TOPO_KEEP:-0}" = 1 ]; then topo_log "kept $WORK"; else rm -rf "$WORK"; fi
   exit "$status"

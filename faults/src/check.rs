@@ -296,7 +296,15 @@ pub(crate) async fn check(dir: &Path, pool: &PgPool) -> Res<Report> {
             }
             Some("end") => {
                 if let Some(from) = open_faults.remove(&key) {
-                    windows.push(Window { slot, from, to: at });
+                    // A freeze's connections stay silent after the thaw (only new ones flow):
+                    // the worker learns of each at its statement's deadline, at most the
+                    // visibility timeout later, and until then its outcomes wait on them.
+                    let lingers = if key.0 == "freeze" { vt_ms * 1000 } else { 0 };
+                    windows.push(Window {
+                        slot,
+                        from,
+                        to: at.saturating_add(lingers),
+                    });
                 }
             }
             Some("unexpected_exit") => unexpected_exits.push(format!(

@@ -249,7 +249,7 @@ where
             .map(|w| w.name().to_owned())
             .unwrap_or_default();
         let queue_name = self.shared.queue.as_str().to_owned();
-        let kind = Some(self.shared.config.metrics.kind.clone()).filter(|k| !k.is_empty());
+        let kind = self.shared.config.metrics.kind_label().map(str::to_owned);
         let span = tracing::info_span!(
             "job",
             queue = %queue_name,
@@ -307,7 +307,7 @@ where
                                 // write nothing; the message is delivered again.
                                 tracing::error!(queue = %shared.queue, msg_id, attempt = read_ct,
                                     "lease lost while the job ran; the job was stopped");
-                                crate::obs::leases_lost(shared.queue.as_str(), Some(shared.config.metrics.kind.as_str()).filter(|k| !k.is_empty()), 1);
+                                crate::obs::leases_lost(shared.queue.as_str(), shared.config.metrics.kind_label(), 1);
                                 if let Some(g) = guard.as_mut() {
                                     g.armed = false;
                                 }

@@ -272,7 +272,7 @@ impl<Args, C> PgmqStorage<Args, C> {
     fn build(runtime: &Runtime, queue: QueueName, config: Config, codec: C) -> Self {
         let q = PgmqQueue::new(queue)
             .with_max_payload_bytes(config.pushes.max_payload_bytes)
-            .with_metrics_kind(Some(config.metrics.kind.as_str()).filter(|k| !k.is_empty()));
+            .with_metrics_kind(config.metrics.kind_label());
         let dlq = q.dead_letter();
         let leases = Arc::new(LeaseTable::default());
         let ack = Arc::new(AckContext {

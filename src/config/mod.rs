@@ -438,6 +438,13 @@ pub struct MetricsConfig {
     pub kind: String,
 }
 
+impl MetricsConfig {
+    /// The `kind` label's value, if one is set (`""` sets none).
+    pub(crate) fn kind_label(&self) -> Option<&str> {
+        Some(self.kind.as_str()).filter(|k| !k.is_empty())
+    }
+}
+
 /// Configuration of a [`PgmqStorage`](crate::PgmqStorage), grouped by what each setting
 /// governs (see the [module docs](self) and the README's "Configuration").
 ///

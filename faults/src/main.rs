@@ -71,6 +71,17 @@ struct ExecLog {
 }
 
 impl ExecLog {
+    /// The append-only log at `path`.
+    fn open(path: &Path) -> Res<Arc<Self>> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(Arc::new(Self {
+            file: Mutex::new(file),
+        }))
+    }
+
     fn line(&self, kind: char, job: u64, msg: i64) {
         if let Ok(mut f) = self.file.lock() {
             let _ = writeln!(
@@ -148,6 +159,25 @@ fn log_to_stderr() {
         .init();
 }
 
+/// A worker or cron process's tokio runtime, its backend warnings logged to stderr.
+fn process_runtime() -> Res<tokio::runtime::Runtime> {
+    log_to_stderr();
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// A worker or cron process's pool, named `name` in `pg_stat_activity`, connecting lazily (the
+/// server may be down when it starts).
+fn process_pool(url: &str, name: &str, max_connections: u32) -> Res<PgPool> {
+    let opts = PgConnectOptions::from_str(url)?.application_name(name);
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(opts))
+}
+
 /// Resolves when the orchestrator closes our stdin (a graceful stop).
 fn stdin_closed() -> tokio::sync::oneshot::Receiver<()> {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -173,30 +203,15 @@ fn cron_main(args: &[String]) -> Res<()> {
     let name = arg(args, "--name").unwrap_or("fault-cron").to_owned();
     let lag = Duration::from_millis(arg(args, "--lag-ms").unwrap_or("0").parse()?);
     let log_path = PathBuf::from(arg(args, "--log").ok_or("--log")?);
-    log_to_stderr();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = process_runtime()?;
     rt.block_on(async move {
-        let opts = PgConnectOptions::from_str(&url)?.application_name(&name);
-        let pool = PgPoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy_with(opts);
+        let pool = process_pool(&url, &name, 4)?;
         let config = Config::default()
             .visibility_timeout(Duration::from_secs(2))
             .idempotency_window(Some(Duration::from_secs(3600)));
         let runtime = Runtime::new(&pool);
         let storage = PgmqStorage::<FaultJob>::with_config(&runtime, queue, config)?;
-        let log = Arc::new(ExecLog {
-            file: Mutex::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log_path)?,
-            ),
-        });
+        let log = ExecLog::open(&log_path)?;
         let rx = stdin_closed();
         let scheduler = tokio::spawn(push_ticks(storage.clone(), lag, log.clone()));
         let worker = WorkerBuilder::new(name.clone())
@@ -266,17 +281,9 @@ fn worker_main(args: &[String]) -> Res<()> {
     let vt_ms: u64 = arg(args, "--vt-ms").unwrap_or("10000").parse()?;
     let attempts: u32 = arg(args, "--max-attempts").unwrap_or("5").parse()?;
     let log_path = PathBuf::from(arg(args, "--log").ok_or("--log")?);
-    log_to_stderr();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = process_runtime()?;
     rt.block_on(async move {
-        let opts = PgConnectOptions::from_str(&url)?.application_name(&name);
-        let pool = PgPoolOptions::new()
-            .max_connections(8)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy_with(opts);
+        let pool = process_pool(&url, &name, 8)?;
         let config = Config::default()
             .visibility_timeout(Duration::from_millis(vt_ms))
             .max_attempts(attempts)
@@ -287,14 +294,7 @@ fn worker_main(args: &[String]) -> Res<()> {
             );
         let runtime = Runtime::new(&pool);
         let storage = PgmqStorage::<FaultJob>::with_config(&runtime, queue, config)?;
-        let log = Arc::new(ExecLog {
-            file: Mutex::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log_path)?,
-            ),
-        });
+        let log = ExecLog::open(&log_path)?;
         let rx = stdin_closed();
         let worker = WorkerBuilder::new(name.clone())
             .backend(storage)

@@ -1094,6 +1094,12 @@ async fn routine_work_needs_no_psql() {
         text(&out)
     );
     assert!(text(&out).contains("CREATE OR REPLACE FUNCTION apalis_pgmq.priority_of"));
+    // PGMQ's own SQL is not printed (the pgmq crate does not expose it); the step is named.
+    assert!(
+        text(&out).contains("CREATE EXTENSION pgmq"),
+        "{}",
+        text(&out)
+    );
 }
 
 fn json(n: i64) -> serde_json::Value {

@@ -789,6 +789,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             print_sql,
         } => {
             if *print_sql {
+                println!(
+                    "-- Needs PGMQ, which `migrate` installs where it is missing. {}",
+                    pgmq_prerequisite()
+                );
                 print!("{}", migrations_sql());
                 return Ok(());
             }
@@ -823,9 +827,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         println!(
                             "-- PGMQ is not installed here: `migrate` first installs PGMQ's own SQL \
                              (the scripts embedded in the pgmq crate), then runs the migrations \
-                             below. That SQL is not printed: to install PGMQ yourself, run \
-                             CREATE EXTENSION pgmq, or PGMQ's pgmq.sql of version {} or later.",
-                            apalis_pgmq_notify::MIN_PGMQ_VERSION
+                             below. {}",
+                            pgmq_prerequisite()
                         );
                     }
                     for m in &pending {
@@ -1657,4 +1660,14 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// How to install PGMQ without `migrate` (its SQL is not printed: the pgmq crate embeds it
+/// without exposing the text).
+fn pgmq_prerequisite() -> String {
+    format!(
+        "That SQL is not printed: to install PGMQ yourself, run CREATE EXTENSION pgmq, or \
+         PGMQ's pgmq.sql of version {} or later.",
+        apalis_pgmq_notify::MIN_PGMQ_VERSION
+    )
 }

@@ -8,7 +8,12 @@
 #   directory (so standby.signal and primary_conninfo are written), started with hot_standby=on
 #   as an unprivileged user on a free port on 127.0.0.1, and stopped and deleted when the command
 #   ends. The primary must allow replication connections from 127.0.0.1 for DATABASE_URL's user
-#   (with-pg.sh's cluster does: initdb --auth=trust) and have max_wal_senders > 0.
+#   (with-pg.sh's cluster does: initdb --auth=trust) and have max_wal_senders > 0 and a free
+#   replication slot (max_replication_slots > 0).
+# - The standby streams through a physical replication slot of its own (apalis_replica_<port>),
+#   so the primary keeps every WAL segment until the standby has it: a standby that falls behind
+#   while the test suite writes gigabytes catches up later instead of stopping for good with
+#   "requested WAL segment has already been removed". The slot is dropped when the command ends.
 # - The server binaries must be of the primary's major version; Debian's postgresql-<major> is
 #   installed when they are missing.
 #
@@ -60,6 +65,8 @@ DATA="$WORK/data"
 LOGFILE="$WORK/postgres.log"
 chown -R "$TOPO_USER" "$WORK"
 
+SLOT="apalis_replica_$PORT"
+drop_slot_q="SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '$SLOT'"
 started=0
 failed=1
 cleanup() {
@@ -67,6 +74,9 @@ cleanup() {
   if [ "$started" -eq 1 ]; then
     topo_run_as "$BINDIR/pg_ctl" -D "$DATA" -m immediate -w stop >/dev/null 2>&1 || true
   fi
+  # Once the standby is stopped its slot is inactive and can go; left behind, it would keep
+  # the primary's WAL forever.
+  psql "$DATABASE_URL" -X -qAt -c "$drop_slot_q" >/dev/null 2>&1 || true
   if [ "$failed" -eq 1 ]; then
     topo_log "the replica did not come up; logs in $WORK:"
     for f in "$WORK"/*.log; do [ -f "$f" ] && { echo "  == $f" >&2; tail -n 40 "$f" | sed 's/^/  | /' >&2; }; done
@@ -84,13 +94,14 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 keep_q=""; [ "${APALIS_TOPO_KEEP:-0}" = 1 ] || keep_q="rm -rf '$WORK'"
 if [ "$(id -u)" -eq 0 ]; then stop_q="runuser -u '$TOPO_USER' --"; else stop_q=""; fi
-topo_reaper "[ -f '$DATA/postmaster.pid' ] && $stop_q '$BINDIR/pg_ctl' -D '$DATA' -m immediate -w stop; $keep_q"
+topo_reaper "[ -f '$DATA/postmaster.pid' ] && $stop_q '$BINDIR/pg_ctl' -D '$DATA' -m immediate -w stop; psql '$DATABASE_URL' -X -qAt -c \"$drop_slot_q\" >/dev/null 2>&1; $keep_q"
 
 T0=$(topo_now_ms)
 # -R writes standby.signal and primary_conninfo; -X stream copies the WAL the backup needs;
-# --checkpoint=fast starts at once instead of waiting for the primary's next checkpoint.
+# --checkpoint=fast starts at once instead of waiting for the primary's next checkpoint;
+# --create-slot --slot makes the slot and writes primary_slot_name beside primary_conninfo.
 topo_run_as env PGPASSWORD="$URL_PASSWORD" "$BINDIR/pg_basebackup" -h "$URL_HOST" -p "$URL_PORT" \
-  -U "$URL_USER" -D "$DATA" -R -X stream --checkpoint=fast --no-sync \
+  -U "$URL_USER" -D "$DATA" -R -X stream --checkpoint=fast --no-sync --create-slot --slot="$SLOT" \
   >"$WORK/basebackup.log" 2>&1 || { topo_log "pg_basebackup failed"; exit 1; }
 chmod 700 "$DATA"
 

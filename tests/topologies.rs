@@ -426,9 +426,10 @@ async fn the_nobody_waits_cache_stays_correct_when_clients_share_server_sessions
     stop_worker(stop, join).await;
 }
 
-/// The replica of `scripts/with-replica.sh`, on `db`'s database once it has been replicated
-/// with `ready` (a query returning one bigint) at `want`.
-/// How long a test waits for the replica to replay its database.
+/// The replica of `scripts/with-replica.sh`, on `db`'s database once it has replayed
+/// everything the primary had written when `ready` (a query returning one bigint) gave `want`
+/// there.
+/// How long a test waits for the replica to replay up to the primary's position.
 const REPLAY_WAIT: Duration = Duration::from_secs(300);
 
 async fn replica_of(db: &TestDb, ready: &str, want: i64) -> Option<(PgPool, String)> {
@@ -441,27 +442,63 @@ async fn replica_of(db: &TestDb, ready: &str, want: i64) -> Option<(PgPool, Stri
         );
         return None;
     };
+    let on_primary: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(ready.to_owned()))
+        .fetch_one(&db.pool)
+        .await
+        .expect("the ready query on the primary");
+    assert_eq!(on_primary, want, "the primary itself is not ready: {ready}");
+    let target: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(&db.pool)
+        .await
+        .expect("the primary's WAL position");
+    // The replica replays everything the suite wrote before (the plan tests alone write some
+    // 600 000 rows): on a loaded two-core machine it was seen minutes behind. Wait on its
+    // replay position, from the database the URL names (the test's own database does not
+    // exist there until replayed), and say where it stands if it never gets there.
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(PgConnectOptions::from_str(&url).expect("replica URL parses"))
+        .await
+        .expect("connect to the replica");
+    let deadline = std::time::Instant::now() + REPLAY_WAIT;
+    loop {
+        let (done, state): (bool, String) = sqlx::query_as(
+            "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::pg_lsn, false), \
+                    format('replayed %s, received %s, receiver %s, replay paused %s', \
+                           pg_last_wal_replay_lsn(), pg_last_wal_receive_lsn(), \
+                           coalesce((SELECT status FROM pg_stat_wal_receiver), 'not running'), \
+                           pg_is_wal_replay_paused())",
+        )
+        .bind(&target)
+        .fetch_one(&admin)
+        .await
+        .expect("the replica's replay position");
+        if done {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica did not replay up to {target} in {REPLAY_WAIT:?}: {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    admin.close().await;
     let options = PgConnectOptions::from_str(&url)
         .expect("replica URL parses")
         .database(&db.name);
-    // The replica replays everything the suite wrote before (the plan tests alone write some
-    // 600 000 rows): on a loaded two-core machine it was seen more than 60 s behind.
-    let pool = wait_for(REPLAY_WAIT, "the database on the replica", || {
-        let options = options.clone();
-        async move {
-            let pool = PgPoolOptions::new()
-                .max_connections(4)
-                .connect_with(options)
-                .await
-                .ok()?;
-            let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(ready.to_owned()))
-                .fetch_one(&pool)
-                .await
-                .ok()?;
-            (n == want).then_some(pool)
-        }
-    })
-    .await;
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(options.clone())
+        .await
+        .expect("connect to the replicated database");
+    let replicated: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(ready.to_owned()))
+        .fetch_one(&pool)
+        .await
+        .expect("the ready query on the replica");
+    assert_eq!(
+        replicated, want,
+        "replayed, yet the replica answers otherwise: {ready}"
+    );
     let cli_url = format!(
         "postgres://{}@{}:{}/{}?sslmode=disable",
         options.get_username(),

@@ -195,9 +195,12 @@
 //! the queue tables grow and claims slow down while it stays. A process running workers looks
 //! on every heartbeat round and logs a `WARN` naming each holder older than a minute (kind,
 //! pid, age, `application_name`, query), at most every five minutes per holder;
-//! [`snapshot_holders`] lists them on demand. The statements of the lease protocol never
-//! depend on the queue table's statistics (one index probe per row, whatever `ANALYZE` last
-//! saw). See the README, "Old snapshots".
+//! [`snapshot_holders`] lists them on demand. Claims read the `vt` index from the claim
+//! floor, a lower bound on every visible job's `vt` learned from earlier claims, so they do not
+//! step over every dead entry since the snapshot began (`claims.floor_sweep`,
+//! [`Config::claim_floor_sweep`]). The statements of the lease protocol never depend on the
+//! queue table's statistics (one index probe per row, whatever `ANALYZE` last saw). See the
+//! README, "Old snapshots".
 //!
 //! # The queue layer
 //!

@@ -1,7 +1,7 @@
 //! Hooks for the tests, only with the `testing` feature; not part of the API: the statements that
 //! write about claimed messages, callable on their own, for the tests that race them against each
 //! other on a real database (tests/locks.rs), their SQL text for the plan tests (tests/plans.rs),
-//! and the migration checksum (tests/migrations.rs).
+//! the migration checksum (tests/migrations.rs), and a storage's claim floor (tests/floor.rs).
 
 use std::time::Duration;
 
@@ -92,4 +92,13 @@ pub fn lease_statements(queue: &PgmqQueue) -> Vec<(&'static str, String)> {
 #[must_use]
 pub fn migration_checksum(sql: &str) -> i64 {
     crate::migrate::checksum(sql)
+}
+
+/// The claim floor a storage's worker has learned (`None`: none yet, or off): claims in
+/// visibility order read the `vt` index from there (see `backend/floor.rs`).
+#[must_use]
+pub fn claim_floor<Args, C>(
+    storage: &crate::PgmqStorage<Args, C>,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    storage.claim_floor()
 }

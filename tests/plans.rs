@@ -83,7 +83,7 @@ fn arguments(name: &str, ids: &[i64], cts: &[i32]) -> Option<String> {
         nulls(n, "text"),
     );
     Some(match name {
-        "claim" => "50, 30".to_owned(),
+        "claim" => "50, 30, NULL".to_owned(),
         "complete" => outcome,
         "complete_results" => format!(
             "{outcome}, {}, {}, {}, {}, 'plans_results'",

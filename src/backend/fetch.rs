@@ -52,7 +52,11 @@ use tokio::{
     time::{Instant, sleep_until},
 };
 
-use super::{Shared, claims::Claims};
+use super::{
+    Shared,
+    claims::Claims,
+    floor::{ClaimFloor, Took},
+};
 use crate::{
     deadline::Conn,
     error::{Error, Result},
@@ -972,12 +976,32 @@ async fn inserts_settled(shared: &Shared) -> Result<bool> {
     .await
 }
 
+/// The claim floor of `shared`, its lock never poisoned for good (its state is a bound that
+/// is safe to forget).
+fn floor(shared: &Shared) -> MutexGuard<'_, ClaimFloor> {
+    shared.floor.lock().unwrap_or_else(|poisoned| {
+        let mut f = poisoned.into_inner();
+        f.reset();
+        f
+    })
+}
+
 /// How long until the queue's next message becomes visible, by the statement deadline.
 async fn next_visible_in(shared: &Shared) -> Result<Option<Duration>> {
-    let by = Instant::now() + shared.config.statement_deadline();
+    let started = Instant::now();
+    let by = started + shared.config.statement_deadline();
+    let bound = floor(shared).bound(started);
     let mut conn = Conn::acquire(&shared.pool, by).await?;
-    conn.run(by, "probing the queue", |c| shared.queue.next_visible_in(c))
-        .await
+    let next = conn
+        .run(by, "probing the queue", |c| {
+            shared.queue.next_visible_in(c, bound.floor)
+        })
+        .await;
+    match &next {
+        Ok(_) => floor(shared).probed(bound, started, Instant::now()),
+        Err(_) => floor(shared).reset(),
+    }
+    next
 }
 
 /// An arming begun and not yet written: if the step ends any other way (an error, the
@@ -1184,16 +1208,35 @@ async fn fetch(
             }
         },
     };
-    let messages = match conn
+    let bound = floor(shared).bound(started);
+    let sent = Instant::now();
+    let claimed = match conn
         .run(by, "claiming messages", |c| {
-            shared.queue.claim(c, vt, qty, by_priority)
+            shared.queue.claim(c, vt, qty, by_priority, bound.floor)
         })
         .await
     {
         Ok(m) => m,
         // The connection may be broken (or silent): it is closed, not reused.
-        Err(e) => return (Err(e), None),
+        Err(e) => {
+            floor(shared).reset();
+            return (Err(e), None);
+        }
     };
+    if let Some(seen) = claimed.seen {
+        let highest = claimed
+            .messages
+            .iter()
+            .filter_map(|m| m.visible_since)
+            .max();
+        let took = Took {
+            asked: qty,
+            got: claimed.messages.len(),
+            highest,
+        };
+        floor(shared).claimed(bound, sent, Instant::now(), took, seen);
+    }
+    let messages = claimed.messages;
     if !messages.is_empty() {
         crate::obs::claimed(
             shared.queue.name().as_str(),

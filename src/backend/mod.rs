@@ -6,6 +6,7 @@ pub use claims::FAIR_EVERY;
 mod expose;
 pub use expose::running_workers;
 mod fetch;
+mod floor;
 mod results;
 mod sink;
 
@@ -61,6 +62,8 @@ pub(crate) struct Shared {
     pub(crate) signal: Arc<WakeSignal>,
     /// Pushes without a key through the pool, written together (see `combine.rs`).
     pub(crate) pushes: Arc<combine::Combiner>,
+    /// Where this worker's claims in visibility order start (see `floor.rs`).
+    pub(crate) floor: std::sync::Mutex<floor::ClaimFloor>,
 }
 
 impl Drop for Shared {
@@ -289,6 +292,7 @@ impl<Args, C> PgmqStorage<Args, C> {
             .maintenance
             .heartbeat_at_least_every(config.process.heartbeat_interval);
         let signal = inner.signal(q.name());
+        let floor_sweep = config.claims.floor_sweep;
         Self {
             shared: Arc::new(Shared {
                 pool: inner.pool.clone(),
@@ -300,11 +304,18 @@ impl<Args, C> PgmqStorage<Args, C> {
                 runtime: runtime.clone(),
                 signal,
                 pushes: Arc::default(),
+                floor: std::sync::Mutex::new(floor::ClaimFloor::new(floor_sweep)),
             }),
             codec,
             local: Mutex::new(Local::default()),
             _args: PhantomData,
         }
+    }
+
+    /// The claim floor its worker has learned (see `floor.rs`), for the tests.
+    #[cfg(feature = "testing")]
+    pub(crate) fn claim_floor(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.shared.floor.lock().map_or(None, |f| f.floor())
     }
 
     /// The pool.

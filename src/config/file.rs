@@ -230,6 +230,7 @@ mod tests {
             max_batch_size = 50
             adaptive = false
             priorities = true
+            floor_sweep = "off"
             [wakeups]
             listen = false
             mode = { message = { max_payload_bytes = 4000 } }
@@ -264,7 +265,8 @@ mod tests {
         "#;
         let json = r#"{
             "leases": {"visibility_timeout": "2m"},
-            "claims": {"batch_size": 10, "max_batch_size": 50, "adaptive": false, "priorities": true},
+            "claims": {"batch_size": 10, "max_batch_size": 50, "adaptive": false, "priorities": true,
+                       "floor_sweep": "off"},
             "wakeups": {"listen": false, "mode": {"message": {"max_payload_bytes": 4000}},
                         "channels": {"prefix": "app.", "namespace_pattern": "(?P<namespace>[a-z]+)_jobs",
                                      "default_namespace": "misc"},
@@ -288,6 +290,7 @@ mod tests {
             .max_fetch_batch_size(50)
             .adaptive_claims(false)
             .priorities(true)
+            .claim_floor_sweep(None)
             .listen(false)
             .notify_mode(NotifyMode::Message {
                 max_payload_bytes: 4000,

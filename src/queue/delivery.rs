@@ -8,6 +8,7 @@
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{AssertSqlSafe, PgConnection, PgExecutor, Row};
 
@@ -151,6 +152,24 @@ fn fence_columns(batch: &[Delivery]) -> (Vec<i64>, Vec<i32>) {
         .unzip()
 }
 
+/// What a worker's claim returned: the messages, and for a claim in visibility order what
+/// the database said with it (for the claim floor, `backend/floor.rs`).
+#[derive(Debug, Default)]
+pub(crate) struct Claimed {
+    pub(crate) messages: Vec<Message>,
+    pub(crate) seen: Option<Seen>,
+}
+
+/// What the database said with a claim in visibility order: its `now()`, its snapshot's oldest
+/// running and next transaction ids, and whether the queue was paused.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Seen {
+    pub(crate) at: DateTime<Utc>,
+    pub(crate) xmin: i64,
+    pub(crate) xmax: i64,
+    pub(crate) paused: bool,
+}
+
 impl PgmqQueue {
     /// The statements of the lease protocol by name (claims, outcomes, renewal, release, and
     /// PGMQ's batch calls on ids), for the tests that check their plans (`tests/plans.rs`).
@@ -174,7 +193,8 @@ impl PgmqQueue {
     /// A worker's claim: up to `qty` visible messages, leased for `vt`, like
     /// [`read`](Self::read) but the messages visible longest first (or by priority), with when
     /// each had become visible, and nothing while the queue is paused
-    /// ([`pause`](crate::pause)).
+    /// ([`pause`](crate::pause)). A claim in visibility order reads from `floor` up (see
+    /// `backend/floor.rs`) and also returns what the floor needs ([`Claimed::seen`]).
     /// One statement, one round trip: its plan holds whatever the table's statistics say (see
     /// `statements.rs`), so it needs no planner settings of its own.
     pub(crate) async fn claim(
@@ -183,25 +203,58 @@ impl PgmqQueue {
         vt: Duration,
         qty: usize,
         by_priority: bool,
-    ) -> Result<Vec<Message>> {
+        floor: Option<DateTime<Utc>>,
+    ) -> Result<Claimed> {
         if qty == 0 {
-            return Ok(Vec::new());
+            return Ok(Claimed::default());
         }
-        let sql = if by_priority {
-            &self.sql.claim_priority
-        } else {
-            &self.sql.claim
-        };
-        self.read_with(&mut *conn, sql, vt, qty).await
+        if by_priority {
+            let messages = self
+                .read_with(&mut *conn, &self.sql.claim_priority, vt, qty)
+                .await?;
+            return Ok(Claimed {
+                messages,
+                seen: None,
+            });
+        }
+        let rows = sqlx::query(AssertSqlSafe(self.sql.claim.clone()))
+            .bind(i64::try_from(qty).unwrap_or(i64::MAX))
+            .bind(vt.as_secs_f64())
+            .bind(floor)
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut messages = Vec::with_capacity(rows.len());
+        let mut seen = None;
+        for row in &rows {
+            if seen.is_none() {
+                seen = Some(Seen {
+                    at: row.try_get("at")?,
+                    xmin: row.try_get("xmin")?,
+                    xmax: row.try_get("xmax")?,
+                    paused: row.try_get("paused")?,
+                });
+            }
+            // The one row of a claim that took nothing has no message.
+            if row.try_get::<Option<i64>, _>(0)?.is_none() {
+                continue;
+            }
+            let mut m = Message::from_row(row)?;
+            m.visible_since = row.try_get("visible_since")?;
+            messages.push(m);
+        }
+        messages.sort_unstable_by_key(|m| m.msg_id);
+        Ok(Claimed { messages, seen })
     }
 
-    /// How long until the earliest message becomes visible (zero: one is visible now), by the
-    /// database clock; `None` if the queue is empty or paused.
+    /// How long until the earliest message at or above `floor` becomes visible (zero: one is
+    /// visible now), by the database clock; `None` if there is none or the queue is paused.
     pub(crate) async fn next_visible_in<'c, E: PgExecutor<'c>>(
         &self,
         executor: E,
+        floor: Option<DateTime<Utc>>,
     ) -> Result<Option<Duration>> {
         let secs: Option<f64> = sqlx::query_scalar(AssertSqlSafe(self.sql.next_visible_in.clone()))
+            .bind(floor)
             .fetch_one(executor)
             .await?;
         Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))

@@ -35,7 +35,8 @@ impl Delay {
         Self::After(Duration::from_secs(secs))
     }
 
-    /// `(at, secs)` as bound into SQL: `COALESCE(at, clock_timestamp() + secs)`.
+    /// `(at, secs)` as bound into SQL: `GREATEST(COALESCE(at, -infinity), clock_timestamp() +
+    /// secs)` (a time in the past is the time of the write).
     pub(super) fn bind_parts(self) -> (Option<DateTime<Utc>>, f64) {
         match self {
             Self::Now => (None, 0.0),

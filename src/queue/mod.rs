@@ -25,7 +25,7 @@ mod statements;
 use std::sync::Arc;
 
 pub use delivery::Renewal;
-pub(crate) use delivery::{Action, Delivery, Outcome, StoredResult};
+pub(crate) use delivery::{Action, Delivery, Outcome, Seen, StoredResult};
 pub use headers::HEADERS_KEY;
 pub(crate) use headers::{JobMeta, wants_result};
 pub(crate) use inspect::PRUNE_BATCH;

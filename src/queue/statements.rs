@@ -127,7 +127,12 @@ enum Pick {
 /// PGMQ's read (claim visible messages, lease them for `$2` seconds, count the read), with an
 /// extra condition on the claimed rows and, with `visible_since`, the visibility time each row
 /// had before the claim as an eighth column.
-fn read_sql(q: &str, also: &str, visible_since: bool, pick_by: Pick) -> Arc<str> {
+fn read_sql(q: &str, paused: &str, visible_since: bool, pick_by: Pick) -> Arc<str> {
+    let also = if paused.is_empty() {
+        String::new()
+    } else {
+        format!("AND NOT {paused}")
+    };
     // With `visible_since`, the claimed ids and their visibility times go into one row of two
     // arrays sorted by id, and each updated row reads its time there by binary search: no join
     // of the table (see `FENCE`), and no per-row scan of the claimed rows (a correlated subquery
@@ -138,14 +143,19 @@ fn read_sql(q: &str, also: &str, visible_since: bool, pick_by: Pick) -> Arc<str>
             ", picked AS MATERIALIZED (SELECT array_agg(msg_id ORDER BY msg_id) AS ids, \
                         array_agg(visible_since ORDER BY msg_id) AS since FROM cte)",
             "m.msg_id = ANY((SELECT ids FROM picked)::bigint[])".to_owned(),
-            ", (SELECT p.since[width_bucket(m.msg_id, p.ids)] FROM picked p)",
+            ", (SELECT p.since[width_bucket(m.msg_id, p.ids)] FROM picked p) AS visible_since",
         )
     } else {
         ("", "", ids_of("cte"), "")
     };
     let (visible, order) = match pick_by {
         Pick::Id => ("vt <= clock_timestamp()", "msg_id ASC"),
-        Pick::Visibility => ("vt <= now()", "vt ASC"),
+        // From the claim floor `$3` (NULL: none), see `backend/floor.rs`: both bounds are
+        // stable, so they bound the index scan.
+        Pick::Visibility => (
+            "vt >= coalesce($3::timestamptz, '-infinity'::timestamptz) AND vt <= now()",
+            "vt ASC",
+        ),
         Pick::Priority => ("vt <= now()", ""),
     };
     let by_priority = format!("{PRIORITY_OF} DESC, vt ASC");
@@ -154,15 +164,33 @@ fn read_sql(q: &str, also: &str, visible_since: bool, pick_by: Pick) -> Arc<str>
     } else {
         order
     };
-    format!(
-        "WITH cte AS (SELECT msg_id{pick} FROM {q} WHERE {visible} {also} \
-                      ORDER BY {order} LIMIT $1 FOR UPDATE SKIP LOCKED){picked} \
-         UPDATE {q} m SET last_read_at = clock_timestamp(), \
+    let update = format!(
+        "UPDATE {q} m SET last_read_at = clock_timestamp(), \
                           vt = clock_timestamp() + make_interval(secs => $2::float8), \
                           read_ct = read_ct + 1 \
          WHERE {claimed} \
          RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.vt, \
-                   m.message::text, m.headers::text{ret}",
+                   m.message::text AS message, m.headers::text AS headers{ret}",
+    );
+    let ctes = format!(
+        "WITH cte AS (SELECT msg_id{pick} FROM {q} WHERE {visible} {also} \
+                      ORDER BY {order} LIMIT $1 FOR UPDATE SKIP LOCKED){picked}"
+    );
+    if !matches!(pick_by, Pick::Visibility) {
+        return format!("{ctes} {update}").into();
+    }
+    // The claim in visibility order also says what its floor needs (`backend/floor.rs`), in
+    // one row even when it claimed nothing: its `now()`, its snapshot's oldest running and
+    // next transaction ids, and whether the queue is paused (`{paused}`).
+    format!(
+        "{ctes}, claimed AS ({update}), \
+         seen AS (SELECT now() AS at, \
+                         pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin, \
+                         pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax, \
+                         {paused} AS paused) \
+         SELECT c.msg_id, c.read_ct, c.enqueued_at, c.last_read_at, c.vt, c.message, c.headers, \
+                c.visible_since, s.at, s.xmin, s.xmax, s.paused \
+         FROM seen s LEFT JOIN claimed c ON true"
     )
     .into()
 }
@@ -333,11 +361,18 @@ impl QueueSql {
             .map(|c| format!("m.{c}"))
             .collect::<Vec<_>>()
             .join(", ");
-        let vt = "COALESCE($3::timestamptz, clock_timestamp() + make_interval(secs => $4::float8))";
+        // A time in the past is written as the time of the write: visible at once, and never
+        // below the claim floor (`backend/floor.rs`) of a worker that would then not see it
+        // until its next sweep.
+        let vt = "GREATEST(COALESCE($3::timestamptz, '-infinity'), clock_timestamp() + make_interval(secs => $4::float8))";
         let locked_ids = locked_ids_cte(&q);
         let locked_batch = locked_cte(&q, true);
         let locked_free = locked_cte(&q, false);
         let locked = ids_of("locked");
+        let paused = format!(
+            "EXISTS (SELECT 1 FROM apalis_pgmq.paused p WHERE p.queue = '{}')",
+            source.replace('\'', "''")
+        );
         Self {
             send_one: format!(
                 "INSERT INTO {q} (vt, message, headers) VALUES ({vt}, $1::text::jsonb, $2::text::jsonb) \
@@ -348,7 +383,7 @@ impl QueueSql {
             // the returned ids sorted ascending line up with the input.
             send_many: format!(
                 "INSERT INTO {q} (vt, message, headers) \
-                 SELECT COALESCE(t.at, clock_timestamp() + make_interval(secs => t.secs)), \
+                 SELECT GREATEST(COALESCE(t.at, '-infinity'), clock_timestamp() + make_interval(secs => t.secs)), \
                         t.m::jsonb, t.h::jsonb \
                  FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::float8[]) AS t(m, h, at, secs) \
                  RETURNING msg_id"
@@ -399,31 +434,17 @@ impl QueueSql {
             // A worker's claim is PGMQ's read plus three things: nothing while the queue is
             // paused, when each message had become visible (for pickup latency), and the
             // messages visible longest first, read from the `vt` index (see `Pick`).
-            claim: read_sql(
-                &q,
-                &format!(
-                    "AND NOT EXISTS (SELECT 1 FROM apalis_pgmq.paused p WHERE p.queue = '{source}')"
-                ),
-                true,
-                Pick::Visibility,
-            ),
-            claim_priority: read_sql(
-                &q,
-                &format!(
-                    "AND NOT EXISTS (SELECT 1 FROM apalis_pgmq.paused p WHERE p.queue = '{source}')"
-                ),
-                true,
-                Pick::Priority,
-            ),
+            claim: read_sql(&q, &paused, true, Pick::Visibility),
+            claim_priority: read_sql(&q, &paused, true, Pick::Priority),
             read: read_sql(&q, "", false, Pick::Id),
             set_vt_one: format!(
-                "UPDATE {q} SET vt = COALESCE($2::timestamptz, clock_timestamp() + make_interval(secs => $3::float8)) \
+                "UPDATE {q} SET vt = GREATEST(COALESCE($2::timestamptz, '-infinity'), clock_timestamp() + make_interval(secs => $3::float8)) \
                  WHERE msg_id = $1 RETURNING {READ_COLS}"
             )
             .into(),
             set_vt_many: format!(
                 "WITH {locked_ids} \
-                 UPDATE {q} m SET vt = COALESCE($2::timestamptz, clock_timestamp() + make_interval(secs => $3::float8)) \
+                 UPDATE {q} m SET vt = GREATEST(COALESCE($2::timestamptz, '-infinity'), clock_timestamp() + make_interval(secs => $3::float8)) \
                  WHERE {locked} RETURNING m.msg_id"
             )
             .into(),
@@ -444,7 +465,7 @@ impl QueueSql {
             // while the queue is paused (its workers wait for the resume notification).
             next_visible_in: format!(
                 "SELECT EXTRACT(EPOCH FROM min(vt) - clock_timestamp())::float8 FROM {q} \
-                 WHERE NOT EXISTS (SELECT 1 FROM apalis_pgmq.paused p WHERE p.queue = '{source}')"
+                 WHERE vt >= coalesce($1::timestamptz, '-infinity'::timestamptz) AND NOT {paused}"
             )
             .into(),
             tables_exist: format!(

@@ -26,6 +26,9 @@
 #   APALIS_PGBOUNCER_MODE, APALIS_PGBOUNCER_PORT, APALIS_PGBOUNCER_INI, APALIS_PGBOUNCER_LOG,
 #   APALIS_PGBOUNCER_PIDFILE           (a test may rewrite the .ini and RELOAD, e.g. to follow a
 #                                      new primary)
+#   APALIS_PGBOUNCER_USER              the user PgBouncer runs as: to restart it (`kill -TERM
+#                                      $(cat pidfile)`, then `pgbouncer -d <ini>` as that user),
+#                                      as the fault campaign does
 #
 # Options / environment:
 #   --mode transaction|session | APALIS_PGBOUNCER_MODE   the mode of APALIS_PGBOUNCER_URL
@@ -171,7 +174,9 @@ topo_log "PgBouncer $(pgbouncer --version | head -1 | awk '{print $2}') on 127.0
 
 export APALIS_PGBOUNCER_URL APALIS_PGBOUNCER_SESSION_URL APALIS_PGBOUNCER_TRANSACTION_URL \
   APALIS_PGBOUNCER_ADMIN_URL APALIS_PGBOUNCER_MODE APALIS_PGBOUNCER_PORT APALIS_PGBOUNCER_INI \
-  APALIS_PGBOUNCER_LOG APALIS_PGBOUNCER_PIDFILE APALIS_PGBOUNCER_DATABASES_INI APALIS_PGBOUNCER_SERVER
+  APALIS_PGBOUNCER_LOG APALIS_PGBOUNCER_PIDFILE APALIS_PGBOUNCER_DATABASES_INI APALIS_PGBOUNCER_SERVER \
+  APALIS_PGBOUNCER_USER
+APALIS_PGBOUNCER_USER=$TOPO_USER
 APALIS_PGBOUNCER_DATABASES_INI=$DBS_INI
 APALIS_PGBOUNCER_SERVER="host=$URL_HOST port=$URL_PORT${URL_PASSWORD:+ password=$URL_PASSWORD}"
 APALIS_PGBOUNCER_URL=$(pooled_url "$URL_DB")

@@ -102,3 +102,10 @@ pub fn claim_floor<Args, C>(
 ) -> Option<chrono::DateTime<chrono::Utc>> {
     storage.claim_floor()
 }
+
+/// The sweeps below a storage's claim floor that ran, and those that found a visible job there
+/// (see `backend/floor.rs`).
+#[must_use]
+pub fn claim_floor_sweeps<Args, C>(storage: &crate::PgmqStorage<Args, C>) -> (u64, u64) {
+    storage.claim_floor_sweeps()
+}

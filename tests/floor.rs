@@ -120,11 +120,16 @@ async fn the_floor_never_passes_an_open_producers_row_and_is_in_effect() {
     .expect("its vt");
     // A committed row below the floor, written by hand.
     below(&db, queue, 2000, t0).await;
-    // The worker goes on claiming while the producer's row is invisible to it.
-    for _ in 0..20 {
+    // The worker goes on claiming while the producer's row is invisible to it, until well past
+    // the row's time (more than the floor's 1 s margin): without the producer's transaction
+    // holding it back, the floor would pass the row.
+    let until = early_vt + chrono::TimeDelta::seconds(3);
+    let mut rounds = 0;
+    while db_now(&db).await < until || rounds < 20 {
         s.push(Job { n: next }).await.expect("push");
         wait_handled(&db, queue, next).await;
         next += 1;
+        rounds += 1;
     }
     let floor = testing::claim_floor(&s).expect("a floor");
     assert!(
@@ -141,10 +146,13 @@ async fn the_floor_never_passes_an_open_producers_row_and_is_in_effect() {
     s.push(Job { n: 3000 }).await.expect("push");
     wait_handled(&db, queue, 3000).await;
     wait_handled(&db, queue, 1000).await;
+    // Once the producer has ended and its row was taken, the floor passes it.
+    floor_above(&db, &mut s, queue, early_vt, &mut next).await;
     assert!(
         !handled(&db, queue, 2000).await,
         "no sweep ran, so the row below the floor is still there"
     );
+    assert_eq!(testing::claim_floor_sweeps(&s), (0, 0), "no sweep ran");
     stop_worker(stop, join).await;
 }
 
@@ -163,9 +171,17 @@ async fn the_sweep_finds_a_row_written_below_the_floor() {
     let (stop, join) = spawn_worker!(w);
     let mut next = 1;
     let t0 = db_now(&db).await;
-    floor_above(&db, &mut s, queue, t0, &mut next).await;
+    let floor = floor_above(&db, &mut s, queue, t0, &mut next).await;
+    let sweeps = testing::claim_floor_sweeps(&s);
     below(&db, queue, 2000, t0).await;
+    // Another job, so a claim runs now: bounded by the floor, it takes that one only.
+    s.push(Job { n: next }).await.expect("push");
+    wait_handled(&db, queue, next).await;
     wait_handled(&db, queue, 2000).await;
+    assert!(
+        testing::claim_floor_sweeps(&s).1 > sweeps.1,
+        "found by a sweep (the floor was {floor}, the row an hour before {t0})"
+    );
     stop_worker(stop, join).await;
 }
 

@@ -41,7 +41,7 @@ use sqlx::{
 };
 
 use super::{
-    Ctx, PgControl, Res, arg, now_micros, proxy,
+    Bouncer, Ctx, PgControl, Res, arg, now_micros, proxy,
     vocab::{FaultKind, JobKind, JsonLog, PRIO_QUEUE, QUEUE},
 };
 
@@ -53,6 +53,8 @@ const MAX_ATTEMPTS: u32 = 8;
 const WAIT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Worker processes: their concurrency (per queue).
 const SLOTS: [usize; 4] = [1, 4, 16, 48];
+/// The slots that reach the server through PgBouncer when the campaign runs behind it.
+const BOUNCER_SLOTS: [usize; 2] = [1, 3];
 /// Pushes per second, all kinds together.
 const PUSH_RATE: u64 = 15;
 /// Longest `run_after` of a delayed job, in seconds.
@@ -508,6 +510,8 @@ struct Pending {
 /// What applying faults needs besides the schedule and the slots.
 struct FaultEnv<'a> {
     pg: Option<&'a PgControl>,
+    /// PgBouncer in front of some slots (scripts/with-pgbouncer.sh), restarted by the schedule.
+    bouncer: Option<&'a Bouncer>,
     /// The orchestrator's own pool, straight to the server (terminations).
     pool: &'a PgPool,
     exe: &'a Path,
@@ -523,6 +527,7 @@ async fn run_faults(
 ) -> Res<()> {
     let FaultEnv {
         pg,
+        bouncer,
         pool,
         exe,
         dir,
@@ -632,9 +637,30 @@ async fn run_faults(
                 }
                 None => "skipped: the server was not started by scripts/with-pg.sh".into(),
             },
-            (FaultKind::PgBouncerRestart | FaultKind::Failover, _) => {
-                "skipped: not supported by the library yet".into()
-            }
+            (FaultKind::PgBouncerRestart, _) => match bouncer {
+                Some(b) => {
+                    record(
+                        "start",
+                        f,
+                        "PgBouncer stopped (SIGTERM) and started again".into(),
+                    );
+                    let t = Instant::now();
+                    let b = b.clone();
+                    let r =
+                        tokio::task::spawn_blocking(move || b.restart().map_err(|e| e.to_string()))
+                            .await
+                            .map_err(|e| e.to_string())
+                            .and_then(|r| r);
+                    let detail = match r {
+                        Ok(()) => format!("down and back in {:.2} s", t.elapsed().as_secs_f64()),
+                        Err(e) => format!("failed: {e}"),
+                    };
+                    record("end", f, detail);
+                    continue;
+                }
+                None => "skipped: no PgBouncer (run under scripts/with-pgbouncer.sh)".into(),
+            },
+            (FaultKind::Failover, _) => "skipped: not supported by the campaign yet".into(),
             (_, None) => "skipped: no slot".into(),
         };
         record("start", f, detail);
@@ -1027,15 +1053,38 @@ pub(crate) async fn campaign(args: &[String]) -> Res<bool> {
     }
     println!("schedule: {} faults {:?}", plan.len(), by_kind);
 
-    // Worker slots, each behind its own proxy.
+    // Worker slots, each behind its own proxy; behind PgBouncer (session pooling, which LISTEN
+    // needs), the odd ones reach the server through it, and the schedule restarts it.
+    let bouncer = Bouncer::from_env();
+    let alias = format!("{db_name}_pgb");
+    match &bouncer {
+        Some(b) => {
+            b.add_database(&alias, db_name, 200)?;
+            println!(
+                "slots {BOUNCER_SLOTS:?} through PgBouncer (session pooling) on port {}",
+                b.port
+            );
+        }
+        None => println!(
+            "no PgBouncer (scripts/with-pgbouncer.sh): every slot direct, PgBouncer restarts skipped"
+        ),
+    }
     let mut slots = Vec::new();
     for (idx, concurrency) in SLOTS.into_iter().enumerate() {
-        let (proxy, proxied) = ctx.through_proxy(&db).await?;
+        let (proxy, url) = match &bouncer {
+            Some(b) if BOUNCER_SLOTS.contains(&idx) => {
+                ctx.through_bouncer(&db, db_name, b.port, &alias).await?
+            }
+            _ => {
+                let (proxy, proxied) = ctx.through_proxy(&db).await?;
+                (proxy, proxied.url)
+            }
+        };
         let mut slot = Slot {
             idx,
             concurrency,
             proxy,
-            url: proxied.url.clone(),
+            url,
             child: None,
             log: PathBuf::new(),
             generation: 0,
@@ -1066,6 +1115,7 @@ pub(crate) async fn campaign(args: &[String]) -> Res<bool> {
     let flog = JsonLog::open(&dir.join("faults.log"))?;
     let env = FaultEnv {
         pg: ctx.pg.as_ref(),
+        bouncer: bouncer.as_ref(),
         pool: &db.pool,
         exe: &ctx.exe,
         dir: &dir,

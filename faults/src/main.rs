@@ -360,6 +360,111 @@ impl PgControl {
     }
 }
 
+/// PgBouncer in front of the server (scripts/with-pgbouncer.sh): the campaign adds its
+/// database, routes some worker slots through it, and restarts it.
+#[derive(Clone)]
+struct Bouncer {
+    ini: String,
+    pidfile: String,
+    user: String,
+    port: u16,
+    admin_url: String,
+    databases_ini: String,
+    server: String,
+}
+
+impl Bouncer {
+    fn from_env() -> Option<Self> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Some(Self {
+            ini: var("APALIS_PGBOUNCER_INI")?,
+            pidfile: var("APALIS_PGBOUNCER_PIDFILE")?,
+            user: var("APALIS_PGBOUNCER_USER")?,
+            port: var("APALIS_PGBOUNCER_PORT")?.parse().ok()?,
+            admin_url: var("APALIS_PGBOUNCER_ADMIN_URL")?,
+            databases_ini: var("APALIS_PGBOUNCER_DATABASES_INI")?,
+            server: var("APALIS_PGBOUNCER_SERVER")?,
+        })
+    }
+
+    /// Runs `program args` as PgBouncer's user (it refuses root, and its files are that
+    /// user's).
+    fn run_as(&self, program: &str, args: &[&str]) -> Res<std::process::ExitStatus> {
+        let is_root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        let mut cmd = if is_root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", &self.user, "--", program]);
+            c
+        } else {
+            Command::new(program)
+        };
+        Ok(cmd
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?)
+    }
+
+    /// Adds `alias`, a session pool of `pool_size` on database `dbname`, and reloads.
+    fn add_database(&self, alias: &str, dbname: &str, pool_size: u32) -> Res<()> {
+        use std::io::Write as _;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.databases_ini)?;
+        writeln!(
+            file,
+            "{alias} = {} dbname={dbname} pool_mode=session pool_size={pool_size}",
+            self.server
+        )?;
+        let status = Command::new("psql")
+            .args([&self.admin_url, "-X", "-q", "-c", "RELOAD"])
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            return Err(format!("PgBouncer RELOAD failed: {status}").into());
+        }
+        Ok(())
+    }
+
+    fn pid(&self) -> Option<i32> {
+        std::fs::read_to_string(&self.pidfile)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Stops PgBouncer at once (SIGTERM: every client and server connection dropped), waits
+    /// for the process to be gone, and starts it again with the same configuration.
+    fn restart(&self) -> Res<()> {
+        if let Some(pid) = self.pid() {
+            let pid_s = pid.to_string();
+            self.run_as("kill", &["-TERM", &pid_s])?;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Command::new("kill")
+                .args(["-0", &pid_s])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                if Instant::now() > deadline {
+                    return Err(format!("PgBouncer (pid {pid}) did not stop in 20 s").into());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let status = self.run_as("pgbouncer", &["-d", &self.ini])?;
+        if !status.success() {
+            return Err(format!("pgbouncer -d failed: {status}").into());
+        }
+        Ok(())
+    }
+}
+
 struct Ctx {
     admin: PgConnectOptions,
     exe: PathBuf,
@@ -429,6 +534,26 @@ impl Ctx {
 
     /// A proxy to the server, and `db` as worker processes reach it through the proxy (the
     /// orchestrator's own pool stays direct).
+    /// A proxy in front of PgBouncer's port, and the URL of `alias` through it.
+    async fn through_bouncer(
+        &self,
+        db: &Db,
+        dbname: &str,
+        port: u16,
+        alias: &str,
+    ) -> Res<(proxy::Proxy, String)> {
+        let target = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let proxy = proxy::Proxy::start(target).await;
+        let url = db
+            .url
+            .replace(
+                &format!("{}:{}", self.admin.get_host(), self.admin.get_port()),
+                &format!("127.0.0.1:{}", proxy.port),
+            )
+            .replace(&format!("/{dbname}"), &format!("/{alias}"));
+        Ok((proxy, url))
+    }
+
     async fn through_proxy(&self, db: &Db) -> Res<(proxy::Proxy, Db)> {
         let target = tokio::net::lookup_host((self.admin.get_host(), self.admin.get_port()))
             .await?

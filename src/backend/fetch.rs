@@ -55,7 +55,7 @@ use tokio::{
 use super::{
     Shared,
     claims::Claims,
-    floor::{ClaimFloor, Took},
+    floor::{ClaimFloor, Sweep, Took},
 };
 use crate::{
     deadline::Conn,
@@ -988,20 +988,13 @@ fn floor(shared: &Shared) -> MutexGuard<'_, ClaimFloor> {
 
 /// How long until the queue's next message becomes visible, by the statement deadline.
 async fn next_visible_in(shared: &Shared) -> Result<Option<Duration>> {
-    let started = Instant::now();
-    let by = started + shared.config.statement_deadline();
-    let bound = floor(shared).bound(started);
+    let by = Instant::now() + shared.config.statement_deadline();
+    let from = floor(shared).probe_floor();
     let mut conn = Conn::acquire(&shared.pool, by).await?;
-    let next = conn
-        .run(by, "probing the queue", |c| {
-            shared.queue.next_visible_in(c, bound.floor)
-        })
-        .await;
-    match &next {
-        Ok(_) => floor(shared).probed(bound, started, Instant::now()),
-        Err(_) => floor(shared).reset(),
-    }
-    next
+    conn.run(by, "probing the queue", |c| {
+        shared.queue.next_visible_in(c, from)
+    })
+    .await
 }
 
 /// An arming begun and not yet written: if the step ends any other way (an error, the
@@ -1186,10 +1179,46 @@ async fn prepare_queue(conn: &mut sqlx::PgConnection, shared: &Arc<Shared>) -> R
     shared.queue.is_partitioned(&mut *conn).await
 }
 
+/// Looks below the claim floor for a visible message, beside the claims (a task of the
+/// runtime's queue services, bounded by the statement deadline): under an old snapshot this
+/// walks every dead entry the floor lets the claims skip, so it must not hold a claim up.
+fn start_sweep(shared: &Arc<Shared>, sweep: Sweep) {
+    let shared = shared.clone();
+    shared.runtime.inner.clone().spawn_queue_service(move |mut stop| async move {
+        let started = Instant::now();
+        let by = started + shared.config.statement_deadline();
+        let look = async {
+            let mut conn = Conn::acquire(&shared.pool, by).await?;
+            conn.run(by, "looking below the claim floor", |c| {
+                shared.queue.visible_below(c, sweep.floor)
+            })
+            .await
+        };
+        let found = tokio::select! {
+            found = look => found,
+            // Shutdown: the statement is abandoned with its connection.
+            () = stop.requested() => return,
+        };
+        let found = match found {
+            Ok(found) => Some(found),
+            Err(e) => {
+                tracing::debug!(queue = %shared.queue.name(), error = %e.describe(),
+                    "could not look below the claim floor; trying again later");
+                None
+            }
+        };
+        if found == Some(true) {
+            tracing::debug!(queue = %shared.queue.name(), floor = %sweep.floor,
+                "a visible job below the claim floor (a vt written in the past): claims read from the start until a new floor forms");
+        }
+        floor(&shared).swept(sweep, started, Instant::now(), found);
+    });
+}
+
 /// One claim: on `conn` (or one from the pool); the claimed messages are leased in the lease
 /// table before they are returned.
 async fn fetch(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     conn: Option<Conn>,
     qty: usize,
     by_priority: bool,
@@ -1208,7 +1237,13 @@ async fn fetch(
             }
         },
     };
-    let bound = floor(shared).bound(started);
+    let (bound, sweep) = {
+        let mut f = floor(shared);
+        (f.bound(), f.sweep_due(started))
+    };
+    if let Some(sweep) = sweep {
+        start_sweep(shared, sweep);
+    }
     let sent = Instant::now();
     let claimed = match conn
         .run(by, "claiming messages", |c| {
@@ -1217,22 +1252,19 @@ async fn fetch(
         .await
     {
         Ok(m) => m,
-        // The connection may be broken (or silent): it is closed, not reused.
-        Err(e) => {
-            floor(shared).reset();
-            return (Err(e), None);
-        }
+        // The connection may be broken (or silent): it is closed, not reused. (A failover or a
+        // restart shows in the next claim's `seen`, which drops the floor.)
+        Err(e) => return (Err(e), None),
     };
     if let Some(seen) = claimed.seen {
-        let highest = claimed
-            .messages
-            .iter()
-            .filter_map(|m| m.visible_since)
-            .max();
         let took = Took {
             asked: qty,
             got: claimed.messages.len(),
-            highest,
+            highest: claimed
+                .messages
+                .iter()
+                .filter_map(|m| m.visible_since)
+                .max(),
         };
         floor(shared).claimed(bound, sent, Instant::now(), took, seen);
     }

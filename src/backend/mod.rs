@@ -318,6 +318,12 @@ impl<Args, C> PgmqStorage<Args, C> {
         self.shared.floor.lock().map_or(None, |f| f.floor())
     }
 
+    /// The sweeps below its floor that ran, and those that found a job there, for the tests.
+    #[cfg(feature = "testing")]
+    pub(crate) fn claim_floor_sweeps(&self) -> (u64, u64) {
+        self.shared.floor.lock().map_or((0, 0), |f| f.sweeps())
+    }
+
     /// The pool.
     #[must_use]
     pub fn pool(&self) -> &PgPool {

@@ -229,9 +229,10 @@ pub struct ClaimConfig {
     /// Claims in visibility order start at the claim floor, a lower bound on the `vt` of every
     /// visible message learned from earlier claims, so an old snapshot held elsewhere in the
     /// database does not make each claim step over every dead index entry since it began; at
-    /// most this often (default 10 s, 1 s to 1 day; never more than a twentieth of the time) a
-    /// claim goes without it, to find a message written with a `vt` in the past by hand.
-    /// `"off"`: no floor (see the crate docs, "Old snapshots").
+    /// most this often (default 10 s, 1 s to 1 day; never more than a twentieth of the time) one
+    /// statement beside the claims looks below it for a message written with a `vt` in the past
+    /// by hand, and drops the floor if it finds one. `"off"`: no floor (see the crate docs, "Old
+    /// snapshots").
     #[serde(with = "human::or_off")]
     pub floor_sweep: Option<Duration>,
 }
@@ -604,8 +605,8 @@ impl Config {
 
     /// The claim floor's sweep (`claims.floor_sweep`; default 10 s): claims in visibility
     /// order read the `vt` index from a lower bound learned from earlier claims, and at most
-    /// this often one reads it all, for messages written with a `vt` in the past by hand.
-    /// `None` turns the floor off. See the crate docs, "Old snapshots".
+    /// this often a statement beside them looks below it, for messages written with a `vt` in
+    /// the past by hand. `None` turns the floor off. See the crate docs, "Old snapshots".
     #[must_use]
     pub fn claim_floor_sweep(mut self, every: Option<Duration>) -> Self {
         self.claims.floor_sweep = every;

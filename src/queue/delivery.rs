@@ -168,6 +168,8 @@ pub(crate) struct Seen {
     pub(crate) xmin: i64,
     pub(crate) xmax: i64,
     pub(crate) paused: bool,
+    /// `pg_postmaster_start_time()`: another value is a restarted or another server.
+    pub(crate) server_start: DateTime<Utc>,
 }
 
 impl PgmqQueue {
@@ -232,6 +234,7 @@ impl PgmqQueue {
                     xmin: row.try_get("xmin")?,
                     xmax: row.try_get("xmax")?,
                     paused: row.try_get("paused")?,
+                    server_start: row.try_get("server_start")?,
                 });
             }
             // The one row of a claim that took nothing has no message.
@@ -244,6 +247,21 @@ impl PgmqQueue {
         }
         messages.sort_unstable_by_key(|m| m.msg_id);
         Ok(Claimed { messages, seen })
+    }
+
+    /// Whether a message is visible below `floor` (the claim floor's sweep, see
+    /// `backend/floor.rs`): under an old snapshot this walks every dead index entry below it.
+    pub(crate) async fn visible_below<'c, E: PgExecutor<'c>>(
+        &self,
+        executor: E,
+        floor: DateTime<Utc>,
+    ) -> Result<bool> {
+        Ok(
+            sqlx::query_scalar(AssertSqlSafe(self.sql.below_floor.clone()))
+                .bind(floor)
+                .fetch_one(executor)
+                .await?,
+        )
     }
 
     /// How long until the earliest message at or above `floor` becomes visible (zero: one is

@@ -24,7 +24,9 @@ pub enum Delay {
     Now,
     /// Visible after this long (sub-second precision is kept).
     After(Duration),
-    /// Visible from this instant (a time in the past means at once).
+    /// Visible from this instant. A time in the past means at once, and is written as the
+    /// time of the write: the job is ordered behind the jobs already visible, not by the time
+    /// given (the workers' claim floor, `claims.floor_sweep`, reads from recent times).
     At(DateTime<Utc>),
 }
 

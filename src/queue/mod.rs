@@ -138,6 +138,7 @@ impl PgmqQueue {
             ("delete", s.delete.clone()),
             ("next_visible", s.next_visible.clone()),
             ("next_visible_in", s.next_visible_in.clone()),
+            ("below_floor", s.below_floor.clone()),
             ("tables_exist", s.tables_exist.clone()),
             ("renew", s.renew.clone()),
             ("release", s.release.clone()),

@@ -132,6 +132,9 @@ impl PgmqQueue {
     }
 
     /// Sets the visibility time of one message; returns it, or `None` if it does not exist.
+    /// A [`Delay::At`] in the past sets the time of the write (visible at once, and ordered
+    /// behind what was already visible), never an earlier one: the workers' claim floor
+    /// (`claims.floor_sweep`) would not see a job below it until its next sweep.
     ///
     /// # Errors
     ///
@@ -163,7 +166,8 @@ impl PgmqQueue {
         Ok(row.as_ref().map(Message::from_row).transpose()?)
     }
 
-    /// Sets the visibility time of many messages; returns the ids that exist.
+    /// Sets the visibility time of many messages; returns the ids that exist. A
+    /// [`Delay::At`] in the past sets the time of the write, as [`set_vt`](Self::set_vt).
     ///
     /// # Errors
     ///

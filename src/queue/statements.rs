@@ -187,9 +187,9 @@ fn read_sql(q: &str, paused: &str, visible_since: bool, pick_by: Pick) -> Arc<st
          seen AS (SELECT now() AS at, \
                          pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin, \
                          pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax, \
-                         {paused} AS paused) \
+                         {paused} AS paused, pg_postmaster_start_time() AS server_start) \
          SELECT c.msg_id, c.read_ct, c.enqueued_at, c.last_read_at, c.vt, c.message, c.headers, \
-                c.visible_since, s.at, s.xmin, s.xmax, s.paused \
+                c.visible_since, s.at, s.xmin, s.xmax, s.paused, s.server_start \
          FROM seen s LEFT JOIN claimed c ON true"
     )
     .into()
@@ -335,6 +335,8 @@ pub(super) struct QueueSql {
     pub(super) delete: Arc<str>,
     pub(super) next_visible: Arc<str>,
     pub(super) next_visible_in: Arc<str>,
+    /// Whether a message is visible below the claim floor `$1` (the floor's sweep).
+    pub(super) below_floor: Arc<str>,
     pub(super) tables_exist: Arc<str>,
     /// Lease renewal of a batch of `(msg_id, read_ct)`, fenced.
     pub(super) renew: Arc<str>,
@@ -396,14 +398,18 @@ impl QueueSql {
             // makes it skip this row instead of raising when the key is taken, and the holder
             // is reported. A job archived before the ledger existed is found in the archive
             // (`prior`). Zero rows: the holder's row was committed after this statement's
-            // snapshot and is gone again; the caller runs it again.
+            // snapshot and is gone again; the caller runs it again. The transaction takes its id
+            // (`skip_key.xid`) before the row's `vt` is read from the clock: `ON CONFLICT` may
+            // wait on another insert of the key after that, and the claim floor
+            // (`backend/floor.rs`) holds back for transactions with an id only.
             send_unique: format!(
                 "WITH prior AS (SELECT a.msg_id FROM {a} a \
                    WHERE $6::float8 IS NOT NULL \
                      AND {key_hash_a} = {key_hash_5} AND {key_a} = $5::text \
                      AND a.archived_at > clock_timestamp() - make_interval(secs => $6::float8) \
                    ORDER BY a.archived_at DESC LIMIT 1), \
-                 skip_key AS (SELECT set_config('apalis_pgmq.skip_key', encode({key_hash_5}, 'hex'), true) \
+                 skip_key AS (SELECT set_config('apalis_pgmq.skip_key', encode({key_hash_5}, 'hex'), true), \
+                                     pg_current_xact_id() AS xid \
                    WHERE NOT EXISTS (SELECT 1 FROM prior)), \
                  ins AS (INSERT INTO {q} (vt, message, headers) \
                    SELECT {vt}, $1::text::jsonb, \
@@ -466,6 +472,10 @@ impl QueueSql {
             next_visible_in: format!(
                 "SELECT EXTRACT(EPOCH FROM min(vt) - clock_timestamp())::float8 FROM {q} \
                  WHERE vt >= coalesce($1::timestamptz, '-infinity'::timestamptz) AND NOT {paused}"
+            )
+            .into(),
+            below_floor: format!(
+                "SELECT EXISTS (SELECT 1 FROM {q} WHERE vt < $1::timestamptz AND vt <= now())"
             )
             .into(),
             tables_exist: format!(

@@ -36,6 +36,7 @@ pub(crate) enum FaultKind {
     /// Stop PgBouncer (SIGTERM: every connection through it dropped at once) and start it
     /// again. Behind scripts/with-pgbouncer.sh the campaign's slots 1 and 3 reach the server
     /// through it; without it the fault is recorded as skipped.
+    #[serde(rename = "pgbouncer_restart")]
     PgBouncerRestart,
     /// Hook: fail the primary over to its standby (scripts/with-formation.sh). Not scheduled
     /// yet: the campaign runs against one server; failovers under load are tested by
@@ -191,4 +192,18 @@ pub(crate) fn read_json_lines(path: &Path) -> Vec<Value> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FaultKind;
+
+    /// The logs carry the serde name and the checker counts by `name()`: they must agree.
+    #[test]
+    fn serde_names_are_the_names() {
+        for k in FaultKind::ALL {
+            let serde = serde_json::to_value(k).expect("serialise");
+            assert_eq!(serde.as_str(), Some(k.name()), "{k:?}");
+        }
+    }
 }

@@ -279,6 +279,9 @@ pub(crate) async fn check(dir: &Path, pool: &PgPool) -> Res<Report> {
     let mut fault_counts: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let mut open_faults: BTreeMap<(String, Option<u64>, u64), u64> = BTreeMap::new();
     let mut unexpected_exits = Vec::new();
+    // A fault the orchestrator could not apply or undo (a restart that failed): the run did not
+    // test what it says.
+    let mut failed_faults = Vec::new();
     for l in read_json_lines(&dir.join("faults.log")) {
         let kind = s(&l, "kind").unwrap_or_default().to_owned();
         let slot = u(&l, "slot");
@@ -295,6 +298,9 @@ pub(crate) async fn check(dir: &Path, pool: &PgPool) -> Res<Report> {
                 }
             }
             Some("end") => {
+                if let Some(d) = s(&l, "detail").filter(|d| d.starts_with("failed")) {
+                    failed_faults.push(format!("{} at {} ms: {d}", key.0, key.2));
+                }
                 if let Some(from) = open_faults.remove(&key) {
                     // A freeze's connections stay silent after the thaw (only new ones flow):
                     // the worker learns of each at its statement's deadline, at most the
@@ -604,7 +610,10 @@ pub(crate) async fn check(dir: &Path, pool: &PgPool) -> Res<Report> {
             )
         })
         .collect();
-    ok &= early.is_empty() && unexpected_exits.is_empty() && unstoppable.is_empty();
+    ok &= early.is_empty()
+        && unexpected_exits.is_empty()
+        && unstoppable.is_empty()
+        && failed_faults.is_empty();
 
     // -------- the report
     let _ = writeln!(out, "\nfaults applied (skipped) by kind:");
@@ -693,6 +702,10 @@ pub(crate) async fn check(dir: &Path, pool: &PgPool) -> Res<Report> {
     );
     line("+ delayed job started before its time", &st(&early));
     line("+ worker process that exited by itself", &unexpected_exits);
+    line(
+        "+ fault that failed to apply (a restart that did not work)",
+        &failed_faults,
+    );
     line(
         "+ worker process that did not stop when asked (killed after 30 s)",
         &unstoppable,

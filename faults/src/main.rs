@@ -438,30 +438,61 @@ impl Bouncer {
             .ok()
     }
 
-    /// Stops PgBouncer at once (SIGTERM: every client and server connection dropped), waits
-    /// for the process to be gone, and starts it again with the same configuration.
+    /// Stops PgBouncer at once (SIGTERM: every client and server connection dropped; SIGKILL
+    /// if it is still there after 5 s, as a PgBouncer of 1.23 or later, whose SIGTERM waits
+    /// for its clients, would be), waits for the process to be gone, starts it again with the
+    /// same configuration, and waits until its admin console answers.
     fn restart(&self) -> Res<()> {
+        /// Alive: its `/proc` entry exists and is not a zombie (a daemon's parent may be a PID
+        /// 1 that never reaps).
+        fn alive(pid: i32) -> bool {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+            })
+        }
+        fn gone_within(pid: i32, limit: Duration) -> bool {
+            let deadline = Instant::now() + limit;
+            while alive(pid) {
+                if Instant::now() > deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            true
+        }
         if let Some(pid) = self.pid() {
             let pid_s = pid.to_string();
             self.run_as("kill", &["-TERM", &pid_s])?;
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Command::new("kill")
-                .args(["-0", &pid_s])
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-            {
-                if Instant::now() > deadline {
-                    return Err(format!("PgBouncer (pid {pid}) did not stop in 20 s").into());
+            if !gone_within(pid, Duration::from_secs(5)) {
+                self.run_as("kill", &["-KILL", &pid_s])?;
+                if !gone_within(pid, Duration::from_secs(5)) {
+                    return Err(format!("PgBouncer (pid {pid}) survived SIGKILL").into());
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                // A killed PgBouncer leaves its pidfile, which would stop the new one.
+                let _ = std::fs::remove_file(&self.pidfile);
             }
         }
         let status = self.run_as("pgbouncer", &["-d", &self.ini])?;
         if !status.success() {
             return Err(format!("pgbouncer -d failed: {status}").into());
         }
-        Ok(())
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let answered = Command::new("psql")
+                .args([&self.admin_url, "-X", "-q", "-c", "SHOW VERSION"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if answered {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err("PgBouncer did not answer on its admin console within 15 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 

@@ -1184,35 +1184,59 @@ async fn prepare_queue(conn: &mut sqlx::PgConnection, shared: &Arc<Shared>) -> R
 /// walks every dead entry the floor lets the claims skip, so it must not hold a claim up.
 fn start_sweep(shared: &Arc<Shared>, sweep: Sweep) {
     let shared = shared.clone();
-    shared.runtime.inner.clone().spawn_queue_service(move |mut stop| async move {
-        let started = Instant::now();
-        let by = started + shared.config.statement_deadline();
-        let look = async {
-            let mut conn = Conn::acquire(&shared.pool, by).await?;
-            conn.run(by, "looking below the claim floor", |c| {
-                shared.queue.visible_below(c, sweep.floor)
-            })
-            .await
-        };
-        let found = tokio::select! {
-            found = look => found,
-            // Shutdown: the statement is abandoned with its connection.
-            () = stop.requested() => return,
-        };
-        let found = match found {
-            Ok(found) => Some(found),
-            Err(e) => {
-                tracing::debug!(queue = %shared.queue.name(), error = %e.describe(),
-                    "could not look below the claim floor; trying again later");
-                None
+    shared
+        .runtime
+        .inner
+        .clone()
+        .spawn_queue_service(move |mut stop| async move {
+            let started = Instant::now();
+            // Whatever ends the task (done, stopped, aborted, a panic), the floor learns the
+            // sweep ended, so another can come.
+            let mut ended = SweepEnded {
+                shared: shared.clone(),
+                sweep,
+                started,
+                found: None,
+            };
+            let by = started + shared.config.statement_deadline();
+            let look = async {
+                let mut conn = Conn::acquire(&shared.pool, by).await?;
+                conn.run(by, "looking below the claim floor", |c| {
+                    shared.queue.visible_below(c, sweep.floor)
+                })
+                .await
+            };
+            let found = tokio::select! {
+                found = look => found,
+                // Shutdown: the statement is abandoned with its connection.
+                () = stop.requested() => return,
+            };
+            match found {
+                Ok(found) => ended.found = Some(found),
+                Err(e) => tracing::debug!(queue = %shared.queue.name(), error = %e.describe(),
+                "could not look below the claim floor; trying again later"),
             }
-        };
-        if found == Some(true) {
-            tracing::debug!(queue = %shared.queue.name(), floor = %sweep.floor,
+        });
+}
+
+/// Reports a sweep's end to the floor when dropped; a find also wakes the queue's workers, so
+/// an idle one claims (from the start) now rather than at its fallback poll.
+struct SweepEnded {
+    shared: Arc<Shared>,
+    sweep: Sweep,
+    started: Instant,
+    found: Option<bool>,
+}
+
+impl Drop for SweepEnded {
+    fn drop(&mut self) {
+        floor(&self.shared).swept(self.sweep, self.started, Instant::now(), self.found);
+        if self.found == Some(true) {
+            tracing::debug!(queue = %self.shared.queue.name(), floor = %self.sweep.floor,
                 "a visible job below the claim floor (a vt written in the past): claims read from the start until a new floor forms");
+            self.shared.signal.wake();
         }
-        floor(&shared).swept(sweep, started, Instant::now(), found);
-    });
+    }
 }
 
 /// One claim: on `conn` (or one from the pool); the claimed messages are leased in the lease

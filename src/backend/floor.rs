@@ -44,9 +44,11 @@
 //! time, a *sweep* looks below the floor for a visible row: one statement, run beside the
 //! claims (a runtime task), never in their way, because under an old snapshot it walks every
 //! dead entry the floor lets the claims skip. If it finds one, the floor is dropped and the
-//! next claims read from the start (and learn a new floor). Such a row waits for the next sweep
-//! and the claim after it. Claims by priority do not use the floor (their index is ordered by
-//! priority first). A server that restarted or changed (`pg_postmaster_start_time()`, a lower
+//! queue's workers are woken: the next claims read from the start (and learn a new floor).
+//! Such a row waits for the next sweep, which starts with a claim (an idle worker's fallback
+//! poll). A sweep has the statement deadline; one that runs out of it (a snapshot so old that
+//! its dead entries take longer to walk) is tried again `SWEEP_SHARE` times its length later.
+//! Claims by priority do not use the floor (their index is ordered by priority first). A server that restarted or changed (`pg_postmaster_start_time()`, a lower
 //! `xmax`: a crash may have lost the last claims' commits, a failover those the standby had not
 //! received, and their rows are visible again below the floor), a clock that went back or a
 //! paused queue drop it or keep it from rising.

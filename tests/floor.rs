@@ -90,6 +90,16 @@ async fn below(db: &TestDb, queue: &str, n: u32, t: DateTime<Utc>) {
     .expect("insert below the floor");
 }
 
+/// A worker on `$s` whose handler does nothing: `(stop, join)` as `spawn_worker!`.
+macro_rules! worker {
+    ($s:expr, $queue:expr) => {{
+        let w = WorkerBuilder::new($queue)
+            .backend($s.clone())
+            .build(|_job: Job| async { Ok::<(), BoxDynError>(()) });
+        spawn_worker!(w)
+    }};
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_floor_never_passes_an_open_producers_row_and_is_in_effect() {
     let db = TestDb::setup().await;
@@ -97,10 +107,7 @@ async fn the_floor_never_passes_an_open_producers_row_and_is_in_effect() {
     // No sweep during the test: a row below the floor is then never claimed.
     let mut s = storage(&db, queue, Config::default().claim_floor_sweep(Some(DAY)));
     s.create_queue().await.expect("create");
-    let w = WorkerBuilder::new(queue)
-        .backend(s.clone())
-        .build(|_job: Job| async { Ok::<(), BoxDynError>(()) });
-    let (stop, join) = spawn_worker!(w);
+    let (stop, join) = worker!(s, queue);
     let mut next = 1;
     let t0 = db_now(&db).await;
     floor_above(&db, &mut s, queue, t0, &mut next).await;
@@ -165,10 +172,7 @@ async fn the_sweep_finds_a_row_written_below_the_floor() {
         .poll_interval(Duration::from_secs(1));
     let mut s = storage(&db, queue, config);
     s.create_queue().await.expect("create");
-    let w = WorkerBuilder::new(queue)
-        .backend(s.clone())
-        .build(|_job: Job| async { Ok::<(), BoxDynError>(()) });
-    let (stop, join) = spawn_worker!(w);
+    let (stop, join) = worker!(s, queue);
     let mut next = 1;
     let t0 = db_now(&db).await;
     let floor = floor_above(&db, &mut s, queue, t0, &mut next).await;
@@ -226,10 +230,7 @@ async fn under_a_held_snapshot_a_floored_claim_skips_the_dead_entries() {
         .execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM pg_class")
         .await
         .expect("hold a snapshot");
-    let w = WorkerBuilder::new(queue)
-        .backend(s.clone())
-        .build(|_job: Job| async { Ok::<(), BoxDynError>(()) });
-    let (stop, join) = spawn_worker!(w);
+    let (stop, join) = worker!(s, queue);
     const JOBS: u32 = 20_000;
     for chunk in 0..JOBS / 1000 {
         s.push_bulk(

@@ -616,23 +616,8 @@ async fn run_faults(
                         "immediate"
                     };
                     record("start", f, format!("pg_ctl restart -m {mode}"));
-                    let t = Instant::now();
-                    let pg = PgControl {
-                        bindir: pg.bindir.clone(),
-                        datadir: pg.datadir.clone(),
-                        user: pg.user.clone(),
-                    };
-                    let r = tokio::task::spawn_blocking(move || {
-                        pg.restart(mode).map_err(|e| e.to_string())
-                    })
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r);
-                    let detail = match r {
-                        Ok(()) => format!("down and back in {:.2} s", t.elapsed().as_secs_f64()),
-                        Err(e) => format!("failed: {e}"),
-                    };
-                    record("end", f, detail);
+                    let pg = pg.clone();
+                    record("end", f, down_and_back(move || pg.restart(mode)).await);
                     continue;
                 }
                 None => "skipped: the server was not started by scripts/with-pg.sh".into(),
@@ -644,18 +629,8 @@ async fn run_faults(
                         f,
                         "PgBouncer stopped (SIGTERM) and started again".into(),
                     );
-                    let t = Instant::now();
                     let b = b.clone();
-                    let r =
-                        tokio::task::spawn_blocking(move || b.restart().map_err(|e| e.to_string()))
-                            .await
-                            .map_err(|e| e.to_string())
-                            .and_then(|r| r);
-                    let detail = match r {
-                        Ok(()) => format!("down and back in {:.2} s", t.elapsed().as_secs_f64()),
-                        Err(e) => format!("failed: {e}"),
-                    };
-                    record("end", f, detail);
+                    record("end", f, down_and_back(move || b.restart()).await);
                     continue;
                 }
                 None => "skipped: no PgBouncer (run under scripts/with-pgbouncer.sh)".into(),
@@ -679,6 +654,21 @@ async fn run_faults(
         end_fault(&plan[p.fault], slots, exe, dir, &record)?;
     }
     Ok(())
+}
+
+/// Runs a blocking restart (of PostgreSQL or PgBouncer) off the runtime's threads; the fault
+/// log's end detail: how long the service was down, or why the restart failed (which the
+/// checker counts).
+async fn down_and_back(restart: impl FnOnce() -> Res<()> + Send + 'static) -> String {
+    let t = Instant::now();
+    let r = tokio::task::spawn_blocking(move || restart().map_err(|e| e.to_string()))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+    match r {
+        Ok(()) => format!("down and back in {:.2} s", t.elapsed().as_secs_f64()),
+        Err(e) => format!("failed: {e}"),
+    }
 }
 
 fn end_fault(

@@ -317,6 +317,7 @@ fn worker_main(args: &[String]) -> Res<()> {
 
 // ------------------------------------------------------------------ orchestration
 
+#[derive(Clone)]
 struct PgControl {
     bindir: String,
     datadir: String,

@@ -44,6 +44,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "keys_and_rights",
         sql: include_str!("../migrations/0003_keys_and_rights.sql"),
     },
+    Migration {
+        version: 4,
+        name: "claim_log",
+        sql: include_str!("../migrations/0004_claim_log.sql"),
+    },
 ];
 
 /// The rows `(version, name, checksum)` that the development versions before 0.1.0 recorded:
@@ -645,6 +650,7 @@ mod tests {
         (1, "baseline", -1_137_092_230_231_547_476),
         (2, "notify_at_commit", 4_347_617_215_543_089_161),
         (3, "keys_and_rights", 8_886_467_250_151_169_677),
+        (4, "claim_log", -5_078_581_238_167_257_875),
     ];
 
     #[test]

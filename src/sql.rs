@@ -116,6 +116,16 @@ pub(crate) const INDEX_UNIQUE_KEYS: &str = "SELECT apalis_pgmq.index_unique_keys
 /// Used in `src/queue/mod.rs`.
 pub(crate) const INDEX_PRIORITIES: &str = "SELECT apalis_pgmq.index_priorities($1)";
 
+/// The most rows one [`PRUNE_CLAIM_LOG`] deletes.
+pub(crate) const PRUNE_CLAIM_LOG_BATCH: i64 = 5000;
+
+/// Deletes up to [`PRUNE_CLAIM_LOG_BATCH`] rows of the claim log whose lease has ended,
+/// skipping rows another worker is deleting (used in `src/backend/fetch.rs`); how many.
+pub(crate) const PRUNE_CLAIM_LOG: &str = "WITH gone AS (DELETE FROM apalis_pgmq.claim_log \
+       WHERE ctid = ANY(ARRAY(SELECT ctid FROM apalis_pgmq.claim_log WHERE until < now() \
+                              LIMIT 5000 FOR UPDATE SKIP LOCKED)) RETURNING 1) \
+     SELECT count(*) FROM gone";
+
 /// Used in `src/notify/registry.rs`.
 pub(crate) const HEARTBEAT: &str =
     "SELECT apalis_pgmq.heartbeat($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
@@ -291,3 +301,13 @@ pub(crate) const ALL: &[(&str, &str)] = &[
     ("list_queues", LIST_QUEUES),
     ("all_queue_metrics", ALL_QUEUE_METRICS),
 ];
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_claim_log_prune_deletes_batches_of_the_size_its_caller_counts() {
+        assert!(
+            super::PRUNE_CLAIM_LOG.contains(&format!("LIMIT {} ", super::PRUNE_CLAIM_LOG_BATCH))
+        );
+    }
+}

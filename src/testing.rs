@@ -109,3 +109,10 @@ pub fn claim_floor<Args, C>(
 pub fn claim_floor_sweeps<Args, C>(storage: &crate::PgmqStorage<Args, C>) -> (u64, u64) {
     storage.claim_floor_sweeps()
 }
+
+/// Messages a storage's worker gave back from claims whose answer it lost (see
+/// `backend/lost.rs`).
+#[must_use]
+pub fn lost_claims_released<Args, C>(storage: &crate::PgmqStorage<Args, C>) -> u64 {
+    storage.lost_claims_released()
+}

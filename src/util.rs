@@ -9,13 +9,19 @@ use std::{
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// 64 random bits. Not cryptographic: the standard library's per-process random hash keys
+/// over a counter (claim tokens need only be unlikely to repeat, see `backend/lost.rs`).
+pub(crate) fn random_u64() -> u64 {
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    hasher.finish()
+}
+
 /// A random number in `[0, 1)` for jitter. Not cryptographic; seeded by the standard library's
 /// per-process random hash keys, so processes started together still spread out.
 pub(crate) fn random_unit() -> f64 {
-    let mut hasher = RandomState::new().build_hasher();
-    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
     // 53 random bits as the mantissa of a double in [0, 1).
-    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+    (random_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// `base` moved up or down by a random fraction of at most `jitter`.

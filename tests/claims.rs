@@ -13,6 +13,7 @@ use apalis::prelude::*;
 use apalis_pgmq_notify::{Config, PgmqStorage, QueueName, Runtime};
 use common::{TestDb, count, drained, stop_worker, wait_for};
 use serde::{Deserialize, Serialize};
+use sqlx::AssertSqlSafe;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -187,4 +188,266 @@ async fn a_claim_does_not_read_through_messages_scheduled_for_later() {
     )
     .await;
     assert_eq!(still, 50000, "nothing scheduled was touched");
+}
+
+/// The lease of the claims whose answer the test makes the worker lose: long, so a job that
+/// waited it out would show.
+const LONG_LEASE: Duration = Duration::from_secs(600);
+
+/// A worker reaching the database through a proxy loses a claim's answer: the claim is held
+/// on a lock until the proxy has closed the worker's connections, then commits, and its answer
+/// goes nowhere (a server that died after the commit, a failover to a synchronous standby).
+/// Returns the proxy, the storage and the ids of the jobs that claim leased.
+async fn lose_a_claim(
+    db: &TestDb,
+    queue: &str,
+    recover: bool,
+    seen: &Seen,
+) -> (
+    common::proxy::Proxy,
+    PgmqStorage<Job>,
+    (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<(), WorkerError>>,
+    ),
+) {
+    let proxy = proxy_for(db, Duration::ZERO).await;
+    // One connection: the claim that waits on the lock below is on the connection where the
+    // worker's earlier claims ran, so its statement is prepared and its bind, execute and sync
+    // are sent together and run without reading the socket again (on a fresh connection the
+    // lock would be waited for while preparing, and the execute never sent).
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(db.options.clone().host("127.0.0.1").port(proxy.port))
+        .await
+        .expect("connect through the proxy");
+    let config = Config::default()
+        .visibility_timeout(LONG_LEASE)
+        .poll_interval(Duration::from_millis(300))
+        .listen(false)
+        // No claim floor: the jobs are backdated below it.
+        .claim_floor_sweep(None)
+        .recover_lost_claims(recover);
+    let storage: PgmqStorage<Job> = PgmqStorage::with_config(
+        &Runtime::new(&pool),
+        QueueName::new(queue).expect("name"),
+        config,
+    )
+    .expect("config");
+    storage.create_queue().await.expect("create");
+    let worker = WorkerBuilder::new(format!("{queue}-worker"))
+        .backend(storage.clone())
+        .data(seen.clone())
+        .concurrency(8)
+        .build(record);
+    let handle = spawn_worker!(worker);
+    // The worker is up: it ran a job.
+    storage
+        .push_with(&db.pool, &Job { id: 0 })
+        .await
+        .expect("push");
+    wait_for(WAIT, "the worker to run job 0", || async {
+        seen.lock().expect("lock").contains_key(&0).then_some(())
+    })
+    .await;
+
+    // Its next claim waits on a lock (the pause check's table) before it touches a row.
+    let mut lock = db.pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE apalis_pgmq.paused IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    storage
+        .push_bulk_with(&db.pool, (1..=5).map(|id| Job { id }))
+        .await
+        .expect("push");
+    // Visible since long before any claim began (a claim reads `vt <= now()`, its start, and
+    // the claim that waits may have begun before the push; its snapshot, taken once it has
+    // its lock, sees the rows).
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE pgmq.q_{queue} SET vt = now() - interval '1 hour' WHERE msg_id > 1"
+    )))
+    .execute(&db.pool)
+    .await
+    .expect("backdate");
+    let claim: i32 = wait_for(WAIT, "the worker's claim to wait on the lock", || async {
+        sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND query LIKE '%FOR UPDATE SKIP LOCKED%'",
+        )
+        .fetch_optional(&db.pool)
+        .await
+        .expect("pg_stat_activity")
+    })
+    .await;
+    // The server goes away for the worker: its connections are closed under it, and new ones
+    // are refused. Then the claim gets its lock, leases the five jobs and commits, and its
+    // answer has nowhere to go. The worker reaches the database again once that claim has
+    // ended (so no claim of its own races the lost one).
+    proxy.refuse(true);
+    assert!(proxy.cut() > 0, "the worker had connections to close");
+    lock.rollback().await.expect("unlock");
+    wait_for(WAIT, "the lost claim's backend to end", || async {
+        let gone: bool =
+            sqlx::query_scalar("SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)")
+                .bind(claim)
+                .fetch_one(&db.pool)
+                .await
+                .expect("pg_stat_activity");
+        gone.then_some(())
+    })
+    .await;
+    assert_eq!(
+        count(
+            &db.pool,
+            &format!("SELECT count(*) FROM pgmq.q_{queue} WHERE msg_id > 1 AND read_ct = 1")
+        )
+        .await,
+        5,
+        "the lost claim leased the five jobs"
+    );
+    proxy.refuse(false);
+    (proxy, storage, handle)
+}
+
+#[tokio::test]
+async fn a_claim_whose_answer_was_lost_is_given_back_on_the_next_connection() {
+    let db = TestDb::setup().await;
+    let queue = "lost_claim";
+    let seen: Seen = Arc::default();
+    let started = std::time::Instant::now();
+    let (_proxy, storage, (stop, join)) = lose_a_claim(&db, queue, true, &seen).await;
+    // Every job runs, long before the lost claim's leases would have ended.
+    wait_for(WAIT, "jobs 1-5 to run", || async {
+        let s = seen.lock().expect("lock");
+        (1..=5).all(|id| s.contains_key(&id)).then_some(())
+    })
+    .await;
+    assert!(
+        started.elapsed() < LONG_LEASE / 4,
+        "the jobs ran {:?} after the start; they waited for their lease",
+        started.elapsed()
+    );
+    assert_eq!(
+        apalis_pgmq_notify::testing::lost_claims_released(&storage),
+        5,
+        "the worker gave back the five jobs of the claim whose answer it lost"
+    );
+    stop_worker(stop, join).await;
+    let s = seen.lock().expect("lock").clone();
+    assert!(s.values().all(|&n| n == 1), "each job ran once: {s:?}");
+    // The lost claim's read was given back: each job was read once, by the run that did it.
+    assert_eq!(
+        count(
+            &db.pool,
+            &format!("SELECT count(*) FROM pgmq.a_{queue} WHERE read_ct = 1")
+        )
+        .await,
+        6
+    );
+    drained(&db.pool, queue).await;
+}
+
+/// The same loss without the claim log: the five jobs stay leased to nobody while the worker
+/// runs later jobs (the check above can fail).
+#[tokio::test]
+async fn without_the_claim_log_a_lost_claims_jobs_wait_out_their_lease() {
+    let db = TestDb::setup().await;
+    let queue = "lost_claim_off";
+    let seen: Seen = Arc::default();
+    let (_proxy, storage, (stop, join)) = lose_a_claim(&db, queue, false, &seen).await;
+    let leased = format!(
+        "SELECT count(*) FROM pgmq.q_{queue} \
+         WHERE msg_id BETWEEN 2 AND 6 AND read_ct = 1 AND vt > clock_timestamp() + interval '300 seconds'"
+    );
+    wait_for(WAIT, "the lost claim to commit", || async {
+        (count(&db.pool, &leased).await == 5).then_some(())
+    })
+    .await;
+    // The worker works: a later job runs; the five stay leased, read once, by nobody.
+    storage
+        .push_with(&db.pool, &Job { id: 6 })
+        .await
+        .expect("push");
+    wait_for(WAIT, "the worker to run job 6", || async {
+        seen.lock().expect("lock").contains_key(&6).then_some(())
+    })
+    .await;
+    assert_eq!(count(&db.pool, &leased).await, 5);
+    let s = seen.lock().expect("lock").clone();
+    assert!((1..=5).all(|id| !s.contains_key(&id)), "{s:?}");
+    assert_eq!(
+        apalis_pgmq_notify::testing::lost_claims_released(&storage),
+        0
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM apalis_pgmq.claim_log").await,
+        0,
+        "nothing logged"
+    );
+    stop_worker(stop, join).await;
+}
+
+/// The claim log keeps only claims whose lease may still run: a busy worker deletes the rows
+/// past their lease (every 10 s at most, beside its claims).
+#[tokio::test]
+async fn a_busy_worker_prunes_the_claim_log() {
+    let db = TestDb::setup().await;
+    let queue = "claim_log_prune";
+    let config = Config::default()
+        .visibility_timeout(Duration::from_secs(1))
+        .poll_interval(Duration::from_millis(200));
+    let storage: PgmqStorage<Job> =
+        PgmqStorage::with_config(&db.runtime(), QueueName::new(queue).expect("name"), config)
+            .expect("config");
+    storage.create_queue().await.expect("create");
+    let seen: Seen = Arc::default();
+    let worker = WorkerBuilder::new("pruner")
+        .backend(storage.clone())
+        .data(seen.clone())
+        .concurrency(4)
+        .build(record);
+    let (stop, join) = spawn_worker!(worker);
+    storage
+        .push_with(&db.pool, &Job { id: 0 })
+        .await
+        .expect("push");
+    // The first claim's row, with the job it leased.
+    let first: String = wait_for(WAIT, "the first claim to be logged", || async {
+        sqlx::query_scalar(
+            "SELECT token::text FROM apalis_pgmq.claim_log WHERE ids = ARRAY[1]::bigint[]",
+        )
+        .fetch_optional(&db.pool)
+        .await
+        .expect("claim_log")
+    })
+    .await;
+    let mut id = 1;
+    wait_for(WAIT, "the first claim's row to be pruned", || {
+        id += 1;
+        let (storage, pool, first) = (storage.clone(), db.pool.clone(), first.clone());
+        async move {
+            // The worker keeps claiming (a job at a time): each logged claim may prune.
+            storage.push_with(&pool, &Job { id }).await.expect("push");
+            let left: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM apalis_pgmq.claim_log WHERE token = $1::text::uuid",
+            )
+            .bind(&first)
+            .fetch_one(&pool)
+            .await
+            .expect("claim_log");
+            (left == 0).then_some(())
+        }
+    })
+    .await;
+    stop_worker(stop, join).await;
+    // What is left is recent: no row more than a prune interval and a lease past its end.
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM apalis_pgmq.claim_log WHERE until < now() - interval '30 seconds'"
+        )
+        .await,
+        0
+    );
 }

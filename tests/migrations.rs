@@ -302,7 +302,8 @@ async fn setup_upgrades_a_database_of_the_old_history() {
         vec![
             (1, "baseline"),
             (2, "notify_at_commit"),
-            (3, "keys_and_rights")
+            (3, "keys_and_rights"),
+            (4, "claim_log")
         ]
     );
     // The generated SQL does not guess: it says to run setup().
@@ -316,12 +317,13 @@ async fn setup_upgrades_a_database_of_the_old_history() {
     assert_eq!(recorded(&db.pool).await, old_rows, "nothing changed");
 
     let report = setup(&db.pool).await.expect("setup upgrades");
-    assert_eq!(report.applied_migrations, vec![1, 2, 3]);
+    assert_eq!(report.applied_migrations, vec![1, 2, 3, 4]);
     let rows = recorded(&db.pool).await;
-    assert_eq!(rows.len(), 3, "the old rows are replaced: {rows:?}");
+    assert_eq!(rows.len(), 4, "the old rows are replaced: {rows:?}");
     assert_eq!((rows[0].0, rows[0].1.as_str()), (1, "baseline"));
     assert_eq!((rows[1].0, rows[1].1.as_str()), (2, "notify_at_commit"));
     assert_eq!((rows[2].0, rows[2].1.as_str()), (3, "keys_and_rights"));
+    assert_eq!((rows[3].0, rows[3].1.as_str()), (4, "claim_log"));
     assert!(
         pending_migrations(&db.pool)
             .await

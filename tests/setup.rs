@@ -37,7 +37,7 @@ async fn installs_pgmq_then_is_idempotent() {
     let first = setup(&db.pool).await.expect("first setup");
     assert_eq!(first.pgmq_source, PgmqSource::InstalledNow);
     assert_eq!(first.pgmq_version, EMBEDDED_PGMQ);
-    assert_eq!(first.applied_migrations, vec![1, 2, 3]);
+    assert_eq!(first.applied_migrations, vec![1, 2, 3, 4]);
 
     let second = setup(&db.pool).await.expect("second setup");
     assert_eq!(second.pgmq_source, PgmqSource::SqlInstall);
@@ -51,7 +51,7 @@ async fn installs_pgmq_then_is_idempotent() {
             "SELECT count(*) FROM apalis_pgmq.schema_migrations"
         )
         .await,
-        3
+        4
     );
     let sqlx_table: bool =
         sqlx::query_scalar("SELECT to_regclass('public._sqlx_migrations') IS NOT NULL")
@@ -85,7 +85,7 @@ async fn concurrent_setups_serialise() {
         applied += report.applied_migrations.len();
     }
     assert_eq!(installed_now, 1, "PGMQ installed exactly once");
-    assert_eq!(applied, 3, "each migration applied exactly once");
+    assert_eq!(applied, 4, "each migration applied exactly once");
 }
 
 #[tokio::test]

@@ -56,6 +56,7 @@ use super::{
     Shared,
     claims::Claims,
     floor::{ClaimFloor, Sweep, Took},
+    lost::LostClaims,
 };
 use crate::{
     deadline::Conn,
@@ -986,6 +987,97 @@ fn floor(shared: &Shared) -> MutexGuard<'_, ClaimFloor> {
     })
 }
 
+/// The lost claims of `shared`, their lock never poisoned for good (forgetting them only
+/// leaves their messages to their visibility timeout).
+fn lost(shared: &Shared) -> MutexGuard<'_, LostClaims> {
+    shared.lost.lock().unwrap_or_else(|poisoned| {
+        let mut l = poisoned.into_inner();
+        *l = LostClaims::default();
+        l
+    })
+}
+
+/// Whether a claim that failed with `e` may have committed without its answer reaching the
+/// worker: the connection broke, or its deadline passed, after the statement was sent. (An
+/// error the server sent rolled the claim back.)
+fn answer_maybe_lost(e: &Error) -> bool {
+    match e {
+        Error::Unreachable { .. } => true,
+        Error::Database(e) => e.as_database_error().is_none(),
+        _ => false,
+    }
+}
+
+/// Gives back the messages of the claims whose answer was lost (`lost.rs`), on `conn`, before
+/// the next claim. An error that says the database is out of reach is returned (the tokens
+/// stay due); for any other the tokens are given up (their messages wait out their
+/// visibility timeout, as without the log) so a claim never waits on them.
+async fn recover_lost(shared: &Arc<Shared>, conn: &mut Conn, by: Instant) -> Result<()> {
+    let due = lost(shared).due(Instant::now());
+    if due.is_empty() {
+        return Ok(());
+    }
+    let looked = conn
+        .run(by, "giving back claims whose answer was lost", |c| {
+            shared.queue.recover_lost(c, &due)
+        })
+        .await;
+    match looked {
+        Ok((found, released)) => {
+            lost(shared).looked(&due, &found, released.len(), Instant::now());
+            if !released.is_empty() {
+                tracing::info!(queue = %shared.queue.name(), released = released.len(),
+                    claims = found.len(),
+                    "gave back the jobs of claims whose answer was lost (they were leased to this worker, which never saw them)");
+            }
+            Ok(())
+        }
+        Err(e) if answer_maybe_lost(&e) => Err(e),
+        Err(e) => {
+            conn.trust();
+            tracing::warn!(queue = %shared.queue.name(), error = %e.describe(),
+                "could not look up claims whose answer was lost; their jobs wait out their visibility timeout");
+            lost(shared).give_up(&due);
+            Ok(())
+        }
+    }
+}
+
+/// Deletes the claim log's rows whose lease has ended, beside the claims (a task of the
+/// runtime's queue services, bounded by the statement deadline).
+fn start_prune(shared: &Arc<Shared>) {
+    let shared = shared.clone();
+    shared
+        .runtime
+        .inner
+        .clone()
+        .spawn_queue_service(move |mut stop| async move {
+            let by = Instant::now() + shared.config.statement_deadline();
+            let prune = async {
+                let mut conn = Conn::acquire(&shared.pool, by).await?;
+                loop {
+                    let deleted: i64 = conn
+                        .run(by, "pruning the claim log", |c| {
+                            sqlx::query_scalar(crate::sql::PRUNE_CLAIM_LOG).fetch_one(c)
+                        })
+                        .await?;
+                    if deleted < crate::sql::PRUNE_CLAIM_LOG_BATCH {
+                        return Ok::<_, Error>(());
+                    }
+                }
+            };
+            let pruned = tokio::select! {
+                pruned = prune => pruned,
+                // Shutdown: the statement is abandoned with its connection.
+                () = stop.requested() => return,
+            };
+            if let Err(e) = pruned {
+                tracing::debug!(queue = %shared.queue.name(), error = %e.describe(),
+                    "could not prune the claim log; trying again later");
+            }
+        });
+}
+
 /// How long until the queue's next message becomes visible, by the statement deadline.
 async fn next_visible_in(shared: &Shared) -> Result<Option<Duration>> {
     let by = Instant::now() + shared.config.statement_deadline();
@@ -1157,6 +1249,7 @@ async fn prepare_queue(conn: &mut sqlx::PgConnection, shared: &Arc<Shared>) -> R
             &shared.dlq,
             shared.announces(),
             shared.config.results.store,
+            shared.config.claims.recover_lost,
         )
         .await?
     {
@@ -1268,18 +1361,44 @@ async fn fetch(
     if let Some(sweep) = sweep {
         start_sweep(shared, sweep);
     }
+    // Claims whose answer was lost are given back first, so this claim can take them.
+    let log = shared.config.claims.recover_lost;
+    if log && let Err(e) = recover_lost(shared, &mut conn, by).await {
+        return (Err(e), None);
+    }
+    let token = log.then(LostClaims::token);
     let sent = Instant::now();
     let claimed = match conn
         .run(by, "claiming messages", |c| {
-            shared.queue.claim(c, vt, qty, by_priority, bound.floor)
+            shared
+                .queue
+                .claim(c, vt, qty, by_priority, bound.floor, token.as_deref())
         })
         .await
     {
         Ok(m) => m,
         // The connection may be broken (or silent): it is closed, not reused. (A failover or a
-        // restart shows in the next claim's `seen`, which drops the floor.)
-        Err(e) => return (Err(e), None),
+        // restart shows in the next claim's `seen`, which drops the floor.) The claim may have
+        // committed all the same: its token is kept, to give its messages back.
+        Err(e) => {
+            if let Some(token) = token
+                && answer_maybe_lost(&e)
+            {
+                lost(shared).lost(token, sent, vt);
+            }
+            return (Err(e), None);
+        }
     };
+    if token.is_some() && !claimed.messages.is_empty() {
+        let prune = {
+            let mut l = lost(shared);
+            l.on_logged();
+            l.prune_due(Instant::now())
+        };
+        if prune {
+            start_prune(shared);
+        }
+    }
     if let Some(seen) = claimed.seen {
         let took = Took {
             asked: qty,

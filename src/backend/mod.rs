@@ -7,6 +7,7 @@ mod expose;
 pub use expose::running_workers;
 mod fetch;
 mod floor;
+mod lost;
 mod results;
 mod sink;
 
@@ -64,6 +65,8 @@ pub(crate) struct Shared {
     pub(crate) pushes: Arc<combine::Combiner>,
     /// Where this worker's claims in visibility order start (see `floor.rs`).
     pub(crate) floor: std::sync::Mutex<floor::ClaimFloor>,
+    /// The worker's claims whose answer was lost, to give back (see `lost.rs`).
+    pub(crate) lost: std::sync::Mutex<lost::LostClaims>,
 }
 
 impl Drop for Shared {
@@ -305,6 +308,7 @@ impl<Args, C> PgmqStorage<Args, C> {
                 signal,
                 pushes: Arc::default(),
                 floor: std::sync::Mutex::new(floor::ClaimFloor::new(floor_sweep)),
+                lost: std::sync::Mutex::default(),
             }),
             codec,
             local: Mutex::new(Local::default()),
@@ -322,6 +326,12 @@ impl<Args, C> PgmqStorage<Args, C> {
     #[cfg(feature = "testing")]
     pub(crate) fn claim_floor_sweeps(&self) -> (u64, u64) {
         self.shared.floor.lock().map_or((0, 0), |f| f.sweeps())
+    }
+
+    /// Messages its worker gave back from claims whose answer was lost, for the tests.
+    #[cfg(feature = "testing")]
+    pub(crate) fn lost_claims_released(&self) -> u64 {
+        self.shared.lost.lock().map_or(0, |l| l.released())
     }
 
     /// The pool.

@@ -231,6 +231,7 @@ mod tests {
             adaptive = false
             priorities = true
             floor_sweep = "off"
+            recover_lost = false
             [wakeups]
             listen = false
             mode = { message = { max_payload_bytes = 4000 } }
@@ -266,7 +267,7 @@ mod tests {
         let json = r#"{
             "leases": {"visibility_timeout": "2m"},
             "claims": {"batch_size": 10, "max_batch_size": 50, "adaptive": false, "priorities": true,
-                       "floor_sweep": "off"},
+                       "floor_sweep": "off", "recover_lost": false},
             "wakeups": {"listen": false, "mode": {"message": {"max_payload_bytes": 4000}},
                         "channels": {"prefix": "app.", "namespace_pattern": "(?P<namespace>[a-z]+)_jobs",
                                      "default_namespace": "misc"},
@@ -291,6 +292,7 @@ mod tests {
             .adaptive_claims(false)
             .priorities(true)
             .claim_floor_sweep(None)
+            .recover_lost_claims(false)
             .listen(false)
             .notify_mode(NotifyMode::Message {
                 max_payload_bytes: 4000,

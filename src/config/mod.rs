@@ -235,6 +235,12 @@ pub struct ClaimConfig {
     /// snapshots").
     #[serde(with = "human::or_off")]
     pub floor_sweep: Option<Duration>,
+    /// Whether a claim that leases messages also writes them to `apalis_pgmq.claim_log`, in
+    /// the same statement, so that a worker that loses a claim's answer (a failover, a
+    /// connection cut after the commit) gives those messages back as soon as it reaches the
+    /// database again instead of leaving them leased for the whole visibility timeout
+    /// (default on; workers then need `INSERT, SELECT, DELETE` on the table).
+    pub recover_lost: bool,
 }
 
 impl Default for ClaimConfig {
@@ -245,6 +251,7 @@ impl Default for ClaimConfig {
             adaptive: true,
             priorities: false,
             floor_sweep: Some(Duration::from_secs(10)),
+            recover_lost: true,
         }
     }
 }
@@ -610,6 +617,19 @@ impl Config {
     #[must_use]
     pub fn claim_floor_sweep(mut self, every: Option<Duration>) -> Self {
         self.claims.floor_sweep = every;
+        self
+    }
+
+    /// Lost claims (`claims.recover_lost`; default on): each claim that leases messages also
+    /// writes them, in the same statement, to `apalis_pgmq.claim_log` under a token of the
+    /// worker's, so that a worker that does not get a claim's answer (a failover, a connection
+    /// cut after the commit, a deadline that passed while the server still ran it) makes those
+    /// messages visible again as soon as it reaches the database, instead of leaving them
+    /// leased for the visibility timeout. Off, the claim writes one row less. See the crate
+    /// docs, "Failover".
+    #[must_use]
+    pub fn recover_lost_claims(mut self, on: bool) -> Self {
+        self.claims.recover_lost = on;
         self
     }
 
@@ -1149,6 +1169,7 @@ mod tests {
                 "claims.floor_sweep",
                 "claims.max_batch_size",
                 "claims.priorities",
+                "claims.recover_lost",
                 "leases.visibility_timeout",
                 "metrics.kind",
                 "outcomes.batch_size",

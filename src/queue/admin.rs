@@ -215,13 +215,15 @@ impl PgmqQueue {
     }
 
     /// The first right a worker of this queue needs and lacks (`None`: it has them all).
-    /// `dlq` is the queue's dead-letter queue; `listeners`: whether the worker arms wake-ups.
+    /// `dlq` is the queue's dead-letter queue; `listeners`: whether the worker arms wake-ups;
+    /// `claim_log`: whether its claims are logged (`claims.recover_lost`).
     pub(crate) async fn missing_worker_right<'c, E: PgExecutor<'c>>(
         &self,
         executor: E,
         dlq: &PgmqQueue,
         listeners: bool,
         results: bool,
+        claim_log: bool,
     ) -> Result<Option<Error>> {
         let q = self.name.queue_table();
         let a = self.name.archive_table();
@@ -269,6 +271,16 @@ impl PgmqQueue {
                     "apalis_pgmq.results".into(),
                     right,
                     "keeping job results (Config::store_results)",
+                    "TABLE".into(),
+                ));
+            }
+        }
+        if claim_log {
+            for right in ["INSERT", "SELECT", "DELETE"] {
+                checks.push((
+                    "apalis_pgmq.claim_log".into(),
+                    right,
+                    "giving back claims whose answer was lost (claims.recover_lost)",
                     "TABLE".into(),
                 ));
             }

@@ -181,6 +181,9 @@ impl PgmqQueue {
         vec![
             ("claim", s.claim.clone()),
             ("claim_priority", s.claim_priority.clone()),
+            ("claim_logged", s.claim_logged.clone()),
+            ("claim_priority_logged", s.claim_priority_logged.clone()),
+            ("recover_lost", s.recover_lost.clone()),
             ("read", s.read.clone()),
             ("complete", s.complete.clone()),
             ("complete_results", s.complete_results.clone()),
@@ -197,6 +200,9 @@ impl PgmqQueue {
     /// each had become visible, and nothing while the queue is paused
     /// ([`pause`](crate::pause)). A claim in visibility order reads from `floor` up (see
     /// `backend/floor.rs`) and also returns what the floor needs ([`Claimed::seen`]).
+    /// With a `token` (a UUID's text), a claim that leases messages also writes them to
+    /// `apalis_pgmq.claim_log` under it, in the same statement, so that a worker that loses the
+    /// answer can give them back ([`recover_lost`](Self::recover_lost)).
     /// One statement, one round trip: its plan holds whatever the table's statistics say (see
     /// `statements.rs`), so it needs no planner settings of its own.
     pub(crate) async fn claim(
@@ -206,25 +212,47 @@ impl PgmqQueue {
         qty: usize,
         by_priority: bool,
         floor: Option<DateTime<Utc>>,
+        token: Option<&str>,
     ) -> Result<Claimed> {
         if qty == 0 {
             return Ok(Claimed::default());
         }
+        let qty = i64::try_from(qty).unwrap_or(i64::MAX);
         if by_priority {
-            let messages = self
-                .read_with(&mut *conn, &self.sql.claim_priority, vt, qty)
-                .await?;
+            let sql = match token {
+                Some(_) => &self.sql.claim_priority_logged,
+                None => &self.sql.claim_priority,
+            };
+            let mut query = sqlx::query(AssertSqlSafe(sql.clone()))
+                .bind(qty)
+                .bind(vt.as_secs_f64());
+            if let Some(token) = token {
+                query = query.bind(token);
+            }
+            let mut messages = Vec::new();
+            for row in query.fetch_all(&mut *conn).await? {
+                let mut m = Message::from_row(&row)?;
+                m.visible_since = row.try_get("visible_since")?;
+                messages.push(m);
+            }
+            messages.sort_unstable_by_key(|m| m.msg_id);
             return Ok(Claimed {
                 messages,
                 seen: None,
             });
         }
-        let rows = sqlx::query(AssertSqlSafe(self.sql.claim.clone()))
-            .bind(i64::try_from(qty).unwrap_or(i64::MAX))
+        let sql = match token {
+            Some(_) => &self.sql.claim_logged,
+            None => &self.sql.claim,
+        };
+        let mut query = sqlx::query(AssertSqlSafe(sql.clone()))
+            .bind(qty)
             .bind(vt.as_secs_f64())
-            .bind(floor)
-            .fetch_all(&mut *conn)
-            .await?;
+            .bind(floor);
+        if let Some(token) = token {
+            query = query.bind(token);
+        }
+        let rows = query.fetch_all(&mut *conn).await?;
         let mut messages = Vec::with_capacity(rows.len());
         let mut seen = None;
         for row in &rows {
@@ -247,6 +275,27 @@ impl PgmqQueue {
         }
         messages.sort_unstable_by_key(|m| m.msg_id);
         Ok(Claimed { messages, seen })
+    }
+
+    /// Gives back the messages of the logged claims `tokens` whose answer the worker lost:
+    /// each message whose row is still the version its claim wrote is visible now, the read
+    /// the claim counted given back (a message anyone touched since is left alone). Returns
+    /// the tokens found (their claims committed; a token not found did not commit, or has not
+    /// yet) and the ids made visible, sorted.
+    pub(crate) async fn recover_lost(
+        &self,
+        conn: &mut PgConnection,
+        tokens: &[String],
+    ) -> Result<(Vec<String>, Vec<i64>)> {
+        if tokens.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let (found, released): (Vec<String>, Vec<i64>) =
+            sqlx::query_as(AssertSqlSafe(self.sql.recover_lost.clone()))
+                .bind(tokens)
+                .fetch_one(&mut *conn)
+                .await?;
+        Ok((found, released))
     }
 
     /// Whether a message is visible below `floor` (the claim floor's sweep, see

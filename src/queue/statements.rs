@@ -126,8 +126,11 @@ enum Pick {
 
 /// PGMQ's read (claim visible messages, lease them for `$2` seconds, count the read), with an
 /// extra condition on the claimed rows and, with `visible_since`, the visibility time each row
-/// had before the claim as an eighth column.
-fn read_sql(q: &str, paused: &str, visible_since: bool, pick_by: Pick) -> Arc<str> {
+/// had before the claim as an eighth column. With `log` (and `visible_since`), a claim that
+/// leases messages also writes them to `apalis_pgmq.claim_log` under the worker's token (`$4`
+/// in visibility order, `$3` by priority), so that a worker that loses the answer can give
+/// them back (`recover_lost`).
+fn read_sql(q: &str, paused: &str, visible_since: bool, pick_by: Pick, log: bool) -> Arc<str> {
     let also = if paused.is_empty() {
         String::new()
     } else {
@@ -172,9 +175,25 @@ fn read_sql(q: &str, paused: &str, visible_since: bool, pick_by: Pick) -> Arc<st
          RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.vt, \
                    m.message::text AS message, m.headers::text AS headers{ret}",
     );
+    // The log row commits with the claim, or neither does; the claim's transaction id is the
+    // `xmin` of every row version it writes. A claim that took nothing writes nothing.
+    let logged = match (log && visible_since, pick_by) {
+        (true, Pick::Visibility | Pick::Priority) => format!(
+            ", logged AS (INSERT INTO apalis_pgmq.claim_log (token, claimed_by, ids, until) \
+                         SELECT ${token}::text::uuid, pg_current_xact_id(), ids, \
+                                clock_timestamp() + make_interval(secs => $2::float8) \
+                         FROM picked WHERE ids IS NOT NULL)",
+            token = if matches!(pick_by, Pick::Visibility) {
+                4
+            } else {
+                3
+            },
+        ),
+        _ => String::new(),
+    };
     let ctes = format!(
         "WITH cte AS (SELECT msg_id{pick} FROM {q} WHERE {visible} {also} \
-                      ORDER BY {order} LIMIT $1 FOR UPDATE SKIP LOCKED){picked}"
+                      ORDER BY {order} LIMIT $1 FOR UPDATE SKIP LOCKED){picked}{logged}"
     );
     if !matches!(pick_by, Pick::Visibility) {
         return format!("{ctes} {update}").into();
@@ -329,6 +348,13 @@ pub(super) struct QueueSql {
     pub(super) claim: Arc<str>,
     /// As `claim`, highest priority first.
     pub(super) claim_priority: Arc<str>,
+    /// As `claim`, also writing the claim to `apalis_pgmq.claim_log` under the token `$4`.
+    pub(super) claim_logged: Arc<str>,
+    /// As `claim_priority`, also writing the claim to `apalis_pgmq.claim_log` under the token
+    /// `$3`.
+    pub(super) claim_priority_logged: Arc<str>,
+    /// Gives back the messages of logged claims whose answer was lost (tokens `$1`).
+    pub(super) recover_lost: Arc<str>,
     pub(super) set_vt_one: Arc<str>,
     pub(super) set_vt_many: Arc<str>,
     pub(super) archive: Arc<str>,
@@ -440,9 +466,24 @@ impl QueueSql {
             // A worker's claim is PGMQ's read plus three things: nothing while the queue is
             // paused, when each message had become visible (for pickup latency), and the
             // messages visible longest first, read from the `vt` index (see `Pick`).
-            claim: read_sql(&q, &paused, true, Pick::Visibility),
-            claim_priority: read_sql(&q, &paused, true, Pick::Priority),
-            read: read_sql(&q, "", false, Pick::Id),
+            claim: read_sql(&q, &paused, true, Pick::Visibility, false),
+            claim_priority: read_sql(&q, &paused, true, Pick::Priority, false),
+            claim_logged: read_sql(&q, &paused, true, Pick::Visibility, true),
+            claim_priority_logged: read_sql(&q, &paused, true, Pick::Priority, true),
+            read: read_sql(&q, "", false, Pick::Id, false),
+            // The messages of the logged claims `$1` (tokens) whose row is still the version
+            // the claim wrote: visible now, the claim's read given back (see `claim_log`).
+            // Returns the tokens found (their claims committed) and the ids released.
+            recover_lost: format!(
+                "WITH found AS MATERIALIZED (SELECT l.token, l.claimed_by, l.ids FROM apalis_pgmq.claim_log l \
+                                             WHERE l.token = ANY($1::text[]::uuid[])), \
+                 released AS (UPDATE {q} m SET vt = clock_timestamp(), read_ct = m.read_ct - 1 \
+                              FROM found f \
+                              WHERE m.msg_id = ANY(f.ids) AND m.xmin = xid(f.claimed_by) \
+                              RETURNING m.msg_id) \
+                 SELECT ARRAY(SELECT token::text FROM found), ARRAY(SELECT msg_id FROM released ORDER BY msg_id)"
+            )
+            .into(),
             set_vt_one: format!(
                 "UPDATE {q} SET vt = GREATEST(COALESCE($2::timestamptz, '-infinity'), clock_timestamp() + make_interval(secs => $3::float8)) \
                  WHERE msg_id = $1 RETURNING {READ_COLS}"

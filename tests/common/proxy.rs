@@ -4,7 +4,7 @@
 //! or reset, new connections get no answer) and then heal.
 //! The benchmark uses it too, with a delay on every byte in each direction (a far database).
 //! The fault campaign also thaws a frozen proxy (new connections flow again) and slows one
-//! down for a while.
+//! down for a while. A test can also close every connection at once (a server gone).
 #![allow(dead_code)]
 
 use std::{
@@ -28,6 +28,8 @@ struct Conn {
     listens: AtomicBool,
     /// Nothing is forwarded any more, in either direction; the sockets stay open.
     silent: AtomicBool,
+    /// The two pipes of the connection, to close it ([`Proxy::cut`]).
+    pipes: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 #[derive(Default)]
@@ -38,6 +40,8 @@ struct State {
     frozen: AtomicBool,
     /// Every byte, either way, is dropped; new connections are accepted and left unanswered.
     blackhole: AtomicBool,
+    /// New connections are closed as soon as they are accepted (a server that is down).
+    refuse: AtomicBool,
     /// Client sockets accepted during a blackhole, held unanswered until the proxy is dropped.
     held: Mutex<Vec<TcpStream>>,
     /// Extra wait, in microseconds, before each chunk is forwarded (a slow network), in each
@@ -71,6 +75,10 @@ impl Proxy {
         let (st, ts) = (state.clone(), tasks.clone());
         tasks.lock().expect("lock").spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                if st.refuse.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
                 if st.blackhole.load(Ordering::SeqCst) {
                     st.accepted.fetch_add(1, Ordering::SeqCst);
                     st.held.lock().expect("lock").push(client);
@@ -88,8 +96,9 @@ impl Proxy {
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
                 let mut tasks = ts.lock().expect("lock");
-                tasks.spawn(pipe(cr, sw, conn.clone(), st.clone(), true, delay));
-                tasks.spawn(pipe(sr, cw, conn, st.clone(), false, delay));
+                let up = tasks.spawn(pipe(cr, sw, conn.clone(), st.clone(), true, delay));
+                let down = tasks.spawn(pipe(sr, cw, conn.clone(), st.clone(), false, delay));
+                conn.pipes.lock().expect("lock").extend([up, down]);
             }
         });
         Self { port, state, tasks }
@@ -151,6 +160,26 @@ impl Proxy {
     pub fn slow(&self, delay: Duration) {
         let us = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
         self.state.slow_us.store(us, Ordering::SeqCst);
+    }
+
+    /// Closes every connection open now, both ends (as a server that dies, or a failover
+    /// that moves the address, does): the client reads the end of its stream, and the server
+    /// sees its client gone only when it next reads or writes. New connections are forwarded.
+    /// Returns how many were open.
+    pub fn cut(&self) -> usize {
+        let conns = std::mem::take(&mut *self.state.conns.lock().expect("lock"));
+        for c in &conns {
+            for pipe in c.pipes.lock().expect("lock").drain(..) {
+                pipe.abort();
+            }
+        }
+        conns.len()
+    }
+
+    /// While `on`, new connections are closed as soon as they are accepted (a server that is
+    /// down: the client's connect fails at once).
+    pub fn refuse(&self, on: bool) {
+        self.state.refuse.store(on, Ordering::SeqCst);
     }
 
     /// Requests from clients swallowed by silent (frozen) connections so far: each is a

@@ -210,6 +210,14 @@ pub struct Params {
     pub snapshot_after_secs: u64,
     #[serde(default = "default_snapshot_window")]
     pub snapshot_window_secs: u64,
+    /// `growth`: whether claims are logged (`Config::recover_lost_claims`, on by default), to
+    /// measure what the claim log costs.
+    #[serde(default = "default_recover_lost")]
+    pub recover_lost: bool,
+}
+
+fn default_recover_lost() -> bool {
+    true
 }
 
 fn default_snapshot_rate() -> u64 {
@@ -298,6 +306,7 @@ impl Default for Params {
             snapshot_hold_secs: default_snapshot_hold(),
             snapshot_after_secs: default_snapshot_before(),
             snapshot_window_secs: default_snapshot_window(),
+            recover_lost: default_recover_lost(),
         }
     }
 }

@@ -76,7 +76,12 @@ async fn burn(s: &PgmqStorage<BenchJob>, concurrency: usize, jobs: u64) -> Res<f
 pub async fn growth(pool: &PgPool, p: &Params, system: &str) -> Res<Record> {
     let mut rec = Record::new(system, "growth");
     for &n in &p.growth_jobs {
-        let s = storage(pool, &format!("growth_{n}"), OurConfig::default()).await?;
+        let s = storage(
+            pool,
+            &format!("growth_{n}"),
+            OurConfig::default().recover_lost_claims(p.recover_lost),
+        )
+        .await?;
         push_backlog(&s, n).await?;
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "VACUUM ANALYZE pgmq.q_growth_{n}"
@@ -88,8 +93,13 @@ pub async fn growth(pool: &PgPool, p: &Params, system: &str) -> Res<Record> {
         s.queue().drop_queue(pool).await.ok();
     }
     Ok(rec.note(format!(
-        "one worker, concurrency {}, Config::default(), bulk-prefilled backlog",
-        p.one_worker_concurrency
+        "one worker, concurrency {}, Config::default(){}, bulk-prefilled backlog",
+        p.one_worker_concurrency,
+        if p.recover_lost {
+            ""
+        } else {
+            " without the claim log"
+        }
     )))
 }
 

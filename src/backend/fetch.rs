@@ -1032,7 +1032,9 @@ async fn recover_lost(shared: &Arc<Shared>, conn: &mut Conn, by: Instant) -> Res
             }
             Ok(())
         }
-        Err(e) if answer_maybe_lost(&e) => Err(e),
+        // Out of reach, or a server that no longer takes writes (a demoted primary): the next
+        // claim, on a new connection, looks again.
+        Err(e) if answer_maybe_lost(&e) || matches!(e, Error::ReadOnly { .. }) => Err(e),
         Err(e) => {
             conn.trust();
             tracing::warn!(queue = %shared.queue.name(), error = %e.describe(),

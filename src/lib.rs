@@ -186,7 +186,11 @@
 //! reads work (the overview, the board's API, [`sample_queue_gauges`]) and writes fail with
 //! [`Error::ReadOnly`] ([`check_writable`]). [`MultiHost`] parses multi-host connection
 //! strings with `target_session_attrs`, builds a pool on the host that fits, and
-//! [`Runtime::hosts`] keeps the pool and the listener on it across failovers.
+//! [`Runtime::hosts`] keeps the pool and the listener on it across failovers. A claim whose
+//! answer a failover (or a cut connection) took is logged with its jobs in
+//! `apalis_pgmq.claim_log`, in the claim's own statement, and the worker gives those jobs back
+//! on its next connection instead of leaving them leased for the visibility timeout
+//! ([`Config::recover_lost_claims`], on by default; README, "Semantics").
 //!
 //! # Old snapshots
 //!

@@ -2,9 +2,16 @@
 //! producers push steadily, then an independent check (`check.rs`).
 //!
 //! ```text
-//! apalis-pgmq-notify-faults campaign --minutes 2 [--seed N] [--dir D]
+//! apalis-pgmq-notify-faults campaign --minutes 2 [--seed N] [--dir D] [--formation]
 //! apalis-pgmq-notify-faults check --dir D        # the checker alone, on a kept campaign
 //! ```
+//!
+//! With `--formation` (under `scripts/with-formation.sh`) the campaign runs against a
+//! pg_auto_failover formation: every process connects with the formation's multi-host string,
+//! and the schedule fails the primary over (`perform failover`, `perform switchover`, its
+//! postmaster SIGKILLed, its node killed and started again) beside the worker kills and
+//! terminated sessions. The proxies' network faults, PostgreSQL restarts (pg_autoctl owns the
+//! servers) and PgBouncer restarts are left out there (see [`FORMATION_SKIPS`]).
 //!
 //! Who writes what (everything in one directory, each line one `write`, so it survives SIGKILL):
 //! - `campaign.json`: the parameters (seed, minutes, database, queues, visibility timeout).
@@ -31,7 +38,7 @@ use std::{
 
 use apalis::prelude::*;
 use apalis_pgmq_notify::{
-    Backoff, Config, Error as PgmqError, MessageInfo, PgmqStorage, QueueName, Runtime,
+    Backoff, Config, Error as PgmqError, MessageInfo, MultiHost, PgmqStorage, QueueName, Runtime,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -59,6 +66,20 @@ const BOUNCER_SLOTS: [usize; 2] = [1, 3];
 const PUSH_RATE: u64 = 15;
 /// Longest `run_after` of a delayed job, in seconds.
 const MAX_DELAY_S: u64 = 12;
+/// Kinds a campaign against one server leaves out: there is no standby to fail over to.
+const ONE_SERVER_SKIPS: [FaultKind; 1] = [FaultKind::Failover];
+/// Kinds a campaign against a formation leaves out: pg_autoctl owns its servers (a `pg_ctl
+/// restart` would fight it; its failovers, switchovers and kills take their place), and the
+/// slots connect with the formation's multi-host string, not through a proxy or PgBouncer in
+/// front of one server.
+const FORMATION_SKIPS: [FaultKind; 6] = [
+    FaultKind::PgRestartFast,
+    FaultKind::PgRestartImmediate,
+    FaultKind::Blackhole,
+    FaultKind::Freeze,
+    FaultKind::SlowNetwork,
+    FaultKind::PgBouncerRestart,
+];
 
 // ------------------------------------------------------------------ seeded randomness
 
@@ -125,7 +146,7 @@ pub(crate) fn schedule(seed: u64, minutes: f64, slots: usize, skip: &[FaultKind]
     let total_ms = (minutes * 60_000.0) as u64;
     let kinds: Vec<FaultKind> = FaultKind::ALL
         .into_iter()
-        .filter(|k| k.supported() && !skip.contains(k))
+        .filter(|k| !skip.contains(k))
         .collect();
     if kinds.is_empty() {
         return Vec::new();
@@ -294,11 +315,39 @@ pub(crate) fn worker_main(args: &[String]) -> Res<()> {
     rt.block_on(async move {
         let log = Arc::new(JsonLog::open(&log_path)?);
         log.line(&json!({"k": "B", "pid": std::process::id(), "at": now_micros(), "name": name}));
-        let opts = PgConnectOptions::from_str(&url)?.application_name(&name);
-        let pool = PgPoolOptions::new()
+        let options = PgPoolOptions::new()
             .max_connections(8)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy_with(opts);
+            .acquire_timeout(Duration::from_secs(5));
+        // A formation's multi-host string: the pool on the host that takes writes, and the
+        // runtime following it (the name is in the string, as `application_name`).
+        let hosts = if url.contains(',') {
+            Some(MultiHost::parse(&url)?)
+        } else {
+            None
+        };
+        let pool = match &hosts {
+            // A worker started during a failover finds no primary for a while: it waits for
+            // one (two minutes at most), as a deployment's process would be restarted.
+            Some(h) => {
+                let mut tries = 0;
+                loop {
+                    match h.connect_pool(options.clone()).await {
+                        Ok(pool) => break pool,
+                        Err(e) if tries < 240 => {
+                            tries += 1;
+                            if tries == 1 {
+                                eprintln!("no writable host yet ({e}); waiting");
+                            }
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            None => {
+                options.connect_lazy_with(PgConnectOptions::from_str(&url)?.application_name(&name))
+            }
+        };
         let config = Config::default()
             .visibility_timeout(Duration::from_millis(vt_ms))
             .max_attempts(MAX_ATTEMPTS)
@@ -307,7 +356,10 @@ pub(crate) fn worker_main(args: &[String]) -> Res<()> {
                     .base(Duration::from_millis(200))
                     .max(Duration::from_secs(2)),
             );
-        let runtime = Runtime::new(&pool);
+        let runtime = match hosts {
+            Some(h) => Runtime::new(&pool).hosts(h),
+            None => Runtime::new(&pool),
+        };
         let plain =
             PgmqStorage::<CampJob>::with_config(&runtime, QueueName::new(QUEUE)?, config.clone())?;
         let prio = PgmqStorage::<CampJob>::with_config(
@@ -358,7 +410,8 @@ pub(crate) fn worker_main(args: &[String]) -> Res<()> {
 struct Slot {
     idx: usize,
     concurrency: usize,
-    proxy: proxy::Proxy,
+    /// The slot's proxy; none against a formation (the slot uses its multi-host string).
+    proxy: Option<proxy::Proxy>,
     url: String,
     child: Option<Child>,
     log: PathBuf,
@@ -514,6 +567,8 @@ struct FaultEnv<'a> {
     bouncer: Option<&'a Bouncer>,
     /// The orchestrator's own pool, straight to the server (terminations).
     pool: &'a PgPool,
+    /// The formation the schedule fails over (`--formation`).
+    formation: Option<&'a Formation>,
     exe: &'a Path,
     dir: &'a Path,
     flog: &'a JsonLog,
@@ -529,6 +584,7 @@ async fn run_faults(
         pg,
         bouncer,
         pool,
+        formation,
         exe,
         dir,
         flog,
@@ -590,17 +646,20 @@ async fn run_faults(
                 Some(pid) => format!("pid {pid} killed; back in {} ms", f.dur_ms),
                 None => "no process".into(),
             },
-            (FaultKind::Blackhole, Some(s)) => {
-                s.proxy.blackhole();
+            (FaultKind::Blackhole, Some(Slot { proxy: Some(p), .. })) => {
+                p.blackhole();
                 format!("for {} ms", f.dur_ms)
             }
-            (FaultKind::Freeze, Some(s)) => {
-                s.proxy.freeze();
+            (FaultKind::Freeze, Some(Slot { proxy: Some(p), .. })) => {
+                p.freeze();
                 format!("for {} ms", f.dur_ms)
             }
-            (FaultKind::SlowNetwork, Some(s)) => {
-                s.proxy.slow(Duration::from_millis(f.n));
+            (FaultKind::SlowNetwork, Some(Slot { proxy: Some(p), .. })) => {
+                p.slow(Duration::from_millis(f.n));
                 format!("{} ms per chunk each way, for {} ms", f.n, f.dur_ms)
+            }
+            (FaultKind::Blackhole | FaultKind::Freeze | FaultKind::SlowNetwork, Some(_)) => {
+                "skipped: the slot has no proxy".into()
             }
             (FaultKind::TerminateBackends, Some(s)) => {
                 match terminate(pool, &s.name(), f.n, f.pick).await {
@@ -635,7 +694,26 @@ async fn run_faults(
                 }
                 None => "skipped: no PgBouncer (run under scripts/with-pgbouncer.sh)".into(),
             },
-            (FaultKind::Failover, _) => "skipped: not supported by the campaign yet".into(),
+            (FaultKind::Failover, _) => match formation {
+                Some(fm) => {
+                    let action = FailoverAction::pick(f.pick);
+                    record("start", f, action.describe().into());
+                    let ctl = fm.ctl.clone();
+                    let detail = down_and_back(move || action.run(&ctl)).await;
+                    // The orchestrator's pool follows the new primary (the workers' and the
+                    // producers' runtimes do so by themselves).
+                    let followed = match fm.hosts.follow(pool).await {
+                        Ok(o) => format!("; the orchestrator follows to port {}", o.get_port()),
+                        Err(e) => format!("; the orchestrator could not follow yet: {e}"),
+                    };
+                    record("end", f, format!("{detail}{followed}"));
+                    continue;
+                }
+                None => {
+                    "skipped: no formation (run with --formation under scripts/with-formation.sh)"
+                        .into()
+                }
+            },
             (_, None) => "skipped: no slot".into(),
         };
         record("start", f, detail);
@@ -689,15 +767,21 @@ fn end_fault(
             "restarted".to_owned()
         }
         FaultKind::Blackhole => {
-            s.proxy.heal();
+            if let Some(p) = &s.proxy {
+                p.heal();
+            }
             "healed".to_owned()
         }
         FaultKind::Freeze => {
-            s.proxy.thaw();
+            if let Some(p) = &s.proxy {
+                p.thaw();
+            }
             "thawed (frozen connections stay silent)".to_owned()
         }
         FaultKind::SlowNetwork => {
-            s.proxy.slow(Duration::ZERO);
+            if let Some(p) = &s.proxy {
+                p.slow(Duration::ZERO);
+            }
             "fast again".to_owned()
         }
         _ => String::new(),
@@ -706,10 +790,120 @@ fn end_fault(
     Ok(())
 }
 
+// ------------------------------------------------------------------ the formation
+
+/// The pg_auto_failover formation of `--formation` (scripts/with-formation.sh).
+struct Formation {
+    /// `scripts/formation-ctl.sh`.
+    ctl: PathBuf,
+    /// The formation's hosts, on the campaign's database: what the orchestrator's pool follows.
+    hosts: MultiHost,
+    /// The multi-host string of the campaign's database.
+    url: String,
+}
+
+impl Formation {
+    fn from_env() -> Res<Self> {
+        let url = std::env::var("APALIS_FORMATION_URL")
+            .map_err(|_| "--formation: APALIS_FORMATION_URL is not set (run under scripts/with-formation.sh)")?;
+        let ctl = std::env::var("APALIS_FORMATION_CTL")
+            .map_err(|_| "--formation: APALIS_FORMATION_CTL is not set (run under scripts/with-formation.sh)")?;
+        let hosts = MultiHost::parse(&url)?;
+        Ok(Self {
+            ctl: PathBuf::from(ctl),
+            hosts,
+            url,
+        })
+    }
+
+    /// The formation's string on database `db` with `application_name` `app` (the formation's
+    /// URL form: `postgres://user@h1:p1,h2:p2/postgres?target_session_attrs=...`).
+    fn url_for(&self, db: &str, app: &str) -> Res<String> {
+        let (head, query) = self.url.split_once('?').unwrap_or((self.url.as_str(), ""));
+        let authority_end = head
+            .find("://")
+            .map(|i| i + 3)
+            .and_then(|start| head[start..].find('/').map(|j| start + j))
+            .ok_or("the formation URL has no database")?;
+        let sep = if query.is_empty() { "" } else { "&" };
+        Ok(format!(
+            "{}/{db}?{query}{sep}application_name={app}",
+            &head[..authority_end]
+        ))
+    }
+}
+
+/// What one `failover` fault does to the formation, chosen by its `pick`.
+#[derive(Debug, Clone, Copy)]
+enum FailoverAction {
+    /// `pg_autoctl perform failover`.
+    Failover,
+    /// `pg_autoctl perform switchover`.
+    Switchover,
+    /// SIGKILL of the primary's postmaster: its keeper restarts it in place (crash recovery).
+    KillPostgres,
+    /// SIGKILL of the primary's keeper and postmaster (a machine dying): the monitor promotes
+    /// the standby; the node is started again and rejoins as the standby.
+    KillNode,
+}
+
+impl FailoverAction {
+    fn pick(pick: u64) -> Self {
+        match pick % 4 {
+            0 => Self::Failover,
+            1 => Self::Switchover,
+            2 => Self::KillPostgres,
+            _ => Self::KillNode,
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Failover => "pg_autoctl perform failover",
+            Self::Switchover => "pg_autoctl perform switchover",
+            Self::KillPostgres => "SIGKILL of the primary's postmaster",
+            Self::KillNode => {
+                "SIGKILL of the primary's node (keeper and postmaster), then started again"
+            }
+        }
+    }
+
+    /// Runs it, then waits until the formation is stable again (one primary, one secondary).
+    fn run(self, ctl: &Path) -> Res<()> {
+        let sh = |args: &[&str]| -> Res<String> {
+            let out = Command::new(ctl)
+                .args(args)
+                .stderr(Stdio::inherit())
+                .output()?;
+            if !out.status.success() {
+                return Err(
+                    format!("formation-ctl {} failed ({})", args.join(" "), out.status).into(),
+                );
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        };
+        match self {
+            Self::Failover => drop(sh(&["failover"])?),
+            Self::Switchover => drop(sh(&["switchover"])?),
+            Self::KillPostgres => drop(sh(&["kill-postgres"])?),
+            Self::KillNode => {
+                let primary = sh(&["primary"])?;
+                sh(&["kill-node", &primary])?;
+                sh(&["wait-writable", "120"])?;
+                sh(&["start-node", &primary])?;
+            }
+        }
+        sh(&["wait-stable", "180"])?;
+        Ok(())
+    }
+}
+
 // ------------------------------------------------------------------ producers
 
 struct Producers {
     log: Arc<JsonLog>,
+    /// Raised when a push fails: against a formation the pool then follows the primary.
+    push_failed: Arc<tokio::sync::Notify>,
     pool: PgPool,
     plain: PgmqStorage<CampJob>,
     prio: PgmqStorage<CampJob>,
@@ -744,6 +938,7 @@ impl Producers {
     }
 
     fn failed(&self, lid: u64, kind: JobKind, e: &dyn std::fmt::Display) {
+        self.push_failed.notify_one();
         self.log.line(
             &json!({"k": "F", "lid": lid, "kind": kind, "at": now_micros(), "error": err_text(e)}),
         );
@@ -986,27 +1181,54 @@ pub(crate) async fn campaign(args: &[String]) -> Res<bool> {
             .collect::<Result<_, _>>()?,
         None => Vec::new(),
     };
-    let replay = if skip.is_empty() {
+    let formation = if args.iter().any(|a| a == "--formation") {
+        Some(Formation::from_env()?)
+    } else {
+        None
+    };
+    let mut replay = if skip.is_empty() {
         format!("--seed {seed}")
     } else {
         let names: Vec<&str> = skip.iter().map(|k| k.name()).collect();
         format!("--seed {seed} --skip {}", names.join(","))
     };
+    // What the topology cannot do is left out of the draw, the same way on every replay.
+    let mut skip = skip;
+    if formation.is_some() {
+        replay.push_str(" --formation");
+        skip.extend(FORMATION_SKIPS);
+    } else {
+        skip.extend(ONE_SERVER_SKIPS);
+    }
     println!("campaign seed: {seed} ({minutes} min; replay with {replay})");
-    let url = std::env::var("DATABASE_URL").map_err(|_| "DATABASE_URL is not set")?;
+    let admin = match &formation {
+        // The database is created on the primary of now, and replicated.
+        Some(f) => f.hosts.choose().await?,
+        None => PgConnectOptions::from_str(
+            &std::env::var("DATABASE_URL").map_err(|_| "DATABASE_URL is not set")?,
+        )?,
+    };
     let dir = match arg(args, "--dir") {
         Some(d) => PathBuf::from(d),
         None => std::env::temp_dir().join(format!("apalis-campaign-{}", std::process::id())),
     };
     std::fs::create_dir_all(&dir)?;
     let ctx = Ctx {
-        admin: PgConnectOptions::from_str(&url)?,
+        admin,
         exe: std::env::current_exe()?,
         dir: dir.clone(),
-        pg: PgControl::from_env(),
+        pg: if formation.is_some() {
+            None
+        } else {
+            PgControl::from_env()
+        },
         quick: false,
     };
-    if ctx.pg.is_none() {
+    if formation.is_some() {
+        println!(
+            "against the pg_auto_failover formation (scripts/with-formation.sh): failovers scheduled, network faults and restarts left out"
+        );
+    } else if ctx.pg.is_none() {
         println!(
             "the server was not started by scripts/with-pg.sh: PostgreSQL restarts are skipped"
         );
@@ -1024,10 +1246,29 @@ pub(crate) async fn campaign(args: &[String]) -> Res<bool> {
     )?;
     prio.create_queue().await?;
     let db_name = "faults_campaign";
+    // Against a formation: the campaign's database through the formation's string, followed
+    // across failovers (terminations, the settling, the checker).
+    let formation = match formation {
+        Some(f) => {
+            let url = f.url_for(db_name, "camp-orchestrator")?;
+            let hosts = MultiHost::parse(&url)?;
+            let pool = hosts
+                .connect_pool(
+                    PgPoolOptions::new()
+                        .max_connections(4)
+                        .acquire_timeout(Duration::from_secs(5)),
+                )
+                .await?;
+            Some((Formation { hosts, ..f }, pool))
+        }
+        None => None,
+    };
+    let opool = formation.as_ref().map_or(&db.pool, |(_, p)| p);
     std::fs::write(
         dir.join("campaign.json"),
         serde_json::to_string_pretty(&json!({
             "seed": seed, "skip": skip, "minutes": minutes, "database": db_name, "queues": [QUEUE, PRIO_QUEUE],
+            "formation": formation.is_some(),
             "vt_ms": VT_MS, "slots": SLOTS, "push_rate": PUSH_RATE,
             "wait_timeout_ms": WAIT_TIMEOUT.as_millis() as u64, "max_attempts": MAX_ATTEMPTS,
         }))?,
@@ -1045,7 +1286,11 @@ pub(crate) async fn campaign(args: &[String]) -> Res<bool> {
 
     // Worker slots, each behind its own proxy; behind PgBouncer (session pooling, which LISTEN
     // needs), the odd ones reach the server through it, and the schedule restarts it.
-    let bouncer = Bouncer::from_env();
+    let bouncer = if formation.is_some() {
+        None
+    } else {
+        Bouncer::from_env()
+    };
     let alias = format!("{db_name}_pgb");
     match &bouncer {
         Some(b) => {
@@ -1061,13 +1306,15 @@ pub(crate) async fn campaign(args: &[String]) -> Res<bool> {
     }
     let mut slots = Vec::new();
     for (idx, concurrency) in SLOTS.into_iter().enumerate() {
-        let (proxy, url) = match &bouncer {
-            Some(b) if BOUNCER_SLOTS.contains(&idx) => {
-                ctx.through_bouncer(&db, db_name, b.port, &alias).await?
+        let (proxy, url) = match (&formation, &bouncer) {
+            (Some((f, _)), _) => (None, f.url_for(db_name, &format!("camp-w{idx}"))?),
+            (None, Some(b)) if BOUNCER_SLOTS.contains(&idx) => {
+                let (proxy, url) = ctx.through_bouncer(&db, db_name, b.port, &alias).await?;
+                (Some(proxy), url)
             }
             _ => {
                 let (proxy, proxied) = ctx.through_proxy(&db).await?;
-                (proxy, proxied.url)
+                (Some(proxy), proxied.url)
             }
         };
         let mut slot = Slot {
@@ -1083,15 +1330,41 @@ pub(crate) async fn campaign(args: &[String]) -> Res<bool> {
         slots.push(slot);
     }
 
-    // Producers: their own pool and runtime, straight to the server.
-    let popts = PgConnectOptions::from_str(&db.url)?.application_name("camp-producer");
-    let ppool = PgPoolOptions::new()
+    // Producers: their own pool and runtime, straight to the server (against a formation,
+    // with its string, moved to the new primary after a failed push, as the README says a
+    // process without workers does).
+    let poptions = PgPoolOptions::new()
         .max_connections(10)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_lazy_with(popts);
-    let pruntime = Runtime::new(&ppool);
+        .acquire_timeout(Duration::from_secs(5));
+    let (ppool, phosts) = match &formation {
+        Some((f, _)) => {
+            let hosts = MultiHost::parse(&f.url_for(db_name, "camp-producer")?)?;
+            (hosts.connect_pool(poptions).await?, Some(hosts))
+        }
+        None => (
+            poptions.connect_lazy_with(
+                PgConnectOptions::from_str(&db.url)?.application_name("camp-producer"),
+            ),
+            None,
+        ),
+    };
+    let pruntime = match &phosts {
+        Some(h) => Runtime::new(&ppool).hosts(h.clone()),
+        None => Runtime::new(&ppool),
+    };
+    let push_failed = Arc::new(tokio::sync::Notify::new());
+    let follower = phosts.map(|hosts| {
+        let (pool, failed) = (ppool.clone(), push_failed.clone());
+        tokio::spawn(async move {
+            loop {
+                failed.notified().await;
+                let _ = hosts.follow(&pool).await;
+            }
+        })
+    });
     let producers = Arc::new(Producers {
         log: Arc::new(JsonLog::open(&dir.join("producer.log"))?),
+        push_failed,
         pool: ppool.clone(),
         plain: PgmqStorage::with_config(&pruntime, QueueName::new(QUEUE)?, Config::default())?,
         prio: PgmqStorage::with_config(
@@ -1106,7 +1379,8 @@ pub(crate) async fn campaign(args: &[String]) -> Res<bool> {
     let env = FaultEnv {
         pg: ctx.pg.as_ref(),
         bouncer: bouncer.as_ref(),
-        pool: &db.pool,
+        pool: opool,
+        formation: formation.as_ref().map(|(f, _)| f),
         exe: &ctx.exe,
         dir: &dir,
         flog: &flog,
@@ -1133,7 +1407,7 @@ pub(crate) async fn campaign(args: &[String]) -> Res<bool> {
         let left: Result<i64, sqlx::Error> = sqlx::query_scalar(
             "SELECT (SELECT count(*) FROM pgmq.q_camp) + (SELECT count(*) FROM pgmq.q_camp_prio)",
         )
-        .fetch_one(&db.pool)
+        .fetch_one(opool)
         .await;
         if matches!(left, Ok(0)) || Instant::now() > deadline {
             break;
@@ -1149,8 +1423,14 @@ pub(crate) async fn campaign(args: &[String]) -> Res<bool> {
     if let Err(e) = pruntime.shutdown().await {
         eprintln!("producer runtime shutdown: {e}");
     }
+    if let Some(f) = follower {
+        f.abort();
+    }
+    if let Some((f, pool)) = &formation {
+        f.hosts.follow(pool).await?;
+    }
 
-    let report = super::check::check(&dir, &db.pool).await?;
+    let report = super::check::check(&dir, opool).await?;
     let ok = report.ok && stopped;
     println!("{}", report.text);
     if !stopped {
@@ -1180,22 +1460,42 @@ mod tests {
 
     #[test]
     fn a_seed_replays_the_same_schedule() {
-        let a = serde_json::to_string(&schedule(42, 10.0, 4, &[])).unwrap();
-        let b = serde_json::to_string(&schedule(42, 10.0, 4, &[])).unwrap();
-        let c = serde_json::to_string(&schedule(43, 10.0, 4, &[])).unwrap();
+        let a = serde_json::to_string(&schedule(42, 10.0, 4, &ONE_SERVER_SKIPS)).unwrap();
+        let b = serde_json::to_string(&schedule(42, 10.0, 4, &ONE_SERVER_SKIPS)).unwrap();
+        let c = serde_json::to_string(&schedule(43, 10.0, 4, &ONE_SERVER_SKIPS)).unwrap();
         assert_eq!(a, b);
         assert_ne!(a, c);
     }
 
     #[test]
-    fn an_hour_schedules_every_supported_kind_and_no_hook() {
-        let plan = schedule(7, 60.0, SLOTS.len(), &[]);
-        for k in FaultKind::ALL {
-            let n = plan.iter().filter(|f| f.kind == k).count();
-            assert_eq!(n > 0, k.supported(), "{k:?}: {n}");
+    fn an_hour_schedules_every_kind_its_topology_can_apply() {
+        for skips in [&ONE_SERVER_SKIPS[..], &FORMATION_SKIPS[..]] {
+            let plan = schedule(7, 60.0, SLOTS.len(), skips);
+            for k in FaultKind::ALL {
+                let n = plan.iter().filter(|f| f.kind == k).count();
+                assert_eq!(n > 0, !skips.contains(&k), "{k:?}: {n}");
+            }
+            assert!(plan.iter().all(|f| f.at_ms < 3_600_000));
+            assert!(plan.windows(2).all(|w| w[0].at_ms < w[1].at_ms));
         }
-        assert!(plan.iter().all(|f| f.at_ms < 3_600_000));
-        assert!(plan.windows(2).all(|w| w[0].at_ms < w[1].at_ms));
+    }
+
+    #[test]
+    fn the_formation_string_names_the_database_and_the_process() {
+        let f = Formation {
+            ctl: PathBuf::new(),
+            hosts: MultiHost::parse("postgres://postgres@127.0.0.1:5433,127.0.0.1:5434/postgres")
+                .unwrap(),
+            url: "postgres://postgres@127.0.0.1:5433,127.0.0.1:5434/postgres?target_session_attrs=read-write&sslmode=disable".into(),
+        };
+        assert_eq!(
+            f.url_for("faults_campaign", "camp-w2").unwrap(),
+            "postgres://postgres@127.0.0.1:5433,127.0.0.1:5434/faults_campaign?target_session_attrs=read-write&sslmode=disable&application_name=camp-w2"
+        );
+        let o = MultiHost::parse(&f.url_for("db", "x").unwrap()).unwrap();
+        assert_eq!(o.hosts().len(), 2);
+        assert_eq!(o.hosts()[1].get_database(), Some("db"));
+        assert_eq!(o.hosts()[0].get_application_name(), Some("x"));
     }
 
     #[test]

@@ -38,9 +38,10 @@ pub(crate) enum FaultKind {
     /// through it; without it the fault is recorded as skipped.
     #[serde(rename = "pgbouncer_restart")]
     PgBouncerRestart,
-    /// Hook: fail the primary over to its standby (scripts/with-formation.sh). Not scheduled
-    /// yet: the campaign runs against one server; failovers under load are tested by
-    /// `failover_under_load` in tests/topologies.rs (issue 22 is open on scheduling them here).
+    /// Fail the primary of a pg_auto_failover formation over (`campaign --formation`, under
+    /// scripts/with-formation.sh): `perform failover`, `perform switchover`, its postmaster
+    /// SIGKILLed, or its whole node killed and started again; then wait until the formation is
+    /// stable. Left out of a campaign against one server.
     Failover,
 }
 
@@ -71,11 +72,6 @@ impl FaultKind {
         }
     }
 
-    /// Whether the schedule may contain it (the library supports the topology it needs).
-    pub(crate) fn supported(self) -> bool {
-        self != FaultKind::Failover
-    }
-
     /// Relative frequency in the schedule.
     pub(crate) fn weight(self) -> u64 {
         match self {
@@ -86,7 +82,7 @@ impl FaultKind {
             FaultKind::Freeze => 10,
             FaultKind::SlowNetwork => 14,
             FaultKind::PgBouncerRestart => 6,
-            FaultKind::Failover => 0,
+            FaultKind::Failover => 6,
         }
     }
 

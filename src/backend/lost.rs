@@ -53,7 +53,7 @@ pub(crate) struct LostClaims {
     /// Claims were logged since the last prune.
     logged: bool,
     last_prune: Option<Instant>,
-    /// Messages given back so far (for the tests and the logs).
+    /// Messages given back so far (for the tests).
     released: u64,
 }
 
@@ -153,6 +153,7 @@ impl LostClaims {
     }
 
     /// Messages given back so far.
+    #[cfg(any(test, feature = "testing"))]
     pub(crate) fn released(&self) -> u64 {
         self.released
     }

@@ -119,12 +119,17 @@ pub(crate) const INDEX_PRIORITIES: &str = "SELECT apalis_pgmq.index_priorities($
 /// The most rows one [`PRUNE_CLAIM_LOG`] deletes.
 pub(crate) const PRUNE_CLAIM_LOG_BATCH: i64 = 5000;
 
-/// Deletes up to [`PRUNE_CLAIM_LOG_BATCH`] rows of the claim log whose lease has ended,
-/// skipping rows another worker is deleting (used in `src/backend/fetch.rs`); how many.
-pub(crate) const PRUNE_CLAIM_LOG: &str = "WITH gone AS (DELETE FROM apalis_pgmq.claim_log \
-       WHERE ctid = ANY(ARRAY(SELECT ctid FROM apalis_pgmq.claim_log WHERE until < now() \
-                              LIMIT 5000 FOR UPDATE SKIP LOCKED)) RETURNING 1) \
-     SELECT count(*) FROM gone";
+/// Deletes up to [`PRUNE_CLAIM_LOG_BATCH`] rows of the claim log whose lease has ended, from
+/// its `until` index; one worker of the database at a time (a transaction-level advisory lock
+/// tried, not waited for: another worker is pruning), which needs no right beyond `SELECT,
+/// DELETE` (used in `src/backend/fetch.rs`); how many were deleted (-1: another worker prunes).
+pub(crate) const PRUNE_CLAIM_LOG: &str = "WITH turn AS MATERIALIZED \
+       (SELECT pg_try_advisory_xact_lock(hashtext('apalis_pgmq.claim_log')) AS mine), \
+     gone AS (DELETE FROM apalis_pgmq.claim_log \
+       WHERE (SELECT mine FROM turn) \
+         AND ctid = ANY(ARRAY(SELECT ctid FROM apalis_pgmq.claim_log WHERE until < now() \
+                              ORDER BY until LIMIT 5000)) RETURNING 1) \
+     SELECT CASE WHEN (SELECT mine FROM turn) THEN (SELECT count(*) FROM gone) ELSE -1 END";
 
 /// Used in `src/notify/registry.rs`.
 pub(crate) const HEARTBEAT: &str =
@@ -307,7 +312,7 @@ mod tests {
     #[test]
     fn the_claim_log_prune_deletes_batches_of_the_size_its_caller_counts() {
         assert!(
-            super::PRUNE_CLAIM_LOG.contains(&format!("LIMIT {} ", super::PRUNE_CLAIM_LOG_BATCH))
+            super::PRUNE_CLAIM_LOG.contains(&format!("LIMIT {})", super::PRUNE_CLAIM_LOG_BATCH))
         );
     }
 }

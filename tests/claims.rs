@@ -202,6 +202,7 @@ async fn lose_a_claim(
     db: &TestDb,
     queue: &str,
     recover: bool,
+    touch_one: bool,
     seen: &Seen,
 ) -> (
     common::proxy::Proxy,
@@ -251,29 +252,42 @@ async fn lose_a_claim(
     })
     .await;
 
-    // Its next claim waits on a lock (the pause check's table) before it touches a row.
+    // Job 0's outcome is written: nothing of the worker's but its claims writes the queue
+    // table from now on.
+    wait_for(WAIT, "job 0 to be archived", || async {
+        (count(&db.pool, &format!("SELECT count(*) FROM pgmq.a_{queue}")).await == 1).then_some(())
+    })
+    .await;
+    // Five jobs, hidden for an hour; a transaction locks the queue table against writers (its
+    // readers, such as the worker's probe of the next visible time, go on) and makes the five
+    // visible since long ago (a claim reads `vt <= now()`, its start; the claim that waits may
+    // have begun before). The worker's next claim waits on that lock before it touches a row.
+    for id in 1..=5 {
+        sqlx::query(AssertSqlSafe(format!(
+            "SELECT pgmq.send('{queue}', '{{\"id\": {id}}}'::jsonb, 3600)"
+        )))
+        .execute(&db.pool)
+        .await
+        .expect("send");
+    }
     let mut lock = db.pool.begin().await.expect("begin");
-    sqlx::query("LOCK TABLE apalis_pgmq.paused IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .expect("lock");
-    storage
-        .push_bulk_with(&db.pool, (1..=5).map(|id| Job { id }))
-        .await
-        .expect("push");
-    // Visible since long before any claim began (a claim reads `vt <= now()`, its start, and
-    // the claim that waits may have begun before the push; its snapshot, taken once it has
-    // its lock, sees the rows).
+    sqlx::query(AssertSqlSafe(format!(
+        "LOCK TABLE pgmq.q_{queue} IN EXCLUSIVE MODE"
+    )))
+    .execute(&mut *lock)
+    .await
+    .expect("lock");
     sqlx::query(AssertSqlSafe(format!(
         "UPDATE pgmq.q_{queue} SET vt = now() - interval '1 hour' WHERE msg_id > 1"
     )))
-    .execute(&db.pool)
+    .execute(&mut *lock)
     .await
     .expect("backdate");
     let claim: i32 = wait_for(WAIT, "the worker's claim to wait on the lock", || async {
         sqlx::query_scalar(
             "SELECT pid FROM pg_stat_activity \
-             WHERE wait_event_type = 'Lock' AND query LIKE '%FOR UPDATE SKIP LOCKED%'",
+             WHERE datname = current_database() AND wait_event_type = 'Lock' \
+               AND query LIKE '%AS visible_since%'",
         )
         .fetch_optional(&db.pool)
         .await
@@ -286,7 +300,7 @@ async fn lose_a_claim(
     // ended (so no claim of its own races the lost one).
     proxy.refuse(true);
     assert!(proxy.cut() > 0, "the worker had connections to close");
-    lock.rollback().await.expect("unlock");
+    lock.commit().await.expect("unlock");
     wait_for(WAIT, "the lost claim's backend to end", || async {
         let gone: bool =
             sqlx::query_scalar("SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)")
@@ -306,6 +320,16 @@ async fn lose_a_claim(
         5,
         "the lost claim leased the five jobs"
     );
+    if touch_one {
+        // Someone writes one of them meanwhile (a renewal, an operator's set_vt): its row is
+        // no longer the version the lost claim wrote, and it must be left alone.
+        sqlx::query(AssertSqlSafe(format!(
+            "UPDATE pgmq.q_{queue} SET vt = vt + interval '1 second' WHERE msg_id = 2"
+        )))
+        .execute(&db.pool)
+        .await
+        .expect("touch");
+    }
     proxy.refuse(false);
     (proxy, storage, handle)
 }
@@ -316,11 +340,12 @@ async fn a_claim_whose_answer_was_lost_is_given_back_on_the_next_connection() {
     let queue = "lost_claim";
     let seen: Seen = Arc::default();
     let started = std::time::Instant::now();
-    let (_proxy, storage, (stop, join)) = lose_a_claim(&db, queue, true, &seen).await;
-    // Every job runs, long before the lost claim's leases would have ended.
-    wait_for(WAIT, "jobs 1-5 to run", || async {
+    let (_proxy, storage, (stop, join)) = lose_a_claim(&db, queue, true, true, &seen).await;
+    // The jobs the lost claim leased run, long before their leases would have ended; job 1,
+    // written by someone else after the claim, is not the claim's to give back.
+    wait_for(WAIT, "jobs 2-5 to run", || async {
         let s = seen.lock().expect("lock");
-        (1..=5).all(|id| s.contains_key(&id)).then_some(())
+        (2..=5).all(|id| s.contains_key(&id)).then_some(())
     })
     .await;
     assert!(
@@ -330,12 +355,13 @@ async fn a_claim_whose_answer_was_lost_is_given_back_on_the_next_connection() {
     );
     assert_eq!(
         apalis_pgmq_notify::testing::lost_claims_released(&storage),
-        5,
-        "the worker gave back the five jobs of the claim whose answer it lost"
+        4,
+        "the worker gave back the four untouched jobs of the claim whose answer it lost"
     );
     stop_worker(stop, join).await;
     let s = seen.lock().expect("lock").clone();
     assert!(s.values().all(|&n| n == 1), "each job ran once: {s:?}");
+    assert!(!s.contains_key(&1), "job 1 was not given back: {s:?}");
     // The lost claim's read was given back: each job was read once, by the run that did it.
     assert_eq!(
         count(
@@ -343,9 +369,24 @@ async fn a_claim_whose_answer_was_lost_is_given_back_on_the_next_connection() {
             &format!("SELECT count(*) FROM pgmq.a_{queue} WHERE read_ct = 1")
         )
         .await,
-        6
+        5
     );
-    drained(&db.pool, queue).await;
+    // Job 1 is still leased, as its writer left it.
+    assert_eq!(
+        count(
+            &db.pool,
+            &format!(
+                "SELECT count(*) FROM pgmq.q_{queue} \
+                 WHERE msg_id = 2 AND read_ct = 1 AND vt > clock_timestamp() + interval '300 seconds'"
+            )
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(&db.pool, &format!("SELECT count(*) FROM pgmq.q_{queue}")).await,
+        1
+    );
 }
 
 /// The same loss without the claim log: the five jobs stay leased to nobody while the worker
@@ -355,7 +396,7 @@ async fn without_the_claim_log_a_lost_claims_jobs_wait_out_their_lease() {
     let db = TestDb::setup().await;
     let queue = "lost_claim_off";
     let seen: Seen = Arc::default();
-    let (_proxy, storage, (stop, join)) = lose_a_claim(&db, queue, false, &seen).await;
+    let (_proxy, storage, (stop, join)) = lose_a_claim(&db, queue, false, false, &seen).await;
     let leased = format!(
         "SELECT count(*) FROM pgmq.q_{queue} \
          WHERE msg_id BETWEEN 2 AND 6 AND read_ct = 1 AND vt > clock_timestamp() + interval '300 seconds'"

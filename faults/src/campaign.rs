@@ -4,6 +4,7 @@
 //! ```text
 //! apalis-pgmq-notify-faults campaign --minutes 2 [--seed N] [--dir D] [--formation]
 //! apalis-pgmq-notify-faults check --dir D        # the checker alone, on a kept campaign
+//! apalis-pgmq-notify-faults failover-times --dir D   # stalls around its failovers (logs only)
 //! ```
 //!
 //! With `--formation` (under `scripts/with-formation.sh`) the campaign runs against a

@@ -714,7 +714,121 @@ pub(crate) async fn check(dir: &Path, pool: &PgPool) -> Res<Report> {
         out,
         "  (queued after settling, any visibility: {queued}; push_and_wait answers: {wait_counts:?})"
     );
+    out.push_str(&failover_stalls(dir)?);
     Ok(Report { ok, text: out })
+}
+
+/// How long pushes and runs stalled around each failover of a campaign against a formation
+/// (from the logs only): for each, the longest time without an acknowledged push, and without
+/// a run starting, between the last before the failover began and the first after it, looked
+/// at until 30 s after the formation was stable again; by kind of failover, the count, the
+/// median and the longest. Empty without failovers.
+pub(crate) fn failover_stalls(dir: &Path) -> Res<String> {
+    // (start, end, what) of every failover applied.
+    let mut failovers: Vec<(u64, u64, String)> = Vec::new();
+    let mut open: Option<(u64, String)> = None;
+    for l in read_json_lines(&dir.join("faults.log")) {
+        if s(&l, "kind") != Some("failover") {
+            continue;
+        }
+        let at = u(&l, "at").unwrap_or(0);
+        let detail = s(&l, "detail").unwrap_or_default();
+        match s(&l, "phase") {
+            Some("start") if !detail.starts_with("skipped") => {
+                open = Some((at, detail.to_owned()));
+            }
+            Some("end") => {
+                if let Some((start, what)) = open.take() {
+                    failovers.push((start, at, what));
+                }
+            }
+            _ => {}
+        }
+    }
+    if failovers.is_empty() {
+        return Ok(String::new());
+    }
+    let mut acks: Vec<u64> = read_json_lines(&dir.join("producer.log"))
+        .iter()
+        .filter(|l| s(l, "k") == Some("A"))
+        .filter_map(|l| u(l, "at"))
+        .collect();
+    let mut starts: Vec<u64> = Vec::new();
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with('w') && name.ends_with(".log") {
+            starts.extend(
+                read_json_lines(&e.path())
+                    .iter()
+                    .filter(|l| s(l, "k") == Some("S"))
+                    .filter_map(|l| u(l, "at")),
+            );
+        }
+    }
+    acks.sort_unstable();
+    starts.sort_unstable();
+    // The longest gap between consecutive events of `times` that ends after `from` and starts
+    // before `to`, in seconds.
+    let stall = |times: &[u64], from: u64, to: u64| -> f64 {
+        let first = times.partition_point(|&t| t < from).saturating_sub(1);
+        times[first..]
+            .windows(2)
+            .take_while(|w| w[0] <= to)
+            .map(|w| w[1].saturating_sub(w[0]))
+            .max()
+            .unwrap_or(0) as f64
+            / 1e6
+    };
+    let mut by_what: BTreeMap<String, Vec<(f64, f64, f64)>> = BTreeMap::new();
+    for (start, end, what) in &failovers {
+        let to = end + 30_000_000;
+        by_what.entry(what.clone()).or_default().push((
+            (end - start) as f64 / 1e6,
+            stall(&acks, *start, to),
+            stall(&starts, *start, to),
+        ));
+    }
+    let mut out = String::from(
+        "
+failovers: until stable / longest without an acknowledged push / without a run starting, s (median, longest):
+",
+    );
+    for (what, mut xs) in by_what {
+        let col = |xs: &mut Vec<(f64, f64, f64)>, f: fn(&(f64, f64, f64)) -> f64| {
+            let mut v: Vec<f64> = xs.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            (v[v.len() / 2], v[v.len() - 1])
+        };
+        let (a, b, c) = (
+            col(&mut xs, |x| x.0),
+            col(&mut xs, |x| x.1),
+            col(&mut xs, |x| x.2),
+        );
+        let _ = writeln!(
+            out,
+            "  {what}: {} times; {:.2} / {:.2}; {:.2} / {:.2}; {:.2} / {:.2}",
+            xs.len(),
+            a.0,
+            a.1,
+            b.0,
+            b.1,
+            c.0,
+            c.1
+        );
+    }
+    Ok(out)
+}
+
+/// `failover-times --dir D`: [`failover_stalls`] of a kept campaign (no database needed).
+pub(crate) fn failover_times_main(args: &[String]) -> Res<bool> {
+    let dir = std::path::PathBuf::from(super::arg(args, "--dir").ok_or("--dir")?);
+    let text = failover_stalls(&dir)?;
+    if text.is_empty() {
+        println!("no failover in {}", dir.display());
+    } else {
+        println!("{}", text.trim_start());
+    }
+    Ok(true)
 }
 
 /// `check --dir D`: the checker alone, on a kept campaign (DATABASE_URL names the server).

@@ -2043,6 +2043,7 @@ fn main() -> std::process::ExitCode {
         Some("worker") => worker_main(&args[1..]).map(|()| true),
         Some("cron") => cron_main(&args[1..]).map(|()| true),
         Some("camp-worker") => campaign::worker_main(&args[1..]).map(|()| true),
+        Some("failover-times") => check::failover_times_main(&args[1..]),
         Some(cmd @ ("campaign" | "check")) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

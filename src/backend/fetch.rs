@@ -1032,9 +1032,12 @@ async fn recover_lost(shared: &Arc<Shared>, conn: &mut Conn, by: Instant) -> Res
             }
             Ok(())
         }
-        // Out of reach, or a server that no longer takes writes (a demoted primary): the next
-        // claim, on a new connection, looks again.
-        Err(e) if answer_maybe_lost(&e) || matches!(e, Error::ReadOnly { .. }) => Err(e),
+        // Out of reach, or a server that no longer takes writes (a demoted primary): looked
+        // for again after a wait (so the claims go on meanwhile), on a new connection.
+        Err(e) if answer_maybe_lost(&e) || matches!(e, Error::ReadOnly { .. }) => {
+            lost(shared).looked(&due, &[], 0, Instant::now());
+            Err(e)
+        }
         Err(e) => {
             conn.trust();
             tracing::warn!(queue = %shared.queue.name(), error = %e.describe(),
@@ -1054,6 +1057,8 @@ fn start_prune(shared: &Arc<Shared>) {
         .inner
         .clone()
         .spawn_queue_service(move |mut stop| async move {
+            // However the task ends, the next prune may start.
+            let _ended = PruneEnded(shared.clone());
             let by = Instant::now() + shared.config.statement_deadline();
             let prune = async {
                 let mut conn = Conn::acquire(&shared.pool, by).await?;
@@ -1074,10 +1079,19 @@ fn start_prune(shared: &Arc<Shared>) {
                 () = stop.requested() => return,
             };
             if let Err(e) = pruned {
-                tracing::debug!(queue = %shared.queue.name(), error = %e.describe(),
-                    "could not prune the claim log; trying again later");
+                tracing::warn!(queue = %shared.queue.name(), error = %e.describe(),
+                    "could not prune apalis_pgmq.claim_log (rows past their lease); trying again in 10 s");
             }
         });
+}
+
+/// Lets the next prune of the claim log start when dropped.
+struct PruneEnded(Arc<Shared>);
+
+impl Drop for PruneEnded {
+    fn drop(&mut self) {
+        lost(&self.0).pruned();
+    }
 }
 
 /// How long until the queue's next message becomes visible, by the statement deadline.

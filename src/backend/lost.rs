@@ -53,6 +53,8 @@ pub(crate) struct LostClaims {
     /// Claims were logged since the last prune.
     logged: bool,
     last_prune: Option<Instant>,
+    /// A prune is running (one at a time per worker).
+    pruning: bool,
     /// Messages given back so far (for the tests).
     released: u64,
 }
@@ -112,7 +114,9 @@ impl LostClaims {
     }
 
     /// The lookup of `asked` found the claims `found` (they are done with) and gave back
-    /// `released` messages; the others are looked for again later.
+    /// `released` messages; the others are looked for again later. A lookup that failed is
+    /// reported the same way, with nothing found: it is tried again after the same waits, so
+    /// a lookup that keeps failing never holds up every claim.
     pub(crate) fn looked(
         &mut self,
         asked: &[String],
@@ -144,12 +148,18 @@ impl LostClaims {
     /// Whether to delete the log's rows past their lease now (claims were logged since the
     /// last time, and [`PRUNE_EVERY`] passed); if so the time is taken.
     pub(crate) fn prune_due(&mut self, now: Instant) -> bool {
-        if !self.logged || self.last_prune.is_some_and(|t| now < t + PRUNE_EVERY) {
+        if self.pruning || !self.logged || self.last_prune.is_some_and(|t| now < t + PRUNE_EVERY) {
             return false;
         }
         self.logged = false;
         self.last_prune = Some(now);
+        self.pruning = true;
         true
+    }
+
+    /// The prune [`prune_due`](Self::prune_due) started has ended (done, failed or stopped).
+    pub(crate) fn pruned(&mut self) {
+        self.pruning = false;
     }
 
     /// Messages given back so far.
@@ -249,6 +259,8 @@ mod tests {
         assert!(!l.prune_due(t0), "nothing logged since");
         l.on_logged();
         assert!(!l.prune_due(t0 + PRUNE_EVERY - Duration::from_millis(1)));
+        assert!(!l.prune_due(t0 + PRUNE_EVERY), "the first still runs");
+        l.pruned();
         assert!(l.prune_due(t0 + PRUNE_EVERY));
     }
 }

@@ -472,14 +472,19 @@ impl QueueSql {
             claim_priority_logged: read_sql(&q, &paused, true, Pick::Priority, true),
             read: read_sql(&q, "", false, Pick::Id, false),
             // The messages of the logged claims `$1` (tokens) whose row is still the version
-            // the claim wrote: visible now, the claim's read given back (see `claim_log`).
-            // Returns the tokens found (their claims committed) and the ids released.
+            // the claim wrote, while their lease runs: visible now, the claim's read given back
+            // (see `claim_log`). A row locked by another transaction is skipped, never waited
+            // for (whoever holds it is writing it: its `xmin` is about to change). Returns the
+            // tokens found (their claims committed) and the ids released.
             recover_lost: format!(
-                "WITH found AS MATERIALIZED (SELECT l.token, l.claimed_by, l.ids FROM apalis_pgmq.claim_log l \
+                "WITH found AS MATERIALIZED (SELECT l.token, l.claimed_by, l.ids, l.until FROM apalis_pgmq.claim_log l \
                                              WHERE l.token = ANY($1::text[]::uuid[])), \
+                 mine AS MATERIALIZED (SELECT m.msg_id FROM {q} m, found f \
+                                       WHERE f.until > clock_timestamp() AND m.msg_id = ANY(f.ids) \
+                                         AND m.xmin = xid(f.claimed_by) \
+                                       ORDER BY m.msg_id FOR UPDATE OF m SKIP LOCKED), \
                  released AS (UPDATE {q} m SET vt = clock_timestamp(), read_ct = m.read_ct - 1 \
-                              FROM found f \
-                              WHERE m.msg_id = ANY(f.ids) AND m.xmin = xid(f.claimed_by) \
+                              WHERE m.msg_id = ANY(ARRAY(SELECT msg_id FROM mine)) \
                               RETURNING m.msg_id) \
                  SELECT ARRAY(SELECT token::text FROM found), ARRAY(SELECT msg_id FROM released ORDER BY msg_id)"
             )

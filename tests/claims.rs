@@ -492,3 +492,126 @@ async fn a_busy_worker_prunes_the_claim_log() {
         0
     );
 }
+
+/// A worker with exactly the rights the README lists runs jobs, logs its claims and prunes the
+/// log; without `DELETE` on the log it refuses to start, naming the grant.
+#[tokio::test]
+async fn a_worker_with_the_readme_rights_logs_and_prunes_its_claims() {
+    let db = TestDb::setup().await;
+    let queue = "claim_log_rights";
+    let admin: PgmqStorage<Job> = PgmqStorage::with_config(
+        &db.runtime(),
+        QueueName::new(queue).expect("name"),
+        Config::default(),
+    )
+    .expect("config");
+    admin.create_queue().await.expect("create");
+    let role = format!("cl_{}", &db.name[9..]);
+    for sql in [
+        format!("CREATE ROLE {role} LOGIN"),
+        format!("GRANT USAGE ON SCHEMA pgmq, apalis_pgmq TO {role}"),
+        format!("GRANT SELECT ON pgmq.meta, apalis_pgmq.paused TO {role}"),
+        format!("GRANT SELECT, INSERT, UPDATE, DELETE ON pgmq.q_{queue} TO {role}"),
+        format!("GRANT SELECT, INSERT ON pgmq.a_{queue} TO {role}"),
+        format!("GRANT SELECT, INSERT ON pgmq.q_{queue}_dlq TO {role}"),
+        format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON apalis_pgmq.listeners, apalis_pgmq.workers TO {role}"
+        ),
+        format!("GRANT INSERT, SELECT ON apalis_pgmq.claim_log TO {role}"),
+    ] {
+        sqlx::query(AssertSqlSafe(sql.clone()))
+            .execute(&db.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(5)
+        .connect_with(db.options.clone().username(&role))
+        .await
+        .expect("connect as the worker role");
+    let runtime = Runtime::new(&pool);
+    let config = Config::default().visibility_timeout(Duration::from_secs(1));
+    let storage = || -> PgmqStorage<Job> {
+        PgmqStorage::with_config(
+            &runtime,
+            QueueName::new(queue).expect("name"),
+            config.clone(),
+        )
+        .expect("config")
+    };
+    let seen: Seen = Arc::default();
+    // Without DELETE on the log: refused at start, with the grant to run.
+    let refused = WorkerBuilder::new("no-delete")
+        .backend(storage())
+        .data(seen.clone())
+        .build(record);
+    let err = tokio::time::timeout(WAIT, refused.run())
+        .await
+        .expect("the worker stops at once")
+        .expect_err("missing right");
+    assert!(
+        err.to_string()
+            .contains(&format!("GRANT DELETE ON apalis_pgmq.claim_log TO {role}")),
+        "{err}"
+    );
+    sqlx::query(AssertSqlSafe(format!(
+        "GRANT DELETE ON apalis_pgmq.claim_log TO {role}"
+    )))
+    .execute(&db.pool)
+    .await
+    .expect("grant");
+    let worker = WorkerBuilder::new("readme-rights")
+        .backend(storage())
+        .data(seen.clone())
+        .concurrency(4)
+        .build(record);
+    let (stop, join) = spawn_worker!(worker);
+    admin
+        .push_with(&db.pool, &Job { id: 0 })
+        .await
+        .expect("push");
+    wait_for(WAIT, "job 0 to run and its claim to be logged", || async {
+        (seen.lock().expect("lock").contains_key(&0)
+            && count(&db.pool, "SELECT count(*) FROM apalis_pgmq.claim_log").await > 0)
+            .then_some(())
+    })
+    .await;
+    // The worker keeps claiming, one job at a time, until its prune has removed the first
+    // claim's row (past its 1 s lease).
+    let mut id = 0;
+    wait_for(WAIT, "the worker to prune its own log", || {
+        id += 1;
+        let (admin, pool) = (admin.clone(), db.pool.clone());
+        async move {
+            admin.push_with(&pool, &Job { id }).await.expect("push");
+            let first_gone: bool = sqlx::query_scalar(
+                "SELECT NOT EXISTS (SELECT 1 FROM apalis_pgmq.claim_log WHERE ids = ARRAY[1]::bigint[])",
+            )
+            .fetch_one(&pool)
+            .await
+            .expect("claim_log");
+            first_gone.then_some(())
+        }
+    })
+    .await;
+    stop_worker(stop, join).await;
+    runtime.shutdown().await.expect("shutdown");
+    pool.close().await;
+    // Every job the worker finished was archived: none was dead-lettered for an outcome it
+    // could not write.
+    assert_eq!(
+        count(
+            &db.pool,
+            &format!("SELECT count(*) FROM pgmq.q_{queue}_dlq")
+        )
+        .await,
+        0
+    );
+    let ran = seen.lock().expect("lock").len() as i64;
+    assert!(ran > 0);
+    assert_eq!(
+        count(&db.pool, &format!("SELECT count(*) FROM pgmq.a_{queue}")).await,
+        ran
+    );
+    common::drop_role(&db, &role).await;
+}

@@ -883,6 +883,9 @@ impl FailoverAction {
             }
             Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
         };
+        // A settled formation first: the monitor may still be moving the nodes after the
+        // last fault (a killed postmaster that wait-stable saw before the monitor did).
+        sh(&["wait-stable", "180"])?;
         match self {
             Self::Failover => drop(sh(&["failover"])?),
             Self::Switchover => drop(sh(&["switchover"])?),
@@ -894,6 +897,8 @@ impl FailoverAction {
                 sh(&["start-node", &primary])?;
             }
         }
+        // Writes are taken again, and the two nodes are primary and secondary.
+        sh(&["wait-writable", "120"])?;
         sh(&["wait-stable", "180"])?;
         Ok(())
     }

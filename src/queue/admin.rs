@@ -249,9 +249,21 @@ impl PgmqQueue {
                 "TABLE".into(),
             ),
             (q, "INSERT", "pushing jobs", "TABLE".into()),
-            (a, "INSERT", "archiving finished jobs", "TABLE".into()),
+            (
+                a.clone(),
+                "INSERT",
+                "archiving finished jobs",
+                "TABLE".into(),
+            ),
+            (a, "SELECT", "archiving finished jobs", "TABLE".into()),
             (d.clone(), "INSERT", "dead-lettering jobs", "TABLE".into()),
             (d, "SELECT", "dead-lettering jobs", "TABLE".into()),
+            (
+                "pgmq.meta".into(),
+                "SELECT",
+                "learning whether the queue is partitioned",
+                "TABLE".into(),
+            ),
             (
                 "apalis_pgmq".into(),
                 "USAGE",
@@ -274,6 +286,14 @@ impl PgmqQueue {
                     "TABLE".into(),
                 ));
             }
+        }
+        for right in ["SELECT", "INSERT", "UPDATE", "DELETE"] {
+            checks.push((
+                "apalis_pgmq.workers".into(),
+                right,
+                "the worker registry (heartbeat, the board's and the CLI's worker list)",
+                "TABLE".into(),
+            ));
         }
         if claim_log {
             for right in ["INSERT", "SELECT", "DELETE"] {

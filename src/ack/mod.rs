@@ -315,6 +315,24 @@ where
                             }
                         }
                     }
+                    (None, Some((msg_id, read_ct))) => {
+                        // The lease was declared lost before the job started (its renewal could
+                        // not be proved in time, e.g. a claim whose connection took long to
+                        // come): another worker may hold the message by now. Not run, nothing
+                        // written; the message is delivered again.
+                        drop(run);
+                        tracing::error!(queue = %shared.queue, msg_id, attempt = read_ct,
+                            "lease lost before the job started; the job was not run");
+                        crate::obs::leases_lost(
+                            shared.queue.as_str(),
+                            shared.config.metrics.kind_label(),
+                            1,
+                        );
+                        if let Some(g) = guard.as_mut() {
+                            g.armed = false;
+                        }
+                        return Err(Box::new(LeaseLost { msg_id }) as BoxDynError);
+                    }
                     _ => run.await,
                 };
                 if let Some(g) = guard.as_mut() {

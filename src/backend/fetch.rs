@@ -1439,7 +1439,9 @@ async fn fetch(
                 m.msg_id,
                 Lease {
                     read_ct: m.read_ct,
-                    expires: started + vt,
+                    // From when the claim was sent (the server's lease began later), not from
+                    // before a connection was taken: a slow pool would eat the lease.
+                    expires: sent + vt,
                     lost: None,
                 },
             )

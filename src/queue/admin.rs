@@ -277,49 +277,37 @@ impl PgmqQueue {
                 "TABLE".into(),
             ),
         ];
+        // Several rights on one table of this crate's schema, for one purpose.
+        let mut on_table = |table: &str, rights: &[&'static str], needed_for: &'static str| {
+            for &right in rights {
+                checks.push((table.into(), right, needed_for, "TABLE".into()));
+            }
+        };
         if results {
-            for right in ["SELECT", "INSERT", "UPDATE"] {
-                checks.push((
-                    "apalis_pgmq.results".into(),
-                    right,
-                    "keeping job results (Config::store_results)",
-                    "TABLE".into(),
-                ));
-            }
+            on_table(
+                "apalis_pgmq.results",
+                &["SELECT", "INSERT", "UPDATE"],
+                "keeping job results (Config::store_results)",
+            );
         }
-        for right in ["SELECT", "INSERT", "UPDATE", "DELETE"] {
-            checks.push((
-                "apalis_pgmq.workers".into(),
-                right,
-                "the worker registry (heartbeat, the board's and the CLI's worker list)",
-                "TABLE".into(),
-            ));
-        }
+        on_table(
+            "apalis_pgmq.workers",
+            &["SELECT", "INSERT", "UPDATE", "DELETE"],
+            "the worker registry (heartbeat, the board's and the CLI's worker list)",
+        );
         if claim_log {
-            for right in ["INSERT", "SELECT", "DELETE"] {
-                checks.push((
-                    "apalis_pgmq.claim_log".into(),
-                    right,
-                    "giving back claims whose answer was lost (claims.recover_lost)",
-                    "TABLE".into(),
-                ));
-            }
+            on_table(
+                "apalis_pgmq.claim_log",
+                &["INSERT", "SELECT", "DELETE"],
+                "giving back claims whose answer was lost (claims.recover_lost)",
+            );
         }
         if listeners {
-            checks.push((
-                "apalis_pgmq".into(),
-                "USAGE",
-                "arming wake-ups",
-                "SCHEMA".into(),
-            ));
-            for right in ["SELECT", "INSERT", "UPDATE", "DELETE"] {
-                checks.push((
-                    "apalis_pgmq.listeners".into(),
-                    right,
-                    "arming wake-ups (apalis_pgmq.listeners)",
-                    "TABLE".into(),
-                ));
-            }
+            on_table(
+                "apalis_pgmq.listeners",
+                &["SELECT", "INSERT", "UPDATE", "DELETE"],
+                "arming wake-ups (apalis_pgmq.listeners)",
+            );
         }
         let objects: Vec<&str> = checks.iter().map(|c| c.0.as_str()).collect();
         let rights: Vec<&str> = checks.iter().map(|c| c.1).collect();

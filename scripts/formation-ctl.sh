@@ -2,7 +2,7 @@
 # Drives the pg_auto_failover formation that scripts/with-formation.sh started (it finds it
 # through APALIS_FORMATION_DIR). Tests call it as "$APALIS_FORMATION_CTL" <command>.
 #
-#   primary                    prints the name (node1/node2) of the node that is primary now
+#   primary                    prints the name (node1/node2/node3) of the node that is primary now
 #   state                      `pg_autoctl show state`
 #   failover [--no-wait]       `pg_autoctl perform failover`, then waits until the formation URL
 #                              takes writes again; prints the milliseconds that took (--no-wait:
@@ -11,12 +11,12 @@
 #   kill-postgres [NODE]       SIGKILL the postmaster of NODE (default: the primary). Its keeper
 #                              restarts it (crash recovery, same primary): no failover.
 #   kill-node [NODE]           SIGKILL NODE's keeper and postmaster (default: the primary), as a
-#                              machine dying would: the monitor promotes the other node
+#                              machine dying would: the monitor promotes a standby
 #   stop-node NODE             stops NODE's keeper and postgres cleanly (pg_autoctl stop)
 #   start-node NODE            starts NODE's keeper again (`pg_autoctl run`); a former primary
 #                              rejoins as a secondary (pg_rewind)
 #   wait-writable [SECONDS]    waits until an INSERT through the formation URL commits; prints ms
-#   wait-stable [SECONDS]      waits until one node is primary and the other secondary, settled
+#   wait-stable [SECONDS]      waits until one node is primary and every other one secondary
 #   wait-state NODE STATE [S]  waits until NODE's reported and assigned states are STATE
 #   probe | probe-kv           one INSERT through the formation URL, or through the keyword/value
 #                              form of the same multi-host string (exit status: did it commit)
@@ -76,6 +76,8 @@ node_port() {
   case "$1" in
     node1) echo "$FORMATION_NODE1_PORT" ;;
     node2) echo "$FORMATION_NODE2_PORT" ;;
+    node3) [ -n "${FORMATION_NODE3_PORT:-}" ] || { topo_log "this formation has no node3"; return 1; }
+           echo "$FORMATION_NODE3_PORT" ;;
     monitor) echo "$FORMATION_MONITOR_PORT" ;;
     *) topo_log "unknown node '$1'"; return 1 ;;
   esac
@@ -101,7 +103,9 @@ probe() {
 
 # The same write through libpq's keyword/value form of the multi-host string.
 probe_kv() {
-  timeout 5 psql "host=127.0.0.1,127.0.0.1 port=$FORMATION_NODE1_PORT,$FORMATION_NODE2_PORT user=$FORMATION_USER dbname=postgres target_session_attrs=read-write sslmode=disable connect_timeout=2" \
+  local hosts=127.0.0.1,127.0.0.1 ports=$FORMATION_NODE1_PORT,$FORMATION_NODE2_PORT
+  if [ -n "${FORMATION_NODE3_PORT:-}" ]; then hosts=$hosts,127.0.0.1 ports=$ports,$FORMATION_NODE3_PORT; fi
+  timeout 5 psql "host=$hosts port=$ports user=$FORMATION_USER dbname=postgres target_session_attrs=read-write sslmode=disable connect_timeout=2" \
     -X -qAt -v ON_ERROR_STOP=1 -c "SET statement_timeout = '1s'" \
     -c "INSERT INTO apalis_formation_probe (note) VALUES ('probe-kv') RETURNING id, inet_server_port()" \
     >"$D/probe-kv.out" || return 1
@@ -203,7 +207,7 @@ case "$cmd" in
     stop_gracefully "$1"
     ;;
   stop-all)
-    for n in node2 node1 monitor; do stop_gracefully "$n" || true; done
+    for n in node3 node2 node1 monitor; do stop_gracefully "$n" || true; done
     ;;
   kill-node)
     name=${1:-$(primary)}

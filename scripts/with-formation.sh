@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs a command beside a pg_auto_failover formation: a monitor, a primary and a synchronous
-# secondary, all on this machine.
+# Runs a command beside a pg_auto_failover formation: a monitor, a primary and two synchronous
+# secondaries (number_sync_standbys = 1), all on this machine.
 #
 #   scripts/with-formation.sh cargo test --test failover
 #   scripts/with-formation.sh scripts/formation-ctl.sh selftest     # bring-up and failover timings
@@ -8,20 +8,31 @@
 # - Debian's `postgresql-<major>-auto-failover` and `pg-auto-failover-cli` (pg_auto_failover 2.0)
 #   are installed when pg_autoctl or the extension is missing; PostgreSQL itself too, as with-pg.sh
 #   does.
-# - Three `pg_autoctl ... --run` services (monitor, node1, node2) run as an unprivileged user
+# - Four `pg_autoctl ... --run` services (monitor, node1, node2, node3) run as an unprivileged user
 #   (pg_autoctl and PostgreSQL refuse root), each in its own session, on free ports on 127.0.0.1,
 #   with every file (PGDATA, pg_autoctl's XDG config/state/pid files, logs) in one temporary
 #   directory. All are stopped and the directory deleted when the command ends; the logs are
 #   printed when the formation does not come up.
-# - node1 is created first and becomes the primary; node2 is cloned from it and becomes its
-#   synchronous standby (replication-quorum true, so synchronous_standby_names names it).
+# - node1 is created first and becomes the primary; node2 and node3 are cloned from it and become
+#   its synchronous standbys (replication-quorum true), and the formation's number_sync_standbys
+#   is set to 1: synchronous_standby_names is `ANY 1 (node2, node3)`, and every commit the
+#   primary acknowledges is on a standby.
+# - Why three data nodes: with a single standby (number_sync_standbys 0, the only value two
+#   nodes allow), pg_auto_failover keeps writes available when the standby is unhealthy by
+#   putting the primary in `wait_primary`, synchronous replication off. It does so during a
+#   `perform failover` too (the standby in prepare_promotion no longer counts), and the commits
+#   acknowledged in that window are lost when the standby is promoted: the formation campaign
+#   lost 46 acknowledged pushes that way (FAULTS.md). With number_sync_standbys 1 the monitor
+#   never disables synchronous replication: writes wait until a standby is back instead.
+#   APALIS_FORMATION_NODES=2 starts the two-node formation (that trade included).
 # - DATABASE_URL is left alone: this formation is separate from with-pg.sh's server.
 #
 # The command sees:
 #   APALIS_FORMATION_URL        the formation's multi-host URI (`pg_autoctl show uri --formation
 #                               default`) with the user added: postgres://postgres@127.0.0.1:P1,
 #                               127.0.0.1:P2/postgres?target_session_attrs=read-write&sslmode=prefer
-#   APALIS_FORMATION_NODE1_URL, APALIS_FORMATION_NODE2_URL   each node directly
+#   APALIS_FORMATION_NODE1_URL, APALIS_FORMATION_NODE2_URL, APALIS_FORMATION_NODE3_URL
+#                               each node directly (NODE3 only with three nodes)
 #   APALIS_FORMATION_MONITOR_URL                             the monitor (pg_auto_failover db)
 #   APALIS_FORMATION_CTL        scripts/formation-ctl.sh: failover, switchover, kill-node,
 #                               kill-postgres, start-node, wait-stable, wait-writable, primary,
@@ -31,6 +42,7 @@
 # Environment:
 #   APALIS_FORMATION_FAST=1      (default) monitor and keeper timeouts short enough for tests
 #                                (see FAST_SETTINGS below); 0 keeps pg_auto_failover's defaults.
+#   APALIS_FORMATION_NODES       data nodes: 3 (default) or 2 (see above)
 #   APALIS_FORMATION_PORT_BASE   where the free-port search starts (default 57432)
 #   APALIS_TOPO_KEEP=1           keep the temporary directory
 set -euo pipefail
@@ -65,6 +77,12 @@ PORT_BASE=${APALIS_FORMATION_PORT_BASE:-57432}
 topo_free_port MONITOR_PORT "$PORT_BASE" || exit 1
 topo_free_port NODE1_PORT "$PORT_BASE" || exit 1
 topo_free_port NODE2_PORT "$PORT_BASE" || exit 1
+NODES=${APALIS_FORMATION_NODES:-3}
+case "$NODES" in
+  2) NODE3_PORT= ;;
+  3) topo_free_port NODE3_PORT "$PORT_BASE" || exit 1 ;;
+  *) topo_log "APALIS_FORMATION_NODES must be 2 or 3, not '$NODES'"; exit 2 ;;
+esac
 WORK=$(mktemp -d /tmp/apalis-formation.XXXXXX)
 chmod 755 "$WORK"
 mkdir -p "$WORK/config" "$WORK/share" "$WORK/run" "$WORK/logs" "$WORK/sock"
@@ -78,6 +96,8 @@ FORMATION_BINDIR='$BINDIR'
 FORMATION_MONITOR_PORT=$MONITOR_PORT
 FORMATION_NODE1_PORT=$NODE1_PORT
 FORMATION_NODE2_PORT=$NODE2_PORT
+FORMATION_NODE3_PORT=$NODE3_PORT
+FORMATION_NODES=$NODES
 export XDG_CONFIG_HOME='$WORK/config' XDG_DATA_HOME='$WORK/share' XDG_RUNTIME_DIR='$WORK/run'
 export PG_CONFIG='$BINDIR/pg_config' PATH='$BINDIR':"\$PATH" PGHOST='$WORK/sock' PG_REGRESS_SOCK_DIR='$WORK/sock'
 FORMATION_MONITOR_URL='postgres://autoctl_node@127.0.0.1:$MONITOR_PORT/pg_auto_failover?sslmode=disable'
@@ -142,6 +162,8 @@ fi
 
 APALIS_FORMATION_NODE1_URL="postgres://$TOPO_USER@127.0.0.1:$NODE1_PORT/postgres?sslmode=disable"
 APALIS_FORMATION_NODE2_URL="postgres://$TOPO_USER@127.0.0.1:$NODE2_PORT/postgres?sslmode=disable"
+APALIS_FORMATION_NODE3_URL=
+[ "$NODES" = 3 ] && APALIS_FORMATION_NODE3_URL="postgres://$TOPO_USER@127.0.0.1:$NODE3_PORT/postgres?sslmode=disable"
 
 # --- nodes -----------------------------------------------------------------------------------
 create_node() {
@@ -176,6 +198,18 @@ fi
 T_NODE1=$(topo_now_ms)
 create_node node2 "$NODE2_PORT"
 "$CTL" wait-stable 180 || exit 1
+if [ "$NODES" = 3 ]; then
+  create_node node3 "$NODE3_PORT"
+  "$CTL" wait-state node3 secondary 180 && "$CTL" wait-stable 60 || exit 1
+  # Every acknowledged commit on a standby, always (see the header).
+  "$CTL" as-user pg_autoctl set formation number-sync-standbys 1 --monitor "$MONITOR_URL" \
+    --formation default >>"$WORK/logs/settings.log" 2>&1 \
+    || { topo_log "could not set number-sync-standbys 1"; cat "$WORK/logs/settings.log" >&2; exit 1; }
+  # The primary's synchronous_standby_names follows once its keeper has applied the new goal.
+  topo_wait_true 60 "$APALIS_FORMATION_NODE1_URL" \
+    "SELECT current_setting('synchronous_standby_names') LIKE 'ANY 1 (%'" || exit 1
+  "$CTL" wait-stable 60 || exit 1
+fi
 T_NODE2=$(topo_now_ms)
 
 # --- URLs ------------------------------------------------------------------------------------
@@ -184,7 +218,7 @@ FORMATION_URI=$("$CTL" as-user pg_autoctl show uri --monitor "$MONITOR_URL" --fo
 APALIS_FORMATION_URL=$(printf '%s' "$FORMATION_URI" | sed "s#^postgres://#postgres://$TOPO_USER@#")
 APALIS_FORMATION_MONITOR_URL=$MONITOR_SU_URL
 APALIS_FORMATION_CTL=$CTL
-export APALIS_FORMATION_URL APALIS_FORMATION_NODE1_URL APALIS_FORMATION_NODE2_URL \
+export APALIS_FORMATION_URL APALIS_FORMATION_NODE1_URL APALIS_FORMATION_NODE2_URL APALIS_FORMATION_NODE3_URL \
   APALIS_FORMATION_MONITOR_URL APALIS_FORMATION_CTL APALIS_FORMATION_PG_AUTOCTL_URI="$FORMATION_URI"
 echo "FORMATION_URL='$APALIS_FORMATION_URL'" >>"$WORK/formation.env"
 
@@ -197,7 +231,7 @@ T_READY=$(topo_now_ms)
 failed=0
 topo_log "formation up in $(( (T_READY - T0) / 1000 )).$(( (T_READY - T0) % 1000 / 100 ))s" \
   "(monitor $(( T_MONITOR - T0 )) ms, primary +$(( T_NODE1 - T_MONITOR )) ms," \
-  "synchronous secondary +$(( T_NODE2 - T_NODE1 )) ms): $APALIS_FORMATION_URL"
+  "$(( NODES - 1 )) synchronous secondaries +$(( T_NODE2 - T_NODE1 )) ms): $APALIS_FORMATION_URL"
 echo "FORMATION_UP_MS=$(( T_READY - T0 ))" >>"$WORK/formation.env"
 
 set +e

@@ -168,7 +168,7 @@ impl LeaseTable {
 
     /// Drops every lease whose local deadline (`expires − margin`) has passed by `now`, raising
     /// their flags. Returns how many.
-    fn declare_lost(&self, now: Instant, margin: Duration) -> usize {
+    pub(crate) fn declare_lost(&self, now: Instant, margin: Duration) -> usize {
         let mut leases = self.lock();
         let lost: Vec<i64> = leases
             .iter()

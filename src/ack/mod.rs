@@ -634,4 +634,173 @@ mod tests {
         let long = std::io::Error::other("x".repeat(10_000));
         assert!(error_text(&long).len() < 4200);
     }
+
+    /// The three orders in which the lease keeper and a job's start can meet, forced one by one
+    /// with the keeper's own step (`declare_lost`) on a real [`LeaseTable`] and the real ack
+    /// service. Nothing here touches a database: a job that is not run writes nothing, and the
+    /// checks are that nothing was queued for the completer.
+    mod lease_race {
+        use super::*;
+        use crate::lease::Lease;
+        use apalis_core::task::builder::TaskBuilder;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::{sync::Notify, time::Instant};
+
+        /// A handler that counts the times its future is first polled and the times it ends,
+        /// and waits for `go` before it ends.
+        #[derive(Clone, Default)]
+        struct Handler {
+            started: Arc<AtomicUsize>,
+            ended: Arc<AtomicUsize>,
+            go: Arc<Notify>,
+            wait: bool,
+        }
+
+        impl Service<Task<String>> for Handler {
+            type Response = String;
+            type Error = BoxDynError;
+            type Future = BoxFuture<'static, Result<String, BoxDynError>>;
+
+            fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxDynError>> {
+                Poll::Ready(Ok(()))
+            }
+
+            fn call(&mut self, _: Task<String>) -> Self::Future {
+                let h = self.clone();
+                Box::pin(async move {
+                    h.started.fetch_add(1, Ordering::SeqCst);
+                    if h.wait {
+                        h.go.notified().await;
+                    }
+                    h.ended.fetch_add(1, Ordering::SeqCst);
+                    Ok("done".to_owned())
+                })
+            }
+        }
+
+        struct Setup {
+            leases: Arc<LeaseTable>,
+            service: AckService<Handler>,
+            handler: Handler,
+        }
+
+        fn setup(wait: bool) -> Setup {
+            let leases = Arc::new(LeaseTable::default());
+            let queue = QueueName::new("lease_race").unwrap_or_else(|e| panic!("{e}"));
+            let ctx = Arc::new(AckContext {
+                queue,
+                config: Config::default(),
+                leases: leases.clone(),
+                completer: std::sync::OnceLock::new(),
+            });
+            let handler = Handler {
+                wait,
+                ..Handler::default()
+            };
+            let service = AckLayer::new(ctx).layer(handler.clone());
+            Setup {
+                leases,
+                service,
+                handler,
+            }
+        }
+
+        /// Message 7, read once, claimed: its lease in the table with a local deadline of
+        /// `expires`.
+        fn claim(leases: &LeaseTable, expires: Instant) {
+            leases.insert_many([(
+                7,
+                Lease {
+                    read_ct: 1,
+                    expires,
+                    lost: None,
+                },
+            )]);
+        }
+
+        fn delivery() -> Task<String> {
+            let now = chrono::Utc::now();
+            TaskBuilder::new("job".to_owned())
+                .data(MessageInfo {
+                    queue: QueueName::new("lease_race").unwrap_or_else(|e| panic!("{e}")),
+                    msg_id: 7,
+                    read_ct: 1,
+                    enqueued_at: now,
+                    vt: now,
+                    visible_since: now,
+                    headers: None,
+                })
+                .build()
+        }
+
+        async fn start(
+            service: &mut AckService<Handler>,
+        ) -> BoxFuture<'static, Result<String, BoxDynError>> {
+            futures::future::poll_fn(|cx| service.poll_ready(cx))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            service.call(delivery())
+        }
+
+        const MARGIN: Duration = Duration::from_millis(100);
+
+        #[tokio::test]
+        async fn a_lease_declared_lost_before_the_job_starts_stops_it_from_running() {
+            let mut s = setup(false);
+            // The claim's answer came after the lease's local deadline (a slow pool, a slow
+            // network): the keeper runs first and drops the lease...
+            claim(&s.leases, Instant::now());
+            assert_eq!(s.leases.declare_lost(Instant::now(), MARGIN), 1);
+            // ...then the worker hands the job to the ack layer.
+            let result = start(&mut s.service).await.await;
+            let err = result
+                .err()
+                .unwrap_or_else(|| panic!("the job ran without its lease"));
+            assert!(err.is::<LeaseLost>(), "{err}");
+            assert_eq!(
+                s.handler.started.load(Ordering::SeqCst),
+                0,
+                "the handler's future was never polled"
+            );
+            assert_eq!(s.leases.unwritten(), 0, "no outcome was queued");
+        }
+
+        #[tokio::test]
+        async fn a_lease_declared_lost_while_the_job_runs_stops_it() {
+            let mut s = setup(true);
+            claim(&s.leases, Instant::now() + Duration::from_secs(60));
+            let mut job = start(&mut s.service).await;
+            // Run the job until its handler waits.
+            assert!(futures::poll!(job.as_mut()).is_pending());
+            assert_eq!(s.handler.started.load(Ordering::SeqCst), 1);
+            // The keeper finds the deadline passed (as if renewals had failed for a minute).
+            assert_eq!(
+                s.leases
+                    .declare_lost(Instant::now() + Duration::from_secs(61), MARGIN),
+                1
+            );
+            let err = job
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("the job ended without its lease"));
+            assert!(err.is::<LeaseLost>(), "{err}");
+            assert_eq!(
+                s.handler.ended.load(Ordering::SeqCst),
+                0,
+                "stopped before it ended"
+            );
+            assert_eq!(s.leases.unwritten(), 0, "no outcome was queued");
+        }
+
+        #[tokio::test]
+        async fn a_held_lease_lets_the_job_run() {
+            let mut s = setup(false);
+            claim(&s.leases, Instant::now() + Duration::from_secs(60));
+            let out = start(&mut s.service).await.await;
+            assert_eq!(out.ok().as_deref(), Some("done"));
+            assert_eq!(s.handler.ended.load(Ordering::SeqCst), 1);
+            // The lease stays until the completer has written the outcome (none runs here).
+            assert_eq!(s.leases.get(7).map(|l| l.read_ct), Some(1));
+        }
+    }
 }

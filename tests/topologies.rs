@@ -883,7 +883,7 @@ fn longest_gap(times: &[std::time::Instant], from: std::time::Instant) -> Durati
     longest
 }
 
-/// A pg_auto_failover formation (monitor, primary, synchronous secondary) under a steady
+/// A pg_auto_failover formation (monitor, primary, synchronous standbys) under a steady
 /// load of pushes and runs: `perform failover`, `perform switchover` back, then the primary's
 /// postmaster SIGKILLed. The runtime connects with the formation's multi-host URL and follows
 /// the primary. Checks that every acknowledged push ran and was archived exactly once, that

@@ -447,7 +447,11 @@ async fn replica_of(db: &TestDb, ready: &str, want: i64) -> Option<(PgPool, Stri
         .await
         .expect("the ready query on the primary");
     assert_eq!(on_primary, want, "the primary itself is not ready: {ready}");
-    let target: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+    // The insert position, not pg_current_wal_lsn() (the write position): the test server runs
+    // with synchronous_commit = off, so the commit record of what was just written may still
+    // be in the WAL buffers, behind the write position; waiting for that once let the replica
+    // answer 0 rows after "replaying" up to it.
+    let target: String = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
         .fetch_one(&db.pool)
         .await
         .expect("the primary's WAL position");

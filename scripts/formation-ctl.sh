@@ -224,13 +224,13 @@ case "$cmd" in
   primary) primary ;;
   state) as_user pg_autoctl show state --monitor "$FORMATION_MONITOR_URL" --formation default ;;
   events) as_user pg_autoctl show events --monitor "$FORMATION_MONITOR_URL" --formation default --count "${1:-20}" ;;
-  node-url) echo "postgres://$FORMATION_USER@127.0.0.1:$(node_port "$1")/postgres?sslmode=disable" ;;
+  node-url) port=$(node_port "$1") || exit 1; echo "postgres://$FORMATION_USER@127.0.0.1:$port/postgres?sslmode=disable" ;;
   pid) supervisor_pid "$1" ;;
   postmaster-pid) postmaster_pid "$1" ;;
   probe) probe ;;
   probe-kv) probe_kv ;;
   wait-writable) wait_writable "${1:-60}" ;;
-  wait-stable) wait_until "${1:-120}" "a primary and a secondary" is_stable ;;
+  wait-stable) wait_until "${1:-120}" "a primary and every other node secondary" is_stable ;;
   wait-state) wait_until "${3:-120}" "$1 in state $2" is_state "$1" "$2" ;;
   failover|switchover)
     wait=1 pg_wait=60

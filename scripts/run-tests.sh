@@ -8,7 +8,7 @@ target="${CARGO_TARGET_DIR:-target}"
 cargo test "${SUITE_FLAGS[@]}" "$@"
 echo "== failover under load (a pg_auto_failover formation; FAULTS.md)"
 # A formation of its own (Debian's pg_auto_failover packages installed when missing), about
-# 40 s to start and a minute to run; its figures are printed (FAILOVER lines).
+# 10 s to start (more on a loaded machine) and under a minute to run; its figures are printed (FAILOVER lines).
 scripts/with-formation.sh cargo test "${SUITE_FLAGS[@]}" --test topologies -- --ignored --nocapture failover_under_load
 # The same feature set as the tests: the fault suite and the examples reuse their build.
 cargo build -q "${SUITE_FLAGS[@]}" --bins --examples

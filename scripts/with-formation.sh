@@ -15,15 +15,18 @@
 #   printed when the formation does not come up.
 # - node1 is created first and becomes the primary; node2 and node3 are cloned from it and become
 #   its synchronous standbys (replication-quorum true), and the formation's number_sync_standbys
-#   is set to 1: synchronous_standby_names is `ANY 1 (node2, node3)`, and every commit the
-#   primary acknowledges is on a standby.
+#   is set to 1: the primary's synchronous_standby_names is `ANY 1 (pgautofailover_standby_2,
+#   pgautofailover_standby_3)`, so a commit it acknowledges is on a standby.
 # - Why three data nodes: with a single standby (number_sync_standbys 0, the only value two
 #   nodes allow), pg_auto_failover keeps writes available when the standby is unhealthy by
 #   putting the primary in `wait_primary`, synchronous replication off. It does so during a
 #   `perform failover` too (the standby in prepare_promotion no longer counts), and the commits
 #   acknowledged in that window are lost when the standby is promoted: the formation campaign
 #   lost 46 acknowledged pushes that way (FAULTS.md). With number_sync_standbys 1 the monitor
-#   never disables synchronous replication: writes wait until a standby is back instead.
+#   does not do that when a standby is lost or promoted: writes wait for a standby instead.
+#   One window is left: a newly promoted primary runs in `wait_primary`, synchronous
+#   replication off, until a standby reattaches (seconds); a second failure inside it can lose
+#   what it acknowledged there.
 #   APALIS_FORMATION_NODES=2 starts the two-node formation (that trade included).
 # - DATABASE_URL is left alone: this formation is separate from with-pg.sh's server.
 #
@@ -205,9 +208,10 @@ if [ "$NODES" = 3 ]; then
   "$CTL" as-user pg_autoctl set formation number-sync-standbys 1 --monitor "$MONITOR_URL" \
     --formation default >>"$WORK/logs/settings.log" 2>&1 \
     || { topo_log "could not set number-sync-standbys 1"; cat "$WORK/logs/settings.log" >&2; exit 1; }
-  # The primary's synchronous_standby_names follows once its keeper has applied the new goal.
-  topo_wait_true 60 "$APALIS_FORMATION_NODE1_URL" \
-    "SELECT current_setting('synchronous_standby_names') LIKE 'ANY 1 (%'" || exit 1
+  # The monitor has it; the primary applies it (apply_settings) before the formation is stable.
+  topo_wait_true 60 "$MONITOR_SU_URL" \
+    "SELECT number_sync_standbys = 1 FROM pgautofailover.formation WHERE formationid = 'default'" \
+    || exit 1
   "$CTL" wait-stable 60 || exit 1
 fi
 T_NODE2=$(topo_now_ms)

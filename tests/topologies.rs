@@ -888,7 +888,7 @@ fn longest_gap(times: &[std::time::Instant], from: std::time::Instant) -> Durati
 }
 
 /// A pg_auto_failover formation (monitor, primary, synchronous standbys) under a steady
-/// load of pushes and runs: `perform failover`, `perform switchover` back, then the primary's
+/// load of pushes and runs: `perform failover`, `perform switchover` (to a standby), then the primary's
 /// postmaster SIGKILLed. The runtime connects with the formation's multi-host URL and follows
 /// the primary. Checks that every acknowledged push ran and was archived exactly once, that
 /// no job ran twice at once, and prints how long producers and workers went without progress

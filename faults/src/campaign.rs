@@ -844,7 +844,7 @@ enum FailoverAction {
     /// SIGKILL of the primary's postmaster: its keeper restarts it in place (crash recovery).
     KillPostgres,
     /// SIGKILL of the primary's keeper and postmaster (a machine dying): the monitor promotes
-    /// the standby; the node is started again and rejoins as the standby.
+    /// a standby; the node is started again and rejoins as a standby.
     KillNode,
 }
 
@@ -869,7 +869,7 @@ impl FailoverAction {
         }
     }
 
-    /// Runs it, then waits until the formation is stable again (one primary, one secondary).
+    /// Runs it, then waits until the formation is stable again (one primary, every other node secondary).
     fn run(self, ctl: &Path) -> Res<()> {
         let sh = |args: &[&str]| -> Res<String> {
             let out = Command::new(ctl)
@@ -897,7 +897,7 @@ impl FailoverAction {
                 sh(&["start-node", &primary])?;
             }
         }
-        // Writes are taken again, and the two nodes are primary and secondary.
+        // Writes are taken again, and the nodes are one primary and secondaries.
         sh(&["wait-writable", "120"])?;
         sh(&["wait-stable", "180"])?;
         Ok(())

@@ -41,6 +41,29 @@ pub(crate) struct CompleterHandle {
 }
 
 impl CompleterHandle {
+    /// A handle whose outcomes the caller receives instead of a completer task (the ack
+    /// layer's unit tests look at what it queued).
+    #[cfg(test)]
+    pub(crate) fn channel() -> (Self, mpsc::UnboundedReceiver<Outcome>) {
+        let (tx, mut commands) = mpsc::unbounded_channel();
+        let (out, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(c) = commands.recv().await {
+                match c {
+                    Command::Complete(o) => {
+                        if out.send(o).is_err() {
+                            return;
+                        }
+                    }
+                    Command::Flush(done) => {
+                        let _ = done.send(());
+                    }
+                }
+            }
+        });
+        (Self { tx }, rx)
+    }
+
     /// Queues an outcome. Never blocks: the channel holds at most one entry per claimed
     /// message, and claims are bounded by what workers can run.
     pub(crate) fn complete(&self, completion: Outcome) -> bool {

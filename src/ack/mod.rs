@@ -301,7 +301,9 @@ where
                 let result: Result<Res, BoxDynError> = match (&lost, delivery) {
                     (Some(flag), Some((msg_id, read_ct))) => {
                         tokio::select! {
-                            r = run => r,
+                            // The flag first: a lease lost between `watch` and the first poll
+                            // must stop the job before the handler is ever polled.
+                            biased;
                             () = flag.lost() => {
                                 // The lease is gone: stop the job (its future is dropped here) and
                                 // write nothing; the message is delivered again.
@@ -313,6 +315,7 @@ where
                                 }
                                 return Err(Box::new(LeaseLost { msg_id }) as BoxDynError);
                             }
+                            r = run => r,
                         }
                     }
                     (None, Some((msg_id, read_ct))) => {
@@ -682,16 +685,19 @@ mod tests {
             leases: Arc<LeaseTable>,
             service: AckService<Handler>,
             handler: Handler,
+            /// What the ack layer queued for the completer.
+            outcomes: tokio::sync::mpsc::UnboundedReceiver<Outcome>,
         }
 
         fn setup(wait: bool) -> Setup {
             let leases = Arc::new(LeaseTable::default());
             let queue = QueueName::new("lease_race").unwrap_or_else(|e| panic!("{e}"));
+            let (completer, outcomes) = completer::CompleterHandle::channel();
             let ctx = Arc::new(AckContext {
                 queue,
                 config: Config::default(),
                 leases: leases.clone(),
-                completer: std::sync::OnceLock::new(),
+                completer: std::sync::OnceLock::from(completer),
             });
             let handler = Handler {
                 wait,
@@ -702,6 +708,7 @@ mod tests {
                 leases,
                 service,
                 handler,
+                outcomes,
             }
         }
 
@@ -762,7 +769,35 @@ mod tests {
                 0,
                 "the handler's future was never polled"
             );
-            assert_eq!(s.leases.unwritten(), 0, "no outcome was queued");
+            assert_no_outcome(&mut s).await;
+        }
+
+        /// Nothing reached the completer (a flush answered after anything queued before it).
+        async fn assert_no_outcome(s: &mut Setup) {
+            s.service.shared.flush().await;
+            assert!(s.outcomes.try_recv().is_err(), "no outcome was queued");
+            assert_eq!(s.leases.unwritten(), 0);
+        }
+
+        #[tokio::test]
+        async fn a_lease_declared_lost_after_the_call_but_before_the_first_poll_stops_the_job() {
+            let mut s = setup(false);
+            claim(&s.leases, Instant::now() + Duration::from_secs(60));
+            // The worker hands the job over while the lease is held...
+            let job = start(&mut s.service).await;
+            // ...and the keeper drops it before the job's future is first polled.
+            assert_eq!(
+                s.leases
+                    .declare_lost(Instant::now() + Duration::from_secs(61), MARGIN),
+                1
+            );
+            let err = job
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("the job ran without its lease"));
+            assert!(err.is::<LeaseLost>(), "{err}");
+            assert_eq!(s.handler.started.load(Ordering::SeqCst), 0, "never polled");
+            assert_no_outcome(&mut s).await;
         }
 
         #[tokio::test]
@@ -799,7 +834,22 @@ mod tests {
             let out = start(&mut s.service).await.await;
             assert_eq!(out.ok().as_deref(), Some("done"));
             assert_eq!(s.handler.ended.load(Ordering::SeqCst), 1);
-            // The lease stays until the completer has written the outcome (none runs here).
+            // Its outcome went to the completer: archive this delivery. The lease stays until
+            // the outcome is written.
+            s.service.shared.flush().await;
+            let outcome = s
+                .outcomes
+                .try_recv()
+                .unwrap_or_else(|e| panic!("no outcome: {e}"));
+            assert_eq!(
+                outcome.delivery,
+                Delivery {
+                    msg_id: 7,
+                    read_ct: 1
+                }
+            );
+            assert_eq!(outcome.action, Action::Archive);
+            assert!(s.outcomes.try_recv().is_err(), "one outcome");
             assert_eq!(s.leases.get(7).map(|l| l.read_ct), Some(1));
         }
     }

@@ -215,7 +215,9 @@ pub(crate) async fn check(dir: &Path, pool: &PgPool) -> Res<Report> {
 
     // -------- the handlers' logs
     let mut runs: BTreeMap<(String, i64), Vec<Run>> = BTreeMap::new();
-    let mut deaths: BTreeMap<u32, (u64, String)> = BTreeMap::new();
+    // Every death of each pid, in order: a pid can be reused by a later worker process (seen in
+    // a 40-minute campaign), and a run ends at the first death of its pid after it started.
+    let mut deaths: BTreeMap<u32, Vec<(u64, String)>> = BTreeMap::new();
     let mut slot_of: BTreeMap<u32, u64> = BTreeMap::new();
     for e in std::fs::read_dir(dir)?.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
@@ -236,7 +238,10 @@ pub(crate) async fn check(dir: &Path, pool: &PgPool) -> Res<Report> {
                     }
                 }
                 Some("D") => {
-                    deaths.insert(pid, (at, s(&l, "cause").unwrap_or_default().to_owned()));
+                    deaths
+                        .entry(pid)
+                        .or_default()
+                        .push((at, s(&l, "cause").unwrap_or_default().to_owned()));
                 }
                 Some(k @ ("S" | "E" | "X")) => {
                     let q = s(&l, "q").unwrap_or_default().to_owned();
@@ -501,7 +506,10 @@ pub(crate) async fn check(dir: &Path, pool: &PgPool) -> Res<Report> {
     for ((_, msg), list) in &runs {
         total_runs += list.len();
         // A run ends at its E or X line, or when its process was reaped.
-        let end = |r: &Run| r.end.or_else(|| deaths.get(&r.pid).map(|d| d.0));
+        let end = |r: &Run| {
+            r.end
+                .or_else(|| death_after(&deaths, r.pid, r.start).map(|d| d.0))
+        };
         for r in list {
             if end(r).is_none() {
                 never_ended.push(r.lid);
@@ -526,8 +534,7 @@ pub(crate) async fn check(dir: &Path, pool: &PgPool) -> Res<Report> {
                 _ => {
                     // It finished, yet ran again: its outcome was not written in time.
                     let e = a.end.unwrap_or(a.start);
-                    let died = deaths
-                        .get(&a.pid)
+                    let died = death_after(&deaths, a.pid, a.start)
                         .is_some_and(|(d, c)| *d <= b.start && c.starts_with("killed"));
                     let slot = slot_of.get(&a.pid).copied();
                     let fault = windows.iter().any(|w| {
@@ -602,6 +609,7 @@ pub(crate) async fn check(dir: &Path, pool: &PgPool) -> Res<Report> {
     // A process asked to stop at the end (stdin closed) that had to be killed after 30 s.
     let unstoppable: Vec<String> = deaths
         .iter()
+        .flat_map(|(pid, list)| list.iter().map(move |d| (pid, d)))
         .filter(|(_, (_, cause))| cause.starts_with("did not stop"))
         .map(|(pid, _)| {
             format!(
@@ -846,4 +854,42 @@ pub(crate) async fn check_main(args: &[String]) -> Res<bool> {
     println!("seed {}{}", u(&meta, "seed").unwrap_or(0), report.text);
     println!("check {}", if report.ok { "passed" } else { "FAILED" });
     Ok(report.ok)
+}
+
+/// The first death of `pid` at or after `start` (a pid may be reused by a later process).
+fn death_after(
+    deaths: &BTreeMap<u32, Vec<(u64, String)>>,
+    pid: u32,
+    start: u64,
+) -> Option<&(u64, String)> {
+    deaths
+        .get(&pid)?
+        .iter()
+        .filter(|(at, _)| *at >= start)
+        .min_by_key(|(at, _)| *at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_ends_at_the_first_death_of_its_pid_after_it_started() {
+        // Pid 1952 died at 71 s (killed) and, reused by a later worker, again at 819 s.
+        let mut deaths: BTreeMap<u32, Vec<(u64, String)>> = BTreeMap::new();
+        deaths.entry(1952).or_default().extend([
+            (71_000_000, "killed".to_owned()),
+            (819_000_000, "killed".to_owned()),
+        ]);
+        assert_eq!(
+            death_after(&deaths, 1952, 69_000_000).map(|d| d.0),
+            Some(71_000_000)
+        );
+        assert_eq!(
+            death_after(&deaths, 1952, 700_000_000).map(|d| d.0),
+            Some(819_000_000)
+        );
+        assert_eq!(death_after(&deaths, 1952, 900_000_000), None);
+        assert_eq!(death_after(&deaths, 7, 0), None);
+    }
 }
